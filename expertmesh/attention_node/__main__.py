@@ -1,0 +1,46 @@
+"""Entry point of an attention node process: `python -m expertmesh.attention_node --config C --index I`."""
+from __future__ import annotations
+
+import logging
+
+from ..config import Config
+from ..model.spec import ModelSpec
+from ..model.weights import load_attention_side
+from ..placement.plan import load_cluster_placement
+from ..process import run_node
+from ..transport.base import make_transport
+from ..transport.m2n import M2NClient
+from ..transport.zmq import ZmqTransport
+from .kv_cache import KVCache
+from .model_runner import ModelRunner
+from .node import AttentionNode
+from .scheduler import Scheduler
+
+log = logging.getLogger("attention_node")
+
+
+async def main(config: Config, index: int) -> None:
+    spec = ModelSpec.from_dir(config.model.path)
+    placement = load_cluster_placement(config, spec)
+    dtype, device = config.model.torch_dtype, config.model.device
+    weights = load_attention_side(config.model.path, spec, dtype, device)
+    max_len = min(config.engine.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+    kv_cache = KVCache(spec, config.engine.max_num_seqs, max_len, dtype, device)
+    transport = make_transport(config.transport.backend)
+    connections = [await transport.connect(address) for address in config.cluster.expert_addresses]
+    m2n = M2NClient(connections, placement, index, config.transport.recv_timeout_s)
+    await m2n.handshake(spec.num_layers, spec.num_experts, config.transport.connect_timeout_s)
+    control = await ZmqTransport().listen(config.cluster.attention_addresses[index])
+    log.info("connected to %d expert nodes; serving on %s", len(connections), config.cluster.attention_addresses[index])
+    runner = ModelRunner(spec, weights, kv_cache, m2n, device)
+    node = AttentionNode(index, config, spec, runner, Scheduler(kv_cache, config.engine.max_batch_tokens,
+                                                                spec.eos_token_ids), m2n, control)
+    try:
+        await node.serve()
+    finally:
+        await m2n.close()
+        await control.close()
+
+
+if __name__ == "__main__":
+    run_node("attention_node", main)

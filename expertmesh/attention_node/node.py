@@ -1,0 +1,132 @@
+"""The attention node: takes requests from the gateway, runs continuous batching, streams tokens back.
+
+Two coroutines share one event loop: `_control` answers the gateway, `_engine` runs steps while there is
+work. A failed step fails only its requests; a lost expert link fails them and stops the node."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+
+from ..config import Config
+from ..model.spec import ModelSpec
+from ..transport.base import Listener, PeerId, TransportError
+from ..transport.m2n import M2NClient
+from ..transport.protocol import (AbortRequest, AddRequest, SamplingParams, Status, StatusRequest, StepOutputs)
+from .model_runner import ModelRunner
+from .sampler import make_generator, sample
+from .scheduler import Scheduler, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class AttentionNode:
+    def __init__(self, node_id: int, config: Config, spec: ModelSpec, runner: ModelRunner, scheduler: Scheduler,
+                 m2n: M2NClient, control: Listener) -> None:
+        self.node_id = node_id
+        self.config = config
+        self.spec = spec
+        self.runner = runner
+        self.scheduler = scheduler
+        self.m2n = m2n
+        self.control = control
+        self.ready = False
+        self.step = 0
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.fatal_error: str | None = None
+        self._gateway: PeerId | None = None
+        self._work = asyncio.Event()
+
+    async def serve(self) -> None:
+        """Runs until the expert links fail (raises) or the task is cancelled."""
+        self.ready = True
+        control = asyncio.create_task(self._control())
+        try:
+            await self._engine()
+        finally:
+            control.cancel()
+
+    async def _control(self) -> None:
+        while True:
+            peer, message = await self.control.recv()
+            if isinstance(message, AddRequest):
+                self._gateway = peer
+                self._add(message)
+            elif isinstance(message, AbortRequest):
+                seq = self.scheduler.abort(message.request_id)
+                if seq is not None and seq.slot < 0:  # was still waiting: nothing runs for it any more
+                    await self._send([seq.request_id], [-1], ["abort"], [None])
+            elif isinstance(message, StatusRequest):
+                await self.control.send(peer, self.status())
+
+    def _add(self, message: AddRequest) -> None:
+        sampling = SamplingParams.from_list(message.sampling)
+        seq = Sequence(message.request_id, list(message.prompt_ids), sampling,
+                       make_generator(sampling, fallback_seed=time.time_ns() % 2**63))
+        try:
+            self.scheduler.add(seq)
+        except ValueError as exc:
+            asyncio.create_task(self._send([seq.request_id], [-1], ["error"], [str(exc)]))
+            return
+        self._work.set()
+
+    def status(self) -> Status:
+        s = self.m2n.stats
+        return Status(self.node_id, self.ready and self.fatal_error is None, len(self.scheduler.running),
+                      len(self.scheduler.waiting), self.scheduler.queued_tokens, self.prompt_tokens,
+                      self.generated_tokens, self.step, list(s.bytes_sent), list(s.messages_sent),
+                      list(s.bytes_received), self.fatal_error)
+
+    async def _engine(self) -> None:
+        while True:
+            await self._work.wait()
+            seqs = self.scheduler.schedule()
+            if not seqs:
+                self._work.clear()
+                continue
+            self.step += 1
+            try:
+                logits = await self.runner.forward(self.step, seqs, self.config.engine.microbatches)
+            except Exception as exc:
+                log.exception("attention node %d: step %d failed", self.node_id, self.step)
+                for seq in seqs:
+                    self.scheduler.release(seq)
+                await self._send([s.request_id for s in seqs], [-1] * len(seqs), ["error"] * len(seqs),
+                                 [f"step failed: {exc}"] * len(seqs))
+                if isinstance(exc, TransportError):  # the expert side is gone: nothing can run any more
+                    self.fatal_error = str(exc)
+                    await self._fail_waiting(str(exc))
+                    raise
+                continue
+            await self._finish_step(seqs, logits)
+
+    async def _finish_step(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        tokens = sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
+        request_ids, reasons = [], []
+        for seq, token in zip(seqs, tokens):
+            if seq.num_cached == 0:
+                self.prompt_tokens += len(seq.prompt_ids)
+            seq.num_cached = seq.num_tokens
+            seq.output_ids.append(token)
+            self.generated_tokens += 1
+            reason = self.scheduler.finish_reason(seq)
+            if reason is not None:
+                self.scheduler.release(seq)
+            request_ids.append(seq.request_id)
+            reasons.append(reason)
+        await self._send(request_ids, tokens, reasons, [None] * len(seqs))
+
+    async def _fail_waiting(self, error: str) -> None:
+        waiting = list(self.scheduler.waiting)
+        self.scheduler.waiting.clear()
+        if waiting:
+            await self._send([s.request_id for s in waiting], [-1] * len(waiting), ["error"] * len(waiting),
+                             [error] * len(waiting))
+
+    async def _send(self, request_ids: list[str], tokens: list[int], reasons: list[str | None],
+                    errors: list[str | None]) -> None:
+        if self._gateway is not None:
+            await self.control.send(self._gateway, StepOutputs(request_ids, tokens, reasons, errors))

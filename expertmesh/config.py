@@ -1,0 +1,116 @@
+"""Configuration: one dataclass per concern, gathered in `Config`, read from YAML/JSON or CLI flags.
+
+Configuration flows one way: file/flags -> these dataclasses -> constructors. No module reads the environment."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "models/expertmesh-mini"  # a Hugging Face checkpoint directory
+    dtype: str = "float32"
+    device: str = "cpu"  # "cuda" puts each node on its own GPU
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+
+@dataclass
+class TransportConfig:
+    backend: str = "zmq"  # data path between attention and expert nodes
+    connect_timeout_s: float = 60.0  # an expert node must answer the handshake within this
+    recv_timeout_s: float = 30.0  # an expert node must answer a dispatch within this
+
+
+@dataclass
+class EngineConfig:
+    """The attention node's continuous batching."""
+    max_num_seqs: int = 32  # sequences in the running batch (= KV-cache slots)
+    max_model_len: int | None = None  # tokens per sequence; default: the model's max_position_embeddings
+    max_batch_tokens: int = 2048  # new tokens per step; prompts are admitted while they fit
+    microbatches: int = 1  # ping-pong microbatches per step
+
+
+@dataclass
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str | None = None  # served model id; default: the model directory's name
+    node_timeout_s: float = 10.0  # an attention node silent this long is declared dead
+
+
+@dataclass
+class ClusterConfig:
+    attention_nodes: int = 1
+    expert_nodes: int = 2
+    placement: str | None = None  # placement JSON; default: contiguous blocks of experts per node
+    # Filled in by the launcher (free ports on this host), or given for multi-host deployments.
+    attention_addresses: list[str] = field(default_factory=list)  # control address of each attention node
+    expert_addresses: list[str] = field(default_factory=list)  # data address of each expert node
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def validate(self) -> "Config":
+        if self.model.dtype not in _DTYPES:
+            raise ConfigError(f"model.dtype={self.model.dtype!r}; choose one of {sorted(_DTYPES)}")
+        if self.cluster.attention_nodes < 1 or self.cluster.expert_nodes < 1:
+            raise ConfigError(f"need at least one attention and one expert node, got "
+                              f"{self.cluster.attention_nodes} and {self.cluster.expert_nodes}")
+        if self.engine.microbatches < 1:
+            raise ConfigError(f"engine.microbatches={self.engine.microbatches}; must be >= 1")
+        if self.engine.max_num_seqs < 1 or self.engine.max_batch_tokens < 1:
+            raise ConfigError("engine.max_num_seqs and engine.max_batch_tokens must be >= 1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(sections)
+        if unknown:
+            raise ConfigError(f"unknown config sections {sorted(unknown)}; known: {sorted(sections)}")
+        kwargs = {}
+        for name, section in data.items():
+            section_cls = sections[name].default_factory  # type: ignore[misc]
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            bad = set(section or {}) - known
+            if bad:
+                raise ConfigError(f"unknown keys {sorted(bad)} in config section {name!r}; known: {sorted(known)}")
+            kwargs[name] = section_cls(**(section or {}))
+        return cls(**kwargs).validate()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        text = Path(path).read_text()
+        if str(path).endswith((".yaml", ".yml")):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))

@@ -1,0 +1,33 @@
+"""Entry point of an expert node process: `python -m expertmesh.expert_node --config C --index I`."""
+from __future__ import annotations
+
+import logging
+
+from ..config import Config
+from ..model.spec import ModelSpec
+from ..model.weights import load_experts
+from ..placement.plan import load_cluster_placement
+from ..process import run_node
+from ..transport.base import make_transport
+from .node import ExpertNode
+
+log = logging.getLogger("expert_node")
+
+
+async def main(config: Config, index: int) -> None:
+    spec = ModelSpec.from_dir(config.model.path)
+    placement = load_cluster_placement(config, spec)
+    pairs = placement.pairs_on(index)
+    experts = load_experts(config.model.path, spec, pairs, config.model.torch_dtype, config.model.device)
+    listener = await make_transport(config.transport.backend).listen(config.cluster.expert_addresses[index])
+    log.info("holds %d experts over %d layers; listening on %s", len(pairs), len(spec.moe_layer_ids),
+             config.cluster.expert_addresses[index])
+    node = ExpertNode(index, experts, spec.num_experts, listener)
+    try:
+        await node.serve()
+    finally:
+        await listener.close()
+
+
+if __name__ == "__main__":
+    run_node("expert_node", main)

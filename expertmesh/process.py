@@ -1,0 +1,43 @@
+"""What every expertmesh process shares at its boundary: logging, uvloop, clean exit on SIGTERM.
+
+An exception escaping a node's main coroutine becomes a logged error and exit code 1."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Awaitable, Callable
+
+from .config import Config
+
+
+def node_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="cluster config JSON written by the launcher")
+    parser.add_argument("--index", type=int, default=0, help="which node of its role this process is")
+    return parser.parse_args()
+
+
+def run_node(name: str, main: Callable[[Config, int], Awaitable[None]]) -> None:
+    """Parses --config/--index, runs main(config, index) on uvloop, exits 0 on SIGTERM/SIGINT, 1 on error."""
+    args = node_args(f"expertmesh {name}")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name}[{args.index}] %(levelname)s %(message)s")
+    log = logging.getLogger(name)
+
+    async def guarded() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        await main(Config.load(args.config), args.index)
+
+    try:
+        import uvloop
+        uvloop.run(guarded())
+    except asyncio.CancelledError:
+        log.info("stopped")
+    except Exception:
+        log.exception("failed")
+        sys.exit(1)

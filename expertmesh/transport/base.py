@@ -1,0 +1,61 @@
+"""The transport interface every backend implements: a listener that many peers connect to, and connections.
+
+Messages are `protocol.Message` objects with any number of tensors; backends decide how the buffers move."""
+from __future__ import annotations
+
+import abc
+from typing import Hashable
+
+from .protocol import Message
+
+PeerId = Hashable
+
+
+class TransportError(ConnectionError):
+    """A peer could not be reached, went away, or did not answer in time."""
+
+
+class Connection(abc.ABC):
+    """One side of a link to a listener: send requests, receive replies (in the order the peer sends them)."""
+
+    @abc.abstractmethod
+    async def send(self, message: Message) -> None: ...
+
+    @abc.abstractmethod
+    async def recv(self, timeout_s: float | None = None) -> Message:
+        """The next message; TransportError if none arrives within timeout_s or the peer is gone."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class Listener(abc.ABC):
+    """The serving side: receives from every connected peer and answers a peer by its id."""
+
+    @abc.abstractmethod
+    async def recv(self) -> tuple[PeerId, Message]: ...
+
+    @abc.abstractmethod
+    async def send(self, peer: PeerId, message: Message) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class Transport(abc.ABC):
+    @abc.abstractmethod
+    async def listen(self, address: str) -> Listener: ...
+
+    @abc.abstractmethod
+    async def connect(self, address: str) -> Connection: ...
+
+
+def make_transport(backend: str) -> Transport:
+    """The backend named in TransportConfig.backend; an unknown or uninstalled one is an error, never a fallback."""
+    if backend == "zmq":
+        from .zmq import ZmqTransport
+        return ZmqTransport()
+    if backend == "inproc":
+        from .inproc import InprocTransport
+        return InprocTransport()
+    raise ValueError(f"unknown transport backend {backend!r}; choose 'zmq' or 'inproc'")

@@ -1,0 +1,139 @@
+"""M2N dispatch and combine between one attention node and N expert nodes.
+
+`dispatch` sends each token once to every expert node that computes one of its chosen experts (the other
+chosen experts masked to -1); `combine` waits for each node's weighted partial sums and adds them up."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import torch
+
+from ..placement.plan import Placement
+from .base import Connection, TransportError
+from .protocol import Combine, Dispatch, ExpertError, Hello, HelloReply, Message
+
+
+class ExpertNodeError(RuntimeError):
+    """An expert node failed to compute a dispatch, or its placement disagrees with ours."""
+
+
+@dataclass
+class DispatchHandle:
+    """What combine needs: which rows went to which node, and the futures of their answers."""
+    key: tuple[int, int, int]  # (step, layer, microbatch)
+    num_tokens: int
+    rows_of_node: dict[int, torch.Tensor]
+    answers: dict[int, asyncio.Future]
+
+
+@dataclass
+class LinkStats:
+    bytes_sent: list[int]
+    messages_sent: list[int]
+    bytes_received: list[int]
+
+
+class M2NClient:
+    """The attention node's side of the expert links: one Connection per expert node."""
+
+    def __init__(self, connections: list[Connection], placement: Placement, attention_node: int,
+                 recv_timeout_s: float) -> None:
+        self.connections = connections
+        self.placement = placement
+        self.attention_node = attention_node
+        self.recv_timeout_s = recv_timeout_s
+        # node_of[layer][expert]: the replica this attention node uses (the first listed, for now)
+        self.node_of = {layer: torch.tensor([nodes[0] for nodes in experts], dtype=torch.int32)
+                        for layer, experts in placement.nodes_of.items()}
+        n = len(connections)
+        self.stats = LinkStats([0] * n, [0] * n, [0] * n)
+        self._pending: list[dict[tuple[int, int, int], asyncio.Future]] = [{} for _ in range(n)]
+        self._readers: list[asyncio.Task] = []
+        self._failure: Exception | None = None
+
+    async def handshake(self, num_layers: int, num_experts: int, timeout_s: float) -> None:
+        """Greets every expert node and checks it holds what the placement says; starts the readers."""
+        for node, conn in enumerate(self.connections):
+            await conn.send(Hello(self.attention_node, num_layers, num_experts))
+        for node, conn in enumerate(self.connections):
+            try:
+                reply = await conn.recv(timeout_s)
+            except TransportError as exc:
+                raise TransportError(f"expert node {node} did not answer the handshake: {exc}") from None
+            if not isinstance(reply, HelloReply) or reply.expert_node != node:
+                raise ExpertNodeError(f"expert node {node}: unexpected handshake answer {reply!r}")
+            expected = sorted(layer * num_experts + e for layer, e in self.placement.pairs_on(node))
+            if sorted(reply.held) != expected:
+                raise ExpertNodeError(f"expert node {node} holds {len(reply.held)} experts, the placement "
+                                      f"gives it {len(expected)}: was it started with another placement?")
+        self._readers = [asyncio.create_task(self._read(node)) for node in range(len(self.connections))]
+
+    async def _read(self, node: int) -> None:
+        conn = self.connections[node]
+        try:
+            while True:
+                message = await conn.recv()
+                self._resolve(node, message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the link is gone: fail everything waiting on it, and all later dispatches
+            self._failure = TransportError(f"link to expert node {node} failed: {exc!r}")
+            for future in self._pending[node].values():
+                if not future.done():
+                    future.set_exception(self._failure)
+
+    def _resolve(self, node: int, message: Message) -> None:
+        if not isinstance(message, (Combine, ExpertError)):
+            raise ExpertNodeError(f"expert node {node} sent unexpected {type(message).__name__}")
+        key = (message.step, message.layer, message.microbatch)
+        future = self._pending[node].pop(key, None)
+        if future is None or future.done():
+            return  # an answer for a step that already failed
+        if isinstance(message, ExpertError):
+            future.set_exception(ExpertNodeError(f"expert node {node}, layer {message.layer}: {message.error}"))
+        else:
+            self.stats.bytes_received[node] += message.partial.nbytes
+            future.set_result(message.partial)
+
+    async def dispatch(self, step: int, layer: int, microbatch: int, hidden: torch.Tensor,
+                       expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> DispatchHandle:
+        if self._failure is not None:
+            raise self._failure
+        key = (step, layer, microbatch)
+        node_of_choice = self.node_of[layer][expert_ids.long()]  # [tokens, k]
+        loop = asyncio.get_running_loop()
+        handle = DispatchHandle(key, hidden.shape[0], {}, {})
+        for node in torch.unique(node_of_choice).tolist():
+            on_node = node_of_choice == node
+            rows = torch.nonzero(on_node.any(dim=1), as_tuple=True)[0]
+            message = Dispatch(step, layer, microbatch, hidden[rows].contiguous(),
+                               torch.where(on_node, expert_ids, -1)[rows].contiguous(),
+                               expert_weights[rows].contiguous())
+            future = loop.create_future()
+            self._pending[node][key] = future
+            await self.connections[node].send(message)
+            self.stats.bytes_sent[node] += sum(t.nbytes for t in message.tensors())
+            self.stats.messages_sent[node] += 1
+            handle.rows_of_node[node] = rows
+            handle.answers[node] = future
+        return handle
+
+    async def combine(self, handle: DispatchHandle, like: torch.Tensor) -> torch.Tensor:
+        """The sum of every node's partial sums for the handle's tokens, shaped like `like`."""
+        out = torch.zeros_like(like)
+        for node, future in handle.answers.items():
+            try:
+                partial = await asyncio.wait_for(future, self.recv_timeout_s)
+            except asyncio.TimeoutError:
+                self._pending[node].pop(handle.key, None)
+                raise TransportError(f"expert node {node} did not answer layer {handle.key[1]} of step "
+                                     f"{handle.key[0]} within {self.recv_timeout_s} s") from None
+            out.index_add_(0, handle.rows_of_node[node], partial.to(out.dtype))
+        return out
+
+    async def close(self) -> None:
+        for reader in self._readers:
+            reader.cancel()
+        for conn in self.connections:
+            await conn.close()

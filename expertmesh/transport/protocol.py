@@ -1,0 +1,247 @@
+"""The wire format, and the only place it is defined: typed messages <-> msgpack header + raw tensor buffers.
+
+A message travels as one header (msgpack: [tag, scalar fields, tensor metadata]) followed by one raw buffer
+per tensor field. Backends move the buffers however suits them (zmq frames, UCX tagged sends into
+preallocated tensors); nothing here copies a tensor, and nothing on the wire is pickled."""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import msgpack
+import torch
+
+
+class ProtocolError(ValueError):
+    """A received message does not match the wire format."""
+
+
+_DTYPES: list[torch.dtype] = [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64,
+                              torch.uint8, torch.int8, torch.bool, torch.float64, torch.int16]
+_DTYPE_CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for dim in self.shape:
+            numel *= dim
+        return numel * self.dtype.itemsize
+
+
+_MESSAGE_TYPES: dict[int, type["Message"]] = {}
+
+
+class Message:
+    """Base of every wire message. Subclasses are dataclasses with a unique TAG; torch.Tensor fields
+    travel as raw buffers, every other field must be msgpack-serialisable (ints, floats, str, lists, None)."""
+
+    TAG: ClassVar[int]
+    _tensor_fields: ClassVar[tuple[str, ...]]
+    _scalar_fields: ClassVar[tuple[str, ...]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.TAG in _MESSAGE_TYPES:
+            raise TypeError(f"message tag {cls.TAG} used twice: {_MESSAGE_TYPES[cls.TAG].__name__}, {cls.__name__}")
+        _MESSAGE_TYPES[cls.TAG] = cls
+
+    @classmethod
+    def _split_fields(cls) -> None:
+        if "_tensor_fields" in cls.__dict__:
+            return
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        cls._tensor_fields = tuple(f.name for f in fields if f.type in ("torch.Tensor", torch.Tensor))
+        cls._scalar_fields = tuple(f.name for f in fields if f.name not in cls._tensor_fields)
+
+    def tensors(self) -> list[torch.Tensor]:
+        type(self)._split_fields()
+        return [getattr(self, name) for name in self._tensor_fields]
+
+    def encode_header(self) -> bytes:
+        """The header; the tensors (self.tensors()) follow it as raw buffers, in field order."""
+        type(self)._split_fields()
+        scalars = [getattr(self, name) for name in self._scalar_fields]
+        metas = []
+        for tensor in self.tensors():
+            if not tensor.is_contiguous():
+                raise ProtocolError(f"{type(self).__name__}: tensors must be contiguous to travel without a copy")
+            metas.append([_DTYPE_CODE[tensor.dtype], list(tensor.shape)])
+        return msgpack.packb([self.TAG, scalars, metas], use_bin_type=True)
+
+
+def decode_header(header: bytes | memoryview) -> tuple[type[Message], list[Any], list[TensorMeta]]:
+    """Parse a header into the message class, its scalar fields and the metadata of the buffers that follow."""
+    try:
+        tag, scalars, metas = msgpack.unpackb(header, raw=False)
+        cls = _MESSAGE_TYPES[tag]
+    except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"malformed message header: {exc!r}") from exc
+    cls._split_fields()
+    if len(scalars) != len(cls._scalar_fields) or len(metas) != len(cls._tensor_fields):
+        raise ProtocolError(f"{cls.__name__}: expected {len(cls._scalar_fields)} fields and "
+                            f"{len(cls._tensor_fields)} tensors, got {len(scalars)} and {len(metas)}")
+    return cls, scalars, [TensorMeta(_DTYPES[code], tuple(shape)) for code, shape in metas]
+
+
+def build_message(cls: type[Message], scalars: list[Any], tensors: Sequence[torch.Tensor]) -> Message:
+    kwargs = dict(zip(cls._scalar_fields, scalars))
+    kwargs.update(zip(cls._tensor_fields, tensors))
+    return cls(**kwargs)
+
+
+def tensor_to_buffer(tensor: torch.Tensor) -> memoryview:
+    """A CPU tensor's bytes as a memoryview that shares its storage (no copy)."""
+    if tensor.device.type != "cpu":
+        raise ProtocolError(f"this backend carries CPU tensors only, got one on {tensor.device}")
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def tensor_from_buffer(meta: TensorMeta, buffer: memoryview | bytes) -> torch.Tensor:
+    """A tensor viewing a received buffer (no copy)."""
+    if len(buffer) != meta.nbytes:
+        raise ProtocolError(f"tensor buffer of {len(buffer)} bytes, header says {meta.nbytes} for {meta}")
+    if meta.nbytes == 0:
+        return torch.empty(meta.shape, dtype=meta.dtype)
+    with warnings.catch_warnings():  # received buffers are read-only; we never write to them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(buffer, dtype=meta.dtype).view(meta.shape)
+
+
+def encode_frames(message: Message) -> list[bytes | memoryview]:
+    return [message.encode_header(), *(tensor_to_buffer(t) for t in message.tensors())]
+
+
+def decode_frames(frames: Sequence[memoryview | bytes]) -> Message:
+    if not frames:
+        raise ProtocolError("empty message")
+    cls, scalars, metas = decode_header(frames[0])
+    if len(frames) - 1 != len(metas):
+        raise ProtocolError(f"{cls.__name__}: header announces {len(metas)} tensors, {len(frames) - 1} buffers came")
+    return build_message(cls, scalars, [tensor_from_buffer(m, b) for m, b in zip(metas, frames[1:])])
+
+
+# ---- data plane: attention node <-> expert node -------------------------------------------------------------
+
+@dataclass
+class Hello(Message):
+    """Attention node -> expert node when connecting: who it is, so the expert node can check the plan."""
+    TAG: ClassVar[int] = 1
+    attention_node: int
+    num_layers: int
+    num_experts: int
+
+
+@dataclass
+class HelloReply(Message):
+    """Expert node -> attention node: the (layer, expert) pairs it holds, flattened as layer * E + expert."""
+    TAG: ClassVar[int] = 2
+    expert_node: int
+    held: list[int]
+
+
+@dataclass
+class Dispatch(Message):
+    """Tokens of one microbatch for one MoE layer, sent once to each expert node that holds one of their
+    experts. expert_ids is -1 where the chosen expert is computed on another node (its weight is then unused)."""
+    TAG: ClassVar[int] = 3
+    step: int
+    layer: int
+    microbatch: int
+    hidden: torch.Tensor  # [tokens, hidden]
+    expert_ids: torch.Tensor  # [tokens, top_k] int32
+    expert_weights: torch.Tensor  # [tokens, top_k] float32
+
+
+@dataclass
+class Combine(Message):
+    """Expert node -> attention node: one weighted partial sum per dispatched token."""
+    TAG: ClassVar[int] = 4
+    step: int
+    layer: int
+    microbatch: int
+    partial: torch.Tensor  # [tokens, hidden]
+
+
+@dataclass
+class ExpertError(Message):
+    """Expert node -> attention node: the Dispatch for (step, layer, microbatch) failed."""
+    TAG: ClassVar[int] = 5
+    step: int
+    layer: int
+    microbatch: int
+    error: str
+
+
+# ---- control plane: gateway <-> attention node ---------------------------------------------------------------
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling; temperature 0 means greedy."""
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def to_list(self) -> list[Any]:
+        return [self.max_tokens, self.temperature, self.top_p, self.seed, self.ignore_eos]
+
+    @classmethod
+    def from_list(cls, values: list[Any]) -> "SamplingParams":
+        return cls(*values)
+
+
+@dataclass
+class AddRequest(Message):
+    TAG: ClassVar[int] = 10
+    request_id: str
+    prompt_ids: list[int]
+    sampling: list[Any]  # SamplingParams.to_list()
+
+
+@dataclass
+class AbortRequest(Message):
+    TAG: ClassVar[int] = 11
+    request_id: str
+
+
+@dataclass
+class StepOutputs(Message):
+    """Attention node -> gateway after each step: one new token per listed request; finish_reasons[i] is None
+    while request i runs, else 'stop', 'length', 'abort' or 'error' (then errors[i] says why)."""
+    TAG: ClassVar[int] = 12
+    request_ids: list[str]
+    token_ids: list[int]
+    finish_reasons: list[str | None]
+    errors: list[str | None] = field(default_factory=list)
+
+
+@dataclass
+class StatusRequest(Message):
+    TAG: ClassVar[int] = 13
+
+
+@dataclass
+class Status(Message):
+    """Attention node -> gateway: readiness, load and counters for /health and /metrics."""
+    TAG: ClassVar[int] = 14
+    attention_node: int
+    ready: bool
+    running: int
+    waiting: int
+    queued_tokens: int
+    prompt_tokens: int
+    generated_tokens: int
+    steps: int
+    link_bytes: list[int]  # bytes sent to each expert node (index = expert node)
+    link_messages: list[int]
+    link_bytes_received: list[int]
+    error: str | None = None
