@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/corpus")
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS)
-    parser.add_argument("--domain-mb", type=float, default=6.0, help="cap on each domain's text, in MB")
+    parser.add_argument("--domain-mb", type=float, default=8.0, help="cap on each domain's text, in MB")
     parser.add_argument("--max-doc-chars", type=int, default=40_000)
     parser.add_argument("--min-doc-chars", type=int, default=200)
     parser.add_argument("--python-stdlib", default=sysconfig.get_paths()["stdlib"])
