@@ -7,9 +7,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .model.spec import ModelSpec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,6 +26,7 @@ class ModelConfig:
     path: str = "models/expertmesh-mini"  # a Hugging Face checkpoint directory
     dtype: str = "float32"
     device: str = "cpu"  # "cuda" puts each node on its own GPU
+    torch_threads: int = 1  # intra-op threads per node process: several nodes share a host's cores
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -43,6 +47,10 @@ class EngineConfig:
     max_model_len: int | None = None  # tokens per sequence; default: the model's max_position_embeddings
     max_batch_tokens: int = 2048  # new tokens per step; prompts are admitted while they fit
     microbatches: int = 1  # ping-pong microbatches per step
+
+    def context_len(self, spec: "ModelSpec") -> int:
+        """Tokens a sequence may hold (prompt + output): max_model_len, capped by the model's positions."""
+        return min(self.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
 
 
 @dataclass

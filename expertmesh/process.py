@@ -10,6 +10,8 @@ import signal
 import sys
 from typing import Awaitable, Callable
 
+import torch
+
 from .config import Config
 
 
@@ -31,7 +33,9 @@ def run_node(name: str, main: Callable[[Config, int], Awaitable[None]]) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
-        await main(Config.load(args.config), args.index)
+        config = Config.load(args.config)
+        torch.set_num_threads(config.model.torch_threads)
+        await main(config, args.index)
 
     try:
         import uvloop

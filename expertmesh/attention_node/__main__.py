@@ -24,8 +24,7 @@ async def main(config: Config, index: int) -> None:
     placement = load_cluster_placement(config, spec)
     dtype, device = config.model.torch_dtype, config.model.device
     weights = load_attention_side(config.model.path, spec, dtype, device)
-    max_len = min(config.engine.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
-    kv_cache = KVCache(spec, config.engine.max_num_seqs, max_len, dtype, device)
+    kv_cache = KVCache(spec, config.engine.max_num_seqs, config.engine.context_len(spec), dtype, device)
     transport = make_transport(config.transport.backend)
     connections = [await transport.connect(address) for address in config.cluster.expert_addresses]
     m2n = M2NClient(connections, placement, index, config.transport.recv_timeout_s)

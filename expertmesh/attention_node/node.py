@@ -16,7 +16,7 @@ from ..transport.base import Listener, PeerId, TransportError
 from ..transport.m2n import M2NClient
 from ..transport.protocol import (AbortRequest, AddRequest, SamplingParams, Status, StatusRequest, StepOutputs)
 from .model_runner import ModelRunner
-from .sampler import make_generator, sample
+from .sampler import make_generator, sample, token_logprobs
 from .scheduler import Scheduler, Sequence
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,10 @@ class AttentionNode:
 
     async def _finish_step(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         tokens = sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
-        request_ids, reasons = [], []
-        for seq, token in zip(seqs, tokens):
+        request_ids, reasons, logprobs = [], [], []
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            top_n = seq.sampling.logprobs
+            logprobs.append(None if top_n is None else token_logprobs(logits[i], token, top_n))
             if seq.num_cached == 0:
                 self.prompt_tokens += len(seq.prompt_ids)
             seq.num_cached = seq.num_tokens
@@ -117,7 +119,7 @@ class AttentionNode:
                 self.scheduler.release(seq)
             request_ids.append(seq.request_id)
             reasons.append(reason)
-        await self._send(request_ids, tokens, reasons, [None] * len(seqs))
+        await self._send(request_ids, tokens, reasons, [None] * len(seqs), logprobs)
 
     async def _fail_waiting(self, error: str) -> None:
         waiting = list(self.scheduler.waiting)
@@ -127,6 +129,7 @@ class AttentionNode:
                              [error] * len(waiting))
 
     async def _send(self, request_ids: list[str], tokens: list[int], reasons: list[str | None],
-                    errors: list[str | None]) -> None:
+                    errors: list[str | None], logprobs: list | None = None) -> None:
         if self._gateway is not None:
-            await self.control.send(self._gateway, StepOutputs(request_ids, tokens, reasons, errors))
+            await self.control.send(self._gateway, StepOutputs(request_ids, tokens, reasons, errors,
+                                                               logprobs or [None] * len(request_ids)))

@@ -27,6 +27,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     return tokens
 
 
+def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> list:
+    """[logprob of token, [[id, logprob] of the top_n tokens]] from one row of logits."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(logprobs, top_n) if top_n > 0 else None
+    alternatives = [[int(i), float(v)] for v, i in zip(top.values, top.indices)] if top is not None else []
+    return [float(logprobs[token]), alternatives]
+
+
 def make_generator(params: SamplingParams, fallback_seed: int) -> torch.Generator | None:
     if params.temperature == 0.0:
         return None

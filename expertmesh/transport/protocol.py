@@ -190,9 +190,10 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None  # return the sampled token's logprob and this many top alternatives
 
     def to_list(self) -> list[Any]:
-        return [self.max_tokens, self.temperature, self.top_p, self.seed, self.ignore_eos]
+        return [self.max_tokens, self.temperature, self.top_p, self.seed, self.ignore_eos, self.logprobs]
 
     @classmethod
     def from_list(cls, values: list[Any]) -> "SamplingParams":
@@ -222,6 +223,7 @@ class StepOutputs(Message):
     token_ids: list[int]
     finish_reasons: list[str | None]
     errors: list[str | None] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)  # per request: None or [logprob, [[token, logprob], ...]]
 
 
 @dataclass

@@ -1,59 +1,125 @@
 """pyzmq backend: ROUTER listener, DEALER connections, one frame per header and per tensor.
 
-Tensors are handed to zmq as memoryviews of their storage (zmq copies only frames under its copy threshold)."""
+Each socket is owned by one I/O thread that blocks in zmq_poll; the event loop talks to it through
+queues. (zmq.asyncio relies on the edge-triggered ZMQ_FD and was seen here to miss wake-ups and hang
+under concurrent traffic, with uvloop; cf. pyzmq issue #2173.) Tensors are handed to zmq as memoryviews
+of their storage: zmq copies only frames under its copy threshold."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import queue
+import threading
+from typing import Sequence
 
 import zmq
-import zmq.asyncio
 
 from .base import Connection, Listener, PeerId, Transport, TransportError
 from .protocol import Message, decode_frames, encode_frames
 
+_wake_ids = itertools.count()
 
-def _frames_of(parts: list[zmq.Frame]) -> list[memoryview]:
-    return [part.buffer for part in parts]
+
+class _SocketThread:
+    """Owns one zmq socket: sends what `send` queues, delivers what arrives to an asyncio queue."""
+
+    def __init__(self, context: zmq.Context, socket: zmq.Socket, name: str) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.inbox: asyncio.Queue[list[zmq.Frame] | Exception] = asyncio.Queue()
+        self._outbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        wake_address = f"inproc://expertmesh-wake-{next(_wake_ids)}"
+        self._wake_rx = context.socket(zmq.PULL)
+        self._wake_rx.bind(wake_address)
+        self._wake_tx = context.socket(zmq.PUSH)  # used only from the event loop's thread
+        self._wake_tx.connect(wake_address)
+        self._socket = socket
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def send(self, frames: Sequence) -> None:
+        if self._closed:
+            raise TransportError("socket is closed")
+        self._outbox.put(frames)
+        self._wake_tx.send(b"", copy=True)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        try:
+            while True:
+                ready = dict(poller.poll())
+                if self._wake_rx in ready:
+                    while self._wake_rx.poll(0):
+                        self._wake_rx.recv()
+                    if self._closed:
+                        break
+                    while not self._outbox.empty():
+                        self._socket.send_multipart(self._outbox.get(), copy=False)
+                if self._socket in ready:
+                    while self._socket.poll(0):
+                        frames = self._socket.recv_multipart(copy=False)
+                        self.loop.call_soon_threadsafe(self.inbox.put_nowait, frames)
+        except Exception as exc:  # a send to a vanished peer, or the context going away
+            if not self._closed:
+                self.loop.call_soon_threadsafe(self.inbox.put_nowait, TransportError(f"zmq socket failed: {exc!r}"))
+        finally:
+            self._socket.close(linger=0)
+            self._wake_rx.close(linger=0)
+
+    async def recv(self, timeout_s: float | None, source: str) -> list[zmq.Frame]:
+        try:
+            item = await asyncio.wait_for(self.inbox.get(), timeout_s)
+        except asyncio.TimeoutError:
+            raise TransportError(f"no message from {source} within {timeout_s} s") from None
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._wake_tx.send(b"")
+            self._thread.join(timeout=5)
+            self._wake_tx.close(linger=0)
 
 
 class ZmqConnection(Connection):
-    def __init__(self, socket: zmq.asyncio.Socket, address: str) -> None:
-        self._socket = socket
+    def __init__(self, io: _SocketThread, address: str) -> None:
+        self._io = io
         self.address = address
 
     async def send(self, message: Message) -> None:
-        await self._socket.send_multipart(encode_frames(message), copy=False)
+        self._io.send(encode_frames(message))
 
     async def recv(self, timeout_s: float | None = None) -> Message:
-        try:
-            parts = await asyncio.wait_for(self._socket.recv_multipart(copy=False), timeout_s)
-        except asyncio.TimeoutError:
-            raise TransportError(f"no message from {self.address} within {timeout_s} s") from None
-        return decode_frames(_frames_of(parts))
+        frames = await self._io.recv(timeout_s, self.address)
+        return decode_frames([f.buffer for f in frames])
 
     async def close(self) -> None:
-        self._socket.close(linger=0)
+        self._io.close()
 
 
 class ZmqListener(Listener):
-    def __init__(self, socket: zmq.asyncio.Socket, address: str) -> None:
-        self._socket = socket
+    def __init__(self, io: _SocketThread, address: str) -> None:
+        self._io = io
         self.address = address
 
     async def recv(self) -> tuple[PeerId, Message]:
-        identity, *parts = await self._socket.recv_multipart(copy=False)
-        return identity.bytes, decode_frames(_frames_of(parts))
+        identity, *frames = await self._io.recv(None, self.address)
+        return identity.bytes, decode_frames([f.buffer for f in frames])
 
     async def send(self, peer: PeerId, message: Message) -> None:
-        await self._socket.send_multipart([peer, *encode_frames(message)], copy=False)
+        self._io.send([peer, *encode_frames(message)])
 
     async def close(self) -> None:
-        self._socket.close(linger=0)
+        self._io.close()
 
 
 class ZmqTransport(Transport):
     def __init__(self) -> None:
-        self._context = zmq.asyncio.Context.instance()
+        self._context = zmq.Context.instance()
 
     async def listen(self, address: str) -> Listener:
         socket = self._context.socket(zmq.ROUTER)
@@ -64,10 +130,10 @@ class ZmqTransport(Transport):
         except zmq.ZMQError as exc:
             socket.close()
             raise TransportError(f"cannot listen on {address}: {exc}") from exc
-        return ZmqListener(socket, address)
+        return ZmqListener(_SocketThread(self._context, socket, f"zmq-listen-{address}"), address)
 
     async def connect(self, address: str) -> Connection:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.connect(address)  # asynchronous: the caller's first recv with a timeout proves the peer is there
-        return ZmqConnection(socket, address)
+        return ZmqConnection(_SocketThread(self._context, socket, f"zmq-connect-{address}"), address)

@@ -1,0 +1,6 @@
+"""`python -m expertmesh ...` is the `expertmesh` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,80 @@
+"""The `expertmesh` command: launch a cluster, make a random model, and later tools.
+
+Flags override the config file; the result is one `Config` handed to the command."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import Config
+
+
+def _launch_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("launch", help="start a whole cluster on this host")
+    p.add_argument("--config", help="YAML or JSON config file (sections: model, transport, engine, gateway, cluster)")
+    p.add_argument("--model", help="Hugging Face checkpoint directory")
+    p.add_argument("--attention-nodes", type=int)
+    p.add_argument("--expert-nodes", type=int)
+    p.add_argument("--host", help="address the gateway binds to (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="gateway port (default 8000)")
+    p.add_argument("--placement", help="placement JSON (default: contiguous blocks of experts)")
+    p.add_argument("--transport", choices=["zmq"], help="data path between attention and expert nodes")
+    p.add_argument("--microbatches", type=int, help="ping-pong microbatches per step")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--served-model-name")
+    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every node")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    config = Config.load(args.config) if args.config else Config()
+    overrides = [("model", "path", args.model), ("cluster", "attention_nodes", args.attention_nodes),
+                 ("cluster", "expert_nodes", args.expert_nodes), ("gateway", "host", args.host),
+                 ("gateway", "port", args.port), ("cluster", "placement", args.placement),
+                 ("transport", "backend", args.transport), ("engine", "microbatches", args.microbatches),
+                 ("model", "dtype", args.dtype), ("engine", "max_num_seqs", args.max_num_seqs),
+                 ("engine", "max_model_len", args.max_model_len), ("gateway", "model_name", args.served_model_name)]
+    for section, key, value in overrides:
+        if value is not None:
+            setattr(getattr(config, section), key, value)
+    return config.validate()
+
+
+def _make_model_parser(sub: argparse._SubParsersAction) -> None:
+    from .model.make_model import RandomModelShape
+    defaults = RandomModelShape()
+    p = sub.add_parser("make-model", help="write a small random MoE checkpoint (Hugging Face format)")
+    p.add_argument("--arch", choices=["mixtral", "qwen3_moe"], default="mixtral")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                 "intermediate_size", "dense_intermediate_size", "num_experts", "top_k", "decoder_sparse_step",
+                 "max_position_embeddings"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    p.add_argument("--no-norm-topk-prob", action="store_true", help="Qwen3-MoE: do not renormalise top-k weights")
+    p.add_argument("--mlp-only-layers", default="", help="Qwen3-MoE: comma-separated dense layers, e.g. 1,3")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="expertmesh", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _launch_parser(sub)
+    _make_model_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "launch":
+        from .launcher.local import launch
+        return launch(config_from_args(args), args.ready_timeout)
+    if args.command == "make-model":
+        from .model.make_model import RandomModelShape, make_model
+        sizes = {k: v for k, v in vars(args).items()
+                 if k in RandomModelShape.__dataclass_fields__ and k not in ("mlp_only_layers", "norm_topk_prob")}
+        layers = [int(x) for x in args.mlp_only_layers.split(",") if x.strip()]
+        shape = RandomModelShape(**sizes, norm_topk_prob=not args.no_norm_topk_prob, mlp_only_layers=layers)
+        print(make_model(args.out, shape, args.seed))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The public HTTP API: OpenAI-compatible completions and chat (streaming by server-sent events),
+models, health and Prometheus metrics. Bad input is a 400 with an OpenAI-style error body."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..transport.protocol import SamplingParams
+from .metrics import GatewayMetrics
+from .nodes import AttentionNodeClient
+from .router import choose_node
+from .schema import ChatRequest, CompletionRequest, SamplingFields, error_body
+from .text import TextCodec, TextStream
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+@dataclass
+class Chunk:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list | None = None  # one [logprob, [[token, logprob], ...]] per token id
+
+
+@dataclass
+class ServedModel:
+    name: str
+    vocab_size: int
+    max_model_len: int
+    codec: TextCodec
+    nodes: list[AttentionNodeClient]
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+
+
+def create_app(served: ServedModel) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for node in served.nodes:
+            node.start()
+        yield
+        for node in served.nodes:
+            await node.close()
+
+    app = FastAPI(title="expertmesh", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        served.metrics.requests["rejected"] += 1
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body(f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"),
+                                status_code=400)
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg", "invalid request"))
+        return JSONResponse(error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        served.metrics.requests["rejected" if exc.status < 500 else "failed"] += 1
+        return JSONResponse(error_body(exc.message, exc.kind, exc.param), status_code=exc.status)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        not_ready = [n.index for n in served.nodes if not n.ready]
+        if not_ready:
+            return JSONResponse({"status": "starting or failed", "attention_nodes_not_ready": not_ready}, 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(served.metrics.render(served.nodes), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
+                                            "owned_by": "expertmesh", "max_model_len": served.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        if isinstance(body.prompt, str):
+            if not body.prompt:
+                raise APIError(400, "prompt is empty", param="prompt")
+            prompt_ids = served.codec.encode(body.prompt)
+        else:
+            prompt_ids = body.prompt
+        return await respond(body, prompt_ids, body.max_tokens or 16, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest):
+        text = served.codec.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages])
+        prompt_ids = served.codec.encode(text)
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, served.max_model_len - len(prompt_ids))
+        return await respond(body, prompt_ids, max_tokens, chat=True)
+
+    async def respond(body: SamplingFields, prompt_ids: list[int], max_tokens: int, chat: bool):
+        check_request(body, prompt_ids, max_tokens)
+        sampling = SamplingParams(max_tokens, body.temperature, body.top_p, body.seed, body.ignore_eos,
+                                  body.top_logprobs_n())
+        request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        node = choose_node(served.nodes)
+        if node is None:
+            raise APIError(503, "no attention node is ready", kind="service_unavailable")
+        chunks = generate(node, request_id, prompt_ids, sampling, body.stop_list())
+        if body.stream:
+            return StreamingResponse(sse(request_id, chunks, chat), media_type="text/event-stream")
+        text, token_ids, logprobs, finish_reason = [], [], [], None
+        try:
+            async for chunk in chunks:
+                text.append(chunk.text)
+                token_ids += chunk.token_ids
+                logprobs += chunk.logprobs or []
+                finish_reason = chunk.finish_reason
+        except RuntimeError as exc:
+            raise APIError(500, str(exc), kind="server_error") from None
+        choice: dict = {"index": 0, "finish_reason": finish_reason,
+                        "logprobs": format_logprobs(token_ids, logprobs, chat) if sampling.logprobs is not None else None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": "".join(text)}
+        else:
+            choice["text"] = "".join(text)
+        if body.return_token_ids:
+            choice["token_ids"] = token_ids
+            choice["prompt_token_ids"] = prompt_ids
+        return {"id": request_id, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": served.name, "choices": [choice],
+                "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(token_ids),
+                          "total_tokens": len(prompt_ids) + len(token_ids)}}
+
+    def check_request(body: SamplingFields, prompt_ids: list[int], max_tokens: int) -> None:
+        if body.model is not None and body.model != served.name:
+            raise APIError(404, f"model {body.model!r} does not exist; this server serves {served.name!r}",
+                           kind="not_found_error", param="model")
+        if not prompt_ids:
+            raise APIError(400, "prompt is empty", param="prompt")
+        bad = [t for t in prompt_ids if not 0 <= t < served.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} out of range [0, {served.vocab_size})", param="prompt")
+        if len(prompt_ids) + max_tokens > served.max_model_len:
+            raise APIError(400, f"this model's maximum context length is {served.max_model_len} tokens; the "
+                           f"request has {len(prompt_ids)} prompt tokens and asks for {max_tokens} more",
+                           param="max_tokens" if len(prompt_ids) < served.max_model_len else "prompt")
+
+    async def generate(node: AttentionNodeClient, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                       stop: list[str]) -> AsyncIterator[Chunk]:
+        served.metrics.in_flight += 1
+        served.metrics.prompt_tokens += len(prompt_ids)
+        queue = await node.submit(request_id, prompt_ids, sampling)
+        stream = TextStream(served.codec, stop)
+        outcome = "aborted"
+        try:
+            while True:
+                event = await queue.get()
+                if event.finish_reason == "error":
+                    outcome = "failed"
+                    raise RuntimeError(f"generation failed: {event.error}")
+                tokens = [event.token_id] if event.token_id >= 0 else []
+                served.metrics.generation_tokens += len(tokens)
+                delta = stream.push(tokens, final=event.finish_reason is not None)
+                if delta.stopped:
+                    outcome = "completed"
+                    yield Chunk(delta.text, tokens, "stop", [event.logprobs] if tokens and event.logprobs else None)
+                    return
+                if event.finish_reason is not None:
+                    outcome = "completed"
+                yield Chunk(delta.text, tokens, event.finish_reason, [event.logprobs] if tokens and event.logprobs else None)
+                if event.finish_reason is not None:
+                    return
+        finally:
+            served.metrics.in_flight -= 1
+            served.metrics.requests[outcome] += 1
+            await node.abort(request_id)  # no-op once the node has finished it
+
+    def format_logprobs(token_ids: list[int], entries: list, chat: bool) -> dict:
+        """OpenAI's logprobs object: chat's `content` list, or the completions' parallel lists."""
+        piece = lambda token: served.codec.decode([token])  # noqa: E731
+        if chat:
+            return {"content": [{"token": piece(t), "logprob": lp, "bytes": list(piece(t).encode()),
+                                 "top_logprobs": [{"token": piece(a), "logprob": alp} for a, alp in top]}
+                                for t, (lp, top) in zip(token_ids, entries)]}
+        return {"tokens": [piece(t) for t in token_ids], "token_logprobs": [lp for lp, _ in entries],
+                "top_logprobs": [{piece(a): alp for a, alp in top} for _, top in entries], "text_offset": []}
+
+    async def sse(request_id: str, chunks: AsyncIterator[Chunk], chat: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+        first = True
+        try:
+            async for chunk in chunks:
+                logprobs = format_logprobs(chunk.token_ids, chunk.logprobs, chat) if chunk.logprobs else None
+                if chat:
+                    delta = {"role": "assistant", "content": chunk.text} if first else {"content": chunk.text}
+                    choice = {"index": 0, "delta": delta, "finish_reason": chunk.finish_reason, "logprobs": logprobs}
+                else:
+                    choice = {"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason, "logprobs": logprobs}
+                first = False
+                payload = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                           "created": created, "model": served.name, "choices": [choice]}
+                yield f"data: {json.dumps(payload)}\n\n"
+        except RuntimeError as exc:
+            yield f"data: {json.dumps(error_body(str(exc), 'server_error'))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return app

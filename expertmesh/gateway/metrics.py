@@ -1,0 +1,45 @@
+"""Gateway counters and the Prometheus text exposition of them and of every attention node's status."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .nodes import AttentionNodeClient
+
+
+@dataclass
+class GatewayMetrics:
+    requests: Counter = field(default_factory=Counter)  # by outcome: completed, failed, rejected, aborted
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    in_flight: int = 0
+
+    def render(self, nodes: list[AttentionNodeClient]) -> str:
+        lines = ["# TYPE expertmesh_requests_total counter"]
+        for outcome in ("completed", "failed", "rejected", "aborted"):
+            lines.append(f'expertmesh_requests_total{{outcome="{outcome}"}} {self.requests[outcome]}')
+        lines += ["# TYPE expertmesh_prompt_tokens_total counter", f"expertmesh_prompt_tokens_total {self.prompt_tokens}",
+                  "# TYPE expertmesh_generation_tokens_total counter",
+                  f"expertmesh_generation_tokens_total {self.generation_tokens}",
+                  "# TYPE expertmesh_requests_in_flight gauge", f"expertmesh_requests_in_flight {self.in_flight}"]
+        per_node = {
+            "expertmesh_node_ready": ("gauge", lambda s, n: int(n.ready)),
+            "expertmesh_queue_depth": ("gauge", lambda s, n: s.waiting),
+            "expertmesh_running_sequences": ("gauge", lambda s, n: s.running),
+            "expertmesh_queued_tokens": ("gauge", lambda s, n: s.queued_tokens),
+            "expertmesh_engine_steps_total": ("counter", lambda s, n: s.steps),
+        }
+        for name, (kind, value) in per_node.items():
+            lines.append(f"# TYPE {name} {kind}")
+            for node in nodes:
+                if node.status is not None:
+                    lines.append(f'{name}{{attention_node="{node.index}"}} {value(node.status, node)}')
+        links = {"expertmesh_link_bytes_sent_total": "link_bytes", "expertmesh_link_messages_sent_total": "link_messages",
+                 "expertmesh_link_bytes_received_total": "link_bytes_received"}
+        for name, attr in links.items():
+            lines.append(f"# TYPE {name} counter")
+            for node in nodes:
+                if node.status is not None:
+                    for expert_node, value in enumerate(getattr(node.status, attr)):
+                        lines.append(f'{name}{{attention_node="{node.index}",expert_node="{expert_node}"}} {value}')
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,105 @@
+"""The gateway's links to the attention nodes: submit and abort requests, collect their token streams,
+and poll each node's status; a node that stops answering fails its requests instead of hanging them."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from ..transport.base import Connection
+from ..transport.protocol import AbortRequest, AddRequest, SamplingParams, Status, StatusRequest, StepOutputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenEvent:
+    token_id: int  # -1 when the event carries no token (abort, error)
+    finish_reason: str | None
+    error: str | None = None
+    logprobs: list | None = None  # [logprob, [[token, logprob], ...]] when asked for
+
+
+class AttentionNodeClient:
+    STATUS_INTERVAL_S = 0.25
+
+    def __init__(self, index: int, connection: Connection, node_timeout_s: float) -> None:
+        self.index = index
+        self.connection = connection
+        self.node_timeout_s = node_timeout_s
+        self.status: Status | None = None
+        self.last_heard = time.monotonic()
+        self.dead: str | None = None  # why, once declared dead
+        self.streams: dict[str, asyncio.Queue[TokenEvent]] = {}
+        self.inflight_tokens: dict[str, int] = {}  # prompt + max tokens of each request, for routing
+        self.requests_routed = 0
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._poll())]
+
+    @property
+    def ready(self) -> bool:
+        return self.dead is None and self.status is not None and self.status.ready and \
+            time.monotonic() - self.last_heard < self.node_timeout_s
+
+    @property
+    def load_tokens(self) -> int:
+        return sum(self.inflight_tokens.values())
+
+    async def submit(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> asyncio.Queue[TokenEvent]:
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.streams[request_id] = queue
+        self.requests_routed += 1
+        self.inflight_tokens[request_id] = len(prompt_ids) + sampling.max_tokens
+        await self.connection.send(AddRequest(request_id, prompt_ids, sampling.to_list()))
+        return queue
+
+    async def abort(self, request_id: str) -> None:
+        if self.forget(request_id) and self.dead is None:
+            await self.connection.send(AbortRequest(request_id))
+
+    def forget(self, request_id: str) -> bool:
+        self.inflight_tokens.pop(request_id, None)
+        return self.streams.pop(request_id, None) is not None
+
+    async def _read(self) -> None:
+        while True:
+            message = await self.connection.recv()
+            self.last_heard = time.monotonic()
+            if isinstance(message, Status):
+                self.status = message
+                if message.error:
+                    self._declare_dead(f"attention node {self.index} failed: {message.error}")
+            elif isinstance(message, StepOutputs):
+                count = len(message.request_ids)
+                for rid, token, reason, error, logprobs in zip(message.request_ids, message.token_ids,
+                                                               message.finish_reasons, message.errors or [None] * count,
+                                                               message.logprobs or [None] * count):
+                    queue = self.streams.get(rid)
+                    if queue is not None:  # else: aborted by us, late tokens are dropped
+                        queue.put_nowait(TokenEvent(token, reason, error, logprobs))
+                        if reason is not None:
+                            self.forget(rid)
+
+    async def _poll(self) -> None:
+        while True:
+            await self.connection.send(StatusRequest())
+            await asyncio.sleep(self.STATUS_INTERVAL_S)
+            silent_s = time.monotonic() - self.last_heard
+            if self.dead is None and self.status is not None and silent_s > self.node_timeout_s:
+                self._declare_dead(f"attention node {self.index} has not answered for {silent_s:.1f} s")
+
+    def _declare_dead(self, why: str) -> None:
+        log.error("%s; failing its %d requests", why, len(self.streams))
+        self.dead = why
+        for rid, queue in list(self.streams.items()):
+            queue.put_nowait(TokenEvent(-1, "error", why))
+            self.forget(rid)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self.connection.close()
+

@@ -1,0 +1,75 @@
+"""Text <-> token ids at the gateway: prompts, the chat template, and incremental detokenization with stops.
+
+Streaming and non-streaming responses go through the same `TextStream`, so their texts are equal."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+
+class TextCodec:
+    def __init__(self, model_dir: str | Path) -> None:
+        path = Path(model_dir) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {str(model_dir)!r}: the gateway needs one to serve text")
+        self.tokenizer = Tokenizer.from_file(str(path))
+        config_path = Path(model_dir) / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.chat_template: str | None = config.get("chat_template")
+        self.bos_token: str = config.get("bos_token") or ""
+        self.eos_token: str = config.get("eos_token") or ""
+        self.vocab_size = self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """The tokenizer's own Jinja chat template if it has one, else a plain role-tagged transcript."""
+        if self.chat_template:
+            import jinja2
+            template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(self.chat_template)
+            return template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
+                                   eos_token=self.eos_token)
+        turns = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+        return turns + "<|assistant|>\n"
+
+
+@dataclass
+class TextDelta:
+    text: str
+    stopped: bool  # a stop string was found: the text ends before it and generation must end
+
+
+class TextStream:
+    """Turns a growing list of generated ids into text deltas, holding back what may still change:
+    an incomplete UTF-8 character, or a tail that could be the start of a stop string."""
+
+    def __init__(self, codec: TextCodec, stop: list[str]) -> None:
+        self.codec = codec
+        self.stop = [s for s in stop if s]
+        self.token_ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_ids: list[int], final: bool) -> TextDelta:
+        self.token_ids += token_ids
+        text = self.codec.decode(self.token_ids)
+        if not final:
+            text = text.rstrip("\ufffd")  # a multi-byte character is not complete yet
+        for stop in self.stop:
+            at = text.find(stop, max(0, len(self.emitted) - len(stop) + 1))
+            if at >= 0:
+                return self._emit(text[:at], stopped=True)
+        if not final and self.stop:
+            text = text[:max(len(self.emitted), len(text) - max(len(s) for s in self.stop) + 1)]
+        return self._emit(text, stopped=False)
+
+    def _emit(self, text: str, stopped: bool) -> TextDelta:
+        delta = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        self.emitted = text if text.startswith(self.emitted) else self.emitted
+        return TextDelta(delta, stopped)

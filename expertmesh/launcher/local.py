@@ -1,0 +1,137 @@
+"""Starts a whole cluster on this host as processes: expert nodes, attention nodes, then the gateway.
+
+Waits until /health says every node is ready; stops every child on SIGTERM/SIGINT, and stops the
+cluster with a non-zero exit, naming the culprit, when any child dies."""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config
+
+
+class ClusterError(RuntimeError):
+    """A node of the cluster failed to start or died."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if the launcher itself dies, so no node outlives it (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    name: str  # e.g. "expert node 1"
+    process: subprocess.Popen
+
+
+class LocalCluster:
+    def __init__(self, config: Config, run_dir: str | Path | None = None) -> None:
+        self.config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster))
+        self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="expertmesh-"))
+        self.children: list[Child] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.gateway.host}:{self.config.gateway.port}"
+
+    def start(self) -> None:
+        cluster = self.config.cluster
+        if not cluster.expert_addresses:
+            cluster.expert_addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(cluster.expert_nodes)]
+        if not cluster.attention_addresses:
+            cluster.attention_addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(cluster.attention_nodes)]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = self.run_dir / "cluster.json"
+        self.config.validate().save(config_path)
+        roles = [("expert node", "expertmesh.expert_node", cluster.expert_nodes),
+                 ("attention node", "expertmesh.attention_node", cluster.attention_nodes),
+                 ("gateway", "expertmesh.gateway", 1)]
+        for name, module, count in roles:
+            for index in range(count):
+                command = [sys.executable, "-m", module, "--config", str(config_path), "--index", str(index)]
+                process = subprocess.Popen(command, preexec_fn=_die_with_parent)
+                self.children.append(Child(name if name == "gateway" else f"{name} {index}", process))
+
+    def check_children(self) -> None:
+        for child in self.children:
+            code = child.process.poll()
+            if code is not None:
+                raise ClusterError(f"{child.name} (pid {child.process.pid}) exited with code {code}")
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        """Returns once /health is 200; raises ClusterError if a child dies or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_children()
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)
+        raise ClusterError(f"cluster not ready within {timeout_s} s")
+
+    def wait(self) -> None:
+        """Blocks until a child dies (ClusterError) or the launcher is signalled (KeyboardInterrupt)."""
+        while True:
+            self.check_children()
+            time.sleep(0.2)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for child in reversed(self.children):
+            if child.process.poll() is None:
+                child.process.terminate()
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            try:
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+
+
+def launch(config: Config, ready_timeout_s: float = 300.0) -> int:
+    """The `expertmesh launch` command: run the cluster until signalled (exit 0) or a node dies (exit 1)."""
+    def on_signal(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    cluster = LocalCluster(config)
+    try:
+        cluster.start()
+        print(f"expertmesh: starting {config.cluster.attention_nodes} attention and {config.cluster.expert_nodes} "
+              f"expert nodes serving {config.model.path} ...", flush=True)
+        cluster.wait_ready(ready_timeout_s)
+        print(f"expertmesh: ready at {cluster.url}  (OpenAI API under {cluster.url}/v1)", flush=True)
+        cluster.wait()
+    except KeyboardInterrupt:
+        print("expertmesh: stopping", flush=True)
+        return 0
+    except ClusterError as exc:
+        print(f"expertmesh: {exc}; stopping the cluster", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not interrupt the clean-up
+        cluster.stop()
+    return 0
