@@ -1,0 +1,90 @@
+import asyncio
+
+import pytest
+import torch
+
+from expertmesh.cli import config_from_args, main
+from expertmesh.config import Config, ConfigError
+from expertmesh.model.spec import ModelSpec
+from expertmesh.placement.plan import Placement, PlacementError
+from expertmesh.transport.base import TransportError
+from expertmesh.transport.inproc import InprocTransport
+from expertmesh.transport.m2n import M2NClient
+from expertmesh.transport.protocol import HelloReply
+
+
+def test_config_round_trip_and_errors(tmp_path):
+    config = Config()
+    config.cluster.expert_nodes = 3
+    config.save(tmp_path / "c.json")
+    assert Config.load(tmp_path / "c.json") == config
+    (tmp_path / "c.yaml").write_text("cluster:\n  attention_nodes: 2\nengine:\n  microbatches: 2\n")
+    loaded = Config.load(tmp_path / "c.yaml")
+    assert loaded.cluster.attention_nodes == 2 and loaded.engine.microbatches == 2
+    with pytest.raises(ConfigError, match="unknown keys \\['colour'\\]"):
+        Config.from_dict({"model": {"colour": "red"}})
+    with pytest.raises(ConfigError, match="microbatches=0"):
+        Config.from_dict({"engine": {"microbatches": 0}})
+
+
+def test_cli_flags_override_the_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("cluster:\n  attention_nodes: 2\n  expert_nodes: 4\n")
+    import argparse
+    args = argparse.Namespace(config=str(tmp_path / "c.yaml"), model="m", attention_nodes=None, expert_nodes=3,
+                              host=None, port=9000, placement=None, transport=None, microbatches=None, dtype=None,
+                              max_num_seqs=None, max_model_len=None, served_model_name=None)
+    config = config_from_args(args)
+    assert (config.model.path, config.cluster.attention_nodes, config.cluster.expert_nodes, config.gateway.port) == \
+        ("m", 2, 3, 9000)
+
+
+def test_make_model_command(tmp_path, capsys):
+    assert main(["make-model", "--arch", "qwen3_moe", "--out", str(tmp_path / "q"), "--num-layers", "3",
+                 "--mlp-only-layers", "1", "--no-norm-topk-prob"]) == 0
+    spec = ModelSpec.from_dir(tmp_path / "q")
+    assert spec.num_layers == 3 and spec.moe_layers == (True, False, True) and not spec.norm_topk_prob
+
+
+def test_contiguous_placement_and_file_validation(mixtral_dir, tmp_path):
+    spec = ModelSpec.from_dir(mixtral_dir)
+    placement = Placement.contiguous(spec, 3)
+    assert [n[0] for n in placement.nodes_of[0]] == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert len(placement.pairs_on(2)) == 2 * spec.num_layers
+    path = tmp_path / "p.json"
+    path.write_text(placement.to_json())
+    assert Placement.load(path, spec, 3) == placement
+    with pytest.raises(PlacementError, match="for 3 expert nodes, cluster has 2"):
+        Placement.load(path, spec, 2)
+    bad = Placement(3, {**placement.nodes_of, 0: placement.nodes_of[0][:-1]})
+    with pytest.raises(PlacementError, match="lists 7 experts"):
+        bad.validate(spec)
+    with pytest.raises(PlacementError, match="some nodes would hold nothing"):
+        Placement.contiguous(spec, 9)
+
+
+def test_dispatch_sends_each_token_once_per_node_and_a_lost_node_fails_fast(mixtral_dir):
+    spec = ModelSpec.from_dir(mixtral_dir)
+
+    async def run():
+        transport = InprocTransport()
+        listeners = [await transport.listen(f"inproc://m2n{n}") for n in range(2)]
+        conns = [await transport.connect(f"inproc://m2n{n}") for n in range(2)]
+        m2n = M2NClient(conns, Placement.contiguous(spec, 2), 0, recv_timeout_s=0.3)
+        hello = asyncio.gather(*(m2n.handshake(spec.num_layers, spec.num_experts, 5.0),))
+        for n, listener in enumerate(listeners):
+            peer, _ = await listener.recv()
+            held = [l * spec.num_experts + e for l, e in m2n.placement.pairs_on(n)]
+            await listener.send(peer, HelloReply(n, held))
+        await hello
+        ids = torch.tensor([[0, 1], [0, 5], [6, 7]], dtype=torch.int32)  # node 0 holds 0-3, node 1 holds 4-7
+        handle = await m2n.dispatch(1, 0, 0, torch.randn(3, spec.hidden_size), ids, torch.rand(3, 2))
+        _, to_node0 = await listeners[0].recv()
+        _, to_node1 = await listeners[1].recv()
+        assert to_node0.expert_ids.tolist() == [[0, 1], [0, -1]]
+        assert to_node1.expert_ids.tolist() == [[-1, 5], [6, 7]]
+        assert handle.rows_of_node[0].tolist() == [0, 1] and handle.rows_of_node[1].tolist() == [1, 2]
+        with pytest.raises(TransportError, match="did not answer layer 0 of step 1 within 0.3 s"):
+            await m2n.combine(handle, torch.zeros(3, spec.hidden_size))
+        await m2n.close()
+
+    asyncio.run(run())

@@ -1,0 +1,50 @@
+import msgpack
+import pytest
+import torch
+
+from expertmesh.transport.protocol import (AddRequest, Combine, Dispatch, ProtocolError, SamplingParams, Status,
+                                           StepOutputs, decode_frames, encode_frames, tensor_to_buffer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64])
+def test_tensors_round_trip_bit_exact(dtype):
+    hidden = (torch.randn(5, 7) * 100).to(dtype)
+    msg = Dispatch(3, 2, 1, hidden, torch.arange(10, dtype=torch.int32).view(5, 2), torch.rand(5, 2))
+    back = decode_frames([bytes(f) for f in encode_frames(msg)])
+    assert isinstance(back, Dispatch) and (back.step, back.layer, back.microbatch) == (3, 2, 1)
+    assert back.hidden.dtype == dtype and torch.equal(back.hidden, hidden)
+    assert torch.equal(back.expert_ids, msg.expert_ids) and torch.equal(back.expert_weights, msg.expert_weights)
+
+
+def test_empty_tensor_and_scalar_only_messages():
+    msg = Combine(1, 0, 0, torch.empty(0, 16))
+    back = decode_frames(encode_frames(msg))
+    assert back.partial.shape == (0, 16)
+    status = Status(0, True, 1, 2, 3, 4, 5, 6, [1, 2], [3, 4], [5, 6], None)
+    assert decode_frames(encode_frames(status)) == status
+    sp = SamplingParams(8, 0.5, 0.9, 7, True, 2)
+    add = decode_frames(encode_frames(AddRequest("r1", [1, 2, 3], sp.to_list())))
+    assert SamplingParams.from_list(add.sampling) == sp
+    out = StepOutputs(["a"], [5], [None], [None], [[-0.5, [[5, -0.5]]]])
+    assert decode_frames(encode_frames(out)) == out
+
+
+def test_send_side_does_not_copy():
+    tensor = torch.randn(64, 32)
+    view = tensor_to_buffer(tensor)
+    tensor[0, 0] = 42.0
+    assert torch.frombuffer(view, dtype=torch.float32)[0].item() == 42.0
+
+
+def test_malformed_messages_are_named_errors():
+    with pytest.raises(ProtocolError, match="malformed"):
+        decode_frames([b"\xc1garbage"])
+    with pytest.raises(ProtocolError, match="malformed"):
+        decode_frames([msgpack.packb([999, [], []])])
+    frames = encode_frames(Combine(1, 0, 0, torch.zeros(2, 4)))
+    with pytest.raises(ProtocolError, match="bytes"):
+        decode_frames([frames[0], b"short"])
+    with pytest.raises(ProtocolError, match="tensors"):
+        decode_frames(frames[:1])
+    with pytest.raises(ProtocolError, match="contiguous"):
+        encode_frames(Combine(1, 0, 0, torch.zeros(4, 2).T))
