@@ -69,6 +69,7 @@ class ClusterConfig:
     # Filled in by the launcher (free ports on this host), or given for multi-host deployments.
     attention_addresses: list[str] = field(default_factory=list)  # control address of each attention node
     expert_addresses: list[str] = field(default_factory=list)  # data address of each expert node
+    expert_control_addresses: list[str] = field(default_factory=list)  # status/trace address of each expert node
 
 
 @dataclass

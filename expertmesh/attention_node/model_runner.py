@@ -11,6 +11,7 @@ import torch
 from ..model.layers import AttentionBatch, RotaryTable, attention, rms_norm, route, swiglu
 from ..model.spec import ModelSpec
 from ..model.weights import AttentionSideWeights
+from ..telemetry import PhaseClock
 from ..transport.m2n import M2NClient
 from .kv_cache import KVCache
 from .scheduler import Sequence
@@ -39,6 +40,7 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.m2n = m2n
         self.device = device
+        self.clock = PhaseClock()
         self.rotary = RotaryTable(spec.head_dim, spec.rope_theta, kv_cache.max_len, weights.embed_tokens.dtype, device)
 
     async def forward(self, step: int, seqs: list[Sequence], microbatches: int) -> torch.Tensor:
@@ -67,19 +69,25 @@ class ModelRunner:
         return as_tensor(token_ids), batch, last_token
 
     async def _forward(self, step: int, microbatch: int, seqs: list[Sequence]) -> torch.Tensor:
-        spec, w = self.spec, self.weights
-        token_ids, batch, last_token = self._prepare(seqs)
-        h = w.embed_tokens[token_ids]
+        spec, w, clock = self.spec, self.weights, self.clock
+        with clock.phase("attention", microbatch):
+            token_ids, batch, last_token = self._prepare(seqs)
+            h = w.embed_tokens[token_ids]
         for i, layer in enumerate(w.layers):
-            x = rms_norm(h, layer.input_norm, spec.rms_norm_eps)
-            h = h + attention(layer, x, batch, self.rotary, self.kv_cache.k[i], self.kv_cache.v[i],
-                              spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rms_norm_eps)
-            x = rms_norm(h, layer.post_attention_norm, spec.rms_norm_eps)
-            if layer.router is None:
-                h = h + swiglu(x, *layer.dense_mlp)
-                continue
-            expert_ids, expert_weights = route(x, layer.router, spec.top_k, spec.norm_topk_prob)
-            handle = await self.m2n.dispatch(step, i, microbatch, x, expert_ids, expert_weights)
-            h = h + await self.m2n.combine(handle, x)
-        h = rms_norm(h[last_token], w.final_norm, spec.rms_norm_eps)
-        return h @ w.lm_head.T
+            with clock.phase("attention", microbatch):
+                x = rms_norm(h, layer.input_norm, spec.rms_norm_eps)
+                h = h + attention(layer, x, batch, self.rotary, self.kv_cache.k[i], self.kv_cache.v[i],
+                                  spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rms_norm_eps)
+                x = rms_norm(h, layer.post_attention_norm, spec.rms_norm_eps)
+                if layer.router is None:
+                    h = h + swiglu(x, *layer.dense_mlp)
+                    continue
+                expert_ids, expert_weights = route(x, layer.router, spec.top_k, spec.norm_topk_prob)
+            with clock.phase("dispatch", microbatch):
+                handle = await self.m2n.dispatch(step, i, microbatch, x, expert_ids, expert_weights)
+            partials = await self.m2n.gather(handle)  # untimed: the other microbatches run meanwhile
+            with clock.phase("combine", microbatch):
+                h = h + self.m2n.reduce(handle, partials, x)
+        with clock.phase("attention", microbatch):
+            h = rms_norm(h[last_token], w.final_norm, spec.rms_norm_eps)
+            return h @ w.lm_head.T

@@ -14,7 +14,8 @@ from ..config import Config
 from ..model.spec import ModelSpec
 from ..transport.base import Listener, PeerId, TransportError
 from ..transport.m2n import M2NClient
-from ..transport.protocol import (AbortRequest, AddRequest, SamplingParams, Status, StatusRequest, StepOutputs)
+from ..transport.protocol import (AbortRequest, AddRequest, NodeTrace, SamplingParams, Status, StatusRequest,
+                                  StepOutputs, TraceControl)
 from .model_runner import ModelRunner
 from .sampler import make_generator, sample, token_logprobs
 from .scheduler import Scheduler, Sequence
@@ -61,6 +62,9 @@ class AttentionNode:
                     await self._send([seq.request_id], [-1], ["abort"], [None])
             elif isinstance(message, StatusRequest):
                 await self.control.send(peer, self.status())
+            elif isinstance(message, TraceControl):
+                events = self.runner.clock.toggle_trace(message.record)
+                await self.control.send(peer, NodeTrace(f"attention node {self.node_id}", events))
 
     def _add(self, message: AddRequest) -> None:
         sampling = SamplingParams.from_list(message.sampling)
@@ -75,10 +79,11 @@ class AttentionNode:
 
     def status(self) -> Status:
         s = self.m2n.stats
+        phases, seconds, wall = self.runner.clock.totals()
         return Status(self.node_id, self.ready and self.fatal_error is None, len(self.scheduler.running),
                       len(self.scheduler.waiting), self.scheduler.queued_tokens, self.prompt_tokens,
                       self.generated_tokens, self.step, list(s.bytes_sent), list(s.messages_sent),
-                      list(s.bytes_received), self.fatal_error)
+                      list(s.bytes_received), self.fatal_error, phases, seconds, wall)
 
     async def _engine(self) -> None:
         while True:
@@ -101,9 +106,12 @@ class AttentionNode:
                     await self._fail_waiting(str(exc))
                     raise
                 continue
-            await self._finish_step(seqs, logits)
+            with self.runner.clock.phase("sample"):
+                outputs = self._finish_step(seqs, logits)
+            await self._send(*outputs)
 
-    async def _finish_step(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+    def _finish_step(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple:
+        """Samples each sequence's next token and retires finished ones; returns the StepOutputs fields."""
         tokens = sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
         request_ids, reasons, logprobs = [], [], []
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
@@ -119,7 +127,7 @@ class AttentionNode:
                 self.scheduler.release(seq)
             request_ids.append(seq.request_id)
             reasons.append(reason)
-        await self._send(request_ids, tokens, reasons, [None] * len(seqs), logprobs)
+        return request_ids, tokens, reasons, [None] * len(seqs), logprobs
 
     async def _fail_waiting(self, error: str) -> None:
         waiting = list(self.scheduler.waiting)

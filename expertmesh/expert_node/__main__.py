@@ -9,6 +9,7 @@ from ..model.weights import load_experts
 from ..placement.plan import load_cluster_placement
 from ..process import run_node
 from ..transport.base import make_transport
+from ..transport.zmq import ZmqTransport
 from .node import ExpertNode
 
 log = logging.getLogger("expert_node")
@@ -22,11 +23,13 @@ async def main(config: Config, index: int) -> None:
     listener = await make_transport(config.transport.backend).listen(config.cluster.expert_addresses[index])
     log.info("holds %d experts over %d layers; listening on %s", len(pairs), len(spec.moe_layer_ids),
              config.cluster.expert_addresses[index])
-    node = ExpertNode(index, experts, spec.num_experts, listener)
+    control = await ZmqTransport().listen(config.cluster.expert_control_addresses[index])
+    node = ExpertNode(index, experts, spec.num_experts, listener, control)
     try:
         await node.serve()
     finally:
         await listener.close()
+        await control.close()
 
 
 if __name__ == "__main__":

@@ -11,17 +11,21 @@ import torch
 from ..model.layers import experts_partial_sum
 from ..model.weights import ExpertWeights
 from ..transport.base import Listener, PeerId
-from ..transport.protocol import Combine, Dispatch, ExpertError, Hello, HelloReply, Message
+from ..telemetry import PhaseClock
+from ..transport.protocol import (Combine, Dispatch, ExpertError, ExpertStatus, Hello, HelloReply, Message, NodeTrace,
+                                  StatusRequest, TraceControl)
 
 log = logging.getLogger(__name__)
 
 
 class ExpertNode:
     def __init__(self, node_id: int, experts: dict[tuple[int, int], ExpertWeights], num_experts: int,
-                 listener: Listener) -> None:
+                 listener: Listener, control: Listener | None = None) -> None:
         self.node_id = node_id
         self.num_experts = num_experts
         self.listener = listener
+        self.control = control  # status and traces for the gateway
+        self.clock = PhaseClock()
         self.experts_of_layer: dict[int, dict[int, ExpertWeights]] = {}
         for (layer, expert), weights in experts.items():
             self.experts_of_layer.setdefault(layer, {})[expert] = weights
@@ -30,6 +34,7 @@ class ExpertNode:
 
     async def serve(self) -> None:
         receiver = asyncio.create_task(self._receive())
+        control = asyncio.create_task(self._control()) if self.control is not None else None
         try:
             while True:
                 batch = [await self._inbox.get()]
@@ -40,6 +45,19 @@ class ExpertNode:
                     receiver.result()  # re-raise the receiver's failure
         finally:
             receiver.cancel()
+            if control is not None:
+                control.cancel()
+
+    async def _control(self) -> None:
+        while True:
+            peer, message = await self.control.recv()
+            if isinstance(message, StatusRequest):
+                phases, seconds, wall = self.clock.totals()
+                await self.control.send(peer, ExpertStatus(self.node_id, True, self.tokens_computed, phases,
+                                                           seconds, wall))
+            elif isinstance(message, TraceControl):
+                events = self.clock.toggle_trace(message.record)
+                await self.control.send(peer, NodeTrace(f"expert node {self.node_id}", events))
 
     async def _receive(self) -> None:
         while True:
@@ -59,10 +77,11 @@ class ExpertNode:
             by_layer.setdefault(dispatch.layer, []).append((peer, dispatch))
         for layer, items in by_layer.items():
             try:
-                hidden = torch.cat([d.hidden for _, d in items])
-                ids = torch.cat([d.expert_ids for _, d in items])
-                weights = torch.cat([d.expert_weights for _, d in items])
-                partial = experts_partial_sum(hidden, ids, weights, self.experts_of_layer.get(layer, {}))
+                with self.clock.phase("expert_compute"):
+                    hidden = torch.cat([d.hidden for _, d in items])
+                    ids = torch.cat([d.expert_ids for _, d in items])
+                    weights = torch.cat([d.expert_weights for _, d in items])
+                    partial = experts_partial_sum(hidden, ids, weights, self.experts_of_layer.get(layer, {}))
             except Exception as exc:  # answer every sender; the node itself keeps serving
                 log.exception("expert node %d: layer %d failed", self.node_id, layer)
                 for peer, d in items:
@@ -70,7 +89,8 @@ class ExpertNode:
                 continue
             self.tokens_computed += hidden.shape[0]
             start = 0
-            for peer, d in items:
-                end = start + d.hidden.shape[0]
-                await self.listener.send(peer, Combine(d.step, d.layer, d.microbatch, partial[start:end]))
-                start = end
+            with self.clock.phase("combine_send"):
+                for peer, d in items:
+                    end = start + d.hidden.shape[0]
+                    await self.listener.send(peer, Combine(d.step, d.layer, d.microbatch, partial[start:end]))
+                    start = end

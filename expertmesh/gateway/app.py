@@ -2,6 +2,7 @@
 models, health and Prometheus metrics. Bad input is a 400 with an OpenAI-style error body."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -15,7 +16,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..transport.protocol import SamplingParams
 from .metrics import GatewayMetrics
-from .nodes import AttentionNodeClient
+from ..telemetry import chrome_trace
+from .nodes import AttentionNodeClient, NodeLink
 from .router import choose_node
 from .schema import ChatRequest, CompletionRequest, SamplingFields, error_body
 from .text import TextCodec, TextStream
@@ -42,16 +44,21 @@ class ServedModel:
     max_model_len: int
     codec: TextCodec
     nodes: list[AttentionNodeClient]
+    expert_nodes: list[NodeLink] = field(default_factory=list)
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+
+    @property
+    def all_nodes(self) -> list[NodeLink]:
+        return [*self.nodes, *self.expert_nodes]
 
 
 def create_app(served: ServedModel) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        for node in served.nodes:
+        for node in served.all_nodes:
             node.start()
         yield
-        for node in served.nodes:
+        for node in served.all_nodes:
             await node.close()
 
     app = FastAPI(title="expertmesh", lifespan=lifespan)
@@ -74,14 +81,27 @@ def create_app(served: ServedModel) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        not_ready = [n.index for n in served.nodes if not n.ready]
+        not_ready = [n.name for n in served.all_nodes if not n.ready]
         if not_ready:
-            return JSONResponse({"status": "starting or failed", "attention_nodes_not_ready": not_ready}, 503)
+            return JSONResponse({"status": "starting or failed", "not_ready": not_ready}, 503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(served.metrics.render(served.nodes), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(served.metrics.render(served.nodes, served.expert_nodes),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.post("/admin/trace/start")
+    async def trace_start() -> dict:
+        """Every node starts recording a timeline of its phases."""
+        await asyncio.gather(*(node.trace(record=True) for node in served.all_nodes))
+        return {"tracing": True}
+
+    @app.post("/admin/trace/stop")
+    async def trace_stop() -> dict:
+        """Stops recording; the timelines of all nodes as one Chrome trace (open it in Perfetto)."""
+        traces = await asyncio.gather(*(node.trace(record=False) for node in served.all_nodes))
+        return chrome_trace({t.node: t.events for t in traces if t is not None})
 
     @app.get("/v1/models")
     async def models() -> dict:

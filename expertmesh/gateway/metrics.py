@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .nodes import AttentionNodeClient
+from .nodes import AttentionNodeClient, NodeLink
 
 
 @dataclass
@@ -14,7 +14,7 @@ class GatewayMetrics:
     generation_tokens: int = 0
     in_flight: int = 0
 
-    def render(self, nodes: list[AttentionNodeClient]) -> str:
+    def render(self, nodes: list[AttentionNodeClient], expert_nodes: list[NodeLink]) -> str:
         lines = ["# TYPE expertmesh_requests_total counter"]
         for outcome in ("completed", "failed", "rejected", "aborted"):
             lines.append(f'expertmesh_requests_total{{outcome="{outcome}"}} {self.requests[outcome]}')
@@ -42,4 +42,17 @@ class GatewayMetrics:
                 if node.status is not None:
                     for expert_node, value in enumerate(getattr(node.status, attr)):
                         lines.append(f'{name}{{attention_node="{node.index}",expert_node="{expert_node}"}} {value}')
+        lines += ["# TYPE expertmesh_node_phase_seconds_total counter", "# TYPE expertmesh_node_wall_seconds counter"]
+        for node in [*nodes, *expert_nodes]:
+            status, label = node.status, node.name.replace(" ", "_")
+            if status is None:
+                continue
+            for phase, seconds in zip(status.phase_names, status.phase_seconds):
+                lines.append(f'expertmesh_node_phase_seconds_total{{node="{label}",phase="{phase}"}} {seconds:.6f}')
+            lines.append(f'expertmesh_node_wall_seconds{{node="{label}"}} {status.wall_seconds:.6f}')
+        lines.append("# TYPE expertmesh_expert_tokens_total counter")
+        for node in expert_nodes:
+            if node.status is not None:
+                lines.append(f'expertmesh_expert_tokens_total{{node="{node.name.replace(" ", "_")}"}} '
+                             f'{node.status.tokens_computed}')
         return "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
-"""The gateway's links to the attention nodes: submit and abort requests, collect their token streams,
-and poll each node's status; a node that stops answering fails its requests instead of hanging them."""
+"""The gateway's control links to every node: status polling and liveness for all of them, and for
+attention nodes request submission and token streams. A node that stops answering fails its requests
+instead of hanging them."""
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +9,8 @@ import time
 from dataclasses import dataclass
 
 from ..transport.base import Connection
-from ..transport.protocol import AbortRequest, AddRequest, SamplingParams, Status, StatusRequest, StepOutputs
+from ..transport.protocol import (AbortRequest, AddRequest, ExpertStatus, Message, NodeTrace, SamplingParams,
+                                  Status, StatusRequest, StepOutputs, TraceControl)
 
 log = logging.getLogger(__name__)
 
@@ -21,19 +23,18 @@ class TokenEvent:
     logprobs: list | None = None  # [logprob, [[token, logprob], ...]] when asked for
 
 
-class AttentionNodeClient:
+class NodeLink:
+    """Control link to one node: polls its status, declares it dead when silent, fetches its trace."""
     STATUS_INTERVAL_S = 0.25
 
-    def __init__(self, index: int, connection: Connection, node_timeout_s: float) -> None:
-        self.index = index
+    def __init__(self, name: str, connection: Connection, node_timeout_s: float) -> None:
+        self.name = name
         self.connection = connection
         self.node_timeout_s = node_timeout_s
-        self.status: Status | None = None
+        self.status: Status | ExpertStatus | None = None
         self.last_heard = time.monotonic()
         self.dead: str | None = None  # why, once declared dead
-        self.streams: dict[str, asyncio.Queue[TokenEvent]] = {}
-        self.inflight_tokens: dict[str, int] = {}  # prompt + max tokens of each request, for routing
-        self.requests_routed = 0
+        self._trace: asyncio.Future[NodeTrace] | None = None
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
@@ -43,6 +44,58 @@ class AttentionNodeClient:
     def ready(self) -> bool:
         return self.dead is None and self.status is not None and self.status.ready and \
             time.monotonic() - self.last_heard < self.node_timeout_s
+
+    async def trace(self, record: bool, timeout_s: float = 10.0) -> NodeTrace | None:
+        """Starts (record=True) or stops the node's timeline; on stop, returns it (None if the node is silent)."""
+        self._trace = asyncio.get_running_loop().create_future()
+        await self.connection.send(TraceControl(record))
+        try:
+            return await asyncio.wait_for(self._trace, timeout_s)
+        except asyncio.TimeoutError:
+            return None
+
+    async def _read(self) -> None:
+        while True:
+            message = await self.connection.recv()
+            self.last_heard = time.monotonic()
+            if isinstance(message, (Status, ExpertStatus)):
+                self.status = message
+                if getattr(message, "error", None):
+                    self.declare_dead(f"{self.name} failed: {message.error}")
+            elif isinstance(message, NodeTrace):
+                if self._trace is not None and not self._trace.done():
+                    self._trace.set_result(message)
+            else:
+                self.on_message(message)
+
+    def on_message(self, message: Message) -> None:
+        log.warning("%s sent unexpected %s", self.name, type(message).__name__)
+
+    async def _poll(self) -> None:
+        while True:
+            await self.connection.send(StatusRequest())
+            await asyncio.sleep(self.STATUS_INTERVAL_S)
+            silent_s = time.monotonic() - self.last_heard
+            if self.dead is None and self.status is not None and silent_s > self.node_timeout_s:
+                self.declare_dead(f"{self.name} has not answered for {silent_s:.1f} s")
+
+    def declare_dead(self, why: str) -> None:
+        log.error("%s", why)
+        self.dead = why
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self.connection.close()
+
+
+class AttentionNodeClient(NodeLink):
+    def __init__(self, index: int, connection: Connection, node_timeout_s: float) -> None:
+        super().__init__(f"attention node {index}", connection, node_timeout_s)
+        self.index = index
+        self.streams: dict[str, asyncio.Queue[TokenEvent]] = {}
+        self.inflight_tokens: dict[str, int] = {}  # prompt + max tokens of each request, for routing
+        self.requests_routed = 0
 
     @property
     def load_tokens(self) -> int:
@@ -64,42 +117,21 @@ class AttentionNodeClient:
         self.inflight_tokens.pop(request_id, None)
         return self.streams.pop(request_id, None) is not None
 
-    async def _read(self) -> None:
-        while True:
-            message = await self.connection.recv()
-            self.last_heard = time.monotonic()
-            if isinstance(message, Status):
-                self.status = message
-                if message.error:
-                    self._declare_dead(f"attention node {self.index} failed: {message.error}")
-            elif isinstance(message, StepOutputs):
-                count = len(message.request_ids)
-                for rid, token, reason, error, logprobs in zip(message.request_ids, message.token_ids,
-                                                               message.finish_reasons, message.errors or [None] * count,
-                                                               message.logprobs or [None] * count):
-                    queue = self.streams.get(rid)
-                    if queue is not None:  # else: aborted by us, late tokens are dropped
-                        queue.put_nowait(TokenEvent(token, reason, error, logprobs))
-                        if reason is not None:
-                            self.forget(rid)
+    def on_message(self, message: Message) -> None:
+        if not isinstance(message, StepOutputs):
+            return super().on_message(message)
+        count = len(message.request_ids)
+        for rid, token, reason, error, logprobs in zip(message.request_ids, message.token_ids, message.finish_reasons,
+                                                       message.errors or [None] * count,
+                                                       message.logprobs or [None] * count):
+            queue = self.streams.get(rid)
+            if queue is not None:  # else: aborted by us, late tokens are dropped
+                queue.put_nowait(TokenEvent(token, reason, error, logprobs))
+                if reason is not None:
+                    self.forget(rid)
 
-    async def _poll(self) -> None:
-        while True:
-            await self.connection.send(StatusRequest())
-            await asyncio.sleep(self.STATUS_INTERVAL_S)
-            silent_s = time.monotonic() - self.last_heard
-            if self.dead is None and self.status is not None and silent_s > self.node_timeout_s:
-                self._declare_dead(f"attention node {self.index} has not answered for {silent_s:.1f} s")
-
-    def _declare_dead(self, why: str) -> None:
-        log.error("%s; failing its %d requests", why, len(self.streams))
-        self.dead = why
+    def declare_dead(self, why: str) -> None:
+        super().declare_dead(f"{why}; failing its {len(self.streams)} requests")
         for rid, queue in list(self.streams.items()):
             queue.put_nowait(TokenEvent(-1, "error", why))
             self.forget(rid)
-
-    async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await self.connection.close()
-

@@ -58,6 +58,8 @@ class LocalCluster:
         cluster = self.config.cluster
         if not cluster.expert_addresses:
             cluster.expert_addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(cluster.expert_nodes)]
+        if not cluster.expert_control_addresses:
+            cluster.expert_control_addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(cluster.expert_nodes)]
         if not cluster.attention_addresses:
             cluster.attention_addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(cluster.attention_nodes)]
         self.run_dir.mkdir(parents=True, exist_ok=True)

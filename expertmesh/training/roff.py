@@ -34,7 +34,7 @@ _ESCAPES = [
     (re.compile(r"\\[-]"), "-"),
     (re.compile(r"\\[ ~0]"), " "),
     (re.compile(r"\\[&|^%:c!)/,dut{}]"), ""),
-    (re.compile(r"\\e"), "\\\\"),
+    (re.compile(r"\\e"), "\0"),                              # held back so the next rule cannot eat it
     (re.compile(r"\\(.)"), r"\1"),                           # any other escaped char stands for itself
 ]
 
@@ -43,7 +43,7 @@ def unescape(line: str) -> str:
     """Remove roff escapes from one text line, keeping the characters they stand for."""
     for pattern, replacement in _ESCAPES:
         line = pattern.sub(replacement, line)
-    return line
+    return line.replace("\0", "\\")
 
 
 def _macro_arguments(rest: str) -> list[str]:

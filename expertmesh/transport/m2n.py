@@ -119,18 +119,28 @@ class M2NClient:
             handle.answers[node] = future
         return handle
 
-    async def combine(self, handle: DispatchHandle, like: torch.Tensor) -> torch.Tensor:
-        """The sum of every node's partial sums for the handle's tokens, shaped like `like`."""
-        out = torch.zeros_like(like)
+    async def gather(self, handle: DispatchHandle) -> dict[int, torch.Tensor]:
+        """Every node's partial sums for the handle's tokens, waiting at most recv_timeout_s."""
+        partials = {}
         for node, future in handle.answers.items():
             try:
-                partial = await asyncio.wait_for(future, self.recv_timeout_s)
+                partials[node] = await asyncio.wait_for(future, self.recv_timeout_s)
             except asyncio.TimeoutError:
                 self._pending[node].pop(handle.key, None)
                 raise TransportError(f"expert node {node} did not answer layer {handle.key[1]} of step "
                                      f"{handle.key[0]} within {self.recv_timeout_s} s") from None
+        return partials
+
+    @staticmethod
+    def reduce(handle: DispatchHandle, partials: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The sum of the nodes' partial sums, one row per dispatched token, shaped like `like`."""
+        out = torch.zeros_like(like)
+        for node, partial in partials.items():
             out.index_add_(0, handle.rows_of_node[node], partial.to(out.dtype))
         return out
+
+    async def combine(self, handle: DispatchHandle, like: torch.Tensor) -> torch.Tensor:
+        return self.reduce(handle, await self.gather(handle), like)
 
     async def close(self) -> None:
         for reader in self._readers:

@@ -247,3 +247,33 @@ class Status(Message):
     link_messages: list[int]
     link_bytes_received: list[int]
     error: str | None = None
+    phase_names: list[str] = field(default_factory=list)  # where the node's time went (PhaseClock.totals)
+    phase_seconds: list[float] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+
+@dataclass
+class ExpertStatus(Message):
+    """Expert node -> gateway (control plane): readiness, work done and where the time went."""
+    TAG: ClassVar[int] = 15
+    expert_node: int
+    ready: bool
+    tokens_computed: int
+    phase_names: list[str]
+    phase_seconds: list[float]
+    wall_seconds: float
+
+
+@dataclass
+class TraceControl(Message):
+    """Gateway -> any node: start recording a timeline (record=True), or stop and send it back."""
+    TAG: ClassVar[int] = 16
+    record: bool
+
+
+@dataclass
+class NodeTrace(Message):
+    """A node's timeline since tracing started: [phase, start_us, duration_us, microbatch] per event."""
+    TAG: ClassVar[int] = 17
+    node: str
+    events: list[list[Any]]
