@@ -20,6 +20,8 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--placement", help="placement JSON (default: contiguous blocks of experts)")
     p.add_argument("--transport", choices=["zmq"], help="data path between attention and expert nodes")
     p.add_argument("--microbatches", type=int, help="ping-pong microbatches per step")
+    p.add_argument("--emulated-latency-us", type=float, help="added one-way latency on attention->expert links")
+    p.add_argument("--emulated-bandwidth-gbps", type=float, help="bandwidth cap on attention->expert links")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-model-len", type=int)
@@ -34,7 +36,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  ("gateway", "port", args.port), ("cluster", "placement", args.placement),
                  ("transport", "backend", args.transport), ("engine", "microbatches", args.microbatches),
                  ("model", "dtype", args.dtype), ("engine", "max_num_seqs", args.max_num_seqs),
-                 ("engine", "max_model_len", args.max_model_len), ("gateway", "model_name", args.served_model_name)]
+                 ("engine", "max_model_len", args.max_model_len), ("gateway", "model_name", args.served_model_name),
+                 ("transport", "emulated_latency_us", getattr(args, "emulated_latency_us", None)),
+                 ("transport", "emulated_bandwidth_gbps", getattr(args, "emulated_bandwidth_gbps", None))]
     for section, key, value in overrides:
         if value is not None:
             setattr(getattr(config, section), key, value)
@@ -56,12 +60,37 @@ def _make_model_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mlp-only-layers", default="", help="Qwen3-MoE: comma-separated dense layers, e.g. 1,3")
 
 
+def _span(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    return int(low), int(high or low)
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="bench", required=True)
+    s = bench.add_parser("serve", help="drive a running cluster over HTTP with a synthetic workload")
+    s.add_argument("--url", default="http://127.0.0.1:8000")
+    s.add_argument("--num-requests", type=int, default=64)
+    s.add_argument("--input-len", type=_span, default=(16, 64), help="prompt tokens, LOW:HIGH uniform")
+    s.add_argument("--output-len", type=_span, default=(16, 64), help="generated tokens, LOW:HIGH uniform")
+    s.add_argument("--concurrency", type=int, default=16, help="requests in flight (closed loop)")
+    s.add_argument("--rate", type=float, help="requests/s, Poisson arrivals (open loop; overrides concurrency)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--trace", help="write the nodes' timeline here (Chrome trace JSON, open in Perfetto)")
+    s.add_argument("--json", help="write the report here as JSON")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="expertmesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _launch_parser(sub)
     _make_model_parser(sub)
+    _bench_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "bench" and args.bench == "serve":
+        from .bench.serve import Workload, main as bench_serve
+        workload = Workload(args.num_requests, args.input_len, args.output_len, args.concurrency, args.rate, args.seed)
+        return bench_serve(args.url, workload, args.trace, args.json)
     if args.command == "launch":
         from .launcher.local import launch
         return launch(config_from_args(args), args.ready_timeout)

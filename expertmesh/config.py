@@ -38,6 +38,9 @@ class TransportConfig:
     backend: str = "zmq"  # data path between attention and expert nodes
     connect_timeout_s: float = 60.0  # an expert node must answer the handshake within this
     recv_timeout_s: float = 30.0  # an expert node must answer a dispatch within this
+    # Link emulation on the attention->expert links (experiments on one host; 0 = off):
+    emulated_latency_us: float = 0.0  # added one-way latency per message
+    emulated_bandwidth_gbps: float = 0.0  # bandwidth cap per link and direction
 
 
 @dataclass

@@ -1,0 +1,66 @@
+"""Serves one model at several microbatch counts (and optional link emulation) and runs the same
+seeded `bench serve` workload against each; prints one row per setting.
+
+    python benchmarks/microbatch_sweep.py --model models/expertmesh-mini --microbatches 1 2 3 \
+        --emulated-latency-us 3000 --concurrency 16 --num-requests 48
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+
+from expertmesh.bench.serve import Workload, run
+from expertmesh.config import Config
+from expertmesh.launcher.local import LocalCluster, free_port
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="models/expertmesh-mini")
+    p.add_argument("--config", help="base config (YAML/JSON); the flags below override it")
+    p.add_argument("--microbatches", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--attention-nodes", type=int, default=1)
+    p.add_argument("--expert-nodes", type=int, default=1)
+    p.add_argument("--emulated-latency-us", type=float, default=0.0)
+    p.add_argument("--emulated-bandwidth-gbps", type=float, default=0.0)
+    p.add_argument("--num-requests", type=int, default=48)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--input-len", type=int, nargs=2, default=[32, 64])
+    p.add_argument("--output-len", type=int, nargs=2, default=[32, 64])
+    p.add_argument("--json", help="write all reports here")
+    args = p.parse_args()
+
+    base = Config.load(args.config) if args.config else Config()
+    rows = []
+    for m in args.microbatches:
+        config = dataclasses.replace(base)
+        config.model.path = args.model
+        config.cluster.attention_nodes, config.cluster.expert_nodes = args.attention_nodes, args.expert_nodes
+        config.engine.microbatches = m
+        config.transport.emulated_latency_us = args.emulated_latency_us
+        config.transport.emulated_bandwidth_gbps = args.emulated_bandwidth_gbps
+        config.gateway.port = free_port()
+        cluster = LocalCluster(config)
+        try:
+            cluster.start()
+            cluster.wait_ready()
+            workload = Workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), args.concurrency)
+            asyncio.run(run(cluster.url, dataclasses.replace(workload, num_requests=8), progress=None))  # warm-up
+            report = asyncio.run(run(cluster.url, workload, progress=None))
+        finally:
+            cluster.stop()
+        rows.append({"microbatches": m, **dataclasses.asdict(report)})
+        idle = ", ".join(f"{node} {value:.0%}" for node, value in sorted(report.idle_fraction.items()))
+        print(f"m={m}: {report.output_tokens_per_s:8.1f} tok/s  TPOT p50 {report.tpot_ms['p50']:7.2f} ms  "
+              f"TTFT p50 {report.ttft_ms['p50']:7.1f} ms  failed {report.failed}  idle: {idle}", flush=True)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": vars(args), "rows": rows}, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
