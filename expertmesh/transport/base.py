@@ -50,12 +50,18 @@ class Transport(abc.ABC):
     async def connect(self, address: str) -> Connection: ...
 
 
-def make_transport(backend: str) -> Transport:
-    """The backend named in TransportConfig.backend; an unknown or uninstalled one is an error, never a fallback."""
+def make_transport(backend: str, device: str = "cpu") -> Transport:
+    """The backend named in TransportConfig.backend; an unknown or uninstalled one is an error, never a fallback.
+
+    `device` is where received tensors land; only ucx can receive into (and send from) CUDA memory, the others
+    carry CPU tensors."""
     if backend == "zmq":
         from .zmq import ZmqTransport
         return ZmqTransport()
     if backend == "inproc":
         from .inproc import InprocTransport
         return InprocTransport()
-    raise ValueError(f"unknown transport backend {backend!r}; choose 'zmq' or 'inproc'")
+    if backend == "ucx":
+        from .ucx import UcxTransport
+        return UcxTransport(device=device)
+    raise ValueError(f"unknown transport backend {backend!r}; choose 'zmq', 'ucx' or 'inproc'")

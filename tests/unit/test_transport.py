@@ -9,11 +9,14 @@ from expertmesh.launcher.local import free_port
 from expertmesh.transport.base import TransportError, make_transport
 from expertmesh.transport.protocol import Combine, Dispatch
 
-BACKENDS = ["inproc", "zmq"]
+BACKENDS = ["inproc", "zmq", "ucx"]
 
 
 def address(backend: str, name: str) -> str:
-    return f"inproc://{name}" if backend == "inproc" else f"tcp://127.0.0.1:{free_port()}"
+    if backend == "inproc":
+        return f"inproc://{name}"
+    scheme = "ucx" if backend == "ucx" else "tcp"
+    return f"{scheme}://127.0.0.1:{free_port()}"
 
 
 async def echo_server(listener):

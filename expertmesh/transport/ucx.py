@@ -1,0 +1,368 @@
+"""UCX backend (ucxx): per message, one tagged frame with the length-prefixed header, then one per tensor.
+
+Tensors go straight from and into their memory: CPU tensors as numpy views of their storage, CUDA tensors by
+their device pointer (no staging through the host); the receiver allocates each tensor on its device."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import struct
+import threading
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .base import Connection, Listener, PeerId, Transport, TransportError
+from .protocol import Message, build_message, decode_header
+
+log = logging.getLogger(__name__)
+
+# The first frame of a message has a fixed size so the receiver can post it before knowing the header's length:
+# 8 bytes of length, then the header; only a longer header needs a second frame (data-plane headers are ~100 B).
+_HEADER_FRAME_BYTES = 4096
+_LENGTH = struct.Struct("<Q")
+_HEADER_IN_FIRST_FRAME = _HEADER_FRAME_BYTES - _LENGTH.size
+
+_CPU_TLS = "tcp,sm,self"  # UCX's listener (sockaddr connection manager) needs tcp; sm serves peers on one host
+_CUDA_TLS = "tcp,cuda_copy,cuda_ipc,sm,self"
+
+
+def ucx_options(device: torch.device, ucx_tls: str | None) -> dict[str, str]:
+    """The UCX configuration this backend asks for, fixed when the event loop's UCX context starts.
+
+    Operators tune UCX with its own UCX_* environment variables: an explicit `ucx_tls` wins, then UCX_TLS
+    from the environment, then our default for the device."""
+    if ucx_tls is not None:
+        return {"TLS": ucx_tls}
+    if "UCX_TLS" in os.environ:
+        return {}
+    return {"TLS": _CUDA_TLS if device.type == "cuda" else _CPU_TLS}
+
+
+def _import_ucxx() -> None:
+    """Import ucxx, or say that it is missing; UCX reads its global options when its library loads, here."""
+    # ucxx sets UCX_MEMTYPE_CACHE, which UCX >= 1.19 no longer knows and would warn about in every process.
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    try:
+        import ucxx  # noqa: F401
+    except ImportError as exc:
+        raise TransportError(f"transport backend 'ucx' needs the ucxx package (pip install ucxx-cu13): "
+                             f"{exc}") from exc
+
+
+def _parse_address(address: str) -> tuple[str, int]:
+    scheme, sep, rest = address.partition("://")
+    host, colon, port = rest.rpartition(":")
+    if scheme != "ucx" or not sep or not colon or not host or not port.isdigit():
+        raise ValueError(f"ucx address must look like ucx://HOST:PORT, got {address!r}")
+    return host, int(port)
+
+
+# ---- one ucxx context per event loop ---------------------------------------------------------------------------
+
+class _LoopContext:
+    """The ucxx ApplicationContext of one event loop, shared by every UcxTransport used on that loop.
+
+    ucxx keeps one progress task per event loop (a second context on the same loop would never progress), and
+    its request futures belong to the loop that created the context: hence one per loop, released when its
+    last listener or connection closes. Progress: ucxx's default "thread" mode (a progress thread blocking on
+    the worker's epoll fd) plus its notifier thread resolving asyncio futures; without the notifier, every
+    pending recv spins the event loop at 100% CPU (ucxx's wait_yield)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, options: dict[str, str]) -> None:
+        from ucxx._lib_async import ApplicationContext
+        self.loop = loop
+        self.options = options
+        self.users = 0
+        self.ctx = ApplicationContext(options, progress_mode="thread", enable_python_future=True)
+
+    def shutdown(self) -> None:
+        from ucxx._lib_async.application_context import ProgressTasks
+        self.ctx.worker.stop_request_notifier_thread()  # wakes the notifier now instead of after its 1 s poll
+        self.ctx.stop_notifier_thread()
+        # Once more: a notifier that was between two waits took the first stop as its exit signal and marked
+        # itself running again (ucxx's notifier state machine), which the worker's destructor warns about.
+        self.ctx.worker.stop_request_notifier_thread()
+        self.ctx.worker.stop_progress_thread()
+        ProgressTasks.pop(self.loop, None)  # ucxx's per-loop registry: let the next context on this loop progress
+
+
+_CONTEXTS: dict[asyncio.AbstractEventLoop, _LoopContext] = {}
+_CONTEXTS_LOCK = threading.Lock()
+_exit_hook_registered = False
+
+
+def _shutdown_all_at_exit() -> None:
+    # The notifier thread is not a daemon: a process that never closed its connections would hang at exit.
+    with _CONTEXTS_LOCK:
+        contexts = list(_CONTEXTS.values())
+        _CONTEXTS.clear()
+    for context in contexts:
+        context.shutdown()
+
+
+def _acquire_context(options: dict[str, str]) -> _LoopContext:
+    global _exit_hook_registered
+    loop = asyncio.get_running_loop()
+    with _CONTEXTS_LOCK:
+        context = _CONTEXTS.get(loop)
+        if context is None:
+            if not _exit_hook_registered:
+                threading._register_atexit(_shutdown_all_at_exit)  # runs before non-daemon threads are joined
+                _exit_hook_registered = True
+            context = _CONTEXTS[loop] = _LoopContext(loop, options)
+        elif context.options != options:
+            raise TransportError(f"this event loop already runs UCX with options {context.options}; a second "
+                                 f"ucx transport asked for {options} (one UCX context per event loop)")
+        context.users += 1
+        return context
+
+
+def _release_context(context: _LoopContext) -> None:
+    with _CONTEXTS_LOCK:
+        context.users -= 1
+        if context.users > 0:
+            return
+        _CONTEXTS.pop(context.loop, None)
+    context.shutdown()
+
+
+# ---- messages over one endpoint ---------------------------------------------------------------------------------
+
+def _wire_view(tensor: torch.Tensor) -> Any:
+    """The tensor's bytes, sharing its memory: a numpy view on CPU (bf16 has no numpy dtype, uint8 views
+    serve every dtype), the uint8 tensor itself on CUDA (ucxx reads __cuda_array_interface__)."""
+    flat = tensor.detach().reshape(-1).view(torch.uint8)
+    return flat.numpy() if flat.device.type == "cpu" else flat
+
+
+async def _wait_for_stream(device: torch.device) -> None:
+    """UCX moves device memory outside torch's streams: wait until the work queued on the current stream
+    (which produced the tensors we send, or last used the memory the allocator just handed us) is done."""
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    if not event.query():
+        await asyncio.get_running_loop().run_in_executor(None, event.synchronize)
+
+
+class _Link:
+    """One ucxx endpoint carrying whole messages. A send lock keeps concurrent senders' frames from
+    interleaving; one reader task receives messages in order and hands them to `deliver`, so a recv that
+    times out or is cancelled never leaves half a message on the wire."""
+
+    def __init__(self, endpoint: Any, device: torch.device, name: str,
+                 deliver: Callable[[Message], None], fail: Callable[[Exception], None]) -> None:
+        self.endpoint = endpoint
+        self.device = device
+        self.name = name
+        self._deliver = deliver
+        self._fail = fail
+        self._send_lock = asyncio.Lock()
+        self._header_frame = np.empty(_HEADER_FRAME_BYTES, dtype=np.uint8)
+        self._reader = asyncio.create_task(self._read(), name=f"ucx-reader-{name}")
+
+    async def send(self, message: Message) -> None:
+        header = message.encode_header()  # checks contiguity: we send the tensors' memory as it is
+        tensors = [t for t in message.tensors() if t.numel() > 0]  # sizes are in the header; no 0-byte frames
+        cuda_devices = {t.device for t in tensors if t.device.type == "cuda"}
+        if cuda_devices and self.device.type != "cuda":
+            raise TransportError(f"{self.name}: {type(message).__name__} holds tensors on {sorted(map(str, cuda_devices))} "
+                                 f"but this ucx transport was made for device {str(self.device)!r} (its UCX has no "
+                                 f"CUDA transports); make the transport with device='cuda'")
+        frames: list[Any] = [_LENGTH.pack(len(header)) + header[:_HEADER_IN_FIRST_FRAME]]
+        if len(header) > _HEADER_IN_FIRST_FRAME:
+            frames.append(header[_HEADER_IN_FIRST_FRAME:])
+        frames += [_wire_view(t) for t in tensors]
+        for device in cuda_devices:
+            await _wait_for_stream(device)
+        async with self._send_lock:
+            # gather starts its tasks in argument order and each posts its send before its first await, so the
+            # frames are posted in order (UCX matches same-tag messages in posting order) and travel pipelined.
+            results = await asyncio.gather(*(self.endpoint.send(frame) for frame in frames), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise TransportError(f"{self.name}: send failed, the peer is gone: {errors[0]!r}") from errors[0]
+        if self.endpoint.closed:  # ucxx returns normally from a send that the endpoint's failure cancelled
+            raise TransportError(f"{self.name}: send failed, the peer is gone (endpoint closed)")
+
+    async def _receive(self, buffer: Any) -> None:
+        await self.endpoint.recv(buffer)
+
+    async def _read_message(self) -> Message:
+        await self._receive(self._header_frame)
+        (length,) = _LENGTH.unpack_from(self._header_frame, 0)
+        header = self._header_frame[_LENGTH.size:_LENGTH.size + min(length, _HEADER_IN_FIRST_FRAME)].tobytes()
+        if length > _HEADER_IN_FIRST_FRAME:
+            rest = np.empty(length - _HEADER_IN_FIRST_FRAME, dtype=np.uint8)
+            await self._receive(rest)
+            header += rest.tobytes()
+        cls, scalars, metas = decode_header(header)
+        tensors = [torch.empty(meta.shape, dtype=meta.dtype, device=self.device) for meta in metas]
+        if self.device.type == "cuda" and tensors:
+            await _wait_for_stream(self.device)
+        results = await asyncio.gather(*(self._receive(_wire_view(t)) for t in tensors if t.numel() > 0),
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+        return build_message(cls, scalars, tensors)
+
+    async def _read(self) -> None:
+        from ucxx.exceptions import UCXError
+        try:
+            while True:
+                self._deliver(await self._read_message())
+        except asyncio.CancelledError:
+            raise
+        except UCXError as exc:  # the peer is gone: UCX cancels our pending recv (within ms over TCP)
+            error = TransportError(f"{self.name}: peer lost: {exc!r}")
+            error.__cause__ = exc
+            self._fail(error)
+        except Exception as exc:  # a malformed header, or no memory for the tensors: the stream is unusable
+            self._fail(exc)
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        try:
+            await self._reader
+        except asyncio.CancelledError:
+            pass
+        await self.endpoint.close(period=10**9)  # ns: how long ucxx may wait for the progress thread to close it
+
+
+class UcxConnection(Connection):
+    def __init__(self, endpoint: Any, context: _LoopContext, address: str, device: torch.device) -> None:
+        self.address = address
+        self._context = context
+        self._inbox: asyncio.Queue[Message | Exception] = asyncio.Queue()
+        self._link = _Link(endpoint, device, address, self._inbox.put_nowait, self._inbox.put_nowait)
+        self._closed = False
+
+    async def send(self, message: Message) -> None:
+        if self._closed:
+            raise TransportError(f"{self.address}: connection is closed")
+        await self._link.send(message)
+
+    async def recv(self, timeout_s: float | None = None) -> Message:
+        try:
+            item = await asyncio.wait_for(self._inbox.get(), timeout_s)
+        except asyncio.TimeoutError:
+            raise TransportError(f"no message from {self.address} within {timeout_s} s") from None
+        if isinstance(item, Exception):
+            self._inbox.put_nowait(item)  # the link is dead: every later recv fails the same way
+            raise item
+        return item
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._link.close()
+        finally:
+            _release_context(self._context)
+
+
+class UcxListener(Listener):
+    """Accepts any number of peers; each gets an int id and a reader task feeding one shared inbox."""
+
+    def __init__(self, context: _LoopContext, address: str, port: int, device: torch.device) -> None:
+        self.address = address
+        self._context = context
+        self._device = device
+        self._inbox: asyncio.Queue[tuple[PeerId, Message] | Exception] = asyncio.Queue()
+        self._links: dict[int, _Link] = {}
+        self._peer_ids = itertools.count()
+        self._closing: set[asyncio.Task] = set()  # endpoints of departed peers being closed
+        self._closed = False
+        try:
+            self._listener = context.ctx.create_listener(self._accept, port)
+        except Exception as exc:
+            raise TransportError(f"cannot listen on {address}: {exc!r}") from exc
+
+    async def _accept(self, endpoint: Any) -> None:
+        if self._closed:
+            await endpoint.close()
+            return
+        peer = next(self._peer_ids)
+        name = f"{self.address} peer {peer}"
+        self._links[peer] = _Link(endpoint, self._device, name,
+                                  lambda message: self._inbox.put_nowait((peer, message)),
+                                  lambda error: self._peer_failed(peer, error))
+
+    def _peer_failed(self, peer: int, error: Exception) -> None:
+        # One peer going away (an attention node stopping or dying) must not stop the listener: drop the peer,
+        # and answers to it fail. Anything else (a malformed message) surfaces from recv, as with zmq.
+        link = self._links.pop(peer, None)
+        if link is not None:
+            self._closing.add(asyncio.create_task(link.endpoint.close(period=10**9)))
+        if isinstance(error, TransportError):
+            log.info("%s: peer %d left: %s", self.address, peer, error)
+        else:
+            self._inbox.put_nowait(error)
+
+    async def recv(self) -> tuple[PeerId, Message]:
+        item = await self._inbox.get()
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def send(self, peer: PeerId, message: Message) -> None:
+        link = self._links.get(peer)  # type: ignore[arg-type]
+        if link is None:
+            raise TransportError(f"{self.address}: no peer {peer!r} (it left, or never connected)")
+        await link.send(message)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._listener.close()
+        links, self._links = list(self._links.values()), {}
+        try:
+            for link in links:
+                await link.close()
+            await asyncio.gather(*self._closing, return_exceptions=True)
+        finally:
+            _release_context(self._context)
+
+
+class UcxTransport(Transport):
+    """UCX through ucxx. `device` is where received tensors are allocated (and, for 'cuda', enables UCX's
+    CUDA transports so CUDA tensors can be sent); `ucx_tls` overrides UCX's transport list (UCX_TLS)."""
+
+    def __init__(self, device: str = "cpu", ucx_tls: str | None = None, connect_timeout_s: float = 10.0) -> None:
+        _import_ucxx()  # fails here, with a clear message, rather than at the first connect
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"ucx transport: device must be cpu or cuda, got {device!r}")
+        self.ucx_tls = ucx_tls
+        self.connect_timeout_s = connect_timeout_s
+
+    async def listen(self, address: str) -> Listener:
+        _, port = _parse_address(address)  # UCX listens on every interface; the host names the one peers use
+        context = _acquire_context(ucx_options(self.device, self.ucx_tls))
+        try:
+            return UcxListener(context, address, port, self.device)
+        except BaseException:
+            _release_context(context)
+            raise
+
+    async def connect(self, address: str) -> Connection:
+        host, port = _parse_address(address)
+        context = _acquire_context(ucx_options(self.device, self.ucx_tls))
+        try:
+            endpoint = await asyncio.wait_for(
+                context.ctx.create_endpoint(host, port, endpoint_error_handling=True,
+                                            connect_timeout=self.connect_timeout_s),
+                self.connect_timeout_s)
+        except (asyncio.TimeoutError, Exception) as exc:
+            _release_context(context)
+            raise TransportError(f"cannot connect to {address} within {self.connect_timeout_s} s: {exc!r}") from exc
+        except BaseException:
+            _release_context(context)
+            raise
+        return UcxConnection(endpoint, context, address, self.device)
