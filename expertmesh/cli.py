@@ -80,13 +80,40 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--json", help="write the report here as JSON")
 
 
+def _profile_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="record every token's routing over a text (a routing trace, .npz)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="JSONL of {text, domain?, doc_id?}, or a plain text file")
+    p.add_argument("--out", required=True, help="trace file (.npz; format in expertmesh/placement/trace.py)")
+    p.add_argument("--window", type=int, default=256, help="tokens per forward window")
+    p.add_argument("--max-tokens", type=int, help="stop after about this many tokens")
+    p.add_argument("--plot", action="store_true", help="also draw domain x expert heatmaps to OUT.png")
+    p.add_argument("--report", help="write the routing statistics here as JSON")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="expertmesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _launch_parser(sub)
     _make_model_parser(sub)
     _bench_parser(sub)
+    _profile_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "profile":
+        import json
+        from .placement.profile import profile
+        from .placement.routing_stats import format_report, plot_heatmaps, report
+        trace = profile(args.model, args.data, args.out, window=args.window, max_tokens=args.max_tokens)
+        stats = report(trace)
+        print(format_report(stats))
+        if args.report:
+            with open(args.report, "w") as handle:
+                json.dump(stats, handle, indent=1)
+        if args.plot:
+            png = str(args.out).removesuffix(".npz") + ".png"
+            plot_heatmaps(trace, png)
+            print(f"heatmaps: {png}")
+        return 0
     if args.command == "bench" and args.bench == "serve":
         from .bench.serve import Workload, main as bench_serve
         workload = Workload(args.num_requests, args.input_len, args.output_len, args.concurrency, args.rate, args.seed)
