@@ -18,7 +18,8 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="address the gateway binds to (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gateway port (default 8000)")
     p.add_argument("--placement", help="placement JSON (default: contiguous blocks of experts)")
-    p.add_argument("--transport", choices=["zmq"], help="data path between attention and expert nodes")
+    p.add_argument("--transport", choices=["ucx", "zmq"], help="data path between attention and expert nodes")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="cuda: each node on its own GPU")
     p.add_argument("--microbatches", type=int, help="ping-pong microbatches per step")
     p.add_argument("--emulated-latency-us", type=float, help="added one-way latency on attention->expert links")
     p.add_argument("--emulated-bandwidth-gbps", type=float, help="bandwidth cap on attention->expert links")
@@ -35,7 +36,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  ("cluster", "expert_nodes", args.expert_nodes), ("gateway", "host", args.host),
                  ("gateway", "port", args.port), ("cluster", "placement", args.placement),
                  ("transport", "backend", args.transport), ("engine", "microbatches", args.microbatches),
-                 ("model", "dtype", args.dtype), ("engine", "max_num_seqs", args.max_num_seqs),
+                 ("model", "dtype", args.dtype), ("model", "device", getattr(args, "device", None)), ("engine", "max_num_seqs", args.max_num_seqs),
                  ("engine", "max_model_len", args.max_model_len), ("gateway", "model_name", args.served_model_name),
                  ("transport", "emulated_latency_us", getattr(args, "emulated_latency_us", None)),
                  ("transport", "emulated_bandwidth_gbps", getattr(args, "emulated_bandwidth_gbps", None))]

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = "models/expertmesh-mini"  # a Hugging Face checkpoint directory
     dtype: str = "float32"
-    device: str = "cpu"  # "cuda" puts each node on its own GPU
+    device: str = "cpu"  # "cuda" puts each node on its own GPU (see ClusterConfig.*_gpus)
     torch_threads: int = 1  # intra-op threads per node process: several nodes share a host's cores
 
     @property
@@ -73,6 +73,10 @@ class ClusterConfig:
     attention_addresses: list[str] = field(default_factory=list)  # control address of each attention node
     expert_addresses: list[str] = field(default_factory=list)  # data address of each expert node
     expert_control_addresses: list[str] = field(default_factory=list)  # status/trace address of each expert node
+    # With model.device == "cuda": the GPU of each node; default attention node i -> GPU i,
+    # expert node j -> GPU attention_nodes + j (modulo the GPUs there are).
+    attention_gpus: list[int] = field(default_factory=list)
+    expert_gpus: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -83,7 +87,19 @@ class Config:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
+    def node_device(self, role: str, index: int) -> str:
+        """Where node `index` of `role` ("attention" or "expert") computes: "cpu" or "cuda:N"."""
+        if self.model.device == "cpu":
+            return "cpu"
+        chosen = self.cluster.attention_gpus if role == "attention" else self.cluster.expert_gpus
+        if index < len(chosen):
+            return f"cuda:{chosen[index]}"
+        offset = 0 if role == "attention" else self.cluster.attention_nodes
+        return f"cuda:{(offset + index) % max(1, torch.cuda.device_count())}"
+
     def validate(self) -> "Config":
+        if self.model.device not in ("cpu", "cuda"):
+            raise ConfigError(f"model.device={self.model.device!r}; choose cpu or cuda")
         if self.model.dtype not in _DTYPES:
             raise ConfigError(f"model.dtype={self.model.dtype!r}; choose one of {sorted(_DTYPES)}")
         if self.cluster.attention_nodes < 1 or self.cluster.expert_nodes < 1:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from ..config import Config
 from ..model.spec import ModelSpec
 from ..model.weights import load_attention_side
@@ -23,10 +25,12 @@ log = logging.getLogger("attention_node")
 async def main(config: Config, index: int) -> None:
     spec = ModelSpec.from_dir(config.model.path)
     placement = load_cluster_placement(config, spec)
-    dtype, device = config.model.torch_dtype, config.model.device
+    dtype, device = config.model.torch_dtype, config.node_device("attention", index)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
     weights = load_attention_side(config.model.path, spec, dtype, device)
     kv_cache = KVCache(spec, config.engine.max_num_seqs, config.engine.context_len(spec), dtype, device)
-    transport = make_transport(config.transport.backend)
+    transport = make_transport(config.transport.backend, device)
     t = config.transport
     connections = [emulate(await transport.connect(address), t.emulated_latency_us, t.emulated_bandwidth_gbps)
                    for address in config.cluster.expert_addresses]

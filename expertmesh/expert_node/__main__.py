@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from ..config import Config
 from ..model.spec import ModelSpec
 from ..model.weights import load_experts
@@ -19,8 +21,11 @@ async def main(config: Config, index: int) -> None:
     spec = ModelSpec.from_dir(config.model.path)
     placement = load_cluster_placement(config, spec)
     pairs = placement.pairs_on(index)
-    experts = load_experts(config.model.path, spec, pairs, config.model.torch_dtype, config.model.device)
-    listener = await make_transport(config.transport.backend).listen(config.cluster.expert_addresses[index])
+    device = config.node_device("expert", index)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    experts = load_experts(config.model.path, spec, pairs, config.model.torch_dtype, device)
+    listener = await make_transport(config.transport.backend, device).listen(config.cluster.expert_addresses[index])
     log.info("holds %d experts over %d layers; listening on %s", len(pairs), len(spec.moe_layer_ids),
              config.cluster.expert_addresses[index])
     control = await ZmqTransport().listen(config.cluster.expert_control_addresses[index])

@@ -57,7 +57,8 @@ class LocalCluster:
     def start(self) -> None:
         cluster = self.config.cluster
         if not cluster.expert_addresses:
-            cluster.expert_addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(cluster.expert_nodes)]
+            scheme = "ucx" if self.config.transport.backend == "ucx" else "tcp"
+            cluster.expert_addresses = [f"{scheme}://127.0.0.1:{free_port()}" for _ in range(cluster.expert_nodes)]
         if not cluster.expert_control_addresses:
             cluster.expert_control_addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(cluster.expert_nodes)]
         if not cluster.attention_addresses:

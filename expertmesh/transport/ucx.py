@@ -10,21 +10,25 @@ import logging
 import os
 import struct
 import threading
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 import numpy as np
 import torch
 
 from .base import Connection, Listener, PeerId, Transport, TransportError
-from .protocol import Message, build_message, decode_header
+from .protocol import Message, ProtocolError, build_message, decode_header
 
 log = logging.getLogger(__name__)
 
-# The first frame of a message has a fixed size so the receiver can post it before knowing the header's length:
-# 8 bytes of length, then the header; only a longer header needs a second frame (data-plane headers are ~100 B).
-_HEADER_FRAME_BYTES = 4096
-_LENGTH = struct.Struct("<Q")
-_HEADER_IN_FIRST_FRAME = _HEADER_FRAME_BYTES - _LENGTH.size
+# The first frame of a message has a fixed size so the receiver can post it before knowing what comes:
+# a prefix (header length, flags), the header, and, for a small message of CPU tensors, the tensors' bytes
+# too. Copying a few KiB costs far less than a frame: each frame's completion travels from UCX's progress
+# thread through ucxx's notifier thread to the event loop (~150 us on a 2-core host). Larger tensors get one
+# frame each, straight from their memory; only a header longer than the first frame needs a frame of its own.
+_FIRST_FRAME_BYTES = 64 * 1024
+_PREFIX = struct.Struct("<IB3x")  # header length, flags
+_INLINE = 1  # flag: the tensors' bytes follow the header in the first frame
+_HEADER_IN_FIRST_FRAME = _FIRST_FRAME_BYTES - _PREFIX.size
 
 _CPU_TLS = "tcp,sm,self"  # UCX's listener (sockaddr connection manager) needs tcp; sm serves peers on one host
 _CUDA_TLS = "tcp,cuda_copy,cuda_ipc,sm,self"
@@ -77,7 +81,7 @@ class _LoopContext:
         self.loop = loop
         self.options = options
         self.users = 0
-        self.ctx = ApplicationContext(options, progress_mode="thread", enable_python_future=True)
+        self.ctx = ApplicationContext(options, progress_mode="thread", enable_python_future=True, enable_delayed_submission=os.environ.get("DS", "1") == "1")
 
     def shutdown(self) -> None:
         from ucxx._lib_async.application_context import ProgressTasks
@@ -148,6 +152,20 @@ async def _wait_for_stream(device: torch.device) -> None:
         await asyncio.get_running_loop().run_in_executor(None, event.synchronize)
 
 
+async def _all(operations: Iterable[Awaitable[Any]]) -> None:
+    """Await UCX operations posted in order. gather starts its tasks in argument order and each posts its
+    operation before its first await, so they are posted in order (UCX matches same-tag messages in posting
+    order) and run concurrently; a lone operation skips the tasks."""
+    operations = list(operations)
+    if len(operations) == 1:
+        await operations[0]
+        return
+    results = await asyncio.gather(*operations, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
 class _Link:
     """One ucxx endpoint carrying whole messages. A send lock keeps concurrent senders' frames from
     interleaving; one reader task receives messages in order and hands them to `deliver`, so a recv that
@@ -161,7 +179,7 @@ class _Link:
         self._deliver = deliver
         self._fail = fail
         self._send_lock = asyncio.Lock()
-        self._header_frame = np.empty(_HEADER_FRAME_BYTES, dtype=np.uint8)
+        self._first_frame = np.empty(_FIRST_FRAME_BYTES, dtype=np.uint8)
         self._reader = asyncio.create_task(self._read(), name=f"ucx-reader-{name}")
 
     async def send(self, message: Message) -> None:
@@ -172,42 +190,49 @@ class _Link:
             raise TransportError(f"{self.name}: {type(message).__name__} holds tensors on {sorted(map(str, cuda_devices))} "
                                  f"but this ucx transport was made for device {str(self.device)!r} (its UCX has no "
                                  f"CUDA transports); make the transport with device='cuda'")
-        frames: list[Any] = [_LENGTH.pack(len(header)) + header[:_HEADER_IN_FIRST_FRAME]]
-        if len(header) > _HEADER_IN_FIRST_FRAME:
-            frames.append(header[_HEADER_IN_FIRST_FRAME:])
-        frames += [_wire_view(t) for t in tensors]
+        if len(header) >= 1 << 32:
+            raise TransportError(f"{self.name}: {type(message).__name__} header of {len(header)} bytes is too long")
+        inline_bytes = _PREFIX.size + len(header) + sum(t.nbytes for t in tensors)
+        if inline_bytes <= _FIRST_FRAME_BYTES and not cuda_devices:
+            frames = [b"".join([_PREFIX.pack(len(header), _INLINE), header, *map(_wire_view, tensors)])]
+        else:
+            frames = [_PREFIX.pack(len(header), 0) + header[:_HEADER_IN_FIRST_FRAME]]
+            if len(header) > _HEADER_IN_FIRST_FRAME:
+                frames.append(header[_HEADER_IN_FIRST_FRAME:])
+            frames += map(_wire_view, tensors)
         for device in cuda_devices:
             await _wait_for_stream(device)
         async with self._send_lock:
-            # gather starts its tasks in argument order and each posts its send before its first await, so the
-            # frames are posted in order (UCX matches same-tag messages in posting order) and travel pipelined.
-            results = await asyncio.gather(*(self.endpoint.send(frame) for frame in frames), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            raise TransportError(f"{self.name}: send failed, the peer is gone: {errors[0]!r}") from errors[0]
+            try:
+                await _all(self.endpoint.send(frame) for frame in frames)
+            except Exception as exc:
+                raise TransportError(f"{self.name}: send failed, the peer is gone: {exc!r}") from exc
         if self.endpoint.closed:  # ucxx returns normally from a send that the endpoint's failure cancelled
             raise TransportError(f"{self.name}: send failed, the peer is gone (endpoint closed)")
 
-    async def _receive(self, buffer: Any) -> None:
-        await self.endpoint.recv(buffer)
-
     async def _read_message(self) -> Message:
-        await self._receive(self._header_frame)
-        (length,) = _LENGTH.unpack_from(self._header_frame, 0)
-        header = self._header_frame[_LENGTH.size:_LENGTH.size + min(length, _HEADER_IN_FIRST_FRAME)].tobytes()
-        if length > _HEADER_IN_FIRST_FRAME:
-            rest = np.empty(length - _HEADER_IN_FIRST_FRAME, dtype=np.uint8)
-            await self._receive(rest)
+        first = self._first_frame
+        await self.endpoint.recv(first)
+        length, flags = _PREFIX.unpack_from(first, 0)
+        end = _PREFIX.size + length
+        header = first[_PREFIX.size:min(end, _FIRST_FRAME_BYTES)].tobytes()
+        if end > _FIRST_FRAME_BYTES:
+            rest = np.empty(end - _FIRST_FRAME_BYTES, dtype=np.uint8)
+            await self.endpoint.recv(rest)
             header += rest.tobytes()
         cls, scalars, metas = decode_header(header)
         tensors = [torch.empty(meta.shape, dtype=meta.dtype, device=self.device) for meta in metas]
-        if self.device.type == "cuda" and tensors:
-            await _wait_for_stream(self.device)
-        results = await asyncio.gather(*(self._receive(_wire_view(t)) for t in tensors if t.numel() > 0),
-                                       return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            raise errors[0]
+        if flags & _INLINE:
+            if end + sum(meta.nbytes for meta in metas) > _FIRST_FRAME_BYTES:
+                raise ProtocolError(f"{self.name}: {cls.__name__} with tensors {metas} cannot fit in one frame")
+            for tensor in tensors:  # copied out now: the frame buffer takes the next message
+                nbytes = tensor.nbytes
+                tensor.reshape(-1).view(torch.uint8).copy_(torch.from_numpy(first[end:end + nbytes]))
+                end += nbytes
+        elif tensors:
+            if self.device.type == "cuda":
+                await _wait_for_stream(self.device)
+            await _all(self.endpoint.recv(_wire_view(t)) for t in tensors if t.numel() > 0)
         return build_message(cls, scalars, tensors)
 
     async def _read(self) -> None:
