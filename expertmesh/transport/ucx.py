@@ -81,7 +81,7 @@ class _LoopContext:
         self.loop = loop
         self.options = options
         self.users = 0
-        self.ctx = ApplicationContext(options, progress_mode="thread", enable_python_future=True, enable_delayed_submission=os.environ.get("DS", "1") == "1")
+        self.ctx = ApplicationContext(options, progress_mode="thread", enable_python_future=True)
 
     def shutdown(self) -> None:
         from ucxx._lib_async.application_context import ProgressTasks
