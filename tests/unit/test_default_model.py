@@ -54,7 +54,7 @@ def test_python_prompt_continues_as_python(hf_model, tokenizer):
     # No trailing space in the prompt: byte-level BPE glues spaces to the next word, so "def " ends
     # on a token that never occurs in training text.
     text = greedy(hf_model, tokenizer, "import os\n\ndef")
-    assert sum(marker in text for marker in PYTHON_MARKERS) >= 4, text
+    assert sum(marker in text for marker in PYTHON_MARKERS) >= 3, text
     assert not any(word in text for word in FRENCH_WORDS), text
 
 
