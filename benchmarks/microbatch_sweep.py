@@ -30,6 +30,10 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--input-len", type=int, nargs=2, default=[32, 64])
     p.add_argument("--output-len", type=int, nargs=2, default=[32, 64])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--transport", choices=["zmq", "ucx"], default="zmq")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--json", help="write all reports here")
     args = p.parse_args()
 
@@ -40,6 +44,8 @@ def main() -> int:
         config.model.path = args.model
         config.cluster.attention_nodes, config.cluster.expert_nodes = args.attention_nodes, args.expert_nodes
         config.engine.microbatches = m
+        config.engine.max_num_seqs = args.max_num_seqs
+        config.model.device, config.model.dtype, config.transport.backend = args.device, args.dtype, args.transport
         config.transport.emulated_latency_us = args.emulated_latency_us
         config.transport.emulated_bandwidth_gbps = args.emulated_bandwidth_gbps
         config.gateway.port = free_port()

@@ -59,6 +59,7 @@ def _make_model_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     p.add_argument("--no-norm-topk-prob", action="store_true", help="Qwen3-MoE: do not renormalise top-k weights")
     p.add_argument("--mlp-only-layers", default="", help="Qwen3-MoE: comma-separated dense layers, e.g. 1,3")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights on disk")
 
 
 def _span(text: str) -> tuple[int, int]:
@@ -126,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         from .model.make_model import RandomModelShape, make_model
         sizes = {k: v for k, v in vars(args).items()
                  if k in RandomModelShape.__dataclass_fields__ and k not in ("mlp_only_layers", "norm_topk_prob")}
+        import torch
         layers = [int(x) for x in args.mlp_only_layers.split(",") if x.strip()]
         shape = RandomModelShape(**sizes, norm_topk_prob=not args.no_norm_topk_prob, mlp_only_layers=layers)
-        print(make_model(args.out, shape, args.seed))
+        print(make_model(args.out, shape, args.seed, getattr(torch, args.dtype)))
         return 0
     return 2
 

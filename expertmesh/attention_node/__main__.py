@@ -34,7 +34,7 @@ async def main(config: Config, index: int) -> None:
     t = config.transport
     connections = [emulate(await transport.connect(address), t.emulated_latency_us, t.emulated_bandwidth_gbps)
                    for address in config.cluster.expert_addresses]
-    m2n = M2NClient(connections, placement, index, config.transport.recv_timeout_s)
+    m2n = M2NClient(connections, placement, index, config.transport.recv_timeout_s, device)
     await m2n.handshake(spec.num_layers, spec.num_experts, config.transport.connect_timeout_s)
     control = await ZmqTransport().listen(config.cluster.attention_addresses[index])
     log.info("connected to %d expert nodes; serving on %s", len(connections), config.cluster.attention_addresses[index])

@@ -117,7 +117,7 @@ def make_tokenizer(vocab_size: int, seed: int):
     return tokenizer
 
 
-def make_model(out_dir: str | Path, shape: RandomModelShape, seed: int = 0) -> Path:
+def make_model(out_dir: str | Path, shape: RandomModelShape, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     if shape.vocab_size < 300:
         raise ValueError(f"vocab_size={shape.vocab_size}: need at least 300 (256 bytes + specials + merges)")
     out = Path(out_dir)
@@ -127,7 +127,8 @@ def make_model(out_dir: str | Path, shape: RandomModelShape, seed: int = 0) -> P
     config = hf_config(shape, bos_id, eos_id)
     spec = ModelSpec.from_hf_config(config)
     generator = torch.Generator().manual_seed(seed)
-    tensors = {name: t.contiguous() for name, t in random_tensors(spec, generator).items()}
+    tensors = {name: t.to(dtype).contiguous() for name, t in random_tensors(spec, generator).items()}
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps(

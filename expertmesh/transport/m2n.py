@@ -38,13 +38,13 @@ class M2NClient:
     """The attention node's side of the expert links: one Connection per expert node."""
 
     def __init__(self, connections: list[Connection], placement: Placement, attention_node: int,
-                 recv_timeout_s: float) -> None:
+                 recv_timeout_s: float, device: str = "cpu") -> None:
         self.connections = connections
         self.placement = placement
         self.attention_node = attention_node
         self.recv_timeout_s = recv_timeout_s
         # node_of[layer][expert]: the replica this attention node uses (the first listed, for now)
-        self.node_of = {layer: torch.tensor([nodes[0] for nodes in experts], dtype=torch.int32)
+        self.node_of = {layer: torch.tensor([nodes[0] for nodes in experts], dtype=torch.int32, device=device)
                         for layer, experts in placement.nodes_of.items()}
         n = len(connections)
         self.stats = LinkStats([0] * n, [0] * n, [0] * n)
