@@ -84,13 +84,19 @@ class _LoopContext:
         self.ctx = ApplicationContext(options, progress_mode="thread", enable_python_future=True)
 
     def shutdown(self) -> None:
+        from ucxx._lib.libucxx import PythonRequestNotifierWaitState
         from ucxx._lib_async.application_context import ProgressTasks
-        self.ctx.worker.stop_request_notifier_thread()  # wakes the notifier now instead of after its 1 s poll
+        worker = self.ctx.worker
+        worker.stop_progress_thread()  # first, so that no request completes behind the notifier's back
+        worker.stop_request_notifier_thread()  # wakes the notifier now instead of after its 1 s poll
         self.ctx.stop_notifier_thread()
-        # Once more: a notifier that was between two waits took the first stop as its exit signal and marked
-        # itself running again (ucxx's notifier state machine), which the worker's destructor warns about.
-        self.ctx.worker.stop_request_notifier_thread()
-        self.ctx.worker.stop_progress_thread()
+        # The notifier's state machine may be left "running" (a stop seen between two waits) or "ready" (a
+        # completion, e.g. of a recv cancelled by a closing endpoint, after its last wait); the worker's
+        # destructor would warn about either. Settle both on this thread, then stop for good.
+        worker.wait_request_notifier(period_ns=1)
+        while worker.wait_request_notifier(period_ns=1) == PythonRequestNotifierWaitState.Ready:
+            worker.run_request_notifier()
+        worker.stop_request_notifier_thread()
         ProgressTasks.pop(self.loop, None)  # ucxx's per-loop registry: let the next context on this loop progress
 
 

@@ -1,22 +1,50 @@
-"""Conformance of every transport backend: order, many tensors, empty messages, dtypes, concurrent
-senders, and a bounded wait when the peer is gone."""
+"""Conformance of every transport backend: order, many tensors, empty messages, every dtype, large messages,
+concurrent senders, and a bounded wait (or an error) when the peer is silent, gone or killed."""
 import asyncio
+import contextlib
+import dataclasses
+import random
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from expertmesh.launcher.local import free_port
 from expertmesh.transport.base import TransportError, make_transport
-from expertmesh.transport.protocol import Combine, Dispatch
+from expertmesh.transport.protocol import (_DTYPES, Combine, Dispatch, ExpertError, HelloReply, Message,
+                                           StatusRequest)
 
 BACKENDS = ["inproc", "zmq", "ucx"]
+SOCKET_BACKENDS = ["zmq", "ucx"]  # real peers in other processes, messages of hundreds of MB
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_ucx_port() -> int:
+    """A free port below the kernel's ephemeral range: when UCX starts, its TCP transport binds ephemeral
+    ports of its own and can take the very port free_port() just found free."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, ephemeral_low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 10000..{ephemeral_low}")
 
 
 def address(backend: str, name: str) -> str:
     if backend == "inproc":
         return f"inproc://{name}"
-    scheme = "ucx" if backend == "ucx" else "tcp"
-    return f"{scheme}://127.0.0.1:{free_port()}"
+    if backend == "ucx":
+        return f"ucx://127.0.0.1:{free_ucx_port()}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 async def echo_server(listener):
@@ -96,3 +124,305 @@ def test_silent_peer_gives_error_not_hang(backend):
 def test_unknown_backend_is_an_error():
     with pytest.raises(ValueError, match="unknown transport backend 'carrier-pigeon'"):
         make_transport("carrier-pigeon")
+
+
+# ---- more conformance: every backend ------------------------------------------------------------------------
+
+@contextlib.asynccontextmanager
+async def echo_link(backend: str, name: str):
+    """A listener that echoes every message, and one connection to it; everything closed on the way out."""
+    transport = make_transport(backend)
+    addr = address(backend, name)
+    listener = await transport.listen(addr)
+    server = asyncio.create_task(echo_server(listener))
+    conn = None
+    try:
+        conn = await transport.connect(addr)
+        yield conn
+    finally:
+        server.cancel()
+        if conn is not None:
+            await conn.close()
+        await listener.close()
+
+
+def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Random bit patterns of any dtype (NaNs and subnormals included), so equality is checked bit for bit."""
+    generator = torch.Generator().manual_seed(seed)
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=generator).bool()
+    raw = torch.randint(0, 256, (numel * dtype.itemsize,), dtype=torch.uint8, generator=generator)
+    return raw.view(dtype).reshape(shape)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
+            and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_dtype_bit_exact(backend):
+    async def run():
+        async with echo_link(backend, "dtypes") as conn:
+            sent = []
+            for i, dtype in enumerate(_DTYPES):
+                for shape in [(3, 5), (512, 160)]:  # one frame with the header, and a frame of its own (ucx)
+                    sent.append(Combine(i, shape[0], 0, random_tensor(dtype, shape, seed=i)))
+                    await conn.send(sent[-1])
+            for msg in sent:
+                back = await conn.recv(timeout_s=10)
+                assert (back.step, back.layer) == (msg.step, msg.layer)
+                assert same_bits(back.partial, msg.partial), msg.partial.dtype
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_messages(backend):
+    async def run():
+        async with echo_link(backend, "empty") as conn:
+            empty = torch.zeros(0, dtype=torch.int32)
+            sent = [StatusRequest(),  # no fields at all
+                    ExpertError(1, 2, 3, "scalars only"),
+                    Combine(1, 0, 0, torch.empty(0, 8)),  # zero-size tensors
+                    Combine(2, 0, 0, torch.empty(4, 0, 2, dtype=torch.bfloat16)),
+                    Dispatch(3, 0, 0, torch.empty(0, 8), empty.reshape(0, 2), torch.empty(0, 2)),
+                    Combine(4, 0, 0, torch.tensor(3.5)),  # 0-dim
+                    StatusRequest()]
+            for msg in sent:
+                await conn.send(msg)
+            for msg in sent:
+                back = await conn.recv(timeout_s=10)
+                assert type(back) is type(msg)
+                for got, want in zip(back.tensors(), msg.tensors()):
+                    assert same_bits(got, want)
+                scalars = [f.name for f in dataclasses.fields(msg) if f.name not in msg._tensor_fields]
+                assert [getattr(back, f) for f in scalars] == [getattr(msg, f) for f in scalars]
+
+    asyncio.run(run())
+
+
+ManyTensors = dataclasses.make_dataclass(
+    "ManyTensors", [("label", str)] + [(f"t{i}", torch.Tensor) for i in range(24)],
+    bases=(Message,), namespace={"TAG": 9001})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_tensors_per_message_and_long_header(backend):
+    async def run():
+        async with echo_link(backend, "many") as conn:
+            # sizes from empty to 256 KiB, so one message mixes bytes inline with the header and frames of their own
+            tensors = [random_tensor(_DTYPES[i % 5], (i * i * 7 % 300, 64 * (i % 4)), seed=i) for i in range(24)]
+            many = ManyTensors("many", *tensors)
+            long_header = HelloReply(7, list(range(30000)))  # a header of ~90 KB
+            for msg in [many, long_header, many]:
+                await conn.send(msg)
+            for want in [many, long_header, many]:
+                back = await conn.recv(timeout_s=10)
+                assert type(back) is type(want)
+                assert all(same_bits(a, b) for a, b in zip(back.tensors(), want.tensors()))
+            assert back.label == "many"
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_senders_on_one_connection(backend):
+    """Messages of coroutines sharing a connection must not interleave, and each one's order must hold."""
+    async def run():
+        async with echo_link(backend, "shared") as conn:
+            senders, per_sender = 8, 6
+
+            async def talk(sender: int) -> None:
+                for i in range(per_sender):
+                    rows = 800 if (sender + i) % 2 else 3  # 800 x 64 fp32 = 200 KiB: several frames per message
+                    hidden = torch.full((rows, 64), float(sender * 100 + i))
+                    await conn.send(Dispatch(sender, i, 0, hidden, torch.full((rows, 2), i, dtype=torch.int32),
+                                             torch.full((rows, 2), float(sender))))
+
+            await asyncio.gather(*(talk(s) for s in range(senders)))
+            next_of = [0] * senders
+            for _ in range(senders * per_sender):
+                back = await conn.recv(timeout_s=10)
+                sender, i = back.step, back.layer
+                assert i == next_of[sender], f"sender {sender}: message {i} came before {next_of[sender]}"
+                next_of[sender] += 1
+                assert torch.all(back.hidden == sender * 100 + i)
+                assert torch.all(back.expert_ids == i) and torch.all(back.expert_weights == sender)
+            assert next_of == [per_sender] * senders
+
+    asyncio.run(run())
+
+
+# ---- real peers in other processes: large messages, peers that die --------------------------------------------
+
+@pytest.mark.parametrize("backend", SOCKET_BACKENDS)
+def test_256_mib_round_trip(backend):
+    async def run():
+        async with echo_link(backend, "huge") as conn:
+            huge = torch.arange(64 << 20, dtype=torch.int32)  # 256 MiB
+            await conn.send(Combine(1, 2, 3, huge))
+            back = await conn.recv(timeout_s=60)
+            assert back.partial.nbytes == 256 << 20 and torch.equal(back.partial, huge)
+
+    asyncio.run(run())
+
+
+PEER_SCRIPT = """
+import asyncio, sys
+import torch
+from expertmesh.transport.base import make_transport
+from expertmesh.transport.protocol import Combine
+
+async def main(role, backend, address):
+    transport = make_transport(backend)
+    if role == "server":  # echo everything
+        listener = await transport.listen(address)
+        print("ready", flush=True)
+        while True:
+            peer, message = await listener.recv()
+            await listener.send(peer, message)
+    else:  # say hello, then wait to be killed
+        conn = await transport.connect(address)
+        await conn.send(Combine(7, 0, 0, torch.ones(2, 2)))
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+@contextlib.asynccontextmanager
+async def peer_process(role: str, backend: str, addr: str):
+    """A peer in its own process, running until the test kills it (and killed on the way out regardless)."""
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", PEER_SCRIPT, role, backend, addr,
+                                                   stdout=asyncio.subprocess.PIPE, cwd=REPO)
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), 60)
+        assert line.strip() == b"ready", f"peer process said {line!r}, exit code {process.returncode}"
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+def kill(process) -> None:
+    process.send_signal(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("backend", SOCKET_BACKENDS)
+def test_killed_peer_gives_error_within_bound(backend):
+    """A recv pending when the serving process dies ends in TransportError: ucx notices the lost endpoint
+    at once; zmq cannot tell, and the recv timeout bounds the wait."""
+    async def run():
+        addr = address(backend, "killed")
+        async with peer_process("server", backend, addr) as server:
+            conn = await make_transport(backend).connect(addr)
+            try:
+                await conn.send(Combine(1, 0, 0, torch.ones(4)))
+                assert torch.equal((await conn.recv(timeout_s=30)).partial, torch.ones(4))
+                pending = asyncio.create_task(conn.recv(timeout_s=3))
+                await asyncio.sleep(0)  # the recv is waiting before the peer dies
+                kill(server)
+                started = time.monotonic()
+                with pytest.raises(TransportError) as error:
+                    await asyncio.wait_for(pending, 10)
+                waited_s = time.monotonic() - started
+                assert waited_s < 5, f"{backend}: the error took {waited_s:.1f} s"
+                if backend == "ucx":
+                    assert "peer lost" in str(error.value) and waited_s < 2.5, (waited_s, error.value)
+                    with pytest.raises(TransportError):  # the link stays dead
+                        await conn.send(Combine(2, 0, 0, torch.ones(4)))
+                    with pytest.raises(TransportError, match="peer lost"):
+                        await conn.recv(timeout_s=1)
+            finally:
+                await conn.close()
+
+    asyncio.run(run())
+
+
+def test_ucx_listener_drops_a_killed_peer_and_serves_others():
+    async def run():
+        transport = make_transport("ucx")
+        addr = address("ucx", "drop")
+        listener = await transport.listen(addr)
+        try:
+            async with peer_process("client", "ucx", addr) as client:
+                peer, hello = await asyncio.wait_for(listener.recv(), 30)
+                assert hello.step == 7
+                kill(client)
+
+                async def until_send_fails() -> TransportError:
+                    while True:  # answers may still go out until UCX has noticed the loss
+                        try:
+                            await listener.send(peer, Combine(0, 0, 0, torch.ones(1)))
+                        except TransportError as exc:
+                            return exc
+                        await asyncio.sleep(0.01)
+
+                error = await asyncio.wait_for(until_send_fails(), 5)
+                assert f"no peer {peer!r}" in str(error) or "gone" in str(error)
+            conn = await transport.connect(addr)  # the listener still serves
+            try:
+                await conn.send(Combine(8, 0, 0, torch.ones(1)))
+                other, message = await asyncio.wait_for(listener.recv(), 10)
+                assert other != peer and message.step == 8
+            finally:
+                await conn.close()
+        finally:
+            await listener.close()
+
+    asyncio.run(run())
+
+
+# ---- ucx specifics and errors ---------------------------------------------------------------------------------
+
+def test_ucx_connect_to_nothing_fails_in_time():
+    from expertmesh.transport.ucx import UcxTransport
+
+    async def run():
+        addr = address("ucx", "nothing")
+        started = time.monotonic()
+        with pytest.raises(TransportError, match=f"cannot connect to {addr}"):
+            await UcxTransport(connect_timeout_s=2).connect(addr)
+        assert time.monotonic() - started < 4
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("backend", SOCKET_BACKENDS)
+def test_listen_on_a_busy_port_names_the_address(backend):
+    async def run():
+        with socket.socket() as sock:
+            sock.bind(("0.0.0.0", 0))
+            sock.listen()
+            scheme = "ucx" if backend == "ucx" else "tcp"
+            addr = f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
+            with pytest.raises(TransportError, match=f"cannot listen on {addr}"):
+                await make_transport(backend).listen(addr)
+
+    asyncio.run(run())
+
+
+def test_ucx_rejects_malformed_addresses_and_devices():
+    from expertmesh.transport.ucx import UcxTransport
+
+    async def run():
+        for bad in ["tcp://127.0.0.1:5555", "ucx://127.0.0.1", "ucx://:5555", "ucx://host:port"]:
+            with pytest.raises(ValueError, match="ucx://HOST:PORT"):
+                await UcxTransport().connect(bad)
+
+    asyncio.run(run())
+    with pytest.raises(ValueError, match="'mps'"):
+        UcxTransport(device="mps")
+
+
+def test_ucx_without_ucxx_says_so(monkeypatch):
+    from expertmesh.transport.ucx import UcxTransport
+    monkeypatch.setitem(sys.modules, "ucxx", None)
+    with pytest.raises(TransportError, match="pip install ucxx-cu13"):
+        UcxTransport()
