@@ -10,7 +10,7 @@ from ..model.spec import ModelSpec
 from ..model.weights import load_attention_side
 from ..placement.plan import load_cluster_placement
 from ..process import run_node
-from ..transport.base import make_transport
+from ..transport.base import connect_within, make_transport
 from ..transport.emulation import emulate
 from ..transport.m2n import M2NClient
 from ..transport.zmq import ZmqTransport
@@ -32,8 +32,8 @@ async def main(config: Config, index: int) -> None:
     kv_cache = KVCache(spec, config.engine.max_num_seqs, config.engine.context_len(spec), dtype, device)
     transport = make_transport(config.transport.backend, device)
     t = config.transport
-    connections = [emulate(await transport.connect(address), t.emulated_latency_us, t.emulated_bandwidth_gbps)
-                   for address in config.cluster.expert_addresses]
+    connections = [emulate(await connect_within(transport, address, t.connect_timeout_s), t.emulated_latency_us,
+                           t.emulated_bandwidth_gbps) for address in config.cluster.expert_addresses]
     m2n = M2NClient(connections, placement, index, config.transport.recv_timeout_s, device)
     await m2n.handshake(spec.num_layers, spec.num_experts, config.transport.connect_timeout_s)
     control = await ZmqTransport().listen(config.cluster.attention_addresses[index])

@@ -4,6 +4,7 @@ Messages are `protocol.Message` objects with any number of tensors; backends dec
 from __future__ import annotations
 
 import abc
+import asyncio
 from typing import Hashable
 
 from .protocol import Message
@@ -48,6 +49,20 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def connect(self, address: str) -> Connection: ...
+
+
+async def connect_within(transport: Transport, address: str, timeout_s: float) -> Connection:
+    """Connects, retrying while the peer is not listening yet (it may still be loading weights),
+    until timeout_s has passed; then the last error."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            return await transport.connect(address)
+        except TransportError:
+            if loop.time() >= deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 def make_transport(backend: str, device: str = "cpu") -> Transport:
