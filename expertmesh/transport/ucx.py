@@ -1,7 +1,7 @@
-"""UCX backend (ucxx): per message, one tagged frame with the length-prefixed header, then one per tensor.
+"""UCX backend (ucxx): a message is one tagged frame with its header (and a small message's bytes), then one per tensor.
 
-Tensors go straight from and into their memory: CPU tensors as numpy views of their storage, CUDA tensors by
-their device pointer (no staging through the host); the receiver allocates each tensor on its device."""
+Tensors move from and into their own memory: numpy views of CPU storage, device pointers of CUDA tensors (no staging
+through the host); the receiver allocates each tensor on its device and UCX writes into it."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +10,7 @@ import logging
 import os
 import struct
 import threading
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -158,15 +158,13 @@ async def _wait_for_stream(device: torch.device) -> None:
         await asyncio.get_running_loop().run_in_executor(None, event.synchronize)
 
 
-async def _all(operations: Iterable[Awaitable[Any]]) -> None:
-    """Await UCX operations posted in order. gather starts its tasks in argument order and each posts its
-    operation before its first await, so they are posted in order (UCX matches same-tag messages in posting
-    order) and run concurrently; a lone operation skips the tasks."""
-    operations = list(operations)
-    if len(operations) == 1:
-        await operations[0]
+async def _recv_all(endpoint: Any, buffers: list[Any]) -> None:
+    """Receive into buffers in order. gather starts its tasks in argument order and each posts its recv before
+    its first await: posted in order (UCX matches same-tag messages in posting order), received concurrently."""
+    if len(buffers) == 1:
+        await endpoint.recv(buffers[0])
         return
-    results = await asyncio.gather(*operations, return_exceptions=True)
+    results = await asyncio.gather(*(endpoint.recv(buffer) for buffer in buffers), return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result
@@ -193,9 +191,9 @@ class _Link:
         tensors = [t for t in message.tensors() if t.numel() > 0]  # sizes are in the header; no 0-byte frames
         cuda_devices = {t.device for t in tensors if t.device.type == "cuda"}
         if cuda_devices and self.device.type != "cuda":
-            raise TransportError(f"{self.name}: {type(message).__name__} holds tensors on {sorted(map(str, cuda_devices))} "
-                                 f"but this ucx transport was made for device {str(self.device)!r} (its UCX has no "
-                                 f"CUDA transports); make the transport with device='cuda'")
+            raise TransportError(f"{self.name}: {type(message).__name__} holds tensors on "
+                                 f"{sorted(map(str, cuda_devices))} but this ucx transport was made for device "
+                                 f"{str(self.device)!r} (its UCX has no CUDA transports); make it with device='cuda'")
         if len(header) >= 1 << 32:
             raise TransportError(f"{self.name}: {type(message).__name__} header of {len(header)} bytes is too long")
         inline_bytes = _PREFIX.size + len(header) + sum(t.nbytes for t in tensors)
@@ -210,7 +208,16 @@ class _Link:
             await _wait_for_stream(device)
         async with self._send_lock:
             try:
-                await _all(self.endpoint.send(frame) for frame in frames)
+                if len(frames) == 1:  # posted before the first await: nothing can split it
+                    await self.endpoint.send(frames[0])
+                else:
+                    # Tasks start in creation order and each posts its frame before its first await, so the
+                    # frames are posted in order and travel concurrently. Shielded: a caller cancelled now
+                    # must not leave half a message on the wire (the next sender's tasks start after these).
+                    sends = [asyncio.ensure_future(self.endpoint.send(frame)) for frame in frames]
+                    for result in await asyncio.shield(asyncio.gather(*sends, return_exceptions=True)):
+                        if isinstance(result, BaseException):
+                            raise result
             except Exception as exc:
                 raise TransportError(f"{self.name}: send failed, the peer is gone: {exc!r}") from exc
         if self.endpoint.closed:  # ucxx returns normally from a send that the endpoint's failure cancelled
@@ -238,7 +245,7 @@ class _Link:
         elif tensors:
             if self.device.type == "cuda":
                 await _wait_for_stream(self.device)
-            await _all(self.endpoint.recv(_wire_view(t)) for t in tensors if t.numel() > 0)
+            await _recv_all(self.endpoint, [_wire_view(t) for t in tensors if t.numel() > 0])
         return build_message(cls, scalars, tensors)
 
     async def _read(self) -> None:
@@ -390,7 +397,7 @@ class UcxTransport(Transport):
                 context.ctx.create_endpoint(host, port, endpoint_error_handling=True,
                                             connect_timeout=self.connect_timeout_s),
                 self.connect_timeout_s)
-        except (asyncio.TimeoutError, Exception) as exc:
+        except Exception as exc:  # refused, unreachable, or no answer in time (asyncio's TimeoutError)
             _release_context(context)
             raise TransportError(f"cannot connect to {address} within {self.connect_timeout_s} s: {exc!r}") from exc
         except BaseException:
