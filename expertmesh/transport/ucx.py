@@ -285,6 +285,8 @@ class UcxConnection(Connection):
         await self._link.send(message)
 
     async def recv(self, timeout_s: float | None = None) -> Message:
+        if self._closed:
+            raise TransportError(f"{self.address}: connection is closed")
         try:
             item = await asyncio.wait_for(self._inbox.get(), timeout_s)
         except asyncio.TimeoutError:
@@ -298,6 +300,7 @@ class UcxConnection(Connection):
         if self._closed:
             return
         self._closed = True
+        self._inbox.put_nowait(TransportError(f"{self.address}: connection is closed"))  # wakes a waiting recv
         try:
             await self._link.close()
         finally:
@@ -345,6 +348,8 @@ class UcxListener(Listener):
     async def recv(self) -> tuple[PeerId, Message]:
         item = await self._inbox.get()
         if isinstance(item, Exception):
+            if self._closed:
+                self._inbox.put_nowait(item)  # and every later recv
             raise item
         return item
 
@@ -358,6 +363,7 @@ class UcxListener(Listener):
         if self._closed:
             return
         self._closed = True
+        self._inbox.put_nowait(TransportError(f"{self.address}: listener is closed"))  # wakes a waiting recv
         self._listener.close()
         links, self._links = list(self._links.values()), {}
         try:

@@ -421,6 +421,25 @@ def test_ucx_rejects_malformed_addresses_and_devices():
         UcxTransport(device="mps")
 
 
+def test_ucx_close_wakes_waiting_receivers():
+    async def run():
+        transport = make_transport("ucx")
+        addr = address("ucx", "close")
+        listener = await transport.listen(addr)
+        conn = await transport.connect(addr)
+        waiting = [asyncio.create_task(conn.recv()), asyncio.create_task(listener.recv())]
+        await asyncio.sleep(0)  # both wait before the closes
+        await conn.close()
+        await listener.close()
+        for task, what in zip(waiting, ["connection", "listener"]):
+            with pytest.raises(TransportError, match=f"{what} is closed"):
+                await asyncio.wait_for(task, 5)
+        with pytest.raises(TransportError, match="connection is closed"):
+            await conn.recv(timeout_s=1)
+
+    asyncio.run(run())
+
+
 def test_ucx_without_ucxx_says_so(monkeypatch):
     from expertmesh.transport.ucx import UcxTransport
     monkeypatch.setitem(sys.modules, "ucxx", None)
