@@ -421,6 +421,20 @@ def test_ucx_rejects_malformed_addresses_and_devices():
         UcxTransport(device="mps")
 
 
+def test_ucx_on_uvloop():
+    """The nodes run uvloop: ucxx's progress and notifier threads must wake it as they wake asyncio's loop."""
+    import uvloop
+
+    async def run():
+        async with echo_link("ucx", "uvloop") as conn:
+            messages = [Combine(i, 0, 0, random_tensor(torch.bfloat16, (i * 300, 64), seed=i)) for i in range(6)]
+            await asyncio.gather(*(conn.send(msg) for msg in messages))
+            for msg in messages:
+                assert same_bits((await conn.recv(timeout_s=10)).partial, msg.partial)
+
+    uvloop.run(run())
+
+
 def test_ucx_close_wakes_waiting_receivers():
     async def run():
         transport = make_transport("ucx")
