@@ -61,7 +61,13 @@ def attention(w: LayerWeights, x: torch.Tensor, batch: AttentionBatch, rotary: R
     v_cache[batch.token_slots, batch.positions] = v
 
     out = torch.empty_like(q)
-    for slot, (start, end), context in zip(batch.seq_slots, batch.seq_token_ranges, batch.seq_context_lens):
+    decoding = [i for i, (start, end) in enumerate(batch.seq_token_ranges) if end - start == 1]
+    if len(decoding) > 1:
+        _decode_attention(q, out, batch, decoding, k_cache, v_cache)
+    for i, (slot, (start, end), context) in enumerate(zip(batch.seq_slots, batch.seq_token_ranges,
+                                                          batch.seq_context_lens)):
+        if len(decoding) > 1 and end - start == 1:
+            continue
         q_seq = q[start:end].transpose(0, 1)  # [heads, new, head_dim]
         k_seq = k_cache[slot, :context].transpose(0, 1)  # [kv_heads, context, head_dim]
         v_seq = v_cache[slot, :context].transpose(0, 1)
@@ -73,6 +79,22 @@ def attention(w: LayerWeights, x: torch.Tensor, batch: AttentionBatch, rotary: R
         out[start:end] = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, attn_mask=mask,
                                                         enable_gqa=True).transpose(0, 1)
     return out.reshape(tokens, num_heads * head_dim) @ w.o_proj.T
+
+
+def _decode_attention(q: torch.Tensor, out: torch.Tensor, batch: AttentionBatch, decoding: list[int],
+                      k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """One padded attention call for every sequence that adds a single token (the decode steps): keys
+    gathered from the cache up to the longest context, positions past each sequence's context masked."""
+    device = q.device
+    rows = torch.tensor([batch.seq_token_ranges[i][0] for i in decoding], device=device)
+    slots = torch.tensor([batch.seq_slots[i] for i in decoding], device=device)
+    contexts = torch.tensor([batch.seq_context_lens[i] for i in decoding], device=device)
+    longest = max(batch.seq_context_lens[i] for i in decoding)
+    keys = k_cache[slots, :longest].transpose(1, 2)  # [seqs, kv_heads, longest, head_dim]
+    values = v_cache[slots, :longest].transpose(1, 2)
+    mask = (torch.arange(longest, device=device)[None, :] < contexts[:, None])[:, None, None, :]
+    attended = F.scaled_dot_product_attention(q[rows].unsqueeze(2), keys, values, attn_mask=mask, enable_gqa=True)
+    out[rows] = attended.squeeze(2)
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,12 +116,19 @@ def experts_partial_sum(x: torch.Tensor, expert_ids: torch.Tensor, expert_weight
 
     Pairs whose id is -1 or not held here contribute nothing (another node computes them)."""
     out = torch.zeros_like(x)
-    for expert_id in torch.unique(expert_ids).tolist():
+    top_k = expert_ids.shape[1]
+    # (token, slot) pairs grouped by expert with one sort, so the host syncs once per call, not per expert
+    order = torch.argsort(expert_ids.reshape(-1), stable=True)
+    present, counts = torch.unique_consecutive(expert_ids.reshape(-1)[order], return_counts=True)
+    rows_sorted, slots_sorted = order // top_k, order % top_k
+    start = 0
+    for expert_id, count in zip(present.tolist(), counts.tolist()):
+        rows, slots = rows_sorted[start:start + count], slots_sorted[start:start + count]
+        start += count
         if expert_id < 0:
             continue
         if expert_id not in experts:
             raise KeyError(f"expert {expert_id} was dispatched here but is not held by this node")
-        rows, slots = torch.nonzero(expert_ids == expert_id, as_tuple=True)
         e = experts[expert_id]
         y = swiglu(x[rows], e.gate, e.up, e.down)
         out.index_add_(0, rows, y * expert_weights[rows, slots].unsqueeze(-1).to(y.dtype))
