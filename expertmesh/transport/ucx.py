@@ -378,13 +378,17 @@ class UcxTransport(Transport):
     """UCX through ucxx. `device` is where received tensors are allocated (and, for 'cuda', enables UCX's
     CUDA transports so CUDA tensors can be sent); `ucx_tls` overrides UCX's transport list (UCX_TLS)."""
 
-    def __init__(self, device: str = "cpu", ucx_tls: str | None = None, connect_timeout_s: float = 10.0) -> None:
+    def __init__(self, device: str = "cpu", ucx_tls: str | None = None, connect_timeout_s: float = 10.0,
+                 handshake_timeout_s: float = 2.0) -> None:
         _import_ucxx()  # fails here, with a clear message, rather than at the first connect
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"ucx transport: device must be cpu or cuda, got {device!r}")
         self.ucx_tls = ucx_tls
         self.connect_timeout_s = connect_timeout_s
+        # ucxx's tag exchange after the connection is made takes milliseconds with a live listener; to a port
+        # where nothing listens, UCX sometimes reports nothing and only this bound ends the attempt.
+        self.handshake_timeout_s = min(handshake_timeout_s, connect_timeout_s)
 
     async def listen(self, address: str) -> Listener:
         _, port = _parse_address(address)  # UCX listens on every interface; the host names the one peers use
@@ -401,11 +405,12 @@ class UcxTransport(Transport):
         try:
             endpoint = await asyncio.wait_for(
                 context.ctx.create_endpoint(host, port, endpoint_error_handling=True,
-                                            connect_timeout=self.connect_timeout_s),
+                                            connect_timeout=self.handshake_timeout_s),
                 self.connect_timeout_s)
         except Exception as exc:  # refused, unreachable, or no answer in time (asyncio's TimeoutError)
             _release_context(context)
-            raise TransportError(f"cannot connect to {address} within {self.connect_timeout_s} s: {exc!r}") from exc
+            raise TransportError(f"cannot connect to {address} (nothing listening, or no answer within "
+                                 f"{self.handshake_timeout_s} s / {self.connect_timeout_s} s): {exc!r}") from exc
         except BaseException:
             _release_context(context)
             raise

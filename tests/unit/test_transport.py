@@ -394,6 +394,43 @@ def test_ucx_connect_to_nothing_fails_in_time():
     asyncio.run(run())
 
 
+def test_ucx_connect_within_waits_for_a_late_listener():
+    """Attention nodes start before expert nodes listen: failed attempts must leave nothing broken behind."""
+    from expertmesh.transport.base import connect_within
+
+    async def run():
+        transport = make_transport("ucx")
+        addr = address("ucx", "late")
+        failures = 0
+        first_failure = asyncio.Event()
+
+        class CountingTransport:
+            async def connect(self, address: str):
+                nonlocal failures
+                try:
+                    return await transport.connect(address)
+                except TransportError:
+                    failures += 1
+                    first_failure.set()
+                    raise
+
+        connecting = asyncio.create_task(connect_within(CountingTransport(), addr, 30))
+        await asyncio.wait_for(first_failure.wait(), 10)
+        listener = await transport.listen(addr)
+        server = asyncio.create_task(echo_server(listener))
+        conn = await asyncio.wait_for(connecting, 30)
+        try:
+            assert failures >= 1
+            await conn.send(Combine(5, 0, 0, torch.ones(3)))
+            assert (await conn.recv(timeout_s=10)).step == 5
+        finally:
+            server.cancel()
+            await conn.close()
+            await listener.close()
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("backend", SOCKET_BACKENDS)
 def test_listen_on_a_busy_port_names_the_address(backend):
     async def run():
