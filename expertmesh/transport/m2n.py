@@ -49,6 +49,9 @@ class M2NClient:
         n = len(connections)
         self.stats = LinkStats([0] * n, [0] * n, [0] * n)
         self._pending: list[dict[tuple[int, int, int], asyncio.Future]] = [{} for _ in range(n)]
+        # send buffers per (node, microbatch), grown as needed and reused at every layer and step: a buffer is
+        # free again once that node has answered the microbatch's previous layer, which combine awaits
+        self._send_buffers: dict[tuple[int, int], list[torch.Tensor]] = {}
         self._readers: list[asyncio.Task] = []
         self._failure: Exception | None = None
 
@@ -107,9 +110,10 @@ class M2NClient:
         for node in torch.unique(node_of_choice).tolist():
             on_node = node_of_choice == node
             rows = torch.nonzero(on_node.any(dim=1), as_tuple=True)[0]
-            message = Dispatch(step, layer, microbatch, hidden[rows].contiguous(),
-                               torch.where(on_node, expert_ids, -1)[rows].contiguous(),
-                               expert_weights[rows].contiguous())
+            sources = (hidden, torch.where(on_node, expert_ids, -1), expert_weights)
+            buffers = self._buffers(node, microbatch, rows.numel(), sources)
+            message = Dispatch(step, layer, microbatch,
+                               *(torch.index_select(src, 0, rows, out=buf) for src, buf in zip(sources, buffers)))
             future = loop.create_future()
             self._pending[node][key] = future
             await self.connections[node].send(message)
@@ -118,6 +122,17 @@ class M2NClient:
             handle.rows_of_node[node] = rows
             handle.answers[node] = future
         return handle
+
+    def _buffers(self, node: int, microbatch: int, rows: int, like: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """Views of `rows` rows of this (node, microbatch)'s send buffers, shaped like each of `like`."""
+        key = (node, microbatch)
+        held = self._send_buffers.get(key)
+        if held is None or held[0].shape[0] < rows or any(h.shape[1:] != t.shape[1:] or h.dtype != t.dtype
+                                                          for h, t in zip(held, like)):
+            capacity = max(rows, 2 * held[0].shape[0] if held is not None else 0)
+            held = [torch.empty((capacity, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in like]
+            self._send_buffers[key] = held
+        return [h[:rows] for h in held]
 
     async def gather(self, handle: DispatchHandle) -> dict[int, torch.Tensor]:
         """Every node's partial sums for the handle's tokens, waiting at most recv_timeout_s."""
