@@ -18,7 +18,8 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="address the gateway binds to (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gateway port (default 8000)")
     p.add_argument("--placement", help="placement JSON (default: contiguous blocks of experts)")
-    p.add_argument("--transport", choices=["ucx", "zmq"], help="data path between attention and expert nodes")
+    p.add_argument("--transport", choices=["auto", "ucx", "zmq"],
+                   help="data path between attention and expert nodes (default auto: ucx where ucxx imports)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="cuda: each node on its own GPU")
     p.add_argument("--microbatches", type=int, help="ping-pong microbatches per step")
     p.add_argument("--emulated-latency-us", type=float, help="added one-way latency on attention->expert links")

@@ -35,7 +35,7 @@ class ModelConfig:
 
 @dataclass
 class TransportConfig:
-    backend: str = "zmq"  # data path between attention and expert nodes
+    backend: str = "auto"  # data path between attention and expert nodes: ucx, zmq, or auto (ucx if ucxx imports)
     connect_timeout_s: float = 60.0  # an expert node must answer the handshake within this
     recv_timeout_s: float = 30.0  # an expert node must answer a dispatch within this
     # Link emulation on the attention->expert links (experiments on one host; 0 = off):
@@ -98,6 +98,8 @@ class Config:
         return f"cuda:{(offset + index) % max(1, torch.cuda.device_count())}"
 
     def validate(self) -> "Config":
+        if self.transport.backend not in ("auto", "ucx", "zmq", "inproc"):
+            raise ConfigError(f"transport.backend={self.transport.backend!r}; choose auto, ucx or zmq")
         if self.model.device not in ("cpu", "cuda"):
             raise ConfigError(f"model.device={self.model.device!r}; choose cpu or cuda")
         if self.model.dtype not in _DTYPES:

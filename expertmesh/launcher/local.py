@@ -5,6 +5,7 @@ cluster with a non-zero exit, naming the culprit, when any child dies."""
 from __future__ import annotations
 
 import ctypes
+import os
 import dataclasses
 import signal
 import socket
@@ -18,16 +19,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
+from ..transport.base import resolve_backend
 
 
 class ClusterError(RuntimeError):
     """A node of the cluster failed to start or died."""
 
 
+_next_port = 20000 + os.getpid() % 10000
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port free right now, below the kernel's ephemeral range (32768+), so that the ephemeral ports UCX
+    and others bind on their own cannot take it between our choosing it and a node binding it."""
+    global _next_port
+    for _ in range(12000):
+        port, _next_port = _next_port, 20000 + (_next_port - 20000 + 7) % 12000
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise ClusterError(f"no free port in 20000-31999 on {host}")
 
 
 def _die_with_parent() -> None:
@@ -46,7 +60,8 @@ class Child:
 
 class LocalCluster:
     def __init__(self, config: Config, run_dir: str | Path | None = None) -> None:
-        self.config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster))
+        self.config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster),
+                                          transport=dataclasses.replace(config.transport))
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="expertmesh-"))
         self.children: list[Child] = []
 
@@ -56,6 +71,7 @@ class LocalCluster:
 
     def start(self) -> None:
         cluster = self.config.cluster
+        self.config.transport.backend = resolve_backend(self.config.transport.backend)
         if not cluster.expert_addresses:
             scheme = "ucx" if self.config.transport.backend == "ucx" else "tcp"
             cluster.expert_addresses = [f"{scheme}://127.0.0.1:{free_port()}" for _ in range(cluster.expert_nodes)]
@@ -124,7 +140,8 @@ def launch(config: Config, ready_timeout_s: float = 300.0) -> int:
     try:
         cluster.start()
         print(f"expertmesh: starting {config.cluster.attention_nodes} attention and {config.cluster.expert_nodes} "
-              f"expert nodes serving {config.model.path} ...", flush=True)
+              f"expert nodes serving {config.model.path}, data path {cluster.config.transport.backend} ...",
+              flush=True)
         cluster.wait_ready(ready_timeout_s)
         print(f"expertmesh: ready at {cluster.url}  (OpenAI API under {cluster.url}/v1)", flush=True)
         cluster.wait()

@@ -65,11 +65,24 @@ async def connect_within(transport: Transport, address: str, timeout_s: float) -
             await asyncio.sleep(0.5)
 
 
+def resolve_backend(backend: str) -> str:
+    """'auto' is ucx wherever ucxx imports, else zmq (the launcher prints which); other names stay as they are."""
+    if backend != "auto":
+        return backend
+    try:
+        from .ucx import _import_ucxx
+        _import_ucxx()
+    except (ImportError, TransportError):
+        return "zmq"
+    return "ucx"
+
+
 def make_transport(backend: str, device: str = "cpu") -> Transport:
     """The backend named in TransportConfig.backend; an unknown or uninstalled one is an error, never a fallback.
 
     `device` is where received tensors land; only ucx can receive into (and send from) CUDA memory, the others
     carry CPU tensors."""
+    backend = resolve_backend(backend)
     if backend == "zmq":
         from .zmq import ZmqTransport
         return ZmqTransport()

@@ -1,0 +1,196 @@
+"""Co-activation placement: each layer's experts split over domains, then over each domain's expert nodes,
+so a request's experts sit on few domains and a token's on few nodes, consistently across layers, within the load bound.
+
+The graph has one vertex per (layer, expert). Edges weigh how often two experts serve the same token (same layer),
+the same token at consecutive layers, and the same request (any layers). A part (domain or node) takes a fixed number
+of experts from every layer; greedy agglomeration builds a start, Kernighan-Lin swaps within a layer refine it, and
+seeded restarts keep the best. Loads are selections per layer; swaps never raise the total excess over the bound."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .coactivation import Coactivation
+from .plan import Placement
+from .topology import Topology
+
+
+@dataclass
+class EdgeWeights:
+    """How much each kind of co-activation counts; each matrix is first scaled to sum to 1."""
+    token: float = 1.0  # same token, same layer: co-locating them on a node saves a dispatch
+    next_layer: float = 1.0  # same token, consecutive layers: keeps a domain's experts one chain
+    request: float = 4.0  # same request, any layers: what rebatching a request into one domain exploits
+
+
+def affinity_graph(stats: Coactivation, weights: EdgeWeights) -> np.ndarray:
+    """[L*E, L*E] symmetric edge weights, zero diagonal; vertex = layer * E + expert."""
+    num_layers, experts = stats.num_layers, stats.num_experts
+    size = num_layers * experts
+    graph = np.zeros((size, size))
+
+    def scaled(matrix: np.ndarray) -> np.ndarray:
+        total = matrix.sum()
+        return matrix / total if total > 0 else matrix
+
+    token = stats.token_pairs.astype(np.float64).copy()
+    for layer in range(num_layers):
+        np.fill_diagonal(token[layer], 0.0)
+    token = scaled(token)
+    following = scaled(stats.next_layer.astype(np.float64))
+    for layer in range(num_layers):
+        block = slice(layer * experts, (layer + 1) * experts)
+        graph[block, block] += weights.token * token[layer]
+        if layer + 1 < num_layers:
+            after = slice((layer + 1) * experts, (layer + 2) * experts)
+            graph[block, after] += weights.next_layer * following[layer]
+            graph[after, block] += weights.next_layer * following[layer].T
+    request = stats.request_pairs.astype(np.float64).copy()
+    np.fill_diagonal(request, 0.0)
+    graph += weights.request * scaled(request)
+    graph = (graph + graph.T) / 2
+    np.fill_diagonal(graph, 0.0)
+    return graph
+
+
+def _excess(part_load: np.ndarray, limit: np.ndarray) -> float:
+    return float(np.maximum(part_load - limit, 0.0).sum())
+
+
+class _Problem:
+    """One balanced partition: vertices of several layers, `caps[p]` vertices of every layer per part."""
+
+    def __init__(self, graph: np.ndarray, layer_of: np.ndarray, load: np.ndarray, caps: np.ndarray, bound: float):
+        self.graph, self.layer_of, self.load, self.caps = graph, layer_of, load, caps
+        self.layers = [np.flatnonzero(layer_of == layer) for layer in np.unique(layer_of)]
+        share = caps / caps.sum()
+        # limit[layer, part]: the load a part may carry at a layer
+        self.limit = np.stack([bound * share * load[v].sum() for v in self.layers])
+
+    def part_loads(self, part_of: np.ndarray) -> np.ndarray:
+        return np.stack([np.bincount(part_of[v], weights=self.load[v], minlength=len(self.caps))
+                         for v in self.layers])
+
+    def score(self, part_of: np.ndarray) -> tuple[float, float]:
+        """(total excess over the load limits, internal edge weight)."""
+        same = part_of[:, None] == part_of[None, :]
+        return _excess(self.part_loads(part_of), self.limit), float((self.graph * same).sum() / 2)
+
+    def greedy(self) -> np.ndarray:
+        """Agglomerate: layer by layer, heaviest expert first, into the open part it is most tied to."""
+        part_of = np.full(len(self.layer_of), -1)
+        parts = len(self.caps)
+        for index, vertices in enumerate(self.layers):
+            taken = np.zeros(parts, np.int64)
+            part_load = np.zeros(parts)
+            for v in vertices[np.argsort(-self.load[vertices], kind="stable")]:
+                assigned = part_of >= 0
+                tie = np.array([self.graph[v, assigned & (part_of == p)].sum() for p in range(parts)])
+                headroom = self.limit[index] - part_load - self.load[v]
+                # Prefer parts where it fits; among them the most tied; else the least loaded.
+                key = [(taken[p] < self.caps[p], headroom[p] >= 0, tie[p], headroom[p]) for p in range(parts)]
+                best = max((p for p in range(parts) if taken[p] < self.caps[p]), key=lambda p: key[p])
+                part_of[v] = best
+                taken[best] += 1
+                part_load[best] += self.load[v]
+        return part_of
+
+    def random(self, rng: np.random.Generator) -> np.ndarray:
+        part_of = np.empty(len(self.layer_of), np.int64)
+        slots = np.repeat(np.arange(len(self.caps)), self.caps)
+        for vertices in self.layers:
+            part_of[vertices] = rng.permutation(slots)
+        return part_of
+
+    def refine(self, part_of: np.ndarray, max_swaps: int = 10_000) -> np.ndarray:
+        """Steepest-gain swaps of two same-layer vertices in different parts: first to cut load excess,
+        then to raise internal weight without adding excess. Stops at a local optimum."""
+        part_of = part_of.copy()
+        parts = len(self.caps)
+        side = self.graph @ np.eye(parts)[part_of]  # side[v, p] = weight from v into part p
+        loads = self.part_loads(part_of)
+        for _ in range(max_swaps):
+            best = None
+            for index, v in enumerate(self.layers):
+                own = part_of[v]
+                across = side[v][:, own]  # across[a, b] = weight from a into b's part
+                own_side = side[v, own]
+                gain = across - own_side[:, None] + across.T - own_side[None, :] - 2 * self.graph[np.ix_(v, v)]
+                # load of a's part after the swap, and of b's part
+                delta = self.load[v][None, :] - self.load[v][:, None]
+                load_a = loads[index][own][:, None] + delta
+                load_b = loads[index][own][None, :] - delta
+                limit_a, limit_b = self.limit[index][own][:, None], self.limit[index][own][None, :]
+                before = (np.maximum(loads[index][own] - self.limit[index][own], 0)[:, None]
+                          + np.maximum(loads[index][own] - self.limit[index][own], 0)[None, :])
+                after = np.maximum(load_a - limit_a, 0) + np.maximum(load_b - limit_b, 0)
+                relief = before - after
+                valid = (own[:, None] != own[None, :]) & (relief >= -1e-9)
+                # Lexicographic: relief of excess first, then edge gain.
+                key = np.where(valid, np.round(relief, 9) * 1e6 + gain, -np.inf)
+                ok = valid & ((relief > 1e-9) | (gain > 1e-12))
+                if not ok.any():
+                    continue
+                key = np.where(ok, key, -np.inf)
+                a, b = np.unravel_index(int(np.argmax(key)), key.shape)
+                if best is None or key[a, b] > best[0]:
+                    best = (key[a, b], index, v[a], v[b])
+            if best is None:
+                return part_of
+            _, index, a, b = best
+            pa, pb = part_of[a], part_of[b]
+            part_of[a], part_of[b] = pb, pa
+            side[:, pa] += self.graph[:, b] - self.graph[:, a]
+            side[:, pb] += self.graph[:, a] - self.graph[:, b]
+            loads[index][pa] += self.load[b] - self.load[a]
+            loads[index][pb] += self.load[a] - self.load[b]
+        return part_of
+
+    def solve(self, seed: int, restarts: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        starts = [self.greedy()] + [self.random(rng) for _ in range(restarts)]
+        results = [self.refine(start) for start in starts]
+        # least excess, then most internal weight; the first wins ties so the greedy start is preferred
+        scored = [(round(-self.score(r)[0], 9), self.score(r)[1]) for r in results]
+        return results[max(range(len(results)), key=lambda i: (scored[i], -i))]
+
+
+def base_counts(num_experts: int, expert_nodes: int) -> np.ndarray:
+    """Experts each node holds per layer before replication: as equal as possible, the first nodes one more."""
+    return np.array([num_experts // expert_nodes + (1 if j < num_experts % expert_nodes else 0)
+                     for j in range(expert_nodes)])
+
+
+def partition(stats: Coactivation, topology: Topology, weights: EdgeWeights | None = None, seed: int = 0,
+              restarts: int = 8) -> Placement:
+    """Experts over domains (all layers at once), then each domain's experts over its nodes; one node per expert."""
+    weights = weights or EdgeWeights()
+    num_layers, experts = stats.num_layers, stats.num_experts
+    graph = affinity_graph(stats, weights)
+    layer_of = np.repeat(np.arange(num_layers), experts)
+    load = stats.load.reshape(-1).astype(np.float64)
+    node_caps = base_counts(experts, topology.expert_nodes)
+    domain_nodes = [np.array(topology.expert_nodes_in(d)) for d in range(topology.num_domains)]
+    domain_caps = np.array([node_caps[nodes].sum() for nodes in domain_nodes])
+    domain_of = np.zeros(len(load), np.int64)
+    if topology.num_domains > 1:
+        problem = _Problem(graph, layer_of, load, domain_caps, topology.load_bound)
+        domain_of = problem.solve(seed, restarts)
+    # Inside a domain only the same-token edges save bytes (fewer nodes per token); keep the chain as a tie-break.
+    node_graph = affinity_graph(stats, EdgeWeights(token=1.0, next_layer=0.1, request=0.0))
+    node_of = np.zeros(len(load), np.int64)
+    for domain, nodes in enumerate(domain_nodes):
+        members = np.flatnonzero(domain_of == domain)
+        caps = node_caps[nodes]
+        if len(members) == 0:
+            continue
+        if len(nodes) == 1:
+            node_of[members] = nodes[0]
+            continue
+        sub = _Problem(node_graph[np.ix_(members, members)],
+                       layer_of[members], load[members], caps, topology.load_bound)
+        node_of[members] = nodes[sub.solve(seed + 1 + domain, restarts)]
+    nodes_of = {int(layer): [[int(node_of[index * experts + e])] for e in range(experts)]
+                for index, layer in enumerate(stats.moe_layers)}
+    return Placement(topology.expert_nodes, nodes_of)
