@@ -62,3 +62,27 @@ def test_replicated_placement_gives_identical_tokens(mixtral_dir):
     replicated_tokens, messages = asyncio.run(run(replicated))
     assert replicated_tokens == contiguous_tokens
     assert messages[0] == 0 and messages[1] > 0  # node 1 is every expert's first replica
+
+
+def test_default_model_served_disaggregated_writes_python_and_french():
+    """The shipped model through the serving forward: same greedy tokens as transformers, readable output."""
+    from pathlib import Path
+
+    from expertmesh.gateway.text import TextCodec
+    model_dir = Path(__file__).resolve().parents[2] / "models" / "expertmesh-mini"
+    codec = TextCodec(model_dir)
+    prompts = [codec.encode("import os\n\ndef"), codec.encode("Cette commande permet de")]
+
+    async def run():
+        async with InprocCluster(model_dir, num_expert_nodes=2) as cluster:
+            return await cluster.generate(prompts, 24)
+
+    generated = asyncio.run(run())
+    ref = reference(model_dir)
+    with torch.no_grad():
+        for prompt, tokens in zip(prompts, generated):
+            assert tokens == ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                                          pad_token_id=0)[0, len(prompt):].tolist()
+    python, french = codec.decode(generated[0]), codec.decode(generated[1])
+    assert "(" in python and ":" in python, python
+    assert sum(w in french for w in (" le ", " de ", " la ", " les ", " des ", " est ", " et ", " du ")) >= 2, french
