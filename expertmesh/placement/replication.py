@@ -23,12 +23,10 @@ def _water_fill(load: np.ndarray, nodes: list[int], amount: float) -> None:
     if amount <= 0:
         return
     levels = np.sort(load[nodes])
-    for count in range(len(levels), 0, -1):
+    for count in range(1, len(levels) + 1):
         level = (levels[:count].sum() + amount) / count
-        if count == 1 or level <= levels[count - 1] + 1e-12 and level >= levels[count - 2] - 1e-12 or \
-                level >= levels[count - 1]:
-            if level >= levels[count - 1] - 1e-12 or count == 1:
-                break
+        if count == len(levels) or level <= levels[count]:
+            break
     for n in nodes:
         load[n] = max(load[n], level)
 
@@ -94,11 +92,12 @@ def replicate(placement: Placement, topology: Topology, demand: np.ndarray) -> P
                     trial[expert].append(node)
                     new_load, new_crossing = expected_loads(trial, layer_demand, node_domain, num_nodes)
                     new_excess = np.maximum(new_load - topology.load_bound * new_load.mean(), 0).sum()
-                    key = (round(excess - new_excess, 6), crossing - new_crossing, -new_load.max())
+                    key = (round(excess - new_excess, 6), round(crossing - new_crossing, 6),
+                           round(load.max() - new_load.max(), 6))
                     if best is None or key > best[0]:
                         best = (key, expert, node)
-            if best is None or (best[0][0] <= 0 and best[0][1] <= 1e-9 and best[0][2] <= -load.max()):
-                break  # no addition helps load or locality
+            if best is None or not best[0] > (0.0, 0.0, 0.0):
+                break  # no addition lowers the excess, the crossing or the peak without raising the excess
             _, expert, node = best
             holders[expert].append(node)
             free[node] -= 1

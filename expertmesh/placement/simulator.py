@@ -1,0 +1,200 @@
+"""Replays a routing trace on a cluster of any size: requests go to attention nodes by a policy, every token is sent
+once to each distinct expert node holding one of its experts (replica by choose_replica), one partial sum returns.
+
+Requests are spans of documents (first prompt_tokens = the prompt, the rest the generated tokens that are counted),
+arriving in a seeded shuffled order in waves of requests that run together. Modelled step time (documented, simple):
+a step = every attention node decoding tokens_per_attention_node tokens through all MoE layers, the trace's per-node
+totals scaled to one step; per layer, communication = dispatch + combine, each the slowest node's
+max(intra bytes / intra bandwidth, inter bytes / inter bandwidth), then the slowest expert node's
+selections x expert_us_per_token, then the slowest attention node's tokens x attention_us_per_token; no overlap."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .coactivation import split_requests
+from .plan import Placement
+from .predictor import DomainPredictor
+from .topology import Topology
+from .trace import RoutingTrace
+
+
+@dataclass
+class CostModel:
+    hidden_size: int  # activation width: bytes per token per destination = hidden_size * dtype_bytes, each way
+    dtype_bytes: int = 2
+    expert_us_per_token: float = 2.0  # one token through one expert FFN on an expert node
+    attention_us_per_token: float = 5.0  # one token through one layer's attention on an attention node
+    tokens_per_attention_node: int = 64  # decode batch per attention node per step
+
+    @property
+    def bytes_per_message(self) -> int:
+        return self.hidden_size * self.dtype_bytes
+
+
+@dataclass
+class Workload:
+    spans: np.ndarray  # [R, 2] token spans in arrival order
+    prompt_tokens: int
+    requests_per_wave: int  # requests that run together (assignment and load balance are per wave)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Generated tokens per request."""
+        return self.spans[:, 1] - self.spans[:, 0] - self.prompt_tokens
+
+
+def make_workload(trace: RoutingTrace, topology: Topology, tokens_per_request: int = 256, prompt_tokens: int = 64,
+                  requests_per_attention_node: int = 8, seed: int = 0) -> Workload:
+    """Documents cut into requests of tokens_per_request (those without a generated token dropped), shuffled."""
+    spans = split_requests(trace, tokens_per_request, min_tokens=prompt_tokens + 1)
+    order = np.random.default_rng(seed).permutation(len(spans))
+    return Workload(spans[order], prompt_tokens, requests_per_attention_node * topology.attention_nodes)
+
+
+def assign_round_robin(workload: Workload, topology: Topology) -> np.ndarray:
+    """[R] attention node of each request: in turn."""
+    return np.arange(len(workload.spans)) % topology.attention_nodes
+
+
+def assign_rebatch(workload: Workload, topology: Topology, scores: np.ndarray) -> np.ndarray:
+    """[R] attention node: per wave, most confident requests first, each to the least loaded attention node of its
+    best-scoring domain if that keeps the node within attention_load_bound x the wave's mean, else to the least
+    loaded attention node. scores[r, d]: the predictor's scores (higher = more likely)."""
+    node_of = np.empty(len(workload.spans), np.int64)
+    sizes = workload.sizes.astype(np.float64)
+    members = [topology.attention_nodes_in(d) for d in range(topology.num_domains)]
+    ordered = np.sort(scores, axis=1)
+    margin = ordered[:, -1] - (ordered[:, -2] if scores.shape[1] > 1 else 0.0)
+    for start in range(0, len(sizes), workload.requests_per_wave):
+        wave = np.arange(start, min(start + workload.requests_per_wave, len(sizes)))
+        cap = topology.attention_load_bound * sizes[wave].sum() / topology.attention_nodes
+        load = np.zeros(topology.attention_nodes)
+        for r in wave[np.argsort(-margin[wave], kind="stable")]:
+            local = members[int(np.argmax(scores[r]))]
+            node = min(local, key=lambda n: load[n]) if local else None
+            if node is None or load[node] + sizes[r] > cap:
+                node = int(np.argmin(load))
+            node_of[r] = node
+            load[node] += sizes[r]
+    return node_of
+
+
+def predictor_scores(predictor: DomainPredictor, trace: RoutingTrace, workload: Workload) -> np.ndarray:
+    """[R, D] the predictor's scores of each request's prompt."""
+    return np.stack([predictor.scores(trace.token_ids[s:s + workload.prompt_tokens]) for s in workload.spans[:, 0]])
+
+
+@dataclass
+class SimulationReport:
+    tokens: int  # generated tokens replayed
+    cross_domain_bytes_per_token: float  # both ways, all MoE layers
+    intra_domain_bytes_per_token: float
+    cost_per_token: float  # bytes weighted by the topology's per-byte costs
+    fanout: float  # distinct expert nodes per token per layer
+    expert_load_max_over_mean: float  # worst layer; load = tokens dispatched to a node over the replay
+    expert_load_per_layer: list[float]
+    attention_load_max_over_mean: float  # generated tokens per attention node over the replay
+    step_time_us: float
+    step_comm_us: float
+    step_compute_us: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _split_integer(load: np.ndarray, amount: int) -> np.ndarray:
+    """Integer shares of `amount` that bring the lowest loads up to a common level (least-loaded choice, in bulk)."""
+    levels = np.sort(load)
+    for count in range(1, len(levels) + 1):
+        level = (levels[:count].sum() + amount) / count
+        if count == len(levels) or level <= levels[count]:
+            break
+    share = np.floor(np.maximum(level - load, 0)).astype(np.int64)
+    for n in np.argsort(load + share, kind="stable")[:amount - int(share.sum())]:
+        share[n] += 1
+    return share
+
+
+def replay(trace: RoutingTrace, workload: Workload, attention_node_of: np.ndarray, placement: Placement,
+           topology: Topology, cost: CostModel) -> SimulationReport:
+    layers = sorted(placement.nodes_of)
+    num_layers, num_nodes, num_attention = len(layers), topology.expert_nodes, topology.attention_nodes
+    node_domain = np.array(topology.expert_domain)
+    attention_domain = np.array(topology.attention_domain)
+    received = np.zeros((num_layers, num_nodes))  # tokens dispatched to each expert node
+    work = np.zeros((num_layers, num_nodes))  # selections computed by each expert node
+    expert_bytes = np.zeros((num_layers, num_nodes, 2))  # [.., 0] intra, [.., 1] inter; one way
+    attention_bytes = np.zeros((num_layers, num_attention, 2))
+    attention_tokens = np.zeros(num_attention)
+    messages = cross = 0
+    tokens = 0
+    for start in range(0, len(workload.spans), workload.requests_per_wave):
+        wave = np.arange(start, min(start + workload.requests_per_wave, len(workload.spans)))
+        token_index = np.concatenate([np.arange(s + workload.prompt_tokens, e) for s, e in workload.spans[wave]])
+        sender = np.repeat(attention_node_of[wave], workload.sizes[wave])
+        domain = attention_domain[sender]
+        np.add.at(attention_tokens, sender, 1)
+        tokens += len(token_index)
+        for index, layer in enumerate(layers):
+            ids = trace.expert_ids[token_index, index, :].astype(np.int64)  # [n, k]
+            node = np.full(ids.shape, -1, np.int64)
+            pending = np.zeros(num_nodes)  # this wave's choices so far, so later groups see them
+            for expert, holders in enumerate(placement.nodes_of[layer]):
+                where = np.nonzero(ids == expert)
+                if len(where[0]) == 0:
+                    continue
+                if len(holders) == 1:
+                    node[where] = holders[0]
+                    continue
+                for d in np.unique(domain[where[0]]):
+                    picked = tuple(w[domain[where[0]] == d] for w in where)
+                    local = [h for h in holders if node_domain[h] == d] or list(holders)
+                    share = _split_integer(received[index, local] + pending[local], len(picked[0]))
+                    node[picked] = np.repeat(local, share)
+                    pending[local] += share
+            work[index] += np.bincount(node.reshape(-1), minlength=num_nodes)
+            ordered = np.sort(node, axis=1)
+            distinct = np.ones(ordered.shape, bool)
+            distinct[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+            rows, cols = np.nonzero(distinct)
+            dest = ordered[rows, cols]
+            is_cross = (node_domain[dest] != domain[rows]).astype(np.int64)
+            received[index] += np.bincount(dest, minlength=num_nodes)
+            np.add.at(expert_bytes[index], (dest, is_cross), cost.bytes_per_message)
+            np.add.at(attention_bytes[index], (sender[rows], is_cross), cost.bytes_per_message)
+            messages += len(dest)
+            cross += int(is_cross.sum())
+    both_ways = 2 * cost.bytes_per_message
+    per_layer = received.max(axis=1) / np.maximum(received.mean(axis=1), 1e-12)
+    # one step = tokens_per_attention_node tokens on every attention node; node totals scaled to it
+    scale = cost.tokens_per_attention_node * num_attention / max(tokens, 1)
+    bandwidth = np.array([topology.intra_bandwidth_gbps, topology.inter_bandwidth_gbps]) * 1e9 / 8 / 1e6  # bytes/us
+    comm = 2 * np.maximum((expert_bytes * scale / bandwidth).max(axis=2).max(axis=1),
+                          (attention_bytes * scale / bandwidth).max(axis=2).max(axis=1))
+    compute = (work * scale).max(axis=1) * cost.expert_us_per_token + \
+        attention_tokens.max() * scale * cost.attention_us_per_token
+    return SimulationReport(
+        tokens=tokens, cross_domain_bytes_per_token=cross * both_ways / max(tokens, 1),
+        intra_domain_bytes_per_token=(messages - cross) * both_ways / max(tokens, 1),
+        cost_per_token=((messages - cross) * topology.intra_cost_per_byte + cross * topology.inter_cost_per_byte)
+        * both_ways / max(tokens, 1),
+        fanout=messages / max(tokens * num_layers, 1), expert_load_max_over_mean=float(per_layer.max()),
+        expert_load_per_layer=[round(float(x), 4) for x in per_layer],
+        attention_load_max_over_mean=float(attention_tokens.max() / max(attention_tokens.mean(), 1e-12)),
+        step_time_us=float((comm + compute).sum()), step_comm_us=float(comm.sum()),
+        step_compute_us=float(compute.sum()))
+
+
+def domain_demand(trace: RoutingTrace, workload: Workload, attention_node_of: np.ndarray, topology: Topology,
+                  num_layers: int) -> np.ndarray:
+    """[D, L, E] selections of each expert by the generated tokens of requests sent to each attention domain
+    (what replicate() needs to put replicas where their users are)."""
+    demand = np.zeros((topology.num_domains, num_layers, trace.num_experts))
+    for r, (s, e) in enumerate(workload.spans):
+        d = topology.attention_domain[attention_node_of[r]]
+        ids = trace.expert_ids[s + workload.prompt_tokens:e].astype(np.int64)
+        for index in range(num_layers):
+            demand[d, index] += np.bincount(ids[:, index].reshape(-1), minlength=trace.num_experts)
+    return demand
