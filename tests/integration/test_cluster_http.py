@@ -44,8 +44,9 @@ def test_greedy_tokens_and_logprobs_equal_transformers(served):
         prompt_ids = tokenizer(prompt).input_ids
         assert choice["prompt_token_ids"] == prompt_ids
         with torch.no_grad():
-            expected = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False,
-                                          pad_token_id=0)[0, len(prompt_ids):].tolist()
+            mask = torch.ones(1, len(prompt_ids), dtype=torch.long)  # no padding: every prompt id is real
+            expected = reference.generate(torch.tensor([prompt_ids]), attention_mask=mask, max_new_tokens=32,
+                                          do_sample=False, pad_token_id=0)[0, len(prompt_ids):].tolist()
             assert choice["token_ids"] == expected, f"prompt {prompt!r}"
             # logprobs are the logits of each forward pass, shifted by their logsumexp
             logits = reference(torch.tensor([prompt_ids + expected])).logits[0, len(prompt_ids) - 1:-1]

@@ -34,8 +34,9 @@ def test_logits_and_greedy_tokens_match_transformers(model_dir):
         for i, prompt in enumerate(PROMPTS):
             expected_logits = ref(torch.tensor([prompt])).logits[0, -1]
             assert (expected_logits - logits[i]).abs().max().item() < 1e-4
-            expected = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
-                                    pad_token_id=0)[0, len(prompt):].tolist()
+            mask = torch.ones(1, len(prompt), dtype=torch.long)  # no padding: every prompt id is real
+            expected = ref.generate(torch.tensor([prompt]), attention_mask=mask, max_new_tokens=16,
+                                    do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
             assert generated[i] == expected
 
 
@@ -81,8 +82,9 @@ def test_default_model_served_disaggregated_writes_python_and_french():
     ref = reference(model_dir)
     with torch.no_grad():
         for prompt, tokens in zip(prompts, generated):
-            assert tokens == ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
-                                          pad_token_id=0)[0, len(prompt):].tolist()
+            mask = torch.ones(1, len(prompt), dtype=torch.long)  # id 0 is <s> here, not padding
+            assert tokens == ref.generate(torch.tensor([prompt]), attention_mask=mask, max_new_tokens=24,
+                                          do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
     python, french = codec.decode(generated[0]), codec.decode(generated[1])
     assert "(" in python and ":" in python, python
     assert sum(w in french for w in (" le ", " de ", " la ", " les ", " des ", " est ", " et ", " du ")) >= 2, french
