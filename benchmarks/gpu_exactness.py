@@ -39,6 +39,7 @@ def check(arch: str, expert_nodes: int) -> bool:
                                                            "ignore_eos": True, "return_token_ids": True}).json()
                 with torch.no_grad():
                     expected = reference.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                                                  attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                                   pad_token_id=0)[0, len(prompt):].tolist()
                 same = got["choices"][0]["token_ids"] == expected
                 ok &= same
