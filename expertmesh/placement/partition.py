@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .coactivation import Coactivation
+from .coactivation import Coactivation, coactivation, request_usage, split_requests
 from .plan import Placement
 from .topology import Topology
+from .trace import RoutingTrace
 
 
 @dataclass
@@ -61,8 +62,11 @@ def _excess(part_load: np.ndarray, limit: np.ndarray) -> float:
 class _Problem:
     """One balanced partition: vertices of several layers, `caps[p]` vertices of every layer per part."""
 
-    def __init__(self, graph: np.ndarray, layer_of: np.ndarray, load: np.ndarray, caps: np.ndarray, bound: float):
+    def __init__(self, graph: np.ndarray, layer_of: np.ndarray, load: np.ndarray, caps: np.ndarray, bound: float,
+                 bias: np.ndarray | None = None):
         self.graph, self.layer_of, self.load, self.caps = graph, layer_of, load, caps
+        # bias[v, p]: weight of vertex v sitting in part p on its own (e.g. demand of the part's requests for it)
+        self.bias = bias if bias is not None else np.zeros((len(layer_of), len(caps)))
         self.layers = [np.flatnonzero(layer_of == layer) for layer in np.unique(layer_of)]
         share = caps / caps.sum()
         # limit[layer, part]: the load a part may carry at a layer
@@ -75,7 +79,8 @@ class _Problem:
     def score(self, part_of: np.ndarray) -> tuple[float, float]:
         """(total excess over the load limits, internal edge weight)."""
         same = part_of[:, None] == part_of[None, :]
-        return _excess(self.part_loads(part_of), self.limit), float((self.graph * same).sum() / 2)
+        inside = (self.graph * same).sum() / 2 + self.bias[np.arange(len(part_of)), part_of].sum()
+        return _excess(self.part_loads(part_of), self.limit), float(inside)
 
     def greedy(self) -> np.ndarray:
         """Agglomerate: layer by layer, heaviest expert first, into the open part it is most tied to."""
@@ -86,7 +91,7 @@ class _Problem:
             part_load = np.zeros(parts)
             for v in vertices[np.argsort(-self.load[vertices], kind="stable")]:
                 assigned = part_of >= 0
-                tie = np.array([self.graph[v, assigned & (part_of == p)].sum() for p in range(parts)])
+                tie = np.array([self.graph[v, assigned & (part_of == p)].sum() for p in range(parts)]) + self.bias[v]
                 headroom = self.limit[index] - part_load - self.load[v]
                 # Prefer parts where it fits; among them the most tied; else the least loaded.
                 key = [(taken[p] < self.caps[p], headroom[p] >= 0, tie[p], headroom[p]) for p in range(parts)]
@@ -108,7 +113,7 @@ class _Problem:
         then to raise internal weight without adding excess. Stops at a local optimum."""
         part_of = part_of.copy()
         parts = len(self.caps)
-        side = self.graph @ np.eye(parts)[part_of]  # side[v, p] = weight from v into part p
+        side = self.graph @ np.eye(parts)[part_of] + self.bias  # side[v, p] = weight of v being in part p
         loads = self.part_loads(part_of)
         for _ in range(max_swaps):
             best = None
@@ -162,35 +167,104 @@ def base_counts(num_experts: int, expert_nodes: int) -> np.ndarray:
                      for j in range(expert_nodes)])
 
 
-def partition(stats: Coactivation, topology: Topology, weights: EdgeWeights | None = None, seed: int = 0,
-              restarts: int = 8) -> Placement:
-    """Experts over domains (all layers at once), then each domain's experts over its nodes; one node per expert."""
-    weights = weights or EdgeWeights()
+def _nodes_within_domains(stats: Coactivation, topology: Topology, domain_of: np.ndarray, seed: int,
+                          restarts: int) -> Placement:
+    """Each domain's experts over its nodes: there only same-token edges save bytes (fewer nodes per token);
+    the chain to the next layer is kept as a tie-break."""
     num_layers, experts = stats.num_layers, stats.num_experts
-    graph = affinity_graph(stats, weights)
     layer_of = np.repeat(np.arange(num_layers), experts)
     load = stats.load.reshape(-1).astype(np.float64)
     node_caps = base_counts(experts, topology.expert_nodes)
-    domain_nodes = [np.array(topology.expert_nodes_in(d)) for d in range(topology.num_domains)]
-    domain_caps = np.array([node_caps[nodes].sum() for nodes in domain_nodes])
-    domain_of = np.zeros(len(load), np.int64)
-    if topology.num_domains > 1:
-        problem = _Problem(graph, layer_of, load, domain_caps, topology.load_bound)
-        domain_of = problem.solve(seed, restarts)
-    # Inside a domain only the same-token edges save bytes (fewer nodes per token); keep the chain as a tie-break.
     node_graph = affinity_graph(stats, EdgeWeights(token=1.0, next_layer=0.1, request=0.0))
     node_of = np.zeros(len(load), np.int64)
-    for domain, nodes in enumerate(domain_nodes):
+    for domain in range(topology.num_domains):
+        nodes = np.array(topology.expert_nodes_in(domain))
         members = np.flatnonzero(domain_of == domain)
-        caps = node_caps[nodes]
         if len(members) == 0:
             continue
         if len(nodes) == 1:
             node_of[members] = nodes[0]
             continue
-        sub = _Problem(node_graph[np.ix_(members, members)],
-                       layer_of[members], load[members], caps, topology.load_bound)
+        sub = _Problem(node_graph[np.ix_(members, members)], layer_of[members], load[members], node_caps[nodes],
+                       topology.load_bound)
         node_of[members] = nodes[sub.solve(seed + 1 + domain, restarts)]
-    nodes_of = {int(layer): [[int(node_of[index * experts + e])] for e in range(experts)]
-                for index, layer in enumerate(stats.moe_layers)}
-    return Placement(topology.expert_nodes, nodes_of)
+    return Placement(topology.expert_nodes, {int(layer): [[int(node_of[index * experts + e])] for e in range(experts)]
+                                             for index, layer in enumerate(stats.moe_layers)})
+
+
+def _domain_problem(stats: Coactivation, topology: Topology, weights: EdgeWeights,
+                    bias: np.ndarray | None = None) -> _Problem:
+    layer_of = np.repeat(np.arange(stats.num_layers), stats.num_experts)
+    node_caps = base_counts(stats.num_experts, topology.expert_nodes)
+    domain_caps = np.array([node_caps[topology.expert_nodes_in(d)].sum() for d in range(topology.num_domains)])
+    return _Problem(affinity_graph(stats, weights), layer_of, stats.load.reshape(-1).astype(np.float64),
+                    domain_caps, topology.load_bound, bias)
+
+
+def partition(stats: Coactivation, topology: Topology, weights: EdgeWeights | None = None, seed: int = 0,
+              restarts: int = 8) -> Placement:
+    """Experts over domains (all layers at once), then each domain's experts over its nodes; one node per expert."""
+    problem = _domain_problem(stats, topology, weights or EdgeWeights())
+    domain_of = problem.solve(seed, restarts) if topology.num_domains > 1 else np.zeros(len(problem.load), np.int64)
+    return _nodes_within_domains(stats, topology, domain_of, seed, restarts)
+
+
+def assign_requests(local: np.ndarray, sizes: np.ndarray, topology: Topology) -> np.ndarray:
+    """[R] attention domain of each fitting request: the most decided first, each to the domain holding most of its
+    routing (local[r, d]) while that domain's tokens stay within load_bound x its attention nodes' share."""
+    attention_share = np.bincount(topology.attention_domain, minlength=topology.num_domains) / topology.attention_nodes
+    capacity = topology.load_bound * sizes.sum() * attention_share
+    ordered = np.sort(local, axis=1)
+    margin = (ordered[:, -1] - ordered[:, -2]) / np.maximum(sizes, 1) if local.shape[1] > 1 else np.zeros(len(sizes))
+    volume = np.zeros(topology.num_domains)
+    domain_of = np.empty(len(sizes), np.int64)
+    for r in np.argsort(-margin, kind="stable"):
+        for d in np.argsort(-local[r], kind="stable"):
+            if volume[d] + sizes[r] <= capacity[d]:
+                break
+        else:
+            d = int(np.argmin(volume / np.maximum(attention_share, 1e-12)))
+        domain_of[r] = d
+        volume[d] += sizes[r]
+    return domain_of
+
+
+def place(trace: RoutingTrace, topology: Topology, replicate_hot: bool = True, tokens_per_request: int = 256,
+          iterations: int = 4, demand_weight: float = 8.0, weights: EdgeWeights | None = None,
+          seed: int = 0) -> Placement:
+    """The offline placement: graph partition, then alternate (a) sending each fitting request to the domain holding
+    most of its routing and (b) re-partitioning with each domain's demand for an expert as a bias, replicas added
+    after each round; the round with the fewest selections crossing domains wins."""
+    from .predictor import holder_domains
+    from .replication import replicate
+    weights = weights or EdgeWeights()
+    spans = split_requests(trace, tokens_per_request)
+    sizes = (spans[:, 1] - spans[:, 0]).astype(np.float64)
+    usage = request_usage(trace, spans).astype(np.float64)  # [R, L, E]
+    stats = coactivation(trace, spans)
+
+    def demand_of(placement: Placement) -> tuple[float, np.ndarray]:
+        held = holder_domains(placement, topology).astype(np.float64)  # [L, E, D]
+        domain_of = assign_requests(np.einsum("rle,led->rd", usage, held), sizes, topology)
+        demand = np.stack([usage[domain_of == d].sum(axis=0) for d in range(topology.num_domains)])
+        return float((demand * (1 - held.transpose(2, 0, 1))).sum()), demand
+
+    def finish(primary: Placement) -> Placement:
+        return replicate(primary, topology, demand_of(primary)[1]) if replicate_hot else primary
+
+    current = finish(partition(stats, topology, weights, seed))
+    best = (demand_of(current)[0], current)
+    if topology.num_domains == 1:
+        return current
+    for _ in range(iterations):
+        demand = demand_of(current)[1]
+        bias = demand_weight * demand.transpose(1, 2, 0).reshape(-1, topology.num_domains) / demand.sum()
+        problem = _domain_problem(stats, topology, weights, bias)
+        start = np.array([topology.expert_domain[nodes[0]] for layer in sorted(current.nodes_of)
+                          for nodes in current.nodes_of[layer]])
+        domain_of = problem.refine(start)
+        current = finish(_nodes_within_domains(stats, topology, domain_of, seed, 8))
+        crossing = demand_of(current)[0]
+        if crossing < best[0] - 1e-9:
+            best = (crossing, current)
+    return best[1]
