@@ -81,6 +81,17 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--trace", help="write the nodes' timeline here (Chrome trace JSON, open in Perfetto)")
     s.add_argument("--json", help="write the report here as JSON")
+    t = bench.add_parser("transport", help="latency and bandwidth of the transports between processes (p2p, M2N, NCCL)")
+    t.add_argument("--backends", help="comma-separated, of zmq,ucx (default: both on cpu, ucx on cuda)")
+    t.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    t.add_argument("--sizes", help="point-to-point message sizes (default 4K,64K,1M,16M,64M; cuda adds 256M)")
+    t.add_argument("--iters", type=int, default=100, help="timed round trips of small messages (large get fewer)")
+    t.add_argument("--m2n", default="2x2", help="senders x receivers, e.g. 2x2")
+    t.add_argument("--tokens", default="1,16,64,256", help="tokens per M2N message")
+    t.add_argument("--hidden", type=int, default=4096)
+    t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    t.add_argument("--nccl", action="store_true", help="also NCCL send/recv and all_to_all_single (needs 2 GPUs)")
+    t.add_argument("--json", help="write every row here as JSON")
 
 
 def _profile_parser(sub: argparse._SubParsersAction) -> None:
@@ -121,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         from .bench.serve import Workload, main as bench_serve
         workload = Workload(args.num_requests, args.input_len, args.output_len, args.concurrency, args.rate, args.seed)
         return bench_serve(args.url, workload, args.trace, args.json)
+    if args.command == "bench" and args.bench == "transport":
+        from .bench.transport import main as bench_transport
+        return bench_transport(args)
     if args.command == "launch":
         from .launcher.local import launch
         return launch(config_from_args(args), args.ready_timeout)
