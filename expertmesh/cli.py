@@ -105,6 +105,35 @@ def _profile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", help="write the routing statistics here as JSON")
 
 
+def _place_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("place", help="co-activation placement of experts over expert nodes and domains")
+    p.add_argument("--trace", required=True, help="routing trace to fit on (.npz from `profile`)")
+    p.add_argument("--cluster", required=True, help="YAML/JSON topology: domains, attention_nodes, expert_nodes, "
+                   "slots_per_node, link costs, load bounds (expertmesh/placement/topology.py)")
+    p.add_argument("--out", required=True, help="placement JSON (the cluster's --placement)")
+    p.add_argument("--replicate", action="store_true", help="fill free slots with replicas of hot experts")
+    p.add_argument("--predictor-out", help="also fit the gateway's domain predictor on the trace, write it here (.npz)")
+    p.add_argument("--tokens-per-request", type=int, default=256, help="span of a document counted as one request")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _simulate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="replay a routing trace on a cluster of any size, report bytes and load")
+    p.add_argument("--trace", required=True, help="routing trace to replay (.npz)")
+    p.add_argument("--cluster", required=True, help="YAML/JSON topology (as for `place`)")
+    p.add_argument("--placement", help="placement JSON (default: contiguous blocks)")
+    p.add_argument("--policy", choices=["round_robin", "rebatch"], default="round_robin",
+                   help="requests to attention nodes: in turn, or by predicted domain within the load bound")
+    p.add_argument("--predictor", help="rebatch: predictor .npz from `place` (default: fit one on --fit-trace)")
+    p.add_argument("--fit-trace", help="rebatch without --predictor: trace to fit the predictor on (default --trace)")
+    p.add_argument("--hidden-size", type=int, help="activation width (default: the trace's model config)")
+    p.add_argument("--dtype-bytes", type=int, default=2)
+    p.add_argument("--tokens-per-request", type=int, default=256)
+    p.add_argument("--prompt-tokens", type=int, default=64, help="first tokens of a request: the prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the report here as JSON")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="expertmesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,7 +141,25 @@ def main(argv: list[str] | None = None) -> int:
     _make_model_parser(sub)
     _bench_parser(sub)
     _profile_parser(sub)
+    _place_parser(sub)
+    _simulate_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "place":
+        from .placement.partition import place_files
+        print(place_files(args.trace, args.cluster, args.out, args.replicate, args.predictor_out,
+                          args.tokens_per_request, args.seed))
+        return 0
+    if args.command == "simulate":
+        import json
+        from .placement.simulator import simulate_files
+        report = simulate_files(args.trace, args.cluster, args.placement, args.policy, args.predictor, args.fit_trace,
+                                args.hidden_size, args.dtype_bytes, args.tokens_per_request, args.prompt_tokens,
+                                args.seed)
+        print(json.dumps(report.to_dict(), indent=1))
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(report.to_dict(), handle, indent=1)
+        return 0
     if args.command == "profile":
         import json
         from .placement.profile import profile

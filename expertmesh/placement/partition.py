@@ -268,3 +268,21 @@ def place(trace: RoutingTrace, topology: Topology, replicate_hot: bool = True, t
         if crossing < best[0] - 1e-9:
             best = (crossing, current)
     return best[1]
+
+
+def place_files(trace_path: str, cluster_path: str, out: str, replicate_hot: bool = False,
+                predictor_out: str | None = None, tokens_per_request: int = 256, seed: int = 0) -> str:
+    """`expertmesh place`: fit on a trace file, write the placement JSON (and the predictor); returns a summary."""
+    from .predictor import DomainPredictor
+    trace = RoutingTrace.load(trace_path)
+    topology = Topology.load(cluster_path)
+    placement = place(trace, topology, replicate_hot, tokens_per_request, seed=seed)
+    with open(out, "w") as handle:
+        handle.write(placement.to_json())
+    copies = sum(len(nodes) for nodes in next(iter(placement.nodes_of.values())))
+    summary = (f"placement: {out} ({topology.expert_nodes} expert nodes in {topology.num_domains} domains, "
+               f"{copies} copies of {trace.num_experts} experts per layer)")
+    if predictor_out:
+        DomainPredictor.fit(trace, placement, topology).save(predictor_out)
+        summary += f"\npredictor: {predictor_out}"
+    return summary

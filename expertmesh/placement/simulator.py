@@ -60,24 +60,35 @@ def assign_round_robin(workload: Workload, topology: Topology) -> np.ndarray:
 
 def assign_rebatch(workload: Workload, topology: Topology, scores: np.ndarray) -> np.ndarray:
     """[R] attention node: per wave, most confident requests first, each to the least loaded attention node of its
-    best-scoring domain if that keeps the node within attention_load_bound x the wave's mean, else to the least
-    loaded attention node. scores[r, d]: the predictor's scores (higher = more likely)."""
+    best-scoring domain if that node stays within attention_load_bound x the wave's mean and the domain within
+    load_bound x its share (its expert nodes must absorb what it sends), else the next domain by score, else the
+    least loaded attention node. scores[r, d]: the predictor's scores (higher = more likely)."""
     node_of = np.empty(len(workload.spans), np.int64)
     sizes = workload.sizes.astype(np.float64)
     members = [topology.attention_nodes_in(d) for d in range(topology.num_domains)]
+    share = np.array([len(m) for m in members]) / topology.attention_nodes
     ordered = np.sort(scores, axis=1)
     margin = ordered[:, -1] - (ordered[:, -2] if scores.shape[1] > 1 else 0.0)
     for start in range(0, len(sizes), workload.requests_per_wave):
         wave = np.arange(start, min(start + workload.requests_per_wave, len(sizes)))
-        cap = topology.attention_load_bound * sizes[wave].sum() / topology.attention_nodes
+        node_cap = topology.attention_load_bound * sizes[wave].sum() / topology.attention_nodes
+        domain_cap = topology.load_bound * sizes[wave].sum() * share
         load = np.zeros(topology.attention_nodes)
+        volume = np.zeros(topology.num_domains)
         for r in wave[np.argsort(-margin[wave], kind="stable")]:
-            local = members[int(np.argmax(scores[r]))]
-            node = min(local, key=lambda n: load[n]) if local else None
-            if node is None or load[node] + sizes[r] > cap:
+            node = None
+            for d in np.argsort(-scores[r], kind="stable"):
+                if not members[d] or volume[d] + sizes[r] > domain_cap[d]:
+                    continue
+                candidate = min(members[d], key=lambda n: load[n])
+                if load[candidate] + sizes[r] <= node_cap:
+                    node = candidate
+                    break
+            if node is None:
                 node = int(np.argmin(load))
             node_of[r] = node
             load[node] += sizes[r]
+            volume[topology.attention_domain[node]] += sizes[r]
     return node_of
 
 
@@ -198,3 +209,90 @@ def domain_demand(trace: RoutingTrace, workload: Workload, attention_node_of: np
         for index in range(num_layers):
             demand[d, index] += np.bincount(ids[:, index].reshape(-1), minlength=trace.num_experts)
     return demand
+
+
+def contiguous_placement(trace: RoutingTrace, topology: Topology) -> Placement:
+    """The default cluster placement (Placement.contiguous) for the trace's model, without loading the model."""
+    from types import SimpleNamespace
+    shape = SimpleNamespace(num_experts=trace.num_experts, moe_layer_ids=[int(x) for x in trace.moe_layers])
+    return Placement.contiguous(shape, topology.expert_nodes)  # type: ignore[arg-type]
+
+
+def compare_strategies(fit: RoutingTrace, held_out: RoutingTrace, topology: Topology, cost: CostModel,
+                       tokens_per_request: int = 256, prompt_tokens: int = 64, seed: int = 0) -> list[dict]:
+    """Placements and predictors fitted on `fit`, replayed on `held_out`: the contiguous/round-robin baseline, a
+    load-only (EPLB-like) replication, co-activation placement alone, rebatching alone, and the combinations.
+    One dict per strategy; `reduction` is relative to the first row's cross-domain bytes per token."""
+    from .coactivation import coactivation, split_requests as split
+    from .partition import place
+    from .predictor import accuracy
+    from .replication import replicate_by_load
+    contiguous = contiguous_placement(fit, topology)
+    load = coactivation(fit, split(fit, tokens_per_request)).load
+    placements = {"contiguous": contiguous, "eplb": replicate_by_load(contiguous, topology, load),
+                  "coactivation": place(fit, topology, replicate_hot=False, tokens_per_request=tokens_per_request,
+                                        seed=seed),
+                  "coactivation+replicas": place(fit, topology, replicate_hot=True,
+                                                 tokens_per_request=tokens_per_request, seed=seed)}
+    strategies = [("contiguous", "round_robin"), ("eplb", "round_robin"), ("coactivation", "round_robin"),
+                  ("contiguous", "rebatch"), ("coactivation", "rebatch"), ("eplb", "rebatch"),
+                  ("coactivation+replicas", "round_robin"), ("coactivation+replicas", "rebatch")]
+    rows = []
+    for name, policy in strategies:
+        placement = placements[name]
+        row = {"placement": name, "policy": policy, "domains": topology.num_domains,
+               "attention_nodes": topology.attention_nodes, "expert_nodes": topology.expert_nodes,
+               "copies_per_layer": sum(len(nodes) for nodes in next(iter(placement.nodes_of.values())))}
+        for label, trace in (("held_out", held_out), ("fit", fit)):
+            workload = make_workload(trace, topology, tokens_per_request, prompt_tokens, seed=seed)
+            if policy == "rebatch":
+                predictor = DomainPredictor.fit(fit, placement, topology)
+                node_of = assign_rebatch(workload, topology, predictor_scores(predictor, trace, workload))
+                if label == "held_out":
+                    row["predictor_accuracy"] = accuracy(predictor, trace, placement, topology, workload.spans,
+                                                         prompt_tokens)
+            else:
+                node_of = assign_round_robin(workload, topology)
+            report = replay(trace, workload, node_of, placement, topology, cost)
+            if label == "held_out":
+                row.update(report.to_dict())
+            else:
+                row["fit_expert_load_max_over_mean"] = report.expert_load_max_over_mean
+        rows.append(row)
+    for row in rows:
+        row["reduction"] = 1 - row["cross_domain_bytes_per_token"] / max(rows[0]["cross_domain_bytes_per_token"], 1e-12)
+    return rows
+
+
+def simulate_files(trace_path: str, cluster_path: str, placement_path: str | None, policy: str,
+                   predictor_path: str | None = None, fit_trace_path: str | None = None, hidden_size: int | None = None,
+                   dtype_bytes: int = 2, tokens_per_request: int = 256, prompt_tokens: int = 64,
+                   seed: int = 0) -> SimulationReport:
+    """`expertmesh simulate`: files in, one replay's report out."""
+    import json
+    from pathlib import Path
+    trace = RoutingTrace.load(trace_path)
+    topology = Topology.load(cluster_path)
+    if hidden_size is None:
+        config = Path(trace.model) / "config.json"
+        if not config.is_file():
+            raise ValueError(f"no --hidden-size given and the trace's model {trace.model!r} has no config.json")
+        hidden_size = int(json.loads(config.read_text())["hidden_size"])
+    placement = Placement.from_json(Path(placement_path).read_text()) if placement_path else \
+        contiguous_placement(trace, topology)
+    if placement.num_expert_nodes != topology.expert_nodes:
+        raise ValueError(f"placement {placement_path!r} is for {placement.num_expert_nodes} expert nodes, "
+                         f"cluster {cluster_path!r} has {topology.expert_nodes}")
+    workload = make_workload(trace, topology, tokens_per_request, prompt_tokens, seed=seed)
+    if policy == "round_robin":
+        node_of = assign_round_robin(workload, topology)
+    elif policy == "rebatch":
+        predictor = DomainPredictor.load(predictor_path) if predictor_path else \
+            DomainPredictor.fit(RoutingTrace.load(fit_trace_path) if fit_trace_path else trace, placement, topology)
+        if predictor.num_domains != topology.num_domains:
+            raise ValueError(f"predictor {predictor_path!r} knows {predictor.num_domains} domains, "
+                             f"cluster has {topology.num_domains}")
+        node_of = assign_rebatch(workload, topology, predictor_scores(predictor, trace, workload))
+    else:
+        raise ValueError(f"policy {policy!r}; choose round_robin or rebatch")
+    return replay(trace, workload, node_of, placement, topology, CostModel(hidden_size, dtype_bytes))
