@@ -18,6 +18,8 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="address the gateway binds to (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gateway port (default 8000)")
     p.add_argument("--placement", help="placement JSON (default: contiguous blocks of experts)")
+    p.add_argument("--topology", help="cluster description: domains of the nodes, link costs (see `place`)")
+    p.add_argument("--predictor", help="domain predictor (.npz from `place`): rebatch requests by predicted domain")
     p.add_argument("--transport", choices=["auto", "ucx", "zmq"],
                    help="data path between attention and expert nodes (default auto: ucx where ucxx imports)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="cuda: each node on its own GPU")
@@ -40,6 +42,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  ("model", "dtype", args.dtype), ("model", "device", getattr(args, "device", None)), ("engine", "max_num_seqs", args.max_num_seqs),
                  ("engine", "max_model_len", args.max_model_len), ("gateway", "model_name", args.served_model_name),
                  ("transport", "emulated_latency_us", getattr(args, "emulated_latency_us", None)),
+                 ("cluster", "topology", getattr(args, "topology", None)),
+                 ("gateway", "predictor", getattr(args, "predictor", None)),
                  ("transport", "emulated_bandwidth_gbps", getattr(args, "emulated_bandwidth_gbps", None))]
     for section, key, value in overrides:
         if value is not None:

@@ -62,6 +62,7 @@ class GatewayConfig:
     port: int = 8000
     model_name: str | None = None  # served model id; default: the model directory's name
     node_timeout_s: float = 10.0  # an attention node silent this long is declared dead
+    predictor: str | None = None  # domain predictor (.npz, `expertmesh place`): rebatch requests by predicted domain
 
 
 @dataclass
@@ -69,6 +70,7 @@ class ClusterConfig:
     attention_nodes: int = 1
     expert_nodes: int = 2
     placement: str | None = None  # placement JSON; default: contiguous blocks of experts per node
+    topology: str | None = None  # cluster description (domains of the nodes, link costs; placement/topology.py)
     # Filled in by the launcher (free ports on this host), or given for multi-host deployments.
     attention_addresses: list[str] = field(default_factory=list)  # control address of each attention node
     expert_addresses: list[str] = field(default_factory=list)  # data address of each expert node

@@ -8,7 +8,7 @@ import torch
 from ..config import Config
 from ..model.spec import ModelSpec
 from ..model.weights import load_attention_side
-from ..placement.plan import load_cluster_placement
+from ..placement.plan import load_cluster_placement, load_cluster_topology
 from ..process import run_node
 from ..transport.base import connect_within, make_transport
 from ..transport.emulation import emulate
@@ -34,7 +34,10 @@ async def main(config: Config, index: int) -> None:
     t = config.transport
     connections = [emulate(await connect_within(transport, address, t.connect_timeout_s), t.emulated_latency_us,
                            t.emulated_bandwidth_gbps) for address in config.cluster.expert_addresses]
-    m2n = M2NClient(connections, placement, index, config.transport.recv_timeout_s, device)
+    topology = load_cluster_topology(config)
+    m2n = M2NClient(connections, placement, index, config.transport.recv_timeout_s, device,
+                    attention_domain=topology.attention_domain[index] if topology else 0,
+                    expert_domain=topology.expert_domain if topology else None)
     await m2n.handshake(spec.num_layers, spec.num_experts, config.transport.connect_timeout_s)
     control = await ZmqTransport().listen(config.cluster.attention_addresses[index])
     log.info("connected to %d expert nodes; serving on %s", len(connections), config.cluster.attention_addresses[index])

@@ -5,13 +5,30 @@ from pathlib import Path
 
 import uvicorn
 
-from ..config import Config
+from ..config import Config, ConfigError
+from ..placement.plan import load_cluster_topology
 from ..model.spec import ModelSpec
 from ..process import run_node
 from ..transport.zmq import ZmqTransport
 from .app import ServedModel, create_app
 from .nodes import AttentionNodeClient, NodeLink
+from .router import RoutingPolicy
 from .text import TextCodec
+
+
+def routing_policy(config: Config) -> RoutingPolicy:
+    """Rebatching by predicted domain when a predictor and a topology are configured; else least loaded."""
+    topology = load_cluster_topology(config)
+    if config.gateway.predictor is None:
+        return RoutingPolicy()
+    if topology is None:
+        raise ConfigError("gateway.predictor needs cluster.topology: the domains of the attention nodes")
+    from ..placement.predictor import DomainPredictor
+    predictor = DomainPredictor.load(config.gateway.predictor)
+    if predictor.num_domains != topology.num_domains:
+        raise ConfigError(f"predictor {config.gateway.predictor!r} knows {predictor.num_domains} domains, "
+                          f"topology has {topology.num_domains}")
+    return RoutingPolicy(predictor, topology.attention_domain, topology.attention_load_bound)
 
 
 async def main(config: Config, index: int) -> None:
@@ -24,7 +41,8 @@ async def main(config: Config, index: int) -> None:
                          codec=TextCodec(config.model.path), nodes=nodes,
                          expert_nodes=[NodeLink(f"expert node {i}", await transport.connect(address),
                                                 config.gateway.node_timeout_s)
-                                       for i, address in enumerate(config.cluster.expert_control_addresses)])
+                                       for i, address in enumerate(config.cluster.expert_control_addresses)],
+                         routing=routing_policy(config))
     server = uvicorn.Server(uvicorn.Config(create_app(served), host=config.gateway.host, port=config.gateway.port,
                                            log_level="warning", lifespan="on"))
     server.install_signal_handlers = lambda: None  # run_node owns SIGTERM/SIGINT

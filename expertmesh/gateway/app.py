@@ -18,7 +18,7 @@ from ..transport.protocol import SamplingParams
 from .metrics import GatewayMetrics
 from ..telemetry import chrome_trace
 from .nodes import AttentionNodeClient, NodeLink
-from .router import choose_node
+from .router import RoutingPolicy, choose_node
 from .schema import ChatRequest, CompletionRequest, SamplingFields, error_body
 from .text import TextCodec, TextStream
 
@@ -45,6 +45,7 @@ class ServedModel:
     codec: TextCodec
     nodes: list[AttentionNodeClient]
     expert_nodes: list[NodeLink] = field(default_factory=list)
+    routing: RoutingPolicy = field(default_factory=RoutingPolicy)
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
 
     @property
@@ -88,7 +89,7 @@ def create_app(served: ServedModel) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(served.metrics.render(served.nodes, served.expert_nodes),
+        return PlainTextResponse(served.metrics.render(served.nodes, served.expert_nodes, served.routing),
                                  media_type="text/plain; version=0.0.4")
 
     @app.post("/admin/trace/start")
@@ -130,7 +131,7 @@ def create_app(served: ServedModel) -> FastAPI:
         sampling = SamplingParams(max_tokens, body.temperature, body.top_p, body.seed, body.ignore_eos,
                                   body.top_logprobs_n())
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        node = choose_node(served.nodes)
+        node = choose_node(served.nodes, prompt_ids, served.routing)
         if node is None:
             raise APIError(503, "no attention node is ready", kind="service_unavailable")
         chunks = generate(node, request_id, prompt_ids, sampling, body.stop_list())

@@ -14,7 +14,7 @@ class GatewayMetrics:
     generation_tokens: int = 0
     in_flight: int = 0
 
-    def render(self, nodes: list[AttentionNodeClient], expert_nodes: list[NodeLink]) -> str:
+    def render(self, nodes: list[AttentionNodeClient], expert_nodes: list[NodeLink], routing=None) -> str:
         lines = ["# TYPE expertmesh_requests_total counter"]
         for outcome in ("completed", "failed", "rejected", "aborted"):
             lines.append(f'expertmesh_requests_total{{outcome="{outcome}"}} {self.requests[outcome]}')
@@ -50,6 +50,13 @@ class GatewayMetrics:
             for phase, seconds in zip(status.phase_names, status.phase_seconds):
                 lines.append(f'expertmesh_node_phase_seconds_total{{node="{label}",phase="{phase}"}} {seconds:.6f}')
             lines.append(f'expertmesh_node_wall_seconds{{node="{label}"}} {status.wall_seconds:.6f}')
+        if routing is not None:
+            lines.append("# TYPE expertmesh_routing_decisions_total counter")
+            for decision in ("predicted", "overflow", "least_loaded"):
+                lines.append(f'expertmesh_routing_decisions_total{{decision="{decision}"}} {routing.decisions[decision]}')
+            lines.append("# TYPE expertmesh_routed_requests_total counter")
+            for domain, count in sorted(routing.requests_per_domain.items()):
+                lines.append(f'expertmesh_routed_requests_total{{domain="{domain}"}} {count}')
         lines.append("# TYPE expertmesh_expert_tokens_total counter")
         for node in expert_nodes:
             if node.status is not None:

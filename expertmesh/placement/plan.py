@@ -74,6 +74,19 @@ class Placement:
         return placement.validate(spec)
 
 
+def load_cluster_topology(config: "Config"):
+    """The cluster's Topology if configured (checked against the node counts), else None: one domain."""
+    if not config.cluster.topology:
+        return None
+    from .topology import Topology, TopologyError
+    topology = Topology.load(config.cluster.topology)
+    if (topology.attention_nodes, topology.expert_nodes) != (config.cluster.attention_nodes, config.cluster.expert_nodes):
+        raise TopologyError(f"topology {config.cluster.topology!r} describes {topology.attention_nodes} attention and "
+                            f"{topology.expert_nodes} expert nodes, the cluster has {config.cluster.attention_nodes} "
+                            f"and {config.cluster.expert_nodes}")
+    return topology
+
+
 def load_cluster_placement(config: "Config", spec: ModelSpec) -> Placement:
     """The cluster's placement: its file if configured, else contiguous blocks."""
     if config.cluster.placement:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..placement.plan import Placement
+from ..placement.replication import choose_replica
 from .base import Connection, TransportError
 from .protocol import Combine, Dispatch, ExpertError, Hello, HelloReply, Message
 
@@ -38,15 +39,21 @@ class M2NClient:
     """The attention node's side of the expert links: one Connection per expert node."""
 
     def __init__(self, connections: list[Connection], placement: Placement, attention_node: int,
-                 recv_timeout_s: float, device: str = "cpu") -> None:
+                 recv_timeout_s: float, device: str = "cpu", attention_domain: int = 0,
+                 expert_domain: list[int] | None = None) -> None:
         self.connections = connections
         self.placement = placement
         self.attention_node = attention_node
         self.recv_timeout_s = recv_timeout_s
-        # node_of[layer][expert]: the replica this attention node uses (the first listed, for now)
+        n = len(connections)
+        self.device = device
+        self.attention_domain = attention_domain
+        self.expert_domain = expert_domain or [0] * n
+        # node_of[layer][expert]: the node this attention node sends to; layers with replicas choose per step
         self.node_of = {layer: torch.tensor([nodes[0] for nodes in experts], dtype=torch.int32, device=device)
                         for layer, experts in placement.nodes_of.items()}
-        n = len(connections)
+        self.replicated_layers = {layer for layer, experts in placement.nodes_of.items()
+                                  if any(len(nodes) > 1 for nodes in experts)}
         self.stats = LinkStats([0] * n, [0] * n, [0] * n)
         self._pending: list[dict[tuple[int, int, int], asyncio.Future]] = [{} for _ in range(n)]
         # send buffers per (node, microbatch), grown as needed and reused at every layer and step: a buffer is
@@ -104,6 +111,8 @@ class M2NClient:
         if self._failure is not None:
             raise self._failure
         key = (step, layer, microbatch)
+        if layer in self.replicated_layers:
+            self._choose_replicas(layer)
         node_of_choice = self.node_of[layer][expert_ids.long()]  # [tokens, k]
         loop = asyncio.get_running_loop()
         handle = DispatchHandle(key, hidden.shape[0], {}, {})
@@ -122,6 +131,13 @@ class M2NClient:
             handle.rows_of_node[node] = rows
             handle.answers[node] = future
         return handle
+
+    def _choose_replicas(self, layer: int) -> None:
+        """Locality first, then load: a replica in this attention node's domain, the one sent the fewest bytes."""
+        load = self.stats.bytes_sent
+        chosen = [choose_replica(nodes, self.attention_domain, self.expert_domain, load)
+                  for nodes in self.placement.nodes_of[layer]]
+        self.node_of[layer] = torch.tensor(chosen, dtype=torch.int32, device=self.device)
 
     def _buffers(self, node: int, microbatch: int, rows: int, like: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         """Views of `rows` rows of this (node, microbatch)'s send buffers, shaped like each of `like`."""

@@ -50,9 +50,12 @@ def test_microbatches_give_identical_tokens(mixtral_dir, microbatches):
 
 
 def test_replicated_placement_gives_identical_tokens(mixtral_dir):
-    """Every expert on both nodes, preferring the second: the same sums, other links."""
-    async def run(placement):
+    """Every expert on both nodes: replicas are chosen by load (one domain), or by locality when the attention
+    node shares a domain with one of them; the same sums either way, other links."""
+    async def run(placement, expert_domain=None):
         async with InprocCluster(mixtral_dir, placement=placement) as cluster:
+            if expert_domain is not None:
+                cluster.m2n.attention_domain, cluster.m2n.expert_domain = 1, expert_domain
             tokens = await cluster.generate(PROMPTS, 8)
             return tokens, list(cluster.m2n.stats.messages_sent)
 
@@ -60,9 +63,11 @@ def test_replicated_placement_gives_identical_tokens(mixtral_dir):
     spec = ModelSpec.from_dir(mixtral_dir)
     replicated = Placement(2, {layer: [[1, 0] for _ in range(spec.num_experts)] for layer in spec.moe_layer_ids})
     contiguous_tokens, _ = asyncio.run(run(Placement.contiguous(spec, 2)))
-    replicated_tokens, messages = asyncio.run(run(replicated))
-    assert replicated_tokens == contiguous_tokens
-    assert messages[0] == 0 and messages[1] > 0  # node 1 is every expert's first replica
+    balanced_tokens, balanced = asyncio.run(run(replicated))
+    local_tokens, local = asyncio.run(run(replicated, expert_domain=[0, 1]))
+    assert balanced_tokens == contiguous_tokens == local_tokens
+    assert min(balanced) > 0  # least loaded: both replicas carry traffic
+    assert local[0] == 0 and local[1] > 0  # locality first: node 1 shares the attention node's domain
 
 
 def test_default_model_served_disaggregated_writes_python_and_french():

@@ -1,0 +1,35 @@
+"""The gateway's choice of attention node: predicted domain within the load bound, else least loaded."""
+import numpy as np
+
+from expertmesh.gateway.router import RoutingPolicy, choose_node
+
+
+class FakeNode:
+    def __init__(self, index, load=0, ready=True):
+        self.index, self.load_tokens, self.ready, self.requests_routed = index, load, ready, 0
+
+
+class PlantedPredictor:
+    """Token ids below 100 mean domain 0, others domain 1."""
+    def predict(self, token_ids):
+        votes = np.bincount([0 if t < 100 else 1 for t in token_ids], minlength=2)
+        return int(votes.argmax()), votes
+
+
+def test_least_loaded_without_predictor_and_none_when_nothing_ready():
+    nodes = [FakeNode(0, 50), FakeNode(1, 10), FakeNode(2, 0, ready=False)]
+    policy = RoutingPolicy()
+    assert choose_node(nodes, [1, 2], policy).index == 1
+    assert policy.decisions["least_loaded"] == 1
+    assert choose_node([FakeNode(0, ready=False)], [1]) is None
+
+
+def test_rebatching_to_the_predicted_domain_within_the_load_bound():
+    nodes = [FakeNode(0, 100), FakeNode(1, 100), FakeNode(2, 100), FakeNode(3, 100)]
+    policy = RoutingPolicy(PlantedPredictor(), attention_domain=[0, 0, 1, 1], load_bound=1.25)
+    assert choose_node(nodes, [5, 6, 7], policy).index in (0, 1)
+    assert choose_node(nodes, [500, 600], policy).index in (2, 3)
+    # domain 1 is over the bound (mean 175, bound 218.75): the request overflows to the least loaded node
+    nodes[2].load_tokens = nodes[3].load_tokens = 250
+    assert choose_node(nodes, [500, 600], policy).index in (0, 1)
+    assert policy.decisions == {"predicted": 2, "overflow": 1}
