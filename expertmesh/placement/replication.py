@@ -96,8 +96,10 @@ def replicate(placement: Placement, topology: Topology, demand: np.ndarray) -> P
                            round(load.max() - new_load.max(), 6))
                     if best is None or key > best[0]:
                         best = (key, expert, node)
-            if best is None or not best[0] > (0.0, 0.0, 0.0):
-                break  # no addition lowers the excess, the crossing or the peak without raising the excess
+            if best is None:
+                break  # every node with room already holds every expert
+            # Slots are provisioned memory: fill them all. A copy that alone tips a node over the bound is taken
+            # only when no copy helps; the next copies usually even it out (copies come in symmetric sets).
             _, expert, node = best
             holders[expert].append(node)
             free[node] -= 1
