@@ -8,8 +8,6 @@ import json
 import multiprocessing
 import os
 import queue
-import random
-import socket
 import statistics
 import sys
 import time
@@ -18,6 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from ..launcher.local import free_port
 
 BACKENDS = ("zmq", "ucx")
 CPU_SIZES = "4K,64K,1M,16M,64M"
@@ -94,7 +94,8 @@ def format_size(nbytes: int) -> str:
 
 
 def _iters_for(iters: int, nbytes: int) -> int:
-    return max(_MIN_ITERS, min(iters, _BYTES_PER_SIZE // max(1, nbytes)))
+    """`iters`, or as many as move _BYTES_PER_SIZE for large messages, but not fewer than _MIN_ITERS."""
+    return max(min(iters, _MIN_ITERS), min(iters, _BYTES_PER_SIZE // max(1, nbytes)))
 
 
 def gpu_count() -> int:
@@ -106,27 +107,8 @@ def _device_of(slot: int, device: str) -> str:
     return "cpu" if device == "cpu" else f"cuda:{slot % max(1, gpu_count())}"
 
 
-def _free_port(backend: str) -> int:
-    if backend != "ucx":
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
-    # Below the ephemeral range: UCX's TCP transport binds ephemeral ports of its own when it starts and can
-    # take the very port the kernel just handed us.
-    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(200):
-        port = random.randrange(10000, ephemeral_low)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-            return port
-    raise BenchError(f"no free port in 10000..{ephemeral_low}")
-
-
 def _address(backend: str) -> str:
-    return f"{'ucx' if backend == 'ucx' else 'tcp'}://127.0.0.1:{_free_port(backend)}"
+    return f"{'ucx' if backend == 'ucx' else 'tcp'}://127.0.0.1:{free_port()}"
 
 
 def _sync(device: str) -> None:
@@ -140,10 +122,10 @@ def _child_main(role: str, kwargs: dict[str, Any], results: Any, done: Any, barr
     """Entry of every benchmark process: rows and timings go to `results`, a failure as ("error", text)."""
     torch.set_num_threads(1)  # several processes share the host's cores; nothing here computes
     device = kwargs.get("device", "cpu")
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
     report = results.put
     try:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
         target = _ROLES[role]
         if asyncio.iscoroutinefunction(target):
             import uvloop  # as in the serving processes
@@ -473,7 +455,7 @@ def m2n(backend: str, device: str, senders: int, receivers: int, tokens: list[in
 def collective_point_to_point(sizes: list[int], iters: int, dist_backend: str = "nccl") -> list[Row]:
     """torch.distributed send/recv between two processes (NCCL on GPUs 0 and 1; gloo on CPU, for tests)."""
     device = "cuda" if dist_backend == "nccl" else "cpu"
-    plan, port = _p2p_plan(sizes, iters), _free_port("tcp")
+    plan, port = _p2p_plan(sizes, iters), free_port()
     roles = [("collective_p2p", dict(dist_backend=dist_backend, device=_device_of(rank, device), port=port,
                                      rank=rank, plan=plan)) for rank in range(2)]
     return _run_processes(f"{dist_backend} p2p", roles, expected=len(plan))
@@ -483,7 +465,7 @@ def collective_m2n(senders: int, receivers: int, tokens: list[int], hidden: int,
                    dist_backend: str = "nccl") -> list[Row]:
     """The M2N round as all_to_all_single over senders + receivers ranks, one GPU each for NCCL."""
     device = "cuda" if dist_backend == "nccl" else "cpu"
-    plan, port = _m2n_plan(tokens, hidden, dtype, receivers, iters), _free_port("tcp")
+    plan, port = _m2n_plan(tokens, hidden, dtype, receivers, iters), free_port()
     roles = [("collective_m2n", dict(dist_backend=dist_backend, device=_device_of(rank, device), port=port,
                                      rank=rank, senders=senders, receivers=receivers, plan=plan, hidden=hidden,
                                      dtype=dtype)) for rank in range(senders + receivers)]

@@ -66,6 +66,7 @@ def test_sizes_iterations_and_table():
     assert bench.parse_sizes("4K,64k,1M,256M,3") == [4096, 65536, 1 << 20, 256 << 20, 3]
     assert [bench.format_size(n) for n in (4096, 1 << 20, 256 << 20, 1000)] == ["4K", "1M", "256M", "1000"]
     assert bench._iters_for(100, 4096) == 100 and bench._iters_for(100, 64 << 20) == bench._MIN_ITERS
+    assert bench._iters_for(100, 16 << 20) == 16 and bench._iters_for(2, 64 << 20) == 2
     row = bench.Row("p2p", "zmq", "cpu", "1x1", 4096, None, 100, 12.34, 0.5)
     table = bench.format_table([row, bench.Row("m2n", "ucx", "cpu", "2x2", 8192, 1, 50, 99.9, 1.25)], ["a note"])
     assert table.splitlines()[0].split() == ["pattern", "backend", "device", "procs", "size", "tokens", "iters",
