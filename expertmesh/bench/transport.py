@@ -121,6 +121,7 @@ def _sync(device: str) -> None:
 def _child_main(role: str, kwargs: dict[str, Any], results: Any, done: Any, barrier: Any) -> None:
     """Entry of every benchmark process: rows and timings go to `results`, a failure as ("error", text)."""
     torch.set_num_threads(1)  # several processes share the host's cores; nothing here computes
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # UCXX logs to stdout: keep the parent's stdout for the table
     device = kwargs.get("device", "cpu")
     report = results.put
     try:
@@ -349,7 +350,10 @@ def _run_processes(label: str, roles: list[tuple[str, dict[str, Any]]], expected
                    barrier_parties: int = 1) -> list[Any]:
     """Spawns one process per role, returns the `expected` reports they make; any failure or stall stops them all."""
     print(f"{label}: starting {len(roles)} processes", file=sys.stderr, flush=True)
-    context = multiprocessing.get_context("spawn")
+    # Children fork from a clean server process that imported torch once (never from this one, which may hold
+    # CUDA or UCX state): a spawned child would spend seconds of a 2-core host importing torch again.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
     results, done, barrier = context.Queue(), context.Event(), context.Barrier(barrier_parties)
     processes = [context.Process(target=_child_main, args=(role, kwargs, results, done, barrier),
                                  name=f"{label} {role} {i}", daemon=True) for i, (role, kwargs) in enumerate(roles)]

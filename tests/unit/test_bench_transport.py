@@ -32,11 +32,11 @@ def test_point_to_point_between_two_processes(backend):
 
 
 def test_m2n_rounds_of_dispatch_and_combine():
-    rows = bench.m2n("zmq", "cpu", senders=2, receivers=2, tokens=[1, 8], hidden=64, dtype="bfloat16", iters=5)
+    rows = bench.m2n("zmq", "cpu", senders=2, receivers=1, tokens=[1, 8], hidden=64, dtype="bfloat16", iters=5)
     assert_sane(rows, "m2n", "zmq", 2)
     assert [row.tokens for row in rows] == [1, 8]
     assert [row.message_bytes for row in rows] == [1 * 64 * 2, 8 * 64 * 2]
-    assert all(row.processes == "2x2" for row in rows)
+    assert all(row.processes == "2x1" for row in rows)
 
 
 def test_collective_path_on_gloo():
