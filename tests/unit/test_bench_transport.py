@@ -116,3 +116,18 @@ def test_cli_errors_and_json(tmp_path, capsys, monkeypatch):
     assert report["rows"] == [dict(pattern="p2p", backend="zmq", device="cpu", processes="1x1", message_bytes=4096,
                                    tokens=None, iters=5, latency_us=10.0, bandwidth_gb_per_s=0.1)]
     assert report["config"]["sizes"] == [4096] and report["config"]["backends"] == ["zmq", "ucx"]
+
+
+@pytest.mark.gpu
+def test_cuda_rows_beside_nccl():
+    """ucx between CUDA tensors on two GPUs, and NCCL's send/recv and all_to_all_single on the same ones."""
+    if bench.gpu_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    config = bench.BenchConfig(backends=["ucx"], device="cuda", sizes=[4096, 1 << 20], iters=5, senders=1,
+                               receivers=1, tokens=[1, 16], hidden=256, nccl=True)
+    rows, notes = bench.run(config)
+    assert notes == []
+    assert [(row.pattern, row.backend) for row in rows] == [("p2p", "ucx")] * 2 + [("p2p", "nccl")] * 2 + \
+        [("m2n", "ucx")] * 2 + [("m2n", "nccl")] * 2
+    for row in rows:
+        assert row.device == "cuda" and row.latency_us > 0 and row.bandwidth_gb_per_s > 0
