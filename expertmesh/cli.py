@@ -135,6 +135,8 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens-per-request", type=int, default=256)
     p.add_argument("--prompt-tokens", type=int, default=64, help="first tokens of a request: the prompt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spill", action="store_true",
+                   help="replica choice spills to remote copies when the local ones exceed the load bound")
     p.add_argument("--json", help="write the report here as JSON")
 
 
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         from .placement.simulator import simulate_files
         report = simulate_files(args.trace, args.cluster, args.placement, args.policy, args.predictor, args.fit_trace,
                                 args.hidden_size, args.dtype_bytes, args.tokens_per_request, args.prompt_tokens,
-                                args.seed)
+                                args.seed, args.spill)
         print(json.dumps(report.to_dict(), indent=1))
         if args.json:
             with open(args.json, "w") as handle:

@@ -209,11 +209,12 @@ def partition(stats: Coactivation, topology: Topology, weights: EdgeWeights | No
     return _nodes_within_domains(stats, topology, domain_of, seed, restarts)
 
 
-def assign_requests(local: np.ndarray, sizes: np.ndarray, topology: Topology) -> np.ndarray:
+def assign_requests(local: np.ndarray, sizes: np.ndarray, topology: Topology, domain_slack: float = 0.0) -> np.ndarray:
     """[R] attention domain of each fitting request: the most decided first, each to the domain holding most of its
-    routing (local[r, d]) while that domain's tokens stay within load_bound x its attention nodes' share."""
-    attention_share = np.bincount(topology.attention_domain, minlength=topology.num_domains) / topology.attention_nodes
-    capacity = topology.load_bound * sizes.sum() * attention_share
+    routing (local[r, d]) while that domain's tokens stay within (1 + domain_slack) x its expert nodes' share
+    (as the rebatch policy does at run time)."""
+    attention_share = np.bincount(topology.expert_domain, minlength=topology.num_domains) / topology.expert_nodes
+    capacity = (1 + domain_slack) * sizes.sum() * attention_share
     ordered = np.sort(local, axis=1)
     margin = (ordered[:, -1] - ordered[:, -2]) / np.maximum(sizes, 1) if local.shape[1] > 1 else np.zeros(len(sizes))
     volume = np.zeros(topology.num_domains)
@@ -231,11 +232,11 @@ def assign_requests(local: np.ndarray, sizes: np.ndarray, topology: Topology) ->
 
 def place(trace: RoutingTrace, topology: Topology, replicate_hot: bool = True, tokens_per_request: int = 256,
           iterations: int = 4, demand_weight: float = 8.0, weights: EdgeWeights | None = None,
-          seed: int = 0) -> Placement:
+          seed: int = 0, prompt_tokens: int = 64) -> Placement:
     """The offline placement: graph partition, then alternate (a) sending each fitting request to the domain holding
     most of its routing and (b) re-partitioning with each domain's demand for an expert as a bias, replicas added
     after each round; the round with the fewest selections crossing domains wins."""
-    from .predictor import holder_domains
+    from .predictor import DomainPredictor, holder_domains
     from .replication import replicate
     weights = weights or EdgeWeights()
     spans = split_requests(trace, tokens_per_request)
@@ -244,25 +245,28 @@ def place(trace: RoutingTrace, topology: Topology, replicate_hot: bool = True, t
     stats = coactivation(trace, spans)
 
     def demand_of(placement: Placement) -> tuple[float, np.ndarray]:
+        """Requests sent where the predictor fitted for this placement sends them (its errors included)."""
         held = holder_domains(placement, topology).astype(np.float64)  # [L, E, D]
-        domain_of = assign_requests(np.einsum("rle,led->rd", usage, held), sizes, topology)
+        predictor = DomainPredictor.fit(trace, placement, topology)
+        scores = np.stack([predictor.scores(trace.token_ids[start:start + prompt_tokens]) for start in spans[:, 0]])
+        domain_of = assign_requests(scores, sizes, topology)
         demand = np.stack([usage[domain_of == d].sum(axis=0) for d in range(topology.num_domains)])
         return float((demand * (1 - held.transpose(2, 0, 1))).sum()), demand
 
     def finish(primary: Placement) -> Placement:
         return replicate(primary, topology, demand_of(primary)[1]) if replicate_hot else primary
 
-    current = finish(partition(stats, topology, weights, seed))
+    primary = partition(stats, topology, weights, seed)
+    domain_of = np.array([topology.expert_domain[nodes[0]] for layer in sorted(primary.nodes_of)
+                          for nodes in primary.nodes_of[layer]])
+    current = finish(primary)
     best = (demand_of(current)[0], current)
     if topology.num_domains == 1:
         return current
     for _ in range(iterations):
         demand = demand_of(current)[1]
         bias = demand_weight * demand.transpose(1, 2, 0).reshape(-1, topology.num_domains) / demand.sum()
-        problem = _domain_problem(stats, topology, weights, bias)
-        start = np.array([topology.expert_domain[nodes[0]] for layer in sorted(current.nodes_of)
-                          for nodes in current.nodes_of[layer]])
-        domain_of = problem.refine(start)
+        domain_of = _domain_problem(stats, topology, weights, bias).refine(domain_of)
         current = finish(_nodes_within_domains(stats, topology, domain_of, seed, 8))
         crossing = demand_of(current)[0]
         if crossing < best[0] - 1e-9:

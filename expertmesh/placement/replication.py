@@ -9,12 +9,16 @@ from .topology import Topology
 
 
 def choose_replica(nodes_holding: list[int], attention_domain: int, node_domain: list[int],
-                   node_load: list[float]) -> int:
+                   node_load: list[float], spill_above: float | None = None) -> int:
     """The expert node an attention node in `attention_domain` sends to: a replica in its own domain if there is
-    one (cheap bytes), the least loaded among those; else the least loaded of all. Ties go to the earlier listed."""
+    one (cheap bytes), the least loaded among those; else the least loaded of all. Ties go to the earlier listed.
+    With spill_above (e.g. load_bound x the mean node load): when every local replica is above it, the least loaded
+    of all instead, so a domain sent more than its share cannot overload its nodes while remote copies idle."""
     if not nodes_holding:
         raise ValueError("nodes_holding is empty: the expert has no node")
     local = [n for n in nodes_holding if node_domain[n] == attention_domain]
+    if local and spill_above is not None and min(node_load[n] for n in local) > spill_above:
+        local = []
     return min(local or nodes_holding, key=lambda n: node_load[n])
 
 
@@ -62,48 +66,92 @@ def _copy(placement: Placement) -> Placement:
                      {layer: [list(nodes) for nodes in experts] for layer, experts in placement.nodes_of.items()})
 
 
+def _pack(copies: list[tuple[float, int]], nodes: list[int], slots: np.ndarray,
+          load: np.ndarray) -> list[tuple[int, int]] | None:
+    """Longest-processing-time packing of one domain's copies (load, expert): heaviest first onto the least loaded
+    of `nodes` with a free slot that does not hold that expert yet. Adds to `load`; None if a copy finds no room."""
+    room = {n: int(slots[n]) for n in nodes}
+    holds: dict[int, set[int]] = {n: set() for n in nodes}
+    placed = []
+    for share, expert in sorted(copies, key=lambda c: (-c[0], c[1])):
+        open_nodes = [n for n in nodes if room[n] > 0 and expert not in holds[n]]
+        if not open_nodes:
+            return None
+        node = min(open_nodes, key=lambda n: (load[n], n))
+        room[node] -= 1
+        holds[node].add(expert)
+        load[node] += share
+        placed.append((expert, node))
+    return placed
+
+
+class _LayerPlan:
+    """Which experts each domain holds at one layer (copies, several per domain allowed) and what that costs:
+    in-domain demand split evenly over the domain's copies, demand of domains without a copy over all copies."""
+
+    def __init__(self, topology: Topology, demand: np.ndarray, slots: int):
+        self.topology, self.demand, self.slots = topology, demand, np.full(topology.expert_nodes, slots)
+        self.members = [topology.expert_nodes_in(d) for d in range(topology.num_domains)]
+
+    def evaluate(self, count: np.ndarray) -> tuple[float, float, float, list[tuple[int, int]] | None]:
+        """count[d, e] copies -> (excess over the load bound, crossing selections, peak node load, packing)."""
+        missing = count == 0
+        uncovered = (self.demand * missing).sum(axis=0)  # [E]
+        share = np.where(missing, 0.0, self.demand / np.maximum(count, 1)) + uncovered / np.maximum(count.sum(axis=0), 1)
+        load = np.zeros(self.topology.expert_nodes)
+        packing: list[tuple[int, int]] = []
+        for domain, nodes in enumerate(self.members):
+            copies = [(share[domain, e], e) for e in range(count.shape[1]) for _ in range(int(count[domain, e]))]
+            placed = _pack(copies, nodes, self.slots, load)
+            if placed is None:
+                return float("inf"), float("inf"), float("inf"), None
+            packing += placed
+        excess = float(np.maximum(load - self.topology.load_bound * load.mean(), 0).sum())
+        return excess, float(uncovered.sum()), float(load.max()), packing
+
+
 def replicate(placement: Placement, topology: Topology, demand: np.ndarray) -> Placement:
-    """Fill free slots, one replica at a time, with the addition that most lowers (1) the load excess over
-    topology.load_bound, then (2) the selections crossing domains. demand[d, l, e]: expected selections of expert e
-    at layer index l by tokens of attention domain d (e.g. from rebatched fitting requests)."""
-    result = _copy(placement)
-    node_domain = np.array(topology.expert_domain)
-    num_nodes = topology.expert_nodes
-    slots = topology.slots(len(next(iter(placement.nodes_of.values()))))
-    for index, layer in enumerate(sorted(result.nodes_of)):
-        holders = result.nodes_of[layer]
-        layer_demand = demand[:, index, :]
-        free = _free_slots(result, layer, slots)
-        while free.sum() > 0:
-            load, crossing = expected_loads(holders, layer_demand, node_domain, num_nodes)
-            limit = topology.load_bound * load.mean()
-            excess = np.maximum(load - limit, 0).sum()
+    """Fill every free slot, one copy at a time, choosing the (expert, domain) that most lowers (1) the load excess
+    over topology.load_bound, then (2) the selections crossing domains, then (3) the peak; each domain's copies are
+    then packed onto its nodes heaviest first (a copy's node inside its domain changes no crossing, only balance).
+    demand[d, l, e]: expected selections of expert e at layer index l by tokens of attention domain d (e.g. from
+    rebatched fitting requests). A copy that alone tips the balance is taken only when none helps: copies tend to
+    come in symmetric sets that even out."""
+    experts = len(next(iter(placement.nodes_of.values())))
+    slots = topology.slots(experts)
+    capacity = np.array([len(topology.expert_nodes_in(d)) for d in range(topology.num_domains)])
+    nodes_of = {}
+    for index, layer in enumerate(sorted(placement.nodes_of)):
+        plan = _LayerPlan(topology, demand[:, index, :], slots)
+        count = np.zeros((topology.num_domains, experts), np.int64)
+        for expert, nodes in enumerate(placement.nodes_of[layer]):
+            for node in nodes:
+                count[topology.expert_domain[node], expert] += 1
+        current = plan.evaluate(count)
+        while True:
             best = None
             for domain in range(topology.num_domains):
-                open_nodes = [n for n in topology.expert_nodes_in(domain) if free[n] > 0]
-                if not open_nodes:
+                if count[domain].sum() >= capacity[domain] * slots:
                     continue
-                for expert, nodes in enumerate(holders):
-                    candidates = [n for n in open_nodes if n not in nodes]
-                    if not candidates:
-                        continue
-                    node = min(candidates, key=lambda n: load[n])
-                    trial = [list(h) for h in holders]
-                    trial[expert].append(node)
-                    new_load, new_crossing = expected_loads(trial, layer_demand, node_domain, num_nodes)
-                    new_excess = np.maximum(new_load - topology.load_bound * new_load.mean(), 0).sum()
-                    key = (round(excess - new_excess, 6), round(crossing - new_crossing, 6),
-                           round(load.max() - new_load.max(), 6))
-                    if best is None or key > best[0]:
-                        best = (key, expert, node)
+                for expert in np.flatnonzero(count[domain] < capacity[domain]):
+                    count[domain, expert] += 1
+                    trial = plan.evaluate(count)
+                    count[domain, expert] -= 1
+                    key = (round(current[0] - trial[0], 6), round(current[1] - trial[1], 6),
+                           round(current[2] - trial[2], 6))
+                    if trial[3] is not None and (best is None or key > best[0]):
+                        best = (key, domain, expert, trial)
             if best is None:
-                break  # every node with room already holds every expert
-            # Slots are provisioned memory: fill them all. A copy that alone tips a node over the bound is taken
-            # only when no copy helps; the next copies usually even it out (copies come in symmetric sets).
-            _, expert, node = best
+                break
+            _, domain, expert, current = best
+            count[domain, expert] += 1
+        holders: list[list[int]] = [[] for _ in range(experts)]
+        for expert, node in current[3] or []:
             holders[expert].append(node)
-            free[node] -= 1
-    return result
+        # the original node first where it still holds the expert, so "preferred first" changes least
+        nodes_of[layer] = [sorted(h, key=lambda n, e=e: (n not in placement.nodes_of[layer][e][:1], n))
+                           for e, h in enumerate(holders)]
+    return Placement(placement.num_expert_nodes, nodes_of)
 
 
 def replicate_by_load(placement: Placement, topology: Topology, load: np.ndarray) -> Placement:

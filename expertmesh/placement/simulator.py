@@ -58,21 +58,23 @@ def assign_round_robin(workload: Workload, topology: Topology) -> np.ndarray:
     return np.arange(len(workload.spans)) % topology.attention_nodes
 
 
-def assign_rebatch(workload: Workload, topology: Topology, scores: np.ndarray) -> np.ndarray:
+def assign_rebatch(workload: Workload, topology: Topology, scores: np.ndarray, domain_slack: float = 0.0) -> np.ndarray:
     """[R] attention node: per wave, most confident requests first, each to the least loaded attention node of its
     best-scoring domain if that node stays within attention_load_bound x the wave's mean and the domain within
-    load_bound x its share (its expert nodes must absorb what it sends), else the next domain by score, else the
-    least loaded attention node. scores[r, d]: the predictor's scores (higher = more likely)."""
+    (1 + domain_slack) x its expert nodes' share of the wave, else the next domain by score, else the least loaded
+    attention node. scores[r, d]: the predictor's scores (higher = more likely). The domain cap is there because
+    replicas are chosen in the sender's domain first: a domain sent more tokens loads its expert nodes that much more,
+    so expert-node balance needs domain volumes balanced more tightly than attention nodes."""
     node_of = np.empty(len(workload.spans), np.int64)
     sizes = workload.sizes.astype(np.float64)
     members = [topology.attention_nodes_in(d) for d in range(topology.num_domains)]
-    share = np.array([len(m) for m in members]) / topology.attention_nodes
+    share = np.bincount(topology.expert_domain, minlength=topology.num_domains) / topology.expert_nodes
     ordered = np.sort(scores, axis=1)
     margin = ordered[:, -1] - (ordered[:, -2] if scores.shape[1] > 1 else 0.0)
     for start in range(0, len(sizes), workload.requests_per_wave):
         wave = np.arange(start, min(start + workload.requests_per_wave, len(sizes)))
         node_cap = topology.attention_load_bound * sizes[wave].sum() / topology.attention_nodes
-        domain_cap = topology.load_bound * sizes[wave].sum() * share
+        domain_cap = (1 + domain_slack) * sizes[wave].sum() * share
         load = np.zeros(topology.attention_nodes)
         volume = np.zeros(topology.num_domains)
         for r in wave[np.argsort(-margin[wave], kind="stable")]:
@@ -129,7 +131,9 @@ def _split_integer(load: np.ndarray, amount: int) -> np.ndarray:
 
 
 def replay(trace: RoutingTrace, workload: Workload, attention_node_of: np.ndarray, placement: Placement,
-           topology: Topology, cost: CostModel) -> SimulationReport:
+           topology: Topology, cost: CostModel, spill: bool = False) -> SimulationReport:
+    """spill: replicas chosen as choose_replica(..., spill_above=load_bound x mean node load) does, per group of
+    tokens of one wave, one expert and one sender domain."""
     layers = sorted(placement.nodes_of)
     num_layers, num_nodes, num_attention = len(layers), topology.expert_nodes, topology.attention_nodes
     node_domain = np.array(topology.expert_domain)
@@ -162,6 +166,10 @@ def replay(trace: RoutingTrace, workload: Workload, attention_node_of: np.ndarra
                 for d in np.unique(domain[where[0]]):
                     picked = tuple(w[domain[where[0]] == d] for w in where)
                     local = [h for h in holders if node_domain[h] == d] or list(holders)
+                    if spill:
+                        current = received[index] + pending
+                        if current[local].min() > topology.load_bound * current.mean():
+                            local = list(holders)
                     share = _split_integer(received[index, local] + pending[local], len(picked[0]))
                     node[picked] = np.repeat(local, share)
                     pending[local] += share
@@ -234,26 +242,31 @@ def compare_strategies(fit: RoutingTrace, held_out: RoutingTrace, topology: Topo
                                         seed=seed),
                   "coactivation+replicas": place(fit, topology, replicate_hot=True,
                                                  tokens_per_request=tokens_per_request, seed=seed)}
-    strategies = [("contiguous", "round_robin"), ("eplb", "round_robin"), ("coactivation", "round_robin"),
-                  ("contiguous", "rebatch"), ("coactivation", "rebatch"), ("eplb", "rebatch"),
-                  ("coactivation+replicas", "round_robin"), ("coactivation+replicas", "rebatch")]
+    strategies = [("contiguous", "round_robin", False), ("eplb", "round_robin", False),
+                  ("eplb", "round_robin", True), ("coactivation", "round_robin", False),
+                  ("contiguous", "rebatch", False), ("coactivation", "rebatch", False), ("eplb", "rebatch", False),
+                  ("coactivation+replicas", "round_robin", False), ("coactivation+replicas", "rebatch", False),
+                  ("coactivation+replicas", "rebatch", True)]
     rows = []
-    for name, policy in strategies:
+    predictors = {}
+    for name, policy, spill in strategies:
         placement = placements[name]
-        row = {"placement": name, "policy": policy, "domains": topology.num_domains,
+        row = {"placement": name, "policy": policy, "spill": spill, "domains": topology.num_domains,
                "attention_nodes": topology.attention_nodes, "expert_nodes": topology.expert_nodes,
                "copies_per_layer": sum(len(nodes) for nodes in next(iter(placement.nodes_of.values())))}
         for label, trace in (("held_out", held_out), ("fit", fit)):
             workload = make_workload(trace, topology, tokens_per_request, prompt_tokens, seed=seed)
             if policy == "rebatch":
-                predictor = DomainPredictor.fit(fit, placement, topology)
+                if name not in predictors:
+                    predictors[name] = DomainPredictor.fit(fit, placement, topology)
+                predictor = predictors[name]
                 node_of = assign_rebatch(workload, topology, predictor_scores(predictor, trace, workload))
                 if label == "held_out":
                     row["predictor_accuracy"] = accuracy(predictor, trace, placement, topology, workload.spans,
                                                          prompt_tokens)
             else:
                 node_of = assign_round_robin(workload, topology)
-            report = replay(trace, workload, node_of, placement, topology, cost)
+            report = replay(trace, workload, node_of, placement, topology, cost, spill=spill)
             if label == "held_out":
                 row.update(report.to_dict())
             else:
@@ -267,7 +280,7 @@ def compare_strategies(fit: RoutingTrace, held_out: RoutingTrace, topology: Topo
 def simulate_files(trace_path: str, cluster_path: str, placement_path: str | None, policy: str,
                    predictor_path: str | None = None, fit_trace_path: str | None = None, hidden_size: int | None = None,
                    dtype_bytes: int = 2, tokens_per_request: int = 256, prompt_tokens: int = 64,
-                   seed: int = 0) -> SimulationReport:
+                   seed: int = 0, spill: bool = False) -> SimulationReport:
     """`expertmesh simulate`: files in, one replay's report out."""
     import json
     from pathlib import Path
@@ -295,4 +308,4 @@ def simulate_files(trace_path: str, cluster_path: str, placement_path: str | Non
         node_of = assign_rebatch(workload, topology, predictor_scores(predictor, trace, workload))
     else:
         raise ValueError(f"policy {policy!r}; choose round_robin or rebatch")
-    return replay(trace, workload, node_of, placement, topology, CostModel(hidden_size, dtype_bytes))
+    return replay(trace, workload, node_of, placement, topology, CostModel(hidden_size, dtype_bytes), spill)
