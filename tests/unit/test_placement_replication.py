@@ -45,3 +45,11 @@ def test_load_only_baseline_copies_the_hottest_expert():
     copies = [len(nodes) for nodes in placed.nodes_of[0]]
     assert copies == [4, 2, 1, 1]  # 4 free slots: expert 0 reaches every node, then the first of the rest
     assert all(len(set(nodes)) == len(nodes) for nodes in placed.nodes_of[0])
+
+
+def test_spill_leaves_an_overloaded_domain():
+    node_domain = [0, 0, 1, 1]
+    load = [5.0, 4.0, 0.0, 1.0]
+    assert choose_replica([0, 1, 2], 0, node_domain, load) == 1  # locality first without a spill bound
+    assert choose_replica([0, 1, 2], 0, node_domain, load, spill_above=3.0) == 2  # both local copies above it
+    assert choose_replica([0, 1, 2], 0, node_domain, load, spill_above=4.5) == 1  # one local copy below it

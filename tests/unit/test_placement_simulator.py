@@ -71,3 +71,17 @@ def test_place_and_simulate_commands(tmp_path, capsys):
     assert report["tokens"] == 10 * 3 * 48 and report["fanout"] >= 1.0
     workload = make_workload(trace, Topology.uniform(2, 2, 4), 64, 16)
     assert len(workload.spans) == 30 and workload.sizes.sum() == report["tokens"]
+
+
+def test_spill_balances_a_replicated_expert_sent_from_one_domain():
+    topology = Topology(2, [0, 1], [0, 1])
+    placement = Placement(2, {0: [[0, 1], [1]]})  # expert 0 on both nodes, expert 1 on node 1
+    trace = RoutingTrace(np.arange(40, dtype=np.int32), np.zeros(40, np.int32), np.full(40, -1, np.int16),
+                         np.zeros((40, 1, 1), np.int16), np.ones((40, 1, 1), np.float16), np.array([0], np.int32),
+                         ["d"], [], 2)
+    workload = Workload(np.array([[i * 4, i * 4 + 4] for i in range(10)]), prompt_tokens=0, requests_per_wave=1)
+    senders = np.zeros(10, np.int64)  # every request from domain 0
+    local = replay(trace, workload, senders, placement, topology, CostModel(hidden_size=1))
+    assert local.cross_domain_bytes_per_token == 0 and local.expert_load_max_over_mean == 2.0
+    spilled = replay(trace, workload, senders, placement, topology, CostModel(hidden_size=1), spill=True)
+    assert spilled.expert_load_max_over_mean <= 1.1 + 1e-9 and spilled.cross_domain_bytes_per_token > 0
