@@ -21,6 +21,15 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
+def read_structured(path: str | Path) -> dict[str, Any]:
+    """A YAML (.yaml/.yml) or JSON file as a dict."""
+    text = Path(path).read_text()
+    if str(path).endswith((".yaml", ".yml")):
+        import yaml
+        return yaml.safe_load(text) or {}
+    return json.loads(text)
+
+
 @dataclass
 class ModelConfig:
     path: str = "models/expertmesh-mini"  # a Hugging Face checkpoint directory
@@ -136,13 +145,7 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
-            import yaml
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-        return cls.from_dict(data)
+        return cls.from_dict(read_structured(path))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))

@@ -2,7 +2,6 @@
 what a byte costs inside and across domains, how many experts of a layer an expert node can hold, and the load bounds."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -115,10 +114,5 @@ class Topology:
 
     @classmethod
     def load(cls, path: str | Path) -> "Topology":
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
-            import yaml
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-        return cls.from_dict(data)
+        from ..config import read_structured
+        return cls.from_dict(read_structured(path))

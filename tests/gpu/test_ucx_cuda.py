@@ -2,14 +2,14 @@
 between two processes and between two endpoints of one process."""
 import asyncio
 import contextlib
-import random
-import socket
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.unit.test_transport import free_ucx_port
 
 from expertmesh.transport.base import TransportError
 from expertmesh.transport.protocol import Combine, Dispatch
@@ -19,18 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def ucx_address() -> str:
-    """A free port below the kernel's ephemeral range, which UCX's own TCP sockets draw from."""
-    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(10000, ephemeral_low)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-            return f"ucx://127.0.0.1:{port}"
-    raise RuntimeError(f"no free port in 10000..{ephemeral_low}")
+    return f"ucx://127.0.0.1:{free_ucx_port()}"
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -8,7 +8,7 @@ import torch
 
 from expertmesh.cli import main
 from expertmesh.placement.profile import profile
-from expertmesh.placement.routing_stats import mutual_information_bits, report, selection_counts, top_n_share
+from expertmesh.placement.routing_stats import mutual_information_bits, report, selection_counts
 from expertmesh.placement.trace import RoutingTrace
 
 
