@@ -233,9 +233,10 @@ def assign_requests(local: np.ndarray, sizes: np.ndarray, topology: Topology, do
 def place(trace: RoutingTrace, topology: Topology, replicate_hot: bool = True, tokens_per_request: int = 256,
           iterations: int = 4, demand_weight: float = 8.0, weights: EdgeWeights | None = None,
           seed: int = 0, prompt_tokens: int = 64) -> Placement:
-    """The offline placement: graph partition, then alternate (a) sending each fitting request to the domain holding
-    most of its routing and (b) re-partitioning with each domain's demand for an expert as a bias, replicas added
-    after each round; the round with the fewest selections crossing domains wins."""
+    """The offline placement: graph partition, then alternate (a) sending each fitting request (a span of
+    tokens_per_request) where the predictor fitted for the current placement sends its first prompt_tokens, within
+    the domains' shares, and (b) re-partitioning with each domain's resulting demand for an expert as a bias;
+    replicas are added after each round; the round with the fewest selections crossing domains wins."""
     from .predictor import DomainPredictor, holder_domains
     from .replication import replicate
     weights = weights or EdgeWeights()
