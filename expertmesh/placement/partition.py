@@ -162,9 +162,10 @@ class _Problem:
 
 
 def base_counts(num_experts: int, expert_nodes: int) -> np.ndarray:
-    """Experts each node holds per layer before replication: as equal as possible, the first nodes one more."""
-    return np.array([num_experts // expert_nodes + (1 if j < num_experts % expert_nodes else 0)
-                     for j in range(expert_nodes)])
+    """Experts each node holds per layer before replication: as equal as possible, the extras spread evenly over the
+    nodes (so over the domains too; with more nodes than experts some hold only replicas)."""
+    bounds = np.arange(expert_nodes + 1) * num_experts // expert_nodes
+    return np.diff(bounds)
 
 
 def _nodes_within_domains(stats: Coactivation, topology: Topology, domain_of: np.ndarray, seed: int,
