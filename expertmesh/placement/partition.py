@@ -1,10 +1,5 @@
-"""Co-activation placement: each layer's experts split over domains, then over each domain's expert nodes,
-so a request's experts sit on few domains and a token's on few nodes, consistently across layers, within the load bound.
-
-The graph has one vertex per (layer, expert). Edges weigh how often two experts serve the same token (same layer),
-the same token at consecutive layers, and the same request (any layers). A part (domain or node) takes a fixed number
-of experts from every layer; greedy agglomeration builds a start, Kernighan-Lin swaps within a layer refine it, and
-seeded restarts keep the best. Loads are selections per layer; swaps never raise the total excess over the bound."""
+"""Co-activation placement: each layer's experts over domains, then over each domain's expert nodes, so that a
+request's experts sit in few domains and a token's on few nodes, consistently across layers, within the load bound."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,7 +55,9 @@ def _excess(part_load: np.ndarray, limit: np.ndarray) -> float:
 
 
 class _Problem:
-    """One balanced partition: vertices of several layers, `caps[p]` vertices of every layer per part."""
+    """One balanced partition of a graph with a vertex per (layer, expert): a part (domain or node) takes `caps[p]`
+    experts of every layer. Greedy agglomeration builds a start, Kernighan-Lin swaps within a layer refine it, seeded
+    restarts keep the best. Loads are selections per layer; swaps never raise the total excess over the bound."""
 
     def __init__(self, graph: np.ndarray, layer_of: np.ndarray, load: np.ndarray, caps: np.ndarray, bound: float,
                  bias: np.ndarray | None = None):

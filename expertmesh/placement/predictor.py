@@ -1,6 +1,5 @@
 """Which domain's experts a request will use, from its prompt tokens alone (what the gateway knows before prefill):
-per token, how its routing mass fell on each domain's experts in a trace, add-alpha smoothed; a prompt's score per
-domain is the sum of its tokens' log-likelihoods."""
+per token id, smoothed shares of its routing mass on each domain's experts; a prompt sums its tokens' log-shares."""
 from __future__ import annotations
 
 from dataclasses import dataclass

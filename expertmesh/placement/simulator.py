@@ -1,12 +1,5 @@
-"""Replays a routing trace on a cluster of any size: requests go to attention nodes by a policy, every token is sent
-once to each distinct expert node holding one of its experts (replica by choose_replica), one partial sum returns.
-
-Requests are spans of documents (first prompt_tokens = the prompt, the rest the generated tokens that are counted),
-arriving in a seeded shuffled order in waves of requests that run together. Modelled step time (documented, simple):
-a step = every attention node decoding tokens_per_attention_node tokens through all MoE layers, the trace's per-node
-totals scaled to one step; per layer, communication = dispatch + combine, each the slowest node's
-max(intra bytes / intra bandwidth, inter bytes / inter bandwidth), then the slowest expert node's
-selections x expert_us_per_token, then the slowest attention node's tokens x attention_us_per_token; no overlap."""
+"""Replays a routing trace on a cluster of any size: requests to attention nodes by a policy, each token sent once to
+each distinct expert node holding one of its experts (replica by choose_replica), one partial sum back; bytes, load."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -35,6 +28,8 @@ class CostModel:
 
 @dataclass
 class Workload:
+    """Requests are spans of documents: the first prompt_tokens are the prompt (what the predictor sees), the rest
+    the generated tokens that are replayed and counted; they arrive in waves of requests that run together."""
     spans: np.ndarray  # [R, 2] token spans in arrival order
     prompt_tokens: int
     requests_per_wave: int  # requests that run together (assignment and load balance are per wave)
@@ -132,8 +127,14 @@ def _split_integer(load: np.ndarray, amount: int) -> np.ndarray:
 
 def replay(trace: RoutingTrace, workload: Workload, attention_node_of: np.ndarray, placement: Placement,
            topology: Topology, cost: CostModel, spill: bool = False) -> SimulationReport:
-    """spill: replicas chosen as choose_replica(..., spill_above=load_bound x mean node load) does, per group of
-    tokens of one wave, one expert and one sender domain."""
+    """The generated tokens of every request, wave by wave. Replicas are chosen as choose_replica does (with spill:
+    spill_above = load_bound x mean node load), in bulk per wave, expert and sender domain.
+
+    Modelled step time, deliberately simple: a step = every attention node decoding tokens_per_attention_node tokens
+    through all MoE layers, the replay's per-node totals scaled to one step. Per layer: communication = dispatch +
+    combine, each the slowest node's max(intra bytes / intra bandwidth, inter bytes / inter bandwidth); then the
+    slowest expert node's selections x expert_us_per_token; then the slowest attention node's tokens x
+    attention_us_per_token; no overlap between them."""
     layers = sorted(placement.nodes_of)
     num_layers, num_nodes, num_attention = len(layers), topology.expert_nodes, topology.attention_nodes
     node_domain = np.array(topology.expert_domain)
