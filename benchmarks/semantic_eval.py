@@ -4,7 +4,8 @@ generated token, fan-out and load, placements and predictor fitted on one trace 
 Traces (the default model on the validation and test splits):
   python -m expertmesh profile --model models/expertmesh-mini --data data/corpus/validation.jsonl --out /tmp/val_trace_full.npz
   python -m expertmesh profile --model models/expertmesh-mini --data data/corpus/test.jsonl --out /tmp/test_trace.npz
-then: python benchmarks/semantic_eval.py --fit-trace /tmp/val_trace_full.npz --eval-trace /tmp/test_trace.npz"""
+then: python benchmarks/semantic_eval.py --fit-trace /tmp/val_trace_full.npz --eval-trace /tmp/test_trace.npz
+--halves: fit on the odd documents of the eval trace, replay the even ones (held-out documents, same domain mix)."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,14 @@ from expertmesh.placement.trace import RoutingTrace
 # (domains, attention nodes, expert nodes, slots per expert node per layer); 16 experts per layer in the default
 # model, so 8 expert nodes hold 2 each (+1 slot = 50% more expert memory), 16 hold 1 each (+1 = 100% more).
 CLUSTERS = [(2, 8, 8, 3), (4, 8, 8, 3), (8, 8, 8, 3), (2, 16, 16, 2), (4, 16, 16, 2), (8, 16, 16, 2)]
+
+
+def documents(trace: RoutingTrace, parity: int) -> RoutingTrace:
+    """The tokens of the documents whose index has this parity (0 even, 1 odd)."""
+    keep = trace.doc_index % 2 == parity
+    return RoutingTrace(trace.token_ids[keep], trace.doc_index[keep], trace.domain_index[keep], trace.expert_ids[keep],
+                        trace.expert_weights[keep], trace.moe_layers, trace.doc_ids, trace.domains, trace.num_experts,
+                        trace.model)
 
 
 def table(rows: list[dict]) -> str:
@@ -44,6 +53,7 @@ def main() -> int:
                         help="comma-separated DOMAINS:ATTENTION:EXPERT:SLOTS")
     parser.add_argument("--tokens-per-request", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--halves", action="store_true", help="fit on odd documents of --eval-trace, replay even ones")
     parser.add_argument("--json", default="benchmarks/semantic_eval.json")
     args = parser.parse_args()
     for path in (args.fit_trace, args.eval_trace):
@@ -52,6 +62,8 @@ def main() -> int:
                   file=sys.stderr)
             return 1
     fit, held_out = RoutingTrace.load(args.fit_trace), RoutingTrace.load(args.eval_trace)
+    if args.halves:
+        fit, held_out = documents(held_out, 1), documents(held_out, 0)
     hidden = json.loads((Path(held_out.model) / "config.json").read_text())["hidden_size"]
     cost = CostModel(hidden_size=hidden, dtype_bytes=2)
     rows = []
@@ -64,6 +76,7 @@ def main() -> int:
         print(table(cluster_rows), f"\n({time.time() - start:.0f} s)\n", flush=True)
     print(table(rows))
     Path(args.json).write_text(json.dumps({"fit_trace": args.fit_trace, "eval_trace": args.eval_trace,
+                                           "halves": args.halves,
                                            "fit_tokens": fit.num_tokens, "eval_tokens": held_out.num_tokens,
                                            "cost_model": vars(cost), "rows": rows}, indent=1))
     print(f"\nwrote {args.json}")
