@@ -253,7 +253,8 @@ def place(trace: RoutingTrace, topology: Topology, replicate_hot: bool = True, t
         return float((demand * (1 - held.transpose(2, 0, 1))).sum()), demand
 
     def finish(primary: Placement) -> Placement:
-        return replicate(primary, topology, demand_of(primary)[1]) if replicate_hot else primary
+        return replicate(primary, topology, demand_of(primary)[1], token_pairs=stats.token_pairs) \
+            if replicate_hot else primary
 
     primary = partition(stats, topology, weights, seed)
     domain_of = np.array([topology.expert_domain[nodes[0]] for layer in sorted(primary.nodes_of)

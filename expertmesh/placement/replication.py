@@ -66,10 +66,12 @@ def _copy(placement: Placement) -> Placement:
                      {layer: [list(nodes) for nodes in experts] for layer, experts in placement.nodes_of.items()})
 
 
-def _pack(copies: list[tuple[float, int]], nodes: list[int], slots: np.ndarray,
-          load: np.ndarray) -> list[tuple[int, int]] | None:
-    """Longest-processing-time packing of one domain's copies (load, expert): heaviest first onto the least loaded
-    of `nodes` with a free slot that does not hold that expert yet. Adds to `load`; None if a copy finds no room."""
+def _pack(copies: list[tuple[float, int]], nodes: list[int], slots: np.ndarray, load: np.ndarray,
+          pairs: np.ndarray | None = None) -> list[tuple[int, int]] | None:
+    """Longest-processing-time packing of one domain's copies (load, expert): heaviest first onto the node with a free
+    slot, not holding that expert yet, that is least loaded net of the tokens it would share with the node's experts
+    (pairs[e, f]: tokens choosing both, as a share of e's; such tokens cost the node one dispatch, not two).
+    Adds the dispatched tokens to `load`; None if a copy finds no room."""
     room = {n: int(slots[n]) for n in nodes}
     holds: dict[int, set[int]] = {n: set() for n in nodes}
     placed = []
@@ -77,10 +79,13 @@ def _pack(copies: list[tuple[float, int]], nodes: list[int], slots: np.ndarray,
         open_nodes = [n for n in nodes if room[n] > 0 and expert not in holds[n]]
         if not open_nodes:
             return None
-        node = min(open_nodes, key=lambda n: (load[n], n))
+
+        def shared(n: int) -> float:
+            return min(sum(pairs[expert, f] for f in holds[n]), 1.0) * share if pairs is not None else 0.0
+        node = min(open_nodes, key=lambda n: (load[n] - shared(n), n))
         room[node] -= 1
         holds[node].add(expert)
-        load[node] += share
+        load[node] += share - shared(node)  # tokens dispatched, as the replay counts them
         placed.append((expert, node))
     return placed
 
@@ -89,8 +94,9 @@ class _LayerPlan:
     """Which experts each domain holds at one layer (copies, several per domain allowed) and what that costs:
     in-domain demand split evenly over the domain's copies, demand of domains without a copy over all copies."""
 
-    def __init__(self, topology: Topology, demand: np.ndarray, slots: int):
+    def __init__(self, topology: Topology, demand: np.ndarray, slots: int, pairs: np.ndarray | None = None):
         self.topology, self.demand, self.slots = topology, demand, np.full(topology.expert_nodes, slots)
+        self.pairs = pairs
         self.members = [topology.expert_nodes_in(d) for d in range(topology.num_domains)]
 
     def evaluate(self, count: np.ndarray) -> tuple[float, float, float, list[tuple[int, int]] | None]:
@@ -102,7 +108,7 @@ class _LayerPlan:
         packing: list[tuple[int, int]] = []
         for domain, nodes in enumerate(self.members):
             copies = [(share[domain, e], e) for e in range(count.shape[1]) for _ in range(int(count[domain, e]))]
-            placed = _pack(copies, nodes, self.slots, load)
+            placed = _pack(copies, nodes, self.slots, load, self.pairs)
             if placed is None:
                 return float("inf"), float("inf"), float("inf"), None
             packing += placed
@@ -110,20 +116,27 @@ class _LayerPlan:
         return excess, float(uncovered.sum()), float(load.max()), packing
 
 
-def replicate(placement: Placement, topology: Topology, demand: np.ndarray, excess_weight: float = 0.25) -> Placement:
+def replicate(placement: Placement, topology: Topology, demand: np.ndarray, excess_weight: float = 0.25,
+              token_pairs: np.ndarray | None = None) -> Placement:
     """Fill every free slot, one copy at a time, choosing the (expert, domain) that most lowers
     excess_weight x (node load over topology.load_bound) + (selections crossing domains), then the peak; each
     domain's copies are then packed onto its nodes heaviest first (a copy's node inside its domain changes no
     crossing, only balance). demand[d, l, e]: expected selections of expert e at layer index l by tokens of attention
     domain d (e.g. from rebatched fitting requests). excess_weight < 1 favours locality: on held-out text the plan's
     balance does not survive the shift in domain mix anyway, and the run-time spill (choose_replica spill_above)
-    restores it; measured in benchmarks/semantic_eval.py, 0.25 beat lexicographic balance-first on both counts."""
+    restores it; measured in benchmarks/semantic_eval.py, 0.25 beat lexicographic balance-first on both counts.
+    token_pairs[l, e, f] (Coactivation.token_pairs): packing puts experts chosen by the same tokens on one node."""
     experts = len(next(iter(placement.nodes_of.values())))
     slots = topology.slots(experts)
     capacity = np.array([len(topology.expert_nodes_in(d)) for d in range(topology.num_domains)])
     nodes_of = {}
     for index, layer in enumerate(sorted(placement.nodes_of)):
-        plan = _LayerPlan(topology, demand[:, index, :], slots)
+        pairs = None
+        if token_pairs is not None:
+            # share of e's selections that also chose f (diagonal zeroed: a node never holds e twice)
+            pairs = token_pairs[index] / np.maximum(np.diag(token_pairs[index]), 1)[:, None]
+            np.fill_diagonal(pairs, 0.0)
+        plan = _LayerPlan(topology, demand[:, index, :], slots, pairs)
         count = np.zeros((topology.num_domains, experts), np.int64)
         for expert, nodes in enumerate(placement.nodes_of[layer]):
             for node in nodes:

@@ -56,3 +56,21 @@ def test_load_bound_wins_over_coactivation():
     # without a bound worth the name the co-activated pair is kept together
     loose = partition(coactivation(trace), Topology.uniform(1, 1, 2, load_bound=2.0))
     assert loose.nodes_of[0][0] == loose.nodes_of[0][1]
+
+
+def test_placement_and_rebatching_keep_planted_kinds_inside_their_domain():
+    from expertmesh.placement.predictor import DomainPredictor
+    from expertmesh.placement.simulator import (CostModel, assign_rebatch, assign_round_robin, contiguous_placement,
+                                                make_workload, predictor_scores, replay)
+    trace = grouped_trace()
+    trace.token_ids = (trace.doc_index % 2 * 10 + np.arange(trace.num_tokens) % 10).astype(np.int32)  # kind -> words
+    topology = Topology.uniform(2, 2, 4, slots_per_node=3)
+    placement = place(trace, topology, replicate_hot=True, tokens_per_request=50)
+    # one wave of all 40 requests: 20 of each kind, so the domain caps never push one out of its domain
+    workload = make_workload(trace, topology, tokens_per_request=50, prompt_tokens=10, requests_per_attention_node=20)
+    scores = predictor_scores(DomainPredictor.fit(trace, placement, topology), trace, workload)
+    ours = replay(trace, workload, assign_rebatch(workload, topology, scores), placement, topology, CostModel(8))
+    baseline = replay(trace, workload, assign_round_robin(workload, topology), contiguous_placement(trace, topology),
+                      topology, CostModel(8))
+    assert baseline.cross_domain_bytes_per_token > 0 and ours.cross_domain_bytes_per_token == 0
+    assert ours.expert_load_max_over_mean <= 1.1 and ours.fanout == 1.0  # each pair on one node
