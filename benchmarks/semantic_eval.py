@@ -2,7 +2,8 @@
 generated token, fan-out and load, placements and predictor fitted on one trace and replayed on another.
 
 Traces (the default model on the validation and test splits):
-  python -m expertmesh profile --model models/expertmesh-mini --data data/corpus/validation.jsonl --out /tmp/val_trace_full.npz
+  python -m expertmesh profile --model models/expertmesh-mini --data data/corpus/validation.jsonl \\
+      --out /tmp/val_trace_full.npz
   python -m expertmesh profile --model models/expertmesh-mini --data data/corpus/test.jsonl --out /tmp/test_trace.npz
 then: python benchmarks/semantic_eval.py --fit-trace /tmp/val_trace_full.npz --eval-trace /tmp/test_trace.npz
 --halves: fit on the odd documents of the eval trace, replay the even ones (held-out documents, same domain mix)."""
@@ -37,7 +38,8 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         accuracy = f"{r['predictor_accuracy']:.2f}" if "predictor_accuracy" in r else "-"
-        lines.append(f"| {r['domains']} | {r['expert_nodes']} | {r['placement']} | {r['policy']}{'+spill' if r['spill'] else ''} | "
+        policy = r["policy"] + ("+spill" if r["spill"] else "")
+        lines.append(f"| {r['domains']} | {r['expert_nodes']} | {r['placement']} | {policy} | "
                      f"{r['copies_per_layer']} | {r['cross_domain_bytes_per_token']:.0f} | {-r['reduction']:+.0%} | "
                      f"{r['fanout']:.2f} | {r['expert_load_max_over_mean']:.2f} | "
                      f"{r['fit_expert_load_max_over_mean']:.2f} | {r['attention_load_max_over_mean']:.2f} | "

@@ -103,7 +103,8 @@ class _LayerPlan:
         """count[d, e] copies -> (excess over the load bound, crossing selections, peak node load, packing)."""
         missing = count == 0
         uncovered = (self.demand * missing).sum(axis=0)  # [E]
-        share = np.where(missing, 0.0, self.demand / np.maximum(count, 1)) + uncovered / np.maximum(count.sum(axis=0), 1)
+        share = np.where(missing, 0.0, self.demand / np.maximum(count, 1))
+        share += uncovered / np.maximum(count.sum(axis=0), 1)
         load = np.zeros(self.topology.expert_nodes)
         packing: list[tuple[int, int]] = []
         for domain, nodes in enumerate(self.members):

@@ -1,5 +1,5 @@
 """The cluster's shape as placement sees it: domains (hosts, NVLink islands), which node sits in which,
-what a byte costs inside and across domains, how many experts of a layer an expert node can hold, and the load bounds."""
+what a byte costs inside and across domains, how many experts of a layer a node can hold, and the load bounds."""
 from __future__ import annotations
 
 import math

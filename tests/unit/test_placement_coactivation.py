@@ -8,7 +8,8 @@ from expertmesh.placement.trace import RoutingTrace
 def tiny_trace():
     # 4 tokens, 2 layers, top-2, 4 experts; tokens 0-2 in document 0 (domain 0), token 3 in document 1 (domain 1)
     ids = np.array([[[0, 1], [2, 3]], [[0, 1], [2, 0]], [[1, 2], [3, 0]], [[0, 3], [2, 3]]], np.int16)
-    return RoutingTrace(np.arange(4, dtype=np.int32), np.array([0, 0, 0, 1], np.int32), np.array([0, 0, 0, 1], np.int16),
+    labels = np.array([0, 0, 0, 1])
+    return RoutingTrace(np.arange(4, dtype=np.int32), labels.astype(np.int32), labels.astype(np.int16),
                         ids, np.full(ids.shape, 0.5, np.float16), np.array([1, 3], np.int32), ["a", "b"], ["x", "y"], 4)
 
 

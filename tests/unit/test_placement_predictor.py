@@ -24,7 +24,8 @@ def planted_trace(seed, docs=20, length=64):
                 ids.append([[2 * kind, 2 * kind + 1]])
             doc_index.append(doc)
     ids = np.array(ids, np.int16)
-    return RoutingTrace(np.array(token_ids, np.int32), np.array(doc_index, np.int32), np.full(len(token_ids), -1, np.int16),
+    unlabelled = np.full(len(token_ids), -1, np.int16)
+    return RoutingTrace(np.array(token_ids, np.int32), np.array(doc_index, np.int32), unlabelled,
                         ids, np.full(ids.shape, 0.5, np.float16), np.array([0], np.int32),
                         [str(d) for d in range(docs)], [], 4)
 
