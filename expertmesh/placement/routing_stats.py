@@ -85,7 +85,10 @@ def format_report(stats: dict) -> str:
 
 def plot_heatmaps(trace: RoutingTrace, path: str) -> None:
     """One heatmap per MoE layer: rows are domains, columns experts, colour the domain's selection share."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install 'expertmesh[plot]'") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
