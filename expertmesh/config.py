@@ -47,6 +47,9 @@ class TransportConfig:
     backend: str = "auto"  # data path between attention and expert nodes: ucx, zmq, or auto (ucx if ucxx imports)
     connect_timeout_s: float = 60.0  # an expert node must answer the handshake within this
     recv_timeout_s: float = 30.0  # an expert node must answer a dispatch within this
+    # Who progresses UCX (ucx only): "thread" (a progress thread; idle processes sleep) or "polling" (the event
+    # loop spins: lower latency per message, one core busy per process).
+    ucx_progress_mode: str = "thread"
     # Link emulation on the attention->expert links (experiments on one host; 0 = off):
     emulated_latency_us: float = 0.0  # added one-way latency per message
     emulated_bandwidth_gbps: float = 0.0  # bandwidth cap per link and direction

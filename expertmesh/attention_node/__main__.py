@@ -30,14 +30,15 @@ async def main(config: Config, index: int) -> None:
         torch.cuda.set_device(device)
     weights = load_attention_side(config.model.path, spec, dtype, device)
     kv_cache = KVCache(spec, config.engine.max_num_seqs, config.engine.context_len(spec), dtype, device)
-    transport = make_transport(config.transport.backend, device)
+    transport = make_transport(config.transport.backend, device, config.transport.ucx_progress_mode)
     t = config.transport
     connections = [emulate(await connect_within(transport, address, t.connect_timeout_s), t.emulated_latency_us,
                            t.emulated_bandwidth_gbps) for address in config.cluster.expert_addresses]
     topology = load_cluster_topology(config)
     m2n = M2NClient(connections, placement, index, config.transport.recv_timeout_s, device,
                     attention_domain=topology.attention_domain[index] if topology else 0,
-                    expert_domain=topology.expert_domain if topology else None)
+                    expert_domain=topology.expert_domain if topology else None,
+                    load_bound=topology.load_bound if topology else None)
     await m2n.handshake(spec.num_layers, spec.num_experts, config.transport.connect_timeout_s)
     control = await ZmqTransport().listen(config.cluster.attention_addresses[index])
     log.info("connected to %d expert nodes; serving on %s", len(connections), config.cluster.attention_addresses[index])

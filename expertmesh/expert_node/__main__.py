@@ -25,7 +25,8 @@ async def main(config: Config, index: int) -> None:
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     experts = load_experts(config.model.path, spec, pairs, config.model.torch_dtype, device)
-    listener = await make_transport(config.transport.backend, device).listen(config.cluster.expert_addresses[index])
+    transport = make_transport(config.transport.backend, device, config.transport.ucx_progress_mode)
+    listener = await transport.listen(config.cluster.expert_addresses[index])
     log.info("holds %d experts over %d layers; listening on %s", len(pairs), len(spec.moe_layer_ids),
              config.cluster.expert_addresses[index])
     control = await ZmqTransport().listen(config.cluster.expert_control_addresses[index])

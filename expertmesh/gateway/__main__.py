@@ -28,7 +28,8 @@ def routing_policy(config: Config) -> RoutingPolicy:
     if predictor.num_domains != topology.num_domains:
         raise ConfigError(f"predictor {config.gateway.predictor!r} knows {predictor.num_domains} domains, "
                           f"topology has {topology.num_domains}")
-    return RoutingPolicy(predictor, topology.attention_domain, topology.attention_load_bound)
+    share = [topology.expert_domain.count(d) / topology.expert_nodes for d in range(topology.num_domains)]
+    return RoutingPolicy(predictor, topology.attention_domain, topology.attention_load_bound, domain_share=share)
 
 
 async def main(config: Config, index: int) -> None:

@@ -52,7 +52,7 @@ class GatewayMetrics:
             lines.append(f'expertmesh_node_wall_seconds{{node="{label}"}} {status.wall_seconds:.6f}')
         if routing is not None:
             lines.append("# TYPE expertmesh_routing_decisions_total counter")
-            for decision in ("predicted", "overflow", "least_loaded"):
+            for decision in ("predicted", "next_domain", "overflow", "least_loaded"):
                 lines.append(f'expertmesh_routing_decisions_total{{decision="{decision}"}} {routing.decisions[decision]}')
             lines.append("# TYPE expertmesh_routed_requests_total counter")
             for domain, count in sorted(routing.requests_per_domain.items()):

@@ -77,11 +77,11 @@ def resolve_backend(backend: str) -> str:
     return "ucx"
 
 
-def make_transport(backend: str, device: str = "cpu") -> Transport:
+def make_transport(backend: str, device: str = "cpu", ucx_progress_mode: str = "thread") -> Transport:
     """The backend named in TransportConfig.backend; an unknown or uninstalled one is an error, never a fallback.
 
     `device` is where received tensors land; only ucx can receive into (and send from) CUDA memory, the others
-    carry CPU tensors."""
+    carry CPU tensors. `ucx_progress_mode` (TransportConfig's) only concerns ucx."""
     backend = resolve_backend(backend)
     if backend == "zmq":
         from .zmq import ZmqTransport
@@ -91,5 +91,5 @@ def make_transport(backend: str, device: str = "cpu") -> Transport:
         return InprocTransport()
     if backend == "ucx":
         from .ucx import UcxTransport
-        return UcxTransport(device=device)
+        return UcxTransport(device=device, progress_mode=ucx_progress_mode)
     raise ValueError(f"unknown transport backend {backend!r}; choose 'zmq', 'ucx' or 'inproc'")

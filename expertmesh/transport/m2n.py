@@ -40,7 +40,7 @@ class M2NClient:
 
     def __init__(self, connections: list[Connection], placement: Placement, attention_node: int,
                  recv_timeout_s: float, device: str = "cpu", attention_domain: int = 0,
-                 expert_domain: list[int] | None = None) -> None:
+                 expert_domain: list[int] | None = None, load_bound: float | None = None) -> None:
         self.connections = connections
         self.placement = placement
         self.attention_node = attention_node
@@ -49,6 +49,7 @@ class M2NClient:
         self.device = device
         self.attention_domain = attention_domain
         self.expert_domain = expert_domain or [0] * n
+        self.load_bound = load_bound  # spill to a remote replica when every local one is above bound x mean load
         # node_of[layer][expert]: the node this attention node sends to; layers with replicas choose per step
         self.node_of = {layer: torch.tensor([nodes[0] for nodes in experts], dtype=torch.int32, device=device)
                         for layer, experts in placement.nodes_of.items()}
@@ -133,9 +134,11 @@ class M2NClient:
         return handle
 
     def _choose_replicas(self, layer: int) -> None:
-        """Locality first, then load: a replica in this attention node's domain, the one sent the fewest bytes."""
+        """Locality first, then load: a replica in this attention node's domain, the one sent the fewest bytes;
+        a remote one when every local replica is over the load bound."""
         load = self.stats.bytes_sent
-        chosen = [choose_replica(nodes, self.attention_domain, self.expert_domain, load)
+        spill_above = self.load_bound * sum(load) / len(load) if self.load_bound and sum(load) > 0 else None
+        chosen = [choose_replica(nodes, self.attention_domain, self.expert_domain, load, spill_above)
                   for nodes in self.placement.nodes_of[layer]]
         self.node_of[layer] = torch.tensor(chosen, dtype=torch.int32, device=self.device)
 

@@ -33,6 +33,8 @@ _HEADER_IN_FIRST_FRAME = _FIRST_FRAME_BYTES - _PREFIX.size
 _CPU_TLS = "tcp,sm,self"  # UCX's listener (sockaddr connection manager) needs tcp; sm serves peers on one host
 _CUDA_TLS = "tcp,cuda_copy,cuda_ipc,sm,self"
 
+PROGRESS_MODES = ("thread", "polling")  # who progresses the UCX worker: see _LoopContext
+
 
 def ucx_options(device: torch.device, ucx_tls: str | None) -> dict[str, str]:
     """The UCX configuration this backend asks for, fixed when the event loop's UCX context starts.
@@ -72,20 +74,40 @@ class _LoopContext:
 
     ucxx keeps one progress task per event loop (a second context on the same loop would never progress), and
     its request futures belong to the loop that created the context: hence one per loop, released when its
-    last listener or connection closes. Progress: ucxx's default "thread" mode (a progress thread blocking on
-    the worker's epoll fd) plus its notifier thread resolving asyncio futures; without the notifier, every
-    pending recv spins the event loop at 100% CPU (ucxx's wait_yield)."""
+    last listener or connection closes. Progress, as UcxTransport's `progress_mode` says:
+    - "thread": a progress thread blocking on the worker's epoll fd plus ucxx's notifier thread resolving
+      asyncio futures (without the notifier, every pending recv spins the event loop: ucxx's wait_yield).
+      Idle processes sleep; each completion crosses two threads to reach the loop.
+    - "polling": the event loop itself calls worker.progress() between its other callbacks and each pending
+      request checks its completion on every turn (no extra threads, no futures): the lowest latency, and
+      one core busy for as long as the context lives, idle or not.
+    ucxx's "blocking" mode is left out: it has no notifier either, so pending requests spin just as in polling."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, options: dict[str, str]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, options: dict[str, str], progress_mode: str) -> None:
         from ucxx._lib_async import ApplicationContext
         self.loop = loop
         self.options = options
+        self.progress_mode = progress_mode
         self.users = 0
-        self.ctx = ApplicationContext(options, progress_mode="thread", enable_python_future=True)
+        threaded = progress_mode == "thread"
+        # Python futures need the notifier thread, which only the thread modes run (ucxx would warn and fall
+        # back to wait_yield); delayed submission needs the progress thread.
+        self.ctx = ApplicationContext(options, progress_mode=progress_mode, enable_python_future=threaded,
+                                      enable_delayed_submission=threaded)
 
     def shutdown(self) -> None:
-        from ucxx._lib.libucxx import PythonRequestNotifierWaitState
         from ucxx._lib_async.application_context import ProgressTasks
+        if self.progress_mode == "thread":
+            self._stop_threads()
+        progress = ProgressTasks.pop(self.loop, None)  # ucxx's per-loop registry: let the next context progress
+        if progress is not None and not self.loop.is_closed():
+            # Polling, the loop's own progress task holds the worker and keeps a core busy: stop it. (A loop
+            # already closed cancelled it itself: ucxx wraps loop.close. The thread mode has no tasks.)
+            for task in progress._tasks:
+                task.cancel()
+
+    def _stop_threads(self) -> None:
+        from ucxx._lib.libucxx import PythonRequestNotifierWaitState
         worker = self.ctx.worker
         worker.stop_progress_thread()  # first, so that no request completes behind the notifier's back
         worker.stop_request_notifier_thread()  # wakes the notifier now instead of after its 1 s poll
@@ -97,7 +119,6 @@ class _LoopContext:
         while worker.wait_request_notifier(period_ns=1) == PythonRequestNotifierWaitState.Ready:
             worker.run_request_notifier()
         worker.stop_request_notifier_thread()
-        ProgressTasks.pop(self.loop, None)  # ucxx's per-loop registry: let the next context on this loop progress
 
 
 _CONTEXTS: dict[asyncio.AbstractEventLoop, _LoopContext] = {}
@@ -114,7 +135,7 @@ def _shutdown_all_at_exit() -> None:
         context.shutdown()
 
 
-def _acquire_context(options: dict[str, str]) -> _LoopContext:
+def _acquire_context(options: dict[str, str], progress_mode: str) -> _LoopContext:
     global _exit_hook_registered
     loop = asyncio.get_running_loop()
     with _CONTEXTS_LOCK:
@@ -123,10 +144,11 @@ def _acquire_context(options: dict[str, str]) -> _LoopContext:
             if not _exit_hook_registered:
                 threading._register_atexit(_shutdown_all_at_exit)  # runs before non-daemon threads are joined
                 _exit_hook_registered = True
-            context = _CONTEXTS[loop] = _LoopContext(loop, options)
-        elif context.options != options:
-            raise TransportError(f"this event loop already runs UCX with options {context.options}; a second "
-                                 f"ucx transport asked for {options} (one UCX context per event loop)")
+            context = _CONTEXTS[loop] = _LoopContext(loop, options, progress_mode)
+        elif (context.options, context.progress_mode) != (options, progress_mode):
+            raise TransportError(f"this event loop already runs UCX with options {context.options} in progress "
+                                 f"mode {context.progress_mode!r}; a second ucx transport asked for {options} in "
+                                 f"{progress_mode!r} (one UCX context per event loop)")
         context.users += 1
         return context
 
@@ -376,14 +398,19 @@ class UcxListener(Listener):
 
 class UcxTransport(Transport):
     """UCX through ucxx. `device` is where received tensors are allocated (and, for 'cuda', enables UCX's
-    CUDA transports so CUDA tensors can be sent); `ucx_tls` overrides UCX's transport list (UCX_TLS)."""
+    CUDA transports so CUDA tensors can be sent); `ucx_tls` overrides UCX's transport list (UCX_TLS);
+    `progress_mode` says who progresses UCX (one of PROGRESS_MODES, see _LoopContext)."""
 
     def __init__(self, device: str = "cpu", ucx_tls: str | None = None, connect_timeout_s: float = 10.0,
-                 handshake_timeout_s: float = 2.0) -> None:
+                 handshake_timeout_s: float = 2.0, progress_mode: str = "thread") -> None:
+        if progress_mode not in PROGRESS_MODES:
+            raise ValueError(f"ucx transport: progress_mode must be one of {', '.join(PROGRESS_MODES)}, "
+                             f"got {progress_mode!r}")
         _import_ucxx()  # fails here, with a clear message, rather than at the first connect
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"ucx transport: device must be cpu or cuda, got {device!r}")
+        self.progress_mode = progress_mode
         self.ucx_tls = ucx_tls
         self.connect_timeout_s = connect_timeout_s
         # ucxx's tag exchange after the connection is made takes milliseconds with a live listener; to a port
@@ -392,7 +419,7 @@ class UcxTransport(Transport):
 
     async def listen(self, address: str) -> Listener:
         _, port = _parse_address(address)  # UCX listens on every interface; the host names the one peers use
-        context = _acquire_context(ucx_options(self.device, self.ucx_tls))
+        context = _acquire_context(ucx_options(self.device, self.ucx_tls), self.progress_mode)
         try:
             return UcxListener(context, address, port, self.device)
         except BaseException:
@@ -401,7 +428,7 @@ class UcxTransport(Transport):
 
     async def connect(self, address: str) -> Connection:
         host, port = _parse_address(address)
-        context = _acquire_context(ucx_options(self.device, self.ucx_tls))
+        context = _acquire_context(ucx_options(self.device, self.ucx_tls), self.progress_mode)
         try:
             endpoint = await asyncio.wait_for(
                 context.ctx.create_endpoint(host, port, endpoint_error_handling=True,

@@ -29,7 +29,16 @@ def test_rebatching_to_the_predicted_domain_within_the_load_bound():
     policy = RoutingPolicy(PlantedPredictor(), attention_domain=[0, 0, 1, 1], load_bound=1.25)
     assert choose_node(nodes, [5, 6, 7], policy).index in (0, 1)
     assert choose_node(nodes, [500, 600], policy).index in (2, 3)
-    # domain 1 is over the bound (mean 175, bound 218.75): the request overflows to the least loaded node
+    # domain 1 is over the bound (mean 175, bound 218.75): the next likeliest domain takes the request
     nodes[2].load_tokens = nodes[3].load_tokens = 250
     assert choose_node(nodes, [500, 600], policy).index in (0, 1)
-    assert policy.decisions == {"predicted": 2, "overflow": 1}
+    assert policy.decisions == {"predicted": 2, "next_domain": 1}
+
+
+def test_domain_cap_sends_to_the_next_likeliest_domain():
+    # domain 1 already holds 300 of 400 queued tokens, over its expert share of 50%: the next domain takes it
+    nodes = [FakeNode(0, 50), FakeNode(1, 50), FakeNode(2, 150), FakeNode(3, 150)]
+    policy = RoutingPolicy(PlantedPredictor(), attention_domain=[0, 0, 1, 1], load_bound=2.0,
+                           domain_share=[0.5, 0.5])
+    assert choose_node(nodes, [500, 600], policy).index in (0, 1)
+    assert policy.decisions == {"next_domain": 1}
