@@ -46,6 +46,7 @@ class BenchConfig:
     hidden: int = 4096
     dtype: str = "bfloat16"
     nccl: bool = False
+    ucx_progress_mode: str = "thread"  # who progresses UCX in the ucx processes: thread or polling
 
 
 @dataclass
@@ -152,10 +153,10 @@ async def _listener_recv(listener: Any) -> tuple[Any, Any]:
 
 
 async def _p2p_server(backend: str, device: str, address: str, plan: list[tuple[int, int, int]],
-                      report: Callable, done: Any, barrier: Any) -> None:
+                      report: Callable, done: Any, barrier: Any, ucx_progress_mode: str = "thread") -> None:
     from ..transport.base import make_transport
     from ..transport.protocol import Combine
-    listener = await make_transport(backend, device).listen(address)
+    listener = await make_transport(backend, device, ucx_progress_mode).listen(address)
     ack = Combine(0, 0, 0, torch.zeros(1, dtype=torch.uint8, device=device))
     try:
         for _, round_trips, stream in plan:
@@ -171,10 +172,11 @@ async def _p2p_server(backend: str, device: str, address: str, plan: list[tuple[
 
 
 async def _p2p_client(backend: str, device: str, address: str, plan: list[tuple[int, int, int]],
-                      report: Callable, done: Any, barrier: Any) -> None:
+                      report: Callable, done: Any, barrier: Any, ucx_progress_mode: str = "thread") -> None:
     from ..transport.base import connect_within, make_transport
     from ..transport.protocol import Combine
-    connection = await connect_within(make_transport(backend, device), address, _CONNECT_TIMEOUT_S)
+    connection = await connect_within(make_transport(backend, device, ucx_progress_mode), address,
+                                      _CONNECT_TIMEOUT_S)
     try:
         for message_bytes, round_trips, stream in plan:
             message = Combine(0, 0, 0, torch.ones(message_bytes, dtype=torch.uint8, device=device))
@@ -201,10 +203,10 @@ async def _p2p_client(backend: str, device: str, address: str, plan: list[tuple[
 
 
 async def _m2n_receiver(backend: str, device: str, address: str, senders: int, plan: list[tuple[int, int]],
-                        report: Callable, done: Any, barrier: Any) -> None:
+                        report: Callable, done: Any, barrier: Any, ucx_progress_mode: str = "thread") -> None:
     from ..transport.base import make_transport
     from ..transport.protocol import Combine
-    listener = await make_transport(backend, device).listen(address)
+    listener = await make_transport(backend, device, ucx_progress_mode).listen(address)
     try:
         for _, rounds in plan:
             for _ in range(senders * (_WARMUP + rounds)):
@@ -217,10 +219,11 @@ async def _m2n_receiver(backend: str, device: str, address: str, senders: int, p
 
 
 async def _m2n_sender(backend: str, device: str, sender: int, addresses: list[str], plan: list[tuple[int, int]],
-                      hidden: int, dtype: str, report: Callable, done: Any, barrier: Any) -> None:
+                      hidden: int, dtype: str, report: Callable, done: Any, barrier: Any,
+                      ucx_progress_mode: str = "thread") -> None:
     from ..transport.base import connect_within, make_transport
     from ..transport.protocol import Dispatch
-    transport = make_transport(backend, device)
+    transport = make_transport(backend, device, ucx_progress_mode)
     connections = [await connect_within(transport, address, _CONNECT_TIMEOUT_S) for address in addresses]
     loop = asyncio.get_running_loop()
     try:
@@ -433,24 +436,28 @@ def _m2n_rows(backend: str, device: str, senders: int, receivers: int, timings: 
     return rows
 
 
-def point_to_point(backend: str, device: str, sizes: list[int], iters: int) -> list[Row]:
+def point_to_point(backend: str, device: str, sizes: list[int], iters: int,
+                   ucx_progress_mode: str = "thread") -> list[Row]:
     """One-way latency and stream bandwidth between two processes over `backend`'s real transport classes."""
     plan = _p2p_plan(sizes, iters)
     address = _address(backend)
-    roles = [("p2p_client", dict(backend=backend, device=_device_of(0, device), address=address, plan=plan)),
-             ("p2p_server", dict(backend=backend, device=_device_of(1, device), address=address, plan=plan))]
+    roles = [(role, dict(backend=backend, device=_device_of(slot, device), address=address, plan=plan,
+                         ucx_progress_mode=ucx_progress_mode))
+             for slot, role in enumerate(["p2p_client", "p2p_server"])]
     return _run_processes(f"{backend} p2p", roles, expected=len(plan))
 
 
 def m2n(backend: str, device: str, senders: int, receivers: int, tokens: list[int], hidden: int, dtype: str,
-        iters: int) -> list[Row]:
+        iters: int, ucx_progress_mode: str = "thread") -> list[Row]:
     """Rounds of one Dispatch from each sender to each receiver and a same-sized Combine back."""
     plan = _m2n_plan(tokens, hidden, dtype, receivers, iters)
     addresses = [_address(backend) for _ in range(receivers)]
     roles = [("m2n_sender", dict(backend=backend, device=_device_of(i, device), sender=i, addresses=addresses,
-                                 plan=plan, hidden=hidden, dtype=dtype)) for i in range(senders)]
+                                 plan=plan, hidden=hidden, dtype=dtype, ucx_progress_mode=ucx_progress_mode))
+             for i in range(senders)]
     roles += [("m2n_receiver", dict(backend=backend, device=_device_of(senders + j, device), address=address,
-                                    senders=senders, plan=plan)) for j, address in enumerate(addresses)]
+                                    senders=senders, plan=plan, ucx_progress_mode=ucx_progress_mode))
+              for j, address in enumerate(addresses)]
     timings = _run_processes(f"{backend} m2n {senders}x{receivers}", roles, expected=senders * len(plan),
                              barrier_parties=senders)
     return _m2n_rows(backend, device, senders, receivers, timings)
@@ -491,7 +498,8 @@ def check(config: BenchConfig) -> list[str]:
         if backend == "zmq" and config.device == "cuda":
             raise BenchError("backend 'zmq' carries CPU tensors only (the serving path cannot use it on cuda); "
                              "use --backends ucx with --device cuda")
-        make_transport(backend, config.device)  # a missing ucxx fails here, with the package to install
+        # a missing ucxx, or an unknown --ucx-progress-mode, fails here
+        make_transport(backend, config.device, config.ucx_progress_mode)
     if not config.sizes or min(config.sizes) < 1:
         raise BenchError(f"--sizes {config.sizes}: need at least one positive size")
     if config.senders < 1 or config.receivers < 1:
@@ -517,15 +525,17 @@ def run(config: BenchConfig) -> tuple[list[Row], list[str]]:
         print(note, file=sys.stderr)
     rows: list[Row] = []
     for backend in config.backends:
-        rows += point_to_point(backend, config.device, config.sizes, config.iters)
+        rows += point_to_point(backend, config.device, config.sizes, config.iters, config.ucx_progress_mode)
     if config.nccl:
         rows += collective_point_to_point(config.sizes, config.iters)
     for backend in config.backends:
         rows += m2n(backend, config.device, config.senders, config.receivers, config.tokens, config.hidden,
-                    config.dtype, config.iters)
+                    config.dtype, config.iters, config.ucx_progress_mode)
     if config.nccl and not notes:
         rows += collective_m2n(config.senders, config.receivers, config.tokens, config.hidden, config.dtype,
                                config.iters)
+    if "ucx" in config.backends and config.ucx_progress_mode != "thread":
+        notes = [*notes, f"ucx progress mode: {config.ucx_progress_mode} (each ucx process keeps a core busy)"]
     return rows, notes
 
 
@@ -556,7 +566,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     backends = args.backends or ("ucx" if device == "cuda" else ",".join(BACKENDS))
     return BenchConfig([b.strip() for b in backends.split(",") if b.strip()], device,
                        parse_sizes(args.sizes or (CUDA_SIZES if device == "cuda" else CPU_SIZES)), args.iters,
-                       int(senders), int(receivers), tokens, args.hidden, args.dtype, args.nccl)
+                       int(senders), int(receivers), tokens, args.hidden, args.dtype, args.nccl,
+                       getattr(args, "ucx_progress_mode", "thread"))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -94,17 +94,21 @@ class _LoopContext:
         # back to wait_yield); delayed submission needs the progress thread.
         self.ctx = ApplicationContext(options, progress_mode=progress_mode, enable_python_future=threaded,
                                       enable_delayed_submission=threaded)
+        # Ours to stop: ucxx's registry may lose it, as a finalizer of an earlier context clears it whole.
+        from ucxx._lib_async.application_context import ProgressTasks
+        self.progress = ProgressTasks[loop]
 
     def shutdown(self) -> None:
         from ucxx._lib_async.application_context import ProgressTasks
         if self.progress_mode == "thread":
             self._stop_threads()
-        progress = ProgressTasks.pop(self.loop, None)  # ucxx's per-loop registry: let the next context progress
-        if progress is not None and not self.loop.is_closed():
+        registered = ProgressTasks.pop(self.loop, None)  # ucxx's per-loop registry: let the next context progress
+        if not self.loop.is_closed():
             # Polling, the loop's own progress task holds the worker and keeps a core busy: stop it. (A loop
             # already closed cancelled it itself: ucxx wraps loop.close. The thread mode has no tasks.)
-            for task in progress._tasks:
-                task.cancel()
+            for progress in (self.progress, registered):
+                for task in progress._tasks if progress is not None else ():
+                    task.cancel()
 
     def _stop_threads(self) -> None:
         from ucxx._lib.libucxx import PythonRequestNotifierWaitState

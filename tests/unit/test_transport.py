@@ -20,6 +20,9 @@ from expertmesh.transport.protocol import (_DTYPES, Combine, Dispatch, ExpertErr
 
 BACKENDS = ["inproc", "zmq", "ucx"]
 SOCKET_BACKENDS = ["zmq", "ucx"]  # real peers in other processes, messages of hundreds of MB
+# The core tests also run ucx with the event loop progressing UCX ("ucx-polling": backend-progress mode).
+CORE_BACKENDS = BACKENDS + ["ucx-polling"]
+UCX_MODES = ["ucx", "ucx-polling"]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -39,10 +42,16 @@ def free_ucx_port() -> int:
     raise RuntimeError(f"no free port in 10000..{ephemeral_low}")
 
 
+def make(backend: str):
+    """make_transport, where "ucx-polling" is ucx in progress mode polling."""
+    name, _, ucx_progress_mode = backend.partition("-")
+    return make_transport(name, ucx_progress_mode=ucx_progress_mode or "thread")
+
+
 def address(backend: str, name: str) -> str:
     if backend == "inproc":
         return f"inproc://{name}"
-    if backend == "ucx":
+    if backend.startswith("ucx"):
         return f"ucx://127.0.0.1:{free_ucx_port()}"
     return f"tcp://127.0.0.1:{free_port()}"
 
@@ -53,10 +62,10 @@ async def echo_server(listener):
         await listener.send(peer, message)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CORE_BACKENDS)
 def test_order_many_tensors_dtypes_and_concurrent_senders(backend):
     async def run():
-        transport = make_transport(backend)
+        transport = make(backend)
         addr = address(backend, "conformance")
         listener = await transport.listen(addr)
         server = asyncio.create_task(echo_server(listener))
@@ -86,10 +95,10 @@ def test_order_many_tensors_dtypes_and_concurrent_senders(backend):
     asyncio.run(run())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CORE_BACKENDS)
 def test_large_message(backend):
     async def run():
-        transport = make_transport(backend)
+        transport = make(backend)
         addr = address(backend, "large")
         listener = await transport.listen(addr)
         server = asyncio.create_task(echo_server(listener))
@@ -105,10 +114,10 @@ def test_large_message(backend):
     asyncio.run(run())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CORE_BACKENDS)
 def test_silent_peer_gives_error_not_hang(backend):
     async def run():
-        transport = make_transport(backend)
+        transport = make(backend)
         addr = address(backend, "silent")
         listener = await transport.listen(addr)  # never answers
         conn = await transport.connect(addr)
@@ -131,7 +140,7 @@ def test_unknown_backend_is_an_error():
 @contextlib.asynccontextmanager
 async def echo_link(backend: str, name: str):
     """A listener that echoes every message, and one connection to it; everything closed on the way out."""
-    transport = make_transport(backend)
+    transport = make(backend)
     addr = address(backend, name)
     listener = await transport.listen(addr)
     server = asyncio.create_task(echo_server(listener))
@@ -163,7 +172,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
             and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CORE_BACKENDS)
 def test_every_dtype_bit_exact(backend):
     async def run():
         async with echo_link(backend, "dtypes") as conn:
@@ -229,7 +238,7 @@ def test_many_tensors_per_message_and_long_header(backend):
     asyncio.run(run())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CORE_BACKENDS)
 def test_concurrent_senders_on_one_connection(backend):
     """Messages of coroutines sharing a connection must not interleave, and each one's order must hold."""
     async def run():
@@ -278,7 +287,8 @@ from expertmesh.transport.base import make_transport
 from expertmesh.transport.protocol import Combine
 
 async def main(role, backend, address):
-    transport = make_transport(backend)
+    name, _, ucx_progress_mode = backend.partition("-")
+    transport = make_transport(name, ucx_progress_mode=ucx_progress_mode or "thread")
     if role == "server":  # echo everything
         listener = await transport.listen(address)
         print("ready", flush=True)
@@ -314,14 +324,14 @@ def kill(process) -> None:
     process.send_signal(signal.SIGKILL)
 
 
-@pytest.mark.parametrize("backend", SOCKET_BACKENDS)
+@pytest.mark.parametrize("backend", SOCKET_BACKENDS + ["ucx-polling"])
 def test_killed_peer_gives_error_within_bound(backend):
     """A recv pending when the serving process dies ends in TransportError: ucx notices the lost endpoint
     at once; zmq cannot tell, and the recv timeout bounds the wait."""
     async def run():
         addr = address(backend, "killed")
         async with peer_process("server", backend, addr) as server:
-            conn = await make_transport(backend).connect(addr)
+            conn = await make(backend).connect(addr)
             try:
                 await conn.send(Combine(1, 0, 0, torch.ones(4)))
                 assert torch.equal((await conn.recv(timeout_s=30)).partial, torch.ones(4))
@@ -333,7 +343,7 @@ def test_killed_peer_gives_error_within_bound(backend):
                     await asyncio.wait_for(pending, 10)
                 waited_s = time.monotonic() - started
                 assert waited_s < 5, f"{backend}: the error took {waited_s:.1f} s"
-                if backend == "ucx":
+                if backend.startswith("ucx"):
                     assert "peer lost" in str(error.value) and waited_s < 2.5, (waited_s, error.value)
                     with pytest.raises(TransportError):  # the link stays dead
                         await conn.send(Combine(2, 0, 0, torch.ones(4)))
@@ -345,13 +355,14 @@ def test_killed_peer_gives_error_within_bound(backend):
     asyncio.run(run())
 
 
-def test_ucx_listener_drops_a_killed_peer_and_serves_others():
+@pytest.mark.parametrize("backend", UCX_MODES)
+def test_ucx_listener_drops_a_killed_peer_and_serves_others(backend):
     async def run():
-        transport = make_transport("ucx")
-        addr = address("ucx", "drop")
+        transport = make(backend)
+        addr = address(backend, "drop")
         listener = await transport.listen(addr)
         try:
-            async with peer_process("client", "ucx", addr) as client:
+            async with peer_process("client", backend, addr) as client:
                 peer, hello = await asyncio.wait_for(listener.recv(), 30)
                 assert hello.step == 7
                 kill(client)
@@ -458,12 +469,14 @@ def test_ucx_rejects_malformed_addresses_and_devices():
         UcxTransport(device="mps")
 
 
-def test_ucx_on_uvloop():
-    """The nodes run uvloop: ucxx's progress and notifier threads must wake it as they wake asyncio's loop."""
+@pytest.mark.parametrize("backend", UCX_MODES)
+def test_ucx_on_uvloop(backend):
+    """The nodes run uvloop: ucxx's progress and notifier threads must wake it as they wake asyncio's loop
+    (polling: its progress task must share it with the others)."""
     import uvloop
 
     async def run():
-        async with echo_link("ucx", "uvloop") as conn:
+        async with echo_link(backend, "uvloop") as conn:
             messages = [Combine(i, 0, 0, random_tensor(torch.bfloat16, (i * 300, 64), seed=i)) for i in range(6)]
             await asyncio.gather(*(conn.send(msg) for msg in messages))
             for msg in messages:
@@ -472,10 +485,11 @@ def test_ucx_on_uvloop():
     uvloop.run(run())
 
 
-def test_ucx_close_wakes_waiting_receivers():
+@pytest.mark.parametrize("backend", UCX_MODES)
+def test_ucx_close_wakes_waiting_receivers(backend):
     async def run():
-        transport = make_transport("ucx")
-        addr = address("ucx", "close")
+        transport = make(backend)
+        addr = address(backend, "close")
         listener = await transport.listen(addr)
         conn = await transport.connect(addr)
         waiting = [asyncio.create_task(conn.recv()), asyncio.create_task(listener.recv())]
@@ -496,3 +510,64 @@ def test_ucx_without_ucxx_says_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "ucxx", None)
     with pytest.raises(TransportError, match="pip install ucxx-cu13"):
         UcxTransport()
+
+
+def test_ucx_polling_stops_its_progress_task_on_close():
+    """Polling, the event loop's progress task spins a core: the last close must stop it, and a later transport
+    on the same loop must progress again (ucxx keeps one progress task per loop)."""
+    async def run():
+        def progress_tasks() -> list[asyncio.Task]:
+            return [task for task in asyncio.all_tasks()
+                    if task.get_coro().__qualname__ == "PollingMode._progress_task"]
+
+        for _ in range(2):
+            async with echo_link("ucx-polling", "again") as conn:
+                await conn.send(Combine(1, 0, 0, torch.ones(3)))
+                assert (await conn.recv(timeout_s=10)).step == 1
+                running = progress_tasks()
+                assert len(running) == 1
+            await asyncio.wait_for(asyncio.gather(*running, return_exceptions=True), 5)
+            assert running[0].cancelled() and progress_tasks() == []
+
+    asyncio.run(run())
+
+
+def test_ucx_progress_modes_cannot_share_an_event_loop():
+    async def run():
+        listener = await make("ucx").listen(address("ucx", "mixed"))
+        try:
+            with pytest.raises(TransportError, match="progress mode 'thread'.*'polling'"):
+                await make("ucx-polling").listen(address("ucx", "mixed2"))
+        finally:
+            await listener.close()
+
+    asyncio.run(run())
+    with pytest.raises(ValueError, match="'spinning'"):
+        make_transport("ucx", ucx_progress_mode="spinning")
+
+
+EXIT_SCRIPT = """
+import asyncio, sys
+import torch
+from expertmesh.transport.base import make_transport
+from expertmesh.transport.protocol import Combine
+
+async def main(mode, port):
+    transport = make_transport("ucx", ucx_progress_mode=mode)
+    listener = await transport.listen(f"ucx://127.0.0.1:{port}")
+    conn = await transport.connect(f"ucx://127.0.0.1:{port}")
+    await conn.send(Combine(1, 0, 0, torch.ones(3)))
+    await listener.recv()  # then return with the listener and connection still open
+
+asyncio.run(main(*sys.argv[1:]))
+print("returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["thread", "polling"])
+def test_ucx_process_exits_with_transports_left_open(mode):
+    """A process that never closed its ucx transports must still exit, in every progress mode."""
+    import subprocess
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, mode, str(free_ucx_port())], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "returned" in done.stdout, (done.returncode, done.stderr[-2000:])
