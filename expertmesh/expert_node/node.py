@@ -9,7 +9,7 @@ import logging
 import torch
 
 from ..model.layers import experts_partial_sum
-from ..model.weights import ExpertWeights
+from ..model.weights import ExpertWeights, experts_by_layer
 from ..transport.base import Listener, PeerId
 from ..telemetry import PhaseClock
 from ..transport.protocol import (Combine, Dispatch, ExpertError, ExpertStatus, Hello, HelloReply, Message, NodeTrace,
@@ -26,9 +26,7 @@ class ExpertNode:
         self.listener = listener
         self.control = control  # status and traces for the gateway
         self.clock = PhaseClock()
-        self.experts_of_layer: dict[int, dict[int, ExpertWeights]] = {}
-        for (layer, expert), weights in experts.items():
-            self.experts_of_layer.setdefault(layer, {})[expert] = weights
+        self.experts_of_layer = experts_by_layer(experts)
         self._inbox: asyncio.Queue[tuple[PeerId, Message]] = asyncio.Queue()
         self.tokens_computed = 0
 

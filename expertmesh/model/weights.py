@@ -87,6 +87,14 @@ def load_attention_side(model_dir: str | Path, spec: ModelSpec, dtype: torch.dty
                                 lm_head=lm_head)
 
 
+def experts_by_layer(experts: dict[tuple[int, int], ExpertWeights]) -> dict[int, dict[int, ExpertWeights]]:
+    """{(layer, expert): weights} regrouped as {layer: {expert: weights}}, the shape experts_partial_sum takes."""
+    grouped: dict[int, dict[int, ExpertWeights]] = {}
+    for (layer, expert), weights in experts.items():
+        grouped.setdefault(layer, {})[expert] = weights
+    return grouped
+
+
 def load_experts(model_dir: str | Path, spec: ModelSpec, pairs: list[tuple[int, int]], dtype: torch.dtype,
                  device: str = "cpu") -> dict[tuple[int, int], ExpertWeights]:
     """The experts named by (layer, expert) pairs, read one tensor at a time."""

@@ -21,7 +21,7 @@ from ..attention_node.scheduler import Sequence
 from ..gateway.text import TextCodec
 from ..model.layers import experts_partial_sum
 from ..model.spec import ModelSpec
-from ..model.weights import ExpertWeights, load_attention_side, load_experts
+from ..model.weights import ExpertWeights, experts_by_layer, load_attention_side, load_experts
 from ..transport.protocol import SamplingParams
 from .trace import RoutingTrace
 
@@ -52,9 +52,7 @@ class RecordingExperts:
     """Stands in for M2NClient: computes every expert locally and keeps each layer's routing."""
 
     def __init__(self, experts: dict[tuple[int, int], ExpertWeights]) -> None:
-        self.experts_of_layer: dict[int, dict[int, ExpertWeights]] = {}
-        for (layer, expert), weights in experts.items():
-            self.experts_of_layer.setdefault(layer, {})[expert] = weights
+        self.experts_of_layer = experts_by_layer(experts)
         self.routes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     async def dispatch(self, step, layer, microbatch, hidden, expert_ids, expert_weights):
