@@ -1,6 +1,7 @@
 """Entry point of the gateway process: `python -m expertmesh.gateway --config C`."""
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import uvicorn
@@ -47,7 +48,13 @@ async def main(config: Config, index: int) -> None:
     server = uvicorn.Server(uvicorn.Config(create_app(served), host=config.gateway.host, port=config.gateway.port,
                                            log_level="warning", lifespan="on"))
     server.install_signal_handlers = lambda: None  # run_node owns SIGTERM/SIGINT
-    await server.serve()
+    serving = asyncio.ensure_future(server.serve())
+    try:
+        await asyncio.shield(serving)
+    except asyncio.CancelledError:  # SIGTERM: let uvicorn shut down itself (a cancelled lifespan logs a traceback)
+        server.should_exit = True
+        await serving
+        raise
 
 
 if __name__ == "__main__":

@@ -70,8 +70,8 @@ def resolve_backend(backend: str) -> str:
     if backend != "auto":
         return backend
     try:
-        from .ucx import _import_ucxx
-        _import_ucxx()
+        from .ucx_context import import_ucxx
+        import_ucxx()
     except (ImportError, TransportError):
         return "zmq"
     return "ucx"

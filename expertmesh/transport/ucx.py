@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import struct
-import threading
 from typing import Any, Callable
 
 import numpy as np
@@ -17,6 +15,7 @@ import torch
 
 from .base import Connection, Listener, PeerId, Transport, TransportError
 from .protocol import Message, ProtocolError, build_message, decode_header
+from .ucx_context import PROGRESS_MODES, LoopContext, acquire_context, import_ucxx, release_context, ucx_options
 
 log = logging.getLogger(__name__)
 
@@ -30,34 +29,6 @@ _PREFIX = struct.Struct("<IB3x")  # header length, flags
 _INLINE = 1  # flag: the tensors' bytes follow the header in the first frame
 _HEADER_IN_FIRST_FRAME = _FIRST_FRAME_BYTES - _PREFIX.size
 
-_CPU_TLS = "tcp,sm,self"  # UCX's listener (sockaddr connection manager) needs tcp; sm serves peers on one host
-_CUDA_TLS = "tcp,cuda_copy,cuda_ipc,sm,self"
-
-PROGRESS_MODES = ("thread", "polling")  # who progresses the UCX worker: see _LoopContext
-
-
-def ucx_options(device: torch.device, ucx_tls: str | None) -> dict[str, str]:
-    """The UCX configuration this backend asks for, fixed when the event loop's UCX context starts.
-
-    Operators tune UCX with its own UCX_* environment variables: an explicit `ucx_tls` wins, then UCX_TLS
-    from the environment, then our default for the device."""
-    if ucx_tls is not None:
-        return {"TLS": ucx_tls}
-    if "UCX_TLS" in os.environ:
-        return {}
-    return {"TLS": _CUDA_TLS if device.type == "cuda" else _CPU_TLS}
-
-
-def _import_ucxx() -> None:
-    """Import ucxx, or say that it is missing; UCX reads its global options when its library loads, here."""
-    # ucxx sets UCX_MEMTYPE_CACHE, which UCX >= 1.19 no longer knows and would warn about in every process.
-    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-    try:
-        import ucxx  # noqa: F401
-    except ImportError as exc:
-        raise TransportError(f"transport backend 'ucx' needs the ucxx package (pip install ucxx-cu13): "
-                             f"{exc}") from exc
-
 
 def _parse_address(address: str) -> tuple[str, int]:
     scheme, sep, rest = address.partition("://")
@@ -65,105 +36,6 @@ def _parse_address(address: str) -> tuple[str, int]:
     if scheme != "ucx" or not sep or not colon or not host or not port.isdigit():
         raise ValueError(f"ucx address must look like ucx://HOST:PORT, got {address!r}")
     return host, int(port)
-
-
-# ---- one ucxx context per event loop ---------------------------------------------------------------------------
-
-class _LoopContext:
-    """The ucxx ApplicationContext of one event loop, shared by every UcxTransport used on that loop.
-
-    ucxx keeps one progress task per event loop (a second context on the same loop would never progress), and
-    its request futures belong to the loop that created the context: hence one per loop, released when its
-    last listener or connection closes. Progress, as UcxTransport's `progress_mode` says:
-    - "thread": a progress thread blocking on the worker's epoll fd plus ucxx's notifier thread resolving
-      asyncio futures (without the notifier, every pending recv spins the event loop: ucxx's wait_yield).
-      Idle processes sleep; each completion crosses two threads to reach the loop.
-    - "polling": the event loop itself calls worker.progress() between its other callbacks and each pending
-      request checks its completion on every turn (no extra threads, no futures): the lowest latency, and
-      one core busy for as long as the context lives, idle or not.
-    ucxx's "blocking" mode is left out: it has no notifier either, so pending requests spin just as in polling."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, options: dict[str, str], progress_mode: str) -> None:
-        from ucxx._lib_async import ApplicationContext
-        self.loop = loop
-        self.options = options
-        self.progress_mode = progress_mode
-        self.users = 0
-        threaded = progress_mode == "thread"
-        # Python futures need the notifier thread, which only the thread modes run (ucxx would warn and fall
-        # back to wait_yield); delayed submission needs the progress thread.
-        self.ctx = ApplicationContext(options, progress_mode=progress_mode, enable_python_future=threaded,
-                                      enable_delayed_submission=threaded)
-        # Ours to stop: ucxx's registry may lose it, as a finalizer of an earlier context clears it whole.
-        from ucxx._lib_async.application_context import ProgressTasks
-        self.progress = ProgressTasks[loop]
-
-    def shutdown(self) -> None:
-        from ucxx._lib_async.application_context import ProgressTasks
-        if self.progress_mode == "thread":
-            self._stop_threads()
-        registered = ProgressTasks.pop(self.loop, None)  # ucxx's per-loop registry: let the next context progress
-        if not self.loop.is_closed():
-            # Polling, the loop's own progress task holds the worker and keeps a core busy: stop it. (A loop
-            # already closed cancelled it itself: ucxx wraps loop.close. The thread mode has no tasks.)
-            for progress in (self.progress, registered):
-                for task in progress._tasks if progress is not None else ():
-                    task.cancel()
-
-    def _stop_threads(self) -> None:
-        from ucxx._lib.libucxx import PythonRequestNotifierWaitState
-        worker = self.ctx.worker
-        worker.stop_progress_thread()  # first, so that no request completes behind the notifier's back
-        worker.stop_request_notifier_thread()  # wakes the notifier now instead of after its 1 s poll
-        self.ctx.stop_notifier_thread()
-        # The notifier's state machine may be left "running" (a stop seen between two waits) or "ready" (a
-        # completion, e.g. of a recv cancelled by a closing endpoint, after its last wait); the worker's
-        # destructor would warn about either. Settle both on this thread, then stop for good.
-        worker.wait_request_notifier(period_ns=1)
-        while worker.wait_request_notifier(period_ns=1) == PythonRequestNotifierWaitState.Ready:
-            worker.run_request_notifier()
-        worker.stop_request_notifier_thread()
-
-
-_CONTEXTS: dict[asyncio.AbstractEventLoop, _LoopContext] = {}
-_CONTEXTS_LOCK = threading.Lock()
-_exit_hook_registered = False
-
-
-def _shutdown_all_at_exit() -> None:
-    # The notifier thread is not a daemon: a process that never closed its connections would hang at exit.
-    with _CONTEXTS_LOCK:
-        contexts = list(_CONTEXTS.values())
-        _CONTEXTS.clear()
-    for context in contexts:
-        context.shutdown()
-
-
-def _acquire_context(options: dict[str, str], progress_mode: str) -> _LoopContext:
-    global _exit_hook_registered
-    loop = asyncio.get_running_loop()
-    with _CONTEXTS_LOCK:
-        context = _CONTEXTS.get(loop)
-        if context is None:
-            if not _exit_hook_registered:
-                threading._register_atexit(_shutdown_all_at_exit)  # runs before non-daemon threads are joined
-                _exit_hook_registered = True
-            context = _CONTEXTS[loop] = _LoopContext(loop, options, progress_mode)
-        elif (context.options, context.progress_mode) != (options, progress_mode):
-            raise TransportError(f"this event loop already runs UCX with options {context.options} in progress "
-                                 f"mode {context.progress_mode!r}; a second ucx transport asked for {options} in "
-                                 f"{progress_mode!r} (one UCX context per event loop)")
-        context.users += 1
-        return context
-
-
-def _release_context(context: _LoopContext) -> None:
-    with _CONTEXTS_LOCK:
-        context.users -= 1
-        if context.users > 0:
-            return
-        _CONTEXTS.pop(context.loop, None)
-    context.shutdown()
 
 
 # ---- messages over one endpoint ---------------------------------------------------------------------------------
@@ -298,7 +170,7 @@ class _Link:
 
 
 class UcxConnection(Connection):
-    def __init__(self, endpoint: Any, context: _LoopContext, address: str, device: torch.device) -> None:
+    def __init__(self, endpoint: Any, context: LoopContext, address: str, device: torch.device) -> None:
         self.address = address
         self._context = context
         self._inbox: asyncio.Queue[Message | Exception] = asyncio.Queue()
@@ -330,13 +202,13 @@ class UcxConnection(Connection):
         try:
             await self._link.close()
         finally:
-            _release_context(self._context)
+            release_context(self._context)
 
 
 class UcxListener(Listener):
     """Accepts any number of peers; each gets an int id and a reader task feeding one shared inbox."""
 
-    def __init__(self, context: _LoopContext, address: str, port: int, device: torch.device) -> None:
+    def __init__(self, context: LoopContext, address: str, port: int, device: torch.device) -> None:
         self.address = address
         self._context = context
         self._device = device
@@ -397,20 +269,20 @@ class UcxListener(Listener):
                 await link.close()
             await asyncio.gather(*self._closing, return_exceptions=True)
         finally:
-            _release_context(self._context)
+            release_context(self._context)
 
 
 class UcxTransport(Transport):
     """UCX through ucxx. `device` is where received tensors are allocated (and, for 'cuda', enables UCX's
     CUDA transports so CUDA tensors can be sent); `ucx_tls` overrides UCX's transport list (UCX_TLS);
-    `progress_mode` says who progresses UCX (one of PROGRESS_MODES, see _LoopContext)."""
+    `progress_mode` says who progresses UCX (one of PROGRESS_MODES, see LoopContext)."""
 
     def __init__(self, device: str = "cpu", ucx_tls: str | None = None, connect_timeout_s: float = 10.0,
                  handshake_timeout_s: float = 2.0, progress_mode: str = "thread") -> None:
         if progress_mode not in PROGRESS_MODES:
             raise ValueError(f"ucx transport: progress_mode must be one of {', '.join(PROGRESS_MODES)}, "
                              f"got {progress_mode!r}")
-        _import_ucxx()  # fails here, with a clear message, rather than at the first connect
+        import_ucxx()  # fails here, with a clear message, rather than at the first connect
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"ucx transport: device must be cpu or cuda, got {device!r}")
@@ -423,26 +295,26 @@ class UcxTransport(Transport):
 
     async def listen(self, address: str) -> Listener:
         _, port = _parse_address(address)  # UCX listens on every interface; the host names the one peers use
-        context = _acquire_context(ucx_options(self.device, self.ucx_tls), self.progress_mode)
+        context = acquire_context(ucx_options(self.device, self.ucx_tls), self.progress_mode)
         try:
             return UcxListener(context, address, port, self.device)
         except BaseException:
-            _release_context(context)
+            release_context(context)
             raise
 
     async def connect(self, address: str) -> Connection:
         host, port = _parse_address(address)
-        context = _acquire_context(ucx_options(self.device, self.ucx_tls), self.progress_mode)
+        context = acquire_context(ucx_options(self.device, self.ucx_tls), self.progress_mode)
         try:
             endpoint = await asyncio.wait_for(
                 context.ctx.create_endpoint(host, port, endpoint_error_handling=True,
                                             connect_timeout=self.handshake_timeout_s),
                 self.connect_timeout_s)
         except Exception as exc:  # refused, unreachable, or no answer in time (asyncio's TimeoutError)
-            _release_context(context)
+            release_context(context)
             raise TransportError(f"cannot connect to {address} (nothing listening, or no answer within "
                                  f"{self.handshake_timeout_s} s / {self.connect_timeout_s} s): {exc!r}") from exc
         except BaseException:
-            _release_context(context)
+            release_context(context)
             raise
         return UcxConnection(endpoint, context, address, self.device)

@@ -31,6 +31,8 @@ def test_sigterm_stops_every_child(mixtral_dir):
     cluster.process.send_signal(signal.SIGTERM)
     assert cluster.process.wait(timeout=30) == 0
     wait_for(lambda: not any(alive(pid) for pid in children), 10, "children to exit")
+    cluster.reader.join(timeout=10)  # the log is complete once every child has closed its end of the pipe
+    assert "Traceback" not in cluster.text(), cluster.text()  # a clean stop, not a cancelled task's dump
 
 
 def test_killed_expert_node_stops_cluster_and_fails_requests(mixtral_dir):
