@@ -78,8 +78,5 @@ class InprocCluster:
             step += 1
             logits = await self.runner.forward(step, batch, self.microbatches)
             for seq, token in zip(batch, sample(logits, [s.sampling for s in batch], [None] * len(batch))):
-                seq.num_cached = seq.num_tokens
-                seq.output_ids.append(token)
-                if self.scheduler.finish_reason(seq):
-                    self.scheduler.release(seq)
+                self.scheduler.advance(seq, token)
         return [s.output_ids for s in seqs]

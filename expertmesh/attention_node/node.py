@@ -119,12 +119,8 @@ class AttentionNode:
             logprobs.append(None if top_n is None else token_logprobs(logits[i], token, top_n))
             if seq.num_cached == 0:
                 self.prompt_tokens += len(seq.prompt_ids)
-            seq.num_cached = seq.num_tokens
-            seq.output_ids.append(token)
+            reason = self.scheduler.advance(seq, token)
             self.generated_tokens += 1
-            reason = self.scheduler.finish_reason(seq)
-            if reason is not None:
-                self.scheduler.release(seq)
             request_ids.append(seq.request_id)
             reasons.append(reason)
         return request_ids, tokens, reasons, [None] * len(seqs), logprobs

@@ -75,6 +75,16 @@ class Scheduler:
             budget -= prompt_len
         return list(self.running)
 
+    def advance(self, seq: Sequence, token: int) -> str | None:
+        """After a step: seq's KV cache holds every token so far, `token` is its next output. Returns why seq
+        finished (and frees its slot), or None if it goes on."""
+        seq.num_cached = seq.num_tokens
+        seq.output_ids.append(token)
+        reason = self.finish_reason(seq)
+        if reason is not None:
+            self.release(seq)
+        return reason
+
     def finish_reason(self, seq: Sequence) -> str | None:
         """Why seq stops after its latest token, or None if it goes on."""
         if seq.aborted:

@@ -55,6 +55,7 @@ class M2NClient:
                         for layer, experts in placement.nodes_of.items()}
         self.replicated_layers = {layer for layer, experts in placement.nodes_of.items()
                                   if any(len(nodes) > 1 for nodes in experts)}
+        self._replicas_chosen_at: dict[int, int] = {}  # layer -> the step its replicas were last chosen for
         self.stats = LinkStats([0] * n, [0] * n, [0] * n)
         self._pending: list[dict[tuple[int, int, int], asyncio.Future]] = [{} for _ in range(n)]
         # send buffers per (node, microbatch), grown as needed and reused at every layer and step: a buffer is
@@ -112,8 +113,9 @@ class M2NClient:
         if self._failure is not None:
             raise self._failure
         key = (step, layer, microbatch)
-        if layer in self.replicated_layers:
-            self._choose_replicas(layer)
+        if layer in self.replicated_layers and self._replicas_chosen_at.get(layer) != step:
+            self._choose_replicas(layer)  # once per step and layer: the loads move little within a step
+            self._replicas_chosen_at[layer] = step
         node_of_choice = self.node_of[layer][expert_ids.long()]  # [tokens, k]
         loop = asyncio.get_running_loop()
         handle = DispatchHandle(key, hidden.shape[0], {}, {})

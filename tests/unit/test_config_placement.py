@@ -92,3 +92,39 @@ def test_dispatch_sends_each_token_once_per_node_and_a_lost_node_fails_fast(mixt
         await m2n.close()
 
     asyncio.run(run())
+
+
+def test_replicas_local_first_then_spill_chosen_once_per_step(mixtral_dir):
+    spec = ModelSpec.from_dir(mixtral_dir)
+    contiguous = Placement.contiguous(spec, 2)  # node 0 holds 0-3, node 1 holds 4-7
+    layer0 = [list(nodes) for nodes in contiguous.nodes_of[0]]
+    layer0[0] = [0, 1]  # expert 0 of layer 0 also on node 1, which is in the other domain
+    placement = Placement(2, {**contiguous.nodes_of, 0: layer0})
+
+    async def run():
+        transport = InprocTransport()
+        listeners = [await transport.listen(f"inproc://rep{n}") for n in range(2)]
+        conns = [await transport.connect(f"inproc://rep{n}") for n in range(2)]
+        m2n = M2NClient(conns, placement, 0, recv_timeout_s=1.0, attention_domain=0, expert_domain=[0, 1],
+                        load_bound=1.1)
+        hello = asyncio.ensure_future(m2n.handshake(spec.num_layers, spec.num_experts, 5.0))
+        for n, listener in enumerate(listeners):
+            peer, _ = await listener.recv()
+            await listener.send(peer, HelloReply(n, [l * spec.num_experts + e for l, e in placement.pairs_on(n)]))
+        await hello
+
+        async def send(step, microbatch, ids):
+            ids = torch.tensor(ids, dtype=torch.int32)
+            handle = await m2n.dispatch(step, 0, microbatch, torch.randn(len(ids), spec.hidden_size), ids,
+                                        torch.rand(len(ids), 2))
+            return {n: (await listeners[n].recv())[1].expert_ids.tolist() for n in handle.rows_of_node}
+
+        # no load yet: expert 0 goes to its replica in our own domain; node 0 now carries 3 rows, node 1 one
+        assert await send(1, 0, [[0, 1], [0, 1], [0, 4]]) == {0: [[0, 1], [0, 1], [0, -1]], 1: [[-1, 4]]}
+        # same step, next microbatch: the choice made for the step stands
+        assert await send(1, 1, [[0, 4]]) == {0: [[0, -1]], 1: [[-1, 4]]}
+        # next step: node 0 is above 1.1 x the mean load, so expert 0 spills to the remote replica
+        assert await send(2, 0, [[0, 4]]) == {1: [[0, 4]]}
+        await m2n.close()
+
+    asyncio.run(run())

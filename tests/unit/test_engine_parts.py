@@ -31,6 +31,17 @@ def test_admission_respects_slots_and_token_budget(mixtral_dir):
     assert sched.schedule() == [b, c]
 
 
+def test_advance_appends_the_token_and_frees_the_slot_when_done(mixtral_dir):
+    sched = make_scheduler(mixtral_dir, slots=1)
+    s = seq("a", 4, max_tokens=2)
+    sched.add(s)
+    assert sched.schedule() == [s]
+    assert sched.advance(s, 7) is None
+    assert (s.num_cached, s.output_ids, sched.kv_cache.free_slots) == (4, [7], 0)
+    assert sched.advance(s, 8) == "length"
+    assert (s.num_cached, s.output_ids, sched.kv_cache.free_slots, sched.running) == (5, [7, 8], 1, [])
+
+
 def test_finish_reasons(mixtral_dir):
     sched = make_scheduler(mixtral_dir)
     s = seq("a", 4, max_tokens=3)
