@@ -79,6 +79,8 @@ class ExpertNode:
                     hidden = torch.cat([d.hidden for _, d in items])
                     ids = torch.cat([d.expert_ids for _, d in items])
                     weights = torch.cat([d.expert_weights for _, d in items])
+                    for _, d in items:  # copied out: their receive memory can take the next dispatches
+                        self.listener.recycle(d)
                     partial = experts_partial_sum(hidden, ids, weights, self.experts_of_layer.get(layer, {}))
             except Exception as exc:  # answer every sender; the node itself keeps serving
                 log.exception("expert node %d: layer %d failed", self.node_id, layer)

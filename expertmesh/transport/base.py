@@ -16,7 +16,13 @@ class TransportError(ConnectionError):
     """A peer could not be reached, went away, or did not answer in time."""
 
 
-class Connection(abc.ABC):
+class _Recycler:
+    def recycle(self, message: Message) -> None:
+        """The caller is done with this received message's tensors: a backend that allocates receive memory may
+        reuse it for a later message (the default ignores it). The tensors must not be used afterwards."""
+
+
+class Connection(_Recycler, abc.ABC):
     """One side of a link to a listener: send requests, receive replies (in the order the peer sends them)."""
 
     @abc.abstractmethod
@@ -30,7 +36,7 @@ class Connection(abc.ABC):
     async def close(self) -> None: ...
 
 
-class Listener(abc.ABC):
+class Listener(_Recycler, abc.ABC):
     """The serving side: receives from every connected peer and answers a peer by its id."""
 
     @abc.abstractmethod

@@ -106,7 +106,7 @@ class M2NClient:
             future.set_exception(ExpertNodeError(f"expert node {node}, layer {message.layer}: {message.error}"))
         else:
             self.stats.bytes_received[node] += message.partial.nbytes
-            future.set_result(message.partial)
+            future.set_result(message)
 
     async def dispatch(self, step: int, layer: int, microbatch: int, hidden: torch.Tensor,
                        expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> DispatchHandle:
@@ -155,8 +155,8 @@ class M2NClient:
             self._send_buffers[key] = held
         return [h[:rows] for h in held]
 
-    async def gather(self, handle: DispatchHandle) -> dict[int, torch.Tensor]:
-        """Every node's partial sums for the handle's tokens, waiting at most recv_timeout_s."""
+    async def gather(self, handle: DispatchHandle) -> dict[int, Combine]:
+        """Every node's answer (partial sums for the handle's tokens), waiting at most recv_timeout_s."""
         partials = {}
         for node, future in handle.answers.items():
             try:
@@ -167,12 +167,13 @@ class M2NClient:
                                      f"{handle.key[0]} within {self.recv_timeout_s} s") from None
         return partials
 
-    @staticmethod
-    def reduce(handle: DispatchHandle, partials: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        """The sum of the nodes' partial sums, one row per dispatched token, shaped like `like`."""
+    def reduce(self, handle: DispatchHandle, answers: dict[int, Combine], like: torch.Tensor) -> torch.Tensor:
+        """The sum of the nodes' partial sums, one row per dispatched token, shaped like `like`; the answers'
+        memory goes back to their links for the next layer's answers."""
         out = torch.zeros_like(like)
-        for node, partial in partials.items():
-            out.index_add_(0, handle.rows_of_node[node], partial.to(out.dtype))
+        for node, answer in answers.items():
+            out.index_add_(0, handle.rows_of_node[node], answer.partial.to(out.dtype))
+            self.connections[node].recycle(answer)
         return out
 
     async def combine(self, handle: DispatchHandle, like: torch.Tensor) -> torch.Tensor:

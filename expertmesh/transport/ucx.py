@@ -8,13 +8,14 @@ import asyncio
 import itertools
 import logging
 import struct
+import time
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from .base import Connection, Listener, PeerId, Transport, TransportError
-from .protocol import Message, ProtocolError, build_message, decode_header
+from .protocol import Message, ProtocolError, TensorMeta, build_message, decode_header
 from .ucx_context import PROGRESS_MODES, LoopContext, acquire_context, import_ucxx, release_context, ucx_options
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,9 @@ _FIRST_FRAME_BYTES = 64 * 1024
 _PREFIX = struct.Struct("<IB3x")  # header length, flags
 _INLINE = 1  # flag: the tensors' bytes follow the header in the first frame
 _HEADER_IN_FIRST_FRAME = _FIRST_FRAME_BYTES - _PREFIX.size
+_POLL_STREAM_S = 500e-6  # how long the loop polls a CUDA event before a thread waits for it
+_POOLED_MAX_BYTES = 64 << 20  # larger receive buffers are allocated per message (rare, bandwidth-bound anyway)
+_POOLED_PER_SIZE = 8
 
 
 def _parse_address(address: str) -> tuple[str, int]:
@@ -49,11 +53,18 @@ def _wire_view(tensor: torch.Tensor) -> Any:
 
 async def _wait_for_stream(device: torch.device) -> None:
     """UCX moves device memory outside torch's streams: wait until the work queued on the current stream
-    (which produced the tensors we send, or last used the memory the allocator just handed us) is done."""
+    (which produced the tensors we send, or last used the memory the allocator just handed us) is done.
+
+    A decode step's kernels finish within microseconds, so the loop polls the event first (other coroutines
+    run between polls); only a longer wait goes to a thread, whose hop alone costs ~100 us."""
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(device))
-    if not event.query():
-        await asyncio.get_running_loop().run_in_executor(None, event.synchronize)
+    deadline = time.perf_counter() + _POLL_STREAM_S
+    while not event.query():
+        if time.perf_counter() > deadline:
+            await asyncio.get_running_loop().run_in_executor(None, event.synchronize)
+            return
+        await asyncio.sleep(0)
 
 
 async def _recv_all(endpoint: Any, buffers: list[Any]) -> None:
@@ -68,15 +79,43 @@ async def _recv_all(endpoint: Any, buffers: list[Any]) -> None:
             raise result
 
 
+class _ReceivePool:
+    """Receive memory reused across messages: M2N traffic brings the same few sizes at every layer and step, and a
+    fresh CPU allocation of a large tensor costs page faults every time. Sizes round up to powers of two; memory
+    comes back through recycle() and a few buffers of each size up to _POOLED_MAX_BYTES are kept."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._free: dict[int, list[torch.Tensor]] = {}
+
+    def empty(self, meta: TensorMeta) -> torch.Tensor:
+        size = 1 << max(0, meta.nbytes - 1).bit_length()
+        if size > _POOLED_MAX_BYTES:
+            return torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
+        free = self._free.get(size)
+        flat = free.pop() if free else torch.empty(size, dtype=torch.uint8, device=self.device)
+        return flat[:meta.nbytes].view(meta.dtype).view(meta.shape)
+
+    def give_back(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        size = storage.nbytes()
+        if size == 0 or size & (size - 1) or size > _POOLED_MAX_BYTES or tensor.device != self.device:
+            return  # not from this pool
+        free = self._free.setdefault(size, [])
+        if len(free) < _POOLED_PER_SIZE:
+            free.append(torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage))
+
+
 class _Link:
     """One ucxx endpoint carrying whole messages. A send lock keeps concurrent senders' frames from
     interleaving; one reader task receives messages in order and hands them to `deliver`, so a recv that
     times out or is cancelled never leaves half a message on the wire."""
 
-    def __init__(self, endpoint: Any, device: torch.device, name: str,
+    def __init__(self, endpoint: Any, pool: _ReceivePool, name: str,
                  deliver: Callable[[Message], None], fail: Callable[[Exception], None]) -> None:
         self.endpoint = endpoint
-        self.device = device
+        self.pool = pool
+        self.device = pool.device
         self.name = name
         self._deliver = deliver
         self._fail = fail
@@ -132,7 +171,7 @@ class _Link:
             await self.endpoint.recv(rest)
             header += rest.tobytes()
         cls, scalars, metas = decode_header(header)
-        tensors = [torch.empty(meta.shape, dtype=meta.dtype, device=self.device) for meta in metas]
+        tensors = [self.pool.empty(meta) for meta in metas]
         if flags & _INLINE:
             if end + sum(meta.nbytes for meta in metas) > _FIRST_FRAME_BYTES:
                 raise ProtocolError(f"{self.name}: {cls.__name__} with tensors {metas} cannot fit in one frame")
@@ -174,8 +213,13 @@ class UcxConnection(Connection):
         self.address = address
         self._context = context
         self._inbox: asyncio.Queue[Message | Exception] = asyncio.Queue()
-        self._link = _Link(endpoint, device, address, self._inbox.put_nowait, self._inbox.put_nowait)
+        self._pool = _ReceivePool(device)
+        self._link = _Link(endpoint, self._pool, address, self._inbox.put_nowait, self._inbox.put_nowait)
         self._closed = False
+
+    def recycle(self, message: Message) -> None:
+        for tensor in message.tensors():
+            self._pool.give_back(tensor)
 
     async def send(self, message: Message) -> None:
         if self._closed:
@@ -211,7 +255,7 @@ class UcxListener(Listener):
     def __init__(self, context: LoopContext, address: str, port: int, device: torch.device) -> None:
         self.address = address
         self._context = context
-        self._device = device
+        self._pool = _ReceivePool(device)  # shared by the peers' links: they bring the same sizes
         self._inbox: asyncio.Queue[tuple[PeerId, Message] | Exception] = asyncio.Queue()
         self._links: dict[int, _Link] = {}
         self._peer_ids = itertools.count()
@@ -228,9 +272,13 @@ class UcxListener(Listener):
             return
         peer = next(self._peer_ids)
         name = f"{self.address} peer {peer}"
-        self._links[peer] = _Link(endpoint, self._device, name,
+        self._links[peer] = _Link(endpoint, self._pool, name,
                                   lambda message: self._inbox.put_nowait((peer, message)),
                                   lambda error: self._peer_failed(peer, error))
+
+    def recycle(self, message: Message) -> None:
+        for tensor in message.tensors():
+            self._pool.give_back(tensor)
 
     def _peer_failed(self, peer: int, error: Exception) -> None:
         # One peer going away (an attention node stopping or dying) must not stop the listener: drop the peer,

@@ -190,6 +190,30 @@ def test_every_dtype_bit_exact(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_recycled_receive_memory_takes_later_messages(backend):
+    """What a receiver recycles, ucx reuses for the next message of a size that fits (M2N brings the same sizes
+    every layer); the content is always the new message's. Other backends may ignore recycle."""
+    async def run():
+        async with echo_link(backend, "recycle") as conn:
+            first = Combine(1, 0, 0, random_tensor(torch.float32, (256, 160), seed=1))  # 160 KiB: its own frame
+            await conn.send(first)
+            back = await conn.recv(timeout_s=10)
+            memory = back.partial.data_ptr()
+            conn.recycle(back)
+            later = [Combine(2, 0, 0, random_tensor(torch.float32, (256, 160), seed=2)),
+                     Combine(3, 0, 0, random_tensor(torch.bfloat16, (400, 200), seed=3))]  # smaller, same bucket
+            for message in later:
+                await conn.send(message)
+                back = await conn.recv(timeout_s=10)
+                assert same_bits(back.partial, message.partial)
+                if backend.startswith("ucx"):
+                    assert back.partial.data_ptr() == memory
+                conn.recycle(back)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_messages(backend):
     async def run():
         async with echo_link(backend, "empty") as conn:
