@@ -97,6 +97,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--nccl", action="store_true", help="also NCCL send/recv and all_to_all_single (needs 2 GPUs)")
     t.add_argument("--ucx-progress-mode", choices=["thread", "polling"], default="thread",
                    help="who progresses UCX: a progress thread, or the event loop polling (a core busy per process)")
+    t.add_argument("--no-raw-ucxx", dest="raw_ucxx", action="store_false",
+                   help="leave out the raw ucxx point-to-point baseline (run whenever ucx is among the backends)")
     t.add_argument("--json", help="write every row here as JSON")
 
 
