@@ -55,6 +55,8 @@ def main() -> int:
                         help="comma-separated DOMAINS:ATTENTION:EXPERT:SLOTS")
     parser.add_argument("--tokens-per-request", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--load-bound", type=float, default=1.1,
+                        help="expert-node load bound (max/mean) that placement and the spill rule keep to")
     parser.add_argument("--halves", action="store_true", help="fit on odd documents of --eval-trace, replay even ones")
     parser.add_argument("--json", default="benchmarks/semantic_eval.json")
     args = parser.parse_args()
@@ -71,14 +73,14 @@ def main() -> int:
     rows = []
     for spec in args.clusters.split(","):
         domains, attention, experts, slots = map(int, spec.split(":"))
-        topology = Topology.uniform(domains, attention, experts, slots_per_node=slots)
+        topology = Topology.uniform(domains, attention, experts, slots_per_node=slots, load_bound=args.load_bound)
         start = time.time()
         cluster_rows = compare_strategies(fit, held_out, topology, cost, args.tokens_per_request, args.prompt_tokens)
         rows += cluster_rows
         print(table(cluster_rows), f"\n({time.time() - start:.0f} s)\n", flush=True)
     print(table(rows))
     Path(args.json).write_text(json.dumps({"fit_trace": args.fit_trace, "eval_trace": args.eval_trace,
-                                           "halves": args.halves,
+                                           "halves": args.halves, "load_bound": args.load_bound,
                                            "fit_tokens": fit.num_tokens, "eval_tokens": held_out.num_tokens,
                                            "cost_model": vars(cost), "rows": rows}, indent=1))
     print(f"\nwrote {args.json}")

@@ -595,3 +595,16 @@ def test_ucx_process_exits_with_transports_left_open(mode):
     done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, mode, str(free_ucx_port())], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "returned" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
+def test_ucx_options_defaults_and_what_the_environment_overrides(monkeypatch):
+    from expertmesh.transport.ucx_context import ucx_options
+    monkeypatch.delenv("UCX_TLS", raising=False)
+    monkeypatch.delenv("UCX_RNDV_THRESH", raising=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert ucx_options(cpu, None) == {"TLS": "tcp,sm,self"}  # the listener needs tcp
+    assert ucx_options(cuda, None) == {"TLS": "tcp,cuda_copy,cuda_ipc,sm,self", "RNDV_THRESH": "8192"}
+    assert ucx_options(cuda, "cuda_ipc,tcp,self")["TLS"] == "cuda_ipc,tcp,self"  # explicit wins
+    monkeypatch.setenv("UCX_TLS", "tcp,self")
+    monkeypatch.setenv("UCX_RNDV_THRESH", "inf")
+    assert ucx_options(cuda, None) == {}  # the operator's UCX_* variables are left to UCX
