@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-GPU session (the two-GPU kinds were withheld): GPU tests and exactness with every node on the one GPU,
 # then UCX between two processes on that GPU (cuda_ipc within a device): our transport now, our transport at
-# commit 553e5b3 (before the receive pool and event polling; carried in .whl/old), and raw ucxx, in both
+# the commit carried in .whl/old (OLD_REV), and raw ucxx, in both
 # progress modes. No NCCL rows: NCCL refuses two ranks on one GPU.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -14,7 +14,7 @@ ARGS="--device cuda --backends ucx --sizes 4K,64K,1M,16M,64M --m2n 1x1 --tokens 
 for mode in thread polling; do
   echo "== now, $mode"
   timeout 150 python3 -m expertmesh bench transport $ARGS --ucx-progress-mode $mode --json $OUT/bt_now_$mode.json 2>/dev/null
-  echo "== at 553e5b3, $mode"
+  echo "== at ${OLD_REV:-.whl/old}, $mode"
   (cd .whl/old && PYTHONPATH=/tmp/site:$PWD timeout 150 python3 -m expertmesh bench transport $ARGS \
     --ucx-progress-mode $mode --json $OUT/bt_old_$mode.json 2>/dev/null)
 done

@@ -12,7 +12,8 @@ import torch
 from ..placement.plan import Placement
 from ..placement.replication import choose_replica
 from .base import Connection, TransportError
-from .protocol import Combine, Dispatch, ExpertError, Hello, HelloReply, Message
+from .protocol import (Combine, Dispatch, ExpertError, Hello, HelloReply, Message, TensorMeta, packed_offsets,
+                       packed_views)
 
 
 class ExpertNodeError(RuntimeError):
@@ -60,7 +61,7 @@ class M2NClient:
         self._pending: list[dict[tuple[int, int, int], asyncio.Future]] = [{} for _ in range(n)]
         # send buffers per (node, microbatch), grown as needed and reused at every layer and step: a buffer is
         # free again once that node has answered the microbatch's previous layer, which combine awaits
-        self._send_buffers: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._send_buffers: dict[tuple[int, int], torch.Tensor] = {}
         self._readers: list[asyncio.Task] = []
         self._failure: Exception | None = None
 
@@ -145,15 +146,16 @@ class M2NClient:
         self.node_of[layer] = torch.tensor(chosen, dtype=torch.int32, device=self.device)
 
     def _buffers(self, node: int, microbatch: int, rows: int, like: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        """Views of `rows` rows of this (node, microbatch)'s send buffers, shaped like each of `like`."""
+        """Views of `rows` rows shaped like each of `like`, carved one after another (protocol.packed_offsets)
+        from this (node, microbatch)'s send buffer, so that a transport can send them as one frame."""
+        metas = [TensorMeta(t.dtype, (rows, *t.shape[1:])) for t in like]
+        _, nbytes = packed_offsets(metas)
         key = (node, microbatch)
         held = self._send_buffers.get(key)
-        if held is None or held[0].shape[0] < rows or any(h.shape[1:] != t.shape[1:] or h.dtype != t.dtype
-                                                          for h, t in zip(held, like)):
-            capacity = max(rows, 2 * held[0].shape[0] if held is not None else 0)
-            held = [torch.empty((capacity, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in like]
-            self._send_buffers[key] = held
-        return [h[:rows] for h in held]
+        if held is None or held.numel() < nbytes or held.device != like[0].device:
+            capacity = max(nbytes, 2 * held.numel() if held is not None else 0)
+            held = self._send_buffers[key] = torch.empty(capacity, dtype=torch.uint8, device=like[0].device)
+        return packed_views(held, metas)
 
     async def gather(self, handle: DispatchHandle) -> dict[int, Combine]:
         """Every node's answer (partial sums for the handle's tokens), waiting at most recv_timeout_s."""

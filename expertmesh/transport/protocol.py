@@ -36,6 +36,24 @@ class TensorMeta:
         return numel * self.dtype.itemsize
 
 
+def packed_offsets(metas: Sequence[TensorMeta]) -> tuple[list[int], int]:
+    """Where a message's tensors sit when they share one buffer ("packed"): in field order, each at the next
+    offset aligned to its own item size. Returns (byte offsets, total bytes). A sender whose tensors already
+    lie so in one storage (as M2N's send buffers are carved) can send them as one frame."""
+    offsets, end = [], 0
+    for meta in metas:
+        end += -end % meta.dtype.itemsize
+        offsets.append(end)
+        end += meta.nbytes
+    return offsets, end
+
+
+def packed_views(flat: torch.Tensor, metas: Sequence[TensorMeta]) -> list[torch.Tensor]:
+    """Tensors laid out by packed_offsets in the uint8 buffer `flat` (views, no copy)."""
+    offsets, _ = packed_offsets(metas)
+    return [flat[start:start + meta.nbytes].view(meta.dtype).view(meta.shape) for start, meta in zip(offsets, metas)]
+
+
 _MESSAGE_TYPES: dict[int, type["Message"]] = {}
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .base import Connection, Listener, PeerId, Transport, TransportError
-from .protocol import Message, ProtocolError, TensorMeta, build_message, decode_header
+from .protocol import (Message, ProtocolError, TensorMeta, build_message, decode_header, packed_offsets,
+                       packed_views)
 from .ucx_context import PROGRESS_MODES, LoopContext, acquire_context, import_ucxx, release_context, ucx_options
 
 log = logging.getLogger(__name__)
@@ -25,9 +26,17 @@ log = logging.getLogger(__name__)
 # too. Copying a few KiB costs far less than a frame: each frame's completion travels from UCX's progress
 # thread through ucxx's notifier thread to the event loop (~150 us on a 2-core host). Larger tensors get one
 # frame each, straight from their memory; only a header longer than the first frame needs a frame of its own.
+#
+# A message whose tensors lie back to back in one storage (protocol.packed_offsets: M2N carves its send buffers
+# so) and fit in _PACKED_MAX_BYTES travels as the first frame plus one "packed" frame on a tag of its own. The
+# receiver keeps a receive for the next packed frame posted at all times, into pooled memory, so both frames
+# complete together: one completion to wait for per message instead of two in sequence.
 _FIRST_FRAME_BYTES = 64 * 1024
 _PREFIX = struct.Struct("<IB3x")  # header length, flags
 _INLINE = 1  # flag: the tensors' bytes follow the header in the first frame
+_PACKED = 2  # flag: the tensors follow in one packed frame
+_PACKED_TAG = 1  # ucxx hashes it with the endpoint's own tag; headers and one-per-tensor frames use the default
+_PACKED_MAX_BYTES = 4 << 20  # covers decode-size M2N messages (256 tokens x 4096 x bf16 = 2 MiB + ids)
 _HEADER_IN_FIRST_FRAME = _FIRST_FRAME_BYTES - _PREFIX.size
 _POLL_STREAM_S = 500e-6  # how long the loop polls a CUDA event before a thread waits for it
 _POOLED_MAX_BYTES = 64 << 20  # larger receive buffers are allocated per message (rare, bandwidth-bound anyway)
@@ -67,6 +76,23 @@ async def _wait_for_stream(device: torch.device) -> None:
         await asyncio.sleep(0)
 
 
+def _packed_span(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """One uint8 view covering all tensors if they lie in one storage as protocol.packed_offsets places them."""
+    offsets, total = packed_offsets([TensorMeta(t.dtype, tuple(t.shape)) for t in tensors])
+    present = [(t, offset) for t, offset in zip(tensors, offsets) if t.numel() > 0]
+    if not present or total > _PACKED_MAX_BYTES:
+        return None
+    storage = present[0][0].untyped_storage()
+    base = present[0][0].data_ptr() - present[0][1]
+    for tensor, offset in present:
+        if tensor.untyped_storage().data_ptr() != storage.data_ptr() or tensor.data_ptr() != base + offset:
+            return None
+    start = base - storage.data_ptr()
+    if start < 0 or start + total > storage.nbytes():
+        return None
+    return torch.empty(0, dtype=torch.uint8, device=present[0][0].device).set_(storage, start, (total,))
+
+
 async def _recv_all(endpoint: Any, buffers: list[Any]) -> None:
     """Receive into buffers in order. gather starts its tasks in argument order and each posts its recv before
     its first await: posted in order (UCX matches same-tag messages in posting order), received concurrently."""
@@ -96,6 +122,11 @@ class _ReceivePool:
         flat = free.pop() if free else torch.empty(size, dtype=torch.uint8, device=self.device)
         return flat[:meta.nbytes].view(meta.dtype).view(meta.shape)
 
+    def give_back_message(self, message: Message) -> None:
+        storages = {t.untyped_storage().data_ptr(): t for t in message.tensors()}  # packed tensors share one
+        for tensor in storages.values():
+            self.give_back(tensor)
+
     def give_back(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
         size = storage.nbytes()
@@ -121,6 +152,7 @@ class _Link:
         self._fail = fail
         self._send_lock = asyncio.Lock()
         self._first_frame = np.empty(_FIRST_FRAME_BYTES, dtype=np.uint8)
+        self._packed: asyncio.Future[torch.Tensor] | None = None  # the posted receive of the next packed frame
         self._reader = asyncio.create_task(self._read(), name=f"ucx-reader-{name}")
 
     async def send(self, message: Message) -> None:
@@ -134,24 +166,27 @@ class _Link:
         if len(header) >= 1 << 32:
             raise TransportError(f"{self.name}: {type(message).__name__} header of {len(header)} bytes is too long")
         inline_bytes = _PREFIX.size + len(header) + sum(t.nbytes for t in tensors)
+        packed = None if not tensors or len(header) > _HEADER_IN_FIRST_FRAME else _packed_span(message.tensors())
         if inline_bytes <= _FIRST_FRAME_BYTES and not cuda_devices:
-            frames = [b"".join([_PREFIX.pack(len(header), _INLINE), header, *map(_wire_view, tensors)])]
+            frames = [(b"".join([_PREFIX.pack(len(header), _INLINE), header, *map(_wire_view, tensors)]), None)]
+        elif packed is not None:
+            frames = [(_PREFIX.pack(len(header), _PACKED) + header, None), (_wire_view(packed), _PACKED_TAG)]
         else:
-            frames = [_PREFIX.pack(len(header), 0) + header[:_HEADER_IN_FIRST_FRAME]]
+            frames = [(_PREFIX.pack(len(header), 0) + header[:_HEADER_IN_FIRST_FRAME], None)]
             if len(header) > _HEADER_IN_FIRST_FRAME:
-                frames.append(header[_HEADER_IN_FIRST_FRAME:])
-            frames += map(_wire_view, tensors)
+                frames.append((header[_HEADER_IN_FIRST_FRAME:], None))
+            frames += [(_wire_view(t), None) for t in tensors]
         for device in cuda_devices:
             await _wait_for_stream(device)
         async with self._send_lock:
             try:
                 if len(frames) == 1:  # posted before the first await: nothing can split it
-                    await self.endpoint.send(frames[0])
+                    await self.endpoint.send(frames[0][0])
                 else:
                     # Tasks start in creation order and each posts its frame before its first await, so the
                     # frames are posted in order and travel concurrently. Shielded: a caller cancelled now
                     # must not leave half a message on the wire (the next sender's tasks start after these).
-                    sends = [asyncio.ensure_future(self.endpoint.send(frame)) for frame in frames]
+                    sends = [asyncio.ensure_future(self.endpoint.send(frame, tag=tag)) for frame, tag in frames]
                     for result in await asyncio.shield(asyncio.gather(*sends, return_exceptions=True)):
                         if isinstance(result, BaseException):
                             raise result
@@ -171,6 +206,12 @@ class _Link:
             await self.endpoint.recv(rest)
             header += rest.tobytes()
         cls, scalars, metas = decode_header(header)
+        if flags & _PACKED:
+            if packed_offsets(metas)[1] > _PACKED_MAX_BYTES:
+                raise ProtocolError(f"{self.name}: packed {cls.__name__} with tensors {metas} exceeds the packed frame")
+            flat = await self._packed
+            self._post_packed()
+            return build_message(cls, scalars, packed_views(flat, metas))
         tensors = [self.pool.empty(meta) for meta in metas]
         if flags & _INLINE:
             if end + sum(meta.nbytes for meta in metas) > _FIRST_FRAME_BYTES:
@@ -185,8 +226,18 @@ class _Link:
             await _recv_all(self.endpoint, [_wire_view(t) for t in tensors if t.numel() > 0])
         return build_message(cls, scalars, tensors)
 
+    def _post_packed(self) -> None:
+        """Posts the receive of the next packed frame into pooled memory (after the stream is done with it)."""
+        async def receive(flat: torch.Tensor) -> torch.Tensor:
+            if self.device.type == "cuda":
+                await _wait_for_stream(self.device)
+            await self.endpoint.recv(_wire_view(flat), tag=_PACKED_TAG)
+            return flat
+        self._packed = asyncio.ensure_future(receive(self.pool.empty(TensorMeta(torch.uint8, (_PACKED_MAX_BYTES,)))))
+
     async def _read(self) -> None:
         from ucxx.exceptions import UCXError
+        self._post_packed()
         try:
             while True:
                 self._deliver(await self._read_message())
@@ -198,6 +249,9 @@ class _Link:
             self._fail(error)
         except Exception as exc:  # a malformed header, or no memory for the tensors: the stream is unusable
             self._fail(exc)
+        finally:
+            self._packed.cancel()
+            self._packed.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failure was reported
 
     async def close(self) -> None:
         self._reader.cancel()
@@ -218,8 +272,7 @@ class UcxConnection(Connection):
         self._closed = False
 
     def recycle(self, message: Message) -> None:
-        for tensor in message.tensors():
-            self._pool.give_back(tensor)
+        self._pool.give_back_message(message)
 
     async def send(self, message: Message) -> None:
         if self._closed:
@@ -277,8 +330,7 @@ class UcxListener(Listener):
                                   lambda error: self._peer_failed(peer, error))
 
     def recycle(self, message: Message) -> None:
-        for tensor in message.tensors():
-            self._pool.give_back(tensor)
+        self._pool.give_back_message(message)
 
     def _peer_failed(self, peer: int, error: Exception) -> None:
         # One peer going away (an attention node stopping or dying) must not stop the listener: drop the peer,
