@@ -100,6 +100,7 @@ async def _m2n_receiver(backend: str, device: str, address: str, senders: int, p
                 peer, dispatch = await _listener_recv(listener)
                 # The hidden states come back as the "partial sum": same size as an expert node's, no compute.
                 await listener.send(peer, Combine(dispatch.step, dispatch.layer, dispatch.microbatch, dispatch.hidden))
+                listener.recycle(dispatch)  # sent: its memory may take the next dispatch, as on an expert node
         await wait_done(done)
     finally:
         await listener.close()
@@ -109,14 +110,19 @@ async def _m2n_sender(backend: str, device: str, sender: int, addresses: list[st
                       hidden: int, dtype: str, report: Callable, done: Any, barrier: Any,
                       ucx_progress_mode: str = "thread") -> None:
     from ..transport.base import connect_within, make_transport
-    from ..transport.protocol import Dispatch
+    from ..transport.protocol import Dispatch, TensorMeta, packed_offsets, packed_views
     transport = make_transport(backend, device, ucx_progress_mode)
     connections = [await connect_within(transport, address, CONNECT_TIMEOUT_S) for address in addresses]
     try:
         for tokens, rounds in plan:
-            message = Dispatch(0, 0, 0, torch.ones(tokens, hidden, dtype=getattr(torch, dtype), device=device),
-                               torch.zeros(tokens, _TOP_K, dtype=torch.int32, device=device),
-                               torch.full((tokens, _TOP_K), 1 / _TOP_K, dtype=torch.float32, device=device))
+            # carved from one buffer, as M2NClient's send buffers are (a transport may send them as one frame)
+            metas = [TensorMeta(getattr(torch, dtype), (tokens, hidden)), TensorMeta(torch.int32, (tokens, _TOP_K)),
+                     TensorMeta(torch.float32, (tokens, _TOP_K))]
+            flat = torch.empty(packed_offsets(metas)[1], dtype=torch.uint8, device=device)
+            message = Dispatch(0, 0, 0, *packed_views(flat, metas))
+            message.hidden.fill_(1)
+            message.expert_ids.zero_()
+            message.expert_weights.fill_(1 / _TOP_K)
             round_s = []
             for i in range(WARMUP + rounds):
                 if i == WARMUP:  # every sender starts timing together: the bandwidth is of concurrent traffic
@@ -127,7 +133,7 @@ async def _m2n_sender(backend: str, device: str, sender: int, addresses: list[st
                 for connection in connections:
                     await connection.send(message)
                 for connection in connections:
-                    await connection.recv(STALL_TIMEOUT_S)
+                    connection.recycle(await connection.recv(STALL_TIMEOUT_S))
                 sync(device)
                 if i >= WARMUP:
                     round_s.append(time.perf_counter() - start)

@@ -42,6 +42,8 @@ def packed_offsets(metas: Sequence[TensorMeta]) -> tuple[list[int], int]:
     lie so in one storage (as M2N's send buffers are carved) can send them as one frame."""
     offsets, end = [], 0
     for meta in metas:
+        if any(dim < 0 for dim in meta.shape):
+            raise ValueError(f"tensor shape {meta.shape} has a negative dimension")
         end += -end % meta.dtype.itemsize
         offsets.append(end)
         end += meta.nbytes
