@@ -166,7 +166,9 @@ class _Link:
         if len(header) >= 1 << 32:
             raise TransportError(f"{self.name}: {type(message).__name__} header of {len(header)} bytes is too long")
         inline_bytes = _PREFIX.size + len(header) + sum(t.nbytes for t in tensors)
-        packed = None if not tensors or len(header) > _HEADER_IN_FIRST_FRAME else _packed_span(message.tensors())
+        # CUDA tensors keep one frame each until tests/gpu have run the packed path (no GPU was lent after it)
+        packed = None if not tensors or cuda_devices or len(header) > _HEADER_IN_FIRST_FRAME \
+            else _packed_span(message.tensors())
         if inline_bytes <= _FIRST_FRAME_BYTES and not cuda_devices:
             frames = [(b"".join([_PREFIX.pack(len(header), _INLINE), header, *map(_wire_view, tensors)]), None)]
         elif packed is not None:
