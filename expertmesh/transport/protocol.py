@@ -56,6 +56,24 @@ def packed_views(flat: torch.Tensor, metas: Sequence[TensorMeta]) -> list[torch.
     return [flat[start:start + meta.nbytes].view(meta.dtype).view(meta.shape) for start, meta in zip(offsets, metas)]
 
 
+def packed_span(tensors: Sequence[torch.Tensor], max_bytes: int) -> torch.Tensor | None:
+    """One uint8 view covering all tensors if they lie in one storage as packed_offsets places them and take at
+    most max_bytes; else None."""
+    offsets, total = packed_offsets([TensorMeta(t.dtype, tuple(t.shape)) for t in tensors])
+    present = [(t, offset) for t, offset in zip(tensors, offsets) if t.numel() > 0]
+    if not present or total > max_bytes:
+        return None
+    storage = present[0][0].untyped_storage()
+    base = present[0][0].data_ptr() - present[0][1]
+    for tensor, offset in present:
+        if tensor.untyped_storage().data_ptr() != storage.data_ptr() or tensor.data_ptr() != base + offset:
+            return None
+    start = base - storage.data_ptr()
+    if start < 0 or start + total > storage.nbytes():
+        return None
+    return torch.empty(0, dtype=torch.uint8, device=present[0][0].device).set_(storage, start, (total,))
+
+
 _MESSAGE_TYPES: dict[int, type["Message"]] = {}
 
 

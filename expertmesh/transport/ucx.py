@@ -16,7 +16,8 @@ import torch
 
 from .base import Connection, Listener, PeerId, Transport, TransportError
 from .protocol import (Message, ProtocolError, TensorMeta, build_message, decode_header, packed_offsets,
-                       packed_views)
+                       packed_span, packed_views)
+from .recv_pool import ReceivePool
 from .ucx_context import PROGRESS_MODES, LoopContext, acquire_context, import_ucxx, release_context, ucx_options
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,6 @@ _PACKED_TAG = 1  # ucxx hashes it with the endpoint's own tag; headers and one-p
 _PACKED_MAX_BYTES = 4 << 20  # covers decode-size M2N messages (256 tokens x 4096 x bf16 = 2 MiB + ids)
 _HEADER_IN_FIRST_FRAME = _FIRST_FRAME_BYTES - _PREFIX.size
 _POLL_STREAM_S = 500e-6  # how long the loop polls a CUDA event before a thread waits for it
-_POOLED_MAX_BYTES = 64 << 20  # larger receive buffers are allocated per message (rare, bandwidth-bound anyway)
-_POOLED_PER_SIZE = 8
 
 
 def _parse_address(address: str) -> tuple[str, int]:
@@ -76,23 +75,6 @@ async def _wait_for_stream(device: torch.device) -> None:
         await asyncio.sleep(0)
 
 
-def _packed_span(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """One uint8 view covering all tensors if they lie in one storage as protocol.packed_offsets places them."""
-    offsets, total = packed_offsets([TensorMeta(t.dtype, tuple(t.shape)) for t in tensors])
-    present = [(t, offset) for t, offset in zip(tensors, offsets) if t.numel() > 0]
-    if not present or total > _PACKED_MAX_BYTES:
-        return None
-    storage = present[0][0].untyped_storage()
-    base = present[0][0].data_ptr() - present[0][1]
-    for tensor, offset in present:
-        if tensor.untyped_storage().data_ptr() != storage.data_ptr() or tensor.data_ptr() != base + offset:
-            return None
-    start = base - storage.data_ptr()
-    if start < 0 or start + total > storage.nbytes():
-        return None
-    return torch.empty(0, dtype=torch.uint8, device=present[0][0].device).set_(storage, start, (total,))
-
-
 async def _recv_all(endpoint: Any, buffers: list[Any]) -> None:
     """Receive into buffers in order. gather starts its tasks in argument order and each posts its recv before
     its first await: posted in order (UCX matches same-tag messages in posting order), received concurrently."""
@@ -105,44 +87,12 @@ async def _recv_all(endpoint: Any, buffers: list[Any]) -> None:
             raise result
 
 
-class _ReceivePool:
-    """Receive memory reused across messages: M2N traffic brings the same few sizes at every layer and step, and a
-    fresh CPU allocation of a large tensor costs page faults every time. Sizes round up to powers of two; memory
-    comes back through recycle() and a few buffers of each size up to _POOLED_MAX_BYTES are kept."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._free: dict[int, list[torch.Tensor]] = {}
-
-    def empty(self, meta: TensorMeta) -> torch.Tensor:
-        size = 1 << max(0, meta.nbytes - 1).bit_length()
-        if size > _POOLED_MAX_BYTES:
-            return torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
-        free = self._free.get(size)
-        flat = free.pop() if free else torch.empty(size, dtype=torch.uint8, device=self.device)
-        return flat[:meta.nbytes].view(meta.dtype).view(meta.shape)
-
-    def give_back_message(self, message: Message) -> None:
-        storages = {t.untyped_storage().data_ptr(): t for t in message.tensors()}  # packed tensors share one
-        for tensor in storages.values():
-            self.give_back(tensor)
-
-    def give_back(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        size = storage.nbytes()
-        if size == 0 or size & (size - 1) or size > _POOLED_MAX_BYTES or tensor.device != self.device:
-            return  # not from this pool
-        free = self._free.setdefault(size, [])
-        if len(free) < _POOLED_PER_SIZE:
-            free.append(torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage))
-
-
 class _Link:
     """One ucxx endpoint carrying whole messages. A send lock keeps concurrent senders' frames from
     interleaving; one reader task receives messages in order and hands them to `deliver`, so a recv that
     times out or is cancelled never leaves half a message on the wire."""
 
-    def __init__(self, endpoint: Any, pool: _ReceivePool, name: str,
+    def __init__(self, endpoint: Any, pool: ReceivePool, name: str,
                  deliver: Callable[[Message], None], fail: Callable[[Exception], None]) -> None:
         self.endpoint = endpoint
         self.pool = pool
@@ -168,7 +118,7 @@ class _Link:
         inline_bytes = _PREFIX.size + len(header) + sum(t.nbytes for t in tensors)
         # CUDA tensors keep one frame each until tests/gpu have run the packed path (no GPU was lent after it)
         packed = None if not tensors or cuda_devices or len(header) > _HEADER_IN_FIRST_FRAME \
-            else _packed_span(message.tensors())
+            else packed_span(message.tensors(), _PACKED_MAX_BYTES)
         if inline_bytes <= _FIRST_FRAME_BYTES and not cuda_devices:
             frames = [(b"".join([_PREFIX.pack(len(header), _INLINE), header, *map(_wire_view, tensors)]), None)]
         elif packed is not None:
@@ -269,7 +219,7 @@ class UcxConnection(Connection):
         self.address = address
         self._context = context
         self._inbox: asyncio.Queue[Message | Exception] = asyncio.Queue()
-        self._pool = _ReceivePool(device)
+        self._pool = ReceivePool(device)
         self._link = _Link(endpoint, self._pool, address, self._inbox.put_nowait, self._inbox.put_nowait)
         self._closed = False
 
@@ -310,7 +260,7 @@ class UcxListener(Listener):
     def __init__(self, context: LoopContext, address: str, port: int, device: torch.device) -> None:
         self.address = address
         self._context = context
-        self._pool = _ReceivePool(device)  # shared by the peers' links: they bring the same sizes
+        self._pool = ReceivePool(device)  # shared by the peers' links: they bring the same sizes
         self._inbox: asyncio.Queue[tuple[PeerId, Message] | Exception] = asyncio.Queue()
         self._links: dict[int, _Link] = {}
         self._peer_ids = itertools.count()
