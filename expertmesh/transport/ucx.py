@@ -1,7 +1,9 @@
-"""UCX backend (ucxx): a message is one tagged frame with its header (and a small message's bytes), then one per tensor.
+"""UCX backend (ucxx): a message is one tagged frame with its header (and a small message's bytes), then its tensors:
+one packed frame when they lie back to back in one buffer, else one frame per tensor.
 
 Tensors move from and into their own memory: numpy views of CPU storage, device pointers of CUDA tensors (no staging
-through the host); the receiver allocates each tensor on its device and UCX writes into it."""
+through the host); the receiver takes memory on its device from a pool that recycled messages refill, and UCX writes
+into it."""
 from __future__ import annotations
 
 import asyncio
