@@ -5,6 +5,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p /tmp/site && tar xzf .whl/site312.tgz -C /tmp/site
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -3   # includes packed CUDA frames
 timeout 150 python3 benchmarks/gpu_exactness.py 2>&1 | grep -E "identical|DIFFERENT|MISMATCH|Error" | head -20
 echo "== ucx defaults (thread progress, UCX's rendezvous threshold), NCCL alongside"
 timeout 200 python3 -m expertmesh bench transport --device cuda --nccl --m2n 1x1 --json $OUT/bt_gpu_default.json 2>/dev/null

@@ -40,6 +40,7 @@ _INLINE = 1  # flag: the tensors' bytes follow the header in the first frame
 _PACKED = 2  # flag: the tensors follow in one packed frame
 _PACKED_TAG = 1  # ucxx hashes it with the endpoint's own tag; headers and one-per-tensor frames use the default
 _PACKED_MAX_BYTES = 4 << 20  # covers decode-size M2N messages (256 tokens x 4096 x bf16 = 2 MiB + ids)
+_PACK_CUDA = False  # CUDA tensors keep one frame each until tests/gpu have run the packed path on a GPU
 _HEADER_IN_FIRST_FRAME = _FIRST_FRAME_BYTES - _PREFIX.size
 _POLL_STREAM_S = 500e-6  # how long the loop polls a CUDA event before a thread waits for it
 
@@ -118,8 +119,7 @@ class _Link:
         if len(header) >= 1 << 32:
             raise TransportError(f"{self.name}: {type(message).__name__} header of {len(header)} bytes is too long")
         inline_bytes = _PREFIX.size + len(header) + sum(t.nbytes for t in tensors)
-        # CUDA tensors keep one frame each until tests/gpu have run the packed path (no GPU was lent after it)
-        packed = None if not tensors or cuda_devices or len(header) > _HEADER_IN_FIRST_FRAME \
+        packed = None if not tensors or (cuda_devices and not _PACK_CUDA) or len(header) > _HEADER_IN_FIRST_FRAME \
             else packed_span(message.tensors(), _PACKED_MAX_BYTES)
         if inline_bytes <= _FIRST_FRAME_BYTES and not cuda_devices:
             frames = [(b"".join([_PREFIX.pack(len(header), _INLINE), header, *map(_wire_view, tensors)]), None)]

@@ -34,7 +34,9 @@ def cuda_transport():
 
 ECHO_SERVER = """
 import asyncio, sys
+from expertmesh.transport import ucx
 from expertmesh.transport.ucx import UcxTransport
+ucx._PACK_CUDA = sys.argv[2:] == ["pack"]  # packed CUDA frames, when a test asks for them
 
 async def main(address):
     listener = await UcxTransport(device="cuda").listen(address)
@@ -50,8 +52,8 @@ asyncio.run(main(sys.argv[1]))
 
 
 @contextlib.asynccontextmanager
-async def echo_server_process(addr: str):
-    process = await asyncio.create_subprocess_exec(sys.executable, "-c", ECHO_SERVER, addr,
+async def echo_server_process(addr: str, pack: bool = False):
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", ECHO_SERVER, addr, *(["pack"] if pack else []),
                                                    stdout=asyncio.subprocess.PIPE, cwd=REPO)
     try:
         line = await asyncio.wait_for(process.stdout.readline(), 120)
@@ -138,5 +140,40 @@ def test_cuda_tensor_on_a_cpu_transport_is_refused():
         finally:
             await conn.close()
             await listener.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_dispatches_carved_from_one_cuda_buffer_round_trip_and_recycle(pack, monkeypatch):
+    """M2N's Dispatches (hidden, ids, weights back to back in one device buffer) of decode and prefill sizes,
+    their answers recycled into the receive pool as the attention node does: bit-exact every time, and with
+    packed CUDA frames (ucx._PACK_CUDA, off by default until this test has passed on a GPU) the answer arrives
+    in one buffer."""
+    from expertmesh.transport import ucx
+    from expertmesh.transport.protocol import TensorMeta, packed_views
+    monkeypatch.setattr(ucx, "_PACK_CUDA", pack)
+
+    async def run():
+        addr = ucx_address()
+        async with echo_server_process(addr, pack):
+            conn = await cuda_transport().connect(addr)
+            try:
+                for rows in [1, 256, 3000, 1, 256]:  # 3000 x 4096 bf16 is over the packed frame: frame per tensor
+                    metas = [TensorMeta(torch.bfloat16, (rows, 4096)), TensorMeta(torch.int32, (rows, 2)),
+                             TensorMeta(torch.float32, (rows, 2))]
+                    flat = torch.empty(rows * (8192 + 16), dtype=torch.uint8, device="cuda")
+                    sent = Dispatch(rows, 0, 0, *packed_views(flat, metas))
+                    sent.hidden.copy_(torch.randn(rows, 4096, device="cuda"))
+                    sent.expert_ids.copy_(torch.randint(0, 8, (rows, 2), device="cuda", dtype=torch.int32))
+                    sent.expert_weights.copy_(torch.rand(rows, 2, device="cuda"))
+                    await conn.send(sent)
+                    back = await conn.recv(timeout_s=60)
+                    assert all(same_bits(a, b) for a, b in zip(back.tensors(), sent.tensors())), rows
+                    if ucx._PACK_CUDA and rows <= 256:
+                        assert len({t.untyped_storage().data_ptr() for t in back.tensors()}) == 1
+                    conn.recycle(back)
+            finally:
+                await conn.close()
 
     asyncio.run(run())
