@@ -53,11 +53,13 @@ def test_simulated_bytes_match_the_cluster(tmp_path):
                 response = client.post("/v1/completions", json={"prompt": trace.token_ids[start:end].tolist(),
                                                                 "max_tokens": 1})  # prefill only
                 assert response.status_code == 200, response.text
-            steps = f'expertmesh_engine_steps_total{{attention_node="0"}} {len(spans)}\n'  # one step per request
+            # one step per request; a status counts a step when it starts, so also wait for the batch to be empty
+            done = [f'expertmesh_engine_steps_total{{attention_node="0"}} {len(spans)}\n',
+                    'expertmesh_running_sequences{attention_node="0"} 0\n']
 
             def fresh_metrics() -> str | None:
                 text = client.get("/metrics").text
-                return text if steps in text else None
+                return text if all(line in text for line in done) else None
 
             metrics = wait_for(fresh_metrics, 10, "the node's counters to cover every request")
     finally:
