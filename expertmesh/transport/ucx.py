@@ -118,10 +118,10 @@ class _Link:
                                  f"{str(self.device)!r} (its UCX has no CUDA transports); make it with device='cuda'")
         if len(header) >= 1 << 32:
             raise TransportError(f"{self.name}: {type(message).__name__} header of {len(header)} bytes is too long")
-        inline_bytes = _PREFIX.size + len(header) + sum(t.nbytes for t in tensors)
-        packed = None if not tensors or (cuda_devices and not _PACK_CUDA) or len(header) > _HEADER_IN_FIRST_FRAME \
-            else packed_span(message.tensors(), _PACKED_MAX_BYTES)
-        if inline_bytes <= _FIRST_FRAME_BYTES and not cuda_devices:
+        inline = _PREFIX.size + len(header) + sum(t.nbytes for t in tensors) <= _FIRST_FRAME_BYTES and not cuda_devices
+        packed = None if inline or not tensors or (cuda_devices and not _PACK_CUDA) \
+            or len(header) > _HEADER_IN_FIRST_FRAME else packed_span(message.tensors(), _PACKED_MAX_BYTES)
+        if inline:
             frames = [(b"".join([_PREFIX.pack(len(header), _INLINE), header, *map(_wire_view, tensors)]), None)]
         elif packed is not None:
             frames = [(_PREFIX.pack(len(header), _PACKED) + header, None), (_wire_view(packed), _PACKED_TAG)]
