@@ -118,12 +118,19 @@ class M2NClient:
             self._choose_replicas(layer)  # once per step and layer: the loads move little within a step
             self._replicas_chosen_at[layer] = step
         node_of_choice = self.node_of[layer][expert_ids.long()]  # [tokens, k]
+        nodes = torch.arange(len(self.connections), dtype=node_of_choice.dtype, device=node_of_choice.device)
+        on_node = node_of_choice.unsqueeze(0) == nodes.view(-1, 1, 1)  # [nodes, tokens, k]
+        # Message sizes must be known on the host: copying the [nodes, tokens] row mask is the dispatch's one wait
+        # on the device (it was one for the list of nodes plus one per node).
+        rows_of_node = on_node.any(dim=2).cpu()
         loop = asyncio.get_running_loop()
         handle = DispatchHandle(key, hidden.shape[0], {}, {})
-        for node in torch.unique(node_of_choice).tolist():
-            on_node = node_of_choice == node
-            rows = torch.nonzero(on_node.any(dim=1), as_tuple=True)[0]
-            sources = (hidden, torch.where(on_node, expert_ids, -1), expert_weights)
+        for node in range(len(self.connections)):
+            rows = torch.nonzero(rows_of_node[node], as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue
+            rows = rows.to(hidden.device)
+            sources = (hidden, torch.where(on_node[node], expert_ids, -1), expert_weights)
             buffers = self._buffers(node, microbatch, rows.numel(), sources)
             message = Dispatch(step, layer, microbatch,
                                *(torch.index_select(src, 0, rows, out=buf) for src, buf in zip(sources, buffers)))
