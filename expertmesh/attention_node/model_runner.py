@@ -8,6 +8,7 @@ import asyncio
 
 import torch
 
+from ..host_copy import to_device
 from ..model.layers import AttentionBatch, RotaryTable, attention, rms_norm, route, swiglu
 from ..model.spec import ModelSpec
 from ..model.weights import AttentionSideWeights
@@ -63,7 +64,7 @@ class ModelRunner:
             token_slots += [seq.slot] * len(new)
             ranges.append((start, len(token_ids)))
             contexts.append(seq.num_cached + len(new))
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        as_tensor = lambda values: to_device(values, self.device)  # noqa: E731
         batch = AttentionBatch(as_tensor(positions), as_tensor(token_slots), [s.slot for s in seqs], ranges, contexts)
         last_token = as_tensor([end - 1 for _, end in ranges])
         return as_tensor(token_ids), batch, last_token

@@ -4,11 +4,12 @@ Attention reads and writes a per-layer KV cache indexed by (slot, position), so 
 any mix of sequences run through one code path."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from ..host_copy import to_device
 from .weights import ExpertWeights, LayerWeights
 
 
@@ -44,6 +45,8 @@ class AttentionBatch:
     seq_slots: list[int]  # per sequence: its KV-cache slot
     seq_token_ranges: list[tuple[int, int]]  # per sequence: [start, end) of its new tokens in the step
     seq_context_lens: list[int]  # per sequence: tokens in its cache after this step
+    # the decode sequences' rows, slots, longest context and key mask: the same at every layer, built once
+    decode_plan: tuple | None = field(default=None, repr=False)
 
 
 def attention(w: LayerWeights, x: torch.Tensor, batch: AttentionBatch, rotary: RotaryTable,
@@ -85,14 +88,16 @@ def _decode_attention(q: torch.Tensor, out: torch.Tensor, batch: AttentionBatch,
                       k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """One padded attention call for every sequence that adds a single token (the decode steps): keys
     gathered from the cache up to the longest context, positions past each sequence's context masked."""
-    device = q.device
-    rows = torch.tensor([batch.seq_token_ranges[i][0] for i in decoding], device=device)
-    slots = torch.tensor([batch.seq_slots[i] for i in decoding], device=device)
-    contexts = torch.tensor([batch.seq_context_lens[i] for i in decoding], device=device)
-    longest = max(batch.seq_context_lens[i] for i in decoding)
+    if batch.decode_plan is None:
+        device = q.device
+        contexts = to_device([batch.seq_context_lens[i] for i in decoding], device)
+        longest = max(batch.seq_context_lens[i] for i in decoding)
+        mask = (torch.arange(longest, device=device)[None, :] < contexts[:, None])[:, None, None, :]
+        batch.decode_plan = (to_device([batch.seq_token_ranges[i][0] for i in decoding], device),
+                             to_device([batch.seq_slots[i] for i in decoding], device), longest, mask)
+    rows, slots, longest, mask = batch.decode_plan
     keys = k_cache[slots, :longest].transpose(1, 2)  # [seqs, kv_heads, longest, head_dim]
     values = v_cache[slots, :longest].transpose(1, 2)
-    mask = (torch.arange(longest, device=device)[None, :] < contexts[:, None])[:, None, None, :]
     attended = F.scaled_dot_product_attention(q[rows].unsqueeze(2), keys, values, attn_mask=mask, enable_gqa=True)
     out[rows] = attended.squeeze(2)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..host_copy import to_device
 from ..placement.plan import Placement
 from ..placement.replication import choose_replica
 from .base import Connection, TransportError
@@ -129,7 +130,7 @@ class M2NClient:
             rows = torch.nonzero(rows_of_node[node], as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
-            rows = rows.to(hidden.device)
+            rows = to_device(rows, hidden.device)
             sources = (hidden, torch.where(on_node[node], expert_ids, -1), expert_weights)
             buffers = self._buffers(node, microbatch, rows.numel(), sources)
             message = Dispatch(step, layer, microbatch,

@@ -177,3 +177,4 @@ def test_dispatches_carved_from_one_cuda_buffer_round_trip_and_recycle(pack, mon
                 await conn.close()
 
     asyncio.run(run())
+

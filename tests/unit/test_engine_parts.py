@@ -81,3 +81,11 @@ def test_microbatch_split_balances_tokens():
     assert [s for g in groups for s in g] == seqs and len(groups) == 2
     assert split_microbatches(seqs[:1], 3) == [seqs[:1]]
     assert len(split_microbatches(seqs, 3)) == 3
+
+
+def test_to_device_gives_int64_on_the_host_as_given():
+    from expertmesh.host_copy import to_device
+    got = to_device([3, 1, 2], "cpu")
+    assert got.dtype == torch.long and got.tolist() == [3, 1, 2]
+    rows = torch.tensor([5, 7])
+    assert to_device(rows, torch.device("cpu")) is rows  # no copy on the host
