@@ -49,15 +49,10 @@ def main() -> int:
         config.transport.emulated_latency_us = args.emulated_latency_us
         config.transport.emulated_bandwidth_gbps = args.emulated_bandwidth_gbps
         config.gateway.port = free_port()
-        cluster = LocalCluster(config)
-        try:
-            cluster.start()
-            cluster.wait_ready()
+        with LocalCluster(config) as cluster:
             workload = Workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), args.concurrency)
             asyncio.run(run(cluster.url, dataclasses.replace(workload, num_requests=8), progress=None))  # warm-up
             report = asyncio.run(run(cluster.url, workload, progress=None))
-        finally:
-            cluster.stop()
         rows.append({"microbatches": m, **dataclasses.asdict(report)})
         idle = ", ".join(f"{node} {value:.0%}" for node, value in sorted(report.idle_fraction.items()))
         print(f"m={m}: {report.output_tokens_per_s:8.1f} tok/s  TPOT p50 {report.tpot_ms['p50']:7.2f} ms  "

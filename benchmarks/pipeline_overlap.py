@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import statistics
 import sys
@@ -121,13 +120,8 @@ def main() -> int:
                 config.transport.emulated_latency_us = latency
                 config.transport.emulated_bandwidth_gbps = args.emulated_bandwidth_gbps
                 config.gateway.port = free_port()
-                cluster = LocalCluster(config)
-                try:
-                    cluster.start()
-                    cluster.wait_ready()
+                with LocalCluster(config) as cluster:
                     result = asyncio.run(measure(cluster.config, prompts, args.output_len))
-                finally:
-                    cluster.stop()
                 outputs = result.pop("outputs")
                 reference = reference or outputs
                 result.update(latency_us=latency, microbatches=m, round=round_, identical=outputs == reference)

@@ -91,6 +91,19 @@ class LocalCluster:
                 process = subprocess.Popen(command, preexec_fn=_die_with_parent)
                 self.children.append(Child(name if name == "gateway" else f"{name} {index}", process))
 
+    def __enter__(self) -> "LocalCluster":
+        """Started and serving (/health 200); stopped on the way out, also when the start fails."""
+        try:
+            self.start()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def check_children(self) -> None:
         for child in self.children:
             code = child.process.poll()

@@ -60,3 +60,16 @@ def test_killed_expert_node_stops_cluster_and_fails_requests(mixtral_dir):
         wait_for(lambda: not any(alive(pid) for pid in children), 10, "children to exit")
     finally:
         cluster.stop()
+
+
+def test_local_cluster_as_a_context_manager_serves_then_leaves_nothing(mixtral_dir):
+    from expertmesh.config import Config
+    from expertmesh.launcher.local import LocalCluster, free_port
+    config = Config()
+    config.model.path, config.cluster.attention_nodes, config.cluster.expert_nodes = str(mixtral_dir), 1, 1
+    config.gateway.port = free_port()
+    with LocalCluster(config) as cluster:
+        assert httpx.get(f"{cluster.url}/health", timeout=5).status_code == 200
+        pids = [child.process.pid for child in cluster.children]
+    assert all(child.process.poll() is not None for child in cluster.children)
+    assert not any(alive(pid) for pid in pids)
