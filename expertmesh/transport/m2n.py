@@ -58,6 +58,7 @@ class M2NClient:
         self.replicated_layers = {layer for layer, experts in placement.nodes_of.items()
                                   if any(len(nodes) > 1 for nodes in experts)}
         self._replicas_chosen_at: dict[int, int] = {}  # layer -> the step its replicas were last chosen for
+        self._node_ids = torch.arange(n, dtype=torch.int32, device=device).view(-1, 1, 1)  # to compare node_of with
         self.stats = LinkStats([0] * n, [0] * n, [0] * n)
         self._pending: list[dict[tuple[int, int, int], asyncio.Future]] = [{} for _ in range(n)]
         # send buffers per (node, microbatch), grown as needed and reused at every layer and step: a buffer is
@@ -119,8 +120,7 @@ class M2NClient:
             self._choose_replicas(layer)  # once per step and layer: the loads move little within a step
             self._replicas_chosen_at[layer] = step
         node_of_choice = self.node_of[layer][expert_ids.long()]  # [tokens, k]
-        nodes = torch.arange(len(self.connections), dtype=node_of_choice.dtype, device=node_of_choice.device)
-        on_node = node_of_choice.unsqueeze(0) == nodes.view(-1, 1, 1)  # [nodes, tokens, k]
+        on_node = node_of_choice.unsqueeze(0) == self._node_ids  # [nodes, tokens, k]
         # Message sizes must be known on the host: copying the [nodes, tokens] row mask is the dispatch's one wait
         # on the device (it was one for the list of nodes plus one per node).
         rows_of_node = on_node.any(dim=2).cpu()

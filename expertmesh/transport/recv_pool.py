@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .protocol import Message, TensorMeta
+from .protocol import Message, TensorMeta, packed_views
 
 POOLED_MAX_BYTES = 64 << 20  # larger receive buffers are allocated per message (rare, bandwidth-bound anyway)
 POOLED_PER_SIZE = 8
@@ -24,7 +24,7 @@ class ReceivePool:
             return torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
         free = self._free.get(size)
         flat = free.pop() if free else torch.empty(size, dtype=torch.uint8, device=self.device)
-        return flat[:meta.nbytes].view(meta.dtype).view(meta.shape)
+        return packed_views(flat, [meta])[0]
 
     def give_back_message(self, message: Message) -> None:
         storages = {t.untyped_storage().data_ptr(): t for t in message.tensors()}  # packed tensors share one
