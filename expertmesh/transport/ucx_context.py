@@ -40,9 +40,14 @@ def import_ucxx() -> None:
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     try:
         import ucxx  # noqa: F401
+        from ucxx._lib_async import application_context
     except ImportError as exc:
         raise TransportError(f"transport backend 'ucx' needs the ucxx package (pip install ucxx-cu13): "
                              f"{exc}") from exc
+    # Every ucxx context's finalizer clears ucxx's progress registry for *all* event loops: collecting an old
+    # context could orphan a live one's progress, and ucxx would then start a second one. LoopContext.shutdown
+    # unregisters its own loop instead, so the contexts made from here on get a finalizer that does nothing.
+    application_context.clear_progress_tasks = lambda: None
 
 
 class LoopContext:
@@ -70,21 +75,19 @@ class LoopContext:
         # back to wait_yield); delayed submission needs the progress thread.
         self.ctx = ApplicationContext(options, progress_mode=progress_mode, enable_python_future=threaded,
                                       enable_delayed_submission=threaded)
-        # Ours to stop: ucxx's registry may lose it, as a finalizer of an earlier context clears it whole.
         from ucxx._lib_async.application_context import ProgressTasks
-        self.progress = ProgressTasks[loop]
+        self.progress = ProgressTasks[loop]  # registered by the context for this loop
 
     def shutdown(self) -> None:
         from ucxx._lib_async.application_context import ProgressTasks
         if self.progress_mode == "thread":
             self._stop_threads()
-        registered = ProgressTasks.pop(self.loop, None)  # ucxx's per-loop registry: let the next context progress
+        ProgressTasks.pop(self.loop, None)  # ucxx's per-loop registry: let the next context progress
         if not self.loop.is_closed():
             # Polling, the loop's own progress task holds the worker and keeps a core busy: stop it. (A loop
             # already closed cancelled it itself: ucxx wraps loop.close. The thread mode has no tasks.)
-            for progress in (self.progress, registered):
-                for task in progress._tasks if progress is not None else ():
-                    task.cancel()
+            for task in self.progress._tasks:
+                task.cancel()
 
     def _stop_threads(self) -> None:
         from ucxx._lib.libucxx import PythonRequestNotifierWaitState
