@@ -4,7 +4,7 @@
 # CUDA tensors over UCX, at m = 1, 2, 3. Logs and JSON land in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
-mkdir -p /tmp/site && tar xzf .whl/site312.tgz -C /tmp/site
+mkdir -p /tmp/site && tar xf .whl/site312.txz -C /tmp/site
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 python3 -c "import torch, ucxx, fastapi, uvloop, zmq, msgpack; print('torch', torch.__version__, 'gpus', torch.cuda.device_count(), 'ucxx', ucxx.__version__)" || exit 1
 nvidia-smi topo -m 2>&1 | head -5

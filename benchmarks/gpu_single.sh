@@ -5,7 +5,7 @@
 # progress modes. No NCCL rows: NCCL refuses two ranks on one GPU.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
-mkdir -p /tmp/site && tar xzf .whl/site312.tgz -C /tmp/site
+mkdir -p /tmp/site && tar xf .whl/site312.txz -C /tmp/site
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -3

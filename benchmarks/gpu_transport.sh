@@ -3,7 +3,7 @@
 # path, then `bench transport` (ucx vs NCCL on the same GPUs) with UCX's defaults and two tunings.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
-mkdir -p /tmp/site && tar xzf .whl/site312.tgz -C /tmp/site
+mkdir -p /tmp/site && tar xf .whl/site312.txz -C /tmp/site
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -3   # includes packed CUDA frames
 timeout 150 python3 benchmarks/gpu_exactness.py 2>&1 | grep -E "identical|DIFFERENT|MISMATCH|Error" | head -20

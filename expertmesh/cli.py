@@ -29,6 +29,11 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-model-len", type=int)
+    p.add_argument("--block-size", type=int, help="tokens per KV-cache block (power of two, 8..256; default 16)")
+    p.add_argument("--gpu-memory-utilization", type=float,
+                   help="fraction of each attention GPU's memory for weights, activations and KV cache (default 0.9)")
+    p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks per attention node (overrides the sizing)")
+    p.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs: run every step eagerly")
     p.add_argument("--served-model-name")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every node")
 
@@ -44,7 +49,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  ("transport", "emulated_latency_us", getattr(args, "emulated_latency_us", None)),
                  ("cluster", "topology", getattr(args, "topology", None)),
                  ("gateway", "predictor", getattr(args, "predictor", None)),
-                 ("transport", "emulated_bandwidth_gbps", getattr(args, "emulated_bandwidth_gbps", None))]
+                 ("transport", "emulated_bandwidth_gbps", getattr(args, "emulated_bandwidth_gbps", None)),
+                 ("engine", "block_size", getattr(args, "block_size", None)),
+                 ("engine", "gpu_memory_utilization", getattr(args, "gpu_memory_utilization", None)),
+                 ("engine", "num_kv_blocks", getattr(args, "num_kv_blocks", None)),
+                 ("engine", "enforce_eager", getattr(args, "enforce_eager", None))]
     for section, key, value in overrides:
         if value is not None:
             setattr(getattr(config, section), key, value)
@@ -100,6 +109,15 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--no-raw-ucxx", dest="raw_ucxx", action="store_false",
                    help="leave out the raw ucxx point-to-point baseline (run whenever ucx is among the backends)")
     t.add_argument("--json", help="write every row here as JSON")
+    lay = bench.add_parser("layer", help="one MoE layer's attention and expert parts at decode, against the floor")
+    lay.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    lay.add_argument("--shapes", help="comma-separated of mixtral,qwen3,tiny (default: mixtral,qwen3; tiny on cpu)")
+    lay.add_argument("--tokens", default="1,16,64,256", help="decode tokens (= sequences)")
+    lay.add_argument("--contexts", default="512,4096", help="tokens of context per sequence")
+    lay.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    lay.add_argument("--moe-backends", default="grouped_mm,triton", help="fused-MoE backends to time (also: reference)")
+    lay.add_argument("--reps", type=int, default=50)
+    lay.add_argument("--json", help="write every row here as JSON")
 
 
 def _profile_parser(sub: argparse._SubParsersAction) -> None:
@@ -189,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         from .bench.serve import Workload, main as bench_serve
         workload = Workload(args.num_requests, args.input_len, args.output_len, args.concurrency, args.rate, args.seed)
         return bench_serve(args.url, workload, args.trace, args.json)
+    if args.command == "bench" and args.bench == "layer":
+        from .bench.layer import main as bench_layer
+        return bench_layer(args)
     if args.command == "bench" and args.bench == "transport":
         from .bench.transport import main as bench_transport
         return bench_transport(args)

@@ -58,10 +58,16 @@ class TransportConfig:
 @dataclass
 class EngineConfig:
     """The attention node's continuous batching."""
-    max_num_seqs: int = 32  # sequences in the running batch (= KV-cache slots)
+    max_num_seqs: int = 32  # sequences in the running batch
     max_model_len: int | None = None  # tokens per sequence; default: the model's max_position_embeddings
     max_batch_tokens: int = 2048  # new tokens per step; prompts are admitted while they fit
     microbatches: int = 1  # ping-pong microbatches per step
+    block_size: int = 16  # tokens per KV-cache block (a power of two, 8..256)
+    # CUDA: fraction of the device's total memory this process may use; the KV cache gets what the weights and a
+    # margin for activations leave of it (kv/cache.py::num_blocks_for). vLLM's --gpu-memory-utilization.
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None  # KV-cache blocks; overrides the sizing above (and the CPU default)
+    enforce_eager: bool = False  # no CUDA graphs: every step runs eagerly (vLLM's flag)
 
     def context_len(self, spec: "ModelSpec") -> int:
         """Tokens a sequence may hold (prompt + output): max_model_len, capped by the model's positions."""
@@ -80,7 +86,7 @@ class GatewayConfig:
 @dataclass
 class ClusterConfig:
     attention_nodes: int = 1
-    expert_nodes: int = 2
+    expert_nodes: int = 2  # 0: colocated, each attention node runs every expert itself (no transport)
     placement: str | None = None  # placement JSON; default: contiguous blocks of experts per node
     topology: str | None = None  # cluster description (domains of the nodes, link costs; placement/topology.py)
     # Filled in by the launcher (free ports on this host), or given for multi-host deployments.
@@ -118,13 +124,22 @@ class Config:
             raise ConfigError(f"model.device={self.model.device!r}; choose cpu or cuda")
         if self.model.dtype not in _DTYPES:
             raise ConfigError(f"model.dtype={self.model.dtype!r}; choose one of {sorted(_DTYPES)}")
-        if self.cluster.attention_nodes < 1 or self.cluster.expert_nodes < 1:
-            raise ConfigError(f"need at least one attention and one expert node, got "
-                              f"{self.cluster.attention_nodes} and {self.cluster.expert_nodes}")
+        if self.cluster.attention_nodes < 1 or self.cluster.expert_nodes < 0:
+            raise ConfigError(f"need at least one attention node and zero or more expert nodes (0: experts colocated "
+                              f"in each attention node), got {self.cluster.attention_nodes} and "
+                              f"{self.cluster.expert_nodes}")
         if self.engine.microbatches < 1:
             raise ConfigError(f"engine.microbatches={self.engine.microbatches}; must be >= 1")
         if self.engine.max_num_seqs < 1 or self.engine.max_batch_tokens < 1:
             raise ConfigError("engine.max_num_seqs and engine.max_batch_tokens must be >= 1")
+        block_size = self.engine.block_size
+        if not 8 <= block_size <= 256 or block_size & (block_size - 1):
+            raise ConfigError(f"engine.block_size={block_size}; must be a power of two from 8 to 256")
+        if not 0.0 < self.engine.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"engine.gpu_memory_utilization={self.engine.gpu_memory_utilization}; "
+                              f"must be in (0, 1]")
+        if self.engine.num_kv_blocks is not None and self.engine.num_kv_blocks < 1:
+            raise ConfigError(f"engine.num_kv_blocks={self.engine.num_kv_blocks}; must be >= 1")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,8 +1,15 @@
 """Shared fixtures: small random checkpoints of both architectures, made once per test session."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's interpreter on CPU tensors: their logic is tested without a GPU. Set before
+    # any kernel module is imported (triton.jit reads it when it decorates).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from expertmesh.model.make_model import RandomModelShape, make_model
 

@@ -6,11 +6,12 @@ import itertools
 
 import torch
 
-from expertmesh.attention_node.kv_cache import KVCache
 from expertmesh.attention_node.model_runner import ModelRunner
 from expertmesh.attention_node.scheduler import Scheduler, Sequence
-from expertmesh.attention_node.sampler import sample
+from expertmesh.attention_node.sampler import sample_step
 from expertmesh.expert_node.node import ExpertNode
+from expertmesh.kv.block_manager import BlockManager
+from expertmesh.kv.cache import PagedKVCache
 from expertmesh.model.spec import ModelSpec
 from expertmesh.model.weights import load_attention_side, load_experts
 from expertmesh.placement.plan import Placement
@@ -23,12 +24,17 @@ _names = itertools.count()
 
 class InprocCluster:
     def __init__(self, model_dir, num_expert_nodes: int = 2, placement: Placement | None = None,
-                 max_len: int = 256, slots: int = 8, microbatches: int = 1) -> None:
+                 max_len: int = 256, max_num_seqs: int = 8, microbatches: int = 1, block_size: int = 16,
+                 num_blocks: int | None = None) -> None:
+        """num_blocks: KV-cache blocks; default enough for max_num_seqs sequences of max_len tokens."""
         self.model_dir = model_dir
         self.spec = ModelSpec.from_dir(model_dir)
-        self.placement = placement or Placement.contiguous(self.spec, num_expert_nodes)
-        self.num_expert_nodes = self.placement.num_expert_nodes
-        self.max_len, self.slots, self.microbatches = max_len, slots, microbatches
+        self.colocated = num_expert_nodes == 0 and placement is None  # every expert in the runner, no transport
+        self.placement = None if self.colocated else placement or Placement.contiguous(self.spec, num_expert_nodes)
+        self.num_expert_nodes = 0 if self.colocated else self.placement.num_expert_nodes
+        self.max_len, self.max_num_seqs, self.microbatches = max_len, max_num_seqs, microbatches
+        self.block_size = block_size
+        self.num_blocks = num_blocks or max_num_seqs * -(-max_len // block_size)
 
     async def __aenter__(self) -> "InprocCluster":
         transport = InprocTransport()
@@ -39,17 +45,25 @@ class InprocCluster:
             experts = load_experts(self.model_dir, self.spec, self.placement.pairs_on(node), torch.float32)
             self.listeners.append(listener)
             self.tasks.append(asyncio.create_task(ExpertNode(node, experts, self.spec.num_experts, listener).serve()))
-        conns = [await transport.connect(f"{prefix}/expert{n}") for n in range(self.num_expert_nodes)]
-        self.m2n = M2NClient(conns, self.placement, 0, recv_timeout_s=10.0)
-        await self.m2n.handshake(self.spec.num_layers, self.spec.num_experts, 10.0)
+        self.m2n, local_experts = None, None
+        if self.colocated:
+            local_experts = load_experts(self.model_dir, self.spec, [(layer, e) for layer in self.spec.moe_layer_ids
+                                                                     for e in range(self.spec.num_experts)], torch.float32)
+        else:
+            conns = [await transport.connect(f"{prefix}/expert{n}") for n in range(self.num_expert_nodes)]
+            self.m2n = M2NClient(conns, self.placement, 0, recv_timeout_s=10.0)
+            await self.m2n.handshake(self.spec.num_layers, self.spec.num_experts, 10.0)
         weights = load_attention_side(self.model_dir, self.spec, torch.float32)
-        self.kv = KVCache(self.spec, self.slots, self.max_len, torch.float32, "cpu")
-        self.runner = ModelRunner(self.spec, weights, self.kv, self.m2n, "cpu")
-        self.scheduler = Scheduler(self.kv, 4096, self.spec.eos_token_ids)
+        self.kv = PagedKVCache(self.spec, self.num_blocks, self.block_size, torch.float32, "cpu")
+        self.runner = ModelRunner(self.spec, weights, self.kv, self.m2n, "cpu", local_experts,
+                                  context_len=self.max_len)
+        self.scheduler = Scheduler(BlockManager(self.num_blocks, self.block_size), self.max_num_seqs, 4096,
+                                   self.max_len, self.spec.eos_token_ids)
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self.m2n.close()
+        if self.m2n is not None:
+            await self.m2n.close()
         for task in self.tasks:
             task.cancel()
         for listener in self.listeners:
@@ -57,7 +71,7 @@ class InprocCluster:
 
     async def prefill_logits(self, prompts: list[list[int]]) -> torch.Tensor:
         """Logits of the last prompt token of each prompt, one step for all."""
-        seqs = [Sequence(f"r{i}", p, SamplingParams(max_tokens=1, temperature=0.0), None) for i, p in enumerate(prompts)]
+        seqs = [Sequence(f"r{i}", p, SamplingParams(max_tokens=1, temperature=0.0), 0) for i, p in enumerate(prompts)]
         for s in seqs:
             self.scheduler.add(s)
         batch = self.scheduler.schedule()
@@ -68,7 +82,7 @@ class InprocCluster:
 
     async def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         """Greedy continuous-batching generation of every prompt; ignores eos."""
-        seqs = [Sequence(f"g{i}", p, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), None)
+        seqs = [Sequence(f"g{i}", p, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), 0)
                 for i, p in enumerate(prompts)]
         for s in seqs:
             self.scheduler.add(s)
@@ -77,6 +91,6 @@ class InprocCluster:
             batch = self.scheduler.schedule()
             step += 1
             logits = await self.runner.forward(step, batch, self.microbatches)
-            for seq, token in zip(batch, sample(logits, [s.sampling for s in batch], [None] * len(batch))):
+            for seq, token in zip(batch, sample_step(logits, batch)[0]):
                 self.scheduler.advance(seq, token)
         return [s.output_ids for s in seqs]

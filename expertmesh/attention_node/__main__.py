@@ -6,15 +6,16 @@ import logging
 import torch
 
 from ..config import Config
+from ..kv.block_manager import BlockManager
+from ..kv.cache import PagedKVCache, num_blocks_for
 from ..model.spec import ModelSpec
-from ..model.weights import load_attention_side
+from ..model.weights import load_attention_side, load_experts
 from ..placement.plan import load_cluster_placement, load_cluster_topology
 from ..process import run_node
 from ..transport.base import connect_within, make_transport
 from ..transport.emulation import emulate
 from ..transport.m2n import M2NClient
 from ..transport.zmq import ZmqTransport
-from .kv_cache import KVCache
 from .model_runner import ModelRunner
 from .node import AttentionNode
 from .scheduler import Scheduler
@@ -24,12 +25,38 @@ log = logging.getLogger("attention_node")
 
 async def main(config: Config, index: int) -> None:
     spec = ModelSpec.from_dir(config.model.path)
-    placement = load_cluster_placement(config, spec)
     dtype, device = config.model.torch_dtype, config.node_device("attention", index)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
+    engine = config.engine
     weights = load_attention_side(config.model.path, spec, dtype, device)
-    kv_cache = KVCache(spec, config.engine.max_num_seqs, config.engine.context_len(spec), dtype, device)
+    m2n, local_experts = None, None
+    if config.cluster.expert_nodes == 0:  # colocated: every expert here, no transport
+        local_experts = load_experts(config.model.path, spec, [(layer, e) for layer in spec.moe_layer_ids
+                                                                for e in range(spec.num_experts)], dtype, device)
+        log.info("colocated: all experts of %d MoE layers held here", len(local_experts))
+    else:
+        m2n = await connect_expert_nodes(config, spec, index, device)
+    kv_cache = PagedKVCache(spec, num_blocks_for(engine, spec, dtype, device), engine.block_size, dtype, device)
+    log.info("KV cache: %d blocks of %d tokens", kv_cache.num_blocks, kv_cache.block_size)
+    runner = ModelRunner(spec, weights, kv_cache, m2n, device, local_experts, context_len=engine.context_len(spec))
+    if device.startswith("cuda") and not engine.enforce_eager:
+        runner.capture_graphs(engine.max_num_seqs, engine.microbatches)
+    control = await ZmqTransport().listen(config.cluster.attention_addresses[index])
+    log.info("serving on %s", config.cluster.attention_addresses[index])
+    scheduler = Scheduler(BlockManager(kv_cache.num_blocks, kv_cache.block_size), engine.max_num_seqs,
+                          engine.max_batch_tokens, engine.context_len(spec), spec.eos_token_ids)
+    node = AttentionNode(index, config, spec, runner, scheduler, m2n, control)
+    try:
+        await node.serve()
+    finally:
+        if m2n is not None:
+            await m2n.close()
+        await control.close()
+
+
+async def connect_expert_nodes(config: Config, spec: ModelSpec, index: int, device: str) -> M2NClient:
+    placement = load_cluster_placement(config, spec)
     transport = make_transport(config.transport.backend, device, config.transport.ucx_progress_mode)
     t = config.transport
     connections = [emulate(await connect_within(transport, address, t.connect_timeout_s), t.emulated_latency_us,
@@ -40,16 +67,8 @@ async def main(config: Config, index: int) -> None:
                     expert_domain=topology.expert_domain if topology else None,
                     load_bound=topology.load_bound if topology else None)
     await m2n.handshake(spec.num_layers, spec.num_experts, config.transport.connect_timeout_s)
-    control = await ZmqTransport().listen(config.cluster.attention_addresses[index])
-    log.info("connected to %d expert nodes; serving on %s", len(connections), config.cluster.attention_addresses[index])
-    runner = ModelRunner(spec, weights, kv_cache, m2n, device)
-    node = AttentionNode(index, config, spec, runner, Scheduler(kv_cache, config.engine.max_batch_tokens,
-                                                                spec.eos_token_ids), m2n, control)
-    try:
-        await node.serve()
-    finally:
-        await m2n.close()
-        await control.close()
+    log.info("connected to %d expert nodes", len(connections))
+    return m2n
 
 
 if __name__ == "__main__":

@@ -1,21 +1,38 @@
-"""The attention node's forward pass: embed, then per layer attention here and the MoE at the expert nodes.
+"""The attention node's forward pass: embed, then per layer attention here and the MoE at the expert nodes
+(or, colocated, here too).
 
-A step's sequences are split into microbatches that run as concurrent coroutines: while one waits for
-the expert nodes, the next runs its attention (ping-pong)."""
+The layers between two MoE points form a *segment*: tensors in, tensors out, nothing that waits on the device,
+so a decode step's segments can be captured as CUDA graphs (cuda_graphs.py) and replayed. A step's sequences
+are split into microbatches that run as concurrent coroutines: while one waits for the expert nodes, the next
+runs its attention (ping-pong)."""
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
 
 import torch
 
 from ..host_copy import to_device
-from ..model.layers import AttentionBatch, RotaryTable, attention, rms_norm, route, swiglu
+from ..kv.cache import PagedKVCache
+from ..kv.metadata import StepMetadata
+from ..model.layers import RotaryTable, attention, rms_norm, route, swiglu
 from ..model.spec import ModelSpec
 from ..model.weights import AttentionSideWeights
+from ..ops.fused_moe import StackedExperts, fused_moe
 from ..telemetry import PhaseClock
-from ..transport.m2n import M2NClient
-from .kv_cache import KVCache
+from .cuda_graphs import DecodeGraphs
 from .scheduler import Sequence
+
+
+class ExpertBackend(Protocol):
+    """Where a MoE layer's experts run: the expert nodes over M2N (transport/m2n.py), or a stand-in."""
+
+    async def dispatch(self, step: int, layer: int, microbatch: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                       expert_weights: torch.Tensor): ...
+
+    async def gather(self, handle): ...
+
+    def reduce(self, handle, answers, like: torch.Tensor) -> torch.Tensor: ...
 
 
 def split_microbatches(seqs: list[Sequence], count: int) -> list[list[Sequence]]:
@@ -34,15 +51,31 @@ def split_microbatches(seqs: list[Sequence], count: int) -> list[list[Sequence]]
 
 
 class ModelRunner:
-    def __init__(self, spec: ModelSpec, weights: AttentionSideWeights, kv_cache: KVCache, m2n: M2NClient,
-                 device: str) -> None:
+    """experts=None runs each MoE layer through `local_experts` (colocated mode: every layer's experts stacked here,
+    no transport, so a decode step is one segment); otherwise the MoE layers go to `experts`."""
+
+    def __init__(self, spec: ModelSpec, weights: AttentionSideWeights, kv_cache: PagedKVCache,
+                 experts: ExpertBackend | None, device: str, local_experts: dict[int, StackedExperts] | None = None,
+                 context_len: int | None = None) -> None:
+        if (experts is None) == (local_experts is None):
+            raise ValueError("give the runner either expert nodes (experts) or local_experts, not both or neither")
         self.spec = spec
         self.weights = weights
         self.kv_cache = kv_cache
-        self.m2n = m2n
+        self.experts = experts
+        self.local_experts = local_experts
         self.device = device
         self.clock = PhaseClock()
-        self.rotary = RotaryTable(spec.head_dim, spec.rope_theta, kv_cache.max_len, weights.embed_tokens.dtype, device)
+        self.context_len = context_len or spec.max_position_embeddings
+        self.rotary = RotaryTable(spec.head_dim, spec.rope_theta, self.context_len, weights.embed_tokens.dtype, device)
+        # segment j ends at moe_points[j] (that layer's router outputs); the last segment ends with the logits
+        self.moe_points = [] if local_experts is not None else spec.moe_layer_ids
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_graphs(self, max_num_seqs: int, microbatches: int, progress=None) -> None:
+        """Decode steps of up to max_num_seqs sequences replay CUDA graphs from now on (CUDA only)."""
+        self.graphs = DecodeGraphs(self, max_num_seqs, microbatches)
+        self.graphs.capture(progress)
 
     async def forward(self, step: int, seqs: list[Sequence], microbatches: int) -> torch.Tensor:
         """Logits of each sequence's last new token, [len(seqs), vocab], in seqs order."""
@@ -54,41 +87,71 @@ class ModelRunner:
             raise group_error.exceptions[0] from None
         return torch.cat([task.result() for task in running])
 
-    def _prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, AttentionBatch, torch.Tensor]:
-        token_ids, positions, token_slots, ranges, contexts = [], [], [], [], []
+    def step_inputs(self, seqs: list[Sequence], pad_to: int | None = None,
+                    table_width: int | None = None) -> tuple[torch.Tensor, StepMetadata, torch.Tensor]:
+        """(token ids, metadata, index of each sequence's last new token) of a step over seqs, on the device."""
+        token_ids, entries, last_token = [], [], []
         for seq in seqs:
             new = seq.new_token_ids()
-            start = len(token_ids)
             token_ids += new
-            positions += range(seq.num_cached, seq.num_cached + len(new))
-            token_slots += [seq.slot] * len(new)
-            ranges.append((start, len(token_ids)))
-            contexts.append(seq.num_cached + len(new))
-        as_tensor = lambda values: to_device(values, self.device)  # noqa: E731
-        batch = AttentionBatch(as_tensor(positions), as_tensor(token_slots), [s.slot for s in seqs], ranges, contexts)
-        last_token = as_tensor([end - 1 for _, end in ranges])
-        return as_tensor(token_ids), batch, last_token
+            last_token.append(len(token_ids) - 1)
+            entries.append((seq.block_ids, seq.num_cached, len(new)))
+        if pad_to is not None:
+            token_ids += [0] * (pad_to - len(token_ids))
+            last_token += list(range(len(last_token), pad_to))
+        meta = self.kv_cache.step_metadata(entries, None if pad_to is None else (pad_to, pad_to), table_width)
+        return to_device(token_ids, self.device), meta, to_device(last_token, self.device)
+
+    def segment(self, j: int, h: torch.Tensor, moe_out: torch.Tensor | None, meta: StepMetadata,
+                last_token: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Segment j: for j = 0, h holds token ids to embed; for j > 0, h + moe_out finishes MoE layer
+        moe_points[j - 1]. Returns (h, x, expert_ids, expert_weights) at the next MoE point, or (logits,)."""
+        spec, w = self.spec, self.weights
+        h = w.embed_tokens[h] if j == 0 else h + moe_out
+        first = 0 if j == 0 else self.moe_points[j - 1] + 1
+        last = self.moe_points[j] if j < len(self.moe_points) else spec.num_layers - 1
+        for i in range(first, last + 1):
+            layer = w.layers[i]
+            x = rms_norm(h, layer.input_norm, spec.rms_norm_eps)
+            h = h + attention(layer, x, meta, self.rotary, self.kv_cache.k[i], self.kv_cache.v[i], spec.num_heads,
+                              spec.num_kv_heads, spec.head_dim, spec.rms_norm_eps)
+            x = rms_norm(h, layer.post_attention_norm, spec.rms_norm_eps)
+            if layer.router is None:
+                h = h + swiglu(x, *layer.dense_mlp)
+                continue
+            expert_ids, expert_weights = route(x, layer.router, spec.top_k, spec.norm_topk_prob)
+            if self.local_experts is not None:
+                h = h + fused_moe(x, expert_ids, expert_weights, self.local_experts[i])
+                continue
+            return h, x, expert_ids, expert_weights
+        return (rms_norm(h[last_token], w.final_norm, spec.rms_norm_eps) @ w.lm_head.T,)
 
     async def _forward(self, step: int, microbatch: int, seqs: list[Sequence]) -> torch.Tensor:
-        spec, w, clock = self.spec, self.weights, self.clock
+        clock = self.clock
+        graphs = self.graphs.ready_for(microbatch, seqs) if self.graphs is not None else None
         with clock.phase("attention", microbatch):
-            token_ids, batch, last_token = self._prepare(seqs)
-            h = w.embed_tokens[token_ids]
-        for i, layer in enumerate(w.layers):
+            if graphs is not None:
+                graphs.load(seqs)
+            else:
+                token_ids, meta, last_token = self.step_inputs(seqs)
+        h, moe_out = None, None
+        for j in range(len(self.moe_points) + 1):
             with clock.phase("attention", microbatch):
-                x = rms_norm(h, layer.input_norm, spec.rms_norm_eps)
-                h = h + attention(layer, x, batch, self.rotary, self.kv_cache.k[i], self.kv_cache.v[i],
-                                  spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rms_norm_eps)
-                x = rms_norm(h, layer.post_attention_norm, spec.rms_norm_eps)
-                if layer.router is None:
-                    h = h + swiglu(x, *layer.dense_mlp)
-                    continue
-                expert_ids, expert_weights = route(x, layer.router, spec.top_k, spec.norm_topk_prob)
+                if graphs is not None:
+                    outputs = graphs.replay(j)
+                else:
+                    outputs = self.segment(j, token_ids if j == 0 else h, moe_out, meta, last_token)
+            if j == len(self.moe_points):
+                return outputs[0][:len(seqs)]
+            h, x, expert_ids, expert_weights = outputs
+            n = len(seqs) if graphs is not None else x.shape[0]  # graphs pad decode steps to their bucket
+            layer = self.moe_points[j]
             with clock.phase("dispatch", microbatch):
-                handle = await self.m2n.dispatch(step, i, microbatch, x, expert_ids, expert_weights)
-            partials = await self.m2n.gather(handle)  # untimed: the other microbatches run meanwhile
+                handle = await self.experts.dispatch(step, layer, microbatch, x[:n], expert_ids[:n],
+                                                     expert_weights[:n])
+            answers = await self.experts.gather(handle)  # untimed: the other microbatches run meanwhile
             with clock.phase("combine", microbatch):
-                h = h + self.m2n.reduce(handle, partials, x)
-        with clock.phase("attention", microbatch):
-            h = rms_norm(h[last_token], w.final_norm, spec.rms_norm_eps)
-            return h @ w.lm_head.T
+                moe_out = self.experts.reduce(handle, answers, x[:n])
+                if graphs is not None:
+                    graphs.set_moe_out(moe_out)
+        raise AssertionError("unreachable")

@@ -13,11 +13,11 @@ import torch
 from ..config import Config
 from ..model.spec import ModelSpec
 from ..transport.base import Listener, PeerId, TransportError
-from ..transport.m2n import M2NClient
+from ..transport.m2n import LinkStats, M2NClient
 from ..transport.protocol import (AbortRequest, AddRequest, NodeTrace, SamplingParams, Status, StatusRequest,
                                   StepOutputs, TraceControl)
 from .model_runner import ModelRunner
-from .sampler import make_generator, sample, token_logprobs
+from .sampler import request_seed, sample_step
 from .scheduler import Scheduler, Sequence
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 class AttentionNode:
     def __init__(self, node_id: int, config: Config, spec: ModelSpec, runner: ModelRunner, scheduler: Scheduler,
-                 m2n: M2NClient, control: Listener) -> None:
+                 m2n: M2NClient | None, control: Listener) -> None:
         self.node_id = node_id
         self.config = config
         self.spec = spec
@@ -58,7 +58,7 @@ class AttentionNode:
                 self._add(message)
             elif isinstance(message, AbortRequest):
                 seq = self.scheduler.abort(message.request_id)
-                if seq is not None and seq.slot < 0:  # was still waiting: nothing runs for it any more
+                if seq is not None and seq not in self.scheduler.running:  # was waiting: nothing runs for it
                     await self._send([seq.request_id], [-1], ["abort"], [None])
             elif isinstance(message, StatusRequest):
                 await self.control.send(peer, self.status())
@@ -69,7 +69,7 @@ class AttentionNode:
     def _add(self, message: AddRequest) -> None:
         sampling = SamplingParams.from_list(message.sampling)
         seq = Sequence(message.request_id, list(message.prompt_ids), sampling,
-                       make_generator(sampling, fallback_seed=time.time_ns() % 2**63))
+                       request_seed(sampling, fallback_seed=time.time_ns() % 2**63))
         try:
             self.scheduler.add(seq)
         except ValueError as exc:
@@ -78,7 +78,7 @@ class AttentionNode:
         self._work.set()
 
     def status(self) -> Status:
-        s = self.m2n.stats
+        s = self.m2n.stats if self.m2n is not None else LinkStats([], [], [])  # colocated: no links
         phases, seconds, wall = self.runner.clock.totals()
         return Status(self.node_id, self.ready and self.fatal_error is None, len(self.scheduler.running),
                       len(self.scheduler.waiting), self.scheduler.queued_tokens, self.prompt_tokens,
@@ -112,12 +112,10 @@ class AttentionNode:
 
     def _finish_step(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple:
         """Samples each sequence's next token and retires finished ones; returns the StepOutputs fields."""
-        tokens = sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
-        request_ids, reasons, logprobs = [], [], []
-        for i, (seq, token) in enumerate(zip(seqs, tokens)):
-            top_n = seq.sampling.logprobs
-            logprobs.append(None if top_n is None else token_logprobs(logits[i], token, top_n))
-            if seq.num_cached == 0:
+        tokens, logprobs = sample_step(logits, seqs)
+        request_ids, reasons = [], []
+        for seq, token in zip(seqs, tokens):
+            if seq.num_cached == 0 and not seq.output_ids:  # not again when a preempted sequence is readmitted
                 self.prompt_tokens += len(seq.prompt_ids)
             reason = self.scheduler.advance(seq, token)
             self.generated_tokens += 1

@@ -1,41 +1,35 @@
-"""Sampling of the next token per sequence: greedy at temperature 0, else temperature and top-p.
+"""A step's sampling: each sequence's parameters gathered into one batch, then one batched draw on the device
+(ops/sampling.py) and one copy of the tokens to the host.
 
-Each request samples with its own generator, so a seeded request gives the same tokens in any batch."""
+Each request draws from a hash of its own seed and its token count, so a seeded request gives the same tokens in
+any batch, on any device, after a preemption too."""
 from __future__ import annotations
 
 import torch
 
+from ..host_copy import to_device
+from ..ops.sampling import SamplingBatch, sample, token_logprobs
 from ..transport.protocol import SamplingParams
+from .scheduler import Sequence
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """logits: [sequences, vocab] -> one token id per sequence."""
-    greedy = logits.argmax(dim=-1).tolist()
-    tokens = []
-    for i, p in enumerate(params):
-        if p.temperature == 0.0:
-            tokens.append(greedy[i])
-            continue
-        probs = torch.softmax(logits[i].float() / p.temperature, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-            drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
-            sorted_probs[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        tokens.append(int(torch.multinomial(probs.cpu(), 1, generator=generators[i]).item()))
-    return tokens
+def request_seed(params: SamplingParams, fallback_seed: int) -> int:
+    return params.seed if params.seed is not None else fallback_seed
 
 
-def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> list:
-    """[logprob of token, [[id, logprob] of the top_n tokens]] from one row of logits."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    top = torch.topk(logprobs, top_n) if top_n > 0 else None
-    alternatives = [[int(i), float(v)] for v, i in zip(top.values, top.indices)] if top is not None else []
-    return [float(logprobs[token]), alternatives]
+def sampling_batch(seqs: list[Sequence], device: torch.device | str) -> SamplingBatch:
+    temperature = [s.sampling.temperature for s in seqs]
+    top_p = [s.sampling.top_p for s in seqs]
+    as_tensor = lambda values, dtype: to_device(torch.tensor(values, dtype=dtype), device)  # noqa: E731
+    return SamplingBatch(as_tensor(temperature, torch.float32), as_tensor(top_p, torch.float32),
+                         as_tensor([s.seed for s in seqs], torch.int64),
+                         as_tensor([len(s.output_ids) for s in seqs], torch.int64),
+                         any_top_p=any(p < 1.0 for p in top_p), all_greedy=all(t == 0.0 for t in temperature))
 
 
-def make_generator(params: SamplingParams, fallback_seed: int) -> torch.Generator | None:
-    if params.temperature == 0.0:
-        return None
-    return torch.Generator().manual_seed(params.seed if params.seed is not None else fallback_seed)
+def sample_step(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list]:
+    """Next token of each sequence, and its logprobs where the request asked for them (else None)."""
+    tokens = sample(logits, sampling_batch(seqs, logits.device)).tolist()  # the step's one wait on the device
+    logprobs = [None if s.sampling.logprobs is None else token_logprobs(logits[i], tokens[i], s.sampling.logprobs)
+                for i, s in enumerate(seqs)]
+    return tokens, logprobs

@@ -1,26 +1,27 @@
-"""Continuous batching: requests wait, join the running batch between steps, and leave when done.
+"""Continuous batching over a paged KV cache: requests wait, join the running batch between steps, leave when done.
 
-Each step takes one new token from every running sequence (decode) and whole prompts of newly
-admitted ones (prefill), as one flat batch of tokens."""
+Each step takes one new token from every running sequence (decode) and everything uncached of newly admitted
+ones (prefill), as one flat batch of tokens. A sequence is admitted when a batch slot, the token budget and
+free KV blocks allow; when a running sequence needs a block and none is free, the newest running sequence is
+preempted by recomputation: its blocks are freed and it waits at the front of the queue, to re-feed its prompt
+and the tokens it produced so far as one prefill when readmitted."""
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
+from ..kv.block_manager import BlockManager
 from ..transport.protocol import SamplingParams
-from .kv_cache import KVCache
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler finds and removes sequences by object, not by value
 class Sequence:
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams
-    generator: torch.Generator | None  # seeded per request; None for greedy
+    seed: int  # of its random draws (ops/sampling.py); unused when greedy
     output_ids: list[int] = field(default_factory=list)
-    slot: int = -1
+    block_ids: list[int] = field(default_factory=list)  # its KV-cache blocks, in token order (kv/block_manager.py)
     num_cached: int = 0  # tokens whose K/V are in the cache
     aborted: bool = False
 
@@ -34,21 +35,36 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, kv_cache: KVCache, max_batch_tokens: int, eos_token_ids: tuple[int, ...]) -> None:
-        self.kv_cache = kv_cache
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batch_tokens: int, context_len: int,
+                 eos_token_ids: tuple[int, ...], watermark: float = 0.01) -> None:
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
+        self.context_len = context_len
         self.eos_token_ids = set(eos_token_ids)
+        # blocks kept free when admitting beside running sequences, so their next decodes do not preempt at once
+        self.watermark_blocks = int(watermark * blocks.num_blocks)
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in order of admission: the last is the first preempted
+        self.num_preemptions = 0
 
     @property
     def queued_tokens(self) -> int:
-        return sum(len(s.prompt_ids) for s in self.waiting) + sum(s.num_tokens for s in self.running)
+        return sum(s.num_tokens for s in self.waiting) + sum(s.num_tokens for s in self.running)
 
     def add(self, seq: Sequence) -> None:
-        if seq.num_tokens + seq.sampling.max_tokens > self.kv_cache.max_len:
+        """Queues seq; refuses (ValueError) a request that could never run: its prompt plus max_tokens exceed
+        the context, or its longest cache would need more blocks than the cache has."""
+        max_tokens = seq.sampling.max_tokens
+        if seq.num_tokens + max_tokens > self.context_len:
             raise ValueError(f"request {seq.request_id}: {seq.num_tokens} prompt tokens + max_tokens "
-                             f"{seq.sampling.max_tokens} exceed the context of {self.kv_cache.max_len}")
+                             f"{max_tokens} exceed the context of {self.context_len}")
+        # the last output token is sampled but never fed, so the cache holds at most num_tokens + max_tokens - 1
+        needed = self.blocks.blocks_for(seq.num_tokens + max_tokens - 1)
+        if needed > self.blocks.num_blocks:
+            raise ValueError(f"request {seq.request_id}: {seq.num_tokens} prompt tokens + max_tokens {max_tokens} "
+                             f"need {needed} KV-cache blocks of {self.blocks.block_size} tokens; the cache has "
+                             f"{self.blocks.num_blocks}")
         self.waiting.append(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
@@ -63,21 +79,53 @@ class Scheduler:
         return None
 
     def schedule(self) -> list[Sequence]:
-        """The sequences of the next step: every running one, plus waiting ones while slots and budget last."""
+        """The sequences of the next step: every running one that keeps its blocks, plus waiting ones while
+        batch slots, token budget and free blocks last. Each returned sequence owns blocks for all its tokens."""
+        preempted = self._reserve_decode_blocks()
         budget = self.max_batch_tokens - len(self.running)
-        while self.waiting and self.kv_cache.free_slots > 0:
-            prompt_len = len(self.waiting[0].prompt_ids)
-            if prompt_len > budget and self.running:
+        # after a preemption the cache is full: admitting now would only preempt again next step
+        while self.waiting and not preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            new_tokens = seq.num_tokens  # nothing of a waiting sequence is cached
+            if new_tokens > budget and self.running:
                 break  # admit it once the batch is lighter; alone, any prompt is admitted
-            seq = self.waiting.popleft()
-            seq.slot = self.kv_cache.allocate()
+            if not self.blocks.can_allocate(seq.num_tokens, self.watermark_blocks if self.running else 0):
+                break  # first come, first served: nothing overtakes the head of the queue
+            self.waiting.popleft()
+            self.blocks.allocate(seq)
             self.running.append(seq)
-            budget -= prompt_len
+            budget -= new_tokens
         return list(self.running)
+
+    def _reserve_decode_blocks(self) -> bool:
+        """Gives every running sequence the block its next token needs, oldest first, preempting the newest
+        running sequences while none is free. Returns whether any was preempted."""
+        preempted = False
+        index = 0
+        while index < len(self.running):
+            seq = self.running[index]
+            while not self.blocks.can_append(seq):
+                self._preempt(self.running[-1])
+                preempted = True
+                if index == len(self.running):
+                    break  # seq itself was the newest
+            else:
+                self.blocks.append(seq)
+                index += 1
+        return preempted
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recomputation: seq drops its cache and waits first in line; its outputs stay, so on readmission it
+        re-feeds prompt + outputs (new_token_ids) and resumes with its next token."""
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.num_cached = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
 
     def advance(self, seq: Sequence, token: int) -> str | None:
         """After a step: seq's KV cache holds every token so far, `token` is its next output. Returns why seq
-        finished (and frees its slot), or None if it goes on."""
+        finished (and frees its blocks), or None if it goes on."""
         seq.num_cached = seq.num_tokens
         seq.output_ids.append(token)
         reason = self.finish_reason(seq)
@@ -91,11 +139,11 @@ class Scheduler:
             return "abort"
         if not seq.sampling.ignore_eos and seq.output_ids and seq.output_ids[-1] in self.eos_token_ids:
             return "stop"
-        if len(seq.output_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.kv_cache.max_len:
+        if len(seq.output_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.context_len:
             return "length"
         return None
 
     def release(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
-            self.kv_cache.release(seq.slot)
+            self.blocks.free(seq)

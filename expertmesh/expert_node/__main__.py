@@ -31,6 +31,9 @@ async def main(config: Config, index: int) -> None:
              config.cluster.expert_addresses[index])
     control = await ZmqTransport().listen(config.cluster.expert_control_addresses[index])
     node = ExpertNode(index, experts, spec.num_experts, listener, control)
+    if device.startswith("cuda") and not config.engine.enforce_eager:
+        # a decode round brings at most every attention node's whole batch
+        node.capture_graphs(spec.top_k, config.cluster.attention_nodes * config.engine.max_num_seqs)
     try:
         await node.serve()
     finally:

@@ -8,8 +8,8 @@ import logging
 
 import torch
 
-from ..model.layers import experts_partial_sum
-from ..model.weights import ExpertWeights, experts_by_layer
+from ..ops.fused_moe import StackedExperts, fused_moe
+from .cuda_graphs import ExpertGraphs
 from ..transport.base import Listener, PeerId
 from ..telemetry import PhaseClock
 from ..transport.protocol import (Combine, Dispatch, ExpertError, ExpertStatus, Hello, HelloReply, Message, NodeTrace,
@@ -19,14 +19,16 @@ log = logging.getLogger(__name__)
 
 
 class ExpertNode:
-    def __init__(self, node_id: int, experts: dict[tuple[int, int], ExpertWeights], num_experts: int,
-                 listener: Listener, control: Listener | None = None) -> None:
+    def __init__(self, node_id: int, experts: dict[int, StackedExperts], num_experts: int,
+                 listener: Listener, control: Listener | None = None, moe_backend: str = "auto") -> None:
         self.node_id = node_id
         self.num_experts = num_experts
         self.listener = listener
         self.control = control  # status and traces for the gateway
         self.clock = PhaseClock()
-        self.experts_of_layer = experts_by_layer(experts)
+        self.experts_of_layer = experts  # {layer: that layer's experts held here, stacked}
+        self.moe_backend = moe_backend  # fused_moe's backend: "auto" picks by device and dtype
+        self.graphs: ExpertGraphs | None = None
         self._inbox: asyncio.Queue[tuple[PeerId, Message]] = asyncio.Queue()
         self.tokens_computed = 0
 
@@ -61,8 +63,8 @@ class ExpertNode:
         while True:
             peer, message = await self.listener.recv()
             if isinstance(message, Hello):
-                held = [layer * self.num_experts + e for layer, experts in self.experts_of_layer.items()
-                        for e in experts]
+                held = [layer * self.num_experts + e for layer, stacked in self.experts_of_layer.items()
+                        for e in stacked.expert_ids]
                 await self.listener.send(peer, HelloReply(self.node_id, held))
             elif isinstance(message, Dispatch):
                 self._inbox.put_nowait((peer, message))
@@ -76,21 +78,36 @@ class ExpertNode:
         for layer, items in by_layer.items():
             try:
                 with self.clock.phase("expert_compute"):
-                    hidden = torch.cat([d.hidden for _, d in items])
-                    ids = torch.cat([d.expert_ids for _, d in items])
-                    weights = torch.cat([d.expert_weights for _, d in items])
+                    pieces = [[d.hidden for _, d in items], [d.expert_ids for _, d in items],
+                              [d.expert_weights for _, d in items]]
+                    partial = self.graphs.run(layer, *pieces) if self.graphs is not None else None
+                    if partial is None:  # eager: no graphs, or more tokens than the largest bucket
+                        partial = self._experts(layer, *(torch.cat(p) for p in pieces))
                     for _, d in items:  # copied out: their receive memory can take the next dispatches
                         self.listener.recycle(d)
-                    partial = experts_partial_sum(hidden, ids, weights, self.experts_of_layer.get(layer, {}))
             except Exception as exc:  # answer every sender; the node itself keeps serving
                 log.exception("expert node %d: layer %d failed", self.node_id, layer)
                 for peer, d in items:
                     await self.listener.send(peer, ExpertError(d.step, d.layer, d.microbatch, repr(exc)))
                 continue
-            self.tokens_computed += hidden.shape[0]
+            self.tokens_computed += partial.shape[0]
             start = 0
             with self.clock.phase("combine_send"):
                 for peer, d in items:
                     end = start + d.hidden.shape[0]
                     await self.listener.send(peer, Combine(d.step, d.layer, d.microbatch, partial[start:end]))
                     start = end
+
+    def capture_graphs(self, top_k: int, max_tokens: int) -> None:
+        """Batches of up to max_tokens tokens replay CUDA graphs from now on (CUDA only)."""
+        self.graphs = ExpertGraphs(self.experts_of_layer, top_k, max_tokens, self._experts)
+
+    def _experts(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                 expert_weights: torch.Tensor) -> torch.Tensor:
+        """Every pair of `layer` that arrived, in one fused call: the unit a CUDA graph can capture. Pairs of
+        experts held elsewhere are -1 (the sender masks them) and add nothing."""
+        stacked = self.experts_of_layer.get(layer)
+        if stacked is None:
+            raise KeyError(f"layer {layer} was dispatched to expert node {self.node_id}, which holds none of its "
+                           f"experts")
+        return fused_moe(hidden, expert_ids, expert_weights, stacked, self.moe_backend)

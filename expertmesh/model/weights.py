@@ -10,6 +10,7 @@ from types import ModuleType
 
 import torch
 
+from ..ops.fused_moe import StackedExperts
 from . import mixtral, qwen3_moe
 from .checkpoint import Checkpoint
 from .spec import ModelSpec
@@ -22,15 +23,13 @@ def names_of(spec: ModelSpec) -> ModuleType:
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    q_proj: torch.Tensor
-    k_proj: torch.Tensor
-    v_proj: torch.Tensor
+    qkv_proj: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]: q, k and v in one matmul
     o_proj: torch.Tensor
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     post_attention_norm: torch.Tensor
     router: torch.Tensor | None  # [num_experts, hidden] on MoE layers
-    dense_mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (gate, up, down) on dense layers
+    dense_mlp: tuple[torch.Tensor, torch.Tensor] | None  # (gate_up [2 * inter, hidden], down) on dense layers
 
 
 @dataclass
@@ -39,14 +38,6 @@ class AttentionSideWeights:
     layers: list[LayerWeights]
     final_norm: torch.Tensor
     lm_head: torch.Tensor
-
-
-@dataclass
-class ExpertWeights:
-    """One expert's SwiGLU FFN: down(silu(gate(x)) * up(x))."""
-    gate: torch.Tensor  # [intermediate, hidden]
-    up: torch.Tensor  # [intermediate, hidden]
-    down: torch.Tensor  # [hidden, intermediate]
 
 
 def load_attention_side(model_dir: str | Path, spec: ModelSpec, dtype: torch.dtype,
@@ -65,12 +56,12 @@ def load_attention_side(model_dir: str | Path, spec: ModelSpec, dtype: torch.dty
         if not spec.moe_layers[i]:
             gate, up, down = names.dense_mlp_names(i)
             inter = spec.dense_intermediate_size
-            dense = (get(gate, inter, hidden), get(up, inter, hidden), get(down, hidden, inter))
+            dense = (torch.cat([get(gate, inter, hidden), get(up, inter, hidden)]), get(down, hidden, inter))
         layers.append(LayerWeights(
             input_norm=get(f"{p}.input_layernorm.weight", hidden),
-            q_proj=get(f"{p}.self_attn.q_proj.weight", spec.num_heads * head_dim, hidden),
-            k_proj=get(f"{p}.self_attn.k_proj.weight", spec.num_kv_heads * head_dim, hidden),
-            v_proj=get(f"{p}.self_attn.v_proj.weight", spec.num_kv_heads * head_dim, hidden),
+            qkv_proj=torch.cat([get(f"{p}.self_attn.q_proj.weight", spec.num_heads * head_dim, hidden),
+                                get(f"{p}.self_attn.k_proj.weight", spec.num_kv_heads * head_dim, hidden),
+                                get(f"{p}.self_attn.v_proj.weight", spec.num_kv_heads * head_dim, hidden)]),
             o_proj=get(f"{p}.self_attn.o_proj.weight", hidden, spec.num_heads * head_dim),
             q_norm=get(f"{p}.self_attn.q_norm.weight", head_dim) if spec.qk_norm else None,
             k_norm=get(f"{p}.self_attn.k_norm.weight", head_dim) if spec.qk_norm else None,
@@ -87,26 +78,26 @@ def load_attention_side(model_dir: str | Path, spec: ModelSpec, dtype: torch.dty
                                 lm_head=lm_head)
 
 
-def experts_by_layer(experts: dict[tuple[int, int], ExpertWeights]) -> dict[int, dict[int, ExpertWeights]]:
-    """{(layer, expert): weights} regrouped as {layer: {expert: weights}}, the shape experts_partial_sum takes."""
-    grouped: dict[int, dict[int, ExpertWeights]] = {}
-    for (layer, expert), weights in experts.items():
-        grouped.setdefault(layer, {})[expert] = weights
-    return grouped
-
-
 def load_experts(model_dir: str | Path, spec: ModelSpec, pairs: list[tuple[int, int]], dtype: torch.dtype,
-                 device: str = "cpu") -> dict[tuple[int, int], ExpertWeights]:
-    """The experts named by (layer, expert) pairs, read one tensor at a time."""
+                 device: str = "cpu") -> dict[int, StackedExperts]:
+    """The experts named by (layer, expert) pairs, stacked per layer in increasing expert id. Each checkpoint
+    tensor is read on its own and copied into its place in the preallocated stacks: no second copy of the
+    experts is ever held."""
     ckpt = Checkpoint(model_dir)
     names = names_of(spec)
     hidden, inter = spec.hidden_size, spec.expert_intermediate_size
-    experts = {}
+    held: dict[int, set[int]] = {}
     for layer, expert in pairs:
         if not (0 <= layer < spec.num_layers and spec.moe_layers[layer] and 0 <= expert < spec.num_experts):
             raise ValueError(f"(layer {layer}, expert {expert}) is not an expert of this model")
-        gate, up, down = names.expert_names(layer, expert)
-        experts[(layer, expert)] = ExpertWeights(gate=ckpt.get(gate, (inter, hidden), dtype, device),
-                                                 up=ckpt.get(up, (inter, hidden), dtype, device),
-                                                 down=ckpt.get(down, (hidden, inter), dtype, device))
-    return experts
+        held.setdefault(layer, set()).add(expert)
+    stacks = {}
+    for layer in sorted(held):
+        stacked = StackedExperts.empty(sorted(held[layer]), spec.num_experts, hidden, inter, dtype, device)
+        for row, expert in enumerate(stacked.expert_ids):
+            gate, up, down = names.expert_names(layer, expert)
+            stacked.gate_up[row, :inter].copy_(ckpt.get(gate, (inter, hidden), dtype))
+            stacked.gate_up[row, inter:].copy_(ckpt.get(up, (inter, hidden), dtype))
+            stacked.down[row].copy_(ckpt.get(down, (hidden, inter), dtype))
+        stacks[layer] = stacked
+    return stacks

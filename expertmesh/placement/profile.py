@@ -15,13 +15,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..attention_node.kv_cache import KVCache
 from ..attention_node.model_runner import ModelRunner
 from ..attention_node.scheduler import Sequence
+from ..config import EngineConfig
 from ..gateway.text import TextCodec
-from ..model.layers import experts_partial_sum
+from ..kv.block_manager import BlockManager
+from ..kv.cache import PagedKVCache
 from ..model.spec import ModelSpec
-from ..model.weights import ExpertWeights, experts_by_layer, load_attention_side, load_experts
+from ..model.weights import load_attention_side, load_experts
+from ..ops.fused_moe import StackedExperts, fused_moe
 from ..transport.protocol import SamplingParams
 from .trace import RoutingTrace
 
@@ -51,13 +53,13 @@ def read_documents(path: str | Path) -> Iterator[Document]:
 class RecordingExperts:
     """Stands in for M2NClient: computes every expert locally and keeps each layer's routing."""
 
-    def __init__(self, experts: dict[tuple[int, int], ExpertWeights]) -> None:
-        self.experts_of_layer = experts_by_layer(experts)
+    def __init__(self, experts: dict[int, StackedExperts]) -> None:
+        self.experts_of_layer = experts
         self.routes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     async def dispatch(self, step, layer, microbatch, hidden, expert_ids, expert_weights):
         self.routes[layer] = (expert_ids, expert_weights)
-        return experts_partial_sum(hidden, expert_ids, expert_weights, self.experts_of_layer[layer])
+        return fused_moe(hidden, expert_ids, expert_weights, self.experts_of_layer[layer])
 
     async def gather(self, handle):
         return handle
@@ -75,7 +77,9 @@ def profile(model_dir: str | Path, data: str | Path, out: str | Path, window: in
     experts = RecordingExperts(load_experts(model_dir, spec, [(l, e) for l in spec.moe_layer_ids
                                                               for e in range(spec.num_experts)], torch.float32))
     window = min(window, spec.max_position_embeddings)
-    kv = KVCache(spec, batch_windows, window, torch.float32, "cpu")
+    block_size = EngineConfig().block_size
+    blocks = BlockManager(batch_windows * -(-window // block_size), block_size)
+    kv = PagedKVCache(spec, blocks.num_blocks, block_size, torch.float32, "cpu")
     runner = ModelRunner(spec, weights, kv, experts, "cpu")  # type: ignore[arg-type]
     doc_ids, domains = [], []
     columns: dict[str, list[np.ndarray]] = {k: [] for k in ("token_ids", "doc_index", "domain_index", "ids", "w")}
@@ -85,9 +89,13 @@ def profile(model_dir: str | Path, data: str | Path, out: str | Path, window: in
 
     def run_batch() -> None:
         nonlocal done_tokens, last_report
-        seqs = [Sequence(str(i), ids, SamplingParams(max_tokens=1), None, slot=i) for i, (ids, _, _) in enumerate(pending)]
+        seqs = [Sequence(str(i), ids, SamplingParams(max_tokens=1), 0) for i, (ids, _, _) in enumerate(pending)]
+        for seq in seqs:
+            blocks.allocate(seq)
         with torch.no_grad():
             asyncio.run(runner.forward(0, seqs, 1))
+        for seq in seqs:
+            blocks.free(seq)
         columns["token_ids"].append(np.concatenate([np.array(ids, np.int32) for ids, _, _ in pending]))
         columns["doc_index"].append(np.concatenate([np.full(len(ids), d, np.int32) for ids, d, _ in pending]))
         columns["domain_index"].append(np.concatenate([np.full(len(ids), k, np.int16) for ids, _, k in pending]))

@@ -1,5 +1,5 @@
-"""The whole path through real processes: HTTP gateway, 2 attention nodes, 3 expert nodes over zmq,
-checked token for token (and logprob for logprob) against transformers."""
+"""The whole path through real processes: HTTP gateway, 2 attention nodes, 3 expert nodes over zmq (or none:
+colocated), checked token for token (and logprob for logprob) against transformers."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -16,10 +16,13 @@ PROMPTS = ["hello world", "def self return", "the ingestion of delas", "a", "sts
            "return the self of the def", "ing ion es", "la la la la la la la la la la la la la"]
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen3"])
+@pytest.fixture(scope="module", params=["mixtral", "qwen3", "mixtral-colocated"])
 def served(request, mixtral_dir, qwen3_dir):
-    model_dir = mixtral_dir if request.param == "mixtral" else qwen3_dir
-    cluster = Cluster(model_dir, attention_nodes=2, expert_nodes=3).wait_ready()
+    """Disaggregated (3 expert nodes) for both architectures; colocated (--expert-nodes 0: experts inside each
+    attention node, no transport) for one."""
+    model_dir = qwen3_dir if request.param == "qwen3" else mixtral_dir
+    expert_nodes = 0 if request.param.endswith("colocated") else 3
+    cluster = Cluster(model_dir, attention_nodes=2, expert_nodes=expert_nodes).wait_ready()
     yield cluster, model_dir
     cluster.stop()
 
@@ -113,8 +116,9 @@ def test_stop_strings_and_seeded_sampling(served):
         assert sampled[0] == sampled[1]
 
 
-def test_health_models_and_metrics(served):
+def test_health_models_and_metrics(served, request):
     cluster, _ = served
+    expert_nodes = 0 if request.node.callspec.params["served"].endswith("colocated") else 3
     with cluster.client() as client:
         assert client.get("/health").status_code == 200
         models = client.get("/v1/models").json()
@@ -124,7 +128,7 @@ def test_health_models_and_metrics(served):
     assert 'expertmesh_requests_total{outcome="completed"}' in metrics
     link_bytes = [float(line.split()[-1]) for line in metrics.splitlines()
                   if line.startswith("expertmesh_link_bytes_sent_total{")]
-    assert len(link_bytes) == 2 * 3 and sum(link_bytes) > 0
+    assert len(link_bytes) == 2 * expert_nodes and (expert_nodes == 0 or sum(link_bytes) > 0)
 
 
 BAD_REQUESTS = [

@@ -1,49 +1,49 @@
-"""Scheduler, sampler and microbatch split of the attention node."""
+"""Scheduler, sampler and microbatch split of the attention node (tests/unit/test_kv.py: blocks, preemption)."""
 import torch
 
-from expertmesh.attention_node.kv_cache import KVCache
 from expertmesh.attention_node.model_runner import split_microbatches
-from expertmesh.attention_node.sampler import make_generator, sample, token_logprobs
+from expertmesh.attention_node.sampler import sample_step
 from expertmesh.attention_node.scheduler import Scheduler, Sequence
-from expertmesh.model.spec import ModelSpec
+from expertmesh.kv.block_manager import BlockManager
 from expertmesh.transport.protocol import SamplingParams
 
 
 def seq(rid, prompt_len, max_tokens=4, **kw):
-    return Sequence(rid, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw), None)
+    return Sequence(rid, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw), 0)
 
 
-def make_scheduler(mixtral_dir, slots=2, budget=10, max_len=32):
-    kv = KVCache(ModelSpec.from_dir(mixtral_dir), slots, max_len, torch.float32, "cpu")
-    return Scheduler(kv, budget, eos_token_ids=(1,))
+def make_scheduler(max_num_seqs=2, budget=10, max_len=32, num_blocks=64, block_size=8):
+    return Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, budget, max_len, eos_token_ids=(1,))
 
 
-def test_admission_respects_slots_and_token_budget(mixtral_dir):
-    sched = make_scheduler(mixtral_dir)
+def test_admission_respects_max_num_seqs_and_token_budget():
+    sched = make_scheduler()
     a, b, c = seq("a", 8), seq("b", 8), seq("c", 3)
     for s in (a, b, c):
         sched.add(s)
     assert sched.schedule() == [a]  # b's 8 tokens exceed what is left of the budget of 10
-    a.num_cached, a.output_ids = 8, [5]
+    sched.advance(a, 5)
     assert sched.schedule() == [a, b]  # budget 10 - 1 decode token >= 8
-    assert sched.waiting[0] is c  # no slot left
+    assert sched.waiting[0] is c  # max_num_seqs=2 reached
     sched.release(a)
     assert sched.schedule() == [b, c]
 
 
-def test_advance_appends_the_token_and_frees_the_slot_when_done(mixtral_dir):
-    sched = make_scheduler(mixtral_dir, slots=1)
+def test_advance_appends_the_token_and_frees_the_blocks_when_done():
+    sched = make_scheduler(max_num_seqs=1, num_blocks=4, block_size=8)
     s = seq("a", 4, max_tokens=2)
     sched.add(s)
     assert sched.schedule() == [s]
+    assert (s.block_ids, sched.blocks.num_free_blocks) == ([0], 3)
     assert sched.advance(s, 7) is None
-    assert (s.num_cached, s.output_ids, sched.kv_cache.free_slots) == (4, [7], 0)
+    assert (s.num_cached, s.output_ids, s.new_token_ids(), sched.blocks.num_free_blocks) == (4, [7], [7], 3)
     assert sched.advance(s, 8) == "length"
-    assert (s.num_cached, s.output_ids, sched.kv_cache.free_slots, sched.running) == (5, [7, 8], 1, [])
+    assert (s.num_cached, s.output_ids, s.block_ids, sched.blocks.num_free_blocks, sched.running) == \
+        (5, [7, 8], [], 4, [])
 
 
-def test_finish_reasons(mixtral_dir):
-    sched = make_scheduler(mixtral_dir)
+def test_finish_reasons():
+    sched = make_scheduler()
     s = seq("a", 4, max_tokens=3)
     s.output_ids = [1]
     assert sched.finish_reason(s) == "stop"
@@ -61,18 +61,18 @@ def test_finish_reasons(mixtral_dir):
         assert "exceed the context of 32" in str(exc)
 
 
-def test_seeded_sampling_is_reproducible_and_top_p_narrows():
-    logits = torch.randn(1, 50)
-    params = SamplingParams(temperature=1.0, top_p=1.0, seed=3)
-    draws = [[sample(logits, [params], [g])[0] for _ in range(20)] for g in
-             (make_generator(params, 0), make_generator(params, 0))]
-    assert draws[0] == draws[1] and len(set(draws[0])) > 1
-    narrow = SamplingParams(temperature=1.0, top_p=1e-6, seed=3)
-    g = make_generator(narrow, 0)
-    assert {sample(logits, [narrow], [g])[0] for _ in range(20)} == {int(logits.argmax())}
-    assert sample(logits, [SamplingParams(temperature=0.0)], [None]) == [int(logits.argmax())]
-    lp, top = token_logprobs(logits[0], 4, 2)
-    assert abs(lp - torch.log_softmax(logits[0], -1)[4].item()) < 1e-6 and top[0][0] == int(logits.argmax())
+def test_a_step_samples_each_sequence_with_its_own_seed_and_reports_logprobs():
+    logits = torch.randn(3, 50)
+    seqs = [Sequence("a", [1], SamplingParams(temperature=0.0), 0),
+            Sequence("b", [1], SamplingParams(temperature=1.0, seed=7, logprobs=2), 7),
+            Sequence("c", [1], SamplingParams(temperature=1.0), 7)]
+    tokens, logprobs = sample_step(logits, seqs)
+    assert tokens[0] == int(logits[0].argmax())
+    again, _ = sample_step(logits[1:2], seqs[1:2])  # the same draw alone as in a batch
+    assert again[0] == tokens[1]
+    assert logprobs[0] is None and logprobs[2] is None
+    assert abs(logprobs[1][0] - torch.log_softmax(logits[1], -1)[tokens[1]].item()) < 1e-5
+    assert len(logprobs[1][1]) == 2
 
 
 def test_microbatch_split_balances_tokens():

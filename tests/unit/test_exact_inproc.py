@@ -1,5 +1,6 @@
-"""The disaggregated forward (attention runner + expert nodes over the inproc transport) against
-transformers, for every architecture variant; and identical tokens across microbatch counts and placements."""
+"""The disaggregated forward (attention runner + expert nodes over the inproc transport) and the colocated one
+(experts in the runner) against transformers, for every architecture variant; and identical tokens across
+microbatch counts and placements."""
 import asyncio
 
 import pytest
@@ -23,9 +24,10 @@ def model_dir(request):
     return request.getfixturevalue(request.param)
 
 
-def test_logits_and_greedy_tokens_match_transformers(model_dir):
+@pytest.mark.parametrize("expert_nodes", [3, 0], ids=["disaggregated", "colocated"])
+def test_logits_and_greedy_tokens_match_transformers(model_dir, expert_nodes):
     async def run():
-        async with InprocCluster(model_dir, num_expert_nodes=3) as cluster:
+        async with InprocCluster(model_dir, num_expert_nodes=expert_nodes) as cluster:
             return await cluster.prefill_logits(PROMPTS), await cluster.generate(PROMPTS, 16)
 
     logits, generated = asyncio.run(run())

@@ -47,12 +47,29 @@ def test_each_side_reads_only_its_tensors(mixtral_dir, monkeypatch):
     original = Checkpoint.get
     monkeypatch.setattr(Checkpoint, "get", lambda self, name, *a, **k: read.append(name) or original(self, name, *a, **k))
     experts = load_experts(mixtral_dir, spec, [(0, 3), (2, 5)], torch.float32)
-    assert set(experts) == {(0, 3), (2, 5)}
+    assert {layer: stacked.expert_ids for layer, stacked in experts.items()} == {0: [3], 2: [5]}
     assert sorted(read) == sorted(f"model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight"
                                   for l, e in [(0, 3), (2, 5)] for w in ("w1", "w2", "w3"))
     read.clear()
     load_attention_side(mixtral_dir, spec, torch.float32)
     assert read and not any(".experts." in name for name in read)
+
+
+def test_experts_are_stacked_per_layer_in_expert_order(mixtral_dir):
+    spec = ModelSpec.from_dir(mixtral_dir)
+    tensors = load_file(mixtral_dir / "model.safetensors")
+    experts = load_experts(mixtral_dir, spec, [(1, 6), (1, 2), (3, 0), (1, 2)], torch.float32)
+    assert sorted(experts) == [1, 3] and experts[1].expert_ids == [2, 6] and experts[3].expert_ids == [0]
+    stacked = experts[1]
+    assert stacked.local_index.tolist() == [-1, -1, 0, -1, -1, -1, 1, -1]
+    inter = spec.expert_intermediate_size
+    for row, e in enumerate(stacked.expert_ids):
+        p = f"model.layers.1.block_sparse_moe.experts.{e}"
+        assert torch.equal(stacked.gate_up[row, :inter], tensors[f"{p}.w1.weight"])  # gate
+        assert torch.equal(stacked.gate_up[row, inter:], tensors[f"{p}.w3.weight"])  # up
+        assert torch.equal(stacked.down[row], tensors[f"{p}.w2.weight"])
+    with pytest.raises(ValueError, match="layer 9, expert 0"):
+        load_experts(mixtral_dir, spec, [(9, 0)], torch.float32)
 
 
 def test_sharded_checkpoint_loads(mixtral_dir, tmp_path):

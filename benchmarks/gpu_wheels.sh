@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds .whl/site312.txz: the packages the GPU image lacks (pyzmq, fastapi & co, uvicorn, ucxx and its UCX/RMM
+# libraries), for its Python 3.12, trimmed of static libraries, headers and UCX's perftest (the device call
+# carries at most 64 MiB). On the device: mkdir -p /tmp/site && tar xf .whl/site312.txz -C /tmp/site.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP=${PIP:-.venv/bin/pip}
+DL=$(mktemp -d) SITE=$(mktemp -d)
+PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64
+  --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any"
+ARGS="--only-binary=:all: --python-version 3.12 --implementation cp $PLATFORMS"
+$PIP download -q --no-deps $ARGS -d "$DL" pyzmq fastapi starlette pydantic pydantic-core annotated-types \
+  typing-inspection uvicorn opentelemetry-api ucxx-cu13==0.52.* libucxx-cu13==0.52.* 'libucx-cu13<1.22' \
+  rmm-cu13==26.10.* librmm-cu13==26.10.* rapids-logger==0.3.*
+$PIP install -q --no-deps --no-compile $ARGS --target "$SITE" "$DL"/*.whl
+cd "$SITE"
+find . -name '*.a' -delete
+rm -rf libucx/bin libucx/include libucx/lib/ucx/libucx_perftest* librmm/include libucxx/include bin
+for f in $(find . -name '*.so.*'); do  # wheels hold copies where the libraries had symlinks
+  base=$(echo "$f" | sed -E 's/\.so\..*/.so/')
+  if [ -f "$base" ] && cmp -s "$base" "$f"; then ln -sf "$(basename "$base")" "$f"; fi
+done
+cd - >/dev/null
+mkdir -p .whl && tar cJf .whl/site312.txz -C "$SITE" .
+rm -rf "$DL" "$SITE"
+ls -la .whl/site312.txz

@@ -1,0 +1,80 @@
+"""Per-step tables for paged attention: where each sequence's cached tokens live and where each new token goes.
+
+Built once per step on the host (numpy), copied to the device once per table without a host wait, and shared
+by every layer; padded on request to fixed sizes so a CUDA graph captured for that size can replay them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..host_copy import to_device
+
+
+@dataclass
+class StepMetadata:
+    """A step's tokens are the concatenation of each sequence's new tokens (sequence i's are
+    query_start[i]:query_start[i + 1]); each attends to its sequence's first seq_lens[i] tokens, the new ones
+    included, whose K/V sit at block_table[i][p // block_size], offset p % block_size."""
+    block_table: torch.Tensor  # [S, width] int32: the blocks of each sequence in order; padded with block 0
+    slot_mapping: torch.Tensor  # [T] int64: block * block_size + offset where each new token's K/V is written; -1: skip
+    seq_lens: torch.Tensor  # [S] int32: tokens of each sequence in the cache after this step (cached + new)
+    query_start: torch.Tensor  # [S + 1] int32: prefix sums of the new-token counts
+    positions: torch.Tensor  # [T] int64: position of each new token in its sequence (rotary)
+    max_query_len: int  # most new tokens of one sequence (1: a pure decode step)
+    max_seq_len: int  # longest seq_len
+    num_seqs: int  # real sequences (the first num_seqs rows; the rest is padding)
+    num_tokens: int  # real tokens (the first num_tokens entries; the rest is padding)
+
+
+def build_step_metadata(seqs: list[tuple[list[int], int, int]], block_size: int, device: torch.device | str,
+                        pad_to: tuple[int, int] | None = None, block_table_width: int | None = None) -> StepMetadata:
+    """The metadata of a step over `seqs`, each given as (block_ids, num_cached, num_new): the blocks the
+    sequence owns (covering at least num_cached + num_new tokens), the tokens already in the cache, and the
+    tokens it feeds this step (positions num_cached .. num_cached + num_new - 1).
+
+    pad_to=(num_seqs, num_tokens) pads to a CUDA-graph bucket: padding sequences have seq_len 0 and no new
+    tokens (query_start repeats the last real end), padding tokens have slot -1 (not stored) and position 0.
+    block_table_width fixes the table's width (a graph needs one, e.g. blocks for the full context); default:
+    the most blocks of any sequence, at least 1."""
+    num_seqs = len(seqs)
+    num_cached = np.fromiter((c for _, c, _ in seqs), np.int64, num_seqs)
+    num_new = np.fromiter((n for _, _, n in seqs), np.int64, num_seqs)
+    num_blocks = np.fromiter((len(b) for b, _, _ in seqs), np.int64, num_seqs)
+    seq_lens = num_cached + num_new
+    num_tokens = int(num_new.sum())
+    padded_seqs, padded_tokens = pad_to if pad_to is not None else (num_seqs, num_tokens)
+    if padded_seqs < num_seqs or padded_tokens < num_tokens:
+        raise ValueError(f"pad_to={pad_to} is smaller than the step's {num_seqs} sequences and {num_tokens} tokens")
+    longest_table = int(num_blocks.max(initial=0))
+    width = max(1, longest_table) if block_table_width is None else block_table_width
+    if width < longest_table:
+        raise ValueError(f"block_table_width={width} is narrower than a sequence's {longest_table} blocks")
+    short = np.flatnonzero(num_blocks * block_size < seq_lens)
+    if short.size:
+        i = int(short[0])
+        raise ValueError(f"sequence {i}: {num_blocks[i]} blocks of {block_size} cannot hold its {seq_lens[i]} "
+                         f"tokens ({num_cached[i]} cached + {num_new[i]} new)")
+
+    # vectorised over tokens; only the block table is filled row by row (one list -> array conversion each)
+    block_table = np.zeros((padded_seqs, width), dtype=np.int32)
+    for i, (block_ids, _, _) in enumerate(seqs):
+        block_table[i, :len(block_ids)] = block_ids
+    query_start = np.full(padded_seqs + 1, num_tokens, dtype=np.int32)
+    query_start[0] = 0
+    np.cumsum(num_new, out=query_start[1:num_seqs + 1])
+    token_seq = np.repeat(np.arange(num_seqs), num_new)  # the sequence of each real token
+    new_positions = num_cached[token_seq] + np.arange(num_tokens) - query_start[token_seq]
+    positions = np.zeros(padded_tokens, dtype=np.int64)
+    positions[:num_tokens] = new_positions
+    slot_mapping = np.full(padded_tokens, -1, dtype=np.int64)
+    slot_mapping[:num_tokens] = (block_table[token_seq, new_positions // block_size].astype(np.int64) * block_size
+                                 + new_positions % block_size)
+    padded_lens = np.zeros(padded_seqs, dtype=np.int32)
+    padded_lens[:num_seqs] = seq_lens
+
+    upload = lambda array: to_device(torch.from_numpy(array), device)  # noqa: E731
+    return StepMetadata(upload(block_table), upload(slot_mapping), upload(padded_lens), upload(query_start),
+                        upload(positions), int(num_new.max(initial=0)), int(seq_lens.max(initial=0)), num_seqs,
+                        num_tokens)

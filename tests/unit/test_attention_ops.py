@@ -1,0 +1,74 @@
+"""The paged-attention reference (the CPU path and the kernels' oracle) against attention computed independently:
+contiguous keys per sequence and an explicit float64 softmax; the KV-cache write and its padding slots."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from expertmesh.ops.attention import paged_attention, paged_attention_reference, write_kv, write_kv_reference
+from tests.paged_batch import dense_attention, make_step
+
+# decode steps, a prefill from scratch, a chunked prefill over cached tokens, a padding sequence in the middle,
+# a one-token sequence and padding tokens at the end
+MIXED_Q_LENS = [1, 7, 1, 0, 19, 1, 5]
+MIXED_SEQ_LENS = [33, 7, 1, 0, 50, 64, 40]
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_reference_matches_dense_attention_on_shuffled_blocks(group, head_dim, block_size):
+    step = make_step(MIXED_Q_LENS, MIXED_SEQ_LENS, num_q_heads=2 * group, num_kv_heads=2, head_dim=head_dim,
+                     block_size=block_size, padding_tokens=3, seed=group + head_dim + block_size)
+    write_kv(step.new_k, step.new_v, step.k_cache, step.v_cache, step.slot_mapping)
+    out = paged_attention_reference(*step.attention_args())
+    assert out.dtype == step.q.dtype and out.shape == step.q.shape
+    torch.testing.assert_close(out.double(), dense_attention(step), atol=2e-6, rtol=0)
+    assert out[-3:].eq(0).all()  # padding tokens' rows
+
+
+def test_reference_of_a_pure_decode_step_with_padding_sequences():
+    step = make_step([1, 1, 0, 1, 0, 0], [70, 1, 0, 16, 0, 0], num_q_heads=8, num_kv_heads=2, head_dim=64,
+                     block_size=16, padding_tokens=3, seed=5)
+    step.write_new_kv()
+    out = paged_attention(*step.attention_args())  # CPU tensors: the reference
+    torch.testing.assert_close(out.double(), dense_attention(step), atol=2e-6, rtol=0)
+
+
+def test_write_kv_stores_each_token_at_its_slot_and_skips_padding():
+    num_blocks, block_size, heads, dim = 4, 8, 2, 16
+    k_cache = torch.full((num_blocks, block_size, heads, dim), -7.0)
+    v_cache = torch.full_like(k_cache, -7.0)
+    k, v = torch.randn(5, heads, dim), torch.randn(5, heads, dim)
+    slots = torch.tensor([9, -1, 0, 31, -1])  # -1 would be the last slot if taken as an index
+    write_kv_reference(k, v, k_cache, v_cache, slots)
+    for token, slot in [(0, 9), (2, 0), (3, 31)]:
+        assert torch.equal(k_cache[slot // block_size, slot % block_size], k[token])
+        assert torch.equal(v_cache[slot // block_size, slot % block_size], v[token])
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
+    untouched[[9, 0, 31]] = False
+    assert k_cache.view(-1, heads, dim)[untouched].eq(-7.0).all()
+    assert v_cache.view(-1, heads, dim)[untouched].eq(-7.0).all()
+
+
+def test_reference_is_bitwise_the_contiguous_cache_attention_of_model_layers():
+    """What model/layers.py computed on its [slots, max_len] cache before the paged cache, in bf16: the same SDPA
+    calls on the same values, so exactness against transformers carries over."""
+    step = make_step([1, 6, 1], [20, 6, 45], num_q_heads=8, num_kv_heads=2, head_dim=128, block_size=16,
+                     dtype=torch.bfloat16, seed=11)  # scale head_dim ** -0.5, SDPA's default 1 / sqrt(head_dim)
+    step.write_new_kv()
+    out = paged_attention_reference(*step.attention_args())
+    starts = step.query_start.tolist()
+    for s, context in enumerate(step.seq_lens.tolist()):
+        start, end = starts[s], starts[s + 1]
+        new = end - start
+        k_seq, v_seq = step.keys[s].transpose(0, 1), step.values[s].transpose(0, 1)
+        mask = None if new == 1 else torch.ones(new, context, dtype=torch.bool).tril(diagonal=context - new)
+        expected = F.scaled_dot_product_attention(step.q[start:end].transpose(0, 1), k_seq, v_seq, attn_mask=mask,
+                                                  enable_gqa=True).transpose(0, 1)
+        assert torch.equal(out[start:end], expected)
+
+
+def test_an_unknown_backend_is_refused():
+    step = make_step([1], [3], num_q_heads=2, num_kv_heads=1, head_dim=16, block_size=8)
+    with pytest.raises(ValueError, match="cuda-graph"):
+        paged_attention(*step.attention_args(), backend="cuda-graph")
