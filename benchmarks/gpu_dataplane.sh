@@ -8,6 +8,6 @@ mkdir -p /tmp/site "$OUT" && tar xf .whl/site312.txz -C /tmp/site
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -x ${TESTS:-tests/gpu} 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
+timeout ${TESTS_S:-240} python3 -m pytest -q -rf -p no:cacheprovider --timeout 120 ${TESTS:-tests/gpu} 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
 timeout ${BENCH_S:-300} python3 -m expertmesh bench layer ${BENCH_ARGS:-} --json "$OUT/bench_layer.json" 2>&1 \
   | tee "$OUT/bench_layer.log" | tail -45

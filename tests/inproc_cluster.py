@@ -25,8 +25,10 @@ _names = itertools.count()
 class InprocCluster:
     def __init__(self, model_dir, num_expert_nodes: int = 2, placement: Placement | None = None,
                  max_len: int = 256, max_num_seqs: int = 8, microbatches: int = 1, block_size: int = 16,
-                 num_blocks: int | None = None) -> None:
-        """num_blocks: KV-cache blocks; default enough for max_num_seqs sequences of max_len tokens."""
+                 num_blocks: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 cuda_graphs: bool = False) -> None:
+        """num_blocks: KV-cache blocks; default enough for max_num_seqs sequences of max_len tokens. On CUDA, every
+        node on the one device, with CUDA graphs on both kinds of node if cuda_graphs."""
         self.model_dir = model_dir
         self.spec = ModelSpec.from_dir(model_dir)
         self.colocated = num_expert_nodes == 0 and placement is None  # every expert in the runner, no transport
@@ -35,6 +37,7 @@ class InprocCluster:
         self.max_len, self.max_num_seqs, self.microbatches = max_len, max_num_seqs, microbatches
         self.block_size = block_size
         self.num_blocks = num_blocks or max_num_seqs * -(-max_len // block_size)
+        self.device, self.dtype, self.cuda_graphs = device, dtype, cuda_graphs
 
     async def __aenter__(self) -> "InprocCluster":
         transport = InprocTransport()
@@ -42,21 +45,27 @@ class InprocCluster:
         self.listeners, self.tasks = [], []
         for node in range(self.num_expert_nodes):
             listener = await transport.listen(f"{prefix}/expert{node}")
-            experts = load_experts(self.model_dir, self.spec, self.placement.pairs_on(node), torch.float32)
+            experts = load_experts(self.model_dir, self.spec, self.placement.pairs_on(node), self.dtype, self.device)
             self.listeners.append(listener)
-            self.tasks.append(asyncio.create_task(ExpertNode(node, experts, self.spec.num_experts, listener).serve()))
+            expert_node = ExpertNode(node, experts, self.spec.num_experts, listener)
+            if self.cuda_graphs:
+                expert_node.capture_graphs(self.spec.top_k, self.max_num_seqs)
+            self.tasks.append(asyncio.create_task(expert_node.serve()))
         self.m2n, local_experts = None, None
         if self.colocated:
             local_experts = load_experts(self.model_dir, self.spec, [(layer, e) for layer in self.spec.moe_layer_ids
-                                                                     for e in range(self.spec.num_experts)], torch.float32)
+                                                                     for e in range(self.spec.num_experts)],
+                                         self.dtype, self.device)
         else:
             conns = [await transport.connect(f"{prefix}/expert{n}") for n in range(self.num_expert_nodes)]
-            self.m2n = M2NClient(conns, self.placement, 0, recv_timeout_s=10.0)
+            self.m2n = M2NClient(conns, self.placement, 0, recv_timeout_s=10.0, device=self.device)
             await self.m2n.handshake(self.spec.num_layers, self.spec.num_experts, 10.0)
-        weights = load_attention_side(self.model_dir, self.spec, torch.float32)
-        self.kv = PagedKVCache(self.spec, self.num_blocks, self.block_size, torch.float32, "cpu")
-        self.runner = ModelRunner(self.spec, weights, self.kv, self.m2n, "cpu", local_experts,
+        weights = load_attention_side(self.model_dir, self.spec, self.dtype, self.device)
+        self.kv = PagedKVCache(self.spec, self.num_blocks, self.block_size, self.dtype, self.device)
+        self.runner = ModelRunner(self.spec, weights, self.kv, self.m2n, self.device, local_experts,
                                   context_len=self.max_len)
+        if self.cuda_graphs:
+            self.runner.capture_graphs(self.max_num_seqs, self.microbatches)
         self.scheduler = Scheduler(BlockManager(self.num_blocks, self.block_size), self.max_num_seqs, 4096,
                                    self.max_len, self.spec.eos_token_ids)
         return self

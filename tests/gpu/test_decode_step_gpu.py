@@ -1,0 +1,121 @@
+"""Whole decode steps on the GPU: exact against transformers in float32 (colocated and disaggregated, CUDA graphs
+on), no host sync inside a decode step, graphs replaying what the eager path computes, and bf16 kernels agreeing
+with the torch reference ops under teacher forcing."""
+import asyncio
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+from expertmesh.attention_node.scheduler import Sequence
+from expertmesh.transport.protocol import SamplingParams
+from tests.inproc_cluster import InprocCluster
+
+pytestmark = pytest.mark.gpu
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [100, 200, 300], [42] * 12, [7], list(range(3, 40)), [9, 9]]
+
+
+def reference_tokens(model_dir, prompts, new_tokens):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        return [model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                               max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+                for p in prompts]
+
+
+@pytest.mark.parametrize("expert_nodes", [0, 2], ids=["colocated", "disaggregated"])
+@pytest.mark.parametrize("arch", ["mixtral_dir", "qwen3_dir"])
+def test_float32_greedy_tokens_match_transformers_with_cuda_graphs(request, arch, expert_nodes):
+    model_dir = request.getfixturevalue(arch)
+
+    async def run():
+        async with InprocCluster(model_dir, num_expert_nodes=expert_nodes, device="cuda", cuda_graphs=True) as c:
+            assert c.runner.graphs is not None
+            return await c.generate(PROMPTS, 16)
+
+    assert asyncio.run(run()) == reference_tokens(model_dir, PROMPTS, 16)
+
+
+async def _decode_logits(cluster, prompts, steps, check_syncs):
+    """Greedy steps over prompts; the logits of every decode step (all sequences decoding)."""
+    sched, runner = cluster.scheduler, cluster.runner
+    seqs = [Sequence(f"s{i}", p, SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True), 0)
+            for i, p in enumerate(prompts)]
+    for s in seqs:
+        sched.add(s)
+    collected = []
+    for step in range(steps + 1):
+        batch = sched.schedule()
+        decode = all(s.num_tokens - s.num_cached == 1 for s in batch)
+        if check_syncs and decode:
+            torch.cuda.set_sync_debug_mode("error")  # any host wait inside the step raises
+        try:
+            logits = await runner.forward(step, batch, cluster.microbatches)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        if decode:
+            collected.append(logits.float().cpu())
+        for seq, token in zip(batch, logits.argmax(-1).tolist()):
+            sched.advance(seq, token)
+    return collected
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_colocated_decode_steps_never_wait_on_the_device_and_graphs_equal_eager(mixtral_dir, microbatches):
+    async def run(graphs):
+        async with InprocCluster(mixtral_dir, num_expert_nodes=0, device="cuda", cuda_graphs=graphs,
+                                 microbatches=microbatches) as cluster:
+            return await _decode_logits(cluster, PROMPTS, 8, check_syncs=True)
+
+    graphed, eager = asyncio.run(run(True)), asyncio.run(run(False))
+    assert len(graphed) == len(eager) == 8
+    for g, e in zip(graphed, eager):
+        assert torch.equal(g.argmax(-1), e.argmax(-1))
+        assert (g - e).abs().max().item() < 1e-3
+
+
+def test_bf16_kernels_agree_with_the_reference_ops_under_teacher_forcing(monkeypatch):
+    """The shipped model in bf16, 16 prompts x 64 forced tokens: next-token argmax of the Triton path against
+    the plain-torch ops on the same GPU (the issue's bar: >= 99%)."""
+    from expertmesh.gateway.text import TextCodec
+    import expertmesh.attention_node.model_runner as model_runner
+    import expertmesh.model.layers as layers
+    from expertmesh.ops import attention as attention_ops
+    from expertmesh.ops import fused_moe as moe_ops
+    model_dir = Path(__file__).resolve().parents[2] / "models" / "expertmesh-mini"
+    codec = TextCodec(model_dir)
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    ids = codec.encode(text)
+    prompts = [ids[i * 100:i * 100 + 8] for i in range(16)]
+    forced = [ids[i * 100 + 8:i * 100 + 72] for i in range(16)]
+
+    async def argmaxes():
+        async with InprocCluster(model_dir, num_expert_nodes=0, device="cuda", dtype=torch.bfloat16,
+                                 max_num_seqs=16) as cluster:
+            sched, runner = cluster.scheduler, cluster.runner
+            seqs = [Sequence(f"t{i}", p, SamplingParams(max_tokens=65, temperature=0.0, ignore_eos=True), 0)
+                    for i, p in enumerate(prompts)]
+            for s in seqs:
+                sched.add(s)
+            out = []
+            for step in range(64):
+                batch = sched.schedule()
+                logits = await runner.forward(step, batch, 1)
+                out.append(logits.argmax(-1).cpu())
+                for i, seq in enumerate(batch):
+                    sched.advance(seq, forced[int(seq.request_id[1:])][step])  # teacher forcing
+            return torch.stack(out)
+
+    kernels = asyncio.run(argmaxes())
+    monkeypatch.setattr(layers, "paged_attention", functools.partial(attention_ops.paged_attention,
+                                                                     backend="reference"))
+    monkeypatch.setattr(layers, "write_kv", functools.partial(attention_ops.write_kv, backend="reference"))
+    monkeypatch.setattr(model_runner, "fused_moe", functools.partial(moe_ops.fused_moe, backend="reference"))
+    reference = asyncio.run(argmaxes())
+    agreement = (kernels == reference).float().mean().item()
+    print(f"bf16 next-token argmax agreement, kernels vs reference ops: {agreement:.4f}")
+    assert agreement >= 0.99
