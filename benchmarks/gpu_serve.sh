@@ -18,12 +18,12 @@ for shape in $SHAPES; do
           --intermediate-size 768 --dense-intermediate-size 6144 --num-experts 128 --top-k 8 --vocab-size 151936"
   fi
   python3 -m expertmesh make-model --out /tmp/$shape --dtype bfloat16 $ARGS --max-position-embeddings 1024 >/dev/null
-  for mode in ${MODES:-"0 1"}; do
+  for mode in ${MODES:-0 1}; do
     timeout ${SWEEP_S:-200} python3 benchmarks/microbatch_sweep.py --model /tmp/$shape --device cuda --transport ucx \
       --dtype bfloat16 --expert-nodes $mode --microbatches ${MICROBATCHES:-1 2} --num-requests 128 --concurrency 64 \
       --max-num-seqs 64 --input-len 64 128 --output-len 64 128 --json "$OUT/serve_${shape}_e$mode.json" 2>&1 \
       | grep -E "^m=|Error|error|Traceback" | sed "s/^/$shape expert-nodes=$mode /" | head -20
   done
-  [ -n "${HF:-1}" ] && timeout 120 python3 benchmarks/hf_generate.py --model /tmp/$shape --json "$OUT/hf_$shape.json" 2>&1 | tail -2
+  [ -n "${HF-1}" ] && timeout 120 python3 benchmarks/hf_generate.py --model /tmp/$shape --json "$OUT/hf_$shape.json" 2>&1 | tail -2
 done
 echo quit | nvidia-cuda-mps-control

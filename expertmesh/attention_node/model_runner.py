@@ -21,6 +21,7 @@ from ..model.weights import AttentionSideWeights
 from ..ops.fused_moe import StackedExperts, fused_moe
 from ..telemetry import PhaseClock
 from .cuda_graphs import DecodeGraphs
+from ..transport.protocol import SamplingParams
 from .scheduler import Sequence
 
 
@@ -77,15 +78,39 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self, max_num_seqs, microbatches)
         self.graphs.capture(progress)
 
+    async def warm_up(self, max_batch_tokens: int) -> None:
+        """Eager forwards of one sequence of 2, 4, 8, ... tokens, before serving: Triton compiles each kernel variant
+        on its first use (a second or more each, cached on disk after), which would otherwise land on the first
+        requests. Writes only to cache blocks no sequence owns yet."""
+        block_size = self.kv_cache.block_size
+        limit = min(max_batch_tokens, self.context_len, self.kv_cache.num_blocks * block_size)
+        tokens = 2
+        while tokens <= limit:
+            seq = Sequence("warm-up", [0] * tokens, SamplingParams(max_tokens=1), 0,
+                           block_ids=list(range(-(-tokens // block_size))))
+            await self.forward(-tokens, [seq], 1)
+            tokens *= 2
+
     async def forward(self, step: int, seqs: list[Sequence], microbatches: int) -> torch.Tensor:
         """Logits of each sequence's last new token, [len(seqs), vocab], in seqs order."""
-        groups = split_microbatches(seqs, microbatches)
+        prefilling = [s for s in seqs if s.num_tokens - s.num_cached != 1]
+        if self.graphs is not None and 0 < len(prefilling) < len(seqs):
+            # a mixed step: the decodes replay their graphs, the prefills run eagerly as one more microbatch
+            decoding = [s for s in seqs if s.num_tokens - s.num_cached == 1]
+            groups = split_microbatches(decoding, microbatches) + [prefilling]
+        else:
+            groups = split_microbatches(seqs, microbatches)
         try:
             async with asyncio.TaskGroup() as tasks:  # one failing microbatch cancels the others
                 running = [tasks.create_task(self._forward(step, mb, group)) for mb, group in enumerate(groups)]
         except ExceptionGroup as group_error:
             raise group_error.exceptions[0] from None
-        return torch.cat([task.result() for task in running])
+        logits = torch.cat([task.result() for task in running])
+        order = [s for group in groups for s in group]
+        if order != seqs:  # back to the caller's order
+            row_of = {id(s): row for row, s in enumerate(order)}
+            logits = logits[to_device([row_of[id(s)] for s in seqs], logits.device)]
+        return logits
 
     def step_inputs(self, seqs: list[Sequence], pad_to: int | None = None,
                     table_width: int | None = None) -> tuple[torch.Tensor, StepMetadata, torch.Tensor]:

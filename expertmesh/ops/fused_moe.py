@@ -2,8 +2,9 @@
 that this node holds of weight * down(silu(gate(x)) * up(x)); pairs it does not hold contribute nothing.
 
 Three backends behind one signature: a plain-torch reference (the CPU path and the oracle), torch._grouped_mm
-over the pairs sorted by expert, and two Triton kernels over an expert-sorted block layout. The GPU backends
-neither loop over experts in Python nor wait on the device, so a CUDA graph can capture them."""
+over the pairs sorted by expert, and four Triton launches (an expert-sorted block layout, gate_up, down, the
+sum over each token's k). The GPU backends neither loop over experts in Python nor wait on the device, so a CUDA
+graph can capture them."""
 from __future__ import annotations
 
 import functools
@@ -172,11 +173,13 @@ def _fused_moe_grouped_mm(x: torch.Tensor, expert_ids: torch.Tensor, expert_weig
 
 
 # --------------------------------------------------------------------------------------------------- Triton
+# Four launches, none of which waits on the device: expert_blocks lays the pairs out expert by expert, gate_up
+# and down stream each busy expert's weights once per block of its rows, sum_over_k adds each token's rows.
 
 
 @dataclass(frozen=True)
 class MatmulTile:
-    """Tiles of one of the two Triton launches (N: its output columns; K: its reduction)."""
+    """Tiles of one of the two matmul launches (N: its output columns; K: its reduction)."""
     block_n: int
     block_k: int
     num_warps: int = 4
@@ -191,18 +194,22 @@ class TritonMoeConfig:
     down: MatmulTile
 
 
-_PROGRAMS_WANTED = 1024  # ~8 per SM of the H200's 132: enough programs in flight to keep HBM streaming
+_PROGRAMS_WANTED = 256  # about two per SM of the H200's 132: one streams weights while another drains
 _SHARED_BYTES = 200 * 1024  # of sm90's 227 KiB per block: pipeline stages must fit
+_PAIRS_PER_STEP = 4096  # pairs the layout kernel holds at once: every decode batch in one step
 
 
 @functools.cache  # pure, and asked once per layer and step
 def choose_config(tokens: int, top_k: int, num_experts: int, hidden: int, inter: int,
                   dtype: torch.dtype = torch.bfloat16) -> TritonMoeConfig:
-    """Tiles chosen from the sizes alone (autotuning would benchmark at CUDA-graph capture time).
+    """Tiles chosen from the sizes alone (autotuning would benchmark at CUDA-graph capture time);
+    benchmarks/moe_sweep.py measures the alternatives.
 
-    At decode an expert gets a few rows and the launch is bound by streaming its weights: block_m covers an
-    expert's expected rows with headroom for routing imbalance (an expert that overflows one block has its
-    weights read once per block), block_n is as wide as still gives enough programs to fill the GPU."""
+    Both launches are bound by streaming the busy experts' weights, once per block of an expert's rows: block_m
+    covers an expert's expected rows with headroom for routing imbalance (an expert that overflows one block has
+    its weights read twice). The N tiles are as wide as still leaves about two programs per SM, but no narrower
+    than block_m: every N tile reads its block's activations (block_m rows of K) again from L2, and narrow tiles
+    over 128 rows read more activations than weights (Mixtral at 256 tokens ran at 2x the floor so)."""
     pairs = tokens * top_k
     per_expert = -(-pairs // max(num_experts, 1))
     block_m = next((m for m in (16, 32, 64) if 3 * per_expert <= 2 * m), 128)
@@ -214,26 +221,46 @@ def choose_config(tokens: int, top_k: int, num_experts: int, hidden: int, inter:
 
 
 def _choose_tile(blocks: int, n: int, block_m: int, weight_tiles: int, element: int) -> MatmulTile:
-    block_k = 128 if block_m <= 32 else 64  # long K strips when few rows share each weight tile
-    widest = 64 if block_m >= 128 and weight_tiles == 2 else 128  # two fp32 accumulators must fit in registers
-    block_n = next((b for b in (128, 64, 32) if b <= widest and blocks * -(-n // b) >= _PROGRAMS_WANTED), 32)
-    num_stages = 4 if block_m <= 32 else 3
+    """weight_tiles: weight rows per output column (gate_up reads a gate and an up row for each)."""
+    widest_rows = 128 if block_m <= 32 else 256  # weight rows per program
+    narrowest = max(32, block_m // weight_tiles)
+    widths = [b for b in (256, 128, 64, 32)
+              if narrowest <= b and weight_tiles * b <= widest_rows and (b < 2 * n or b == narrowest)]
+    block_n = next((b for b in widths if blocks * -(-n // b) >= _PROGRAMS_WANTED), widths[-1])
+    block_k = 128 if block_m <= 64 else 64  # long K strips when few rows share each weight tile
+    num_stages = 4
+    # two fp32 accumulators of 128 x 128 take 128 registers a thread over 8 warps, 256 over 4
+    num_warps = 8 if block_m * weight_tiles * block_n >= 16384 else 4
 
     def shared(stages: int, k: int) -> int:
         return stages * (block_m + weight_tiles * block_n) * k * element
 
-    while num_stages > 2 and shared(num_stages, block_k) > _SHARED_BYTES:
-        num_stages -= 1
-    while block_k > 32 and shared(num_stages, block_k) > _SHARED_BYTES:
-        block_k //= 2
-    return MatmulTile(block_n, block_k, num_warps=8 if block_m >= 128 else 4, num_stages=num_stages)
+    while shared(num_stages, block_k) > _SHARED_BYTES:
+        if num_stages > 3:
+            num_stages -= 1
+        elif block_k > 64:
+            block_k //= 2
+        elif num_stages > 2:
+            num_stages -= 1
+        else:
+            block_k //= 2
+    return MatmulTile(block_n, block_k, num_warps, num_stages)
 
 
-def _expert_blocks(rows_of_pairs: torch.Tensor, num_local: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pairs laid out expert by expert, each expert's run padded to a multiple of block_m, computed on the
-    device into buffers sized by the host-known bound sum_e ceil(n_e / block_m) * block_m
-    <= pairs + min(pairs, experts) * (block_m - 1). Returns (sorted_pairs [blocks * block_m] int32: a pair id,
-    or the pair count in padding; block_expert [blocks] int32: the stack row of each block, -1 past the last)."""
+def _block_capacity(num_pairs: int, num_local: int, block_m: int) -> int:
+    """Rows of the block layout, host-known: sum_e ceil(n_e / block_m) * block_m, bounded by
+    num_pairs + min(num_pairs, experts) * (block_m - 1), rounded up to whole blocks."""
+    return block_m * -(-(num_pairs + min(num_pairs, num_local) * (block_m - 1)) // block_m)
+
+
+def expert_blocks_reference(expert_ids: torch.Tensor, local_index: torch.Tensor, num_local: int,
+                            block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs laid out expert by expert in stack order, each expert's run padded to a multiple of block_m, in
+    buffers of _block_capacity rows. Returns (sorted_pairs [capacity] int32: pair ids (token * k + slot),
+    increasing within an expert, the pair count in padding and past the last expert; block_expert
+    [capacity / block_m] int32: the stack row of each block, -1 past the last). Plain torch (an argsort and a
+    dozen small kernels): the oracle of expert_blocks."""
+    rows_of_pairs = _local_rows(expert_ids, local_index)
     num_pairs = rows_of_pairs.numel()
     device = rows_of_pairs.device
     key, order, counts = _sort_pairs(rows_of_pairs, num_local)
@@ -243,7 +270,7 @@ def _expert_blocks(rows_of_pairs: torch.Tensor, num_local: int, block_m: int) ->
     sorted_key = key[order]
     expert = sorted_key.clamp(max=num_local - 1)
     position = padded_end[expert] - padded[expert] + torch.arange(num_pairs, device=device) - first[expert]
-    capacity = block_m * -(-(num_pairs + min(num_pairs, num_local) * (block_m - 1)) // block_m)
+    capacity = _block_capacity(num_pairs, num_local, block_m)
     position = torch.where(sorted_key < num_local, position, capacity)  # skipped pairs land past the end
     sorted_pairs = torch.full((capacity + 1,), num_pairs, dtype=torch.int32, device=device)
     sorted_pairs.scatter_(0, position, order.to(torch.int32))
@@ -253,10 +280,36 @@ def _expert_blocks(rows_of_pairs: torch.Tensor, num_local: int, block_m: int) ->
     return sorted_pairs[:capacity], block_expert
 
 
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def expert_blocks(expert_ids: torch.Tensor, local_index: torch.Tensor, num_local: int,
+                  block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """expert_blocks_reference's layout in one Triton launch: a program per held expert, and one for the tail."""
+    num_pairs = expert_ids.numel()
+    capacity = _block_capacity(num_pairs, num_local, block_m)
+    device = expert_ids.device
+    sorted_pairs = torch.empty(capacity, dtype=torch.int32, device=device)
+    block_expert = torch.empty(capacity // block_m, dtype=torch.int32, device=device)
+    if capacity == 0:
+        return sorted_pairs, block_expert
+    expert_ids = expert_ids if expert_ids.is_contiguous() else expert_ids.contiguous()
+    # at least one element per thread of 4 warps: the histogram's lowering is simplest without replicas
+    chunk = min(max(_next_power_of_2(num_pairs), 128), _PAIRS_PER_STEP)
+    _triton_kernels().expert_blocks[(num_local + 1,)](
+        expert_ids, local_index, sorted_pairs, block_expert, num_pairs, local_index.shape[0], num_local,
+        capacity, capacity // block_m,
+        BLOCK_M=block_m, CHUNK=chunk, NUM_BINS=max(32, _next_power_of_2(num_local)), num_warps=4)
+    return sorted_pairs, block_expert
+
+
 def _fused_moe_triton(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
                       experts: StackedExperts, config: TritonMoeConfig | None) -> torch.Tensor:
-    """gate_up launch (SiLU(gate) * up in its epilogue) into a [blocks * block_m, inter] intermediate, down
-    launch (routing weight applied) into one row per pair, then the sum over each token's k pairs."""
+    """The block layout; gate_up (SiLU(gate) * up in its epilogue) into a [blocks * block_m, inter]
+    intermediate; down (routing weight applied) into one row per pair in x.dtype; each token's k rows added in
+    float32. Neither the intermediate nor the pair rows are cleared: padding rows are never read, and the rows of
+    skipped pairs are never added."""
     kernels = _triton_kernels()
     tokens, top_k = expert_ids.shape
     num_pairs, num_local = tokens * top_k, len(experts.expert_ids)
@@ -264,11 +317,11 @@ def _fused_moe_triton(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights:
     if experts.gate_up.stride(2) != 1 or experts.down.stride(2) != 1:
         raise ValueError("the expert stacks' rows must be contiguous")
     config = config or choose_config(tokens, top_k, num_local, hidden, inter, x.dtype)
-    sorted_pairs, block_expert = _expert_blocks(_local_rows(expert_ids, experts.local_index), num_local,
-                                                config.block_m)
+    expert_ids = expert_ids if expert_ids.is_contiguous() else expert_ids.contiguous()
+    expert_weights = expert_weights if expert_weights.is_contiguous() else expert_weights.contiguous()
+    sorted_pairs, block_expert = expert_blocks(expert_ids, experts.local_index, num_local, config.block_m)
     blocks = block_expert.shape[0]
     x = x if x.stride(1) == 1 else x.contiguous()
-    routing = expert_weights.reshape(-1).to(torch.float32)
     # Triton's interpreter (CPU tensors) computes bf16 tl.dot wrongly (triton 3.6): it multiplies in float32
     # there, which gives the products a GPU's bf16 MMA accumulates in float32 anyway.
     dot_fp32 = not x.is_cuda
@@ -281,21 +334,28 @@ def _fused_moe_triton(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights:
         HIDDEN=hidden, INTER=inter, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         EVEN_K=hidden % tile.block_k == 0, DOT_FP32=dot_fp32, PRECISION=precision,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
-    out_pairs = torch.zeros(num_pairs, hidden, dtype=x.dtype, device=x.device)  # skipped pairs stay 0
+    pair_rows = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     tile = config.down
     kernels.down[(blocks, -(-hidden // tile.block_n))](
-        act, experts.down, out_pairs, sorted_pairs, block_expert, routing, num_pairs,
-        act.stride(0), experts.down.stride(0), experts.down.stride(1), out_pairs.stride(0),
+        act, experts.down, pair_rows, sorted_pairs, block_expert, expert_weights, num_pairs,
+        act.stride(0), experts.down.stride(0), experts.down.stride(1), pair_rows.stride(0),
         HIDDEN=hidden, INTER=inter, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         EVEN_K=inter % tile.block_k == 0, DOT_FP32=dot_fp32, PRECISION=precision,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
-    return out_pairs.view(tokens, top_k, hidden).sum(dim=1)
+    out = torch.empty_like(x)
+    block_h = min(1024, _next_power_of_2(hidden))
+    kernels.sum_over_k[(tokens, -(-hidden // block_h))](
+        pair_rows, expert_ids, experts.local_index, out, experts.local_index.shape[0],
+        pair_rows.stride(0), out.stride(0), HIDDEN=hidden, TOP_K=top_k, BLOCK_H=block_h, num_warps=4)
+    return out
 
 
 @dataclass(frozen=True)
 class _Kernels:
+    expert_blocks: object
     gate_up: object
     down: object
+    sum_over_k: object
 
 
 @functools.cache
@@ -304,6 +364,57 @@ def _triton_kernels() -> _Kernels:
     CPU install), and triton.jit reads TRITON_INTERPRET when it decorates, after the test setup has set it."""
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def expert_blocks_kernel(expert_ids_ptr, local_index_ptr, sorted_pairs_ptr, block_expert_ptr, num_pairs,
+                             num_experts, num_local, capacity, num_blocks,
+                             BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, NUM_BINS: tl.constexpr):
+        # Every program counts all the pairs (a few thousand at decode: cheaper than a second launch or a
+        # grid-wide wait), then program e < num_local places expert e's pairs, its padding and its blocks, and
+        # program num_local marks everything past the last expert. The writes are disjoint: no atomics, and
+        # pairs keep their order within an expert, so the layout is deterministic.
+        program = tl.program_id(0)
+        bins = tl.arange(0, NUM_BINS)
+        counts = tl.zeros((NUM_BINS,), dtype=tl.int32)
+        for start in range(0, num_pairs, CHUNK):
+            pairs = start + tl.arange(0, CHUNK)
+            ids = tl.load(expert_ids_ptr + pairs, mask=pairs < num_pairs, other=-1)
+            known = (ids >= 0) & (ids < num_experts)  # out-of-range ids are skipped, as by _local_rows
+            rows = tl.load(local_index_ptr + tl.where(known, ids, 0), mask=known, other=-1).to(tl.int32)
+            counts += tl.histogram(tl.where(rows >= 0, rows, 0), NUM_BINS, mask=rows >= 0)
+        padded = tl.where(bins < num_local, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+        ends = tl.cumsum(padded, 0)
+        if program < num_local:
+            count = tl.sum(tl.where(bins == program, counts, 0), 0)
+            end = tl.sum(tl.where(bins == program, ends, 0), 0)
+            first = end - (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+            placed = program * 0
+            for start in range(0, num_pairs, CHUNK):
+                pairs = start + tl.arange(0, CHUNK)
+                ids = tl.load(expert_ids_ptr + pairs, mask=pairs < num_pairs, other=-1)
+                known = (ids >= 0) & (ids < num_experts)
+                rows = tl.load(local_index_ptr + tl.where(known, ids, 0), mask=known, other=-1).to(tl.int32)
+                mine = (rows == program).to(tl.int32)
+                rank = tl.cumsum(mine, 0)  # 1 for the chunk's first pair of this expert
+                tl.store(sorted_pairs_ptr + first + placed + rank - 1, pairs, mask=mine != 0)
+                placed += tl.sum(mine, 0)
+            pad = tl.arange(0, BLOCK_M)
+            tl.store(sorted_pairs_ptr + first + count + pad, tl.full((BLOCK_M,), 0, tl.int32) + num_pairs,
+                     mask=pad < end - first - count)
+            for start in range(0, num_blocks, CHUNK):
+                blocks = first // BLOCK_M + start + tl.arange(0, CHUNK)
+                tl.store(block_expert_ptr + blocks, tl.full((CHUNK,), 0, tl.int32) + program,
+                         mask=blocks < end // BLOCK_M)
+        else:
+            total = tl.sum(padded, 0)
+            for start in range(0, capacity, CHUNK):
+                rows_past = start + tl.arange(0, CHUNK)
+                tl.store(sorted_pairs_ptr + rows_past, tl.full((CHUNK,), 0, tl.int32) + num_pairs,
+                         mask=(rows_past >= total) & (rows_past < capacity))
+            for start in range(0, num_blocks, CHUNK):
+                blocks = start + tl.arange(0, CHUNK)
+                tl.store(block_expert_ptr + blocks, tl.full((CHUNK,), -1, tl.int32),
+                         mask=(blocks >= total // BLOCK_M) & (blocks < num_blocks))
 
     @triton.jit
     def gate_up_kernel(x_ptr, w_ptr, act_ptr, sorted_pairs_ptr, block_expert_ptr, num_pairs, top_k,
@@ -318,7 +429,7 @@ def _triton_kernels() -> _Kernels:
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         pairs = tl.load(sorted_pairs_ptr + offs_m)
         row_ok = pairs < num_pairs
-        # padding rows read token 0 (always there) instead of being masked; their results are never stored
+        # padding rows are masked (a mask constant along K keeps the loads vectorised): no memory traffic for them
         tokens = tl.where(row_ok, pairs // top_k, 0).to(tl.int64)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = offs_n % INTER  # columns past the end read real rows; never stored
@@ -329,13 +440,13 @@ def _triton_kernels() -> _Kernels:
         acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, tl.cdiv(HIDDEN, BLOCK_K)):
-            if EVEN_K:  # no masks: the weight loads vectorise
-                a = tl.load(x_ptrs)
+            if EVEN_K:  # no masks along K: the weight loads vectorise
+                a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
                 gate = tl.load(gate_ptrs)
                 up = tl.load(up_ptrs)
             else:
                 k_ok = offs_k < HIDDEN - k * BLOCK_K
-                a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+                a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 gate = tl.load(gate_ptrs, mask=k_ok[:, None], other=0.0)
                 up = tl.load(up_ptrs, mask=k_ok[:, None], other=0.0)
             if DOT_FP32:
@@ -385,9 +496,29 @@ def _triton_kernels() -> _Kernels:
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
             act_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        routing = tl.load(routing_ptr + pairs, mask=row_ok, other=0.0)
+        routing = tl.load(routing_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)
         acc = acc * routing[:, None]
         out_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_out + offs_n[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < HIDDEN))
 
-    return _Kernels(gate_up=gate_up_kernel, down=down_kernel)
+    @triton.jit
+    def sum_over_k_kernel(pair_rows_ptr, expert_ids_ptr, local_index_ptr, out_ptr, num_experts,
+                          stride_pair, stride_out,
+                          HIDDEN: tl.constexpr, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+        # a pair's row was written iff expert_blocks placed the pair: the same test, so skipped pairs add nothing
+        token = tl.program_id(0)
+        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        h_ok = offs_h < HIDDEN
+        acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for slot in tl.static_range(TOP_K):
+            pair = token * TOP_K + slot
+            expert = tl.load(expert_ids_ptr + pair)
+            known = (expert >= 0) & (expert < num_experts)
+            row = tl.load(local_index_ptr + tl.where(known, expert, 0))
+            held = known & (row >= 0)
+            y = tl.load(pair_rows_ptr + pair.to(tl.int64) * stride_pair + offs_h, mask=h_ok & held, other=0.0)
+            acc += y.to(tl.float32)
+        tl.store(out_ptr + token.to(tl.int64) * stride_out + offs_h, acc.to(out_ptr.dtype.element_ty), mask=h_ok)
+
+    return _Kernels(expert_blocks=expert_blocks_kernel, gate_up=gate_up_kernel, down=down_kernel,
+                    sum_over_k=sum_over_k_kernel)

@@ -1,12 +1,13 @@
-"""The Triton fused-MoE kernels in Triton's interpreter (CPU tensors) against the torch reference, at small
-shapes: one block or several per expert, one K step or several, sizes that need masks, skipped pairs."""
+"""The Triton fused-MoE kernels in Triton's interpreter (CPU tensors) against the torch references, at small
+shapes: the block layout bit for bit; the whole op with one block or several per expert, one K step or several,
+sizes that need masks, skipped pairs, the wide tiles chosen for many rows, ids and weights of other dtypes."""
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from expertmesh.ops.fused_moe import (MatmulTile, TritonMoeConfig, fused_moe, fused_moe_reference,  # noqa: E402
-                                      stack_experts)
+from expertmesh.ops.fused_moe import (MatmulTile, TritonMoeConfig, expert_blocks,  # noqa: E402
+                                      expert_blocks_reference, fused_moe, fused_moe_reference, stack_experts)
 from tests.fused_moe_cases import random_experts, random_routing, rel_err  # noqa: E402
 
 # The interpreter rounds fp32 -> bf16 towards zero (a GPU rounds to nearest), and the kernels keep gate, up and
@@ -58,3 +59,56 @@ def test_sizes_that_need_masks(dtype):
     """hidden 33 and inter 45: partial K steps and partial N tiles in both launches."""
     check(7, 8, [1, 4, 5], 2, 33, 45, dtype, skip_every=4, config=SMALL_TILES)
     check(7, 8, [1, 4, 5], 2, 33, 45, dtype)
+
+
+# block_m 128 with the wide, many-warp tiles choose_config picks for ~64 rows per expert (Mixtral at 256 tokens)
+WIDE_TILES = TritonMoeConfig(128, gate_up=MatmulTile(128, 64, 8, 4), down=MatmulTile(256, 64, 8, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_wide_tiles(dtype):
+    check(70, 4, range(4), 2, 64, 96, dtype, skip_every=5, config=WIDE_TILES)
+
+
+def test_int64_ids_bf16_weights_and_strided_inputs():
+    """Routing as other callers may hand it: int64 ids, bf16 weights, both views with a stride, x a column slice."""
+    raw, stacked = random_experts(8, range(8), 64, 96, torch.float32)
+    x = torch.randn(11, 2 * 64, generator=torch.Generator().manual_seed(2))[:, :64]
+    ids, weights = random_routing(11, 8, 2, skip_every=3)
+    wide_ids = torch.stack([ids.long(), ids.long()], dim=2)[:, :, 0]  # int64, not contiguous
+    wide_weights = torch.stack([weights, weights], dim=2)[:, :, 0].to(torch.bfloat16)
+    got = fused_moe(x, wide_ids, wide_weights, stacked, backend="triton")
+    expected = fused_moe_reference(x.contiguous(), ids, wide_weights.float(), stacked)
+    assert rel_err(got, expected) <= 1e-5
+
+
+# (tokens, num_experts, held, top_k, block_m, skip_every)
+LAYOUT_CASES = [
+    (1, 8, [3], 2, 16, 0),  # one pair held
+    (33, 4, range(4), 2, 16, 0),  # experts overflow into second blocks
+    (9, 128, range(0, 128, 2), 8, 32, 7),  # half the experts held, some pairs skipped
+    (5, 160, range(130), 8, 16, 0),  # more held experts than 128 (a 256-bin count)
+    (700, 16, range(16), 8, 64, 9),  # 5600 pairs: more than one step of the kernel's loops
+    (3, 8, [0, 1, 2, 3], 4, 128, 0),  # block_m larger than all the pairs
+]
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=lambda c: f"T{c[0]}-E{c[1]}-k{c[3]}-bm{c[4]}")
+def test_expert_blocks_match_reference_bit_for_bit(case):
+    tokens, num_experts, held, top_k, block_m, skip = case
+    _, stacked = random_experts(num_experts, list(held), 16, 16, torch.float32)
+    ids, _ = random_routing(tokens, num_experts, top_k, skip)
+    num_local = len(stacked.expert_ids)
+    expected = expert_blocks_reference(ids, stacked.local_index, num_local, block_m)
+    for routing in (ids, ids.long()):
+        got = expert_blocks(routing, stacked.local_index, num_local, block_m)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_expert_blocks_skip_ids_out_of_range():
+    _, stacked = random_experts(8, [2, 5], 16, 16, torch.float32)
+    ids = torch.tensor([[2, 5], [-1, 3], [8, 200], [-5, 2], [5, 5]], dtype=torch.int32)
+    expected = expert_blocks_reference(ids, stacked.local_index, 2, 16)
+    got = expert_blocks(ids, stacked.local_index, 2, 16)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert got[0][:16].tolist()[:2] == [0, 7] and got[0][16:18].tolist() == [1, 8]  # pairs of expert 2, then 5

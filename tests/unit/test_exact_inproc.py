@@ -28,6 +28,7 @@ def model_dir(request):
 def test_logits_and_greedy_tokens_match_transformers(model_dir, expert_nodes):
     async def run():
         async with InprocCluster(model_dir, num_expert_nodes=expert_nodes) as cluster:
+            await cluster.runner.warm_up(64)  # writes to blocks no sequence owns: nothing below may change
             return await cluster.prefill_logits(PROMPTS), await cluster.generate(PROMPTS, 16)
 
     logits, generated = asyncio.run(run())
@@ -95,3 +96,34 @@ def test_default_model_served_disaggregated_writes_python_and_french():
     python, french = codec.decode(generated[0]), codec.decode(generated[1])
     assert "(" in python and ":" in python, python
     assert sum(w in french for w in (" le ", " de ", " la ", " les ", " des ", " est ", " et ", " du ")) >= 2, french
+
+
+def test_mixed_steps_split_into_decode_and_prefill_microbatches_keep_every_token(mixtral_dir):
+    """With graphs on, a step that mixes decodes and prefills runs them as separate microbatches and puts the
+    logits back in the scheduler's order; here the graphs are a stand-in that always declines (CPU), so both
+    groups run eagerly, and requests arriving one step apart must get the tokens they get alone."""
+    from expertmesh.attention_node.scheduler import Sequence
+    from expertmesh.transport.protocol import SamplingParams
+
+    class DecliningGraphs:
+        def ready_for(self, microbatch, seqs):
+            return None
+
+    async def staggered(split):
+        async with InprocCluster(mixtral_dir, num_expert_nodes=0) as cluster:
+            if split:
+                cluster.runner.graphs = DecliningGraphs()
+            seqs = [Sequence(f"s{i}", p, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), 0)
+                    for i, p in enumerate(PROMPTS)]
+            step, pending = 0, list(seqs)
+            while pending or cluster.scheduler.running or cluster.scheduler.waiting:
+                if pending:
+                    cluster.scheduler.add(pending.pop(0))  # one arrival per step: mixed steps
+                batch = cluster.scheduler.schedule()[::-1]  # newest first: the split must reorder the logits
+                step += 1
+                logits = await cluster.runner.forward(step, batch, 2)
+                for seq, token in zip(batch, logits.argmax(-1).tolist()):
+                    cluster.scheduler.advance(seq, token)
+            return [s.output_ids for s in seqs]
+
+    assert asyncio.run(staggered(True)) == asyncio.run(staggered(False))

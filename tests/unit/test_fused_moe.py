@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from expertmesh.ops.fused_moe import (StackedExperts, _expert_blocks, _local_rows, choose_config, fused_moe,
-                                      fused_moe_reference)
+from expertmesh.ops.fused_moe import (StackedExperts, _local_rows, choose_config, expert_blocks_reference,
+                                      fused_moe, fused_moe_reference)
 from tests.fused_moe_cases import random_experts, random_routing, rel_err
 
 
@@ -107,16 +107,17 @@ def test_unknown_backend_and_unaligned_stacks_are_named():
 @pytest.mark.parametrize("tokens, num_experts, held, top_k, block_m", [
     (33, 4, range(4), 2, 16), (5, 8, [1, 2, 6], 2, 16), (9, 128, range(0, 128, 2), 8, 32), (1, 8, [3], 2, 64)])
 def test_expert_blocks_cover_every_held_pair_once(tokens, num_experts, held, top_k, block_m):
-    """The layout the Triton kernels read: each held pair once, in a block of its own expert; padding marked
-    with the pair count; blocks past the last expert marked -1; the buffers no bigger than the host bound."""
+    """The layout the Triton kernels read: each held pair once, in a block of its own expert, in increasing pair
+    order; padding and everything past the last expert marked with the pair count; blocks past the last expert
+    marked -1; the buffers no bigger than the host bound."""
     _, stacked = random_experts(num_experts, list(held), 16, 16, torch.float32)
     ids, _ = random_routing(tokens, num_experts, top_k, skip_every=7)
-    rows_of_pairs = _local_rows(ids, stacked.local_index)
-    num_pairs, num_local = rows_of_pairs.numel(), len(stacked.expert_ids)
-    sorted_pairs, block_expert = _expert_blocks(rows_of_pairs, num_local, block_m)
+    num_pairs, num_local = ids.numel(), len(stacked.expert_ids)
+    sorted_pairs, block_expert = expert_blocks_reference(ids, stacked.local_index, num_local, block_m)
+    assert sorted_pairs.dtype == block_expert.dtype == torch.int32
     assert sorted_pairs.numel() == block_expert.numel() * block_m
     assert block_expert.numel() == -(-(num_pairs + min(num_pairs, num_local) * (block_m - 1)) // block_m)
-    flat_rows = rows_of_pairs.reshape(-1)
+    flat_rows = _local_rows(ids, stacked.local_index).reshape(-1)
     seen = []
     for block, expert in enumerate(block_expert.tolist()):
         pairs = sorted_pairs[block * block_m:(block + 1) * block_m].tolist()
@@ -127,7 +128,8 @@ def test_expert_blocks_cover_every_held_pair_once(tokens, num_experts, held, top
         assert real and all(flat_rows[p] == expert for p in real)
         assert pairs[:len(real)] == real  # padding only at the end of an expert's last block
         seen += real
-    assert sorted(seen) == [p for p in range(num_pairs) if flat_rows[p] >= 0]
+    held_pairs = [p for p in range(num_pairs) if flat_rows[p] >= 0]
+    assert seen == sorted(held_pairs, key=lambda p: (int(flat_rows[p]), p))
     busy = block_expert[block_expert >= 0]
     assert torch.equal(busy, busy.sort().values)  # experts in stack order: the busy blocks come first
     assert (block_expert[len(busy):] < 0).all()
@@ -135,11 +137,26 @@ def test_expert_blocks_cover_every_held_pair_once(tokens, num_experts, held, top
 
 @pytest.mark.parametrize("num_experts, top_k, hidden, inter", [(8, 2, 4096, 14336), (128, 8, 2048, 768)])
 @pytest.mark.parametrize("tokens", [1, 16, 64, 256, 4096])
-def test_config_chooser_fits_sm90(tokens, num_experts, top_k, hidden, inter):
-    config = choose_config(tokens, top_k, num_experts, hidden, inter, torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_config_chooser_fits_sm90(tokens, num_experts, top_k, hidden, inter, dtype):
+    config = choose_config(tokens, top_k, num_experts, hidden, inter, dtype)
     per_expert = tokens * top_k / num_experts
     assert config.block_m in (16, 32, 64, 128) and (config.block_m >= per_expert or config.block_m == 128)
+    element = torch.empty((), dtype=dtype).element_size()
     for tile, weight_tiles in ((config.gate_up, 2), (config.down, 1)):
-        assert tile.block_n in (32, 64, 128) and tile.block_k in (32, 64, 128) and tile.num_warps in (4, 8)
-        shared_bytes = tile.num_stages * (config.block_m + weight_tiles * tile.block_n) * tile.block_k * 2
+        assert tile.block_n in (32, 64, 128, 256) and tile.block_k in (32, 64, 128) and tile.num_warps in (4, 8)
+        assert tile.num_stages >= 2
+        shared_bytes = tile.num_stages * (config.block_m + weight_tiles * tile.block_n) * tile.block_k * element
         assert shared_bytes <= 227 * 1024
+        # fp32 accumulators: at most 128 registers a thread
+        assert config.block_m * weight_tiles * tile.block_n <= 128 * 32 * tile.num_warps
+        # each N tile reads its block's activations again: never more of them than of weights
+        assert config.block_m <= weight_tiles * tile.block_n
+
+
+def test_config_for_mixtral_at_256_tokens_reads_few_activations():
+    """64 rows per expert: one block of 128 per expert (no second pass over an expert's weights), and tiles wide
+    enough that re-reading the block's rows for every N tile costs at most half the weight traffic."""
+    config = choose_config(256, 2, 8, 4096, 14336)
+    assert config.block_m == 128
+    assert config.gate_up.block_n >= 128 and config.down.block_n >= 128
