@@ -15,10 +15,12 @@ import torch
 from ..host_copy import to_device
 from ..kv.cache import PagedKVCache
 from ..kv.metadata import StepMetadata
-from ..model.layers import RotaryTable, attention, rms_norm, route, swiglu
+from ..model.layers import RotaryTable, attention, swiglu
 from ..model.spec import ModelSpec
 from ..model.weights import AttentionSideWeights
 from ..ops.fused_moe import StackedExperts, fused_moe
+from ..ops.norm import add_rms_norm, rms_norm
+from ..ops.router import route
 from ..telemetry import PhaseClock
 from .cuda_graphs import DecodeGraphs
 from ..transport.protocol import SamplingParams
@@ -129,27 +131,30 @@ class ModelRunner:
 
     def segment(self, j: int, h: torch.Tensor, moe_out: torch.Tensor | None, meta: StepMetadata,
                 last_token: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Segment j: for j = 0, h holds token ids to embed; for j > 0, h + moe_out finishes MoE layer
-        moe_points[j - 1]. Returns (h, x, expert_ids, expert_weights) at the next MoE point, or (logits,)."""
-        spec, w = self.spec, self.weights
-        h = w.embed_tokens[h] if j == 0 else h + moe_out
+        """Segment j: for j = 0, h holds token ids to embed; for j > 0, moe_out is MoE layer moe_points[j - 1]'s
+        output, still to be added to h. Returns (h, x, expert_ids, expert_weights) at the next MoE point, or
+        (logits,). Each sublayer's output joins the residual stream inside the next norm (add_rms_norm)."""
+        spec, w, eps = self.spec, self.weights, self.spec.rms_norm_eps
+        h, out = (w.embed_tokens[h], None) if j == 0 else (h, moe_out)
         first = 0 if j == 0 else self.moe_points[j - 1] + 1
         last = self.moe_points[j] if j < len(self.moe_points) else spec.num_layers - 1
         for i in range(first, last + 1):
             layer = w.layers[i]
-            x = rms_norm(h, layer.input_norm, spec.rms_norm_eps)
-            h = h + attention(layer, x, meta, self.rotary, self.kv_cache.k[i], self.kv_cache.v[i], spec.num_heads,
-                              spec.num_kv_heads, spec.head_dim, spec.rms_norm_eps)
-            x = rms_norm(h, layer.post_attention_norm, spec.rms_norm_eps)
+            x, h = (rms_norm(h, layer.input_norm, eps), h) if out is None else add_rms_norm(out, h, layer.input_norm, eps)
+            out = attention(layer, x, meta, self.rotary, self.kv_cache.k[i], self.kv_cache.v[i], spec.num_heads,
+                            spec.num_kv_heads, spec.head_dim, eps)
+            x, h = add_rms_norm(out, h, layer.post_attention_norm, eps)
             if layer.router is None:
-                h = h + swiglu(x, *layer.dense_mlp)
+                out = swiglu(x, *layer.dense_mlp)
                 continue
             expert_ids, expert_weights = route(x, layer.router, spec.top_k, spec.norm_topk_prob)
             if self.local_experts is not None:
-                h = h + fused_moe(x, expert_ids, expert_weights, self.local_experts[i])
+                out = fused_moe(x, expert_ids, expert_weights, self.local_experts[i])
                 continue
             return h, x, expert_ids, expert_weights
-        return (rms_norm(h[last_token], w.final_norm, spec.rms_norm_eps) @ w.lm_head.T,)
+        # out is set: a segment ends after at least one layer, or (the last after a MoE point) starts with its output
+        x, _ = add_rms_norm(out[last_token], h[last_token], w.final_norm, eps)
+        return (x @ w.lm_head.T,)
 
     async def _forward(self, step: int, microbatch: int, seqs: list[Sequence]) -> torch.Tensor:
         clock = self.clock

@@ -31,6 +31,9 @@ class Sequence:
 
     def new_token_ids(self) -> list[int]:
         """Tokens this sequence feeds to the next step: what is not cached yet."""
+        prompt_len = len(self.prompt_ids)
+        if self.num_cached >= prompt_len:  # decoding: no copy of the prompt at every step
+            return self.output_ids[self.num_cached - prompt_len:]
         return (self.prompt_ids + self.output_ids)[self.num_cached:]
 
 

@@ -18,7 +18,9 @@ import torch
 
 from ..cuda_graph import capture
 from ..kv.metadata import build_step_metadata
-from ..model.layers import RotaryTable, attention, rms_norm, route
+from ..model.layers import RotaryTable, attention
+from ..ops.norm import add_rms_norm, rms_norm
+from ..ops.router import route
 from ..model.weights import LayerWeights
 from ..ops.fused_moe import StackedExperts, fused_moe
 
@@ -142,8 +144,9 @@ def bench_attention(shape: LayerShape, tokens: int, context: int, device: str, d
 
     def part(w, k_cache, v_cache, meta, h):
         x = rms_norm(h, w.input_norm, 1e-6)
-        h2 = h + attention(w, x, meta, rotary, k_cache, v_cache, s.heads, s.kv_heads, s.head_dim, 1e-6)
-        return route(rms_norm(h2, w.post_attention_norm, 1e-6), w.router, s.top_k, True)
+        x, _ = add_rms_norm(attention(w, x, meta, rotary, k_cache, v_cache, s.heads, s.kv_heads, s.head_dim, 1e-6), h,
+                            w.post_attention_norm, 1e-6)
+        return route(x, w.router, s.top_k, True)
 
     seconds = time_graphed([lambda args=args: part(*args) for args in sets], device, reps)
     floor = max(n_bytes / bw, flops / peak)

@@ -8,14 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from ..kv.metadata import StepMetadata
-from ..ops.attention import paged_attention, write_kv
+from ..ops.attention import paged_attention
+from ..ops.norm import rms_norm  # noqa: F401  (the layers' norm, re-exported)
+from ..ops.rotary import apply_rotary_reference, rotate_and_write_kv
+from ..ops.router import route  # noqa: F401  (re-exported)
 from .weights import LayerWeights
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
 
 
 class RotaryTable:
@@ -30,35 +27,18 @@ class RotaryTable:
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [tokens, heads, head_dim]; positions: [tokens]."""
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        return apply_rotary_reference(x, self.cos, self.sin, positions)
 
 
 def attention(w: LayerWeights, x: torch.Tensor, meta: StepMetadata, rotary: RotaryTable, k_cache: torch.Tensor,
               v_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, eps: float) -> torch.Tensor:
     """Self-attention of x ([tokens, hidden]) over the paged KV cache ([blocks, block_size, kv_heads, head_dim]):
-    the step's K/V are written to their slots, then every sequence attends causally to its whole context."""
-    tokens = x.shape[0]
-    q, k, v = (x @ w.qkv_proj.T).split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
-    q, k, v = q.view(tokens, num_heads, head_dim), k.view(tokens, num_kv_heads, head_dim), v.view(tokens, num_kv_heads, head_dim)
-    if w.q_norm is not None:
-        q, k = rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps)
-    q, k = rotary.apply(q, meta.positions), rotary.apply(k, meta.positions)
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    q/k norms, rotary and the KV write in one op, then every sequence attends causally to its whole context."""
+    q = rotate_and_write_kv(x @ w.qkv_proj.T, meta.positions, rotary.cos, rotary.sin, k_cache, v_cache,
+                            meta.slot_mapping, num_heads, num_kv_heads, w.q_norm, w.k_norm, eps)
     out = paged_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens, meta.query_start, meta.max_query_len,
                           head_dim ** -0.5)
-    return out.reshape(tokens, num_heads * head_dim) @ w.o_proj.T
-
-
-def route(x: torch.Tensor, router: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k experts of each token: (expert ids [tokens, k] int32, weights [tokens, k] float32)."""
-    probs = torch.softmax((x @ router.T).float(), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return ids.to(torch.int32), weights
+    return out.reshape(x.shape[0], num_heads * head_dim) @ w.o_proj.T
 
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

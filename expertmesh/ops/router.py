@@ -8,8 +8,8 @@ ROUTE_BACKENDS = ("auto", "reference", "fused")
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int, norm_topk_prob: bool, *,
           backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k experts of each token of x [tokens, hidden] under router [experts, hidden]: (expert ids [tokens, k]
-    int32, weights [tokens, k] float32), most probable first. "auto": the fused ops on CUDA, the reference (bitwise
-    what transformers computes) elsewhere."""
+    int32, weights [tokens, k] float32), most probable first. "auto": the fused ops on CUDA, the reference elsewhere
+    (the ops the exactness tests against transformers hold to)."""
     if backend not in ROUTE_BACKENDS:
         raise ValueError(f"backend of route must be one of {ROUTE_BACKENDS}, not {backend!r}")
     if backend == "reference" or (backend == "auto" and x.device.type != "cuda"):
@@ -31,8 +31,8 @@ def route_fused(x: torch.Tensor, router: torch.Tensor, top_k: int,
     """Softmax is monotonic, so the top k of the logits are the top k of the probabilities; renormalised over the k,
     p_i / sum_k p_j = exp(l_i - m) / sum_k exp(l_j - m), the softmax of the k logits alone. softmax(dtype=float32)
     reads the low-precision logits and computes in float32 in one kernel, as .float() then softmax does in two.
-    5 kernels on CUDA: matmul, topk (select, then sort), softmax, int32 cast; the reference: 8 (6 without
-    renormalising). Equal logits give equal probabilities, so both pick the same experts up to the order of ties."""
+    On CUDA: matmul, topk (a select, and a sort of the k), softmax, int32 cast; the reference adds a float cast, and
+    a sum and a division when renormalising. Equal logits give equal probabilities, so both pick the same experts up to the order of ties."""
     logits = x @ router.T
     if norm_topk_prob:
         top_logits, ids = torch.topk(logits, top_k, dim=-1)

@@ -111,10 +111,16 @@ def test_bf16_kernels_agree_with_the_reference_ops_under_teacher_forcing(monkeyp
             return torch.stack(out)
 
     kernels = asyncio.run(argmaxes())
-    monkeypatch.setattr(layers, "paged_attention", functools.partial(attention_ops.paged_attention,
-                                                                     backend="reference"))
-    monkeypatch.setattr(layers, "write_kv", functools.partial(attention_ops.write_kv, backend="reference"))
-    monkeypatch.setattr(model_runner, "fused_moe", functools.partial(moe_ops.fused_moe, backend="reference"))
+    from expertmesh.ops import norm as norm_ops
+    from expertmesh.ops import rotary as rotary_ops
+    from expertmesh.ops import router as router_ops
+    for module, name, op in [(layers, "paged_attention", attention_ops.paged_attention),
+                             (layers, "rotate_and_write_kv", rotary_ops.rotate_and_write_kv),
+                             (model_runner, "fused_moe", moe_ops.fused_moe),
+                             (model_runner, "rms_norm", norm_ops.rms_norm),
+                             (model_runner, "add_rms_norm", norm_ops.add_rms_norm),
+                             (model_runner, "route", router_ops.route)]:
+        monkeypatch.setattr(module, name, functools.partial(op, backend="reference"))
     reference = asyncio.run(argmaxes())
     agreement = (kernels == reference).float().mean().item()
     print(f"bf16 next-token argmax agreement, kernels vs reference ops: {agreement:.4f}")
