@@ -49,9 +49,9 @@ def time_calls(fn, reps: int = 30) -> float:
 
 
 def fits(block_m: int, tile: MatmulTile, weight_tiles: int) -> bool:
-    """Shared memory (num_stages buffers with wgmma, one fewer with mma.sync) and fp32 accumulators (at most 128
-    registers a thread)."""
-    shared = tile.num_stages * (block_m + weight_tiles * tile.block_n) * tile.block_k * ELEMENT
+    """Shared memory (num_stages buffers with wgmma, 64 rows or more; one fewer with mma.sync) and fp32
+    accumulators (at most 128 registers a thread)."""
+    shared = (tile.num_stages - (block_m < 64)) * (block_m + weight_tiles * tile.block_n) * tile.block_k * ELEMENT
     return shared <= SHARED_BYTES and block_m * weight_tiles * tile.block_n <= 128 * 32 * tile.num_warps
 
 

@@ -195,7 +195,8 @@ class TritonMoeConfig:
 
 
 _PROGRAMS_WANTED = 256  # about two per SM of the H200's 132: one streams weights while another drains
-_SHARED_BYTES = 200 * 1024  # of sm90's 227 KiB per block: pipeline stages must fit
+_SHARED_BYTES = 200 * 1024  # of sm90's 227 KiB per block: for the one block an SM holds with 64 rows or more
+_SHARED_BYTES_TWO_PER_SM = 112 * 1024  # below 64 rows: two blocks per SM, one ramping up while the other streams
 _PAIRS_PER_STEP = 4096  # pairs the layout kernel holds at once: every decode batch in one step
 
 
@@ -209,7 +210,8 @@ def choose_config(tokens: int, top_k: int, num_experts: int, hidden: int, inter:
     covers an expert's expected rows with headroom for routing imbalance (an expert that overflows one block has
     its weights read twice). The N tiles are as wide as still leaves about two programs per SM, but no narrower
     than block_m: every N tile reads its block's activations (block_m rows of K) again from L2, and narrow tiles
-    over 128 rows read more activations than weights (Mixtral at 256 tokens ran at 2x the floor so)."""
+    over 128 rows read more activations than weights (Mixtral at 256 tokens ran at 2x the floor with 32-wide
+    down tiles)."""
     pairs = tokens * top_k
     per_expert = -(-pairs // max(num_experts, 1))
     block_m = next((m for m in (16, 32, 64) if 3 * per_expert <= 2 * m), 128)
@@ -224,18 +226,21 @@ def _choose_tile(blocks: int, n: int, block_m: int, weight_tiles: int, element: 
     """weight_tiles: weight rows per output column (gate_up reads a gate and an up row for each)."""
     widest_rows = 128 if block_m <= 32 else 256  # weight rows per program
     narrowest = max(32, block_m // weight_tiles)
-    widths = [b for b in (256, 128, 64, 32)
+    widths = [b for b in (256, 128, 64, 32)  # and none twice as wide as the matrix (small test models)
               if narrowest <= b and weight_tiles * b <= widest_rows and (b < 2 * n or b == narrowest)]
     block_n = next((b for b in widths if blocks * -(-n // b) >= _PROGRAMS_WANTED), widths[-1])
     block_k = 128 if block_m <= 64 else 64  # long K strips when few rows share each weight tile
     num_stages = 4
     # two fp32 accumulators of 128 x 128 take 128 registers a thread over 8 warps, 256 over 4
     num_warps = 8 if block_m * weight_tiles * block_n >= 16384 else 4
+    # Triton's wgmma path (64 rows a warp group) keeps num_stages buffers in shared memory, mma.sync one fewer
+    mma_sync = block_m < 64
+    limit = _SHARED_BYTES_TWO_PER_SM if mma_sync else _SHARED_BYTES
 
     def shared(stages: int, k: int) -> int:
-        return stages * (block_m + weight_tiles * block_n) * k * element
+        return (stages - mma_sync) * (block_m + weight_tiles * block_n) * k * element
 
-    while shared(num_stages, block_k) > _SHARED_BYTES:
+    while shared(num_stages, block_k) > limit:
         if num_stages > 3:
             num_stages -= 1
         elif block_k > 64:
@@ -372,7 +377,8 @@ def _triton_kernels() -> _Kernels:
         # Every program counts all the pairs (a few thousand at decode: cheaper than a second launch or a
         # grid-wide wait), then program e < num_local places expert e's pairs, its padding and its blocks, and
         # program num_local marks everything past the last expert. The writes are disjoint: no atomics, and
-        # pairs keep their order within an expert, so the layout is deterministic.
+        # pairs keep their order within an expert, so the layout is deterministic. The second pass reads the ids
+        # again (from L1).
         program = tl.program_id(0)
         bins = tl.arange(0, NUM_BINS)
         counts = tl.zeros((NUM_BINS,), dtype=tl.int32)
@@ -383,10 +389,9 @@ def _triton_kernels() -> _Kernels:
             rows = tl.load(local_index_ptr + tl.where(known, ids, 0), mask=known, other=-1).to(tl.int32)
             counts += tl.histogram(tl.where(rows >= 0, rows, 0), NUM_BINS, mask=rows >= 0)
         padded = tl.where(bins < num_local, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
-        ends = tl.cumsum(padded, 0)
         if program < num_local:
             count = tl.sum(tl.where(bins == program, counts, 0), 0)
-            end = tl.sum(tl.where(bins == program, ends, 0), 0)
+            end = tl.sum(tl.where(bins <= program, padded, 0), 0)  # the experts before, and this one
             first = end - (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M
             placed = program * 0
             for start in range(0, num_pairs, CHUNK):
