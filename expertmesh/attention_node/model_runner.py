@@ -96,8 +96,10 @@ class ModelRunner:
     async def forward(self, step: int, seqs: list[Sequence], microbatches: int) -> torch.Tensor:
         """Logits of each sequence's last new token, [len(seqs), vocab], in seqs order."""
         prefilling = [s for s in seqs if s.num_tokens - s.num_cached != 1]
-        if self.graphs is not None and 0 < len(prefilling) < len(seqs):
-            # a mixed step: the decodes replay their graphs, the prefills run eagerly as one more microbatch
+        if self.graphs is not None and self.local_experts is not None and 0 < len(prefilling) < len(seqs):
+            # a mixed step, colocated: the decodes replay their graphs, the prefills run eagerly as one more
+            # microbatch. Not when disaggregated: each microbatch's M2N dispatch waits on the device, so a second one
+            # per layer costs more than the graphs save (measured on one H200, RESULTS.md)
             decoding = [s for s in seqs if s.num_tokens - s.num_cached == 1]
             groups = split_microbatches(decoding, microbatches) + [prefilling]
         else:
