@@ -11,3 +11,6 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 timeout ${TESTS_S:-240} python3 -m pytest -q -rf -p no:cacheprovider --timeout 120 ${TESTS:-tests/gpu} 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
 timeout ${BENCH_S:-300} python3 -m expertmesh bench layer ${BENCH_ARGS:-} --json "$OUT/bench_layer.json" 2>&1 \
   | tee "$OUT/bench_layer.log" | tail -45
+# optional: the fused-MoE tile sweep (MOE_SWEEP=1), inside this script's environment
+[ -n "${MOE_SWEEP:-}" ] && timeout 200 python3 benchmarks/moe_sweep.py --budget-s 170 --json "$OUT/moe_sweep.json" 2>&1 | tail -25
+exit 0
