@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import time
 
 import torch
 
+from expertmesh.bench.layer import time_fn
 from expertmesh.cuda_graph import capture
 from expertmesh.ops.fused_moe import MatmulTile, StackedExperts, TritonMoeConfig, choose_config, fused_moe
 
@@ -29,23 +29,8 @@ ELEMENT = 2  # bf16
 def copy_bandwidth() -> float:
     src = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda")  # 1 GiB
     dst = torch.empty_like(src)
-    seconds = time_calls(lambda: dst.copy_(src), reps=20)
+    seconds = time_fn(lambda: dst.copy_(src), "cuda", reps=20)
     return 2 * src.numel() * ELEMENT / seconds
-
-
-def time_calls(fn, reps: int = 30) -> float:
-    """Median seconds of one call, each timed with its own events after three warm-up calls."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def fits(block_m: int, tile: MatmulTile, weight_tiles: int) -> bool:
@@ -131,7 +116,7 @@ def main() -> int:
                     except Exception as error:  # noqa: BLE001 - a variant that does not compile is reported, not fatal
                         print(f"    {describe(config)}: failed ({type(error).__name__}: {str(error)[:80]})")
                         return None
-                    us = time_calls(graph.replay) * 1e6
+                    us = time_fn(graph.replay, "cuda", reps=30) * 1e6
                     print(f"    {describe(config):<62} {us:8.1f} us {us / floor_us:5.2f}x", flush=True)
                     return us
 
