@@ -20,7 +20,7 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--placement", help="placement JSON (default: contiguous blocks of experts)")
     p.add_argument("--topology", help="cluster description: domains of the nodes, link costs (see `place`)")
     p.add_argument("--predictor", help="domain predictor (.npz from `place`): rebatch requests by predicted domain")
-    p.add_argument("--transport", choices=["auto", "ucx", "zmq"],
+    p.add_argument("--transport", choices=["auto", "ucx", "zmq", "nccl", "gloo"],
                    help="data path between attention and expert nodes (default auto: ucx where ucxx imports)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="cuda: each node on its own GPU")
     p.add_argument("--microbatches", type=int, help="ping-pong microbatches per step")

@@ -14,6 +14,7 @@ import torch
 if TYPE_CHECKING:
     from .model.spec import ModelSpec
 
+LOCKSTEP_BACKENDS = ("nccl", "gloo")  # transport backends that run the lockstep M2N (m2n/)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -44,7 +45,10 @@ class ModelConfig:
 
 @dataclass
 class TransportConfig:
-    backend: str = "auto"  # data path between attention and expert nodes: ucx, zmq, or auto (ucx if ucxx imports)
+    # Data path between attention and expert nodes. Messages (the host on the data's path): ucx, zmq, or auto
+    # (ucx if ucxx imports). Lockstep rounds over torch.distributed, no host on the data's path (m2n/): nccl
+    # (GPUs, each node on its own GPU) or gloo (CPU).
+    backend: str = "auto"
     connect_timeout_s: float = 60.0  # an expert node must answer the handshake within this
     recv_timeout_s: float = 30.0  # an expert node must answer a dispatch within this
     # Who progresses UCX (ucx only): "thread" (a progress thread; idle processes sleep) or "polling" (the event
@@ -93,6 +97,7 @@ class ClusterConfig:
     attention_addresses: list[str] = field(default_factory=list)  # control address of each attention node
     expert_addresses: list[str] = field(default_factory=list)  # data address of each expert node
     expert_control_addresses: list[str] = field(default_factory=list)  # status/trace address of each expert node
+    dist_address: str | None = None  # torch.distributed rendezvous (tcp://host:port) of the nccl/gloo backends
     # With model.device == "cuda": the GPU of each node; default attention node i -> GPU i,
     # expert node j -> GPU attention_nodes + j (modulo the GPUs there are).
     attention_gpus: list[int] = field(default_factory=list)
@@ -118,8 +123,12 @@ class Config:
         return f"cuda:{(offset + index) % max(1, torch.cuda.device_count())}"
 
     def validate(self) -> "Config":
-        if self.transport.backend not in ("auto", "ucx", "zmq", "inproc"):
-            raise ConfigError(f"transport.backend={self.transport.backend!r}; choose auto, ucx or zmq")
+        backend = self.transport.backend
+        if backend not in ("auto", "ucx", "zmq", "inproc") + LOCKSTEP_BACKENDS:
+            raise ConfigError(f"transport.backend={backend!r}; choose auto, ucx, zmq, nccl or gloo")
+        if backend in LOCKSTEP_BACKENDS and self.model.device != ("cuda" if backend == "nccl" else "cpu"):
+            raise ConfigError(f"transport.backend={backend} links {'GPUs' if backend == 'nccl' else 'CPU processes'}"
+                              f", not model.device={self.model.device}: use {'gloo' if backend == 'nccl' else 'nccl'}")
         if self.model.device not in ("cpu", "cuda"):
             raise ConfigError(f"model.device={self.model.device!r}; choose cpu or cuda")
         if self.model.dtype not in _DTYPES:

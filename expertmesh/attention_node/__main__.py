@@ -5,10 +5,12 @@ import logging
 
 import torch
 
-from ..config import Config
+from ..config import LOCKSTEP_BACKENDS, Config
 from ..kv.block_manager import BlockManager
 from ..kv.cache import PagedKVCache, num_blocks_for
 from ..model.spec import ModelSpec
+from ..m2n.dist import close_links, join_cluster
+from ..m2n.lockstep import LockstepClient
 from ..model.weights import load_attention_side, load_experts
 from ..placement.plan import load_cluster_placement, load_cluster_topology
 from ..process import run_node
@@ -55,10 +57,14 @@ async def main(config: Config, index: int) -> None:
         if m2n is not None:
             await m2n.close()
         await control.close()
+        close_links()
 
 
-async def connect_expert_nodes(config: Config, spec: ModelSpec, index: int, device: str) -> M2NClient:
+async def connect_expert_nodes(config: Config, spec: ModelSpec, index: int,
+                               device: str) -> M2NClient | LockstepClient:
     placement = load_cluster_placement(config, spec)
+    if config.transport.backend in LOCKSTEP_BACKENDS:
+        return await connect_lockstep(config, spec, placement, index, device)
     transport = make_transport(config.transport.backend, device, config.transport.ucx_progress_mode)
     t = config.transport
     connections = [emulate(await connect_within(transport, address, t.connect_timeout_s), t.emulated_latency_us,
@@ -70,6 +76,22 @@ async def connect_expert_nodes(config: Config, spec: ModelSpec, index: int, devi
                     load_bound=topology.load_bound if topology else None)
     await m2n.handshake(spec.num_layers, spec.num_experts, config.transport.connect_timeout_s)
     log.info("connected to %d expert nodes", len(connections))
+    return m2n
+
+
+async def connect_lockstep(config: Config, spec: ModelSpec, placement, index: int, device: str) -> LockstepClient:
+    """The lockstep M2N: joins the cluster's torch.distributed world, then greets the expert nodes over zmq."""
+    links = join_cluster(config, "attention", index, device)
+    t = config.transport
+    connections = [await connect_within(ZmqTransport(), address, t.connect_timeout_s)
+                   for address in config.cluster.expert_addresses]
+    topology = load_cluster_topology(config)
+    m2n = LockstepClient(connections, links, placement, index, config.engine.max_batch_tokens, spec.hidden_size,
+                         config.model.torch_dtype, config.engine.microbatches, device, t.recv_timeout_s,
+                         attention_domain=topology.attention_domain[index] if topology else 0,
+                         expert_domain=topology.expert_domain if topology else None)
+    await m2n.handshake(spec.num_layers, spec.num_experts, t.connect_timeout_s)
+    log.info("lockstep M2N over %s to %d expert nodes", links.backend, len(connections))
     return m2n
 
 

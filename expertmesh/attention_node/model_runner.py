@@ -28,7 +28,14 @@ from .scheduler import Sequence
 
 
 class ExpertBackend(Protocol):
-    """Where a MoE layer's experts run: the expert nodes over M2N (transport/m2n.py), or a stand-in."""
+    """Where a MoE layer's experts run: the expert nodes over M2N (transport/m2n.py: messages; m2n/lockstep.py:
+    lockstep rounds), or a stand-in."""
+
+    async def begin_step(self, step: int, tokens: list[int]) -> None:
+        """Before a step's first dispatch: the tokens of each of its microbatches."""
+
+    async def end_step(self, step: int) -> None:
+        """After its last: returns once the step's expert work is done (or raises)."""
 
     async def dispatch(self, step: int, layer: int, microbatch: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                        expert_weights: torch.Tensor): ...
@@ -104,12 +111,16 @@ class ModelRunner:
             groups = split_microbatches(decoding, microbatches) + [prefilling]
         else:
             groups = split_microbatches(seqs, microbatches)
+        if self.experts is not None:
+            await self.experts.begin_step(step, [sum(len(s.new_token_ids()) for s in group) for group in groups])
         try:
             async with asyncio.TaskGroup() as tasks:  # one failing microbatch cancels the others
                 running = [tasks.create_task(self._forward(step, mb, group)) for mb, group in enumerate(groups)]
         except ExceptionGroup as group_error:
             raise group_error.exceptions[0] from None
         logits = torch.cat([task.result() for task in running])
+        if self.experts is not None:
+            await self.experts.end_step(step)
         order = [s for group in groups for s in group]
         if order != seqs:  # back to the caller's order
             row_of = {id(s): row for row, s in enumerate(order)}

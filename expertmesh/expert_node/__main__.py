@@ -5,13 +5,15 @@ import logging
 
 import torch
 
-from ..config import Config
+from ..config import LOCKSTEP_BACKENDS, Config
+from ..m2n.dist import close_links, join_cluster
 from ..model.spec import ModelSpec
 from ..model.weights import load_experts
 from ..placement.plan import load_cluster_placement
 from ..process import run_node
 from ..transport.base import make_transport
 from ..transport.zmq import ZmqTransport
+from .lockstep import LockstepRounds
 from .node import ExpertNode
 
 log = logging.getLogger("expert_node")
@@ -25,20 +27,32 @@ async def main(config: Config, index: int) -> None:
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     experts = load_experts(config.model.path, spec, pairs, config.model.torch_dtype, device)
-    transport = make_transport(config.transport.backend, device, config.transport.ucx_progress_mode)
+    lockstep = config.transport.backend in LOCKSTEP_BACKENDS
+    # lockstep: the listener carries only handshakes and step plans (zmq); the rounds travel on the links
+    transport = ZmqTransport() if lockstep else make_transport(config.transport.backend, device,
+                                                                 config.transport.ucx_progress_mode)
     listener = await transport.listen(config.cluster.expert_addresses[index])
     log.info("holds %d experts over %d layers; listening on %s", len(pairs), len(spec.moe_layer_ids),
              config.cluster.expert_addresses[index])
     control = await ZmqTransport().listen(config.cluster.expert_control_addresses[index])
     node = ExpertNode(index, experts, spec.num_experts, listener, control)
+    if lockstep:
+        links = join_cluster(config, "expert", index, device)
+        node.rounds = LockstepRounds(links, spec.moe_layer_ids, config.engine.max_batch_tokens, spec.hidden_size,
+                                     spec.top_k, config.model.torch_dtype, device, node.compute_lane,
+                                     config.transport.recv_timeout_s)
+        log.info("lockstep rounds over %s", links.backend)
     if device.startswith("cuda") and not config.engine.enforce_eager:
-        # a decode round brings at most every attention node's whole batch
-        node.capture_graphs(spec.top_k, config.cluster.attention_nodes * config.engine.max_num_seqs)
+        if lockstep:  # a lane per attention node; a decode round brings one attention node's batch
+            node.capture_graphs(spec.top_k, config.engine.max_num_seqs, lanes=config.cluster.attention_nodes)
+        else:  # a decode round brings at most every attention node's whole batch
+            node.capture_graphs(spec.top_k, config.cluster.attention_nodes * config.engine.max_num_seqs)
     try:
         await node.serve()
     finally:
         await listener.close()
         await control.close()
+        close_links()
 
 
 if __name__ == "__main__":

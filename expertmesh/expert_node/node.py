@@ -1,6 +1,8 @@
 """The expert node: holds its experts of every layer, computes what attention nodes dispatch to it.
 
-Whatever has arrived is computed together, layer by layer, without waiting on senders that are idle."""
+Over message transports (ucx, zmq) whatever has arrived is computed together, layer by layer, without waiting on
+senders that are idle. Over the lockstep M2N (nccl, gloo: `rounds`), the listener carries only the handshake
+and the attention nodes' step plans, and lockstep.py runs the rounds."""
 from __future__ import annotations
 
 import asyncio
@@ -10,17 +12,19 @@ import torch
 
 from ..ops.fused_moe import StackedExperts, fused_moe
 from .cuda_graphs import ExpertGraphs
+from .lockstep import LockstepRounds
 from ..transport.base import Listener, PeerId
 from ..telemetry import PhaseClock
 from ..transport.protocol import (Combine, Dispatch, ExpertError, ExpertStatus, Hello, HelloReply, Message, NodeTrace,
-                                  StatusRequest, TraceControl)
+                                  StatusRequest, StepPlan, TraceControl)
 
 log = logging.getLogger(__name__)
 
 
 class ExpertNode:
     def __init__(self, node_id: int, experts: dict[int, StackedExperts], num_experts: int,
-                 listener: Listener, control: Listener | None = None, moe_backend: str = "auto") -> None:
+                 listener: Listener, control: Listener | None = None, moe_backend: str = "auto",
+                 rounds: LockstepRounds | None = None) -> None:
         self.node_id = node_id
         self.num_experts = num_experts
         self.listener = listener
@@ -28,7 +32,9 @@ class ExpertNode:
         self.clock = PhaseClock()
         self.experts_of_layer = experts  # {layer: that layer's experts held here, stacked}
         self.moe_backend = moe_backend  # fused_moe's backend: "auto" picks by device and dtype
-        self.graphs: ExpertGraphs | None = None
+        self.graphs: list[ExpertGraphs] = []  # one set per lane (lockstep: per attention node), or none
+        self.rounds = rounds
+        self._peer_of: dict[int, PeerId] = {}  # attention node -> its peer id on the listener
         self._inbox: asyncio.Queue[tuple[PeerId, Message]] = asyncio.Queue()
         self.tokens_computed = 0
 
@@ -36,6 +42,13 @@ class ExpertNode:
         receiver = asyncio.create_task(self._receive())
         control = asyncio.create_task(self._control()) if self.control is not None else None
         try:
+            if self.rounds is not None:
+                lanes = asyncio.ensure_future(self.rounds.serve(self._round_failed))
+                try:
+                    await asyncio.wait({lanes, receiver}, return_when=asyncio.FIRST_COMPLETED)
+                    (lanes if lanes.done() else receiver).result()  # whichever ended, ended by failing
+                finally:
+                    lanes.cancel()
             while True:
                 batch = [await self._inbox.get()]
                 while not self._inbox.empty():  # take everything that has arrived
@@ -63,9 +76,12 @@ class ExpertNode:
         while True:
             peer, message = await self.listener.recv()
             if isinstance(message, Hello):
+                self._peer_of[message.attention_node] = peer
                 held = [layer * self.num_experts + e for layer, stacked in self.experts_of_layer.items()
                         for e in stacked.expert_ids]
                 await self.listener.send(peer, HelloReply(self.node_id, held))
+            elif isinstance(message, StepPlan) and self.rounds is not None:
+                self.rounds.add(message)
             elif isinstance(message, Dispatch):
                 self._inbox.put_nowait((peer, message))
             else:
@@ -78,11 +94,8 @@ class ExpertNode:
         for layer, items in by_layer.items():
             try:
                 with self.clock.phase("expert_compute"):
-                    pieces = [[d.hidden for _, d in items], [d.expert_ids for _, d in items],
-                              [d.expert_weights for _, d in items]]
-                    partial = self.graphs.run(layer, *pieces) if self.graphs is not None else None
-                    if partial is None:  # eager: no graphs, or more tokens than the largest bucket
-                        partial = self._experts(layer, *(torch.cat(p) for p in pieces))
+                    partial = self.compute(layer, [d.hidden for _, d in items], [d.expert_ids for _, d in items],
+                                           [d.expert_weights for _, d in items])
                     for _, d in items:  # copied out: their receive memory can take the next dispatches
                         self.listener.recycle(d)
             except Exception as exc:  # answer every sender; the node itself keeps serving
@@ -98,9 +111,30 @@ class ExpertNode:
                     await self.listener.send(peer, Combine(d.step, d.layer, d.microbatch, partial[start:end]))
                     start = end
 
-    def capture_graphs(self, top_k: int, max_tokens: int) -> None:
-        """Batches of up to max_tokens tokens replay CUDA graphs from now on (CUDA only)."""
-        self.graphs = ExpertGraphs(self.experts_of_layer, top_k, max_tokens, self._experts)
+    async def _round_failed(self, attention_node: int, plan: StepPlan, layer: int, microbatch: int,
+                            exc: Exception) -> None:
+        await self.listener.send(self._peer_of[attention_node], ExpertError(plan.step, layer, microbatch, repr(exc)))
+
+    def compute(self, layer: int, hidden: list[torch.Tensor], ids: list[torch.Tensor],
+                weights: list[torch.Tensor], lane: int = 0) -> torch.Tensor:
+        """The layer's partial sums of the concatenated pieces: from a CUDA graph where one fits, else eagerly."""
+        if self.rounds is not None and layer not in self.experts_of_layer:  # rounds bring every layer to every node
+            return torch.zeros(sum(h.shape[0] for h in hidden), hidden[0].shape[1], dtype=hidden[0].dtype,
+                               device=hidden[0].device)
+        partial = self.graphs[lane].run(layer, hidden, ids, weights) if self.graphs else None
+        if partial is None:
+            partial = self._experts(layer, *(p[0] if len(p) == 1 else torch.cat(p) for p in (hidden, ids, weights)))
+        return partial
+
+    def compute_lane(self, lane: int, layer: int, hidden: torch.Tensor, ids: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+        """compute for one lane's round (expert_node/lockstep.py)."""
+        return self.compute(layer, [hidden], [ids], [weights], lane)
+
+    def capture_graphs(self, top_k: int, max_tokens: int, lanes: int = 1) -> None:
+        """Batches of up to max_tokens tokens replay CUDA graphs from now on (CUDA only); lanes that may run at
+        once (on streams of their own) get a set each, since a graph's buffers serve one replay at a time."""
+        self.graphs = [ExpertGraphs(self.experts_of_layer, top_k, max_tokens, self._experts) for _ in range(lanes)]
 
     def _experts(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  expert_weights: torch.Tensor) -> torch.Tensor:

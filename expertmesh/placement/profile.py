@@ -57,6 +57,12 @@ class RecordingExperts:
         self.experts_of_layer = experts
         self.routes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    async def begin_step(self, step, tokens):
+        pass
+
+    async def end_step(self, step):
+        pass
+
     async def dispatch(self, step, layer, microbatch, hidden, expert_ids, expert_weights):
         self.routes[layer] = (expert_ids, expert_weights)
         return fused_moe(hidden, expert_ids, expert_weights, self.experts_of_layer[layer])

@@ -37,6 +37,24 @@ class LinkStats:
     bytes_received: list[int]
 
 
+async def greet_expert_nodes(connections: list[Connection], placement: Placement, attention_node: int,
+                             num_layers: int, num_experts: int, timeout_s: float) -> None:
+    """The handshake: every expert node must answer within timeout_s and hold what the placement gives it."""
+    for conn in connections:
+        await conn.send(Hello(attention_node, num_layers, num_experts))
+    for node, conn in enumerate(connections):
+        try:
+            reply = await conn.recv(timeout_s)
+        except TransportError as exc:
+            raise TransportError(f"expert node {node} did not answer the handshake: {exc}") from None
+        if not isinstance(reply, HelloReply) or reply.expert_node != node:
+            raise ExpertNodeError(f"expert node {node}: unexpected handshake answer {reply!r}")
+        expected = sorted(layer * num_experts + e for layer, e in placement.pairs_on(node))
+        if sorted(reply.held) != expected:
+            raise ExpertNodeError(f"expert node {node} holds {len(reply.held)} experts, the placement "
+                                  f"gives it {len(expected)}: was it started with another placement?")
+
+
 class M2NClient:
     """The attention node's side of the expert links: one Connection per expert node."""
 
@@ -69,19 +87,8 @@ class M2NClient:
 
     async def handshake(self, num_layers: int, num_experts: int, timeout_s: float) -> None:
         """Greets every expert node and checks it holds what the placement says; starts the readers."""
-        for node, conn in enumerate(self.connections):
-            await conn.send(Hello(self.attention_node, num_layers, num_experts))
-        for node, conn in enumerate(self.connections):
-            try:
-                reply = await conn.recv(timeout_s)
-            except TransportError as exc:
-                raise TransportError(f"expert node {node} did not answer the handshake: {exc}") from None
-            if not isinstance(reply, HelloReply) or reply.expert_node != node:
-                raise ExpertNodeError(f"expert node {node}: unexpected handshake answer {reply!r}")
-            expected = sorted(layer * num_experts + e for layer, e in self.placement.pairs_on(node))
-            if sorted(reply.held) != expected:
-                raise ExpertNodeError(f"expert node {node} holds {len(reply.held)} experts, the placement "
-                                      f"gives it {len(expected)}: was it started with another placement?")
+        await greet_expert_nodes(self.connections, self.placement, self.attention_node, num_layers, num_experts,
+                                 timeout_s)
         self._readers = [asyncio.create_task(self._read(node)) for node in range(len(self.connections))]
 
     async def _read(self, node: int) -> None:
@@ -110,6 +117,12 @@ class M2NClient:
         else:
             self.stats.bytes_received[node] += message.partial.nbytes
             future.set_result(message)
+
+    async def begin_step(self, step: int, tokens: list[int]) -> None:
+        """Messages carry their own shape: nothing to announce."""
+
+    async def end_step(self, step: int) -> None:
+        """Every answer was awaited in gather."""
 
     async def dispatch(self, step: int, layer: int, microbatch: int, hidden: torch.Tensor,
                        expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> DispatchHandle:

@@ -218,6 +218,17 @@ class ExpertError(Message):
     error: str
 
 
+@dataclass
+class StepPlan(Message):
+    """Attention node -> expert node, once per step on the lockstep M2N (m2n/lockstep.py): the step's rounds, as
+    the tokens of each microbatch. Every MoE layer of the step is then one round per microbatch, in the order
+    (layer, microbatch), whose tensors travel on the data links, not here."""
+    TAG: ClassVar[int] = 6
+    attention_node: int
+    step: int
+    tokens: list[int]
+
+
 # ---- control plane: gateway <-> attention node ---------------------------------------------------------------
 
 @dataclass

@@ -1,5 +1,6 @@
-"""The whole path through real processes: HTTP gateway, 2 attention nodes, 3 expert nodes over zmq (or none:
-colocated), checked token for token (and logprob for logprob) against transformers."""
+"""The whole path through real processes: HTTP gateway, 2 attention nodes, 3 expert nodes over zmq, or over the
+lockstep M2N on gloo with 2 microbatches (or none: colocated), checked token for token (and logprob for logprob)
+against transformers."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -16,13 +17,14 @@ PROMPTS = ["hello world", "def self return", "the ingestion of delas", "a", "sts
            "return the self of the def", "ing ion es", "la la la la la la la la la la la la la"]
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen3", "mixtral-colocated"])
+@pytest.fixture(scope="module", params=["mixtral", "qwen3", "mixtral-colocated", "qwen3-lockstep-gloo"])
 def served(request, mixtral_dir, qwen3_dir):
     """Disaggregated (3 expert nodes) for both architectures; colocated (--expert-nodes 0: experts inside each
     attention node, no transport) for one."""
-    model_dir = qwen3_dir if request.param == "qwen3" else mixtral_dir
+    model_dir = qwen3_dir if request.param.startswith("qwen3") else mixtral_dir
     expert_nodes = 0 if request.param.endswith("colocated") else 3
-    cluster = Cluster(model_dir, attention_nodes=2, expert_nodes=expert_nodes).wait_ready()
+    extra = ["--transport", "gloo", "--microbatches", "2"] if request.param.endswith("gloo") else []
+    cluster = Cluster(model_dir, attention_nodes=2, expert_nodes=expert_nodes, extra=extra).wait_ready()
     yield cluster, model_dir
     cluster.stop()
 

@@ -1,0 +1,125 @@
+"""The expert node's side of the lockstep M2N (m2n/lockstep.py has the attention node's and the protocol).
+
+Each attention node announces its steps (`StepPlan`); the expert node runs each attention node's steps in a
+*lane* of its own: for each (MoE layer, microbatch) round, receive the tokens, compute them, send back the
+partial sums. Lanes never wait on each other — on a GPU each has its own CUDA stream — so an attention node
+is held up only by its own rounds: with joint rounds across attention nodes, two expert nodes that grouped
+different steps together would wait on each other for ever unless every attention node kept one global rhythm.
+The host only enqueues: the receives are posted ahead (one round ahead when consecutive rounds use different
+microbatch groups), the compute waits for them on the device, and a watchdog bounds each step's device time."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Awaitable, Callable
+
+import torch
+
+from ..m2n.dist import DistLinks
+from ..m2n.lockstep import wait_event
+from ..transport.protocol import StepPlan
+
+log = logging.getLogger(__name__)
+
+# compute(lane, layer, hidden, ids, weights) -> partial sums
+Compute = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+OnError = Callable[[int, StepPlan, int, int, Exception], Awaitable[None]]  # (attention node, plan, layer, mb, error)
+
+
+class LockstepRounds:
+    def __init__(self, links: DistLinks, moe_layers: list[int], capacity: int, hidden: int, top_k: int,
+                 dtype: torch.dtype, device: str, compute: Compute, recv_timeout_s: float) -> None:
+        self.links = links
+        self.moe_layers = moe_layers
+        self.capacity = capacity
+        self.hidden = hidden
+        self.device = device
+        self.compute = compute
+        self.recv_timeout_s = recv_timeout_s
+        lanes = range(links.attention_nodes)
+        # receive buffers per (attention node, round parity): a round's receives may be posted while the previous
+        # round still computes, never while the round before that does (its compute was enqueued first)
+        self.buffers = {(a, parity): (torch.empty(capacity, hidden, dtype=dtype, device=device),
+                                      torch.empty(capacity, top_k, dtype=torch.int32, device=device),
+                                      torch.empty(capacity, top_k, dtype=torch.float32, device=device))
+                        for a in lanes for parity in (0, 1)}
+        cuda = torch.device(device).type == "cuda"
+        self.streams = [torch.cuda.Stream(device) if cuda else None for _ in lanes]
+        self._plans: list[asyncio.Queue[StepPlan]] = [asyncio.Queue() for _ in lanes]
+        self.tokens_computed = 0
+
+    def add(self, plan: StepPlan) -> None:
+        if not 0 <= plan.attention_node < len(self._plans):
+            raise ValueError(f"a step plan from attention node {plan.attention_node}; the world has "
+                             f"{len(self._plans)} attention nodes")
+        if len(plan.tokens) > len(self.links.groups) or max(plan.tokens, default=0) > self.capacity:
+            raise ValueError(f"attention node {plan.attention_node}'s step {plan.step} plans {plan.tokens} tokens "
+                             f"per microbatch; the links carry {len(self.links.groups)} microbatches of at most "
+                             f"{self.capacity}")
+        self._plans[plan.attention_node].put_nowait(plan)
+
+    async def serve(self, on_error: OnError) -> None:
+        """Runs every lane until one fails (its error is raised)."""
+        lanes = [asyncio.create_task(self._lane(a, on_error)) for a in range(len(self._plans))]
+        try:
+            done, _ = await asyncio.wait(lanes, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in lanes:
+                task.cancel()
+
+    async def _lane(self, a: int, on_error: OnError) -> None:
+        watchdogs: set[asyncio.Task] = set()
+        while True:
+            plan = await self._plans[a].get()
+            for task in [t for t in watchdogs if t.done()]:
+                watchdogs.discard(task)
+                task.result()  # a step of this lane that did not finish in time
+            self.tokens_computed += await self.run(a, plan, on_error)
+            if self.streams[a] is not None:
+                event = torch.cuda.Event()
+                event.record(self.streams[a])
+                watchdogs.add(asyncio.create_task(
+                    wait_event(event, self.recv_timeout_s, f"attention node {a}'s step {plan.step}")))
+
+    def _on_lane(self, a: int):
+        """The lane's stream as the current one, around work that does not yield (streams are per thread, not
+        per coroutine)."""
+        return torch.cuda.stream(self.streams[a]) if self.streams[a] is not None else contextlib.nullcontext()
+
+    async def run(self, a: int, plan: StepPlan, on_error: OnError) -> int:
+        """Enqueues every round of attention node a's step; returns the tokens computed."""
+        rounds = [(layer, mb, n) for layer in self.moe_layers for mb, n in enumerate(plan.tokens) if n > 0]
+        rank = self.links.attention_rank(a)
+
+        def post_receives(i: int) -> list:
+            _, mb, n = rounds[i]
+            with self._on_lane(a):
+                return self.links.post(mb, [], [(buf[:n], rank) for buf in self.buffers[(a, i % 2)]])
+
+        sent, computed = [], 0
+        pending = post_receives(0) if rounds else []
+        for i, (layer, mb, n) in enumerate(rounds):
+            ahead = i + 1 < len(rounds) and rounds[i + 1][1] != mb  # another group's stream: no ordering knot
+            following = post_receives(i + 1) if ahead else None
+            with self._on_lane(a):  # NCCL: the lane's stream waits for the receives (the host does not)
+                await self.links.wait(pending)
+            with self._on_lane(a):
+                try:
+                    partial = self.compute(a, layer, *(buf[:n] for buf in self.buffers[(a, i % 2)]))
+                    failure = None
+                except Exception as exc:  # keep the rhythm with zeros; the sender learns of it on the control path
+                    log.exception("expert node: layer %d failed", layer)
+                    partial, failure = torch.zeros(n, self.hidden, dtype=self.buffers[(a, 0)][0].dtype,
+                                                   device=self.device), exc
+                sent += self.links.post(mb, [(partial, rank)], [])
+            if failure is not None:
+                await on_error(a, plan, layer, mb, failure)
+            computed += n
+            if i + 1 < len(rounds):
+                pending = following if ahead else post_receives(i + 1)
+        if self.links.backend != "nccl":
+            await self.links.wait(sent)  # gloo: the partial sums stay alive until sent
+        return computed

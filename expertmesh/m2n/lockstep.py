@@ -1,0 +1,155 @@
+"""The attention node's side of the lockstep M2N: no host on the data's path.
+
+Once per step the attention node tells every expert node the step's shape (`StepPlan`: tokens per microbatch)
+on the control connection. Then every (microbatch, MoE layer) is one *round*: the attention node sends every
+expert node the round's tokens, whether or not they chose one of its experts (the expert ids of experts held
+elsewhere are -1, which its fused MoE skips), and receives one partial sum per token from each. Every size is
+known on both sides from the plan, so each side posts its receives ahead into buffers of fixed capacity and
+nothing waits on the device: the masking is device work, the sends and receives are stream-ordered (NCCL), and
+the host waits once per step, with a deadline, for the step's end.
+
+Sending every token to every node trades bytes for that: with N expert nodes a token goes to all N instead of
+to those holding its experts (for top-8 of 128 experts over 4 nodes, nearly all of them anyway)."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import torch
+
+from ..placement.plan import Placement
+from ..placement.replication import choose_replica
+from ..transport.base import Connection, TransportError
+from ..transport.m2n import ExpertNodeError, LinkStats, greet_expert_nodes
+from ..transport.protocol import ExpertError, StepPlan
+from .dist import DistLinks
+
+
+class RoundCapacityError(ValueError):
+    """A step would carry more tokens in one microbatch than the M2N buffers were sized for."""
+
+
+@dataclass
+class RoundHandle:
+    microbatch: int
+    tokens: int
+    works: list
+
+
+async def wait_event(event: torch.cuda.Event, timeout_s: float, what: str) -> None:
+    """Waits, without blocking the event loop, until the device has passed `event`; TransportError after
+    timeout_s (a peer that died mid-round leaves its receives pending for ever)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not event.query():
+        if loop.time() > deadline:
+            raise TransportError(f"{what} did not complete within {timeout_s} s: an expert node is gone or stuck")
+        await asyncio.sleep(0)
+
+
+class LockstepClient:
+    """ExpertBackend (model_runner.py) over lockstep rounds on DistLinks."""
+
+    def __init__(self, connections: list[Connection], links: DistLinks, placement: Placement, attention_node: int,
+                 capacity: int, hidden: int, dtype: torch.dtype, microbatches: int, device: str,
+                 recv_timeout_s: float, attention_domain: int = 0, expert_domain: list[int] | None = None) -> None:
+        self.connections = connections
+        self.links = links
+        self.placement = placement
+        self.attention_node = attention_node
+        self.capacity = capacity
+        self.device = device
+        self.recv_timeout_s = recv_timeout_s
+        n = len(connections)
+        domains = expert_domain or [0] * n
+        # the replica each expert's tokens go to: one in this node's domain, fixed (the rounds carry every token
+        # to every node anyway, so a per-step load balance would move no bytes, only compute)
+        self.node_of = {layer: torch.tensor([choose_replica(nodes, attention_domain, domains, [0] * n, None)
+                                             for nodes in experts], dtype=torch.int32, device=device)
+                        for layer, experts in placement.nodes_of.items()}
+        self._node_ids = torch.arange(n, dtype=torch.int32, device=device).view(-1, 1, 1)
+        # answers[mb][node]: each node's partial sums of the microbatch's current round, received in place
+        self.answers = [[torch.empty(capacity, hidden, dtype=dtype, device=device) for _ in range(n)]
+                        for _ in range(microbatches)]
+        self.stats = LinkStats([0] * n, [0] * n, [0] * n)
+        self._errors: list[str] = []
+        self._readers: list[asyncio.Task] = []
+        self._step: int | None = None
+
+    async def handshake(self, num_layers: int, num_experts: int, timeout_s: float) -> None:
+        """Greets every expert node on the control connection and checks it holds what the placement says."""
+        await greet_expert_nodes(self.connections, self.placement, self.attention_node, num_layers, num_experts,
+                                 timeout_s)
+        self._readers = [asyncio.create_task(self._read(node)) for node in range(len(self.connections))]
+
+    async def _read(self, node: int) -> None:
+        """The control connection after the handshake carries only an expert node's failures."""
+        try:
+            while True:
+                message = await self.connections[node].recv()
+                if isinstance(message, ExpertError):
+                    self._errors.append(f"expert node {node}, layer {message.layer}: {message.error}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._errors.append(f"control link to expert node {node} failed: {exc!r}")
+
+    async def begin_step(self, step: int, tokens: list[int]) -> None:
+        """Announces the step's rounds (tokens of each microbatch) to every expert node."""
+        if self._errors:
+            raise ExpertNodeError(self._errors[0])
+        if len(tokens) > len(self.answers):
+            raise RoundCapacityError(f"{len(tokens)} microbatches, the links were set up for {len(self.answers)}")
+        if max(tokens, default=0) > self.capacity:
+            raise RoundCapacityError(f"a microbatch of {max(tokens)} tokens, the M2N buffers hold {self.capacity} "
+                                     f"(engine.max_batch_tokens)")
+        self._step = step
+        plan = StepPlan(self.attention_node, step, list(tokens))
+        for conn in self.connections:
+            await conn.send(plan)
+
+    async def dispatch(self, step: int, layer: int, microbatch: int, hidden: torch.Tensor,
+                       expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> RoundHandle:
+        """Sends the round's tokens to every expert node and posts the receives of their answers."""
+        if step != self._step:
+            raise RuntimeError(f"dispatch for step {step} before begin_step announced it (at {self._step})")
+        n = hidden.shape[0]
+        owner = self.node_of[layer][expert_ids.long()]
+        masked = torch.where(owner.unsqueeze(0) == self._node_ids, expert_ids.unsqueeze(0), -1)  # [nodes, n, k]
+        sends, recvs = [], []
+        for node in range(len(self.connections)):
+            rank = self.links.expert_rank(node)
+            sends += [(hidden, rank), (masked[node], rank), (expert_weights, rank)]
+            recvs.append((self.answers[microbatch][node][:n], rank))
+            self.stats.bytes_sent[node] += hidden.nbytes + masked[node].nbytes + expert_weights.nbytes
+            self.stats.messages_sent[node] += 1
+            self.stats.bytes_received[node] += n * self.answers[microbatch][node].shape[1] * hidden.element_size()
+        return RoundHandle(microbatch, n, self.links.post(microbatch, sends, recvs))
+
+    async def gather(self, handle: RoundHandle) -> list[torch.Tensor]:
+        await asyncio.sleep(0)  # the other microbatches enqueue their rounds first: ping-pong order on the device
+        await self.links.wait(handle.works)
+        return [answer[:handle.tokens] for answer in self.answers[handle.microbatch]]
+
+    def reduce(self, handle: RoundHandle, answers: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The sum of the nodes' partial sums. With one expert node, its receive buffer itself: valid until the
+        microbatch's next dispatch, which is posted only after the work reading it (stream order)."""
+        out = answers[0]
+        for answer in answers[1:]:
+            out = out + answer
+        return out.to(like.dtype)
+
+    async def end_step(self, step: int) -> None:
+        """Waits, with the receive deadline, for the step's rounds to finish on the device."""
+        if torch.device(self.device).type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            await wait_event(event, self.recv_timeout_s, f"step {step}'s M2N rounds")
+        if self._errors:
+            raise ExpertNodeError(self._errors[0])
+
+    async def close(self) -> None:
+        for reader in self._readers:
+            reader.cancel()
+        for conn in self.connections:
+            await conn.close()

@@ -1,0 +1,141 @@
+"""The lockstep M2N over gloo between real processes: one attention side (LockstepClient) and two expert nodes
+(ExpertNode with LockstepRounds), two microbatches of different sizes over three MoE layers, one of which an
+expert node holds nothing of. The partial sums must add up to every expert computed in one place; an expert node
+that dies mid-step must fail the attention side's round with a TransportError, not hang it."""
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import time
+import traceback
+
+import pytest
+import torch
+
+from expertmesh.launcher.local import free_port
+from expertmesh.m2n.dist import DistLinks
+from expertmesh.m2n.lockstep import LockstepClient, RoundCapacityError
+from expertmesh.ops.fused_moe import fused_moe_reference, stack_experts
+from expertmesh.placement.plan import Placement
+from tests.fused_moe_cases import random_experts, random_routing
+
+NUM_EXPERTS, HIDDEN, INTER, TOP_K = 8, 32, 48, 2
+LAYERS = [1, 3, 4]
+# expert node 0 holds experts 0-3 of layers 1 and 3 and every expert of layer 4; node 1 the rest
+NODES_OF = {1: [[e // 4] for e in range(8)], 3: [[e // 4] for e in range(8)], 4: [[0]] * 8}
+TOKENS = [5, 3]  # per microbatch
+
+
+def _experts_of(node: int | None) -> dict:
+    """The experts of every layer that `node` holds (None: all of them), the same weights wherever held."""
+    stacks = {}
+    for layer in LAYERS:
+        raw = random_experts(NUM_EXPERTS, range(NUM_EXPERTS), HIDDEN, INTER, torch.float32, seed=layer)[0]
+        held = [e for e, nodes in enumerate(NODES_OF[layer]) if node is None or node in nodes]
+        if held:
+            stacks[layer] = stack_experts({e: raw[e] for e in held}, NUM_EXPERTS)
+    return stacks
+
+
+def _inputs(layer: int, microbatch: int):
+    ids, weights = random_routing(TOKENS[microbatch], NUM_EXPERTS, TOP_K, seed=10 * layer + microbatch)
+    hidden = torch.randn(TOKENS[microbatch], HIDDEN, generator=torch.Generator().manual_seed(layer + microbatch))
+    return hidden, ids, weights
+
+
+def _expert_main(node: int, dist_address: str, address: str, die_after_plan: bool) -> None:
+    from expertmesh.expert_node.lockstep import LockstepRounds
+    from expertmesh.expert_node.node import ExpertNode
+    from expertmesh.m2n.dist import init_links
+    from expertmesh.transport.zmq import ZmqTransport
+
+    async def main():
+        listener = await ZmqTransport().listen(address)
+        links = init_links("gloo", dist_address, 1, 2, 1 + node, 2, "cpu", 30.0, 30.0)
+        expert_node = ExpertNode(node, _experts_of(node), NUM_EXPERTS, listener)
+        expert_node.rounds = LockstepRounds(links, LAYERS, 16, HIDDEN, TOP_K, torch.float32, "cpu",
+                                            expert_node.compute_lane, 30.0)
+        if die_after_plan:  # the first plan arrives, then the process is gone mid-step
+            original = expert_node.rounds.add
+            expert_node.rounds.add = lambda plan: (original(plan), os._exit(3))
+        await expert_node.serve()
+
+    asyncio.run(main())
+
+
+def _attention_main(dist_address: str, addresses: list[str], recv_timeout_s: float, results) -> None:
+    from expertmesh.m2n.dist import init_links
+    from expertmesh.transport.base import connect_within
+    from expertmesh.transport.zmq import ZmqTransport
+
+    async def main():
+        links = init_links("gloo", dist_address, 1, 2, 0, 2, "cpu", 30.0, recv_timeout_s)
+        conns = [await connect_within(ZmqTransport(), a, 30.0) for a in addresses]
+        client = LockstepClient(conns, links, Placement(2, NODES_OF), 0, 16, HIDDEN, torch.float32, 2, "cpu",
+                                recv_timeout_s)
+        await client.handshake(6, NUM_EXPERTS, 30.0)
+        outputs = {}
+        started = time.monotonic()
+        try:
+            for step in (1, 2):  # rounds in the runner's order: per layer, every microbatch dispatched, then gathered
+                await client.begin_step(step, TOKENS)
+                for layer in LAYERS:
+                    handles = [await client.dispatch(step, layer, mb, *_inputs(layer, mb)) for mb in range(2)]
+                    for mb, handle in enumerate(handles):
+                        answers = await client.gather(handle)
+                        outputs[(step, layer, mb)] = client.reduce(handle, answers, answers[0]).numpy().copy()
+                await client.end_step(step)
+            results.put(("ok", outputs))  # numpy: a queued tensor would be shared, and this process exits
+        except Exception as exc:
+            results.put(("error", type(exc).__name__, str(exc), time.monotonic() - started))
+
+    try:
+        asyncio.run(main())
+    except Exception:
+        results.put(("crash", traceback.format_exc()))
+
+
+def _run(die_after_plan: bool, recv_timeout_s: float = 20.0):
+    ctx = multiprocessing.get_context("spawn")
+    dist_address = f"tcp://127.0.0.1:{free_port()}"
+    addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]
+    results = ctx.Queue()
+    experts = [ctx.Process(target=_expert_main, args=(n, dist_address, addresses[n], die_after_plan and n == 1),
+                           daemon=True) for n in range(2)]
+    attention = ctx.Process(target=_attention_main, args=(dist_address, addresses, recv_timeout_s, results),
+                            daemon=True)
+    for process in experts + [attention]:
+        process.start()
+    try:
+        return results.get(timeout=120)
+    finally:
+        for process in experts + [attention]:
+            process.kill()
+            process.join(5)
+
+
+def test_rounds_add_up_to_all_experts_in_one_place():
+    result = _run(die_after_plan=False)
+    assert result[0] == "ok", result
+    full = _experts_of(None)
+    for (step, layer, mb), got in result[1].items():
+        expected = fused_moe_reference(*_inputs(layer, mb), full[layer])
+        torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-5, rtol=1e-5)
+    assert len(result[1]) == 2 * len(LAYERS) * 2
+
+
+def test_expert_node_dying_mid_step_fails_the_round_not_hangs():
+    result = _run(die_after_plan=True, recv_timeout_s=10.0)
+    assert result[0] == "error", result
+    assert result[1] == "TransportError", result
+    assert result[3] < 15.0
+
+
+def test_a_microbatch_over_capacity_is_refused_before_anything_is_sent():
+    links = DistLinks("gloo", 1, [None, None], 1.0)
+    client = LockstepClient([], links, Placement(0, {}), 0, 16, HIDDEN, torch.float32, 2, "cpu", 1.0)
+    with pytest.raises(RoundCapacityError, match="17 tokens"):
+        asyncio.run(client.begin_step(1, [17, 2]))
+    with pytest.raises(RoundCapacityError, match="3 microbatches"):
+        asyncio.run(client.begin_step(1, [1, 1, 1]))
