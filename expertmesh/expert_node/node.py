@@ -128,8 +128,9 @@ class ExpertNode:
 
     def compute_lane(self, lane: int, layer: int, hidden: torch.Tensor, ids: torch.Tensor,
                      weights: torch.Tensor) -> torch.Tensor:
-        """compute for one lane's round (expert_node/lockstep.py)."""
-        return self.compute(layer, [hidden], [ids], [weights], lane)
+        """compute for one lane's round (expert_node/lockstep.py); on a GPU the phase times the host's enqueueing."""
+        with self.clock.phase("expert_compute"):
+            return self.compute(layer, [hidden], [ids], [weights], lane)
 
     def capture_graphs(self, top_k: int, max_tokens: int, lanes: int = 1) -> None:
         """Batches of up to max_tokens tokens replay CUDA graphs from now on (CUDA only); lanes that may run at

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The multi-GPU runs (issues 10 and 11) on `nvidia-h200-x2`: PARTS picks among
+#   tests  - tests/gpu (the 2-GPU lockstep tests among them: float32 exactness over NCCL, no host sync per step)
+#   bench  - `bench transport`: the lockstep M2N round over NCCL beside ucx and NCCL's all_to_all_single/send-recv
+#   serve  - served decode, Qwen3-30B-A3B / Mixtral-8x7B shapes with layers reduced (SHAPES): disaggregated 1+1 over
+#            NCCL at m = MICROBATCHES, and colocated data parallel on both GPUs (--expert-nodes 0), same workload
+# Logs and JSON in $OUT. Needs .whl/site312.txz (benchmarks/gpu_wheels.sh) carried.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p /tmp/site "$OUT" && tar xf .whl/site312.txz -C /tmp/site
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+nvidia-smi topo -m | head -4 | tee "$OUT/topo.txt"
+for part in ${PARTS:-tests bench serve}; do
+  case $part in
+  tests)
+    timeout ${TESTS_S:-300} python3 -m pytest -q -rf -p no:cacheprovider --timeout 150 ${TESTS:-tests/gpu} 2>&1 \
+      | tee "$OUT/gpu_tests.log" | tail -25 ;;
+  bench)
+    timeout ${BENCH_S:-200} python3 -m expertmesh bench transport --device cuda --backends ${BACKENDS:-lockstep,ucx} \
+      --nccl --senders 1 --receivers 1 --json "$OUT/bench_transport.json" 2>&1 | tee "$OUT/bench_transport.log" \
+      | tail -45 ;;
+  serve)
+    for shape in ${SHAPES:-qwen3}; do
+      if [ $shape = mixtral ]; then
+        ARGS="--hidden-size 4096 --num-layers ${LAYERS:-4} --num-heads 32 --num-kv-heads 8 --head-dim 128
+              --intermediate-size 14336 --num-experts 8 --top-k 2 --vocab-size 32000"
+      else
+        ARGS="--arch qwen3_moe --hidden-size 2048 --num-layers ${LAYERS:-8} --num-heads 32 --num-kv-heads 4
+              --head-dim 128 --intermediate-size 768 --dense-intermediate-size 6144 --num-experts 128 --top-k 8
+              --vocab-size 151936"
+      fi
+      python3 -m expertmesh make-model --out /tmp/$shape --dtype bfloat16 $ARGS --max-position-embeddings 1024 >/dev/null
+      for c in ${CONCURRENCY:-64}; do
+        common="--model /tmp/$shape --device cuda --dtype bfloat16 --num-requests $((2 * c)) --concurrency $c
+                --max-num-seqs $c --input-len 64 128 --output-len 64 128"
+        timeout ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --transport nccl --expert-nodes 1 \
+          --microbatches ${MICROBATCHES:-1 2} --json "$OUT/serve_${shape}_c${c}_disagg.json" 2>&1 \
+          | grep -E "^m=|Error|error|Traceback" | sed "s/^/$shape c=$c disagg 1+1 nccl /" | head -20
+        timeout ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --transport nccl --expert-nodes 0 \
+          --attention-nodes 2 --max-num-seqs $((c / 2)) --microbatches 1 --json "$OUT/serve_${shape}_c${c}_dp.json" \
+          2>&1 | grep -E "^m=|Error|error|Traceback" | sed "s/^/$shape c=$c colocated DP 2 GPUs /" | head -20
+      done
+    done ;;
+  esac
+done
+exit 0
