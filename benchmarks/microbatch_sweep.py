@@ -31,7 +31,7 @@ def main() -> int:
     p.add_argument("--input-len", type=int, nargs=2, default=[32, 64])
     p.add_argument("--output-len", type=int, nargs=2, default=[32, 64])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--transport", choices=["zmq", "ucx", "nccl", "gloo"], default="zmq")
+    p.add_argument("--transport", choices=["zmq", "ucx", "nccl", "ipc", "gloo"], default="zmq")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--json", help="write all reports here")

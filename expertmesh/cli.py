@@ -20,7 +20,7 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--placement", help="placement JSON (default: contiguous blocks of experts)")
     p.add_argument("--topology", help="cluster description: domains of the nodes, link costs (see `place`)")
     p.add_argument("--predictor", help="domain predictor (.npz from `place`): rebatch requests by predicted domain")
-    p.add_argument("--transport", choices=["auto", "ucx", "zmq", "nccl", "gloo"],
+    p.add_argument("--transport", choices=["auto", "ucx", "zmq", "nccl", "ipc", "gloo"],
                    help="data path between attention and expert nodes (default auto: ucx where ucxx imports)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="cuda: each node on its own GPU")
     p.add_argument("--microbatches", type=int, help="ping-pong microbatches per step")
@@ -95,7 +95,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--trace", help="write the nodes' timeline here (Chrome trace JSON, open in Perfetto)")
     s.add_argument("--json", help="write the report here as JSON")
     t = bench.add_parser("transport", help="latency and bandwidth of the transports between processes (p2p, M2N, NCCL)")
-    t.add_argument("--backends", help="comma-separated, of zmq,ucx (default: both on cpu, ucx on cuda)")
+    t.add_argument("--backends", help="comma-separated, of zmq,ucx,lockstep (default: zmq,ucx on cpu, ucx on cuda); "
+                   "lockstep: M2N rows only, over gloo on cpu, on cuda NCCL (a GPU per process) or else CUDA IPC")
     t.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     t.add_argument("--sizes", help="point-to-point message sizes (default 4K,64K,1M,16M,64M; cuda adds 256M)")
     t.add_argument("--iters", type=int, default=100, help="timed round trips of small messages (large get fewer)")

@@ -14,7 +14,7 @@ import torch
 if TYPE_CHECKING:
     from .model.spec import ModelSpec
 
-LOCKSTEP_BACKENDS = ("nccl", "gloo")  # transport backends that run the lockstep M2N (m2n/)
+LOCKSTEP_BACKENDS = ("nccl", "gloo", "ipc")  # transport backends that run the lockstep M2N (m2n/)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -46,8 +46,8 @@ class ModelConfig:
 @dataclass
 class TransportConfig:
     # Data path between attention and expert nodes. Messages (the host on the data's path): ucx, zmq, or auto
-    # (ucx if ucxx imports). Lockstep rounds over torch.distributed, no host on the data's path (m2n/): nccl
-    # (GPUs, each node on its own GPU) or gloo (CPU).
+    # (ucx if ucxx imports). Lockstep rounds, no host on the data's path (m2n/): nccl (GPUs, each node on its own
+    # GPU), ipc (GPUs of one host, CUDA IPC; nodes may share a GPU: run CUDA MPS for concurrency) or gloo (CPU).
     backend: str = "auto"
     connect_timeout_s: float = 60.0  # an expert node must answer the handshake within this
     recv_timeout_s: float = 30.0  # an expert node must answer a dispatch within this
@@ -125,10 +125,10 @@ class Config:
     def validate(self) -> "Config":
         backend = self.transport.backend
         if backend not in ("auto", "ucx", "zmq", "inproc") + LOCKSTEP_BACKENDS:
-            raise ConfigError(f"transport.backend={backend!r}; choose auto, ucx, zmq, nccl or gloo")
-        if backend in LOCKSTEP_BACKENDS and self.model.device != ("cuda" if backend == "nccl" else "cpu"):
-            raise ConfigError(f"transport.backend={backend} links {'GPUs' if backend == 'nccl' else 'CPU processes'}"
-                              f", not model.device={self.model.device}: use {'gloo' if backend == 'nccl' else 'nccl'}")
+            raise ConfigError(f"transport.backend={backend!r}; choose auto, ucx, zmq, nccl, ipc or gloo")
+        if backend in LOCKSTEP_BACKENDS and self.model.device != ("cpu" if backend == "gloo" else "cuda"):
+            raise ConfigError(f"transport.backend={backend} links {'CPU processes' if backend == 'gloo' else 'GPUs'}"
+                              f", not model.device={self.model.device}: use {'nccl or ipc' if backend == 'gloo' else 'gloo'}")
         if self.model.device not in ("cpu", "cuda"):
             raise ConfigError(f"model.device={self.model.device!r}; choose cpu or cuda")
         if self.model.dtype not in _DTYPES:

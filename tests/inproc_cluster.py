@@ -90,16 +90,20 @@ class InprocCluster:
         return logits
 
     async def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-        """Greedy continuous-batching generation of every prompt; ignores eos."""
-        seqs = [Sequence(f"g{i}", p, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), 0)
-                for i, p in enumerate(prompts)]
-        for s in seqs:
-            self.scheduler.add(s)
-        step = 0
-        while self.scheduler.running or self.scheduler.waiting:
-            batch = self.scheduler.schedule()
-            step += 1
-            logits = await self.runner.forward(step, batch, self.microbatches)
-            for seq, token in zip(batch, sample_step(logits, batch)[0]):
-                self.scheduler.advance(seq, token)
-        return [s.output_ids for s in seqs]
+        return await generate(self, prompts, max_tokens)
+
+
+async def generate(cluster, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Greedy continuous-batching generation of every prompt on a cluster's scheduler and runner; ignores eos."""
+    seqs = [Sequence(f"g{i}", p, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), 0)
+            for i, p in enumerate(prompts)]
+    for s in seqs:
+        cluster.scheduler.add(s)
+    step = 0
+    while cluster.scheduler.running or cluster.scheduler.waiting:
+        batch = cluster.scheduler.schedule()
+        step += 1
+        logits = await cluster.runner.forward(step, batch, cluster.microbatches)
+        for seq, token in zip(batch, sample_step(logits, batch)[0]):
+            cluster.scheduler.advance(seq, token)
+    return [s.output_ids for s in seqs]

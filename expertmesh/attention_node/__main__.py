@@ -9,7 +9,7 @@ from ..config import LOCKSTEP_BACKENDS, Config
 from ..kv.block_manager import BlockManager
 from ..kv.cache import PagedKVCache, num_blocks_for
 from ..model.spec import ModelSpec
-from ..m2n.dist import close_links, join_cluster
+from ..m2n.links import make_links
 from ..m2n.lockstep import LockstepClient
 from ..model.weights import load_attention_side, load_experts
 from ..placement.plan import load_cluster_placement, load_cluster_topology
@@ -57,7 +57,6 @@ async def main(config: Config, index: int) -> None:
         if m2n is not None:
             await m2n.close()
         await control.close()
-        close_links()
 
 
 async def connect_expert_nodes(config: Config, spec: ModelSpec, index: int,
@@ -80,8 +79,9 @@ async def connect_expert_nodes(config: Config, spec: ModelSpec, index: int,
 
 
 async def connect_lockstep(config: Config, spec: ModelSpec, placement, index: int, device: str) -> LockstepClient:
-    """The lockstep M2N: joins the cluster's torch.distributed world, then greets the expert nodes over zmq."""
-    links = join_cluster(config, "attention", index, device)
+    """The lockstep M2N: sets up the links (nccl/gloo: joins the cluster's world), then greets the expert nodes over
+    zmq (ipc: exchanging receive-region handles)."""
+    links = make_links(config, "attention", index, device, spec.hidden_size, config.model.torch_dtype, spec.top_k)
     t = config.transport
     connections = [await connect_within(ZmqTransport(), address, t.connect_timeout_s)
                    for address in config.cluster.expert_addresses]

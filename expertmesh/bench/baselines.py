@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -12,16 +11,15 @@ import torch
 
 from ..launcher.local import free_port
 from .harness import (CONNECT_TIMEOUT_S, WARMUP, P2pPlan, M2nPlan, Row, SenderTiming, device_of, m2n_plan,
-                      m2n_rows, p2p_plan, p2p_row, run_processes, sync, time_p2p, wait_barrier, wait_done)
+                      m2n_rows, nccl_without_multicast, p2p_plan, p2p_row, run_processes, sync, time_p2p,
+                      wait_barrier, wait_done)
 
 
 # ---- torch.distributed --------------------------------------------------------------------------------------
 
 def _init_process_group(dist_backend: str, port: int, rank: int, world_size: int) -> None:
     import torch.distributed as dist
-    # NVLink SHARP (multicast) cannot be set up on these machines; NCCL reads these when its communicator starts.
-    os.environ["NCCL_NVLS_ENABLE"] = "0"
-    os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+    nccl_without_multicast()
     dist.init_process_group(dist_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
 
 

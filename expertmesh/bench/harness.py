@@ -20,6 +20,8 @@ BYTES_PER_SIZE = 256 << 20  # what one size may move per measurement: fewer iter
 STALL_TIMEOUT_S = 120.0  # no word from any benchmark process for this long: something hangs
 CONNECT_TIMEOUT_S = 30.0  # a listener may still be importing torch when its peers start
 
+TOP_K = 2  # experts per token in the M2N rows (Mixtral's): their ids and weights ride with the hidden states
+
 P2pPlan = list[tuple[int, int, int]]  # (message bytes, timed round trips, streamed messages) per size
 M2nPlan = list[tuple[int, int]]  # (tokens, timed rounds) per token count
 
@@ -100,6 +102,12 @@ def device_of(slot: int, device: str) -> str:
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
+
+
+def nccl_without_multicast() -> None:
+    """NVLink SHARP (multicast) cannot be set up on these machines; NCCL reads these when its communicator starts."""
+    os.environ["NCCL_NVLS_ENABLE"] = "0"
+    os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
 
 
 # ---- measuring, inside the benchmark processes ----------------------------------------------------------------

@@ -15,19 +15,20 @@ import torch
 
 from ..launcher.local import free_port
 from .baselines import RAW_UCXX, collective_m2n, collective_point_to_point, raw_ucxx_point_to_point
-from .harness import (CONNECT_TIMEOUT_S, STALL_TIMEOUT_S, WARMUP, BenchError, M2nPlan, P2pPlan, Row, SenderTiming,
-                      device_of, format_size, gpu_count, m2n_plan, m2n_rows, p2p_plan, p2p_row, parse_sizes,
-                      run_processes, sync, time_p2p, wait_barrier, wait_done)
+from .harness import (CONNECT_TIMEOUT_S, STALL_TIMEOUT_S, TOP_K, WARMUP, BenchError, M2nPlan, P2pPlan, Row,
+                      SenderTiming, device_of, format_size, gpu_count, m2n_plan, m2n_rows, p2p_plan, p2p_row,
+                      parse_sizes, run_processes, sync, time_p2p, wait_barrier, wait_done)
+from .lockstep_m2n import LOCKSTEP, lockstep_m2n
 
-BACKENDS = ("zmq", "ucx")
+DEFAULT_BACKENDS = ("zmq", "ucx")
+BACKENDS = (*DEFAULT_BACKENDS, LOCKSTEP)  # lockstep: M2N rows only (it has no point-to-point API)
 CPU_SIZES = "4K,64K,1M,16M,64M"
 CUDA_SIZES = CPU_SIZES + ",256M"
-_TOP_K = 2  # experts per token in the Dispatch messages (Mixtral's): their ids and weights ride with the hidden states
 
 
 @dataclass
 class BenchConfig:
-    backends: list[str] = field(default_factory=lambda: list(BACKENDS))
+    backends: list[str] = field(default_factory=lambda: list(DEFAULT_BACKENDS))
     device: str = "cpu"
     sizes: list[int] = field(default_factory=lambda: parse_sizes(CPU_SIZES))
     iters: int = 100  # timed round trips (p2p) or rounds (m2n) of small messages; large ones get fewer
@@ -116,13 +117,13 @@ async def _m2n_sender(backend: str, device: str, sender: int, addresses: list[st
     try:
         for tokens, rounds in plan:
             # carved from one buffer, as M2NClient's send buffers are (a transport may send them as one frame)
-            metas = [TensorMeta(getattr(torch, dtype), (tokens, hidden)), TensorMeta(torch.int32, (tokens, _TOP_K)),
-                     TensorMeta(torch.float32, (tokens, _TOP_K))]
+            metas = [TensorMeta(getattr(torch, dtype), (tokens, hidden)), TensorMeta(torch.int32, (tokens, TOP_K)),
+                     TensorMeta(torch.float32, (tokens, TOP_K))]
             flat = torch.empty(packed_offsets(metas)[1], dtype=torch.uint8, device=device)
             message = Dispatch(0, 0, 0, *packed_views(flat, metas))
             message.hidden.fill_(1)
             message.expert_ids.zero_()
-            message.expert_weights.fill_(1 / _TOP_K)
+            message.expert_weights.fill_(1 / TOP_K)
             round_s = []
             for i in range(WARMUP + rounds):
                 if i == WARMUP:  # every sender starts timing together: the bandwidth is of concurrent traffic
@@ -162,6 +163,8 @@ def point_to_point(backend: str, device: str, sizes: list[int], iters: int,
 def m2n(backend: str, device: str, senders: int, receivers: int, tokens: list[int], hidden: int, dtype: str,
         iters: int, ucx_progress_mode: str = "thread") -> list[Row]:
     """Rounds of one Dispatch from each sender to each receiver and a same-sized Combine back."""
+    if backend == LOCKSTEP:
+        return lockstep_m2n(device, senders, receivers, tokens, hidden, dtype, iters)
     plan = m2n_plan(tokens, hidden, dtype, receivers, iters)
     addresses = [_address(backend) for _ in range(receivers)]
     roles = [(_m2n_sender, dict(backend=backend, device=device_of(i, device), sender=i, addresses=addresses,
@@ -186,6 +189,9 @@ def check(config: BenchConfig) -> list[str]:
     for backend in config.backends:
         if backend not in BACKENDS:
             raise BenchError(f"unknown backend {backend!r} in --backends; choose from {', '.join(BACKENDS)}")
+        if backend == LOCKSTEP:  # torch.distributed: no transport class to try
+            _check_lockstep(config, gpus)
+            continue
         if backend == "zmq" and config.device == "cuda":
             raise BenchError("backend 'zmq' carries CPU tensors only (the serving path cannot use it on cuda); "
                              "use --backends ucx with --device cuda")
@@ -210,13 +216,20 @@ def check(config: BenchConfig) -> list[str]:
     return notes
 
 
+def _check_lockstep(config: BenchConfig, gpus: int) -> None:
+    if config.device == "cuda" and config.senders + config.receivers > gpus:
+        print(f"lockstep: {config.senders + config.receivers} processes on {gpus} GPU(s): CUDA IPC links (NCCL needs a "
+              f"GPU per process); run CUDA MPS for the processes' kernels to run at once", file=sys.stderr)
+
+
 def run(config: BenchConfig) -> tuple[list[Row], list[str]]:
     notes = check(config)
     for note in notes:
         print(note, file=sys.stderr)
     rows: list[Row] = []
     for backend in config.backends:
-        rows += point_to_point(backend, config.device, config.sizes, config.iters, config.ucx_progress_mode)
+        if backend != LOCKSTEP:
+            rows += point_to_point(backend, config.device, config.sizes, config.iters, config.ucx_progress_mode)
     if config.raw_ucxx and "ucx" in config.backends:
         rows += raw_ucxx_point_to_point(config.device, config.sizes, config.iters, config.ucx_progress_mode)
     if config.nccl:
@@ -247,6 +260,11 @@ def format_table(rows: list[Row], notes: list[str] = ()) -> str:
     if any(row.backend == RAW_UCXX for row in rows):
         lines += [f"{RAW_UCXX}: ucxx's own send/recv of buffers allocated before timing, no framing or headers:",
                   "the floor of any UCX-based transport from Python."]
+    if any(row.backend.startswith(LOCKSTEP) for row in rows):
+        lines += [f"{LOCKSTEP}-*: the serving M2N over its links (gloo, nccl or ipc); a round is one MoE layer of a step:",
+                  "dispatch (tokens, ids, weights to every receiver), gather, reduce. The step plan (zmq) is sent before",
+                  "the timed rounds, which are enqueued back to back with one wait on the device per 10 (the host ahead,",
+                  "as in a decode step); each still waits on the device for the previous round's answers."]
     return "\n".join([*lines, *notes])
 
 
@@ -259,7 +277,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         tokens = [int(part) for part in args.tokens.split(",") if part.strip()]
     except ValueError:
         raise BenchError(f"--tokens {args.tokens!r}: expected comma-separated token counts, e.g. 1,16,64") from None
-    backends = args.backends or ("ucx" if device == "cuda" else ",".join(BACKENDS))
+    backends = args.backends or ("ucx" if device == "cuda" else ",".join(DEFAULT_BACKENDS))
     return BenchConfig([b.strip() for b in backends.split(",") if b.strip()], device,
                        parse_sizes(args.sizes or (CUDA_SIZES if device == "cuda" else CPU_SIZES)), args.iters,
                        int(senders), int(receivers), tokens, args.hidden, args.dtype, args.nccl,

@@ -6,7 +6,7 @@ import logging
 import torch
 
 from ..config import LOCKSTEP_BACKENDS, Config
-from ..m2n.dist import close_links, join_cluster
+from ..m2n.links import make_links
 from ..model.spec import ModelSpec
 from ..model.weights import load_experts
 from ..placement.plan import load_cluster_placement
@@ -37,7 +37,7 @@ async def main(config: Config, index: int) -> None:
     control = await ZmqTransport().listen(config.cluster.expert_control_addresses[index])
     node = ExpertNode(index, experts, spec.num_experts, listener, control)
     if lockstep:
-        links = join_cluster(config, "expert", index, device)
+        links = make_links(config, "expert", index, device, spec.hidden_size, config.model.torch_dtype, spec.top_k)
         node.rounds = LockstepRounds(links, spec.moe_layer_ids, config.engine.max_batch_tokens, spec.hidden_size,
                                      spec.top_k, config.model.torch_dtype, device, node.compute_lane,
                                      config.transport.recv_timeout_s)
@@ -52,7 +52,8 @@ async def main(config: Config, index: int) -> None:
     finally:
         await listener.close()
         await control.close()
-        close_links()
+        if node.rounds is not None:
+            node.rounds.links.close()
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ from typing import Awaitable, Callable
 
 import torch
 
-from ..m2n.dist import DistLinks
+from ..m2n.links import Links
 from ..m2n.lockstep import wait_event
-from ..transport.protocol import StepPlan
+from ..transport.protocol import StepPlan, TensorMeta
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ OnError = Callable[[int, StepPlan, int, int, Exception], Awaitable[None]]  # (at
 
 
 class LockstepRounds:
-    def __init__(self, links: DistLinks, moe_layers: list[int], capacity: int, hidden: int, top_k: int,
+    def __init__(self, links: Links, moe_layers: list[int], capacity: int, hidden: int, top_k: int,
                  dtype: torch.dtype, device: str, compute: Compute, recv_timeout_s: float) -> None:
         self.links = links
         self.moe_layers = moe_layers
@@ -37,13 +37,8 @@ class LockstepRounds:
         self.device = device
         self.compute = compute
         self.recv_timeout_s = recv_timeout_s
+        self.top_k, self.dtype = top_k, dtype
         lanes = range(links.attention_nodes)
-        # receive buffers per (attention node, round parity): a round's receives may be posted while the previous
-        # round still computes, never while the round before that does (its compute was enqueued first)
-        self.buffers = {(a, parity): (torch.empty(capacity, hidden, dtype=dtype, device=device),
-                                      torch.empty(capacity, top_k, dtype=torch.int32, device=device),
-                                      torch.empty(capacity, top_k, dtype=torch.float32, device=device))
-                        for a in lanes for parity in (0, 1)}
         cuda = torch.device(device).type == "cuda"
         self.streams = [torch.cuda.Stream(device) if cuda else None for _ in lanes]
         self._plans: list[asyncio.Queue[StepPlan]] = [asyncio.Queue() for _ in lanes]
@@ -53,9 +48,9 @@ class LockstepRounds:
         if not 0 <= plan.attention_node < len(self._plans):
             raise ValueError(f"a step plan from attention node {plan.attention_node}; the world has "
                              f"{len(self._plans)} attention nodes")
-        if len(plan.tokens) > len(self.links.groups) or max(plan.tokens, default=0) > self.capacity:
+        if len(plan.tokens) > self.links.microbatches or max(plan.tokens, default=0) > self.capacity:
             raise ValueError(f"attention node {plan.attention_node}'s step {plan.step} plans {plan.tokens} tokens "
-                             f"per microbatch; the links carry {len(self.links.groups)} microbatches of at most "
+                             f"per microbatch; the links carry {self.links.microbatches} microbatches of at most "
                              f"{self.capacity}")
         self._plans[plan.attention_node].put_nowait(plan)
 
@@ -81,8 +76,14 @@ class LockstepRounds:
             if self.streams[a] is not None:
                 event = torch.cuda.Event()
                 event.record(self.streams[a])
-                watchdogs.add(asyncio.create_task(
-                    wait_event(event, self.recv_timeout_s, f"attention node {a}'s step {plan.step}")))
+                watchdogs.add(asyncio.create_task(self._watch(event, f"attention node {a}'s step {plan.step}")))
+
+    async def _watch(self, event: torch.cuda.Event, what: str) -> None:
+        try:
+            await wait_event(event, self.recv_timeout_s, what)
+        except Exception:
+            self.links.release()  # the lane's stream must not stay stuck behind a dead peer's rounds
+            raise
 
     def _on_lane(self, a: int):
         """The lane's stream as the current one, around work that does not yield (streams are per thread, not
@@ -94,32 +95,34 @@ class LockstepRounds:
         rounds = [(layer, mb, n) for layer in self.moe_layers for mb, n in enumerate(plan.tokens) if n > 0]
         rank = self.links.attention_rank(a)
 
-        def post_receives(i: int) -> list:
+        def post_receives(i: int) -> tuple[list[torch.Tensor], list]:
             _, mb, n = rounds[i]
+            metas = [TensorMeta(self.dtype, (n, self.hidden)), TensorMeta(torch.int32, (n, self.top_k)),
+                     TensorMeta(torch.float32, (n, self.top_k))]
             with self._on_lane(a):
-                return self.links.post(mb, [], [(buf[:n], rank) for buf in self.buffers[(a, i % 2)]])
+                return self.links.receive(mb, rank, metas)
 
         sent, computed = [], 0
-        pending = post_receives(0) if rounds else []
+        received = post_receives(0) if rounds else ([], [])
         for i, (layer, mb, n) in enumerate(rounds):
             ahead = i + 1 < len(rounds) and rounds[i + 1][1] != mb  # another group's stream: no ordering knot
             following = post_receives(i + 1) if ahead else None
-            with self._on_lane(a):  # NCCL: the lane's stream waits for the receives (the host does not)
-                await self.links.wait(pending)
+            views, works = received
+            with self._on_lane(a):  # on a GPU the lane's stream waits for the message (the host does not)
+                await self.links.wait(works)
             with self._on_lane(a):
                 try:
-                    partial = self.compute(a, layer, *(buf[:n] for buf in self.buffers[(a, i % 2)]))
+                    partial = self.compute(a, layer, *views)
                     failure = None
                 except Exception as exc:  # keep the rhythm with zeros; the sender learns of it on the control path
                     log.exception("expert node: layer %d failed", layer)
-                    partial, failure = torch.zeros(n, self.hidden, dtype=self.buffers[(a, 0)][0].dtype,
-                                                   device=self.device), exc
-                sent += self.links.post(mb, [(partial, rank)], [])
+                    partial, failure = torch.zeros(n, self.hidden, dtype=self.dtype, device=self.device), exc
+                sent += self.links.send(mb, rank, [partial])
             if failure is not None:
                 await on_error(a, plan, layer, mb, failure)
             computed += n
             if i + 1 < len(rounds):
-                pending = following if ahead else post_receives(i + 1)
-        if self.links.backend != "nccl":
-            await self.links.wait(sent)  # gloo: the partial sums stay alive until sent
+                received = following if ahead else post_receives(i + 1)
+        if self.links.backend == "gloo":
+            await self.links.wait(sent)  # the partial sums stay alive until sent
         return computed

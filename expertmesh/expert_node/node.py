@@ -79,7 +79,12 @@ class ExpertNode:
                 self._peer_of[message.attention_node] = peer
                 held = [layer * self.num_experts + e for layer, stacked in self.experts_of_layer.items()
                         for e in stacked.expert_ids]
-                await self.listener.send(peer, HelloReply(self.node_id, held))
+                region = b""
+                if self.rounds is not None:  # the links' handshake rides on this one (ipc: receive-region handles)
+                    rank = self.rounds.links.attention_rank(message.attention_node)
+                    self.rounds.links.attach(rank, message.region)
+                    region = self.rounds.links.region_handle(rank)
+                await self.listener.send(peer, HelloReply(self.node_id, held, region))
             elif isinstance(message, StepPlan) and self.rounds is not None:
                 self.rounds.add(message)
             elif isinstance(message, Dispatch):

@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import LOCKSTEP_BACKENDS, Config
+from ..config import Config
 from ..transport.base import resolve_backend
 
 
@@ -77,7 +77,7 @@ class LocalCluster:
             cluster.expert_addresses = [f"{scheme}://127.0.0.1:{free_port()}" for _ in range(cluster.expert_nodes)]
         if not cluster.expert_control_addresses:
             cluster.expert_control_addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(cluster.expert_nodes)]
-        if self.config.transport.backend in LOCKSTEP_BACKENDS and not cluster.dist_address:
+        if self.config.transport.backend in ("nccl", "gloo") and not cluster.dist_address:
             cluster.dist_address = f"tcp://127.0.0.1:{free_port()}"
         if not cluster.attention_addresses:
             cluster.attention_addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(cluster.attention_nodes)]

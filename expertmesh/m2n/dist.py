@@ -1,47 +1,56 @@
-"""Point-to-point links over torch.distributed: NCCL between GPUs, gloo between CPU processes.
+"""Links over torch.distributed point to point: NCCL between GPUs, gloo between CPU processes.
 
-Every node of the cluster is one rank of one world: attention node a is rank a, expert node e is rank
-attention_nodes + e. Each microbatch gets a process group of its own, so on NCCL its sends and receives queue
-on a stream of their own: one microbatch waiting for its answer never holds up another's dispatch (ping-pong).
-Sends and receives are stream-ordered on NCCL (the host never waits for them); gloo's are waited on in a
-thread, so that the event loop keeps serving."""
+Every node of the cluster is one rank of one world. Each (attention node, microbatch) gets a process group of its
+own — the attention node and every expert node — so on NCCL its sends and receives queue on a stream of their
+own: one microbatch waiting for its answer never holds up another's dispatch (ping-pong), and an expert node's
+lanes (one per attention node) never wait on each other's streams. Sends and receives are stream-ordered on NCCL (the host never waits for them);
+gloo's are waited on in a thread, so that the event loop keeps serving."""
 from __future__ import annotations
 
 import asyncio
 import datetime
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.distributed as dist
 
 from ..transport.base import TransportError
+from ..transport.protocol import TensorMeta, packed_views
+from .links import Links
 
 if TYPE_CHECKING:
     from ..config import Config
 
-Pairs = list[tuple[torch.Tensor, int]]  # (tensor, peer rank)
 
+class DistLinks(Links):
+    def __init__(self, backend: str, attention_nodes: int, rank: int, groups: dict[tuple[int, int], object],
+                 microbatches: int, slot_bytes: int, device: str, timeout_s: float) -> None:
+        super().__init__(attention_nodes, microbatches, slot_bytes)
+        self.backend = backend  # "nccl" or "gloo"
+        self.rank = rank
+        self.groups = groups  # (attention node, microbatch) -> its process group, for the groups this rank is in
+        self.device = device
+        self.timeout_s = timeout_s  # gloo waits raise after this; NCCL's are bounded by the caller (wait_event)
+        self._slots: dict[tuple[int, int], torch.Tensor] = {}  # (peer, microbatch) -> receive slot, made once
 
-@dataclass
-class DistLinks:
-    backend: str  # "nccl" or "gloo"
-    attention_nodes: int
-    groups: list  # one process group per microbatch
-    timeout_s: float  # gloo waits raise after this; NCCL's are bounded by the caller (lockstep.wait_event)
-
-    def attention_rank(self, node: int) -> int:
-        return node
-
-    def expert_rank(self, node: int) -> int:
-        return self.attention_nodes + node
-
-    def post(self, microbatch: int, sends: Pairs, recvs: Pairs) -> list:
-        """Starts the sends and receives of one round of `microbatch` as one group; returns their works."""
-        group = self.groups[microbatch % len(self.groups)]
-        ops = ([dist.P2POp(dist.isend, t, peer, group) for t, peer in sends if t.numel()]
-               + [dist.P2POp(dist.irecv, t, peer, group) for t, peer in recvs if t.numel()])
+    def _post(self, microbatch: int, op, tensors: Sequence[torch.Tensor], peer: int) -> list:
+        attention_node = peer if peer < self.attention_nodes else self.rank  # every link has one attention end
+        group = self.groups[(attention_node, microbatch)]
+        ops = [dist.P2POp(op, t, peer, group) for t in tensors if t.numel()]
         return dist.batch_isend_irecv(ops) if ops else []
+
+    def send(self, microbatch: int, peer: int, tensors: Sequence[torch.Tensor]) -> list:
+        self._next(self._sent, peer, microbatch, [TensorMeta(t.dtype, tuple(t.shape)) for t in tensors])
+        return self._post(microbatch, dist.isend, tensors, peer)
+
+    def receive(self, microbatch: int, peer: int, metas: Sequence[TensorMeta]) -> tuple[list[torch.Tensor], list]:
+        self._next(self._received, peer, microbatch, metas)
+        buffer = self._slots.get((peer, microbatch))
+        if buffer is None:
+            buffer = self._slots[(peer, microbatch)] = torch.empty(self.slot_bytes, dtype=torch.uint8,
+                                                                   device=self.device)
+        views = packed_views(buffer, metas)
+        return views, self._post(microbatch, dist.irecv, views, peer)
 
     async def wait(self, works: list) -> None:
         """NCCL: the current stream waits for the works (the host does not). gloo: the host waits, in a thread."""
@@ -57,9 +66,18 @@ class DistLinks:
         except RuntimeError as exc:  # gloo: a peer closed its connection, or the timeout passed
             raise TransportError(f"gloo link failed: {exc}") from None
 
+    def close(self) -> None:
+        close_links()
+
+
+def close_links() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
 
 def init_links(backend: str, init_address: str, attention_nodes: int, expert_nodes: int, rank: int,
-               microbatches: int, device: str, connect_timeout_s: float, recv_timeout_s: float) -> DistLinks:
+               microbatches: int, device: str, connect_timeout_s: float, recv_timeout_s: float,
+               slot_bytes: int = 64 << 20) -> DistLinks:
     """Joins the cluster's world (every node calls this once at start) and makes one group per microbatch."""
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"torch.distributed links are nccl or gloo, not {backend!r}")
@@ -69,19 +87,21 @@ def init_links(backend: str, init_address: str, attention_nodes: int, expert_nod
                                 rank=rank, timeout=datetime.timedelta(seconds=connect_timeout_s), **kwargs)
     except (RuntimeError, ValueError) as exc:  # a store that never filled up, or a refused connection
         raise TransportError(f"rank {rank} could not join the {backend} world at {init_address}: {exc}") from None
-    groups = [dist.group.WORLD] + [dist.new_group(backend=backend) for _ in range(1, microbatches)]
-    for group in groups:  # communicators exist before the first round, on every rank at once
-        dist.barrier(group=group, **({"device_ids": [torch.device(device).index or 0]} if backend == "nccl" else {}))
-    return DistLinks(backend, attention_nodes, groups, recv_timeout_s)
+    experts = list(range(attention_nodes, attention_nodes + expert_nodes))
+    groups = {}
+    for a in range(attention_nodes):  # every rank creates every group, in the same order (torch's rule)
+        for mb in range(microbatches):
+            group = dist.new_group([a] + experts, backend=backend)
+            if rank == a or rank in experts:
+                groups[(a, mb)] = group
+    barrier = {"device_ids": [torch.device(device).index or 0]} if backend == "nccl" else {}
+    for group in groups.values():  # communicators exist before the first round
+        dist.barrier(group=group, **barrier)
+    return DistLinks(backend, attention_nodes, rank, groups, microbatches, slot_bytes, device, recv_timeout_s)
 
 
-def close_links() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def join_cluster(config: "Config", role: str, index: int, device: str) -> DistLinks:
-    """init_links for node `index` of `role` ("attention" or "expert") of the cluster `config` describes."""
+def join_cluster(config: "Config", rank: int, device: str, slot_bytes: int) -> DistLinks:
+    """init_links for the node of `rank` in the cluster `config` describes."""
     from ..config import ConfigError
     cluster, backend = config.cluster, config.transport.backend
     if not cluster.dist_address:
@@ -92,8 +112,7 @@ def join_cluster(config: "Config", role: str, index: int, device: str) -> DistLi
         shared = sorted({d for d in devices if devices.count(d) > 1})
         if shared:
             raise ConfigError(f"transport.backend=nccl links one GPU per node, but nodes share {shared}: give each "
-                              f"node its own GPU (cluster.attention_gpus, cluster.expert_gpus) or use ucx")
-    rank = index if role == "attention" else cluster.attention_nodes + index
+                              f"node its own GPU (cluster.attention_gpus, cluster.expert_gpus) or use ipc")
     return init_links(backend, cluster.dist_address, cluster.attention_nodes, cluster.expert_nodes, rank,
                       config.engine.microbatches, device, config.transport.connect_timeout_s,
-                      config.transport.recv_timeout_s)
+                      config.transport.recv_timeout_s, slot_bytes)

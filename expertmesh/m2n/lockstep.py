@@ -21,8 +21,8 @@ from ..placement.plan import Placement
 from ..placement.replication import choose_replica
 from ..transport.base import Connection, TransportError
 from ..transport.m2n import ExpertNodeError, LinkStats, greet_expert_nodes
-from ..transport.protocol import ExpertError, StepPlan
-from .dist import DistLinks
+from ..transport.protocol import ExpertError, StepPlan, TensorMeta
+from .links import Links
 
 
 class RoundCapacityError(ValueError):
@@ -32,8 +32,8 @@ class RoundCapacityError(ValueError):
 @dataclass
 class RoundHandle:
     microbatch: int
-    tokens: int
-    works: list
+    works: list  # the links' sends and receives of the round
+    answers: list[torch.Tensor]  # each expert node's partial sums, in its receive slot
 
 
 async def wait_event(event: torch.cuda.Event, timeout_s: float, what: str) -> None:
@@ -50,7 +50,7 @@ async def wait_event(event: torch.cuda.Event, timeout_s: float, what: str) -> No
 class LockstepClient:
     """ExpertBackend (model_runner.py) over lockstep rounds on DistLinks."""
 
-    def __init__(self, connections: list[Connection], links: DistLinks, placement: Placement, attention_node: int,
+    def __init__(self, connections: list[Connection], links: Links, placement: Placement, attention_node: int,
                  capacity: int, hidden: int, dtype: torch.dtype, microbatches: int, device: str,
                  recv_timeout_s: float, attention_domain: int = 0, expert_domain: list[int] | None = None) -> None:
         self.connections = connections
@@ -68,9 +68,7 @@ class LockstepClient:
                                              for nodes in experts], dtype=torch.int32, device=device)
                         for layer, experts in placement.nodes_of.items()}
         self._node_ids = torch.arange(n, dtype=torch.int32, device=device).view(-1, 1, 1)
-        # answers[mb][node]: each node's partial sums of the microbatch's current round, received in place
-        self.answers = [[torch.empty(capacity, hidden, dtype=dtype, device=device) for _ in range(n)]
-                        for _ in range(microbatches)]
+        self.hidden, self.dtype, self.microbatches = hidden, dtype, microbatches
         self.stats = LinkStats([0] * n, [0] * n, [0] * n)
         self._errors: list[str] = []
         self._readers: list[asyncio.Task] = []
@@ -79,7 +77,7 @@ class LockstepClient:
     async def handshake(self, num_layers: int, num_experts: int, timeout_s: float) -> None:
         """Greets every expert node on the control connection and checks it holds what the placement says."""
         await greet_expert_nodes(self.connections, self.placement, self.attention_node, num_layers, num_experts,
-                                 timeout_s)
+                                 timeout_s, self.links)
         self._readers = [asyncio.create_task(self._read(node)) for node in range(len(self.connections))]
 
     async def _read(self, node: int) -> None:
@@ -98,8 +96,8 @@ class LockstepClient:
         """Announces the step's rounds (tokens of each microbatch) to every expert node."""
         if self._errors:
             raise ExpertNodeError(self._errors[0])
-        if len(tokens) > len(self.answers):
-            raise RoundCapacityError(f"{len(tokens)} microbatches, the links were set up for {len(self.answers)}")
+        if len(tokens) > self.microbatches:
+            raise RoundCapacityError(f"{len(tokens)} microbatches, the links were set up for {self.microbatches}")
         if max(tokens, default=0) > self.capacity:
             raise RoundCapacityError(f"a microbatch of {max(tokens)} tokens, the M2N buffers hold {self.capacity} "
                                      f"(engine.max_batch_tokens)")
@@ -116,24 +114,26 @@ class LockstepClient:
         n = hidden.shape[0]
         owner = self.node_of[layer][expert_ids.long()]
         masked = torch.where(owner.unsqueeze(0) == self._node_ids, expert_ids.unsqueeze(0), -1)  # [nodes, n, k]
-        sends, recvs = [], []
+        works, answers, answer_meta = [], [], [TensorMeta(self.dtype, (n, self.hidden))]
         for node in range(len(self.connections)):
             rank = self.links.expert_rank(node)
-            sends += [(hidden, rank), (masked[node], rank), (expert_weights, rank)]
-            recvs.append((self.answers[microbatch][node][:n], rank))
+            works += self.links.send(microbatch, rank, [hidden, masked[node], expert_weights])
+            (answer,), posted = self.links.receive(microbatch, rank, answer_meta)
+            works += posted
+            answers.append(answer)
             self.stats.bytes_sent[node] += hidden.nbytes + masked[node].nbytes + expert_weights.nbytes
             self.stats.messages_sent[node] += 1
-            self.stats.bytes_received[node] += n * self.answers[microbatch][node].shape[1] * hidden.element_size()
-        return RoundHandle(microbatch, n, self.links.post(microbatch, sends, recvs))
+            self.stats.bytes_received[node] += answer.nbytes
+        return RoundHandle(microbatch, works, answers)
 
     async def gather(self, handle: RoundHandle) -> list[torch.Tensor]:
         await asyncio.sleep(0)  # the other microbatches enqueue their rounds first: ping-pong order on the device
         await self.links.wait(handle.works)
-        return [answer[:handle.tokens] for answer in self.answers[handle.microbatch]]
+        return handle.answers
 
     def reduce(self, handle: RoundHandle, answers: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        """The sum of the nodes' partial sums. With one expert node, its receive buffer itself: valid until the
-        microbatch's next dispatch, which is posted only after the work reading it (stream order)."""
+        """The sum of the nodes' partial sums. With one expert node, its receive slot itself: valid until the
+        microbatch's next rounds, which are posted only after the work reading it (stream order)."""
         out = answers[0]
         for answer in answers[1:]:
             out = out + answer
@@ -144,7 +144,11 @@ class LockstepClient:
         if torch.device(self.device).type == "cuda":
             event = torch.cuda.Event()
             event.record()
-            await wait_event(event, self.recv_timeout_s, f"step {step}'s M2N rounds")
+            try:
+                await wait_event(event, self.recv_timeout_s, f"step {step}'s M2N rounds")
+            except TransportError:
+                self.links.release()  # the stream must not stay stuck behind a dead peer's rounds
+                raise
         if self._errors:
             raise ExpertNodeError(self._errors[0])
 
@@ -153,3 +157,4 @@ class LockstepClient:
             reader.cancel()
         for conn in self.connections:
             await conn.close()
+        self.links.close()

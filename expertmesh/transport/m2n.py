@@ -38,10 +38,12 @@ class LinkStats:
 
 
 async def greet_expert_nodes(connections: list[Connection], placement: Placement, attention_node: int,
-                             num_layers: int, num_experts: int, timeout_s: float) -> None:
-    """The handshake: every expert node must answer within timeout_s and hold what the placement gives it."""
-    for conn in connections:
-        await conn.send(Hello(attention_node, num_layers, num_experts))
+                             num_layers: int, num_experts: int, timeout_s: float, links=None) -> None:
+    """The handshake: every expert node must answer within timeout_s and hold what the placement gives it. With
+    the lockstep M2N's links (m2n/links.py), both sides also exchange what reaches their receive slots."""
+    for node, conn in enumerate(connections):
+        region = links.region_handle(links.expert_rank(node)) if links is not None else b""
+        await conn.send(Hello(attention_node, num_layers, num_experts, region))
     for node, conn in enumerate(connections):
         try:
             reply = await conn.recv(timeout_s)
@@ -53,6 +55,8 @@ async def greet_expert_nodes(connections: list[Connection], placement: Placement
         if sorted(reply.held) != expected:
             raise ExpertNodeError(f"expert node {node} holds {len(reply.held)} experts, the placement "
                                   f"gives it {len(expected)}: was it started with another placement?")
+        if links is not None:
+            links.attach(links.expert_rank(node), reply.region)
 
 
 class M2NClient:

@@ -170,11 +170,13 @@ def decode_frames(frames: Sequence[memoryview | bytes]) -> Message:
 
 @dataclass
 class Hello(Message):
-    """Attention node -> expert node when connecting: who it is, so the expert node can check the plan."""
+    """Attention node -> expert node when connecting: who it is, so the expert node can check the plan; on ipc
+    links, the handle of its receive region for that expert node (m2n/ipc.py)."""
     TAG: ClassVar[int] = 1
     attention_node: int
     num_layers: int
     num_experts: int
+    region: bytes = b""
 
 
 @dataclass
@@ -183,6 +185,7 @@ class HelloReply(Message):
     TAG: ClassVar[int] = 2
     expert_node: int
     held: list[int]
+    region: bytes = b""  # on ipc links: the handle of its receive region for that attention node
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """`expertmesh bench transport` on CPU with tiny sizes: real processes over zmq, ucx and raw ucxx give sane rows,
-the NCCL code path runs on gloo, and what cannot run is refused with the offending value named."""
+the NCCL code path and the lockstep M2N run on gloo, and what cannot run is refused with the offending value named."""
 import dataclasses
 import json
 import sys
@@ -61,6 +61,17 @@ def test_m2n_rounds_of_dispatch_and_combine():
     assert all(row.processes == "2x1" for row in rows)
 
 
+def test_lockstep_m2n_rows_over_gloo():
+    """The lockstep M2N's serving classes (LockstepClient, LockstepRounds) over gloo: M2N rows only, no p2p."""
+    config = bench.BenchConfig(backends=["lockstep"], senders=1, receivers=2, tokens=[1, 16], hidden=64, iters=5)
+    rows, notes = bench.run(config)
+    assert_sane(rows, "m2n", "lockstep-gloo", 2)
+    assert [(row.processes, row.tokens, row.message_bytes) for row in rows] == [("1x2", 1, 1 * 64 * 2),
+                                                                               ("1x2", 16, 16 * 64 * 2)]
+    assert notes == []
+    assert any(line.startswith("lockstep-*: ") for line in bench.format_table(rows).splitlines())
+
+
 def test_collective_path_on_gloo():
     """The NCCL code (send/recv ping-pong and stream, all_to_all_single with M2N splits) run on gloo."""
     rows = baselines.collective_point_to_point([4096], iters=5, dist_backend="gloo")
@@ -103,7 +114,7 @@ def test_bad_size_is_named(text):
         harness.parse_size(text)
 
 
-def test_refusals_name_the_value(monkeypatch):
+def test_refusals_name_the_value(monkeypatch, capsys):
     with pytest.raises(harness.BenchError, match="'tcp'"):
         bench.check(bench.BenchConfig(backends=["tcp"]))
     with pytest.raises(harness.BenchError, match="--device cuda"):
@@ -116,6 +127,11 @@ def test_refusals_name_the_value(monkeypatch):
         bench.check(bench.BenchConfig(backends=["zmq"], device="cuda"))
     notes = bench.check(bench.BenchConfig(backends=["ucx"], device="cuda", nccl=True, senders=2, receivers=2))
     assert notes == ["nccl m2n left out: 2x2 needs 4 GPUs (one rank each), this host has 2"]
+    assert bench.check(bench.BenchConfig(backends=["lockstep"], device="cuda", senders=1, receivers=2)) == []
+    assert "CUDA IPC links" in capsys.readouterr().err  # 3 processes on 2 GPUs: ipc, not NCCL
+    monkeypatch.setattr(bench, "gpu_count", lambda: 4)
+    assert bench.check(bench.BenchConfig(backends=["lockstep"], device="cuda", senders=2, receivers=2)) == []
+    assert "CUDA IPC" not in capsys.readouterr().err
 
 
 def test_missing_ucxx_is_named(monkeypatch):
@@ -155,5 +171,25 @@ def test_cuda_rows_beside_nccl():
     assert notes == []
     assert [(row.pattern, row.backend) for row in rows] == [("p2p", "ucx")] * 2 + [("p2p", "ucxx-raw")] * 2 + \
         [("p2p", "nccl")] * 2 + [("m2n", "ucx")] * 2 + [("m2n", "nccl")] * 2
+    for row in rows:
+        assert row.device == "cuda" and row.latency_us > 0 and row.bandwidth_gb_per_s > 0
+
+
+@pytest.mark.gpu
+def test_lockstep_rows_on_cuda():
+    """The lockstep M2N on CUDA: over NCCL with a GPU per rank, beside NCCL's all_to_all_single on the same GPUs;
+    on one GPU over CUDA IPC."""
+    if bench.gpu_count() < 1:
+        pytest.skip("needs a GPU")
+    two = bench.gpu_count() >= 2
+    config = bench.BenchConfig(backends=["lockstep"], device="cuda", sizes=[4096], iters=20, senders=1, receivers=1,
+                               tokens=[1, 16], hidden=256, nccl=two)
+    rows, notes = bench.run(config)
+    assert notes == []
+    links = "lockstep-nccl" if two else "lockstep-ipc"
+    expected = [("m2n", links)] * 2
+    if two:
+        expected = [("p2p", "nccl"), *expected, ("m2n", "nccl"), ("m2n", "nccl")]
+    assert [(row.pattern, row.backend) for row in rows] == expected
     for row in rows:
         assert row.device == "cuda" and row.latency_us > 0 and row.bandwidth_gb_per_s > 0

@@ -15,6 +15,7 @@ import torch
 
 from expertmesh.launcher.local import free_port
 from expertmesh.m2n.dist import DistLinks
+from expertmesh.m2n.links import slot_bytes_for
 from expertmesh.m2n.lockstep import LockstepClient, RoundCapacityError
 from expertmesh.ops.fused_moe import fused_moe_reference, stack_experts
 from expertmesh.placement.plan import Placement
@@ -25,6 +26,7 @@ LAYERS = [1, 3, 4]
 # expert node 0 holds experts 0-3 of layers 1 and 3 and every expert of layer 4; node 1 the rest
 NODES_OF = {1: [[e // 4] for e in range(8)], 3: [[e // 4] for e in range(8)], 4: [[0]] * 8}
 TOKENS = [5, 3]  # per microbatch
+SLOT_BYTES = slot_bytes_for(16, HIDDEN, torch.float32, TOP_K)
 
 
 def _experts_of(node: int | None) -> dict:
@@ -52,7 +54,7 @@ def _expert_main(node: int, dist_address: str, address: str, die_after_plan: boo
 
     async def main():
         listener = await ZmqTransport().listen(address)
-        links = init_links("gloo", dist_address, 1, 2, 1 + node, 2, "cpu", 30.0, 30.0)
+        links = init_links("gloo", dist_address, 1, 2, 1 + node, 2, "cpu", 30.0, 30.0, SLOT_BYTES)
         expert_node = ExpertNode(node, _experts_of(node), NUM_EXPERTS, listener)
         expert_node.rounds = LockstepRounds(links, LAYERS, 16, HIDDEN, TOP_K, torch.float32, "cpu",
                                             expert_node.compute_lane, 30.0)
@@ -70,7 +72,7 @@ def _attention_main(dist_address: str, addresses: list[str], recv_timeout_s: flo
     from expertmesh.transport.zmq import ZmqTransport
 
     async def main():
-        links = init_links("gloo", dist_address, 1, 2, 0, 2, "cpu", 30.0, recv_timeout_s)
+        links = init_links("gloo", dist_address, 1, 2, 0, 2, "cpu", 30.0, recv_timeout_s, SLOT_BYTES)
         conns = [await connect_within(ZmqTransport(), a, 30.0) for a in addresses]
         client = LockstepClient(conns, links, Placement(2, NODES_OF), 0, 16, HIDDEN, torch.float32, 2, "cpu",
                                 recv_timeout_s)
@@ -78,13 +80,14 @@ def _attention_main(dist_address: str, addresses: list[str], recv_timeout_s: flo
         outputs = {}
         started = time.monotonic()
         try:
-            for step in (1, 2):  # rounds in the runner's order: per layer, every microbatch dispatched, then gathered
-                await client.begin_step(step, TOKENS)
-                for layer in LAYERS:
-                    handles = [await client.dispatch(step, layer, mb, *_inputs(layer, mb)) for mb in range(2)]
-                    for mb, handle in enumerate(handles):
+            for step, tokens in enumerate(([5, 3], [5], [5, 3], [5], [5], [5, 3])):
+                await client.begin_step(step, tokens)
+                async def microbatch(mb):
+                    for layer in LAYERS:
+                        handle = await client.dispatch(step, layer, mb, *_inputs(layer, mb))
                         answers = await client.gather(handle)
                         outputs[(step, layer, mb)] = client.reduce(handle, answers, answers[0]).numpy().copy()
+                await asyncio.gather(*(microbatch(mb) for mb in range(len(tokens))))
                 await client.end_step(step)
             results.put(("ok", outputs))  # numpy: a queued tensor would be shared, and this process exits
         except Exception as exc:
@@ -122,7 +125,7 @@ def test_rounds_add_up_to_all_experts_in_one_place():
     for (step, layer, mb), got in result[1].items():
         expected = fused_moe_reference(*_inputs(layer, mb), full[layer])
         torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-5, rtol=1e-5)
-    assert len(result[1]) == 2 * len(LAYERS) * 2
+    assert len(result[1]) == 9 * len(LAYERS)
 
 
 def test_expert_node_dying_mid_step_fails_the_round_not_hangs():
@@ -133,7 +136,7 @@ def test_expert_node_dying_mid_step_fails_the_round_not_hangs():
 
 
 def test_a_microbatch_over_capacity_is_refused_before_anything_is_sent():
-    links = DistLinks("gloo", 1, [None, None], 1.0)
+    links = DistLinks("gloo", 1, 0, {}, 2, SLOT_BYTES, "cpu", 1.0)
     client = LockstepClient([], links, Placement(0, {}), 0, 16, HIDDEN, torch.float32, 2, "cpu", 1.0)
     with pytest.raises(RoundCapacityError, match="17 tokens"):
         asyncio.run(client.begin_step(1, [17, 2]))

@@ -1,43 +1,48 @@
-"""The lockstep M2N over NCCL between two GPUs: the attention side in this process on GPU 0, an expert node
-process (the real entry point) on GPU 1. Greedy float32 tokens equal transformers', and a decode step, M2N rounds
-included, never waits on the device."""
+"""The lockstep M2N on GPUs: the attention side in this process on GPU 0, an expert node process (the real entry
+point) on GPU 0 over CUDA IPC (one GPU, two processes: time-sliced unless MPS runs) or on GPU 1 over NCCL. Greedy
+float32 tokens equal transformers', a decode step, M2N rounds included, never waits on the device, and an expert
+node that dies fails the step within the deadline instead of hanging it."""
 from __future__ import annotations
 
 import asyncio
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from expertmesh.attention_node.__main__ import connect_lockstep
 from expertmesh.attention_node.model_runner import ModelRunner
-from expertmesh.attention_node.sampler import sample_step
-from expertmesh.attention_node.scheduler import Scheduler, Sequence
+from expertmesh.attention_node.scheduler import Scheduler
 from expertmesh.config import Config
 from expertmesh.kv.block_manager import BlockManager
 from expertmesh.kv.cache import PagedKVCache
 from expertmesh.launcher.local import free_port
-from expertmesh.m2n.dist import close_links
+from expertmesh.transport.base import TransportError
 from expertmesh.model.spec import ModelSpec
 from expertmesh.model.weights import load_attention_side
 from expertmesh.placement.plan import load_cluster_placement
-from expertmesh.transport.protocol import SamplingParams
 from tests.gpu.test_decode_step_gpu import PROMPTS, _decode_logits, reference_tokens
+from tests.inproc_cluster import generate
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
+pytestmark = pytest.mark.gpu
+BACKENDS = ["ipc", pytest.param("nccl", marks=pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                                                 reason="NCCL links one GPU per node: needs 2 GPUs"))]
 
 
-class TwoGpuCluster:
-    """One attention node here on cuda:0 and one expert node process on cuda:1, linked by NCCL."""
+class LockstepCluster:
+    """One attention node here on cuda:0 and one expert node process: on cuda:0 over ipc, on cuda:1 over nccl."""
 
-    def __init__(self, model_dir, tmp_path, microbatches: int, max_num_seqs: int = 8, max_len: int = 256) -> None:
+    def __init__(self, model_dir, tmp_path, backend: str, microbatches: int, max_num_seqs: int = 8,
+                 max_len: int = 256, recv_timeout_s: float = 60.0) -> None:
         config = Config()
         config.model.path, config.model.device, config.model.dtype = str(model_dir), "cuda", "float32"
-        config.transport.backend, config.transport.recv_timeout_s = "nccl", 60.0
+        config.transport.backend, config.transport.recv_timeout_s = backend, recv_timeout_s
         config.engine.microbatches, config.engine.max_num_seqs = microbatches, max_num_seqs
         c = config.cluster
-        c.attention_nodes, c.expert_nodes, c.attention_gpus, c.expert_gpus = 1, 1, [0], [1]
+        c.attention_nodes, c.expert_nodes, c.attention_gpus = 1, 1, [0]
+        c.expert_gpus = [0 if backend == "ipc" else 1]
         c.expert_addresses = [f"tcp://127.0.0.1:{free_port()}"]
         c.expert_control_addresses = [f"tcp://127.0.0.1:{free_port()}"]
         c.attention_addresses = [f"tcp://127.0.0.1:{free_port()}"]
@@ -47,7 +52,7 @@ class TwoGpuCluster:
         self.spec = ModelSpec.from_dir(model_dir)
         self.microbatches, self.max_len, self.max_num_seqs = microbatches, max_len, max_num_seqs
 
-    async def __aenter__(self) -> "TwoGpuCluster":
+    async def __aenter__(self) -> "LockstepCluster":
         self.expert = subprocess.Popen([sys.executable, "-m", "expertmesh.expert_node", "--config", str(self.path),
                                         "--index", "0"])
         torch.cuda.set_device(0)
@@ -63,41 +68,47 @@ class TwoGpuCluster:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self.m2n.close()
         self.expert.terminate()
         self.expert.wait(30)
-        close_links()
+        await self.m2n.close()
 
     async def generate(self, prompts, max_tokens):
-        seqs = [Sequence(f"g{i}", p, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), 0)
-                for i, p in enumerate(prompts)]
-        for s in seqs:
-            self.scheduler.add(s)
-        step = 0
-        while self.scheduler.running or self.scheduler.waiting:
-            batch = self.scheduler.schedule()
-            step += 1
-            logits = await self.runner.forward(step, batch, self.microbatches)
-            for seq, token in zip(batch, sample_step(logits, batch)[0]):
-                self.scheduler.advance(seq, token)
-        return [s.output_ids for s in seqs]
+        return await generate(self, prompts, max_tokens)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ["mixtral_dir", "qwen3_dir"])
-def test_float32_greedy_tokens_over_nccl_match_transformers(request, arch, tmp_path):
+def test_float32_greedy_tokens_match_transformers(request, arch, backend, tmp_path):
     model_dir = request.getfixturevalue(arch)
 
     async def run():
-        async with TwoGpuCluster(model_dir, tmp_path, microbatches=2) as cluster:
+        async with LockstepCluster(model_dir, tmp_path, backend, microbatches=2) as cluster:
             return await cluster.generate(PROMPTS, 16)
 
     assert asyncio.run(run()) == reference_tokens(model_dir, PROMPTS, 16)
 
 
-def test_decode_steps_over_nccl_never_wait_on_the_device(mixtral_dir, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_steps_never_wait_on_the_device(mixtral_dir, backend, tmp_path):
     async def run():
-        async with TwoGpuCluster(mixtral_dir, tmp_path, microbatches=2) as cluster:
+        async with LockstepCluster(mixtral_dir, tmp_path, backend, microbatches=2) as cluster:
             return await _decode_logits(cluster, PROMPTS, 8, check_syncs=True)
 
     logits = asyncio.run(run())
     assert len(logits) == 8 and all(torch.isfinite(step).all() for step in logits)
+
+
+def test_a_dead_expert_node_fails_the_step_within_the_deadline(mixtral_dir, tmp_path):
+    async def run():
+        async with LockstepCluster(mixtral_dir, tmp_path, "ipc", microbatches=2, recv_timeout_s=3.0) as cluster:
+            await cluster.generate(PROMPTS[:2], 2)  # serving
+            cluster.expert.kill()
+            cluster.expert.wait(10)
+            started = time.monotonic()
+            with pytest.raises(TransportError, match="did not complete within"):
+                await cluster.generate(PROMPTS[:2], 2)
+            failed_after = time.monotonic() - started
+            torch.cuda.synchronize()  # the released waits let the stream drain: nothing stays stuck
+            return failed_after
+
+    assert asyncio.run(run()) < 10.0

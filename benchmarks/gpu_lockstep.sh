@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The multi-GPU runs (issues 10 and 11) on `nvidia-h200-x2`: PARTS picks among
-#   tests  - tests/gpu (the 2-GPU lockstep tests among them: float32 exactness over NCCL, no host sync per step)
-#   bench  - `bench transport`: the lockstep M2N round over NCCL beside ucx and NCCL's all_to_all_single/send-recv
-#   serve  - served decode, Qwen3-30B-A3B / Mixtral-8x7B shapes with layers reduced (SHAPES): disaggregated 1+1 over
-#            NCCL at m = MICROBATCHES, and colocated data parallel on both GPUs (--expert-nodes 0), same workload
+# The lockstep M2N's GPU runs (issues 10 and 11). GPUS=1 (`nvidia-h200`: ipc between two processes on the one GPU,
+# under CUDA MPS) or GPUS=2 (`nvidia-h200-x2`: nccl, one GPU per node). PARTS picks among
+#   tests  - tests/gpu (the lockstep tests among them: float32 exactness, no host sync per step, a dead expert node)
+#   bench  - `bench transport`: the lockstep M2N round beside ucx (and, on 2 GPUs, NCCL's all_to_all_single)
+#   serve  - served decode, Qwen3-30B-A3B / Mixtral-8x7B shapes with layers reduced (SHAPES): disaggregated 1+1 at
+#            m = MICROBATCHES, and colocated (--expert-nodes 0) on every GPU (data parallel on 2), same workload
 # Logs and JSON in $OUT. Needs .whl/site312.txz (benchmarks/gpu_wheels.sh) carried.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -11,6 +12,9 @@ mkdir -p /tmp/site "$OUT" && tar xf .whl/site312.txz -C /tmp/site
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 nvidia-smi topo -m | head -4 | tee "$OUT/topo.txt"
+GPUS=${GPUS:-1}
+TRANSPORT=$([ "$GPUS" = 1 ] && echo ipc || echo nccl)
+[ "$GPUS" = 1 ] && nvidia-cuda-mps-control -d && echo "MPS on"
 for part in ${PARTS:-tests bench serve}; do
   case $part in
   tests)
@@ -18,8 +22,8 @@ for part in ${PARTS:-tests bench serve}; do
       | tee "$OUT/gpu_tests.log" | tail -25 ;;
   bench)
     timeout ${BENCH_S:-200} python3 -m expertmesh bench transport --device cuda --backends ${BACKENDS:-lockstep,ucx} \
-      --nccl --senders 1 --receivers 1 --json "$OUT/bench_transport.json" 2>&1 | tee "$OUT/bench_transport.log" \
-      | tail -45 ;;
+      $([ "$GPUS" = 2 ] && echo --nccl) --m2n 1x1 --json "$OUT/bench_transport.json" 2>&1 \
+      | tee "$OUT/bench_transport.log" | tail -45 ;;
   serve)
     for shape in ${SHAPES:-qwen3}; do
       if [ $shape = mixtral ]; then
@@ -34,14 +38,16 @@ for part in ${PARTS:-tests bench serve}; do
       for c in ${CONCURRENCY:-64}; do
         common="--model /tmp/$shape --device cuda --dtype bfloat16 --num-requests $((2 * c)) --concurrency $c
                 --max-num-seqs $c --input-len 64 128 --output-len 64 128"
-        timeout ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --transport nccl --expert-nodes 1 \
+        timeout ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --transport $TRANSPORT --expert-nodes 1 \
           --microbatches ${MICROBATCHES:-1 2} --json "$OUT/serve_${shape}_c${c}_disagg.json" 2>&1 \
-          | grep -E "^m=|Error|error|Traceback" | sed "s/^/$shape c=$c disagg 1+1 nccl /" | head -20
-        timeout ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --transport nccl --expert-nodes 0 \
-          --attention-nodes 2 --max-num-seqs $((c / 2)) --microbatches 1 --json "$OUT/serve_${shape}_c${c}_dp.json" \
-          2>&1 | grep -E "^m=|Error|error|Traceback" | sed "s/^/$shape c=$c colocated DP 2 GPUs /" | head -20
+          | grep -E "^m=|Error|error|Traceback" | sed "s/^/$shape c=$c disagg 1+1 $TRANSPORT /" | head -20
+        timeout ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --expert-nodes 0 \
+          --attention-nodes $GPUS --max-num-seqs $((c / GPUS)) --microbatches 1 \
+          --json "$OUT/serve_${shape}_c${c}_colocated.json" 2>&1 | grep -E "^m=|Error|error|Traceback" \
+          | sed "s/^/$shape c=$c colocated on $GPUS GPUs /" | head -20
       done
     done ;;
   esac
 done
+[ "$GPUS" = 1 ] && echo quit | nvidia-cuda-mps-control
 exit 0

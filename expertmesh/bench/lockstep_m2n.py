@@ -1,0 +1,185 @@
+"""The lockstep M2N in `expertmesh bench transport`'s M2N rows: the serving classes themselves over their links
+(gloo on cpu; on cuda NCCL with a GPU per process, else CUDA IPC, e.g. every process on one GPU under MPS). Senders are attention ranks running LockstepClient (m2n/lockstep.py), receivers expert
+ranks running LockstepRounds (expert_node/lockstep.py) whose compute echoes the tokens back: a partial sum of an
+expert node's size, no compute (as the other backends' m2n receiver answers).
+
+Each token count is one step whose MoE layers are its rounds, WARMUP untimed ones first: the step plan crosses the
+control connection once, before the timing, as in serving, where one plan covers every MoE layer of a step. The
+timed rounds are enqueued back to back in chunks of CHUNK with one wait per chunk, as a decode step enqueues its
+layers with the host ahead of the device: a round's figure is its chunk's time over CHUNK. Each round still waits,
+on the device, for the previous round's answers (one stream), so the figure is a round's latency, host excluded."""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable
+
+import torch
+
+from ..expert_node.lockstep import LockstepRounds
+from ..launcher.local import free_port
+from ..m2n.dist import init_links
+from ..m2n.ipc import IpcLinks
+from ..m2n.links import Links, slot_bytes_for
+from ..m2n.lockstep import LockstepClient
+from ..placement.plan import Placement
+from ..transport.base import connect_within
+from ..transport.protocol import Hello, HelloReply, StepPlan
+from ..transport.zmq import ZmqTransport
+from .harness import (CONNECT_TIMEOUT_S, STALL_TIMEOUT_S, TOP_K, WARMUP, BenchError, M2nPlan, Row, SenderTiming,
+                      device_of, gpu_count, m2n_plan, m2n_rows, nccl_without_multicast, run_processes, sync,
+                      wait_barrier)
+
+LOCKSTEP = "lockstep"
+_EXPERTS = 8  # per layer, in contiguous blocks over the receivers
+CHUNK = 10  # timed rounds per wait on the device
+
+
+def _placement(receivers: int, plan: M2nPlan) -> Placement:
+    """Every layer a step of the plan can reach holds the same experts (layer ids only order the rounds)."""
+    row = [[e * receivers // _EXPERTS] for e in range(_EXPERTS)]
+    return Placement(receivers, {layer: row for layer in range(WARMUP + max(_timed(rounds) for _, rounds in plan))})
+
+
+def _timed(rounds: int) -> int:
+    """The plan's timed rounds, rounded up to whole chunks."""
+    return -(-rounds // CHUNK) * CHUNK
+
+
+def links_backend(device: str, processes: int) -> str:
+    """gloo on cpu; on cuda NCCL when every process has a GPU of its own, else CUDA IPC."""
+    if not device.startswith("cuda"):
+        return "gloo"
+    return "nccl" if gpu_count() >= processes else "ipc"
+
+
+def _join(device: str, rank: int, senders: int, receivers: int, dist_address: str, plan: M2nPlan, hidden: int,
+          dtype: str) -> Links:
+    backend = links_backend(device, senders + receivers)
+    slot_bytes = slot_bytes_for(max(tokens for tokens, _ in plan), hidden, getattr(torch, dtype), TOP_K)
+    # one microbatch: a step's rounds follow each other on one group, as the timing wants them
+    if backend == "ipc":
+        peers = list(range(senders, senders + receivers)) if rank < senders else list(range(senders))
+        return IpcLinks(senders, rank, peers, 1, slot_bytes, device, STALL_TIMEOUT_S)
+    if backend == "nccl":
+        nccl_without_multicast()
+    return init_links(backend, dist_address, senders, receivers, rank, 1, device, CONNECT_TIMEOUT_S,
+                      STALL_TIMEOUT_S, slot_bytes)
+
+
+def _echo(lane: int, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The round's tokens as its partial sums. They lie in a receive slot, which the round after next receives into
+    again: on NCCL after this send (one group, one stream); on gloo only once the sender, having these answers,
+    sent that round."""
+    return hidden
+
+
+async def _serve_until(done: Any, *coroutines: Any) -> None:
+    """Runs the serving coroutines until every sender has its answers; the first failure ends the process at once
+    (harness.wait_done would keep it waiting in a thread)."""
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    try:
+        while not done.is_set():
+            for task in tasks:
+                if task.done():
+                    task.result()  # they end only by failing
+            await asyncio.sleep(0.05)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _lockstep_receiver(device: str, dist_address: str, address: str, receiver: int, senders: int,
+                             receivers: int, plan: M2nPlan, hidden: int, dtype: str,
+                             report: Callable, done: Any, barrier: Any) -> None:
+    listener = await ZmqTransport().listen(address)  # before joining: the senders connect once everyone joined
+    links = _join(device, senders + receiver, senders, receivers, dist_address, plan, hidden, dtype)
+    placement = _placement(receivers, plan)
+    # one LockstepRounds per token count (= step): its MoE layers are the step's rounds, its capacity the tokens
+    steps = [LockstepRounds(links, list(range(WARMUP + _timed(rounds))), tokens, hidden, TOP_K, getattr(torch, dtype),
+                            device, _echo, STALL_TIMEOUT_S) for tokens, rounds in plan]
+
+    async def control() -> None:  # ExpertNode._receive, less its Dispatch path
+        while True:
+            peer, message = await listener.recv()
+            if isinstance(message, Hello):
+                held = [layer * message.num_experts + e for layer, e in placement.pairs_on(receiver)]
+                rank = links.attention_rank(message.attention_node)
+                links.attach(rank, message.region)
+                await listener.send(peer, HelloReply(receiver, held, links.region_handle(rank)))
+            elif isinstance(message, StepPlan):
+                steps[message.step].add(message)
+            else:
+                raise BenchError(f"unexpected {type(message).__name__} on the control connection")
+
+    async def failed(attention_node: int, step_plan: StepPlan, layer: int, microbatch: int, exc: Exception) -> None:
+        raise exc  # the echo cannot fail; if it does, so does the measurement
+
+    try:
+        await _serve_until(done, control(), *(step.serve(failed) for step in steps))
+    finally:
+        await listener.close()
+        links.close()
+
+
+async def _lockstep_sender(device: str, dist_address: str, addresses: list[str], sender: int, senders: int,
+                           receivers: int, plan: M2nPlan, hidden: int, dtype: str,
+                           report: Callable, done: Any, barrier: Any) -> None:
+    links = _join(device, sender, senders, receivers, dist_address, plan, hidden, dtype)
+    connections = [await connect_within(ZmqTransport(), address, CONNECT_TIMEOUT_S) for address in addresses]
+    placement = _placement(receivers, plan)
+    client = LockstepClient(connections, links, placement, sender, max(tokens for tokens, _ in plan), hidden,
+                            getattr(torch, dtype), 1, device, STALL_TIMEOUT_S)
+
+    def moved() -> int:
+        return sum(client.stats.bytes_sent) + sum(client.stats.bytes_received)
+
+    try:
+        await client.handshake(len(placement.nodes_of), _EXPERTS, CONNECT_TIMEOUT_S)
+        for step, (tokens, rounds) in enumerate(plan):
+            states = torch.ones(tokens, hidden, dtype=getattr(torch, dtype), device=device)
+            # experts spread over the receivers: each receiver's ids are masked differently, as in serving
+            ids = (torch.arange(tokens * TOP_K, dtype=torch.int32, device=device) % _EXPERTS).view(tokens, TOP_K)
+            weights = torch.full((tokens, TOP_K), 1 / TOP_K, dtype=torch.float32, device=device)
+            await client.begin_step(step, [tokens])
+            rounds = _timed(rounds)
+            round_s = []
+            for layer in range(WARMUP + rounds):
+                if layer == WARMUP:  # every sender starts timing together: the bandwidth is of concurrent traffic
+                    await wait_barrier(barrier)
+                    sync(device)
+                    first, moved_before = time.perf_counter(), moved()
+                if layer >= WARMUP and (layer - WARMUP) % CHUNK == 0:
+                    start = time.perf_counter()
+                handle = await client.dispatch(step, layer, 0, states, ids, weights)
+                client.reduce(handle, await client.gather(handle), states)
+                if layer < WARMUP:
+                    sync(device)
+                elif (layer - WARMUP) % CHUNK == CHUNK - 1:
+                    sync(device)  # the chunk ends when its last summed answers are on the device
+                    round_s += [(time.perf_counter() - start) / CHUNK] * CHUNK
+            elapsed_s = time.perf_counter() - first
+            bytes_moved = moved() - moved_before
+            await client.end_step(step)  # an expert rank's failure surfaces here, before the timing counts
+            report(("timing", SenderTiming(sender, tokens, states.nbytes, round_s, elapsed_s, bytes_moved)))
+    finally:
+        await client.close()  # and its links
+
+
+def lockstep_m2n(device: str, senders: int, receivers: int, tokens: list[int], hidden: int, dtype: str,
+                 iters: int) -> list[Row]:
+    """M2N rounds of the lockstep M2N: every sender's tokens (with their ids and weights) to every receiver, each
+    receiver's partial sums back, summed; attention rank i is sender i, expert rank senders + j receiver j. Rows are
+    labelled lockstep-<links backend>."""
+    plan = m2n_plan(tokens, hidden, dtype, receivers, iters)
+    addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(receivers)]
+    common = dict(dist_address=f"tcp://127.0.0.1:{free_port()}", senders=senders, receivers=receivers, plan=plan,
+                  hidden=hidden, dtype=dtype)
+    roles = [(_lockstep_sender, dict(common, device=device_of(i, device), addresses=addresses, sender=i))
+             for i in range(senders)]
+    roles += [(_lockstep_receiver, dict(common, device=device_of(senders + j, device), address=address, receiver=j))
+              for j, address in enumerate(addresses)]
+    label = f"{LOCKSTEP}-{links_backend(device, senders + receivers)}"
+    timings = run_processes(f"{label} m2n {senders}x{receivers}", roles, expected=senders * len(plan),
+                            barrier_parties=senders)
+    return m2n_rows(label, device, senders, receivers, timings)

@@ -1,0 +1,100 @@
+"""The few CUDA driver calls the IPC links need, through ctypes on libcuda (present wherever a GPU driver is):
+device memory outside torch's caching allocator (so an IPC handle names exactly one buffer), IPC handles, and
+stream memory operations — a stream that waits until a word in memory reaches a value, and a stream that
+writes one after its prior work, which is how two processes order their streams without the host."""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+CU_STREAM_WAIT_VALUE_GEQ = 0x1
+CU_STREAM_NON_BLOCKING = 0x1
+CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 0x1
+
+
+class CudaDriverError(RuntimeError):
+    pass
+
+
+class IpcHandle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_char * 64)]
+
+
+_lib: ctypes.CDLL | None = None
+
+
+def _fn(name: str):
+    """A driver entry point, by its versioned name where the header maps it to one."""
+    global _lib
+    if _lib is None:
+        try:
+            _lib = ctypes.CDLL("libcuda.so.1")
+        except OSError as exc:
+            raise CudaDriverError(f"the CUDA driver library is not loadable: {exc}") from None
+    for candidate in (f"{name}_v2", name):
+        if hasattr(_lib, candidate):
+            return getattr(_lib, candidate)
+    raise CudaDriverError(f"the CUDA driver has no {name}")
+
+
+def _call(name: str, *args) -> None:
+    result = _fn(name)(*args)
+    if result != 0:
+        text = ctypes.c_char_p()
+        _lib.cuGetErrorName(result, ctypes.byref(text))
+        raise CudaDriverError(f"{name} failed: {text.value.decode() if text.value else result}")
+
+
+def mem_alloc(nbytes: int) -> int:
+    ptr = ctypes.c_uint64()
+    _call("cuMemAlloc", ctypes.byref(ptr), ctypes.c_size_t(nbytes))
+    return ptr.value
+
+
+def mem_free(ptr: int) -> None:
+    _call("cuMemFree", ctypes.c_uint64(ptr))
+
+
+def ipc_handle(ptr: int) -> bytes:
+    handle = IpcHandle()
+    _call("cuIpcGetMemHandle", ctypes.byref(handle), ctypes.c_uint64(ptr))
+    return bytes(handle.reserved)
+
+
+def ipc_open(handle: bytes) -> int:
+    ptr = ctypes.c_uint64()
+    _call("cuIpcOpenMemHandle", ctypes.byref(ptr), IpcHandle(handle), ctypes.c_uint(CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS))
+    return ptr.value
+
+
+def ipc_close(ptr: int) -> None:
+    _call("cuIpcCloseMemHandle", ctypes.c_uint64(ptr))
+
+
+def stream_wait_value(stream: int, address: int, value: int) -> None:
+    """`stream` waits (on the device) until the uint64 at `address` is >= value."""
+    _call("cuStreamWaitValue64", ctypes.c_void_p(stream), ctypes.c_uint64(address), ctypes.c_uint64(value),
+          ctypes.c_uint(CU_STREAM_WAIT_VALUE_GEQ))
+
+
+def stream_write_value(stream: int, address: int, value: int) -> None:
+    """Writes the uint64 `value` at `address` once `stream`'s prior work is done (with a memory fence before)."""
+    _call("cuStreamWriteValue64", ctypes.c_void_p(stream), ctypes.c_uint64(address), ctypes.c_uint64(value),
+          ctypes.c_uint(0))
+
+
+def stream_create_non_blocking() -> int:
+    stream = ctypes.c_void_p()
+    _call("cuStreamCreate", ctypes.byref(stream), ctypes.c_uint(CU_STREAM_NON_BLOCKING))
+    return stream.value or 0
+
+
+class _ArrayInterface:
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3}
+
+
+def tensor_at(ptr: int, nbytes: int, device: str | torch.device) -> torch.Tensor:
+    """A uint8 tensor over device memory torch did not allocate (it does not own or free it)."""
+    return torch.as_tensor(_ArrayInterface(ptr, nbytes), device=device)

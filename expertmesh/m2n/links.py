@@ -1,0 +1,101 @@
+"""Point-to-point links of fixed capacity between the cluster's nodes: the lockstep M2N's transport.
+
+Every node has a *rank*: attention node a is rank a, expert node e is rank attention_nodes + e. A link has one
+receive slot per microbatch, sized once for the largest message a step can carry, and the messages of one
+microbatch on a link are numbered: both sides count the same messages in the same order (the lockstep schedule
+guarantees it per microbatch; across microbatches the order varies with timing), so a receiver knows where
+message k lands before it arrives, and a sender never needs an answer to know where to write. One slot per
+microbatch suffices: a microbatch's next message to a node always follows that node's answer to its previous
+one, and the answer follows the work that read the slot (m2n/lockstep.py).
+
+Backends: dist.py (torch.distributed: NCCL between GPUs, gloo between CPU processes) and ipc.py (CUDA IPC
+between processes of one host, one GPU or several)."""
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from ..transport.protocol import TensorMeta, packed_offsets
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+class Links(abc.ABC):
+    backend: str
+
+    def __init__(self, attention_nodes: int, microbatches: int, slot_bytes: int) -> None:
+        self.attention_nodes = attention_nodes
+        self.microbatches = microbatches  # receive slots per link
+        self.slot_bytes = slot_bytes
+        self._sent: dict[tuple[int, int], int] = {}  # (peer, microbatch) -> messages sent
+        self._received: dict[tuple[int, int], int] = {}  # (peer, microbatch) -> messages received (posted)
+
+    def attention_rank(self, node: int) -> int:
+        return node
+
+    def expert_rank(self, node: int) -> int:
+        return self.attention_nodes + node
+
+    def _next(self, counts: dict[tuple[int, int], int], peer: int, microbatch: int,
+              metas: Sequence[TensorMeta]) -> int:
+        """The number of the microbatch's next message on this link; checks it fits a slot."""
+        nbytes = packed_offsets(metas)[1]
+        if nbytes > self.slot_bytes:
+            raise ValueError(f"a message of {nbytes} bytes to or from rank {peer}; the link's slots hold "
+                             f"{self.slot_bytes} (sized from engine.max_batch_tokens)")
+        if not 0 <= microbatch < self.microbatches:
+            raise ValueError(f"microbatch {microbatch}; the links have slots for {self.microbatches}")
+        k = counts.get((peer, microbatch), 0)
+        counts[(peer, microbatch)] = k + 1
+        return k
+
+    @abc.abstractmethod
+    def send(self, microbatch: int, peer: int, tensors: Sequence[torch.Tensor]) -> list:
+        """Sends the tensors to `peer` as its next message; returns what to wait on before they may change."""
+
+    @abc.abstractmethod
+    def receive(self, microbatch: int, peer: int, metas: Sequence[TensorMeta]) -> tuple[list[torch.Tensor], list]:
+        """Posts the receive of the next message from `peer`: (views of its tensors in the receive slot, what to
+        wait on before reading them)."""
+
+    @abc.abstractmethod
+    async def wait(self, works: list) -> None:
+        """Orders what follows after `works`: on GPUs by making the current stream wait (the host does not)."""
+
+    def region_handle(self, peer: int) -> bytes:
+        """What `peer` needs to reach this node's receive slots for it, sent in the handshake (ipc: a handle)."""
+        return b""
+
+    def attach(self, peer: int, handle: bytes) -> None:
+        """Takes what `peer` sent in the handshake (its region_handle for this node)."""
+
+    def release(self) -> None:
+        """After a peer failed: lets every wait posted on this side's streams pass, so nothing stays stuck."""
+
+    def close(self) -> None:
+        """Frees what the links hold."""
+
+
+def slot_bytes_for(tokens: int, hidden: int, dtype: torch.dtype, top_k: int) -> int:
+    """A slot for the largest message either way: a round's tokens with their expert ids and weights."""
+    return packed_offsets([TensorMeta(dtype, (tokens, hidden)), TensorMeta(torch.int32, (tokens, top_k)),
+                           TensorMeta(torch.float32, (tokens, top_k))])[1]
+
+
+def make_links(config: "Config", role: str, index: int, device: str, hidden: int, dtype: torch.dtype,
+               top_k: int) -> Links:
+    """The links of node `index` of `role` ("attention" or "expert"), by config.transport.backend."""
+    cluster, engine, t = config.cluster, config.engine, config.transport
+    rank = index if role == "attention" else cluster.attention_nodes + index
+    slot_bytes = slot_bytes_for(engine.max_batch_tokens, hidden, dtype, top_k)
+    if t.backend == "ipc":
+        from .ipc import IpcLinks
+        peers = ([cluster.attention_nodes + e for e in range(cluster.expert_nodes)] if role == "attention"
+                 else list(range(cluster.attention_nodes)))
+        return IpcLinks(cluster.attention_nodes, rank, peers, engine.microbatches, slot_bytes, device,
+                        t.recv_timeout_s)
+    from .dist import join_cluster
+    return join_cluster(config, rank, device, slot_bytes)
