@@ -54,13 +54,13 @@ def links_backend(device: str, processes: int) -> str:
 
 
 def _join(device: str, rank: int, senders: int, receivers: int, dist_address: str, plan: M2nPlan, hidden: int,
-          dtype: str) -> Links:
+          dtype: str, ipc_wait: str) -> Links:
     backend = links_backend(device, senders + receivers)
     slot_bytes = slot_bytes_for(max(tokens for tokens, _ in plan), hidden, getattr(torch, dtype), TOP_K)
     # one microbatch: a step's rounds follow each other on one group, as the timing wants them
     if backend == "ipc":
         peers = list(range(senders, senders + receivers)) if rank < senders else list(range(senders))
-        return IpcLinks(senders, rank, peers, 1, slot_bytes, device, STALL_TIMEOUT_S)
+        return IpcLinks(senders, rank, peers, 1, slot_bytes, device, STALL_TIMEOUT_S, ipc_wait)
     if backend == "nccl":
         nccl_without_multicast()
     return init_links(backend, dist_address, senders, receivers, rank, 1, device, CONNECT_TIMEOUT_S,
@@ -90,10 +90,10 @@ async def _serve_until(done: Any, *coroutines: Any) -> None:
 
 
 async def _lockstep_receiver(device: str, dist_address: str, address: str, receiver: int, senders: int,
-                             receivers: int, plan: M2nPlan, hidden: int, dtype: str,
+                             receivers: int, plan: M2nPlan, hidden: int, dtype: str, ipc_wait: str,
                              report: Callable, done: Any, barrier: Any) -> None:
     listener = await ZmqTransport().listen(address)  # before joining: the senders connect once everyone joined
-    links = _join(device, senders + receiver, senders, receivers, dist_address, plan, hidden, dtype)
+    links = _join(device, senders + receiver, senders, receivers, dist_address, plan, hidden, dtype, ipc_wait)
     placement = _placement(receivers, plan)
     # one LockstepRounds per token count (= step): its MoE layers are the step's rounds, its capacity the tokens
     steps = [LockstepRounds(links, list(range(WARMUP + _timed(rounds))), tokens, hidden, TOP_K, getattr(torch, dtype),
@@ -123,9 +123,9 @@ async def _lockstep_receiver(device: str, dist_address: str, address: str, recei
 
 
 async def _lockstep_sender(device: str, dist_address: str, addresses: list[str], sender: int, senders: int,
-                           receivers: int, plan: M2nPlan, hidden: int, dtype: str,
+                           receivers: int, plan: M2nPlan, hidden: int, dtype: str, ipc_wait: str,
                            report: Callable, done: Any, barrier: Any) -> None:
-    links = _join(device, sender, senders, receivers, dist_address, plan, hidden, dtype)
+    links = _join(device, sender, senders, receivers, dist_address, plan, hidden, dtype, ipc_wait)
     connections = [await connect_within(ZmqTransport(), address, CONNECT_TIMEOUT_S) for address in addresses]
     placement = _placement(receivers, plan)
     client = LockstepClient(connections, links, placement, sender, max(tokens for tokens, _ in plan), hidden,
@@ -167,19 +167,20 @@ async def _lockstep_sender(device: str, dist_address: str, addresses: list[str],
 
 
 def lockstep_m2n(device: str, senders: int, receivers: int, tokens: list[int], hidden: int, dtype: str,
-                 iters: int) -> list[Row]:
+                 iters: int, ipc_wait: str = "spin") -> list[Row]:
     """M2N rounds of the lockstep M2N: every sender's tokens (with their ids and weights) to every receiver, each
     receiver's partial sums back, summed; attention rank i is sender i, expert rank senders + j receiver j. Rows are
     labelled lockstep-<links backend>."""
     plan = m2n_plan(tokens, hidden, dtype, receivers, iters)
     addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(receivers)]
     common = dict(dist_address=f"tcp://127.0.0.1:{free_port()}", senders=senders, receivers=receivers, plan=plan,
-                  hidden=hidden, dtype=dtype)
+                  hidden=hidden, dtype=dtype, ipc_wait=ipc_wait)
     roles = [(_lockstep_sender, dict(common, device=device_of(i, device), addresses=addresses, sender=i))
              for i in range(senders)]
     roles += [(_lockstep_receiver, dict(common, device=device_of(senders + j, device), address=address, receiver=j))
               for j, address in enumerate(addresses)]
-    label = f"{LOCKSTEP}-{links_backend(device, senders + receivers)}"
+    backend = links_backend(device, senders + receivers)
+    label = f"{LOCKSTEP}-{backend}" + (f"-{ipc_wait}" if backend == "ipc" and ipc_wait != "spin" else "")
     timings = run_processes(f"{label} m2n {senders}x{receivers}", roles, expected=senders * len(plan),
                             barrier_parties=senders)
     return m2n_rows(label, device, senders, receivers, timings)

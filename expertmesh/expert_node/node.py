@@ -82,8 +82,14 @@ class ExpertNode:
                 region = b""
                 if self.rounds is not None:  # the links' handshake rides on this one (ipc: receive-region handles)
                     rank = self.rounds.links.attention_rank(message.attention_node)
-                    self.rounds.links.attach(rank, message.region)
-                    region = self.rounds.links.region_handle(rank)
+                    try:
+                        self.rounds.links.attach(rank, message.region)
+                        region = self.rounds.links.region_handle(rank)
+                    except Exception as exc:  # that attention node learns why at once; the others are served
+                        log.exception("expert node %d: links to attention node %d", self.node_id,
+                                      message.attention_node)
+                        await self.listener.send(peer, ExpertError(-1, -1, -1, f"links: {exc!r}"))
+                        continue
                 await self.listener.send(peer, HelloReply(self.node_id, held, region))
             elif isinstance(message, StepPlan) and self.rounds is not None:
                 self.rounds.add(message)

@@ -18,7 +18,7 @@ class CudaDriverError(RuntimeError):
 
 
 class IpcHandle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * 64)]
+    _fields_ = [("reserved", ctypes.c_ubyte * 64)]  # not c_char: ctypes would cut its bytes at the first NUL
 
 
 _lib: ctypes.CDLL | None = None
@@ -64,7 +64,8 @@ def ipc_handle(ptr: int) -> bytes:
 
 def ipc_open(handle: bytes) -> int:
     ptr = ctypes.c_uint64()
-    _call("cuIpcOpenMemHandle", ctypes.byref(ptr), IpcHandle(handle), ctypes.c_uint(CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS))
+    _call("cuIpcOpenMemHandle", ctypes.byref(ptr), IpcHandle((ctypes.c_ubyte * 64).from_buffer_copy(handle)),
+          ctypes.c_uint(CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS))
     return ptr.value
 
 

@@ -3,28 +3,43 @@
 Each node allocates, for every peer, an inbound region: a receive slot per microbatch and one uint64 flag per slot. The
 peer opens it by IPC handle (exchanged once, in the handshake) and sends by copying straight into the slot, then
 writing the message's number into the slot's flag with a stream memory operation that follows the copy. The
-receiver's stream waits on the device until the flag reaches that number. No host on the path, no kernel spinning,
-and no process waits for the other's host. A peer that dies leaves a wait pending: `release` lets it pass (from a
+receiver's stream waits on the device until the flag reaches that number: `wait="spin"` runs a one-warp kernel that
+polls the flag (it sees the write within a microsecond, and needs the sender's work to run at the same time: two
+GPUs, or MPS on one), `wait="memop"` a stream memory operation (no SM used, but the GPU front-end polls it at its
+own pace). No host on the path, and no process waits for the other's host. A peer that dies leaves a wait pending: `release` lets it pass (from a
 stream of its own) once the caller's deadline has gone by."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+import triton
+import triton.language as tl
 
 from ..transport.protocol import TensorMeta, packed_views
 from . import cuda_driver as cu
 from .links import Links
 
 _RELEASED = 1 << 62  # a flag value no real message reaches
+WAITS = ("spin", "memop")
+
+
+@triton.jit(do_not_specialize=["target"])
+def _spin_until(flag_ptr, target):
+    seen = tl.load(flag_ptr, volatile=True)
+    while seen < target:
+        seen = tl.load(flag_ptr, volatile=True)
 
 
 class IpcLinks(Links):
     backend = "ipc"
 
     def __init__(self, attention_nodes: int, rank: int, peers: list[int], microbatches: int, slot_bytes: int,
-                 device: str, timeout_s: float) -> None:
+                 device: str, timeout_s: float, wait: str = "spin") -> None:
         super().__init__(attention_nodes, microbatches, slot_bytes)
+        if wait not in WAITS:
+            raise ValueError(f"ipc wait {wait!r}; choose one of {WAITS}")
+        self.wait_kind = wait
         slots = microbatches
         if torch.device(device).type != "cuda":
             raise ValueError(f"ipc links connect CUDA devices, not {device}")
@@ -41,6 +56,7 @@ class IpcLinks(Links):
         torch.cuda.synchronize(device)  # flags are zero before a peer can write them
         self._outbound: dict[int, int] = {}  # peer -> its inbound region for us, opened by handle
         self._outbound_slots: dict[int, list[torch.Tensor]] = {}
+        self._flag_tensors: dict[int, torch.Tensor] = {}
         self._release_stream = 0
 
     def region_handle(self, peer: int) -> bytes:
@@ -79,9 +95,19 @@ class IpcLinks(Links):
                 [(self._flag(self._inbound[peer], microbatch), k + 1)])
 
     async def wait(self, works: list) -> None:
+        if self.wait_kind == "spin":
+            for flag, value in works:
+                _spin_until[(1,)](self._flag_tensor(flag), value, num_warps=1)
+            return
         stream = torch.cuda.current_stream(self.device).cuda_stream
         for flag, value in works:
             cu.stream_wait_value(stream, flag, value)
+
+    def _flag_tensor(self, address: int) -> torch.Tensor:
+        tensor = self._flag_tensors.get(address)
+        if tensor is None:
+            tensor = self._flag_tensors[address] = cu.tensor_at(address, 8, self.device).view(torch.int64)
+        return tensor
 
     def release(self) -> None:
         if not self._release_stream:

@@ -96,6 +96,6 @@ def make_links(config: "Config", role: str, index: int, device: str, hidden: int
         peers = ([cluster.attention_nodes + e for e in range(cluster.expert_nodes)] if role == "attention"
                  else list(range(cluster.attention_nodes)))
         return IpcLinks(cluster.attention_nodes, rank, peers, engine.microbatches, slot_bytes, device,
-                        t.recv_timeout_s)
+                        t.recv_timeout_s, t.ipc_wait)
     from .dist import join_cluster
     return join_cluster(config, rank, device, slot_bytes)

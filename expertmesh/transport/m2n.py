@@ -49,6 +49,8 @@ async def greet_expert_nodes(connections: list[Connection], placement: Placement
             reply = await conn.recv(timeout_s)
         except TransportError as exc:
             raise TransportError(f"expert node {node} did not answer the handshake: {exc}") from None
+        if isinstance(reply, ExpertError):
+            raise ExpertNodeError(f"expert node {node} refused the handshake: {reply.error}")
         if not isinstance(reply, HelloReply) or reply.expert_node != node:
             raise ExpertNodeError(f"expert node {node}: unexpected handshake answer {reply!r}")
         expected = sorted(layer * num_experts + e for layer, e in placement.pairs_on(node))

@@ -98,6 +98,7 @@ def test_decode_steps_never_wait_on_the_device(mixtral_dir, backend, tmp_path):
     assert len(logits) == 8 and all(torch.isfinite(step).all() for step in logits)
 
 
+@pytest.mark.timeout(90)
 def test_a_dead_expert_node_fails_the_step_within_the_deadline(mixtral_dir, tmp_path):
     async def run():
         async with LockstepCluster(mixtral_dir, tmp_path, "ipc", microbatches=2, recv_timeout_s=3.0) as cluster:

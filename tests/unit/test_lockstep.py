@@ -142,3 +142,34 @@ def test_a_microbatch_over_capacity_is_refused_before_anything_is_sent():
         asyncio.run(client.begin_step(1, [17, 2]))
     with pytest.raises(RoundCapacityError, match="3 microbatches"):
         asyncio.run(client.begin_step(1, [1, 1, 1]))
+
+
+def test_a_handshake_the_links_refuse_fails_at_once_with_the_reason():
+    """An expert node whose links cannot take an attention node's handshake (ipc: a bad region handle) answers it
+    with the reason, instead of leaving it waiting out the connect timeout."""
+    from expertmesh.expert_node.lockstep import LockstepRounds
+    from expertmesh.expert_node.node import ExpertNode
+    from expertmesh.transport.inproc import InprocTransport
+    from expertmesh.transport.m2n import ExpertNodeError, greet_expert_nodes
+
+    class RefusingLinks(DistLinks):
+        def attach(self, peer, handle):
+            raise ValueError(f"rank {peer} sent a handle of {len(handle)} bytes")
+
+    async def run():
+        transport = InprocTransport()
+        listener = await transport.listen("inproc://refusing")
+        links = RefusingLinks("gloo", 1, 1, {}, 2, SLOT_BYTES, "cpu", 1.0)
+        node = ExpertNode(0, _experts_of(0), NUM_EXPERTS, listener)
+        node.rounds = LockstepRounds(links, LAYERS, 16, HIDDEN, TOP_K, torch.float32, "cpu", node.compute_lane, 1.0)
+        serving = asyncio.create_task(node.serve())
+        try:
+            conn = await transport.connect("inproc://refusing")
+            started = time.monotonic()
+            with pytest.raises(ExpertNodeError, match="refused the handshake.*sent a handle of 0 bytes"):
+                await greet_expert_nodes([conn], Placement(2, NODES_OF), 0, 6, NUM_EXPERTS, 30.0, links)
+            assert time.monotonic() - started < 5.0
+        finally:
+            serving.cancel()
+
+    asyncio.run(run())
