@@ -22,7 +22,7 @@ for part in ${PARTS:-tests bench serve}; do
       | tee "$OUT/gpu_tests.log" | tail -25 ;;
   bench)
     timeout ${BENCH_S:-200} python3 -m expertmesh bench transport --device cuda --backends ${BACKENDS:-lockstep,ucx} \
-      $([ "$GPUS" = 2 ] && echo --nccl) --ipc-waits spin,memop --m2n 1x1 --json "$OUT/bench_transport.json" 2>&1 \
+      $([ "$GPUS" = 2 ] && echo --nccl) --m2n 1x1 --json "$OUT/bench_transport.json" 2>&1 \
       | tee "$OUT/bench_transport.log" | tail -45 ;;
   serve)
     for shape in ${SHAPES:-qwen3}; do

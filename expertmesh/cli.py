@@ -105,8 +105,6 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--hidden", type=int, default=4096)
     t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     t.add_argument("--nccl", action="store_true", help="also NCCL send/recv and all_to_all_single (needs 2 GPUs)")
-    t.add_argument("--ipc-waits", default="spin", help="lockstep over CUDA IPC: comma-separated wait kinds to time, "
-                   "of spin,memop (m2n/ipc.py)")
     t.add_argument("--ucx-progress-mode", choices=["thread", "polling"], default="thread",
                    help="who progresses UCX: a progress thread, or the event loop polling (a core busy per process)")
     t.add_argument("--no-raw-ucxx", dest="raw_ucxx", action="store_false",

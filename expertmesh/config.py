@@ -54,10 +54,6 @@ class TransportConfig:
     # Who progresses UCX (ucx only): "thread" (a progress thread; idle processes sleep) or "polling" (the event
     # loop spins: lower latency per message, one core busy per process).
     ucx_progress_mode: str = "thread"
-    # How an ipc link's receiver waits for a message on the device: "spin" (a one-warp kernel polling the flag:
-    # fastest, needs both processes' kernels running at once: separate GPUs, or CUDA MPS) or "memop" (a stream
-    # memory operation: no SM held, slower to notice). See m2n/ipc.py.
-    ipc_wait: str = "spin"
     # Link emulation on the attention->expert links (experiments on one host; 0 = off):
     emulated_latency_us: float = 0.0  # added one-way latency per message
     emulated_bandwidth_gbps: float = 0.0  # bandwidth cap per link and direction
@@ -130,8 +126,6 @@ class Config:
         backend = self.transport.backend
         if backend not in ("auto", "ucx", "zmq", "inproc") + LOCKSTEP_BACKENDS:
             raise ConfigError(f"transport.backend={backend!r}; choose auto, ucx, zmq, nccl, ipc or gloo")
-        if self.transport.ipc_wait not in ("spin", "memop"):
-            raise ConfigError(f"transport.ipc_wait={self.transport.ipc_wait!r}; choose spin or memop")
         if backend in LOCKSTEP_BACKENDS and self.model.device != ("cpu" if backend == "gloo" else "cuda"):
             raise ConfigError(f"transport.backend={backend} links {'CPU processes' if backend == 'gloo' else 'GPUs'}"
                               f", not model.device={self.model.device}: use {'nccl or ipc' if backend == 'gloo' else 'gloo'}")

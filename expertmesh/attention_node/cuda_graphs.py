@@ -84,3 +84,67 @@ class DecodeGraphs:
             return None
         size = next(s for s in self.sizes if s >= len(seqs))
         return self.sets.get((microbatch, size))
+
+
+class StepGraphs:
+    """Whole decode steps over the lockstep M2N as one CUDA graph each (device-ordered links whose sends and waits
+    keep their counts on the device: ipc): every microbatch's segments and M2N rounds in the ping-pong order the
+    coroutines would enqueue them, keyed by the microbatches' buckets. A step's host work is then one replay,
+    whatever the layers and microbatches. The expert nodes get each microbatch padded to its bucket (padding rows
+    compute, and their answers are dropped)."""
+
+    def __init__(self, runner: "ModelRunner", max_num_seqs: int, microbatches: int) -> None:
+        self.runner, self.microbatches = runner, microbatches
+        self.sizes = bucket_sizes(max_num_seqs)
+        self.table_width = -(-runner.context_len // runner.kv_cache.block_size)
+        self.keys = sorted({self.key([1] * n) for n in range(1, max_num_seqs + 1)})
+        self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, list[GraphSet], list[torch.Tensor]]] = {}
+
+    def key(self, tokens: list[int]) -> tuple[int, ...]:
+        from .model_runner import split_counts
+        return tuple(next(b for b in self.sizes if b >= n) for n in split_counts(tokens, self.microbatches))
+
+    def capture(self) -> None:
+        started = time.monotonic()
+        pool = torch.cuda.graph_pool_handle()
+        with torch.no_grad():
+            for key in sorted(self.keys, key=lambda k: -sum(k)):  # largest first: the pool fits them all
+                sets = [GraphSet(self.runner, size, self.table_width) for size in key]
+                graph = torch.cuda.CUDAGraph()
+                # no eager run first (capture's usual warm-up): it would send real rounds; the kernels have run
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._step(sets)
+                self.graphs[key] = (graph, sets, logits)
+        torch.cuda.synchronize()
+        log.info("captured %d whole-step CUDA graphs (decode, M2N rounds inside) in %.1f s", len(self.graphs),
+                 time.monotonic() - started)
+
+    def _step(self, sets: list[GraphSet]) -> list[torch.Tensor]:
+        runner, m2n = self.runner, self.runner.experts
+        dtype = runner.weights.embed_tokens.dtype
+        states, handles, logits = [None] * len(sets), [None] * len(sets), [None] * len(sets)
+        for j in range(len(runner.moe_points) + 1):
+            for mb, s in enumerate(sets):  # ping-pong: microbatch mb's attention runs while mb - 1 is at the experts
+                moe_out = None if j == 0 else m2n.enqueue_combine(handles[mb], dtype)
+                outputs = runner.segment(j, s.token_ids if j == 0 else states[mb], moe_out, s.meta, s.last_token)
+                if j == len(runner.moe_points):
+                    logits[mb] = outputs[0]
+                    continue
+                states[mb], x, expert_ids, expert_weights = outputs
+                handles[mb] = m2n.enqueue_round(runner.moe_points[j], mb, x, expert_ids, expert_weights)
+        return logits
+
+    def ready_for(self, seqs: list["Sequence"]) -> tuple[int, ...] | None:
+        """The key of a decode step over seqs, or None where it must run otherwise (prefill, too large)."""
+        if not seqs or len(seqs) > self.sizes[-1] or any(s.num_tokens - s.num_cached != 1 for s in seqs):
+            return None
+        key = self.key([1] * len(seqs))
+        return key if key in self.graphs else None
+
+    def run(self, key: tuple[int, ...], groups: list[list["Sequence"]]) -> torch.Tensor:
+        """Logits of the step's sequences (groups = its microbatches, as `key` splits them), in order."""
+        graph, sets, logits = self.graphs[key]
+        for s, group in zip(sets, groups):
+            s.load(group)
+        graph.replay()
+        return torch.cat([out[:len(group)] for out, group in zip(logits, groups)])

@@ -8,6 +8,7 @@ runs its attention (ping-pong)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Protocol
 
 import torch
@@ -22,9 +23,11 @@ from ..ops.fused_moe import StackedExperts, fused_moe
 from ..ops.norm import add_rms_norm, rms_norm
 from ..ops.router import route
 from ..telemetry import PhaseClock
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import DecodeGraphs, StepGraphs
 from ..transport.protocol import SamplingParams
 from .scheduler import Sequence
+
+log = logging.getLogger(__name__)
 
 
 class ExpertBackend(Protocol):
@@ -45,18 +48,25 @@ class ExpertBackend(Protocol):
     def reduce(self, handle, answers, like: torch.Tensor) -> torch.Tensor: ...
 
 
+def split_counts(tokens: list[int], count: int) -> list[int]:
+    """Sizes of contiguous groups of roughly equal token counts over items of `tokens` tokens; never an empty group."""
+    count = max(1, min(count, len(tokens)))
+    target = sum(tokens) / count
+    sizes, filled = [0], 0
+    for n in tokens:
+        if sizes[-1] and filled >= target * len(sizes) and len(sizes) < count:
+            sizes.append(0)
+        sizes[-1] += 1
+        filled += n
+    return sizes
+
+
 def split_microbatches(seqs: list[Sequence], count: int) -> list[list[Sequence]]:
     """Contiguous groups of roughly equal new-token counts; never an empty group."""
-    count = max(1, min(count, len(seqs)))
-    tokens = [len(s.new_token_ids()) for s in seqs]
-    target = sum(tokens) / count
-    groups: list[list[Sequence]] = [[]]
-    filled = 0
-    for seq, n in zip(seqs, tokens):
-        if groups[-1] and filled >= target * len(groups) and len(groups) < count:
-            groups.append([])
-        groups[-1].append(seq)
-        filled += n
+    groups, start = [], 0
+    for size in split_counts([len(s.new_token_ids()) for s in seqs], count):
+        groups.append(seqs[start:start + size])
+        start += size
     return groups
 
 
@@ -81,11 +91,20 @@ class ModelRunner:
         # segment j ends at moe_points[j] (that layer's router outputs); the last segment ends with the logits
         self.moe_points = [] if local_experts is not None else spec.moe_layer_ids
         self.graphs: DecodeGraphs | None = None
+        self.step_graphs: StepGraphs | None = None
 
     def capture_graphs(self, max_num_seqs: int, microbatches: int, progress=None) -> None:
-        """Decode steps of up to max_num_seqs sequences replay CUDA graphs from now on (CUDA only)."""
+        """Decode steps of up to max_num_seqs sequences replay CUDA graphs from now on (CUDA only): segment by
+        segment, or, over links that keep their counts on the device, whole steps with their M2N rounds."""
         self.graphs = DecodeGraphs(self, max_num_seqs, microbatches)
         self.graphs.capture(progress)
+        if getattr(self.experts, "captures_steps", False):
+            step_graphs = StepGraphs(self, max_num_seqs, microbatches)
+            try:
+                step_graphs.capture()
+                self.step_graphs = step_graphs
+            except Exception:  # serving goes on with segment graphs and eager rounds
+                log.exception("whole-step CUDA graphs could not be captured; decode steps replay segments")
 
     async def warm_up(self, max_batch_tokens: int) -> None:
         """Eager forwards of one sequence of 2, 4, 8, ... tokens, before serving: Triton compiles each kernel variant
@@ -102,6 +121,13 @@ class ModelRunner:
 
     async def forward(self, step: int, seqs: list[Sequence], microbatches: int) -> torch.Tensor:
         """Logits of each sequence's last new token, [len(seqs), vocab], in seqs order."""
+        key = self.step_graphs.ready_for(seqs) if self.step_graphs is not None else None
+        if key is not None and microbatches == self.step_graphs.microbatches:  # the whole step is one replay
+            await self.experts.begin_step(step, list(key))
+            with self.clock.phase("attention"):
+                logits = self.step_graphs.run(key, split_microbatches(seqs, microbatches))
+            await self.experts.end_step(step)
+            return logits
         prefilling = [s for s in seqs if s.num_tokens - s.num_cached != 1]
         if self.graphs is not None and self.local_experts is not None and 0 < len(prefilling) < len(seqs):
             # a mixed step, colocated: the decodes replay their graphs, the prefills run eagerly as one more

@@ -5,9 +5,10 @@ expert node's size, no compute (as the other backends' m2n receiver answers).
 
 Each token count is one step whose MoE layers are its rounds, WARMUP untimed ones first: the step plan crosses the
 control connection once, before the timing, as in serving, where one plan covers every MoE layer of a step. The
-timed rounds are enqueued back to back in chunks of CHUNK with one wait per chunk, as a decode step enqueues its
-layers with the host ahead of the device: a round's figure is its chunk's time over CHUNK. Each round still waits,
-on the device, for the previous round's answers (one stream), so the figure is a round's latency, host excluded."""
+timed rounds run in chunks of CHUNK with one wait per chunk: a round's figure is its chunk's time over CHUNK. Each
+round still waits, on the device, for the previous round's answers (one stream), so the figure is a round's
+latency. On ipc links both sides replay captured CUDA graphs (a chunk on the sender, the whole step on the
+receiver), as serving's decode steps do, so no host is in it; on nccl and gloo the rounds are enqueued from Python."""
 from __future__ import annotations
 
 import asyncio
@@ -54,13 +55,13 @@ def links_backend(device: str, processes: int) -> str:
 
 
 def _join(device: str, rank: int, senders: int, receivers: int, dist_address: str, plan: M2nPlan, hidden: int,
-          dtype: str, ipc_wait: str) -> Links:
+          dtype: str) -> Links:
     backend = links_backend(device, senders + receivers)
     slot_bytes = slot_bytes_for(max(tokens for tokens, _ in plan), hidden, getattr(torch, dtype), TOP_K)
     # one microbatch: a step's rounds follow each other on one group, as the timing wants them
     if backend == "ipc":
         peers = list(range(senders, senders + receivers)) if rank < senders else list(range(senders))
-        return IpcLinks(senders, rank, peers, 1, slot_bytes, device, STALL_TIMEOUT_S, ipc_wait)
+        return IpcLinks(senders, rank, peers, 1, slot_bytes, device, STALL_TIMEOUT_S)
     if backend == "nccl":
         nccl_without_multicast()
     return init_links(backend, dist_address, senders, receivers, rank, 1, device, CONNECT_TIMEOUT_S,
@@ -90,14 +91,17 @@ async def _serve_until(done: Any, *coroutines: Any) -> None:
 
 
 async def _lockstep_receiver(device: str, dist_address: str, address: str, receiver: int, senders: int,
-                             receivers: int, plan: M2nPlan, hidden: int, dtype: str, ipc_wait: str,
+                             receivers: int, plan: M2nPlan, hidden: int, dtype: str,
                              report: Callable, done: Any, barrier: Any) -> None:
     listener = await ZmqTransport().listen(address)  # before joining: the senders connect once everyone joined
-    links = _join(device, senders + receiver, senders, receivers, dist_address, plan, hidden, dtype, ipc_wait)
+    links = _join(device, senders + receiver, senders, receivers, dist_address, plan, hidden, dtype)
     placement = _placement(receivers, plan)
     # one LockstepRounds per token count (= step): its MoE layers are the step's rounds, its capacity the tokens
+    # on ipc links each step is captured whole and replayed, as serving's decode steps are
+    graphed = links.backend == "ipc"
     steps = [LockstepRounds(links, list(range(WARMUP + _timed(rounds))), tokens, hidden, TOP_K, getattr(torch, dtype),
-                            device, _echo, STALL_TIMEOUT_S) for tokens, rounds in plan]
+                            device, _echo, STALL_TIMEOUT_S, _echo if graphed else None, tokens)
+             for tokens, rounds in plan]
 
     async def control() -> None:  # ExpertNode._receive, less its Dispatch path
         while True:
@@ -123,9 +127,9 @@ async def _lockstep_receiver(device: str, dist_address: str, address: str, recei
 
 
 async def _lockstep_sender(device: str, dist_address: str, addresses: list[str], sender: int, senders: int,
-                           receivers: int, plan: M2nPlan, hidden: int, dtype: str, ipc_wait: str,
+                           receivers: int, plan: M2nPlan, hidden: int, dtype: str,
                            report: Callable, done: Any, barrier: Any) -> None:
-    links = _join(device, sender, senders, receivers, dist_address, plan, hidden, dtype, ipc_wait)
+    links = _join(device, sender, senders, receivers, dist_address, plan, hidden, dtype)
     connections = [await connect_within(ZmqTransport(), address, CONNECT_TIMEOUT_S) for address in addresses]
     placement = _placement(receivers, plan)
     client = LockstepClient(connections, links, placement, sender, max(tokens for tokens, _ in plan), hidden,
@@ -143,44 +147,58 @@ async def _lockstep_sender(device: str, dist_address: str, addresses: list[str],
             weights = torch.full((tokens, TOP_K), 1 / TOP_K, dtype=torch.float32, device=device)
             await client.begin_step(step, [tokens])
             rounds = _timed(rounds)
-            round_s = []
-            for layer in range(WARMUP + rounds):
-                if layer == WARMUP:  # every sender starts timing together: the bandwidth is of concurrent traffic
-                    await wait_barrier(barrier)
-                    sync(device)
-                    first, moved_before = time.perf_counter(), moved()
-                if layer >= WARMUP and (layer - WARMUP) % CHUNK == 0:
-                    start = time.perf_counter()
+            for layer in range(WARMUP):
                 handle = await client.dispatch(step, layer, 0, states, ids, weights)
                 client.reduce(handle, await client.gather(handle), states)
-                if layer < WARMUP:
-                    sync(device)
-                elif (layer - WARMUP) % CHUNK == CHUNK - 1:
-                    sync(device)  # the chunk ends when its last summed answers are on the device
-                    round_s += [(time.perf_counter() - start) / CHUNK] * CHUNK
+                sync(device)
+            chunk = _chunk_graph(client, states, ids, weights) if client.captures_steps else None
+            per_round = moved() // WARMUP  # bytes; replays do not count in the client's stats
+            await wait_barrier(barrier)  # every sender starts timing together: the bandwidth is of concurrent traffic
+            sync(device)
+            first, round_s = time.perf_counter(), []
+            for layer in range(WARMUP, WARMUP + rounds, CHUNK):
+                start = time.perf_counter()
+                if chunk is not None:
+                    chunk.replay()
+                else:
+                    for i in range(CHUNK):
+                        handle = await client.dispatch(step, layer + i, 0, states, ids, weights)
+                        client.reduce(handle, await client.gather(handle), states)
+                sync(device)  # the chunk ends when its last summed answers are on the device
+                round_s += [(time.perf_counter() - start) / CHUNK] * CHUNK
             elapsed_s = time.perf_counter() - first
-            bytes_moved = moved() - moved_before
+            bytes_moved = per_round * rounds
             await client.end_step(step)  # an expert rank's failure surfaces here, before the timing counts
             report(("timing", SenderTiming(sender, tokens, states.nbytes, round_s, elapsed_s, bytes_moved)))
     finally:
         await client.close()  # and its links
 
 
+def _chunk_graph(client: LockstepClient, states: torch.Tensor, ids: torch.Tensor,
+                 weights: torch.Tensor) -> torch.cuda.CUDAGraph:
+    """CHUNK rounds captured as one CUDA graph (ipc links keep their counts on the device): the host is off the
+    rounds' path, as in a captured decode step."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CHUNK):
+            client.enqueue_combine(client.enqueue_round(0, 0, states, ids, weights), states.dtype)
+    return graph
+
+
 def lockstep_m2n(device: str, senders: int, receivers: int, tokens: list[int], hidden: int, dtype: str,
-                 iters: int, ipc_wait: str = "spin") -> list[Row]:
+                 iters: int) -> list[Row]:
     """M2N rounds of the lockstep M2N: every sender's tokens (with their ids and weights) to every receiver, each
     receiver's partial sums back, summed; attention rank i is sender i, expert rank senders + j receiver j. Rows are
     labelled lockstep-<links backend>."""
     plan = m2n_plan(tokens, hidden, dtype, receivers, iters)
     addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(receivers)]
     common = dict(dist_address=f"tcp://127.0.0.1:{free_port()}", senders=senders, receivers=receivers, plan=plan,
-                  hidden=hidden, dtype=dtype, ipc_wait=ipc_wait)
+                  hidden=hidden, dtype=dtype)
     roles = [(_lockstep_sender, dict(common, device=device_of(i, device), addresses=addresses, sender=i))
              for i in range(senders)]
     roles += [(_lockstep_receiver, dict(common, device=device_of(senders + j, device), address=address, receiver=j))
               for j, address in enumerate(addresses)]
-    backend = links_backend(device, senders + receivers)
-    label = f"{LOCKSTEP}-{backend}" + (f"-{ipc_wait}" if backend == "ipc" and ipc_wait != "spin" else "")
+    label = f"{LOCKSTEP}-{links_backend(device, senders + receivers)}"
     timings = run_processes(f"{label} m2n {senders}x{receivers}", roles, expected=senders * len(plan),
                             barrier_parties=senders)
     return m2n_rows(label, device, senders, receivers, timings)

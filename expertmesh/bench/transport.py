@@ -18,7 +18,7 @@ from .baselines import RAW_UCXX, collective_m2n, collective_point_to_point, raw_
 from .harness import (CONNECT_TIMEOUT_S, STALL_TIMEOUT_S, TOP_K, WARMUP, BenchError, M2nPlan, P2pPlan, Row,
                       SenderTiming, device_of, format_size, gpu_count, m2n_plan, m2n_rows, p2p_plan, p2p_row,
                       parse_sizes, run_processes, sync, time_p2p, wait_barrier, wait_done)
-from .lockstep_m2n import LOCKSTEP, links_backend, lockstep_m2n
+from .lockstep_m2n import LOCKSTEP, lockstep_m2n
 
 DEFAULT_BACKENDS = ("zmq", "ucx")
 BACKENDS = (*DEFAULT_BACKENDS, LOCKSTEP)  # lockstep: M2N rows only (it has no point-to-point API)
@@ -40,7 +40,6 @@ class BenchConfig:
     nccl: bool = False
     ucx_progress_mode: str = "thread"  # who progresses UCX in the ucx processes: thread or polling
     raw_ucxx: bool = True  # with ucx among the backends, also the raw ucxx baseline
-    ipc_waits: list[str] = field(default_factory=lambda: ["spin"])  # lockstep over ipc: one row set per wait kind
 
 
 def _address(backend: str) -> str:
@@ -162,13 +161,10 @@ def point_to_point(backend: str, device: str, sizes: list[int], iters: int,
 
 
 def m2n(backend: str, device: str, senders: int, receivers: int, tokens: list[int], hidden: int, dtype: str,
-        iters: int, ucx_progress_mode: str = "thread", ipc_waits: tuple[str, ...] = ("spin",)) -> list[Row]:
+        iters: int, ucx_progress_mode: str = "thread") -> list[Row]:
     """Rounds of one Dispatch from each sender to each receiver and a same-sized Combine back."""
     if backend == LOCKSTEP:
-        if links_backend(device, senders + receivers) != "ipc":
-            ipc_waits = ("spin",)  # not used
-        return [row for wait in ipc_waits
-                for row in lockstep_m2n(device, senders, receivers, tokens, hidden, dtype, iters, wait)]
+        return lockstep_m2n(device, senders, receivers, tokens, hidden, dtype, iters)
     plan = m2n_plan(tokens, hidden, dtype, receivers, iters)
     addresses = [_address(backend) for _ in range(receivers)]
     roles = [(_m2n_sender, dict(backend=backend, device=device_of(i, device), sender=i, addresses=addresses,
@@ -240,7 +236,7 @@ def run(config: BenchConfig) -> tuple[list[Row], list[str]]:
         rows += collective_point_to_point(config.sizes, config.iters)
     for backend in config.backends:
         rows += m2n(backend, config.device, config.senders, config.receivers, config.tokens, config.hidden,
-                    config.dtype, config.iters, config.ucx_progress_mode, tuple(config.ipc_waits))
+                    config.dtype, config.iters, config.ucx_progress_mode)
     if config.nccl and not notes:
         rows += collective_m2n(config.senders, config.receivers, config.tokens, config.hidden, config.dtype,
                                config.iters)
@@ -267,8 +263,9 @@ def format_table(rows: list[Row], notes: list[str] = ()) -> str:
     if any(row.backend.startswith(LOCKSTEP) for row in rows):
         lines += [f"{LOCKSTEP}-*: the serving M2N over its links (gloo, nccl or ipc); a round is one MoE layer of a step:",
                   "dispatch (tokens, ids, weights to every receiver), gather, reduce. The step plan (zmq) is sent before",
-                  "the timed rounds, which are enqueued back to back with one wait on the device per 10 (the host ahead,",
-                  "as in a decode step); each still waits on the device for the previous round's answers."]
+                  "the timed rounds, one wait on the device per 10; each round waits on the device for the previous",
+                  "one's answers. ipc: both sides replay captured CUDA graphs (no host in the rounds); nccl, gloo: the",
+                  "rounds are enqueued from Python."]
     return "\n".join([*lines, *notes])
 
 
@@ -282,13 +279,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     except ValueError:
         raise BenchError(f"--tokens {args.tokens!r}: expected comma-separated token counts, e.g. 1,16,64") from None
     backends = args.backends or ("ucx" if device == "cuda" else ",".join(DEFAULT_BACKENDS))
-    waits = [w.strip() for w in getattr(args, "ipc_waits", "spin").split(",") if w.strip()]
-    if not waits or any(w not in ("spin", "memop") for w in waits):
-        raise BenchError(f"--ipc-waits {getattr(args, 'ipc_waits', '')!r}: comma-separated, of spin,memop")
     return BenchConfig([b.strip() for b in backends.split(",") if b.strip()], device,
                        parse_sizes(args.sizes or (CUDA_SIZES if device == "cuda" else CPU_SIZES)), args.iters,
                        int(senders), int(receivers), tokens, args.hidden, args.dtype, args.nccl,
-                       getattr(args, "ucx_progress_mode", "thread"), getattr(args, "raw_ucxx", True), waits)
+                       getattr(args, "ucx_progress_mode", "thread"), getattr(args, "raw_ucxx", True))
 
 
 def main(args: argparse.Namespace) -> int:

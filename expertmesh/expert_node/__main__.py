@@ -38,9 +38,12 @@ async def main(config: Config, index: int) -> None:
     node = ExpertNode(index, experts, spec.num_experts, listener, control)
     if lockstep:
         links = make_links(config, "expert", index, device, spec.hidden_size, config.model.torch_dtype, spec.top_k)
+        # ipc links keep their counts on the device: whole decode steps are captured (StepGraphs' counterpart)
+        whole_steps = links.backend == "ipc" and not config.engine.enforce_eager
         node.rounds = LockstepRounds(links, spec.moe_layer_ids, config.engine.max_batch_tokens, spec.hidden_size,
                                      spec.top_k, config.model.torch_dtype, device, node.compute_lane,
-                                     config.transport.recv_timeout_s)
+                                     config.transport.recv_timeout_s, node.compute_eager if whole_steps else None,
+                                     config.engine.max_num_seqs)
         log.info("lockstep rounds over %s", links.backend)
     if device.startswith("cuda") and not config.engine.enforce_eager:
         if lockstep:  # a lane per attention node; a decode round brings one attention node's batch

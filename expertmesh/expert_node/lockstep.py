@@ -29,7 +29,11 @@ OnError = Callable[[int, StepPlan, int, int, Exception], Awaitable[None]]  # (at
 
 class LockstepRounds:
     def __init__(self, links: Links, moe_layers: list[int], capacity: int, hidden: int, top_k: int,
-                 dtype: torch.dtype, device: str, compute: Compute, recv_timeout_s: float) -> None:
+                 dtype: torch.dtype, device: str, compute: Compute, recv_timeout_s: float,
+                 graph_compute: Compute | None = None, graph_tokens: int = 0) -> None:
+        """graph_compute (CUDA, ipc links): steps whose microbatches hold at most graph_tokens tokens each are
+        captured whole, once per (attention node, tokens per microbatch), with graph_compute (which must not replay
+        graphs of its own), and replayed from then on."""
         self.links = links
         self.moe_layers = moe_layers
         self.capacity = capacity
@@ -38,6 +42,9 @@ class LockstepRounds:
         self.compute = compute
         self.recv_timeout_s = recv_timeout_s
         self.top_k, self.dtype = top_k, dtype
+        self.graph_compute, self.graph_tokens = graph_compute, graph_tokens
+        self._graphs: dict[tuple[int, tuple[int, ...]], torch.cuda.CUDAGraph | None] = {}
+        self._pool = torch.cuda.graph_pool_handle() if graph_compute is not None else None
         lanes = range(links.attention_nodes)
         cuda = torch.device(device).type == "cuda"
         self.streams = [torch.cuda.Stream(device) if cuda else None for _ in lanes]
@@ -92,6 +99,11 @@ class LockstepRounds:
 
     async def run(self, a: int, plan: StepPlan, on_error: OnError) -> int:
         """Enqueues every round of attention node a's step; returns the tokens computed."""
+        graph = self._step_graph(a, plan)
+        if graph is not None:
+            with self._on_lane(a):
+                graph.replay()
+            return sum(plan.tokens) * len(self.moe_layers)
         rounds = [(layer, mb, n) for layer in self.moe_layers for mb, n in enumerate(plan.tokens) if n > 0]
         rank = self.links.attention_rank(a)
 
@@ -126,3 +138,30 @@ class LockstepRounds:
         if self.links.backend == "gloo":
             await self.links.wait(sent)  # the partial sums stay alive until sent
         return computed
+
+    def _step_graph(self, a: int, plan: StepPlan) -> torch.cuda.CUDAGraph | None:
+        """The captured step for plan's shape (captured now if new), or None where steps run eagerly."""
+        if self.graph_compute is None or not all(0 < n <= self.graph_tokens for n in plan.tokens):
+            return None
+        key = (a, tuple(plan.tokens))
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(a, plan)
+        return self._graphs[key]
+
+    def _capture(self, a: int, plan: StepPlan) -> torch.cuda.CUDAGraph | None:
+        rank = self.links.attention_rank(a)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                for layer in self.moe_layers:
+                    for mb, n in enumerate(plan.tokens):
+                        metas = [TensorMeta(self.dtype, (n, self.hidden)), TensorMeta(torch.int32, (n, self.top_k)),
+                                 TensorMeta(torch.float32, (n, self.top_k))]
+                        views, works = self.links.receive(mb, rank, metas)
+                        self.links.enqueue_wait(works)
+                        self.links.send(mb, rank, [self.graph_compute(a, layer, *views)])
+        except Exception:  # this shape runs eagerly from now on
+            log.exception("expert node: capturing attention node %d's step of %s tokens failed", a, plan.tokens)
+            return None
+        log.info("captured attention node %d's step of %s tokens per microbatch", a, plan.tokens)
+        return graph

@@ -143,6 +143,13 @@ class ExpertNode:
         with self.clock.phase("expert_compute"):
             return self.compute(layer, [hidden], [ids], [weights], lane)
 
+    def compute_eager(self, lane: int, layer: int, hidden: torch.Tensor, ids: torch.Tensor,
+                      weights: torch.Tensor) -> torch.Tensor:
+        """compute_lane without this node's graphs: what a whole-step capture records."""
+        if layer not in self.experts_of_layer:
+            return torch.zeros_like(hidden)
+        return self._experts(layer, hidden, ids, weights)
+
     def capture_graphs(self, top_k: int, max_tokens: int, lanes: int = 1) -> None:
         """Batches of up to max_tokens tokens replay CUDA graphs from now on (CUDA only); lanes that may run at
         once (on streams of their own) get a set each, since a graph's buffers serve one replay at a time."""

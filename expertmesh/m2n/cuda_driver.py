@@ -1,14 +1,12 @@
 """The few CUDA driver calls the IPC links need, through ctypes on libcuda (present wherever a GPU driver is):
-device memory outside torch's caching allocator (so an IPC handle names exactly one buffer), IPC handles, and
-stream memory operations — a stream that waits until a word in memory reaches a value, and a stream that
-writes one after its prior work, which is how two processes order their streams without the host."""
+device memory outside torch's caching allocator (so an IPC handle names exactly one buffer), IPC handles, and a
+stream memory operation that writes a word from a stream of its own (to release waits after a peer died)."""
 from __future__ import annotations
 
 import ctypes
 
 import torch
 
-CU_STREAM_WAIT_VALUE_GEQ = 0x1
 CU_STREAM_NON_BLOCKING = 0x1
 CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 0x1
 
@@ -71,12 +69,6 @@ def ipc_open(handle: bytes) -> int:
 
 def ipc_close(ptr: int) -> None:
     _call("cuIpcCloseMemHandle", ctypes.c_uint64(ptr))
-
-
-def stream_wait_value(stream: int, address: int, value: int) -> None:
-    """`stream` waits (on the device) until the uint64 at `address` is >= value."""
-    _call("cuStreamWaitValue64", ctypes.c_void_p(stream), ctypes.c_uint64(address), ctypes.c_uint64(value),
-          ctypes.c_uint(CU_STREAM_WAIT_VALUE_GEQ))
 
 
 def stream_write_value(stream: int, address: int, value: int) -> None:

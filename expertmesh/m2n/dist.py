@@ -27,6 +27,7 @@ class DistLinks(Links):
                  microbatches: int, slot_bytes: int, device: str, timeout_s: float) -> None:
         super().__init__(attention_nodes, microbatches, slot_bytes)
         self.backend = backend  # "nccl" or "gloo"
+        self.device_ordered = backend == "nccl"
         self.rank = rank
         self.groups = groups  # (attention node, microbatch) -> its process group, for the groups this rank is in
         self.device = device
@@ -52,13 +53,18 @@ class DistLinks(Links):
         views = packed_views(buffer, metas)
         return views, self._post(microbatch, dist.irecv, views, peer)
 
+    def enqueue_wait(self, works: list) -> None:
+        if self.backend != "nccl":
+            raise NotImplementedError("gloo links wait on the host")
+        for work in works:
+            work.wait()
+
     async def wait(self, works: list) -> None:
         """NCCL: the current stream waits for the works (the host does not). gloo: the host waits, in a thread."""
         if not works:
             return
         if self.backend == "nccl":
-            for work in works:
-                work.wait()
+            self.enqueue_wait(works)
             return
         timeout = datetime.timedelta(seconds=self.timeout_s)
         try:

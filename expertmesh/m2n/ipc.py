@@ -1,13 +1,13 @@
 """Links over CUDA IPC between processes of one host (on one GPU — under MPS for concurrency — or several).
 
-Each node allocates, for every peer, an inbound region: a receive slot per microbatch and one uint64 flag per slot. The
-peer opens it by IPC handle (exchanged once, in the handshake) and sends by copying straight into the slot, then
-writing the message's number into the slot's flag with a stream memory operation that follows the copy. The
-receiver's stream waits on the device until the flag reaches that number: `wait="spin"` runs a one-warp kernel that
-polls the flag (it sees the write within a microsecond, and needs the sender's work to run at the same time: two
-GPUs, or MPS on one), `wait="memop"` a stream memory operation (no SM used, but the GPU front-end polls it at its
-own pace). No host on the path, and no process waits for the other's host. A peer that dies leaves a wait pending: `release` lets it pass (from a
-stream of its own) once the caller's deadline has gone by."""
+Each node allocates, for every peer, an inbound region: a receive slot per microbatch and one uint64 flag per slot.
+The peer opens it by IPC handle (exchanged once, in the handshake) and sends by copying straight into the slot, then
+adding one to the slot's flag with a one-thread kernel that follows the copies on its stream. The receiver keeps,
+on the device, how many messages it has taken from each slot; its wait is a one-warp kernel that counts one more
+and polls the flag until it gets there. Every number lives on the device, so sends and waits can be captured in
+CUDA graphs and replayed for ever; no host is on the path, and no process waits for the other's host. The polling
+kernel needs the sender's work to run at the same time as it: two GPUs, or MPS on one. A peer that dies leaves a
+wait polling: `release` lets it pass (from a stream of its own) once the caller's deadline has gone by."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -20,27 +20,32 @@ from ..transport.protocol import TensorMeta, packed_views
 from . import cuda_driver as cu
 from .links import Links
 
-_RELEASED = 1 << 62  # a flag value no real message reaches
-WAITS = ("spin", "memop")
+_RELEASED = 1 << 62  # a flag value no real message count reaches
 
 
-@triton.jit(do_not_specialize=["target"])
-def _spin_until(flag_ptr, target):
+@triton.jit
+def _signal(flag_ptr):
+    """One more message in the slot (the sender is the flag's only writer; its copies precede this kernel)."""
+    tl.store(flag_ptr, tl.load(flag_ptr, volatile=True) + 1)
+
+
+@triton.jit
+def _wait(flag_ptr, taken_ptr):
+    """Counts one more message taken from the slot and polls its flag until the sender has signalled it."""
+    target = tl.load(taken_ptr) + 1
     seen = tl.load(flag_ptr, volatile=True)
     while seen < target:
         seen = tl.load(flag_ptr, volatile=True)
+    tl.store(taken_ptr, target)
 
 
 class IpcLinks(Links):
     backend = "ipc"
+    device_ordered = True
 
     def __init__(self, attention_nodes: int, rank: int, peers: list[int], microbatches: int, slot_bytes: int,
-                 device: str, timeout_s: float, wait: str = "spin") -> None:
+                 device: str, timeout_s: float) -> None:
         super().__init__(attention_nodes, microbatches, slot_bytes)
-        if wait not in WAITS:
-            raise ValueError(f"ipc wait {wait!r}; choose one of {WAITS}")
-        self.wait_kind = wait
-        slots = microbatches
         if torch.device(device).type != "cuda":
             raise ValueError(f"ipc links connect CUDA devices, not {device}")
         self.rank = rank
@@ -48,16 +53,31 @@ class IpcLinks(Links):
         self.timeout_s = timeout_s
         torch.empty(1, device=device)  # the device's primary context is current on this thread before driver calls
         self.slot_bytes = -(-slot_bytes // 256) * 256  # slots and flags stay aligned
-        self.region_bytes = slots * self.slot_bytes + 8 * slots
+        self.region_bytes = microbatches * self.slot_bytes + 8 * microbatches
         self._inbound = {peer: cu.mem_alloc(self.region_bytes) for peer in peers}
         self._inbound_slots = {peer: self._slot_tensors(ptr) for peer, ptr in self._inbound.items()}
-        for ptr in self._inbound.values():
-            cu.tensor_at(ptr, self.region_bytes, device)[slots * self.slot_bytes:].zero_()
-        torch.cuda.synchronize(device)  # flags are zero before a peer can write them
+        self._inbound_flags = {peer: self._flags(ptr) for peer, ptr in self._inbound.items()}
+        for flags in self._inbound_flags.values():
+            flags.zero_()
+        # messages taken from each inbound slot: the wait kernels' own count
+        self._taken = {peer: torch.zeros(microbatches, dtype=torch.int64, device=device) for peer in peers}
         self._outbound: dict[int, int] = {}  # peer -> its inbound region for us, opened by handle
         self._outbound_slots: dict[int, list[torch.Tensor]] = {}
-        self._flag_tensors: dict[int, torch.Tensor] = {}
+        self._outbound_flags: dict[int, torch.Tensor] = {}
         self._release_stream = 0
+        scratch = torch.zeros(2, dtype=torch.int64, device=device)
+        _signal[(1,)](scratch[0:1], num_warps=1)  # compiled now: graph capture must not meet a first launch
+        _wait[(1,)](scratch[0:1], scratch[1:2], num_warps=1)
+        torch.cuda.synchronize(device)  # flags are zero before a peer can write them
+
+    def _slot_tensors(self, base: int) -> list[torch.Tensor]:
+        return [cu.tensor_at(base + mb * self.slot_bytes, self.slot_bytes, self.device)
+                for mb in range(self.microbatches)]
+
+    def _flags(self, base: int) -> torch.Tensor:
+        """The region's flags, one int64 per microbatch slot."""
+        return cu.tensor_at(base + self.microbatches * self.slot_bytes, 8 * self.microbatches,
+                            self.device).view(torch.int64)
 
     def region_handle(self, peer: int) -> bytes:
         """The IPC handle of this node's inbound region for `peer` (sent to it in the handshake)."""
@@ -69,52 +89,37 @@ class IpcLinks(Links):
             raise ValueError(f"rank {peer} sent an IPC handle of {len(handle)} bytes, not 64: is it on ipc links?")
         self._outbound[peer] = cu.ipc_open(handle)
         self._outbound_slots[peer] = self._slot_tensors(self._outbound[peer])
-
-    def _slot_tensors(self, base: int) -> list[torch.Tensor]:
-        return [cu.tensor_at(base + mb * self.slot_bytes, self.slot_bytes, self.device)
-                for mb in range(self.microbatches)]
-
-    def _flag(self, base: int, microbatch: int) -> int:
-        """The address of the microbatch slot's flag in the region at base."""
-        return base + self.microbatches * self.slot_bytes + 8 * microbatch
+        self._outbound_flags[peer] = self._flags(self._outbound[peer])
 
     def send(self, microbatch: int, peer: int, tensors: Sequence[torch.Tensor]) -> list:
         metas = [TensorMeta(t.dtype, tuple(t.shape)) for t in tensors]
-        k = self._next(self._sent, peer, microbatch, metas)
+        self._next(self._sent, peer, microbatch, metas)
         if peer not in self._outbound:
             raise RuntimeError(f"no ipc link to rank {peer}: the handshake did not attach it")
         for view, tensor in zip(packed_views(self._outbound_slots[peer][microbatch], metas), tensors):
             view.copy_(tensor)
-        cu.stream_write_value(torch.cuda.current_stream(self.device).cuda_stream,
-                              self._flag(self._outbound[peer], microbatch), k + 1)
-        return []  # the copy is stream-ordered: later work on this stream may change the tensors
+        _signal[(1,)](self._outbound_flags[peer][microbatch:microbatch + 1], num_warps=1)
+        return []  # the copies are stream-ordered: later work on this stream may change the tensors
 
     def receive(self, microbatch: int, peer: int, metas: Sequence[TensorMeta]) -> tuple[list[torch.Tensor], list]:
-        k = self._next(self._received, peer, microbatch, metas)
+        self._next(self._received, peer, microbatch, metas)
         return (packed_views(self._inbound_slots[peer][microbatch], metas),
-                [(self._flag(self._inbound[peer], microbatch), k + 1)])
+                [(self._inbound_flags[peer][microbatch:microbatch + 1], self._taken[peer][microbatch:microbatch + 1])])
+
+    def enqueue_wait(self, works: list) -> None:
+        for flag, taken in works:
+            _wait[(1,)](flag, taken, num_warps=1)
 
     async def wait(self, works: list) -> None:
-        if self.wait_kind == "spin":
-            for flag, value in works:
-                _spin_until[(1,)](self._flag_tensor(flag), value, num_warps=1)
-            return
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        for flag, value in works:
-            cu.stream_wait_value(stream, flag, value)
-
-    def _flag_tensor(self, address: int) -> torch.Tensor:
-        tensor = self._flag_tensors.get(address)
-        if tensor is None:
-            tensor = self._flag_tensors[address] = cu.tensor_at(address, 8, self.device).view(torch.int64)
-        return tensor
+        self.enqueue_wait(works)
 
     def release(self) -> None:
         if not self._release_stream:
             self._release_stream = cu.stream_create_non_blocking()  # not behind the stuck waits
         for base in self._inbound.values():
             for mb in range(self.microbatches):
-                cu.stream_write_value(self._release_stream, self._flag(base, mb), _RELEASED)
+                cu.stream_write_value(self._release_stream, base + self.microbatches * self.slot_bytes + 8 * mb,
+                                      _RELEASED)
 
     def close(self) -> None:
         torch.cuda.synchronize(self.device)

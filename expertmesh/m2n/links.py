@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 class Links(abc.ABC):
     backend: str
+    device_ordered = False  # sends and waits are ordered on the current CUDA stream, no host wait (nccl, ipc)
 
     def __init__(self, attention_nodes: int, microbatches: int, slot_bytes: int) -> None:
         self.attention_nodes = attention_nodes
@@ -65,6 +66,10 @@ class Links(abc.ABC):
     async def wait(self, works: list) -> None:
         """Orders what follows after `works`: on GPUs by making the current stream wait (the host does not)."""
 
+    def enqueue_wait(self, works: list) -> None:
+        """wait, for device-ordered links: enqueues the wait on the current stream (also inside graph capture)."""
+        raise NotImplementedError(f"{self.backend} links wait on the host")
+
     def region_handle(self, peer: int) -> bytes:
         """What `peer` needs to reach this node's receive slots for it, sent in the handshake (ipc: a handle)."""
         return b""
@@ -96,6 +101,6 @@ def make_links(config: "Config", role: str, index: int, device: str, hidden: int
         peers = ([cluster.attention_nodes + e for e in range(cluster.expert_nodes)] if role == "attention"
                  else list(range(cluster.attention_nodes)))
         return IpcLinks(cluster.attention_nodes, rank, peers, engine.microbatches, slot_bytes, device,
-                        t.recv_timeout_s, t.ipc_wait)
+                        t.recv_timeout_s)
     from .dist import join_cluster
     return join_cluster(config, rank, device, slot_bytes)

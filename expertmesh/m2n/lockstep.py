@@ -92,6 +92,12 @@ class LockstepClient:
         except Exception as exc:
             self._errors.append(f"control link to expert node {node} failed: {exc!r}")
 
+    @property
+    def captures_steps(self) -> bool:
+        """Whether whole decode steps, rounds included, can be captured as CUDA graphs: the links keep every count
+        on the device (ipc), so a replay needs no host."""
+        return self.links.backend == "ipc"
+
     async def begin_step(self, step: int, tokens: list[int]) -> None:
         """Announces the step's rounds (tokens of each microbatch) to every expert node."""
         if self._errors:
@@ -111,6 +117,11 @@ class LockstepClient:
         """Sends the round's tokens to every expert node and posts the receives of their answers."""
         if step != self._step:
             raise RuntimeError(f"dispatch for step {step} before begin_step announced it (at {self._step})")
+        return self.enqueue_round(layer, microbatch, hidden, expert_ids, expert_weights)
+
+    def enqueue_round(self, layer: int, microbatch: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                      expert_weights: torch.Tensor) -> RoundHandle:
+        """dispatch's work, all of it enqueued (on device-ordered links it can be captured in a CUDA graph)."""
         n = hidden.shape[0]
         owner = self.node_of[layer][expert_ids.long()]
         masked = torch.where(owner.unsqueeze(0) == self._node_ids, expert_ids.unsqueeze(0), -1)  # [nodes, n, k]
@@ -130,6 +141,11 @@ class LockstepClient:
         await asyncio.sleep(0)  # the other microbatches enqueue their rounds first: ping-pong order on the device
         await self.links.wait(handle.works)
         return handle.answers
+
+    def enqueue_combine(self, handle: RoundHandle, dtype: torch.dtype) -> torch.Tensor:
+        """gather and reduce, enqueued on the current stream (device-ordered links only)."""
+        self.links.enqueue_wait(handle.works)
+        return self.reduce(handle, handle.answers, handle.answers[0].new_empty(0, dtype=dtype))
 
     def reduce(self, handle: RoundHandle, answers: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         """The sum of the nodes' partial sums. With one expert node, its receive slot itself: valid until the
