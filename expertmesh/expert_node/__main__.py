@@ -43,7 +43,7 @@ async def main(config: Config, index: int) -> None:
         node.rounds = LockstepRounds(links, spec.moe_layer_ids, config.engine.max_batch_tokens, spec.hidden_size,
                                      spec.top_k, config.model.torch_dtype, device, node.compute_lane,
                                      config.transport.recv_timeout_s, node.compute_eager if whole_steps else None,
-                                     config.engine.max_num_seqs)
+                                     config.engine.max_num_seqs, lambda n: node.warm_up(n, spec.top_k))
         log.info("lockstep rounds over %s", links.backend)
     if device.startswith("cuda") and not config.engine.enforce_eager:
         if lockstep:  # a lane per attention node; a decode round brings one attention node's batch

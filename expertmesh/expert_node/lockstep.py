@@ -30,10 +30,12 @@ OnError = Callable[[int, StepPlan, int, int, Exception], Awaitable[None]]  # (at
 class LockstepRounds:
     def __init__(self, links: Links, moe_layers: list[int], capacity: int, hidden: int, top_k: int,
                  dtype: torch.dtype, device: str, compute: Compute, recv_timeout_s: float,
-                 graph_compute: Compute | None = None, graph_tokens: int = 0) -> None:
+                 graph_compute: Compute | None = None, graph_tokens: int = 0,
+                 warm_up: Callable[[int], None] | None = None) -> None:
         """graph_compute (CUDA, ipc links): steps whose microbatches hold at most graph_tokens tokens each are
         captured whole, once per (attention node, tokens per microbatch), with graph_compute (which must not replay
-        graphs of its own), and replayed from then on."""
+        graphs of its own), and replayed from then on; warm_up(tokens) runs first for each size, eagerly, so that
+        every kernel the capture records is compiled."""
         self.links = links
         self.moe_layers = moe_layers
         self.capacity = capacity
@@ -42,7 +44,7 @@ class LockstepRounds:
         self.compute = compute
         self.recv_timeout_s = recv_timeout_s
         self.top_k, self.dtype = top_k, dtype
-        self.graph_compute, self.graph_tokens = graph_compute, graph_tokens
+        self.graph_compute, self.graph_tokens, self.warm_up = graph_compute, graph_tokens, warm_up
         self._graphs: dict[tuple[int, tuple[int, ...]], torch.cuda.CUDAGraph | None] = {}
         self._pool = torch.cuda.graph_pool_handle() if graph_compute is not None else None
         lanes = range(links.attention_nodes)
@@ -152,6 +154,10 @@ class LockstepRounds:
         rank = self.links.attention_rank(a)
         graph = torch.cuda.CUDAGraph()
         try:
+            if self.warm_up is not None:
+                with self._on_lane(a):
+                    for n in sorted(set(plan.tokens)):
+                        self.warm_up(n)
             with torch.cuda.graph(graph, pool=self._pool):
                 for layer in self.moe_layers:
                     for mb, n in enumerate(plan.tokens):

@@ -150,6 +150,16 @@ class ExpertNode:
             return torch.zeros_like(hidden)
         return self._experts(layer, hidden, ids, weights)
 
+    def warm_up(self, tokens: int, top_k: int) -> None:
+        """One eager call of every held layer at `tokens` tokens routed to held experts: Triton compiles the kernel
+        variants for that size now, not inside a graph capture (which cannot load a new kernel)."""
+        for stacked in self.experts_of_layer.values():
+            device, dtype = stacked.gate_up.device, stacked.gate_up.dtype
+            held = torch.tensor(stacked.expert_ids, dtype=torch.int32, device=device)
+            ids = held[torch.arange(tokens * top_k, device=device) % len(held)].view(tokens, top_k)
+            hidden = torch.zeros(tokens, stacked.hidden, dtype=dtype, device=device)
+            fused_moe(hidden, ids, torch.ones(tokens, top_k, device=device), stacked, self.moe_backend)
+
     def capture_graphs(self, top_k: int, max_tokens: int, lanes: int = 1) -> None:
         """Batches of up to max_tokens tokens replay CUDA graphs from now on (CUDA only); lanes that may run at
         once (on streams of their own) get a set each, since a graph's buffers serve one replay at a time."""

@@ -55,3 +55,16 @@ def test_node_holds_computes_and_reports_errors():
         assert torch.allclose(answer.partial, expected, rtol=1e-5, atol=1e-6)
     assert isinstance(error, ExpertError) and error.layer == 2 and "holds none" in error.error
     assert isinstance(again, Combine) and torch.allclose(again.partial, answers[0].partial, rtol=1e-5, atol=1e-6)
+
+
+def test_warm_up_runs_every_held_layer_at_the_size(monkeypatch):
+    """The eager call that compiles a size's kernels before a whole-step capture records them."""
+    import expertmesh.expert_node.node as node_module
+    num_experts, hidden = 8, 32
+    _, layer1 = random_experts(num_experts, [1, 3, 6], hidden, 48, torch.float32)
+    node = ExpertNode(0, {1: layer1}, num_experts, listener=None, moe_backend="reference")
+    calls, real = [], node_module.fused_moe
+    monkeypatch.setattr(node_module, "fused_moe", lambda h, ids, w, stacked, backend: calls.append(
+        (tuple(h.shape), ids.tolist())) or real(h, ids, w, stacked, backend))
+    node.warm_up(3, 2)
+    assert calls == [((3, hidden), [[1, 3], [6, 1], [3, 6]])]  # every row routed to experts held here
