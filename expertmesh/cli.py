@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "profile":
         import json
-        from .placement.profile import profile
+        from .attention_node.profile import profile
         from .placement.routing_stats import format_report, plot_heatmaps, report
         trace = profile(args.model, args.data, args.out, window=args.window, max_tokens=args.max_tokens)
         stats = report(trace)

@@ -16,7 +16,7 @@ from expertmesh.model.spec import ModelSpec
 from expertmesh.model.weights import load_attention_side, load_experts
 from expertmesh.placement.plan import Placement
 from expertmesh.transport.inproc import InprocTransport
-from expertmesh.transport.m2n import M2NClient
+from expertmesh.m2n.messages import M2NClient
 from expertmesh.transport.protocol import SamplingParams
 
 _names = itertools.count()

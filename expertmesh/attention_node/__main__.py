@@ -16,7 +16,7 @@ from ..placement.plan import load_cluster_placement, load_cluster_topology
 from ..process import run_node
 from ..transport.base import connect_within, make_transport
 from ..transport.emulation import emulate
-from ..transport.m2n import M2NClient
+from ..m2n.messages import M2NClient
 from ..transport.zmq import ZmqTransport
 from .model_runner import ModelRunner
 from .node import AttentionNode

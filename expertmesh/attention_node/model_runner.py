@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 class ExpertBackend(Protocol):
-    """Where a MoE layer's experts run: the expert nodes over M2N (transport/m2n.py: messages; m2n/lockstep.py:
+    """Where a MoE layer's experts run: the expert nodes over M2N (m2n/messages.py: messages; m2n/lockstep.py:
     lockstep rounds), or a stand-in."""
 
     async def begin_step(self, step: int, tokens: list[int]) -> None:

@@ -13,7 +13,7 @@ import torch
 from ..config import Config
 from ..model.spec import ModelSpec
 from ..transport.base import Listener, PeerId, TransportError
-from ..transport.m2n import LinkStats, M2NClient
+from ..m2n.messages import LinkStats, M2NClient
 from ..transport.protocol import (AbortRequest, AddRequest, NodeTrace, SamplingParams, Status, StatusRequest,
                                   StepOutputs, TraceControl)
 from .model_runner import ModelRunner

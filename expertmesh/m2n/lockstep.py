@@ -20,7 +20,7 @@ import torch
 from ..placement.plan import Placement
 from ..placement.replication import choose_replica
 from ..transport.base import Connection, TransportError
-from ..transport.m2n import ExpertNodeError, LinkStats, greet_expert_nodes
+from .messages import ExpertNodeError, LinkStats, greet_expert_nodes
 from ..transport.protocol import ExpertError, StepPlan, TensorMeta
 from .links import Links
 

@@ -11,7 +11,7 @@ import pytest
 from expertmesh.bench import prometheus
 from expertmesh.model.spec import ModelSpec
 from expertmesh.placement.plan import Placement
-from expertmesh.placement.profile import profile
+from expertmesh.attention_node.profile import profile
 from expertmesh.placement.simulator import CostModel, Workload, replay
 from expertmesh.placement.topology import Topology
 

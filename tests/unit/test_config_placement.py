@@ -9,7 +9,7 @@ from expertmesh.model.spec import ModelSpec
 from expertmesh.placement.plan import Placement, PlacementError
 from expertmesh.transport.base import TransportError
 from expertmesh.transport.inproc import InprocTransport
-from expertmesh.transport.m2n import M2NClient
+from expertmesh.m2n.messages import M2NClient
 from expertmesh.transport.protocol import HelloReply
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from expertmesh.cli import main
-from expertmesh.placement.profile import profile
+from expertmesh.attention_node.profile import profile
 from expertmesh.placement.routing_stats import mutual_information_bits, report, selection_counts
 from expertmesh.placement.trace import RoutingTrace
 

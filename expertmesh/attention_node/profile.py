@@ -15,8 +15,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..attention_node.model_runner import ModelRunner
-from ..attention_node.scheduler import Sequence
+from .model_runner import ModelRunner
+from .scheduler import Sequence
 from ..config import EngineConfig
 from ..gateway.text import TextCodec
 from ..kv.block_manager import BlockManager
@@ -25,7 +25,7 @@ from ..model.spec import ModelSpec
 from ..model.weights import load_attention_side, load_experts
 from ..ops.fused_moe import StackedExperts, fused_moe
 from ..transport.protocol import SamplingParams
-from .trace import RoutingTrace
+from ..placement.trace import RoutingTrace
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""M2N dispatch and combine between one attention node and N expert nodes.
+"""M2N dispatch and combine over message transports (ucx, zmq, inproc): the host on the data's path.
 
 `dispatch` sends each token once to every expert node that computes one of its chosen experts (the other
 chosen experts masked to -1); `combine` waits for each node's weighted partial sums and adds them up."""
@@ -12,8 +12,8 @@ import torch
 from ..host_copy import to_device
 from ..placement.plan import Placement
 from ..placement.replication import choose_replica
-from .base import Connection, TransportError
-from .protocol import (Combine, Dispatch, ExpertError, Hello, HelloReply, Message, TensorMeta, packed_offsets,
+from ..transport.base import Connection, TransportError
+from ..transport.protocol import (Combine, Dispatch, ExpertError, Hello, HelloReply, Message, TensorMeta, packed_offsets,
                        packed_views)
 
 
