@@ -45,9 +45,10 @@ class ModelConfig:
 
 @dataclass
 class TransportConfig:
-    # Data path between attention and expert nodes. Messages (the host on the data's path): ucx, zmq, or auto
-    # (ucx if ucxx imports). Lockstep rounds, no host on the data's path (m2n/): nccl (GPUs, each node on its own
-    # GPU), ipc (GPUs of one host, CUDA IPC; nodes may share a GPU: run CUDA MPS for concurrency) or gloo (CPU).
+    # Data path between attention and expert nodes. Lockstep rounds, no host on the data's path (m2n/): nccl (GPUs,
+    # each node on its own GPU), ipc (GPUs of one host, CUDA IPC; nodes may share a GPU: run CUDA MPS for
+    # concurrency) or gloo (CPU). Messages, the host on the data's path: ucx or zmq. auto: ipc on GPUs; on CPU ucx
+    # if ucxx imports, else zmq.
     backend: str = "auto"
     connect_timeout_s: float = 60.0  # an expert node must answer the handshake within this
     recv_timeout_s: float = 30.0  # an expert node must answer a dispatch within this

@@ -27,6 +27,7 @@ class ClusterError(RuntimeError):
 
 
 _next_port = 20000 + os.getpid() % 10000
+MPS_PIPE = "/tmp/nvidia-mps"  # where a CUDA MPS daemon started with default settings listens
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -71,7 +72,9 @@ class LocalCluster:
 
     def start(self) -> None:
         cluster = self.config.cluster
-        self.config.transport.backend = resolve_backend(self.config.transport.backend)
+        self.config.transport.backend = resolve_backend(self.config.transport.backend, self.config.model.device)
+        for note in self.notes():
+            print(f"expertmesh: {note}", file=sys.stderr, flush=True)
         if not cluster.expert_addresses:
             scheme = "ucx" if self.config.transport.backend == "ucx" else "tcp"
             cluster.expert_addresses = [f"{scheme}://127.0.0.1:{free_port()}" for _ in range(cluster.expert_nodes)]
@@ -92,6 +95,19 @@ class LocalCluster:
                 command = [sys.executable, "-m", module, "--config", str(config_path), "--index", str(index)]
                 process = subprocess.Popen(command, preexec_fn=_die_with_parent)
                 self.children.append(Child(name if name == "gateway" else f"{name} {index}", process))
+
+    def notes(self) -> list[str]:
+        """What the operator should know about this layout before it runs."""
+        config, cluster = self.config, self.config.cluster
+        if config.transport.backend != "ipc" or cluster.expert_nodes == 0:
+            return []
+        devices = ([config.node_device("attention", i) for i in range(cluster.attention_nodes)]
+                   + [config.node_device("expert", i) for i in range(cluster.expert_nodes)])
+        if len(set(devices)) == len(devices) or Path(MPS_PIPE).exists():
+            return []
+        return [f"nodes share {sorted({d for d in devices if devices.count(d) > 1})} over ipc links without CUDA MPS "
+                f"({MPS_PIPE} is absent): their kernels take turns on the GPU, and every M2N round waits for a turn. "
+                f"Start MPS first (nvidia-cuda-mps-control -d) for kernels of both to run at once."]
 
     def __enter__(self) -> "LocalCluster":
         """Started and serving (/health 200); stopped on the way out, also when the start fails."""

@@ -128,3 +128,23 @@ def test_replicas_local_first_then_spill_chosen_once_per_step(mixtral_dir):
         await m2n.close()
 
     asyncio.run(run())
+
+
+def test_auto_transport_is_ipc_on_gpus_and_sharing_a_gpu_without_mps_is_named(monkeypatch, tmp_path):
+    from expertmesh.config import Config
+    from expertmesh.launcher import local
+    from expertmesh.transport.base import resolve_backend
+    assert resolve_backend("auto", "cuda") == "ipc"
+    assert resolve_backend("auto", "cpu") in ("ucx", "zmq")
+    assert resolve_backend("nccl", "cuda") == "nccl"
+    config = Config()
+    config.model.device, config.transport.backend = "cuda", "ipc"
+    config.cluster.attention_gpus, config.cluster.expert_gpus = [0], [0, 1]
+    monkeypatch.setattr(local, "MPS_PIPE", str(tmp_path / "no-mps"))
+    notes = local.LocalCluster(config, tmp_path).notes()
+    assert len(notes) == 1 and "['cuda:0']" in notes[0] and "nvidia-cuda-mps-control -d" in notes[0]
+    (tmp_path / "no-mps").mkdir()  # MPS runs: nothing to say
+    assert local.LocalCluster(config, tmp_path).notes() == []
+    config.cluster.expert_gpus = [1, 2]  # a GPU each
+    (tmp_path / "no-mps").rmdir()
+    assert local.LocalCluster(config, tmp_path).notes() == []
