@@ -17,6 +17,31 @@ def bucket_sizes(largest: int) -> list[int]:
     return sorted({s for s in sizes if s < largest} | {largest})
 
 
+def split_counts(tokens: list[int], count: int) -> list[int]:
+    """Sizes of contiguous groups of roughly equal token counts over items of `tokens` tokens; never an empty group.
+    How an attention node splits a step into microbatches (model_runner.split_microbatches)."""
+    count = max(1, min(count, len(tokens)))
+    target = sum(tokens) / count
+    sizes, filled = [0], 0
+    for n in tokens:
+        if sizes[-1] and filled >= target * len(sizes) and len(sizes) < count:
+            sizes.append(0)
+        sizes[-1] += 1
+        filled += n
+    return sizes
+
+
+def decode_step_shape(sequences: int, microbatches: int, sizes: list[int]) -> tuple[int, ...]:
+    """The microbatches of a decode step over `sequences`, each padded to its bucket in `sizes`: what a whole-step
+    graph is captured for on both sides of the lockstep M2N."""
+    return tuple(next(b for b in sizes if b >= n) for n in split_counts([1] * sequences, microbatches))
+
+
+def decode_step_shapes(max_num_seqs: int, microbatches: int) -> list[tuple[int, ...]]:
+    sizes = bucket_sizes(max_num_seqs)
+    return sorted({decode_step_shape(n, microbatches, sizes) for n in range(1, max_num_seqs + 1)})
+
+
 def capture(fn: Callable[[], object], pool) -> tuple[torch.cuda.CUDAGraph, object]:
     """(graph, outputs) of fn captured into the memory pool `pool`; outputs are the static tensors replays fill."""
     side = torch.cuda.Stream()

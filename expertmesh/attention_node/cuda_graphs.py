@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..cuda_graph import bucket_sizes, capture
+from ..cuda_graph import bucket_sizes, capture, decode_step_shape, decode_step_shapes
 
 if TYPE_CHECKING:
     from .model_runner import ModelRunner
@@ -97,12 +97,8 @@ class StepGraphs:
         self.runner, self.microbatches = runner, microbatches
         self.sizes = bucket_sizes(max_num_seqs)
         self.table_width = -(-runner.context_len // runner.kv_cache.block_size)
-        self.keys = sorted({self.key([1] * n) for n in range(1, max_num_seqs + 1)})
+        self.keys = decode_step_shapes(max_num_seqs, microbatches)
         self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, list[GraphSet], list[torch.Tensor]]] = {}
-
-    def key(self, tokens: list[int]) -> tuple[int, ...]:
-        from .model_runner import split_counts
-        return tuple(next(b for b in self.sizes if b >= n) for n in split_counts(tokens, self.microbatches))
 
     def capture(self) -> None:
         started = time.monotonic()
@@ -138,7 +134,7 @@ class StepGraphs:
         """The key of a decode step over seqs, or None where it must run otherwise (prefill, too large)."""
         if not seqs or len(seqs) > self.sizes[-1] or any(s.num_tokens - s.num_cached != 1 for s in seqs):
             return None
-        key = self.key([1] * len(seqs))
+        key = decode_step_shape(len(seqs), self.microbatches, self.sizes)
         return key if key in self.graphs else None
 
     def run(self, key: tuple[int, ...], groups: list[list["Sequence"]]) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from ..cuda_graph import split_counts
 from ..host_copy import to_device
 from ..kv.cache import PagedKVCache
 from ..kv.metadata import StepMetadata
@@ -46,19 +47,6 @@ class ExpertBackend(Protocol):
     async def gather(self, handle): ...
 
     def reduce(self, handle, answers, like: torch.Tensor) -> torch.Tensor: ...
-
-
-def split_counts(tokens: list[int], count: int) -> list[int]:
-    """Sizes of contiguous groups of roughly equal token counts over items of `tokens` tokens; never an empty group."""
-    count = max(1, min(count, len(tokens)))
-    target = sum(tokens) / count
-    sizes, filled = [0], 0
-    for n in tokens:
-        if sizes[-1] and filled >= target * len(sizes) and len(sizes) < count:
-            sizes.append(0)
-        sizes[-1] += 1
-        filled += n
-    return sizes
 
 
 def split_microbatches(seqs: list[Sequence], count: int) -> list[list[Sequence]]:

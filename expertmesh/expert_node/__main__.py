@@ -6,6 +6,7 @@ import logging
 import torch
 
 from ..config import LOCKSTEP_BACKENDS, Config
+from ..cuda_graph import decode_step_shapes
 from ..m2n.links import make_links
 from ..model.spec import ModelSpec
 from ..model.weights import load_experts
@@ -43,7 +44,8 @@ async def main(config: Config, index: int) -> None:
         node.rounds = LockstepRounds(links, spec.moe_layer_ids, config.engine.max_batch_tokens, spec.hidden_size,
                                      spec.top_k, config.model.torch_dtype, device, node.compute_lane,
                                      config.transport.recv_timeout_s, node.compute_eager if whole_steps else None,
-                                     config.engine.max_num_seqs, lambda n: node.warm_up(n, spec.top_k))
+                                     config.engine.max_num_seqs, lambda n: node.warm_up(n, spec.top_k),
+                                     decode_step_shapes(config.engine.max_num_seqs, config.engine.microbatches))
         log.info("lockstep rounds over %s", links.backend)
     if device.startswith("cuda") and not config.engine.enforce_eager:
         if lockstep:  # a lane per attention node; a decode round brings one attention node's batch

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Awaitable, Callable
 
 import torch
@@ -31,11 +32,11 @@ class LockstepRounds:
     def __init__(self, links: Links, moe_layers: list[int], capacity: int, hidden: int, top_k: int,
                  dtype: torch.dtype, device: str, compute: Compute, recv_timeout_s: float,
                  graph_compute: Compute | None = None, graph_tokens: int = 0,
-                 warm_up: Callable[[int], None] | None = None) -> None:
+                 warm_up: Callable[[int], None] | None = None, shapes: list[tuple[int, ...]] = ()) -> None:
         """graph_compute (CUDA, ipc links): steps whose microbatches hold at most graph_tokens tokens each are
         captured whole, once per (attention node, tokens per microbatch), with graph_compute (which must not replay
         graphs of its own), and replayed from then on; warm_up(tokens) runs first for each size, eagerly, so that
-        every kernel the capture records is compiled."""
+        every kernel the capture records is compiled. `shapes`: those captured ahead (precapture)."""
         self.links = links
         self.moe_layers = moe_layers
         self.capacity = capacity
@@ -45,6 +46,7 @@ class LockstepRounds:
         self.recv_timeout_s = recv_timeout_s
         self.top_k, self.dtype = top_k, dtype
         self.graph_compute, self.graph_tokens, self.warm_up = graph_compute, graph_tokens, warm_up
+        self.shapes = list(shapes) if graph_compute is not None else []
         self._graphs: dict[tuple[int, tuple[int, ...]], torch.cuda.CUDAGraph | None] = {}
         self._pool = torch.cuda.graph_pool_handle() if graph_compute is not None else None
         lanes = range(links.attention_nodes)
@@ -141,6 +143,16 @@ class LockstepRounds:
             await self.links.wait(sent)  # the partial sums stay alive until sent
         return computed
 
+    def precapture(self, a: int) -> None:
+        """Captures attention node a's steps of every shape in `shapes` (the decode steps it captures whole), once
+        its links are attached, so that none is captured while a step waits for it."""
+        started = time.monotonic()
+        for shape in self.shapes:
+            self._step_graph(a, StepPlan(a, 0, list(shape)))
+        if self.shapes:
+            log.info("captured attention node %d's decode steps of %d shapes in %.1f s", a, len(self.shapes),
+                     time.monotonic() - started)
+
     def _step_graph(self, a: int, plan: StepPlan) -> torch.cuda.CUDAGraph | None:
         """The captured step for plan's shape (captured now if new), or None where steps run eagerly."""
         if self.graph_compute is None or not all(0 < n <= self.graph_tokens for n in plan.tokens):
@@ -169,5 +181,5 @@ class LockstepRounds:
         except Exception:  # this shape runs eagerly from now on
             log.exception("expert node: capturing attention node %d's step of %s tokens failed", a, plan.tokens)
             return None
-        log.info("captured attention node %d's step of %s tokens per microbatch", a, plan.tokens)
+        log.debug("captured attention node %d's step of %s tokens per microbatch", a, plan.tokens)
         return graph

@@ -91,6 +91,8 @@ class ExpertNode:
                         await self.listener.send(peer, ExpertError(-1, -1, -1, f"links: {exc!r}"))
                         continue
                 await self.listener.send(peer, HelloReply(self.node_id, held, region))
+                if self.rounds is not None:  # its links are attached: its decode steps can be captured
+                    self.rounds.precapture(message.attention_node)
             elif isinstance(message, StepPlan) and self.rounds is not None:
                 self.rounds.add(message)
             elif isinstance(message, Dispatch):
