@@ -49,6 +49,16 @@ class ExpertBackend(Protocol):
     def reduce(self, handle, answers, like: torch.Tensor) -> torch.Tensor: ...
 
 
+def warm_up_sizes(limit: int) -> list[int]:
+    """2, 3, 4, 5, 8, 9, 16, 17, ... up to limit: every power of two and one more, since Triton compiles a kernel
+    apart for integer arguments divisible by 16 and for the others (and tile choices change at powers of two)."""
+    sizes, power = [], 2
+    while power <= limit:
+        sizes += [power] + ([power + 1] if power + 1 <= limit else [])
+        power *= 2
+    return sizes
+
+
 def split_microbatches(seqs: list[Sequence], count: int) -> list[list[Sequence]]:
     """Contiguous groups of roughly equal new-token counts; never an empty group."""
     groups, start = [], 0
@@ -95,17 +105,15 @@ class ModelRunner:
                 log.exception("whole-step CUDA graphs could not be captured; decode steps replay segments")
 
     async def warm_up(self, max_batch_tokens: int) -> None:
-        """Eager forwards of one sequence of 2, 4, 8, ... tokens, before serving: Triton compiles each kernel variant
-        on its first use (a second or more each, cached on disk after), which would otherwise land on the first
-        requests. Writes only to cache blocks no sequence owns yet."""
+        """Eager forwards of one sequence of each of warm_up_sizes tokens, before serving (through the expert nodes
+        too, when disaggregated): Triton compiles each kernel variant on its first use (a second or more each,
+        cached on disk after), which would otherwise land on the first requests. Writes only to cache blocks no
+        sequence owns yet."""
         block_size = self.kv_cache.block_size
-        limit = min(max_batch_tokens, self.context_len, self.kv_cache.num_blocks * block_size)
-        tokens = 2
-        while tokens <= limit:
+        for tokens in warm_up_sizes(min(max_batch_tokens, self.context_len, self.kv_cache.num_blocks * block_size)):
             seq = Sequence("warm-up", [0] * tokens, SamplingParams(max_tokens=1), 0,
                            block_ids=list(range(-(-tokens // block_size))))
             await self.forward(-tokens, [seq], 1)
-            tokens *= 2
 
     async def forward(self, step: int, seqs: list[Sequence], microbatches: int) -> torch.Tensor:
         """Logits of each sequence's last new token, [len(seqs), vocab], in seqs order."""

@@ -89,3 +89,11 @@ def test_to_device_gives_int64_on_the_host_as_given():
     assert got.dtype == torch.long and got.tolist() == [3, 1, 2]
     rows = torch.tensor([5, 7])
     assert to_device(rows, torch.device("cpu")) is rows  # no copy on the host
+
+
+def test_warm_up_sizes_reach_both_integer_specialisations():
+    from expertmesh.attention_node.model_runner import warm_up_sizes
+    assert warm_up_sizes(40) == [2, 3, 4, 5, 8, 9, 16, 17, 32, 33]
+    assert warm_up_sizes(16) == [2, 3, 4, 5, 8, 9, 16]
+    sizes = warm_up_sizes(2048)
+    assert any(n % 16 == 0 for n in sizes) and any(n % 16 and n > 16 for n in sizes)
