@@ -83,7 +83,9 @@ class AttentionNode:
         return Status(self.node_id, self.ready and self.fatal_error is None, len(self.scheduler.running),
                       len(self.scheduler.waiting), self.scheduler.queued_tokens, self.prompt_tokens,
                       self.generated_tokens, self.step, list(s.bytes_sent), list(s.messages_sent),
-                      list(s.bytes_received), self.fatal_error, phases, seconds, wall)
+                      list(s.bytes_received), self.fatal_error, phases, seconds, wall,
+                      self.scheduler.blocks.num_used_blocks, self.scheduler.blocks.num_blocks,
+                      self.scheduler.num_preemptions)
 
     async def _engine(self) -> None:
         while True:

@@ -28,6 +28,10 @@ class GatewayMetrics:
             "expertmesh_running_sequences": ("gauge", lambda s, n: s.running),
             "expertmesh_queued_tokens": ("gauge", lambda s, n: s.queued_tokens),
             "expertmesh_engine_steps_total": ("counter", lambda s, n: s.steps),
+            # vLLM's gpu_cache_usage_perc and num_preemptions_total
+            "expertmesh_kv_cache_usage": ("gauge", lambda s, n: round(s.kv_blocks_used / max(1, s.kv_blocks_total), 6)),
+            "expertmesh_kv_cache_blocks": ("gauge", lambda s, n: s.kv_blocks_total),
+            "expertmesh_preemptions_total": ("counter", lambda s, n: s.preemptions),
         }
         for name, (kind, value) in per_node.items():
             lines.append(f"# TYPE {name} {kind}")

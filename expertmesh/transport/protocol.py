@@ -302,6 +302,9 @@ class Status(Message):
     phase_names: list[str] = field(default_factory=list)  # where the node's time went (PhaseClock.totals)
     phase_seconds: list[float] = field(default_factory=list)
     wall_seconds: float = 0.0
+    kv_blocks_used: int = 0  # KV-cache blocks owned by sequences, of kv_blocks_total
+    kv_blocks_total: int = 0
+    preemptions: int = 0  # sequences preempted (by recomputation) since start
 
 
 @dataclass

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 
-from .cluster import Cluster
+from .cluster import Cluster, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -126,11 +126,21 @@ def test_health_models_and_metrics(served, request):
         models = client.get("/v1/models").json()
         assert models["data"][0]["id"]
         complete(client, "hello", max_tokens=2)
-        metrics = client.get("/metrics").text
+
+        def link_bytes():  # the nodes' counters as of their last status poll, which may predate the request
+            metrics = client.get("/metrics").text
+            sent = [float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("expertmesh_link_bytes_sent_total{")]
+            return (metrics, sent) if expert_nodes == 0 or sum(sent) > 0 else None
+
+        metrics, sent = wait_for(link_bytes, 10, "the request's link bytes in /metrics")
     assert 'expertmesh_requests_total{outcome="completed"}' in metrics
-    link_bytes = [float(line.split()[-1]) for line in metrics.splitlines()
-                  if line.startswith("expertmesh_link_bytes_sent_total{")]
-    assert len(link_bytes) == 2 * expert_nodes and (expert_nodes == 0 or sum(link_bytes) > 0)
+    assert len(sent) == 2 * expert_nodes
+    gauges = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if not line.startswith("#")}
+    for node in (0, 1):
+        assert 0.0 <= gauges[f'expertmesh_kv_cache_usage{{attention_node="{node}"}}'] <= 1.0
+        assert gauges[f'expertmesh_kv_cache_blocks{{attention_node="{node}"}}'] > 0
+        assert gauges[f'expertmesh_preemptions_total{{attention_node="{node}"}}'] == 0  # the cache is ample here
 
 
 BAD_REQUESTS = [

@@ -48,3 +48,17 @@ def test_malformed_messages_are_named_errors():
         decode_frames(frames[:1])
     with pytest.raises(ProtocolError, match="contiguous"):
         encode_frames(Combine(1, 0, 0, torch.zeros(4, 2).T))
+
+
+def test_kv_cache_and_preemptions_reach_the_metrics():
+    from types import SimpleNamespace
+    from expertmesh.gateway.metrics import GatewayMetrics
+    status = Status(0, True, 1, 2, 3, 4, 5, 6, [], [], [], None, kv_blocks_used=30, kv_blocks_total=120,
+                    preemptions=7)
+    back = decode_frames(encode_frames(status))
+    assert (back.kv_blocks_used, back.kv_blocks_total, back.preemptions) == (30, 120, 7)
+    node = SimpleNamespace(index=0, status=back, ready=True, name="attention node 0")
+    text = GatewayMetrics().render([node], [])
+    assert 'expertmesh_kv_cache_usage{attention_node="0"} 0.25' in text
+    assert 'expertmesh_kv_cache_blocks{attention_node="0"} 120' in text
+    assert 'expertmesh_preemptions_total{attention_node="0"} 7' in text
