@@ -1,5 +1,5 @@
 """The Triton fused MoE on a GPU against its memory floor, for choose_config's tiles and a few variants of each
-launch's tiles: the numbers to tune expertmesh/ops/fused_moe.py's choose_config by.
+launch's tiles: the numbers to tune expertmesh/ops/fused_moe_triton.py's choose_config by.
 
     python benchmarks/moe_sweep.py [--shapes mixtral,qwen3] [--tokens 1,16,64,256] [--budget-s 170] [--json out.json]
 
@@ -19,7 +19,8 @@ import torch
 
 from expertmesh.bench.layer import time_fn
 from expertmesh.cuda_graph import capture
-from expertmesh.ops.fused_moe import MatmulTile, StackedExperts, TritonMoeConfig, choose_config, fused_moe
+from expertmesh.ops.fused_moe import StackedExperts, fused_moe
+from expertmesh.ops.fused_moe_triton import MatmulTile, TritonMoeConfig, choose_config
 
 SHAPES = {"mixtral": (8, 2, 4096, 14336), "qwen3": (128, 8, 2048, 768)}  # experts, top_k, hidden, inter
 SHARED_BYTES = 227 * 1024  # sm90's most per block

@@ -11,29 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the reference path works; asking for the Triton one says what is missing
-    from types import SimpleNamespace
-    triton = SimpleNamespace(jit=lambda fn: fn)
-    tl = SimpleNamespace(constexpr=None, int32=None)
-    _HAVE_TRITON = False
-else:
-    _HAVE_TRITON = True
+from .backend import pick_backend, tl, triton
 
 _LOG2_E = 1.4426950408889634
-
-
-def _pick_backend(device: torch.device, backend: str) -> str:
-    """"auto": Triton on CUDA, the reference elsewhere."""
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "reference"
-    if backend not in ("reference", "triton"):
-        raise ValueError(f"backend must be 'auto', 'reference' or 'triton', not {backend!r}")
-    if backend == "triton" and not _HAVE_TRITON:
-        raise ImportError("the triton backend of paged attention needs the triton package, which is not installed")
-    return backend
 
 
 # ---------------------------------------------------------------------------------------------- KV-cache write
@@ -42,7 +22,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
              slot_mapping: torch.Tensor, *, backend: str = "auto") -> None:
     """Store each token's k, v ([T, kv_heads, head_dim]) at slot_mapping[t] = block * block_size + offset of the
     caches; slot -1 marks a padding token, which is skipped."""
-    if _pick_backend(k.device, backend) == "triton":
+    if pick_backend(k.device, backend, "write_kv") == "triton":
         write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
         write_kv_reference(k, v, k_cache, v_cache, slot_mapping)
@@ -122,7 +102,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     max_query_len is a host-known bound on every q_len (1: a pure decode step, 0: all padding). Returns
     [T, q_heads, head_dim] in q.dtype; rows no sequence owns are zeros."""
     args = (q, k_cache, v_cache, block_table, seq_lens, query_start, max_query_len, scale)
-    if _pick_backend(q.device, backend) == "triton":
+    if pick_backend(q.device, backend, "paged_attention") == "triton":
         return paged_attention_triton(*args)
     return paged_attention_reference(*args)
 

@@ -5,8 +5,8 @@ backend's four launches."""
 import pytest
 import torch
 
-from expertmesh.ops.fused_moe import (StackedExperts, expert_blocks, expert_blocks_reference, fused_moe,
-                                      fused_moe_reference, stack_experts)
+from expertmesh.ops.fused_moe import StackedExperts, fused_moe, fused_moe_reference, stack_experts
+from expertmesh.ops.fused_moe_triton import expert_blocks, expert_blocks_reference
 from tests.fused_moe_cases import random_experts, random_routing, rel_err
 
 pytestmark = pytest.mark.gpu

@@ -6,8 +6,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from expertmesh.ops.fused_moe import (MatmulTile, TritonMoeConfig, expert_blocks,  # noqa: E402
-                                      expert_blocks_reference, fused_moe, fused_moe_reference, stack_experts)
+from expertmesh.ops.fused_moe import fused_moe, fused_moe_reference, stack_experts  # noqa: E402
+from expertmesh.ops.fused_moe_triton import (MatmulTile, TritonMoeConfig, expert_blocks,  # noqa: E402
+                                             expert_blocks_reference)
 from tests.fused_moe_cases import random_experts, random_routing, rel_err  # noqa: E402
 
 # The interpreter rounds fp32 -> bf16 towards zero (a GPU rounds to nearest), and the kernels keep gate, up and

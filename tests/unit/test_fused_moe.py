@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from expertmesh.ops.fused_moe import (StackedExperts, _local_rows, choose_config, expert_blocks_reference,
-                                      fused_moe, fused_moe_reference)
+from expertmesh.ops.fused_moe import StackedExperts, _local_rows, fused_moe, fused_moe_reference
+from expertmesh.ops.fused_moe_triton import choose_config, expert_blocks_reference
 from tests.fused_moe_cases import random_experts, random_routing, rel_err
 
 
