@@ -86,6 +86,7 @@ class GatewayConfig:
     model_name: str | None = None  # served model id; default: the model directory's name
     node_timeout_s: float = 10.0  # an attention node silent this long is declared dead
     predictor: str | None = None  # domain predictor (.npz, `expertmesh place`): rebatch requests by predicted domain
+    api_key: str | None = None  # when set, /v1/* and /admin/* need `Authorization: Bearer <key>` (vLLM's --api-key)
 
 
 @dataclass

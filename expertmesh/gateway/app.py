@@ -3,6 +3,7 @@ models, health and Prometheus metrics. Bad input is a 400 with an OpenAI-style e
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -47,6 +48,7 @@ class ServedModel:
     expert_nodes: list[NodeLink] = field(default_factory=list)
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    api_key: str | None = None  # required on /v1/* and /admin/* when set
 
     @property
     def all_nodes(self) -> list[NodeLink]:
@@ -63,6 +65,19 @@ def create_app(served: ServedModel) -> FastAPI:
             await node.close()
 
     app = FastAPI(title="expertmesh", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        """With an API key set, the API and the admin endpoints need it; /health and /metrics stay open (vLLM)."""
+        path = request.url.path
+        if served.api_key is not None and path.startswith(("/v1/", "/admin/")):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {served.api_key}".encode()):
+                served.metrics.requests["rejected"] += 1
+                body = error_body("missing or wrong API key: send `Authorization: Bearer <key>`",
+                                  code="invalid_api_key")
+                return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
