@@ -84,6 +84,7 @@ class Message:
     TAG: ClassVar[int]
     _tensor_fields: ClassVar[tuple[str, ...]]
     _scalar_fields: ClassVar[tuple[str, ...]]
+    _scalar_types: ClassVar[tuple[str, ...]]  # their annotations, which decode_header holds received values to
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -98,6 +99,7 @@ class Message:
         fields = dataclasses.fields(cls)  # type: ignore[arg-type]
         cls._tensor_fields = tuple(f.name for f in fields if f.type in ("torch.Tensor", torch.Tensor))
         cls._scalar_fields = tuple(f.name for f in fields if f.name not in cls._tensor_fields)
+        cls._scalar_types = tuple(str(f.type) for f in fields if f.name not in cls._tensor_fields)
 
     def tensors(self) -> list[torch.Tensor]:
         type(self)._split_fields()
@@ -115,18 +117,49 @@ class Message:
         return msgpack.packb([self.TAG, scalars, metas], use_bin_type=True)
 
 
+def _fits(value: Any, annotation: str) -> bool:
+    """Whether a decoded scalar matches its field's annotation (the few forms the messages use)."""
+    if annotation == "Any":
+        return True
+    if annotation.endswith(" | None"):
+        return value is None or _fits(value, annotation[:-len(" | None")])
+    if annotation.startswith("list[") and annotation.endswith("]"):
+        return isinstance(value, list) and all(_fits(item, annotation[5:-1]) for item in value)
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return type(value).__name__ == annotation  # bool, str, bytes
+
+
+def _tensor_meta(item: Any) -> TensorMeta:
+    if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], list)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in (item[0], *item[1]))):
+        raise ProtocolError(f"tensor metadata {item!r} is not [dtype code, [dims...]]")
+    code, shape = item
+    if not 0 <= code < len(_DTYPES) or any(dim < 0 for dim in shape):
+        raise ProtocolError(f"tensor metadata {item!r}: unknown dtype code or a negative dimension")
+    return TensorMeta(_DTYPES[code], tuple(shape))
+
+
 def decode_header(header: bytes | memoryview) -> tuple[type[Message], list[Any], list[TensorMeta]]:
-    """Parse a header into the message class, its scalar fields and the metadata of the buffers that follow."""
+    """Parse a header into the message class, its scalar fields and the metadata of the buffers that follow;
+    anything that does not match the message's fields is a ProtocolError, never a half-built message."""
     try:
         tag, scalars, metas = msgpack.unpackb(header, raw=False)
         cls = _MESSAGE_TYPES[tag]
     except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
         raise ProtocolError(f"malformed message header: {exc!r}") from exc
     cls._split_fields()
+    if not isinstance(scalars, list) or not isinstance(metas, list):
+        raise ProtocolError(f"{cls.__name__}: header fields and tensors must be lists")
     if len(scalars) != len(cls._scalar_fields) or len(metas) != len(cls._tensor_fields):
         raise ProtocolError(f"{cls.__name__}: expected {len(cls._scalar_fields)} fields and "
                             f"{len(cls._tensor_fields)} tensors, got {len(scalars)} and {len(metas)}")
-    return cls, scalars, [TensorMeta(_DTYPES[code], tuple(shape)) for code, shape in metas]
+    for name, annotation, value in zip(cls._scalar_fields, cls._scalar_types, scalars):
+        if not _fits(value, annotation):
+            raise ProtocolError(f"{cls.__name__}.{name}: {value!r} is not {annotation}")
+    return cls, scalars, [_tensor_meta(item) for item in metas]
 
 
 def build_message(cls: type[Message], scalars: list[Any], tensors: Sequence[torch.Tensor]) -> Message:
