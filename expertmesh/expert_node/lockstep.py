@@ -116,7 +116,9 @@ class LockstepRounds:
             metas = [TensorMeta(self.dtype, (n, self.hidden)), TensorMeta(torch.int32, (n, self.top_k)),
                      TensorMeta(torch.float32, (n, self.top_k))]
             with self._on_lane(a):
-                return self.links.receive(mb, rank, metas)
+                received = self.links.receive(mb, rank, metas)
+                self.links.flush()
+                return received
 
         sent, computed = [], 0
         received = post_receives(0) if rounds else ([], [])
@@ -134,6 +136,7 @@ class LockstepRounds:
                     log.exception("expert node: layer %d failed", layer)
                     partial, failure = torch.zeros(n, self.hidden, dtype=self.dtype, device=self.device), exc
                 sent += self.links.send(mb, rank, [partial])
+                self.links.flush()
             if failure is not None:
                 await on_error(a, plan, layer, mb, failure)
             computed += n

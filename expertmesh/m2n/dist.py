@@ -33,12 +33,25 @@ class DistLinks(Links):
         self.device = device
         self.timeout_s = timeout_s  # gloo waits raise after this; NCCL's are bounded by the caller (wait_event)
         self._slots: dict[tuple[int, int], torch.Tensor] = {}  # (peer, microbatch) -> receive slot, made once
+        # Sends and receives are batched until flush: one NCCL group per round, whose operations progress together
+        # (one after another, a receive of one expert node's answer would hold up the send to the next).
+        self._batch: list = []
+        self._batch_group = None
+        self._batch_works: list = []
 
     def _post(self, microbatch: int, op, tensors: Sequence[torch.Tensor], peer: int) -> list:
         attention_node = peer if peer < self.attention_nodes else self.rank  # every link has one attention end
         group = self.groups[(attention_node, microbatch)]
-        ops = [dist.P2POp(op, t, peer, group) for t in tensors if t.numel()]
-        return dist.batch_isend_irecv(ops) if ops else []
+        if self._batch and group is not self._batch_group:
+            self.flush()  # a batch is of one group
+        self._batch_group = group
+        self._batch += [dist.P2POp(op, t, peer, group) for t in tensors if t.numel()]
+        return [self._batch_works]  # the batch's works, filled in by flush
+
+    def flush(self) -> None:
+        if self._batch:
+            self._batch_works += dist.batch_isend_irecv(self._batch)
+        self._batch, self._batch_works, self._batch_group = [], [], None
 
     def send(self, microbatch: int, peer: int, tensors: Sequence[torch.Tensor]) -> list:
         self._next(self._sent, peer, microbatch, [TensorMeta(t.dtype, tuple(t.shape)) for t in tensors])
@@ -53,18 +66,26 @@ class DistLinks(Links):
         views = packed_views(buffer, metas)
         return views, self._post(microbatch, dist.irecv, views, peer)
 
+    def _works(self, posted: list) -> list:
+        """The works of the batches in `posted` (each batch once), after flushing the one being filled."""
+        self.flush()
+        batches = {id(batch): batch for batch in posted}
+        return [work for batch in batches.values() for work in batch]
+
     def enqueue_wait(self, works: list) -> None:
         if self.backend != "nccl":
             raise NotImplementedError("gloo links wait on the host")
-        for work in works:
+        for work in self._works(works):
             work.wait()
 
     async def wait(self, works: list) -> None:
         """NCCL: the current stream waits for the works (the host does not). gloo: the host waits, in a thread."""
+        works = self._works(works)
         if not works:
             return
         if self.backend == "nccl":
-            self.enqueue_wait(works)
+            for work in works:
+                work.wait()
             return
         timeout = datetime.timedelta(seconds=self.timeout_s)
         try:

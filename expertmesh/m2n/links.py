@@ -55,12 +55,16 @@ class Links(abc.ABC):
 
     @abc.abstractmethod
     def send(self, microbatch: int, peer: int, tensors: Sequence[torch.Tensor]) -> list:
-        """Sends the tensors to `peer` as its next message; returns what to wait on before they may change."""
+        """Sends the tensors to `peer` as its next message; returns what to wait on before they may change. A
+        backend may hold sends and receives back until flush (a wait flushes)."""
 
     @abc.abstractmethod
     def receive(self, microbatch: int, peer: int, metas: Sequence[TensorMeta]) -> tuple[list[torch.Tensor], list]:
         """Posts the receive of the next message from `peer`: (views of its tensors in the receive slot, what to
         wait on before reading them)."""
+
+    def flush(self) -> None:
+        """Starts what send and receive held back (a round's operations, together)."""
 
     @abc.abstractmethod
     async def wait(self, works: list) -> None:

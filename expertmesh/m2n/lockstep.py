@@ -135,6 +135,7 @@ class LockstepClient:
             self.stats.bytes_sent[node] += hidden.nbytes + masked[node].nbytes + expert_weights.nbytes
             self.stats.messages_sent[node] += 1
             self.stats.bytes_received[node] += answer.nbytes
+        self.links.flush()  # the sends to every expert node and the receives of their answers, together
         return RoundHandle(microbatch, works, answers)
 
     async def gather(self, handle: RoundHandle) -> list[torch.Tensor]:
