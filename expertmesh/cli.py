@@ -37,6 +37,9 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks per attention node (overrides the sizing)")
     p.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs: run every step eagerly")
     p.add_argument("--served-model-name")
+    p.add_argument("--max-pending-requests", type=int,
+                   help="requests in flight past which /v1/* answers 429 with Retry-After (default 1024)")
+    p.add_argument("--max-pending-tokens", type=int, help="prompt tokens in flight past which /v1/* answers 429")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* and /admin/* (/health and "
                    "/metrics stay open)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every node")
@@ -54,6 +57,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  ("cluster", "topology", getattr(args, "topology", None)),
                  ("gateway", "predictor", getattr(args, "predictor", None)),
                  ("gateway", "api_key", getattr(args, "api_key", None)),
+                 ("gateway", "max_pending_requests", getattr(args, "max_pending_requests", None)),
+                 ("gateway", "max_pending_tokens", getattr(args, "max_pending_tokens", None)),
                  ("transport", "emulated_bandwidth_gbps", getattr(args, "emulated_bandwidth_gbps", None)),
                  ("engine", "block_size", getattr(args, "block_size", None)),
                  ("engine", "gpu_memory_utilization", getattr(args, "gpu_memory_utilization", None)),

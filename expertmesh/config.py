@@ -87,6 +87,10 @@ class GatewayConfig:
     node_timeout_s: float = 10.0  # an attention node silent this long is declared dead
     predictor: str | None = None  # domain predictor (.npz, `expertmesh place`): rebatch requests by predicted domain
     api_key: str | None = None  # when set, /v1/* and /admin/* need `Authorization: Bearer <key>` (vLLM's --api-key)
+    # Admission: requests in flight (queued or running) and their prompt tokens, past which /v1/* answers 429 with
+    # Retry-After instead of queueing without bound.
+    max_pending_requests: int = 1024
+    max_pending_tokens: int = 1 << 20
 
 
 @dataclass
@@ -139,6 +143,9 @@ class Config:
             raise ConfigError(f"need at least one attention node and zero or more expert nodes (0: experts colocated "
                               f"in each attention node), got {self.cluster.attention_nodes} and "
                               f"{self.cluster.expert_nodes}")
+        if self.gateway.max_pending_requests < 1 or self.gateway.max_pending_tokens < 1:
+            raise ConfigError(f"gateway.max_pending_requests={self.gateway.max_pending_requests} and "
+                              f"max_pending_tokens={self.gateway.max_pending_tokens} must be >= 1")
         if self.engine.microbatches < 1:
             raise ConfigError(f"engine.microbatches={self.engine.microbatches}; must be >= 1")
         if self.engine.max_num_seqs < 1 or self.engine.max_batch_tokens < 1:

@@ -25,9 +25,10 @@ from .text import TextCodec, TextStream
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
 
 
 @dataclass
@@ -49,6 +50,8 @@ class ServedModel:
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     api_key: str | None = None  # required on /v1/* and /admin/* when set
+    max_pending_requests: int = 1024  # admission bounds (GatewayConfig): past them, 429
+    max_pending_tokens: int = 1 << 20
 
     @property
     def all_nodes(self) -> list[NodeLink]:
@@ -93,7 +96,7 @@ def create_app(served: ServedModel) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         served.metrics.requests["rejected" if exc.status < 500 else "failed"] += 1
-        return JSONResponse(error_body(exc.message, exc.kind, exc.param), status_code=exc.status)
+        return JSONResponse(error_body(exc.message, exc.kind, exc.param), status_code=exc.status, headers=exc.headers)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -143,6 +146,7 @@ def create_app(served: ServedModel) -> FastAPI:
 
     async def respond(body: SamplingFields, prompt_ids: list[int], max_tokens: int, chat: bool):
         check_request(body, prompt_ids, max_tokens)
+        admit(len(prompt_ids))
         sampling = SamplingParams(max_tokens, body.temperature, body.top_p, body.seed, body.ignore_eos,
                                   body.top_logprobs_n())
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -189,9 +193,19 @@ def create_app(served: ServedModel) -> FastAPI:
                            f"request has {len(prompt_ids)} prompt tokens and asks for {max_tokens} more",
                            param="max_tokens" if len(prompt_ids) < served.max_model_len else "prompt")
 
+    def admit(prompt_tokens: int) -> None:
+        """429 with Retry-After past the admission bounds (OpenAI's convention for "too many requests"). Streams
+        count once their generation starts, so a burst of new streams may pass a little over."""
+        m = served.metrics
+        if m.in_flight + 1 > served.max_pending_requests or m.in_flight_tokens + prompt_tokens > served.max_pending_tokens:
+            raise APIError(429, f"the server is at capacity ({m.in_flight} requests, {m.in_flight_tokens} prompt "
+                           f"tokens in flight; bounds {served.max_pending_requests} and {served.max_pending_tokens}): "
+                           f"retry later", kind="rate_limit_exceeded", headers={"Retry-After": "1"})
+
     async def generate(node: AttentionNodeClient, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
                        stop: list[str]) -> AsyncIterator[Chunk]:
         served.metrics.in_flight += 1
+        served.metrics.in_flight_tokens += len(prompt_ids)
         served.metrics.prompt_tokens += len(prompt_ids)
         queue = await node.submit(request_id, prompt_ids, sampling)
         stream = TextStream(served.codec, stop)
@@ -216,6 +230,7 @@ def create_app(served: ServedModel) -> FastAPI:
                     return
         finally:
             served.metrics.in_flight -= 1
+            served.metrics.in_flight_tokens -= len(prompt_ids)
             served.metrics.requests[outcome] += 1
             await node.abort(request_id)  # no-op once the node has finished it
 

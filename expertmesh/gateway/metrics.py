@@ -13,6 +13,7 @@ class GatewayMetrics:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     in_flight: int = 0
+    in_flight_tokens: int = 0  # prompt tokens of the requests in flight
 
     def render(self, nodes: list[AttentionNodeClient], expert_nodes: list[NodeLink], routing=None) -> str:
         lines = ["# TYPE expertmesh_requests_total counter"]

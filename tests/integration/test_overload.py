@@ -1,0 +1,34 @@
+"""Admission control: past --max-pending-requests the API answers 429 with Retry-After at once (never queues
+without bound or hangs), the requests admitted complete, and once they have, new ones are served again."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from .cluster import Cluster
+
+pytestmark = pytest.mark.slow
+
+
+def test_past_the_admission_bound_requests_get_429_then_service_resumes(mixtral_dir):
+    cluster = Cluster(mixtral_dir, attention_nodes=1, expert_nodes=1, extra=["--max-pending-requests", "2"])
+    cluster.wait_ready()
+    try:
+        with cluster.client() as client, ThreadPoolExecutor(8) as pool:
+            body = {"prompt": "hello", "max_tokens": 120, "ignore_eos": True, "temperature": 0}
+            responses = list(pool.map(lambda _: client.post("/v1/completions", json=body), range(8)))
+            codes = sorted(r.status_code for r in responses)
+            assert set(codes) <= {200, 429} and codes.count(200) >= 2 and codes.count(429) >= 1, codes
+            for r in responses:
+                if r.status_code == 429:
+                    assert r.headers["retry-after"] == "1"
+                    assert "at capacity" in r.json()["error"]["message"]
+                else:
+                    assert r.json()["usage"]["completion_tokens"] == 120
+            after = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4})
+            assert after.status_code == 200
+            metrics = client.get("/metrics").text
+        assert f'expertmesh_requests_total{{outcome="rejected"}} {codes.count(429)}' in metrics
+    finally:
+        cluster.stop()
