@@ -104,6 +104,9 @@ class ClusterConfig:
     expert_addresses: list[str] = field(default_factory=list)  # data address of each expert node
     expert_control_addresses: list[str] = field(default_factory=list)  # status/trace address of each expert node
     dist_address: str | None = None  # torch.distributed rendezvous (tcp://host:port) of the nccl/gloo backends
+    # Presented first on every node-to-node and gateway-to-node connection (transport/peers.py); the launcher makes
+    # one per cluster. None: every peer is trusted.
+    secret: str | None = None
     # With model.device == "cuda": the GPU of each node; default attention node i -> GPU i,
     # expert node j -> GPU attention_nodes + j (modulo the GPUs there are).
     attention_gpus: list[int] = field(default_factory=list)

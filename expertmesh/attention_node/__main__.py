@@ -16,6 +16,7 @@ from ..placement.plan import load_cluster_placement, load_cluster_topology
 from ..process import run_node
 from ..transport.base import connect_within, make_transport
 from ..transport.emulation import emulate
+from ..transport.protocol import Credentials
 from ..m2n.messages import M2NClient
 from ..transport.zmq import ZmqTransport
 from .model_runner import ModelRunner
@@ -68,6 +69,7 @@ async def connect_expert_nodes(config: Config, spec: ModelSpec, index: int,
     t = config.transport
     connections = [emulate(await connect_within(transport, address, t.connect_timeout_s), t.emulated_latency_us,
                            t.emulated_bandwidth_gbps) for address in config.cluster.expert_addresses]
+    await present_credentials(config, connections)
     topology = load_cluster_topology(config)
     m2n = M2NClient(connections, placement, index, config.transport.recv_timeout_s, device,
                     attention_domain=topology.attention_domain[index] if topology else 0,
@@ -85,6 +87,7 @@ async def connect_lockstep(config: Config, spec: ModelSpec, placement, index: in
     t = config.transport
     connections = [await connect_within(ZmqTransport(), address, t.connect_timeout_s)
                    for address in config.cluster.expert_addresses]
+    await present_credentials(config, connections)
     topology = load_cluster_topology(config)
     m2n = LockstepClient(connections, links, placement, index, config.engine.max_batch_tokens, spec.hidden_size,
                          config.model.torch_dtype, config.engine.microbatches, device, t.recv_timeout_s,
@@ -93,6 +96,13 @@ async def connect_lockstep(config: Config, spec: ModelSpec, placement, index: in
     await m2n.handshake(spec.num_layers, spec.num_experts, t.connect_timeout_s)
     log.info("lockstep M2N over %s to %d expert nodes", links.backend, len(connections))
     return m2n
+
+
+async def present_credentials(config: Config, connections: list) -> None:
+    """The cluster's secret, first on each connection to an expert node (transport/peers.py)."""
+    if config.cluster.secret is not None:
+        for conn in connections:
+            await conn.send(Credentials(config.cluster.secret))
 
 
 if __name__ == "__main__":

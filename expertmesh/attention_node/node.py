@@ -13,6 +13,7 @@ import torch
 from ..config import Config
 from ..model.spec import ModelSpec
 from ..transport.base import Listener, PeerId, TransportError
+from ..transport.peers import PeerGate
 from ..m2n.messages import LinkStats, M2NClient
 from ..transport.protocol import (AbortRequest, AddRequest, NodeTrace, SamplingParams, Status, StatusRequest,
                                   StepOutputs, TraceControl)
@@ -39,6 +40,7 @@ class AttentionNode:
         self.generated_tokens = 0
         self.fatal_error: str | None = None
         self._gateway: PeerId | None = None
+        self.gate = PeerGate(config.cluster.secret, f"attention node {node_id} (control)")
         self._work = asyncio.Event()
 
     async def serve(self) -> None:
@@ -53,6 +55,8 @@ class AttentionNode:
     async def _control(self) -> None:
         while True:
             peer, message = await self.control.recv()
+            if not self.gate.admits(peer, message):
+                continue
             if isinstance(message, AddRequest):
                 self._gateway = peer
                 self._add(message)

@@ -36,7 +36,7 @@ async def main(config: Config, index: int) -> None:
     log.info("holds %d experts over %d layers; listening on %s", len(pairs), len(spec.moe_layer_ids),
              config.cluster.expert_addresses[index])
     control = await ZmqTransport().listen(config.cluster.expert_control_addresses[index])
-    node = ExpertNode(index, experts, spec.num_experts, listener, control)
+    node = ExpertNode(index, experts, spec.num_experts, listener, control, secret=config.cluster.secret)
     if lockstep:
         links = make_links(config, "expert", index, device, spec.hidden_size, config.model.torch_dtype, spec.top_k)
         # ipc links keep their counts on the device: whole decode steps are captured (StepGraphs' counterpart)

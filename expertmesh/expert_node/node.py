@@ -14,6 +14,7 @@ from ..ops.fused_moe import StackedExperts, fused_moe
 from .cuda_graphs import ExpertGraphs
 from .lockstep import LockstepRounds
 from ..transport.base import Listener, PeerId
+from ..transport.peers import PeerGate
 from ..telemetry import PhaseClock
 from ..transport.protocol import (Combine, Dispatch, ExpertError, ExpertStatus, Hello, HelloReply, Message, NodeTrace,
                                   StatusRequest, StepPlan, TraceControl)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 class ExpertNode:
     def __init__(self, node_id: int, experts: dict[int, StackedExperts], num_experts: int,
                  listener: Listener, control: Listener | None = None, moe_backend: str = "auto",
-                 rounds: LockstepRounds | None = None) -> None:
+                 rounds: LockstepRounds | None = None, secret: str | None = None) -> None:
         self.node_id = node_id
         self.num_experts = num_experts
         self.listener = listener
@@ -35,6 +36,8 @@ class ExpertNode:
         self.graphs: list[ExpertGraphs] = []  # one set per lane (lockstep: per attention node), or none
         self.rounds = rounds
         self._peer_of: dict[int, PeerId] = {}  # attention node -> its peer id on the listener
+        self.data_gate = PeerGate(secret, f"expert node {node_id} (data)")
+        self.control_gate = PeerGate(secret, f"expert node {node_id} (control)")
         self._inbox: asyncio.Queue[tuple[PeerId, Message]] = asyncio.Queue()
         self.tokens_computed = 0
 
@@ -64,6 +67,8 @@ class ExpertNode:
     async def _control(self) -> None:
         while True:
             peer, message = await self.control.recv()
+            if not self.control_gate.admits(peer, message):
+                continue
             if isinstance(message, StatusRequest):
                 phases, seconds, wall = self.clock.totals()
                 await self.control.send(peer, ExpertStatus(self.node_id, True, self.tokens_computed, phases,
@@ -75,6 +80,8 @@ class ExpertNode:
     async def _receive(self) -> None:
         while True:
             peer, message = await self.listener.recv()
+            if not self.data_gate.admits(peer, message):
+                continue
             if isinstance(message, Hello):
                 self._peer_of[message.attention_node] = peer
                 held = [layer * self.num_experts + e for layer, stacked in self.experts_of_layer.items()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import dataclasses
 import signal
 import socket
@@ -85,7 +86,10 @@ class LocalCluster:
         if not cluster.attention_addresses:
             cluster.attention_addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(cluster.attention_nodes)]
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cluster.secret is None:
+            cluster.secret = secrets.token_hex(16)
         config_path = self.run_dir / "cluster.json"
+        config_path.touch(mode=0o600)  # it holds the cluster's secret
         self.config.validate().save(config_path)
         roles = [("expert node", "expertmesh.expert_node", cluster.expert_nodes),
                  ("attention node", "expertmesh.attention_node", cluster.attention_nodes),

@@ -99,7 +99,8 @@ class Message:
         fields = dataclasses.fields(cls)  # type: ignore[arg-type]
         cls._tensor_fields = tuple(f.name for f in fields if f.type in ("torch.Tensor", torch.Tensor))
         cls._scalar_fields = tuple(f.name for f in fields if f.name not in cls._tensor_fields)
-        cls._scalar_types = tuple(str(f.type) for f in fields if f.name not in cls._tensor_fields)
+        cls._scalar_types = tuple(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+                                  for f in fields if f.name not in cls._tensor_fields)
 
     def tensors(self) -> list[torch.Tensor]:
         type(self)._split_fields()
@@ -252,6 +253,14 @@ class ExpertError(Message):
     layer: int
     microbatch: int
     error: str
+
+
+@dataclass
+class Credentials(Message):
+    """Any node or the gateway -> a node, first on every control and data connection: the cluster's secret
+    (peers.py). A node drops what a connection that has not presented it sends."""
+    TAG: ClassVar[int] = 7
+    secret: str
 
 
 @dataclass
