@@ -17,6 +17,11 @@ def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return samples
 
 
+def value(text: str, metric: str, **labels: str) -> float | None:
+    """One sample of a /metrics text, by name and labels; None when absent."""
+    return parse(text).get((metric, tuple(sorted(labels.items()))))
+
+
 def delta(after: dict, before: dict) -> dict:
     return {key: value - before.get(key, 0.0) for key, value in after.items()}
 

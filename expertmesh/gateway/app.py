@@ -14,6 +14,7 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..transport.protocol import SamplingParams
 from .metrics import GatewayMetrics
@@ -108,7 +109,7 @@ def create_app(served: ServedModel) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(served.metrics.render(served.nodes, served.expert_nodes, served.routing),
-                                 media_type="text/plain; version=0.0.4")
+                                 media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/trace/start")
     async def trace_start() -> dict:
@@ -145,6 +146,7 @@ def create_app(served: ServedModel) -> FastAPI:
         return await respond(body, prompt_ids, max_tokens, chat=True)
 
     async def respond(body: SamplingFields, prompt_ids: list[int], max_tokens: int, chat: bool):
+        arrived = time.monotonic()
         check_request(body, prompt_ids, max_tokens)
         admit(len(prompt_ids))
         sampling = SamplingParams(max_tokens, body.temperature, body.top_p, body.seed, body.ignore_eos,
@@ -153,7 +155,7 @@ def create_app(served: ServedModel) -> FastAPI:
         node = choose_node(served.nodes, prompt_ids, served.routing)
         if node is None:
             raise APIError(503, "no attention node is ready", kind="service_unavailable")
-        chunks = generate(node, request_id, prompt_ids, sampling, body.stop_list())
+        chunks = generate(node, request_id, prompt_ids, sampling, body.stop_list(), arrived)
         if body.stream:
             return StreamingResponse(sse(request_id, chunks, chat), media_type="text/event-stream")
         text, token_ids, logprobs, finish_reason = [], [], [], None
@@ -203,13 +205,13 @@ def create_app(served: ServedModel) -> FastAPI:
                            f"retry later", kind="rate_limit_exceeded", headers={"Retry-After": "1"})
 
     async def generate(node: AttentionNodeClient, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
-                       stop: list[str]) -> AsyncIterator[Chunk]:
+                       stop: list[str], arrived: float) -> AsyncIterator[Chunk]:
         served.metrics.in_flight += 1
         served.metrics.in_flight_tokens += len(prompt_ids)
         served.metrics.prompt_tokens += len(prompt_ids)
         queue = await node.submit(request_id, prompt_ids, sampling)
         stream = TextStream(served.codec, stop)
-        outcome = "aborted"
+        outcome, first_token_s, generated = "aborted", None, 0
         try:
             while True:
                 event = await queue.get()
@@ -218,6 +220,9 @@ def create_app(served: ServedModel) -> FastAPI:
                     raise RuntimeError(f"generation failed: {event.error}")
                 tokens = [event.token_id] if event.token_id >= 0 else []
                 served.metrics.generation_tokens += len(tokens)
+                generated += len(tokens)
+                if tokens and first_token_s is None:
+                    first_token_s = time.monotonic() - arrived
                 delta = stream.push(tokens, final=event.finish_reason is not None)
                 if delta.stopped:
                     outcome = "completed"
@@ -232,6 +237,8 @@ def create_app(served: ServedModel) -> FastAPI:
             served.metrics.in_flight -= 1
             served.metrics.in_flight_tokens -= len(prompt_ids)
             served.metrics.requests[outcome] += 1
+            if outcome == "completed":
+                served.metrics.observe(first_token_s, time.monotonic() - arrived, generated)
             await node.abort(request_id)  # no-op once the node has finished it
 
     def format_logprobs(token_ids: list[int], entries: list, chat: bool) -> dict:

@@ -1,10 +1,23 @@
-"""Gateway counters and the Prometheus text exposition of them and of every attention node's status."""
+"""The gateway's /metrics, through prometheus-client: its own counters and the latency histograms a vLLM user looks
+for (time to first token, time per output token, end to end), and every node's status as of its last poll."""
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
 
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
 from .nodes import AttentionNodeClient, NodeLink
+
+disable_created_metrics()  # no *_created series beside every counter and histogram
+
+# vLLM's buckets for the same three histograms (seconds)
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                 40.0, 80.0)
+_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0)
 
 
 @dataclass
@@ -15,56 +28,96 @@ class GatewayMetrics:
     in_flight: int = 0
     in_flight_tokens: int = 0  # prompt tokens of the requests in flight
 
-    def render(self, nodes: list[AttentionNodeClient], expert_nodes: list[NodeLink], routing=None) -> str:
-        lines = ["# TYPE expertmesh_requests_total counter"]
+    def __post_init__(self) -> None:
+        self.registry = CollectorRegistry()  # one per gateway (tests run several in a process)
+        self.ttft = Histogram("expertmesh_time_to_first_token_seconds", "Time from arrival to the first token",
+                              buckets=_TTFT_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("expertmesh_time_per_output_token_seconds", "Time between output tokens after the first",
+                              buckets=_TPOT_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("expertmesh_e2e_request_latency_seconds", "Time from arrival to the last token",
+                             buckets=_E2E_BUCKETS, registry=self.registry)
+        self._sources: tuple = ([], [], None)
+        self.registry.register(_Snapshot(self))
+
+    def observe(self, first_token_s: float | None, done_s: float, output_tokens: int) -> None:
+        """A finished request's latencies, in seconds since it arrived."""
+        if first_token_s is None:
+            return
+        self.ttft.observe(first_token_s)
+        self.e2e.observe(done_s)
+        if output_tokens > 1:
+            self.tpot.observe((done_s - first_token_s) / (output_tokens - 1))
+
+    def render(self, nodes: list[AttentionNodeClient], expert_nodes: list[NodeLink], routing=None) -> bytes:
+        self._sources = (nodes, expert_nodes, routing)
+        return generate_latest(self.registry)
+
+
+class _Snapshot:
+    """Collects, at scrape time, the gateway's counters and each node's last status."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        m = self.metrics
+        nodes, expert_nodes, routing = m._sources
+        requests = CounterMetricFamily("expertmesh_requests", "Requests by outcome", labels=["outcome"])
         for outcome in ("completed", "failed", "rejected", "aborted"):
-            lines.append(f'expertmesh_requests_total{{outcome="{outcome}"}} {self.requests[outcome]}')
-        lines += ["# TYPE expertmesh_prompt_tokens_total counter", f"expertmesh_prompt_tokens_total {self.prompt_tokens}",
-                  "# TYPE expertmesh_generation_tokens_total counter",
-                  f"expertmesh_generation_tokens_total {self.generation_tokens}",
-                  "# TYPE expertmesh_requests_in_flight gauge", f"expertmesh_requests_in_flight {self.in_flight}"]
-        per_node = {
-            "expertmesh_node_ready": ("gauge", lambda s, n: int(n.ready)),
-            "expertmesh_queue_depth": ("gauge", lambda s, n: s.waiting),
-            "expertmesh_running_sequences": ("gauge", lambda s, n: s.running),
-            "expertmesh_queued_tokens": ("gauge", lambda s, n: s.queued_tokens),
-            "expertmesh_engine_steps_total": ("counter", lambda s, n: s.steps),
+            requests.add_metric([outcome], m.requests[outcome])
+        yield requests
+        yield CounterMetricFamily("expertmesh_prompt_tokens", "Prompt tokens admitted", value=m.prompt_tokens)
+        yield CounterMetricFamily("expertmesh_generation_tokens", "Tokens generated", value=m.generation_tokens)
+        yield GaugeMetricFamily("expertmesh_requests_in_flight", "Requests admitted, not finished", value=m.in_flight)
+        per_node = [  # (name, kind, help, value of a status)
+            ("expertmesh_node_ready", GaugeMetricFamily, "Whether the node answers and is ready", None),
+            ("expertmesh_queue_depth", GaugeMetricFamily, "Sequences waiting", lambda s: s.waiting),
+            ("expertmesh_running_sequences", GaugeMetricFamily, "Sequences running", lambda s: s.running),
+            ("expertmesh_queued_tokens", GaugeMetricFamily, "Prompt tokens waiting", lambda s: s.queued_tokens),
+            ("expertmesh_engine_steps", CounterMetricFamily, "Engine steps", lambda s: s.steps),
             # vLLM's gpu_cache_usage_perc and num_preemptions_total
-            "expertmesh_kv_cache_usage": ("gauge", lambda s, n: round(s.kv_blocks_used / max(1, s.kv_blocks_total), 6)),
-            "expertmesh_kv_cache_blocks": ("gauge", lambda s, n: s.kv_blocks_total),
-            "expertmesh_preemptions_total": ("counter", lambda s, n: s.preemptions),
-        }
-        for name, (kind, value) in per_node.items():
-            lines.append(f"# TYPE {name} {kind}")
+            ("expertmesh_kv_cache_usage", GaugeMetricFamily, "Fraction of KV-cache blocks in use",
+             lambda s: round(s.kv_blocks_used / max(1, s.kv_blocks_total), 6)),
+            ("expertmesh_kv_cache_blocks", GaugeMetricFamily, "KV-cache blocks", lambda s: s.kv_blocks_total),
+            ("expertmesh_preemptions", CounterMetricFamily, "Sequences preempted", lambda s: s.preemptions),
+        ]
+        for name, kind, text, value in per_node:
+            family = kind(name, text, labels=["attention_node"])
             for node in nodes:
                 if node.status is not None:
-                    lines.append(f'{name}{{attention_node="{node.index}"}} {value(node.status, node)}')
-        links = {"expertmesh_link_bytes_sent_total": "link_bytes", "expertmesh_link_messages_sent_total": "link_messages",
-                 "expertmesh_link_bytes_received_total": "link_bytes_received"}
-        for name, attr in links.items():
-            lines.append(f"# TYPE {name} counter")
+                    family.add_metric([str(node.index)], int(node.ready) if value is None else value(node.status))
+            yield family
+        links = [("expertmesh_link_bytes_sent", "link_bytes"), ("expertmesh_link_messages_sent", "link_messages"),
+                 ("expertmesh_link_bytes_received", "link_bytes_received")]
+        for name, attr in links:
+            family = CounterMetricFamily(name, "Attention-to-expert link traffic",
+                                         labels=["attention_node", "expert_node"])
             for node in nodes:
                 if node.status is not None:
                     for expert_node, value in enumerate(getattr(node.status, attr)):
-                        lines.append(f'{name}{{attention_node="{node.index}",expert_node="{expert_node}"}} {value}')
-        lines += ["# TYPE expertmesh_node_phase_seconds_total counter", "# TYPE expertmesh_node_wall_seconds counter"]
+                        family.add_metric([str(node.index), str(expert_node)], value)
+            yield family
+        phases = CounterMetricFamily("expertmesh_node_phase_seconds", "Host time per phase", labels=["node", "phase"])
+        walls = GaugeMetricFamily("expertmesh_node_wall_seconds", "Wall time the phases cover", labels=["node"])
         for node in [*nodes, *expert_nodes]:
-            status, label = node.status, node.name.replace(" ", "_")
-            if status is None:
-                continue
-            for phase, seconds in zip(status.phase_names, status.phase_seconds):
-                lines.append(f'expertmesh_node_phase_seconds_total{{node="{label}",phase="{phase}"}} {seconds:.6f}')
-            lines.append(f'expertmesh_node_wall_seconds{{node="{label}"}} {status.wall_seconds:.6f}')
+            if node.status is not None:
+                label = node.name.replace(" ", "_")
+                for phase, seconds in zip(node.status.phase_names, node.status.phase_seconds):
+                    phases.add_metric([label, phase], seconds)
+                walls.add_metric([label], node.status.wall_seconds)
+        yield phases
+        yield walls
         if routing is not None:
-            lines.append("# TYPE expertmesh_routing_decisions_total counter")
+            decisions = CounterMetricFamily("expertmesh_routing_decisions", "Request routing", labels=["decision"])
             for decision in ("predicted", "next_domain", "overflow", "least_loaded"):
-                lines.append(f'expertmesh_routing_decisions_total{{decision="{decision}"}} {routing.decisions[decision]}')
-            lines.append("# TYPE expertmesh_routed_requests_total counter")
+                decisions.add_metric([decision], routing.decisions[decision])
+            yield decisions
+            routed = CounterMetricFamily("expertmesh_routed_requests", "Requests per domain", labels=["domain"])
             for domain, count in sorted(routing.requests_per_domain.items()):
-                lines.append(f'expertmesh_routed_requests_total{{domain="{domain}"}} {count}')
-        lines.append("# TYPE expertmesh_expert_tokens_total counter")
+                routed.add_metric([str(domain)], count)
+            yield routed
+        tokens = CounterMetricFamily("expertmesh_expert_tokens", "Tokens computed", labels=["node"])
         for node in expert_nodes:
             if node.status is not None:
-                lines.append(f'expertmesh_expert_tokens_total{{node="{node.name.replace(" ", "_")}"}} '
-                             f'{node.status.tokens_computed}')
-        return "\n".join(lines) + "\n"
+                tokens.add_metric([node.name.replace(" ", "_")], node.status.tokens_computed)
+        yield tokens

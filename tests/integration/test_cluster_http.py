@@ -9,6 +9,8 @@ import httpx
 import pytest
 import torch
 
+from expertmesh.bench import prometheus
+
 from .cluster import Cluster, wait_for
 
 pytestmark = pytest.mark.slow
@@ -136,6 +138,8 @@ def test_health_models_and_metrics(served, request):
         metrics, sent = wait_for(link_bytes, 10, "the request's link bytes in /metrics")
     assert 'expertmesh_requests_total{outcome="completed"}' in metrics
     assert len(sent) == 2 * expert_nodes
+    for histogram in ("time_to_first_token", "time_per_output_token", "e2e_request_latency"):
+        assert prometheus.value(metrics, f"expertmesh_{histogram}_seconds_count") >= 1  # the request above, at least
     gauges = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if not line.startswith("#")}
     for node in (0, 1):
         assert 0.0 <= gauges[f'expertmesh_kv_cache_usage{{attention_node="{node}"}}'] <= 1.0

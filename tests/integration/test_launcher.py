@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from expertmesh.bench import prometheus
+
 from .cluster import Cluster, alive, child_pids, wait_for
 
 pytestmark = pytest.mark.slow
@@ -44,7 +46,8 @@ def test_killed_expert_node_stops_cluster_and_fails_requests(mixtral_dir):
             # a long request in flight when the node dies must end (error or cut short), not hang
             pending = pool.submit(client.post, "/v1/completions",
                                   json={"prompt": "hello", "max_tokens": 400, "ignore_eos": True})
-            wait_for(lambda: 'expertmesh_running_sequences{attention_node="0"} 1' in client.get("/metrics").text,
+            wait_for(lambda: prometheus.value(client.get("/metrics").text, "expertmesh_running_sequences",
+                                              attention_node="0") == 1,
                      30, "the request to run")
             killed_at = time.monotonic()
             os.kill(victim, signal.SIGKILL)

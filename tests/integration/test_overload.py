@@ -6,6 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from expertmesh.bench import prometheus
+
 from .cluster import Cluster
 
 pytestmark = pytest.mark.slow
@@ -29,6 +31,6 @@ def test_past_the_admission_bound_requests_get_429_then_service_resumes(mixtral_
             after = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4})
             assert after.status_code == 200
             metrics = client.get("/metrics").text
-        assert f'expertmesh_requests_total{{outcome="rejected"}} {codes.count(429)}' in metrics
+        assert prometheus.value(metrics, "expertmesh_requests_total", outcome="rejected") == codes.count(429)
     finally:
         cluster.stop()

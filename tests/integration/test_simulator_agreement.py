@@ -54,12 +54,11 @@ def test_simulated_bytes_match_the_cluster(tmp_path):
                                                                 "max_tokens": 1})  # prefill only
                 assert response.status_code == 200, response.text
             # one step per request; a status counts a step when it starts, so also wait for the batch to be empty
-            done = [f'expertmesh_engine_steps_total{{attention_node="0"}} {len(spans)}\n',
-                    'expertmesh_running_sequences{attention_node="0"} 0\n']
-
             def fresh_metrics() -> str | None:
                 text = client.get("/metrics").text
-                return text if all(line in text for line in done) else None
+                done = (prometheus.value(text, "expertmesh_engine_steps_total", attention_node="0") == len(spans)
+                        and prometheus.value(text, "expertmesh_running_sequences", attention_node="0") == 0)
+                return text if done else None
 
             metrics = wait_for(fresh_metrics, 10, "the node's counters to cover every request")
     finally:

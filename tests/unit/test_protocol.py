@@ -58,7 +58,8 @@ def test_kv_cache_and_preemptions_reach_the_metrics():
     back = decode_frames(encode_frames(status))
     assert (back.kv_blocks_used, back.kv_blocks_total, back.preemptions) == (30, 120, 7)
     node = SimpleNamespace(index=0, status=back, ready=True, name="attention node 0")
-    text = GatewayMetrics().render([node], [])
-    assert 'expertmesh_kv_cache_usage{attention_node="0"} 0.25' in text
-    assert 'expertmesh_kv_cache_blocks{attention_node="0"} 120' in text
-    assert 'expertmesh_preemptions_total{attention_node="0"} 7' in text
+    from expertmesh.bench import prometheus
+    text = GatewayMetrics().render([node], []).decode()
+    assert prometheus.value(text, "expertmesh_kv_cache_usage", attention_node="0") == 0.25
+    assert prometheus.value(text, "expertmesh_kv_cache_blocks", attention_node="0") == 120
+    assert prometheus.value(text, "expertmesh_preemptions_total", attention_node="0") == 7
