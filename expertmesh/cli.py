@@ -37,6 +37,8 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks per attention node (overrides the sizing)")
     p.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs: run every step eagerly")
     p.add_argument("--served-model-name")
+    p.add_argument("--recv-timeout", type=float,
+                   help="seconds an expert node may take to answer a step's rounds before the step fails (default 30)")
     p.add_argument("--max-pending-requests", type=int,
                    help="requests in flight past which /v1/* answers 429 with Retry-After (default 1024)")
     p.add_argument("--max-pending-tokens", type=int, help="prompt tokens in flight past which /v1/* answers 429")
@@ -58,6 +60,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  ("gateway", "predictor", getattr(args, "predictor", None)),
                  ("gateway", "api_key", getattr(args, "api_key", None)),
                  ("gateway", "max_pending_requests", getattr(args, "max_pending_requests", None)),
+                 ("transport", "recv_timeout_s", getattr(args, "recv_timeout", None)),
                  ("gateway", "max_pending_tokens", getattr(args, "max_pending_tokens", None)),
                  ("transport", "emulated_bandwidth_gbps", getattr(args, "emulated_bandwidth_gbps", None)),
                  ("engine", "block_size", getattr(args, "block_size", None)),

@@ -93,7 +93,7 @@ class AttentionNode:
 
     async def _engine(self) -> None:
         while True:
-            await self._work.wait()
+            await self._idle_until_work()
             seqs = self.scheduler.schedule()
             if not seqs:
                 self._work.clear()
@@ -108,13 +108,33 @@ class AttentionNode:
                 await self._send([s.request_id for s in seqs], [-1] * len(seqs), ["error"] * len(seqs),
                                  [f"step failed: {exc}"] * len(seqs))
                 if isinstance(exc, TransportError):  # the expert side is gone: nothing can run any more
-                    self.fatal_error = str(exc)
-                    await self._fail_waiting(str(exc))
-                    raise
+                    await self._fatal(exc)
                 continue
             with self.runner.clock.phase("sample"):
                 outputs = self._finish_step(seqs, logits)
             await self._send(*outputs)
+
+    async def _idle_until_work(self) -> None:
+        """Waits for work; a link to an expert node that fails meanwhile is fatal at once (the launcher restarts
+        the node, which reconnects), not at the next request."""
+        failed = getattr(self.m2n, "link_failed", None)
+        if failed is None:
+            await self._work.wait()
+            return
+        waits = [asyncio.ensure_future(self._work.wait()), asyncio.ensure_future(failed.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if failed.is_set():
+            await self._fatal(self.m2n._failure)
+
+    async def _fatal(self, exc: Exception) -> None:
+        """Fails every waiting request with exc and raises it: this node cannot serve any more."""
+        self.fatal_error = str(exc)
+        await self._fail_waiting(str(exc))
+        raise exc
 
     def _finish_step(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple:
         """Samples each sequence's next token and retires finished ones; returns the StepOutputs fields."""

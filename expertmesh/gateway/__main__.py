@@ -10,7 +10,6 @@ from ..config import Config, ConfigError
 from ..placement.plan import load_cluster_topology
 from ..model.spec import ModelSpec
 from ..process import run_node
-from ..transport.protocol import Credentials
 from ..transport.zmq import ZmqTransport
 from .app import ServedModel, create_app
 from .nodes import AttentionNodeClient, NodeLink
@@ -37,21 +36,14 @@ def routing_policy(config: Config) -> RoutingPolicy:
 async def main(config: Config, index: int) -> None:
     spec = ModelSpec.from_dir(config.model.path)
     transport = ZmqTransport()
-
-    async def connect(address: str):
-        """A control connection that presents the cluster's secret first (transport/peers.py)."""
-        conn = await transport.connect(address)
-        if config.cluster.secret is not None:
-            await conn.send(Credentials(config.cluster.secret))
-        return conn
-
-    nodes = [AttentionNodeClient(i, await connect(address), config.gateway.node_timeout_s)
+    secret = config.cluster.secret
+    nodes = [AttentionNodeClient(i, await transport.connect(address), config.gateway.node_timeout_s, secret)
              for i, address in enumerate(config.cluster.attention_addresses)]
     served = ServedModel(name=config.gateway.model_name or Path(config.model.path).resolve().name,
                          vocab_size=spec.vocab_size, max_model_len=config.engine.context_len(spec),
                          codec=TextCodec(config.model.path), nodes=nodes,
-                         expert_nodes=[NodeLink(f"expert node {i}", await connect(address),
-                                                config.gateway.node_timeout_s)
+                         expert_nodes=[NodeLink(f"expert node {i}", await transport.connect(address),
+                                                config.gateway.node_timeout_s, secret)
                                        for i, address in enumerate(config.cluster.expert_control_addresses)],
                          routing=routing_policy(config), api_key=config.gateway.api_key,
                          max_pending_requests=config.gateway.max_pending_requests,

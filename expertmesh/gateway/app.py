@@ -154,7 +154,7 @@ def create_app(served: ServedModel) -> FastAPI:
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         node = choose_node(served.nodes, prompt_ids, served.routing)
         if node is None:
-            raise APIError(503, "no attention node is ready", kind="service_unavailable")
+            raise APIError(503, "no attention node is ready", kind="service_unavailable", headers={"Retry-After": "5"})
         chunks = generate(node, request_id, prompt_ids, sampling, body.stop_list(), arrived)
         if body.stream:
             return StreamingResponse(sse(request_id, chunks, chat), media_type="text/event-stream")

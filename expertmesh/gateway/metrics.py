@@ -97,6 +97,11 @@ class _Snapshot:
                     for expert_node, value in enumerate(getattr(node.status, attr)):
                         family.add_metric([str(node.index), str(expert_node)], value)
             yield family
+        restarts = CounterMetricFamily("expertmesh_node_restarts", "Times a node came back as a new process",
+                                       labels=["node"])
+        for node in [*nodes, *expert_nodes]:
+            restarts.add_metric([node.name.replace(" ", "_")], node.restarts)
+        yield restarts
         phases = CounterMetricFamily("expertmesh_node_phase_seconds", "Host time per phase", labels=["node", "phase"])
         walls = GaugeMetricFamily("expertmesh_node_wall_seconds", "Wall time the phases cover", labels=["node"])
         for node in [*nodes, *expert_nodes]:

@@ -9,8 +9,8 @@ import time
 from dataclasses import dataclass
 
 from ..transport.base import Connection
-from ..transport.protocol import (AbortRequest, AddRequest, ExpertStatus, Message, NodeTrace, SamplingParams,
-                                  Status, StatusRequest, StepOutputs, TraceControl)
+from ..transport.protocol import (AbortRequest, AddRequest, Credentials, ExpertStatus, Message, NodeTrace,
+                                  SamplingParams, Status, StatusRequest, StepOutputs, TraceControl)
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +27,17 @@ class NodeLink:
     """Control link to one node: polls its status, declares it dead when silent, fetches its trace."""
     STATUS_INTERVAL_S = 0.25
 
-    def __init__(self, name: str, connection: Connection, node_timeout_s: float) -> None:
+    def __init__(self, name: str, connection: Connection, node_timeout_s: float, secret: str | None = None) -> None:
         self.name = name
+        # presented before every message: a node restarted behind the same address (zmq reconnects on its own)
+        # must learn it before anything else that reaches it (transport/peers.py)
+        self.credentials = Credentials(secret) if secret is not None else None
         self.connection = connection
         self.node_timeout_s = node_timeout_s
         self.status: Status | ExpertStatus | None = None
         self.last_heard = time.monotonic()
-        self.dead: str | None = None  # why, once declared dead
+        self.dead: str | None = None  # why, while declared dead
+        self.restarts = 0  # times the node came back as a new process (its wall clock restarted)
         self._trace: asyncio.Future[NodeTrace] | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -45,10 +49,18 @@ class NodeLink:
         return self.dead is None and self.status is not None and self.status.ready and \
             time.monotonic() - self.last_heard < self.node_timeout_s
 
+    async def send(self, message: Message) -> None:
+        if self.credentials is not None:
+            await self.connection.send(self.credentials)
+        await self.connection.send(message)
+
+    def on_restart(self) -> None:
+        """The node came back as a new process: what the old one held is gone."""
+
     async def trace(self, record: bool, timeout_s: float = 10.0) -> NodeTrace | None:
         """Starts (record=True) or stops the node's timeline; on stop, returns it (None if the node is silent)."""
         self._trace = asyncio.get_running_loop().create_future()
-        await self.connection.send(TraceControl(record))
+        await self.send(TraceControl(record))
         try:
             return await asyncio.wait_for(self._trace, timeout_s)
         except asyncio.TimeoutError:
@@ -59,9 +71,16 @@ class NodeLink:
             message = await self.connection.recv()
             self.last_heard = time.monotonic()
             if isinstance(message, (Status, ExpertStatus)):
+                if self.status is not None and message.wall_seconds < self.status.wall_seconds:
+                    self.restarts += 1  # a new process at the same address (the launcher restarted it)
+                    self.on_restart()
                 self.status = message
                 if getattr(message, "error", None):
-                    self.declare_dead(f"{self.name} failed: {message.error}")
+                    if self.dead is None:
+                        self.declare_dead(f"{self.name} failed: {message.error}")
+                elif self.dead is not None:
+                    log.warning("%s answers again (%s before)", self.name, self.dead)
+                    self.dead = None
             elif isinstance(message, NodeTrace):
                 if self._trace is not None and not self._trace.done():
                     self._trace.set_result(message)
@@ -73,7 +92,7 @@ class NodeLink:
 
     async def _poll(self) -> None:
         while True:
-            await self.connection.send(StatusRequest())
+            await self.send(StatusRequest())
             await asyncio.sleep(self.STATUS_INTERVAL_S)
             silent_s = time.monotonic() - self.last_heard
             if self.dead is None and self.status is not None and silent_s > self.node_timeout_s:
@@ -90,8 +109,8 @@ class NodeLink:
 
 
 class AttentionNodeClient(NodeLink):
-    def __init__(self, index: int, connection: Connection, node_timeout_s: float) -> None:
-        super().__init__(f"attention node {index}", connection, node_timeout_s)
+    def __init__(self, index: int, connection: Connection, node_timeout_s: float, secret: str | None = None) -> None:
+        super().__init__(f"attention node {index}", connection, node_timeout_s, secret)
         self.index = index
         self.streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self.inflight_tokens: dict[str, int] = {}  # prompt + max tokens of each request, for routing
@@ -106,12 +125,12 @@ class AttentionNodeClient(NodeLink):
         self.streams[request_id] = queue
         self.requests_routed += 1
         self.inflight_tokens[request_id] = len(prompt_ids) + sampling.max_tokens
-        await self.connection.send(AddRequest(request_id, prompt_ids, sampling.to_list()))
+        await self.send(AddRequest(request_id, prompt_ids, sampling.to_list()))
         return queue
 
     async def abort(self, request_id: str) -> None:
         if self.forget(request_id) and self.dead is None:
-            await self.connection.send(AbortRequest(request_id))
+            await self.send(AbortRequest(request_id))
 
     def forget(self, request_id: str) -> bool:
         self.inflight_tokens.pop(request_id, None)
@@ -132,6 +151,14 @@ class AttentionNodeClient(NodeLink):
 
     def declare_dead(self, why: str) -> None:
         super().declare_dead(f"{why}; failing its {len(self.streams)} requests")
+        self._fail_all(why)
+
+    def on_restart(self) -> None:
+        if self.streams:
+            log.warning("%s restarted: failing the %d requests the old process held", self.name, len(self.streams))
+        self._fail_all(f"{self.name} restarted; the request was lost with the old process")
+
+    def _fail_all(self, why: str) -> None:
         for rid, queue in list(self.streams.items()):
             queue.put_nowait(TokenEvent(-1, "error", why))
             self.forget(rid)

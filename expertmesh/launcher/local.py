@@ -1,7 +1,9 @@
 """Starts a whole cluster on this host as processes: expert nodes, attention nodes, then the gateway.
 
-Waits until /health says every node is ready; stops every child on SIGTERM/SIGINT, and stops the
-cluster with a non-zero exit, naming the culprit, when any child dies."""
+Waits until /health says every node is ready; stops every child on SIGTERM/SIGINT. Once serving, a child that
+dies is restarted (same role, index, ports), after a backoff that doubles with each recent death; one that dies
+too often stops the cluster with a non-zero exit that names it (so does any death during start-up, and any
+death on lockstep links over nccl, gloo or ipc, whose peers cannot take a new process in mid-run)."""
 from __future__ import annotations
 
 import ctypes
@@ -19,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config
+from ..config import LOCKSTEP_BACKENDS, Config
 from ..transport.base import resolve_backend
 
 
@@ -58,6 +60,13 @@ def _die_with_parent() -> None:
 class Child:
     name: str  # e.g. "expert node 1"
     process: subprocess.Popen
+    command: list[str]
+    deaths: list[float] = dataclasses.field(default_factory=list)  # monotonic times, the recent ones
+    restart_at: float | None = None  # when a restart is due
+
+
+MAX_DEATHS = 5  # per child within DEATH_WINDOW_S; one more stops the cluster
+DEATH_WINDOW_S = 60.0
 
 
 class LocalCluster:
@@ -98,7 +107,7 @@ class LocalCluster:
             for index in range(count):
                 command = [sys.executable, "-m", module, "--config", str(config_path), "--index", str(index)]
                 process = subprocess.Popen(command, preexec_fn=_die_with_parent)
-                self.children.append(Child(name if name == "gateway" else f"{name} {index}", process))
+                self.children.append(Child(name if name == "gateway" else f"{name} {index}", process, command))
 
     def notes(self) -> list[str]:
         """What the operator should know about this layout before it runs."""
@@ -147,10 +156,34 @@ class LocalCluster:
         raise ClusterError(f"cluster not ready within {timeout_s} s")
 
     def wait(self) -> None:
-        """Blocks until a child dies (ClusterError) or the launcher is signalled (KeyboardInterrupt)."""
+        """Serves until the launcher is signalled (KeyboardInterrupt) or a child dies too often (ClusterError)."""
         while True:
-            self.check_children()
+            self.supervise()
             time.sleep(0.2)
+
+    def supervise(self) -> None:
+        """Restarts children that died, with backoff; ClusterError for one that cannot or died too often."""
+        now = time.monotonic()
+        for child in self.children:
+            code = child.process.poll()
+            if code is None:
+                continue
+            if child.restart_at is None:  # a new death
+                if self.config.transport.backend in LOCKSTEP_BACKENDS and self.config.cluster.expert_nodes:
+                    raise ClusterError(f"{child.name} (pid {child.process.pid}) exited with code {code}; its "
+                                       f"{self.config.transport.backend} links cannot take a restarted node")
+                child.deaths = [t for t in child.deaths if now - t < DEATH_WINDOW_S] + [now]
+                if len(child.deaths) > MAX_DEATHS:
+                    raise ClusterError(f"{child.name} exited with code {code}, its {len(child.deaths)}th death "
+                                       f"within {DEATH_WINDOW_S:.0f} s")
+                backoff = min(30.0, 2.0 ** (len(child.deaths) - 1))
+                child.restart_at = now + backoff
+                print(f"expertmesh: {child.name} (pid {child.process.pid}) exited with code {code}; restarting it "
+                      f"in {backoff:.0f} s", file=sys.stderr, flush=True)
+            elif now >= child.restart_at:
+                child.process = subprocess.Popen(child.command, preexec_fn=_die_with_parent)
+                child.restart_at = None
+                print(f"expertmesh: {child.name} restarted (pid {child.process.pid})", file=sys.stderr, flush=True)
 
     def stop(self, grace_s: float = 10.0) -> None:
         for child in reversed(self.children):

@@ -90,6 +90,7 @@ class M2NClient:
         self._send_buffers: dict[tuple[int, int], torch.Tensor] = {}
         self._readers: list[asyncio.Task] = []
         self._failure: Exception | None = None
+        self.link_failed = asyncio.Event()  # set with _failure: the node need not wait for a step to learn it
 
     async def handshake(self, num_layers: int, num_experts: int, timeout_s: float) -> None:
         """Greets every expert node and checks it holds what the placement says; starts the readers."""
@@ -107,6 +108,7 @@ class M2NClient:
             raise
         except Exception as exc:  # the link is gone: fail everything waiting on it, and all later dispatches
             self._failure = TransportError(f"link to expert node {node} failed: {exc!r}")
+            self.link_failed.set()
             for future in self._pending[node].values():
                 if not future.done():
                     future.set_exception(self._failure)

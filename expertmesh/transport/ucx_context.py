@@ -25,6 +25,8 @@ def ucx_options(device: torch.device, ucx_tls: str | None) -> dict[str, str]:
     8 KB unless UCX_RNDV_THRESH says otherwise: on 2 x H200 it halved decode-size M2N rounds (256 tokens x 4096
     bf16: 1.81 -> 0.90 ms) and 1 MB messages (580 -> 390 us), benchmarks/RESULTS.md."""
     options = {}
+    if "UCX_TCP_CM_REUSEADDR" not in os.environ:  # a restarted node listens on its port again at once, not after
+        options["TCP_CM_REUSEADDR"] = "y"  # the old connections' TIME_WAIT (the launcher restarts dead nodes)
     if device.type == "cuda" and "UCX_RNDV_THRESH" not in os.environ:
         options["RNDV_THRESH"] = _CUDA_RNDV_THRESH
     if ucx_tls is not None:

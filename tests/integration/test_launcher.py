@@ -1,5 +1,6 @@
-"""The launcher owns its children: SIGTERM leaves none behind; a dead expert node stops the cluster
-with a non-zero exit that names it; a dead node never hangs a request."""
+"""The launcher owns its children: SIGTERM leaves none behind; a killed expert node is restarted and the cluster
+serves again within 30 s (a request in flight ends, never hangs); a node that keeps dying, or one on lockstep
+links, stops the cluster with a non-zero exit that names it."""
 from __future__ import annotations
 
 import os
@@ -37,10 +38,9 @@ def test_sigterm_stops_every_child(mixtral_dir):
     assert "Traceback" not in cluster.text(), cluster.text()  # a clean stop, not a cancelled task's dump
 
 
-def test_killed_expert_node_stops_cluster_and_fails_requests(mixtral_dir):
-    cluster = Cluster(mixtral_dir, attention_nodes=1, expert_nodes=3).wait_ready()
+def test_killed_expert_node_is_restarted_and_the_cluster_serves_again(mixtral_dir):
+    cluster = Cluster(mixtral_dir, attention_nodes=1, expert_nodes=3, extra=["--recv-timeout", "5"]).wait_ready()
     try:
-        children = child_pids(cluster.process.pid)
         victim = role_pid(cluster.process.pid, "expertmesh.expert_node", 1)
         with cluster.client() as client, ThreadPoolExecutor(1) as pool:
             # a long request in flight when the node dies must end (error or cut short), not hang
@@ -51,18 +51,53 @@ def test_killed_expert_node_stops_cluster_and_fails_requests(mixtral_dir):
                      30, "the request to run")
             killed_at = time.monotonic()
             os.kill(victim, signal.SIGKILL)
-            code = cluster.process.wait(timeout=10)
-            assert time.monotonic() - killed_at < 10
+            response = pending.result(timeout=30)
+            assert response.status_code != 200 or response.json()["usage"]["completion_tokens"] < 400
+
+            def served_again():
+                try:
+                    r = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4})
+                except httpx.HTTPError:
+                    return False  # the gateway itself is never restarted here, but say so rather than crash
+                return r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
             try:
-                response = pending.result(timeout=30)
-                assert response.status_code != 200 or response.json()["usage"]["completion_tokens"] < 400
-            except httpx.HTTPError:
-                pass  # the gateway went down with the cluster: the client is told, nothing hangs
-        assert code != 0
-        assert "expert node 1" in cluster.text() and "exited with code -9" in cluster.text()
-        wait_for(lambda: not any(alive(pid) for pid in children), 10, "children to exit")
+                wait_for(served_again, 30, "the cluster to serve again", interval_s=0.5)  # issue 12's target
+            except TimeoutError:
+                raise AssertionError(f"not serving 30 s after the kill:\n{cluster.text()}") from None
+            recovered_s = time.monotonic() - killed_at
+            wait_for(lambda: prometheus.value(client.get("/metrics").text, "expertmesh_node_restarts_total",
+                                              node="expert_node_1") == 1, 30, "the restart in /metrics")
+        assert cluster.process.poll() is None  # the launcher never exited
+        assert "expert node 1" in cluster.text() and "exited with code -9; restarting it" in cluster.text()
+        print(f"serving again {recovered_s:.1f} s after the kill")
     finally:
         cluster.stop()
+
+
+def test_a_node_that_keeps_dying_stops_the_cluster_and_lockstep_links_cannot_restart(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    from expertmesh.config import Config
+    from expertmesh.launcher import local
+    cluster = local.LocalCluster(Config(), tmp_path)
+    dying = [sys.executable, "-c", "raise SystemExit(3)"]
+    cluster.children = [local.Child("expert node 0", subprocess.Popen(dying), dying)]
+    monkeypatch.setattr(local, "DEATH_WINDOW_S", 3600.0)
+    restarts = 0
+    with pytest.raises(local.ClusterError, match=r"expert node 0 exited with code 3, its 6th death"):
+        while True:
+            cluster.children[0].process.wait()
+            cluster.supervise()  # a death: restart due later
+            cluster.children[0].restart_at = 0.0  # no need to wait out the backoff here
+            cluster.supervise()  # the restart
+            restarts += 1
+    assert restarts == local.MAX_DEATHS
+    cluster.config.transport.backend = "ipc"
+    cluster.children = [local.Child("attention node 0", subprocess.Popen(dying), dying)]
+    cluster.children[0].process.wait()
+    with pytest.raises(local.ClusterError, match="its ipc links cannot take a restarted node"):
+        cluster.supervise()
 
 
 def test_local_cluster_as_a_context_manager_serves_then_leaves_nothing(mixtral_dir):

@@ -57,7 +57,7 @@ def test_kv_cache_and_preemptions_reach_the_metrics():
                     preemptions=7)
     back = decode_frames(encode_frames(status))
     assert (back.kv_blocks_used, back.kv_blocks_total, back.preemptions) == (30, 120, 7)
-    node = SimpleNamespace(index=0, status=back, ready=True, name="attention node 0")
+    node = SimpleNamespace(index=0, status=back, ready=True, name="attention node 0", restarts=0)
     from expertmesh.bench import prometheus
     text = GatewayMetrics().render([node], []).decode()
     assert prometheus.value(text, "expertmesh_kv_cache_usage", attention_node="0") == 0.25

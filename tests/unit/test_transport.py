@@ -599,12 +599,15 @@ def test_ucx_options_defaults_and_what_the_environment_overrides(monkeypatch):
     from expertmesh.transport.ucx_context import ucx_options
     monkeypatch.delenv("UCX_TLS", raising=False)
     monkeypatch.delenv("UCX_RNDV_THRESH", raising=False)
+    monkeypatch.delenv("UCX_TCP_CM_REUSEADDR", raising=False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert ucx_options(cpu, None) == {"TLS": "tcp,sm,self"}  # the listener needs tcp
-    assert ucx_options(cuda, None) == {"TLS": "tcp,cuda_copy,cuda_ipc,sm,self", "RNDV_THRESH": "8192"}
+    reuse = {"TCP_CM_REUSEADDR": "y"}  # a restarted node listens on its port again at once
+    assert ucx_options(cpu, None) == {"TLS": "tcp,sm,self", **reuse}  # the listener needs tcp
+    assert ucx_options(cuda, None) == {"TLS": "tcp,cuda_copy,cuda_ipc,sm,self", "RNDV_THRESH": "8192", **reuse}
     assert ucx_options(cuda, "cuda_ipc,tcp,self")["TLS"] == "cuda_ipc,tcp,self"  # explicit wins
     monkeypatch.setenv("UCX_TLS", "tcp,self")
     monkeypatch.setenv("UCX_RNDV_THRESH", "inf")
+    monkeypatch.setenv("UCX_TCP_CM_REUSEADDR", "n")
     assert ucx_options(cuda, None) == {}  # the operator's UCX_* variables are left to UCX
 
 
