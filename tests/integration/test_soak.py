@@ -1,0 +1,24 @@
+"""The soak's CI version: 60 s of mixed traffic (streams, plain requests, dropped streams, malformed requests)
+against 2 attention and 2 expert nodes while a node is killed every 20 s: no request hangs, none is lost."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "soak.py"
+
+
+def test_a_minute_of_traffic_with_kills_hangs_and_loses_nothing(mixtral_dir):
+    spec = importlib.util.spec_from_file_location("soak", SCRIPT)
+    soak = sys.modules["soak"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(soak)
+    report = soak.soak(str(mixtral_dir), duration_s=60, kill_every_s=20, concurrency=8)
+    print(report)
+    assert report["hung"] == 0 and report["lost"] == 0, report
+    assert len(report["kills"]) == 2 and report["completed"] > 0
+    assert report["rejected_as_malformed"] > 0  # malformed requests got their 4xx throughout
