@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import torch
@@ -89,7 +90,7 @@ class AttentionNode:
                       self.generated_tokens, self.step, list(s.bytes_sent), list(s.messages_sent),
                       list(s.bytes_received), self.fatal_error, phases, seconds, wall,
                       self.scheduler.blocks.num_used_blocks, self.scheduler.blocks.num_blocks,
-                      self.scheduler.num_preemptions)
+                      self.scheduler.num_preemptions, os.getpid())
 
     async def _engine(self) -> None:
         while True:

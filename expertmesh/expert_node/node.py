@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import torch
 
@@ -72,7 +73,7 @@ class ExpertNode:
             if isinstance(message, StatusRequest):
                 phases, seconds, wall = self.clock.totals()
                 await self.control.send(peer, ExpertStatus(self.node_id, True, self.tokens_computed, phases,
-                                                           seconds, wall))
+                                                           seconds, wall, os.getpid()))
             elif isinstance(message, TraceControl):
                 events = self.clock.toggle_trace(message.record)
                 await self.control.send(peer, NodeTrace(f"expert node {self.node_id}", events))

@@ -37,7 +37,7 @@ class NodeLink:
         self.status: Status | ExpertStatus | None = None
         self.last_heard = time.monotonic()
         self.dead: str | None = None  # why, while declared dead
-        self.restarts = 0  # times the node came back as a new process (its wall clock restarted)
+        self.restarts = 0  # times the node came back as a new process
         self._trace: asyncio.Future[NodeTrace] | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -53,6 +53,18 @@ class NodeLink:
         if self.credentials is not None:
             await self.connection.send(self.credentials)
         await self.connection.send(message)
+
+    def on_status(self, message: Status | ExpertStatus) -> None:
+        if self.status is not None and message.process != self.status.process:
+            self.restarts += 1  # a new process at the same address (the launcher restarted it)
+            self.on_restart()
+        self.status = message
+        if getattr(message, "error", None):
+            if self.dead is None:
+                self.declare_dead(f"{self.name} failed: {message.error}")
+        elif self.dead is not None:
+            log.warning("%s answers again (%s before)", self.name, self.dead)
+            self.dead = None
 
     def on_restart(self) -> None:
         """The node came back as a new process: what the old one held is gone."""
@@ -71,16 +83,7 @@ class NodeLink:
             message = await self.connection.recv()
             self.last_heard = time.monotonic()
             if isinstance(message, (Status, ExpertStatus)):
-                if self.status is not None and message.wall_seconds < self.status.wall_seconds:
-                    self.restarts += 1  # a new process at the same address (the launcher restarted it)
-                    self.on_restart()
-                self.status = message
-                if getattr(message, "error", None):
-                    if self.dead is None:
-                        self.declare_dead(f"{self.name} failed: {message.error}")
-                elif self.dead is not None:
-                    log.warning("%s answers again (%s before)", self.name, self.dead)
-                    self.dead = None
+                self.on_status(message)
             elif isinstance(message, NodeTrace):
                 if self._trace is not None and not self._trace.done():
                     self._trace.set_result(message)

@@ -347,6 +347,7 @@ class Status(Message):
     kv_blocks_used: int = 0  # KV-cache blocks owned by sequences, of kv_blocks_total
     kv_blocks_total: int = 0
     preemptions: int = 0  # sequences preempted (by recomputation) since start
+    process: int = 0  # the node's process id: a new one means the node was restarted (what it held is gone)
 
 
 @dataclass
@@ -359,6 +360,7 @@ class ExpertStatus(Message):
     phase_names: list[str]
     phase_seconds: list[float]
     wall_seconds: float
+    process: int = 0  # the node's process id: a new one means the node was restarted
 
 
 @dataclass

@@ -63,3 +63,23 @@ def test_kv_cache_and_preemptions_reach_the_metrics():
     assert prometheus.value(text, "expertmesh_kv_cache_usage", attention_node="0") == 0.25
     assert prometheus.value(text, "expertmesh_kv_cache_blocks", attention_node="0") == 120
     assert prometheus.value(text, "expertmesh_preemptions_total", attention_node="0") == 7
+
+
+def test_the_gateway_fails_what_a_restarted_node_lost_and_serves_it_again():
+    import asyncio
+    from expertmesh.gateway.nodes import AttentionNodeClient
+
+    async def run():
+        node = AttentionNodeClient(0, connection=None, node_timeout_s=10.0)
+        node.on_status(Status(0, True, 0, 0, 0, 0, 0, 0, [], [], [], None, process=100))
+        queue = asyncio.Queue()
+        node.streams["r1"] = queue
+        node.on_status(Status(0, False, 0, 0, 0, 0, 0, 0, [], [], [], "link lost", process=100))
+        assert node.dead and (await queue.get()).finish_reason == "error"  # failed at once, not left waiting
+        node.streams["r2"] = queue2 = asyncio.Queue()  # sent while the node restarts: the old process took it
+        node.on_status(Status(0, True, 0, 0, 0, 0, 0, 0, [], [], [], None, process=101))
+        event = await queue2.get()
+        assert event.finish_reason == "error" and "restarted" in event.error
+        assert node.dead is None and node.restarts == 1 and node.ready
+
+    asyncio.run(run())
