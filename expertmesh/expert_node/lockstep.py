@@ -91,7 +91,8 @@ class LockstepRounds:
 
     async def _watch(self, event: torch.cuda.Event, what: str) -> None:
         try:
-            await wait_event(event, self.recv_timeout_s, what)
+            # not every turn of the loop: the lanes enqueue on this same thread
+            await wait_event(event, self.recv_timeout_s, what, poll_s=0.001)
         except Exception:
             self.links.release()  # the lane's stream must not stay stuck behind a dead peer's rounds
             raise

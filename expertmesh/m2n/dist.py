@@ -54,11 +54,11 @@ class DistLinks(Links):
         self._batch, self._batch_works, self._batch_group = [], [], None
 
     def send(self, microbatch: int, peer: int, tensors: Sequence[torch.Tensor]) -> list:
-        self._next(self._sent, peer, microbatch, [TensorMeta(t.dtype, tuple(t.shape)) for t in tensors])
+        self._check(peer, microbatch, [TensorMeta(t.dtype, tuple(t.shape)) for t in tensors])
         return self._post(microbatch, dist.isend, tensors, peer)
 
     def receive(self, microbatch: int, peer: int, metas: Sequence[TensorMeta]) -> tuple[list[torch.Tensor], list]:
-        self._next(self._received, peer, microbatch, metas)
+        self._check(peer, microbatch, metas)
         buffer = self._slots.get((peer, microbatch))
         if buffer is None:
             buffer = self._slots[(peer, microbatch)] = torch.empty(self.slot_bytes, dtype=torch.uint8,

@@ -93,7 +93,7 @@ class IpcLinks(Links):
 
     def send(self, microbatch: int, peer: int, tensors: Sequence[torch.Tensor]) -> list:
         metas = [TensorMeta(t.dtype, tuple(t.shape)) for t in tensors]
-        self._next(self._sent, peer, microbatch, metas)
+        self._check(peer, microbatch, metas)
         if peer not in self._outbound:
             raise RuntimeError(f"no ipc link to rank {peer}: the handshake did not attach it")
         for view, tensor in zip(packed_views(self._outbound_slots[peer][microbatch], metas), tensors):
@@ -102,7 +102,7 @@ class IpcLinks(Links):
         return []  # the copies are stream-ordered: later work on this stream may change the tensors
 
     def receive(self, microbatch: int, peer: int, metas: Sequence[TensorMeta]) -> tuple[list[torch.Tensor], list]:
-        self._next(self._received, peer, microbatch, metas)
+        self._check(peer, microbatch, metas)
         return (packed_views(self._inbound_slots[peer][microbatch], metas),
                 [(self._inbound_flags[peer][microbatch:microbatch + 1], self._taken[peer][microbatch:microbatch + 1])])
 
@@ -116,10 +116,9 @@ class IpcLinks(Links):
     def release(self) -> None:
         if not self._release_stream:
             self._release_stream = cu.stream_create_non_blocking()  # not behind the stuck waits
-        for base in self._inbound.values():
+        for flags in self._inbound_flags.values():
             for mb in range(self.microbatches):
-                cu.stream_write_value(self._release_stream, base + self.microbatches * self.slot_bytes + 8 * mb,
-                                      _RELEASED)
+                cu.stream_write_value(self._release_stream, flags.data_ptr() + 8 * mb, _RELEASED)
 
     def close(self) -> None:
         torch.cuda.synchronize(self.device)

@@ -1,12 +1,12 @@
 """Point-to-point links of fixed capacity between the cluster's nodes: the lockstep M2N's transport.
 
 Every node has a *rank*: attention node a is rank a, expert node e is rank attention_nodes + e. A link has one
-receive slot per microbatch, sized once for the largest message a step can carry, and the messages of one
-microbatch on a link are numbered: both sides count the same messages in the same order (the lockstep schedule
-guarantees it per microbatch; across microbatches the order varies with timing), so a receiver knows where
-message k lands before it arrives, and a sender never needs an answer to know where to write. One slot per
-microbatch suffices: a microbatch's next message to a node always follows that node's answer to its previous
-one, and the answer follows the work that read the slot (m2n/lockstep.py).
+receive slot per microbatch, sized once for the largest message a step can carry. The messages of one microbatch
+on a link come in the same order on both sides (the lockstep schedule guarantees it per microbatch; across
+microbatches the order varies with timing), so a receiver knows where the next one lands before it arrives
+(NCCL and gloo match them in order; ipc counts them on the device), and a sender never needs an answer to know
+where to write. One slot per microbatch suffices: a microbatch's next message to a node always follows that
+node's answer to its previous one, and the answer follows the work that read the slot (m2n/lockstep.py).
 
 Backends: dist.py (torch.distributed: NCCL between GPUs, gloo between CPU processes) and ipc.py (CUDA IPC
 between processes of one host, one GPU or several)."""
@@ -31,8 +31,6 @@ class Links(abc.ABC):
         self.attention_nodes = attention_nodes
         self.microbatches = microbatches  # receive slots per link
         self.slot_bytes = slot_bytes
-        self._sent: dict[tuple[int, int], int] = {}  # (peer, microbatch) -> messages sent
-        self._received: dict[tuple[int, int], int] = {}  # (peer, microbatch) -> messages received (posted)
 
     def attention_rank(self, node: int) -> int:
         return node
@@ -40,18 +38,14 @@ class Links(abc.ABC):
     def expert_rank(self, node: int) -> int:
         return self.attention_nodes + node
 
-    def _next(self, counts: dict[tuple[int, int], int], peer: int, microbatch: int,
-              metas: Sequence[TensorMeta]) -> int:
-        """The number of the microbatch's next message on this link; checks it fits a slot."""
+    def _check(self, peer: int, microbatch: int, metas: Sequence[TensorMeta]) -> None:
+        """A message of these tensors fits a slot of this link."""
         nbytes = packed_offsets(metas)[1]
         if nbytes > self.slot_bytes:
             raise ValueError(f"a message of {nbytes} bytes to or from rank {peer}; the link's slots hold "
                              f"{self.slot_bytes} (sized from engine.max_batch_tokens)")
         if not 0 <= microbatch < self.microbatches:
             raise ValueError(f"microbatch {microbatch}; the links have slots for {self.microbatches}")
-        k = counts.get((peer, microbatch), 0)
-        counts[(peer, microbatch)] = k + 1
-        return k
 
     @abc.abstractmethod
     def send(self, microbatch: int, peer: int, tensors: Sequence[torch.Tensor]) -> list:

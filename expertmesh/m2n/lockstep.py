@@ -36,19 +36,29 @@ class RoundHandle:
     answers: list[torch.Tensor]  # each expert node's partial sums, in its receive slot
 
 
-async def wait_event(event: torch.cuda.Event, timeout_s: float, what: str) -> None:
+async def wait_event(event: torch.cuda.Event, timeout_s: float, what: str, poll_s: float = 0.0) -> None:
     """Waits, without blocking the event loop, until the device has passed `event`; TransportError after
-    timeout_s (a peer that died mid-round leaves its receives pending for ever)."""
+    timeout_s (a peer that died mid-round leaves its receives pending for ever). poll_s 0 polls at every turn of
+    the loop (a step's end, which the host is waiting for); a watchdog polls less often."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while not event.query():
         if loop.time() > deadline:
             raise TransportError(f"{what} did not complete within {timeout_s} s: an expert node is gone or stuck")
-        await asyncio.sleep(0)
+        await asyncio.sleep(poll_s)
+
+
+def _sum(answers: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The sum of the nodes' partial sums. With one expert node, its receive slot itself: valid until the
+    microbatch's next rounds, which are posted only after the work reading it (stream order)."""
+    out = answers[0]
+    for answer in answers[1:]:
+        out = out + answer
+    return out.to(dtype)
 
 
 class LockstepClient:
-    """ExpertBackend (model_runner.py) over lockstep rounds on DistLinks."""
+    """ExpertBackend (model_runner.py) over lockstep rounds on Links (links.py)."""
 
     def __init__(self, connections: list[Connection], links: Links, placement: Placement, attention_node: int,
                  capacity: int, hidden: int, dtype: torch.dtype, microbatches: int, device: str,
@@ -146,15 +156,10 @@ class LockstepClient:
     def enqueue_combine(self, handle: RoundHandle, dtype: torch.dtype) -> torch.Tensor:
         """gather and reduce, enqueued on the current stream (device-ordered links only)."""
         self.links.enqueue_wait(handle.works)
-        return self.reduce(handle, handle.answers, handle.answers[0].new_empty(0, dtype=dtype))
+        return _sum(handle.answers, dtype)
 
     def reduce(self, handle: RoundHandle, answers: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        """The sum of the nodes' partial sums. With one expert node, its receive slot itself: valid until the
-        microbatch's next rounds, which are posted only after the work reading it (stream order)."""
-        out = answers[0]
-        for answer in answers[1:]:
-            out = out + answer
-        return out.to(like.dtype)
+        return _sum(answers, like.dtype)
 
     async def end_step(self, step: int) -> None:
         """Waits, with the receive deadline, for the step's rounds to finish on the device."""

@@ -6,6 +6,7 @@ checked bitwise; a norm's sum and rsqrt may round differently from torch's, by a
 import pytest
 import torch
 
+from expertmesh.cuda_graph import capture
 from expertmesh.model.layers import RotaryTable
 from expertmesh.ops.norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from expertmesh.ops.rotary import rotate_and_write_kv, rotate_and_write_kv_reference
@@ -218,15 +219,7 @@ def reference_composition(inputs, weights, heads):
 
 
 def graph_time_us(fn, calls=20, reps=20) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    graph, _ = capture(lambda: [fn() for _ in range(calls)], None)
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
