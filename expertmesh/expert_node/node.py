@@ -72,7 +72,8 @@ class ExpertNode:
                 continue
             if isinstance(message, StatusRequest):
                 phases, seconds, wall = self.clock.totals()
-                await self.control.send(peer, ExpertStatus(self.node_id, True, self.tokens_computed, phases,
+                computed = self.tokens_computed + (self.rounds.tokens_computed if self.rounds is not None else 0)
+                await self.control.send(peer, ExpertStatus(self.node_id, True, computed, phases,
                                                            seconds, wall, os.getpid()))
             elif isinstance(message, TraceControl):
                 events = self.clock.toggle_trace(message.record)

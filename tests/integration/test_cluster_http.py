@@ -133,11 +133,14 @@ def test_health_models_and_metrics(served, request):
             metrics = client.get("/metrics").text
             sent = [float(line.split()[-1]) for line in metrics.splitlines()
                     if line.startswith("expertmesh_link_bytes_sent_total{")]
-            return (metrics, sent) if expert_nodes == 0 or sum(sent) > 0 else None
+            computed = prometheus.by_label(prometheus.parse(metrics), "expertmesh_expert_tokens_total", "node")
+            fresh = expert_nodes == 0 or (sum(sent) > 0 and sum(computed.values()) > 0)
+            return (metrics, sent) if fresh else None
 
         metrics, sent = wait_for(link_bytes, 10, "the request's link bytes in /metrics")
     assert 'expertmesh_requests_total{outcome="completed"}' in metrics
     assert len(sent) == 2 * expert_nodes
+    assert len(prometheus.by_label(prometheus.parse(metrics), "expertmesh_expert_tokens_total", "node")) == expert_nodes
     for histogram in ("time_to_first_token", "time_per_output_token", "e2e_request_latency"):
         assert prometheus.value(metrics, f"expertmesh_{histogram}_seconds_count") >= 1  # the request above, at least
     gauges = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if not line.startswith("#")}
