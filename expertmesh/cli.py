@@ -36,7 +36,9 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
                    help="fraction of each attention GPU's memory for weights, activations and KV cache (default 0.9)")
     p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks per attention node (overrides the sizing)")
     p.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs: run every step eagerly")
-    p.add_argument("--served-model-name")
+    p.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="model ids requests may name; the first is shown by /v1/models and reported (default: the "
+                        "model directory's name, and --model as given)")
     p.add_argument("--recv-timeout", type=float,
                    help="seconds an expert node may take to answer a step's rounds before the step fails (default 30)")
     p.add_argument("--max-pending-requests", type=int,
@@ -54,7 +56,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  ("gateway", "port", args.port), ("cluster", "placement", args.placement),
                  ("transport", "backend", args.transport), ("engine", "microbatches", args.microbatches),
                  ("model", "dtype", args.dtype), ("model", "device", getattr(args, "device", None)), ("engine", "max_num_seqs", args.max_num_seqs),
-                 ("engine", "max_model_len", args.max_model_len), ("gateway", "model_name", args.served_model_name),
+                 ("engine", "max_model_len", args.max_model_len), ("gateway", "served_model_names", args.served_model_name),
                  ("transport", "emulated_latency_us", getattr(args, "emulated_latency_us", None)),
                  ("cluster", "topology", getattr(args, "topology", None)),
                  ("gateway", "predictor", getattr(args, "predictor", None)),

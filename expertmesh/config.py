@@ -83,7 +83,9 @@ class EngineConfig:
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    model_name: str | None = None  # served model id; default: the model directory's name
+    # Model ids a request may name (vLLM's --served-model-name); the first is what /v1/models shows and responses
+    # report. Default: the model directory's name, and model.path as given (vLLM's default) also accepted.
+    served_model_names: list[str] = field(default_factory=list)
     node_timeout_s: float = 10.0  # an attention node silent this long is declared dead
     predictor: str | None = None  # domain predictor (.npz, `expertmesh place`): rebatch requests by predicted domain
     api_key: str | None = None  # when set, /v1/* and /admin/* need `Authorization: Bearer <key>` (vLLM's --api-key)
@@ -146,6 +148,9 @@ class Config:
             raise ConfigError(f"need at least one attention node and zero or more expert nodes (0: experts colocated "
                               f"in each attention node), got {self.cluster.attention_nodes} and "
                               f"{self.cluster.expert_nodes}")
+        names = self.gateway.served_model_names
+        if not isinstance(names, list) or not all(isinstance(name, str) and name.strip() for name in names):
+            raise ConfigError(f"gateway.served_model_names={names!r}; must be a list of non-empty names")
         if self.gateway.max_pending_requests < 1 or self.gateway.max_pending_tokens < 1:
             raise ConfigError(f"gateway.max_pending_requests={self.gateway.max_pending_requests} and "
                               f"max_pending_tokens={self.gateway.max_pending_tokens} must be >= 1")

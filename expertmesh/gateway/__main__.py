@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import uvicorn
@@ -33,13 +34,23 @@ def routing_policy(config: Config) -> RoutingPolicy:
     return RoutingPolicy(predictor, topology.attention_domain, topology.attention_load_bound, domain_share=share)
 
 
+def served_model_names(config: Config) -> list[str]:
+    """The ids a request's `model` may be, the one /v1/models shows first: --served-model-name's names, else the
+    model directory's name, then --model as given (vLLM's default id: `models/expertmesh-mini`, an absolute path)."""
+    if config.gateway.served_model_names:
+        return list(dict.fromkeys(config.gateway.served_model_names))
+    given = config.model.path
+    return list(dict.fromkeys([Path(given).resolve().name, given, os.path.normpath(given)]))
+
+
 async def main(config: Config, index: int) -> None:
     spec = ModelSpec.from_dir(config.model.path)
     transport = ZmqTransport()
     secret = config.cluster.secret
     nodes = [AttentionNodeClient(i, await transport.connect(address), config.gateway.node_timeout_s, secret)
              for i, address in enumerate(config.cluster.attention_addresses)]
-    served = ServedModel(name=config.gateway.model_name or Path(config.model.path).resolve().name,
+    name, *aliases = served_model_names(config)
+    served = ServedModel(name=name, aliases=tuple(aliases),
                          vocab_size=spec.vocab_size, max_model_len=config.engine.context_len(spec),
                          codec=TextCodec(config.model.path), nodes=nodes,
                          expert_nodes=[NodeLink(f"expert node {i}", await transport.connect(address),

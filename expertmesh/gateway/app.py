@@ -27,9 +27,10 @@ from .text import TextCodec, TextStream
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
+        self.code = code
 
 
 @dataclass
@@ -53,6 +54,7 @@ class ServedModel:
     api_key: str | None = None  # required on /v1/* and /admin/* when set
     max_pending_requests: int = 1024  # admission bounds (GatewayConfig): past them, 429
     max_pending_tokens: int = 1 << 20
+    aliases: tuple[str, ...] = ()  # other ids a request's `model` may be (the name is the one reported)
 
     @property
     def all_nodes(self) -> list[NodeLink]:
@@ -97,7 +99,8 @@ def create_app(served: ServedModel) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         served.metrics.requests["rejected" if exc.status < 500 else "failed"] += 1
-        return JSONResponse(error_body(exc.message, exc.kind, exc.param), status_code=exc.status, headers=exc.headers)
+        return JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status,
+                            headers=exc.headers)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -182,9 +185,9 @@ def create_app(served: ServedModel) -> FastAPI:
                           "total_tokens": len(prompt_ids) + len(token_ids)}}
 
     def check_request(body: SamplingFields, prompt_ids: list[int], max_tokens: int) -> None:
-        if body.model is not None and body.model != served.name:
-            raise APIError(404, f"model {body.model!r} does not exist; this server serves {served.name!r}",
-                           kind="not_found_error", param="model")
+        if body.model is not None and body.model != served.name and body.model not in served.aliases:
+            raise APIError(404, f"The model `{body.model}` does not exist; this server serves `{served.name}`",
+                           param="model", code="model_not_found")  # OpenAI's body for an unknown model
         if not prompt_ids:
             raise APIError(400, "prompt is empty", param="prompt")
         bad = [t for t in prompt_ids if not 0 <= t < served.vocab_size]

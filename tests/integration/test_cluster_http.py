@@ -183,12 +183,18 @@ def test_bad_input_is_400_and_server_keeps_serving(served):
 
 
 def test_openai_client(served):
-    cluster, _ = served
+    cluster, model_dir = served
     import openai
     client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused")
     model = client.models.list().data[0].id
+    assert model == model_dir.name
     completion = client.completions.create(model=model, prompt="hello", max_tokens=8, temperature=0)
     assert completion.choices[0].finish_reason in ("length", "stop") and completion.usage.completion_tokens >= 1
+    by_path = client.completions.create(model=str(model_dir), prompt="hello", max_tokens=8, temperature=0)
+    assert (by_path.model, by_path.choices[0].text) == (model, completion.choices[0].text)  # vLLM's id: --model
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.completions.create(model="not-" + model, prompt="hello", max_tokens=8)
+    assert unknown.value.code == "model_not_found"
     chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=8, temperature=0)
     assert chat.choices[0].message.role == "assistant"
