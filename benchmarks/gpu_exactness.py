@@ -1,10 +1,11 @@
-"""Greedy tokens of a cluster on GPUs (attention node on GPU 0, expert nodes on the others, CUDA tensors
-over UCX, float32) against transformers on the CPU, for a small random checkpoint of each architecture.
+"""Greedy tokens of a cluster on GPUs (attention node on GPU 0, expert nodes on the others, float32) against
+transformers on the CPU, for a small random checkpoint of each architecture, over each transport given.
 
-    python benchmarks/gpu_exactness.py       # on a machine with >= 2 GPUs
+    python benchmarks/gpu_exactness.py --transports ucx,nccl,ipc   # on a machine with >= 2 GPUs
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 
@@ -18,14 +19,14 @@ from expertmesh.model.make_model import RandomModelShape, make_model
 PROMPTS = [[5, 6, 7, 8, 9, 10], [100, 200, 300], [42] * 12, [7]]
 
 
-def check(arch: str, expert_nodes: int) -> bool:
+def check(arch: str, expert_nodes: int, transport: str) -> bool:
     from transformers import AutoModelForCausalLM
     model_dir = make_model(tempfile.mkdtemp(), RandomModelShape(arch=arch, mlp_only_layers=[1] if arch == "qwen3_moe" else []),
                            seed=4)
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     reference.generation_config.eos_token_id = None
     config = Config()
-    config.model.path, config.model.device, config.transport.backend = str(model_dir), "cuda", "ucx"
+    config.model.path, config.model.device, config.transport.backend = str(model_dir), "cuda", transport
     config.cluster.attention_nodes, config.cluster.expert_nodes = 1, expert_nodes
     config.gateway.port = free_port()
     cluster = LocalCluster(config)
@@ -43,7 +44,7 @@ def check(arch: str, expert_nodes: int) -> bool:
                                                   pad_token_id=0)[0, len(prompt):].tolist()
                 same = got["choices"][0]["token_ids"] == expected
                 ok &= same
-                print(f"{arch} N={expert_nodes} prompt {prompt[:4]}...: {'identical' if same else 'DIFFERENT'}",
+                print(f"{arch} {transport} N={expert_nodes} prompt {prompt[:4]}...: {'identical' if same else 'DIFFERENT'}",
                       flush=True)
         return ok
     finally:
@@ -51,7 +52,10 @@ def check(arch: str, expert_nodes: int) -> bool:
 
 
 if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--transports", default="ucx", help="comma-separated, of ucx, nccl, ipc")
+    transports = p.parse_args().transports.split(",")
     gpus = torch.cuda.device_count()
-    results = [check("mixtral", max(1, gpus - 1)), check("qwen3_moe", max(1, gpus - 1))]
+    results = [check(arch, max(1, gpus - 1), transport) for transport in transports for arch in ("mixtral", "qwen3_moe")]
     print("all identical" if all(results) else "MISMATCH")
     sys.exit(0 if all(results) else 1)

@@ -2,28 +2,37 @@
 # The lockstep M2N's GPU runs (issues 10 and 11). GPUS=1 (`nvidia-h200`: ipc between two processes on the one GPU,
 # under CUDA MPS) or GPUS=2 (`nvidia-h200-x2`: nccl, one GPU per node). PARTS picks among
 #   tests  - tests/gpu (the lockstep tests among them: float32 exactness, no host sync per step, a dead expert node)
-#   bench  - `bench transport`: the lockstep M2N round beside ucx (and, on 2 GPUs, NCCL's all_to_all_single)
+#   exact  - benchmarks/gpu_exactness.py through the launcher over each of EXACT (default: ucx, then on 2 GPUs
+#            nccl and ipc): float32 greedy tokens against transformers, attention and expert nodes on different GPUs
+#   bench  - `bench transport`: the lockstep M2N round beside ucx (and, on 2 GPUs, over named links with their
+#            point-to-point rows, beside NCCL's send/recv and all_to_all_single)
 #   serve  - served decode, Qwen3-30B-A3B / Mixtral-8x7B shapes with layers reduced (SHAPES): disaggregated 1+1 at
-#            m = MICROBATCHES, and colocated (--expert-nodes 0) on every GPU (data parallel on 2), same workload
+#            m = MICROBATCHES over TRANSPORT, and colocated (--expert-nodes 0) on every GPU (data parallel on 2),
+#            same workload; each node's GPU busy fraction from CUDA events around its compute
 # Logs and JSON in $OUT. Needs .whl/site312.txz (benchmarks/gpu_wheels.sh) carried.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p /tmp/site "$OUT" && tar xf .whl/site312.txz -C /tmp/site
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-nvidia-smi topo -m | head -4 | tee "$OUT/topo.txt"
+nvidia-smi topo -m > "$OUT/topo.txt"; head -4 "$OUT/topo.txt"
 GPUS=${GPUS:-1}
-TRANSPORT=$([ "$GPUS" = 1 ] && echo ipc || echo nccl)
+TRANSPORT=${TRANSPORT:-$([ "$GPUS" = 1 ] && echo ipc || echo nccl)}
 [ "$GPUS" = 1 ] && nvidia-cuda-mps-control -d && echo "MPS on"
 for part in ${PARTS:-tests bench serve}; do
   case $part in
   tests)
     timeout ${TESTS_S:-300} python3 -m pytest -q -rf -p no:cacheprovider --timeout 150 ${TESTS:-tests/gpu} 2>&1 \
       | tee "$OUT/gpu_tests.log" | tail -25 ;;
+  exact)
+    timeout ${EXACT_S:-240} python3 benchmarks/gpu_exactness.py \
+      --transports ${EXACT:-$([ "$GPUS" = 1 ] && echo ucx || echo ucx,nccl,ipc)} 2>&1 | tee "$OUT/exactness.log" \
+      | grep -E "DIFFERENT|identical$|MISMATCH|Error|Traceback" | sort | uniq -c | tail -20 ;;
   bench)
-    timeout ${BENCH_S:-200} python3 -m expertmesh bench transport --device cuda --backends ${BACKENDS:-lockstep,ucx} \
+    BACKENDS=${BACKENDS:-$([ "$GPUS" = 1 ] && echo lockstep,ucx || echo lockstep-ipc,lockstep-nccl,ucx)}
+    timeout ${BENCH_S:-200} python3 -m expertmesh bench transport --device cuda --backends $BACKENDS \
       $([ "$GPUS" = 2 ] && echo --nccl) --m2n 1x1 --json "$OUT/bench_transport.json" 2>&1 \
-      | tee "$OUT/bench_transport.log" | tail -45 ;;
+      | tee "$OUT/bench_transport.log" | tail -60 ;;
   serve)
     for shape in ${SHAPES:-qwen3}; do
       if [ $shape = mixtral ]; then

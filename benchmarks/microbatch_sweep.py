@@ -55,8 +55,11 @@ def main() -> int:
             report = asyncio.run(run(cluster.url, workload, progress=None))
         rows.append({"microbatches": m, **dataclasses.asdict(report)})
         idle = ", ".join(f"{node} {value:.0%}" for node, value in sorted(report.idle_fraction.items()))
-        print(f"m={m}: {report.output_tokens_per_s:8.1f} tok/s  TPOT p50 {report.tpot_ms['p50']:7.2f} ms  "
-              f"TTFT p50 {report.ttft_ms['p50']:7.1f} ms  failed {report.failed}  idle: {idle}", flush=True)
+        busy = ", ".join(f"{node} {value:.0%} ({report.gpu_span_ms[node]:.3f} ms/span)"
+                         for node, value in sorted(report.gpu_busy.items()))
+        print(f"m={m}: {report.output_tokens_per_s:8.1f} tok/s  TPOT p50 {report.tpot_ms['p50']:7.2f} p99 "
+              f"{report.tpot_ms['p99']:7.2f} ms  TTFT p50 {report.ttft_ms['p50']:7.1f} ms  failed {report.failed}  "
+              f"host idle: {idle}" + (f"  GPU busy: {busy}" if busy else ""), flush=True)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"args": vars(args), "rows": rows}, handle, indent=2)

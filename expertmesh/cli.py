@@ -79,13 +79,17 @@ def _make_model_parser(sub: argparse._SubParsersAction) -> None:
     from .model.make_model import RandomModelShape
     defaults = RandomModelShape()
     p = sub.add_parser("make-model", help="write a small random MoE checkpoint (Hugging Face format)")
-    p.add_argument("--arch", choices=["mixtral", "qwen3_moe"], default="mixtral")
+    p.add_argument("--arch", choices=["mixtral", "qwen3_moe", "deepseek_v3"], default="mixtral")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                  "intermediate_size", "dense_intermediate_size", "num_experts", "top_k", "decoder_sparse_step",
-                 "max_position_embeddings"):
+                 "max_position_embeddings", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                 "v_head_dim", "num_expert_groups", "top_groups", "first_k_dense_replace", "num_shared_experts"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    for name in ("routed_scaling_factor", "yarn_factor"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name),
+                       help="DeepSeek-V3 only")
     p.add_argument("--no-norm-topk-prob", action="store_true", help="Qwen3-MoE: do not renormalise top-k weights")
     p.add_argument("--mlp-only-layers", default="", help="Qwen3-MoE: comma-separated dense layers, e.g. 1,3")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights on disk")
@@ -110,8 +114,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--trace", help="write the nodes' timeline here (Chrome trace JSON, open in Perfetto)")
     s.add_argument("--json", help="write the report here as JSON")
     t = bench.add_parser("transport", help="latency and bandwidth of the transports between processes (p2p, M2N, NCCL)")
-    t.add_argument("--backends", help="comma-separated, of zmq,ucx,lockstep (default: zmq,ucx on cpu, ucx on cuda); "
-                   "lockstep: M2N rows only, over gloo on cpu, on cuda NCCL (a GPU per process) or else CUDA IPC")
+    t.add_argument("--backends", help="comma-separated, of zmq,ucx,lockstep,lockstep-gloo,lockstep-nccl,lockstep-ipc "
+                   "(default: zmq,ucx on cpu, ucx on cuda); lockstep: M2N rows only, over gloo on cpu, on cuda NCCL "
+                   "(a GPU per process) or else CUDA IPC; lockstep-<links>: over those links, p2p rows too")
     t.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     t.add_argument("--sizes", help="point-to-point message sizes (default 4K,64K,1M,16M,64M; cuda adds 256M)")
     t.add_argument("--iters", type=int, default=100, help="timed round trips of small messages (large get fewer)")

@@ -5,9 +5,11 @@ Only synchronous work is timed; a node's idle time is its wall time minus its ti
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from contextlib import contextmanager
 from typing import Iterator
+
+import torch
 
 
 class PhaseClock:
@@ -44,6 +46,42 @@ class PhaseClock:
         self.recording = record
         events, self.events = self.events, []
         return [] if record else events
+
+
+class GpuMeter:
+    """Device time of a node's compute, from CUDA events recorded around it on the current stream: how busy the
+    GPU was, apart from waiting on links (the phases above time the host, which on a GPU only enqueues). A span
+    starts when the stream reaches it, so a wait queued before it does not count. Events are read once the GPU
+    has passed them, never waited on; spans inside a CUDA graph capture are not timed (events cannot be)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.seconds = 0.0
+        self.spans = 0
+        self._pending: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
+
+    @contextmanager
+    def span(self) -> Iterator[None]:
+        if not self.enabled or torch.cuda.is_current_stream_capturing():
+            yield
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._pending.append((start, end))
+        self._read()
+
+    def _read(self) -> None:
+        while self._pending and self._pending[0][1].query():
+            start, end = self._pending.popleft()
+            self.seconds += start.elapsed_time(end) / 1e3
+            self.spans += 1
+
+    def totals(self) -> tuple[float, int]:
+        """(busy seconds, spans) of the spans the GPU has finished."""
+        self._read()
+        return self.seconds, self.spans
 
 
 def chrome_trace(node_events: dict[str, list[list]]) -> dict:

@@ -17,13 +17,13 @@ from ..cuda_graph import split_counts
 from ..host_copy import to_device
 from ..kv.cache import PagedKVCache
 from ..kv.metadata import StepMetadata
-from ..model.layers import RotaryTable, attention, swiglu
+from ..model.layers import attention, mla_attention, route_tokens, swiglu
+from ..model.rotary import RotaryTable
 from ..model.spec import ModelSpec
 from ..model.weights import AttentionSideWeights
 from ..ops.fused_moe import StackedExperts, fused_moe
 from ..ops.norm import add_rms_norm, rms_norm
-from ..ops.router import route
-from ..telemetry import PhaseClock
+from ..telemetry import GpuMeter, PhaseClock
 from .cuda_graphs import DecodeGraphs, StepGraphs
 from ..transport.protocol import SamplingParams
 from .scheduler import Sequence
@@ -84,8 +84,9 @@ class ModelRunner:
         self.local_experts = local_experts
         self.device = device
         self.clock = PhaseClock()
+        self.gpu = GpuMeter(torch.device(device).type == "cuda")  # segments' device time (not whole-step replays)
         self.context_len = context_len or spec.max_position_embeddings
-        self.rotary = RotaryTable(spec.head_dim, spec.rope_theta, self.context_len, weights.embed_tokens.dtype, device)
+        self.rotary = RotaryTable(spec.rope, spec.head_dim, self.context_len, weights.embed_tokens.dtype, device)
         # segment j ends at moe_points[j] (that layer's router outputs); the last segment ends with the logits
         self.moe_points = [] if local_experts is not None else spec.moe_layer_ids
         self.graphs: DecodeGraphs | None = None
@@ -176,13 +177,22 @@ class ModelRunner:
         for i in range(first, last + 1):
             layer = w.layers[i]
             x, h = (rms_norm(h, layer.input_norm, eps), h) if out is None else add_rms_norm(out, h, layer.input_norm, eps)
-            out = attention(layer, x, meta, self.rotary, self.kv_cache.k[i], self.kv_cache.v[i], spec.num_heads,
-                            spec.num_kv_heads, spec.head_dim, eps)
+            if spec.mla is not None:
+                out = mla_attention(layer.attention, x, meta, self.rotary, self.kv_cache.k[i], spec)
+            else:
+                out = attention(layer.attention, x, meta, self.rotary, self.kv_cache.k[i], self.kv_cache.v[i],
+                                spec.num_heads, spec.num_kv_heads, spec.head_dim, eps)
             x, h = add_rms_norm(out, h, layer.post_attention_norm, eps)
             if layer.router is None:
                 out = swiglu(x, *layer.dense_mlp)
                 continue
-            expert_ids, expert_weights = route(x, layer.router, spec.top_k, spec.norm_topk_prob)
+            expert_ids, expert_weights = route_tokens(layer, x, spec)
+            if layer.shared_mlp is not None:
+                # DeepSeek's shared experts run here, beside the router, and join the residual stream before the
+                # routed sum does: dense and used by every token, on an expert node they would add that node to
+                # every token's fan-out and its whole batch to that node's load, while here they cost what one
+                # routed expert costs per token, beside an attention that costs far more (RESULTS.md, bench layer)
+                h = h + swiglu(x, *layer.shared_mlp)
             if self.local_experts is not None:
                 out = fused_moe(x, expert_ids, expert_weights, self.local_experts[i])
                 continue
@@ -201,7 +211,7 @@ class ModelRunner:
                 token_ids, meta, last_token = self.step_inputs(seqs)
         h, moe_out = None, None
         for j in range(len(self.moe_points) + 1):
-            with clock.phase("attention", microbatch):
+            with clock.phase("attention", microbatch), self.gpu.span():
                 if graphs is not None:
                     outputs = graphs.replay(j)
                 else:

@@ -1,7 +1,9 @@
 """The attention node: takes requests from the gateway, runs continuous batching, streams tokens back.
 
 Two coroutines share one event loop: `_control` answers the gateway, `_engine` runs steps while there is
-work. A failed step fails only its requests; a lost expert link fails them and stops the node."""
+work. A failed step fails only its requests. An expert node lost over the message M2N is routed around
+(m2n/messages.py): while some experts have no live node, steps wait for it to rejoin (bounded). Over lockstep
+links a lost expert node stops this node, and the launcher the cluster."""
 from __future__ import annotations
 
 import asyncio
@@ -35,7 +37,7 @@ class AttentionNode:
         self.scheduler = scheduler
         self.m2n = m2n
         self.control = control
-        self.ready = False
+        self.serving = False
         self.step = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
@@ -44,9 +46,19 @@ class AttentionNode:
         self.gate = PeerGate(config.cluster.secret, f"attention node {node_id} (control)")
         self._work = asyncio.Event()
 
+    @property
+    def ready(self) -> bool:
+        """Serving, and every expert reachable (the gateway sends new requests elsewhere, or holds them, meanwhile)."""
+        return self.serving and self.experts_available
+
+    @property
+    def experts_available(self) -> bool:
+        available = getattr(self.m2n, "available", None)  # the message M2N's; lockstep links stop instead
+        return available is None or available.is_set()
+
     async def serve(self) -> None:
-        """Runs until the expert links fail (raises) or the task is cancelled."""
-        self.ready = True
+        """Runs until lockstep expert links fail (raises) or the task is cancelled."""
+        self.serving = True
         control = asyncio.create_task(self._control())
         try:
             await self._engine()
@@ -74,7 +86,7 @@ class AttentionNode:
     def _add(self, message: AddRequest) -> None:
         sampling = SamplingParams.from_list(message.sampling)
         seq = Sequence(message.request_id, list(message.prompt_ids), sampling,
-                       request_seed(sampling, fallback_seed=time.time_ns() % 2**63))
+                       request_seed(sampling, fallback_seed=time.time_ns() % 2**63), arrived_s=time.monotonic())
         try:
             self.scheduler.add(seq)
         except ValueError as exc:
@@ -90,16 +102,23 @@ class AttentionNode:
                       self.generated_tokens, self.step, list(s.bytes_sent), list(s.messages_sent),
                       list(s.bytes_received), self.fatal_error, phases, seconds, wall,
                       self.scheduler.blocks.num_used_blocks, self.scheduler.blocks.num_blocks,
-                      self.scheduler.num_preemptions, os.getpid())
+                      self.scheduler.num_preemptions, os.getpid(), *self.runner.gpu.totals())
 
     async def _engine(self) -> None:
         while True:
-            await self._idle_until_work()
+            await self._work.wait()
+            if not self.experts_available:
+                await self._wait_for_experts()
+                continue
             seqs = self.scheduler.schedule()
             if not seqs:
                 self._work.clear()
                 continue
             self.step += 1
+            started = time.monotonic()
+            for seq in seqs:
+                if seq.queue_s is None:
+                    seq.queue_s = started - seq.arrived_s
             try:
                 logits = await self.runner.forward(self.step, seqs, self.config.engine.microbatches)
             except Exception as exc:
@@ -108,28 +127,31 @@ class AttentionNode:
                     self.scheduler.release(seq)
                 await self._send([s.request_id for s in seqs], [-1] * len(seqs), ["error"] * len(seqs),
                                  [f"step failed: {exc}"] * len(seqs))
-                if isinstance(exc, TransportError):  # the expert side is gone: nothing can run any more
-                    await self._fatal(exc)
+                if isinstance(exc, TransportError) and not getattr(self.m2n, "rejoins", False):
+                    await self._fatal(TransportError(f"{exc}; lockstep M2N links ({self.config.transport.backend}) "
+                                                     f"cannot take a restarted expert node, so the cluster stops"))
                 continue
             with self.runner.clock.phase("sample"):
                 outputs = self._finish_step(seqs, logits)
             await self._send(*outputs)
 
-    async def _idle_until_work(self) -> None:
-        """Waits for work; a link to an expert node that fails meanwhile is fatal at once (the launcher restarts
-        the node, which reconnects), not at the next request."""
-        failed = getattr(self.m2n, "link_failed", None)
-        if failed is None:
-            await self._work.wait()
-            return
-        waits = [asyncio.ensure_future(self._work.wait()), asyncio.ensure_future(failed.wait())]
+    async def _wait_for_experts(self) -> None:
+        """Some experts have no live expert node (theirs was lost, without replicas): no step can run until it
+        rejoins. Requests wait for that at most transport.rejoin_wait_s, then fail with the reason."""
+        wait_s = self.config.transport.rejoin_wait_s
         try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
-        if failed.is_set():
-            await self._fatal(self.m2n._failure)
+            await asyncio.wait_for(self.m2n.available.wait(), wait_s)
+        except asyncio.TimeoutError:
+            why = f"{self.m2n.why_unavailable()}; gave up after {wait_s} s"
+            log.error("attention node %d: %s", self.node_id, why)
+            running = list(self.scheduler.running)
+            for seq in running:
+                self.scheduler.release(seq)
+            if running:
+                await self._send([s.request_id for s in running], [-1] * len(running), ["error"] * len(running),
+                                 [why] * len(running))
+            await self._fail_waiting(why)
+            self._work.clear()  # until the next request: a new wait, a new bound
 
     async def _fatal(self, exc: Exception) -> None:
         """Fails every waiting request with exc and raises it: this node cannot serve any more."""
@@ -141,6 +163,8 @@ class AttentionNode:
         """Samples each sequence's next token and retires finished ones; returns the StepOutputs fields."""
         tokens, logprobs = sample_step(logits, seqs)
         request_ids, reasons = [], []
+        # with its first token, how long the request waited for its first step
+        queue_seconds = [None if seq.output_ids else seq.queue_s for seq in seqs]
         for seq, token in zip(seqs, tokens):
             if seq.num_cached == 0 and not seq.output_ids:  # not again when a preempted sequence is readmitted
                 self.prompt_tokens += len(seq.prompt_ids)
@@ -148,7 +172,7 @@ class AttentionNode:
             self.generated_tokens += 1
             request_ids.append(seq.request_id)
             reasons.append(reason)
-        return request_ids, tokens, reasons, [None] * len(seqs), logprobs
+        return request_ids, tokens, reasons, [None] * len(seqs), logprobs, queue_seconds
 
     async def _fail_waiting(self, error: str) -> None:
         waiting = list(self.scheduler.waiting)
@@ -158,7 +182,9 @@ class AttentionNode:
                              [error] * len(waiting))
 
     async def _send(self, request_ids: list[str], tokens: list[int], reasons: list[str | None],
-                    errors: list[str | None], logprobs: list | None = None) -> None:
+                    errors: list[str | None], logprobs: list | None = None,
+                    queue_seconds: list[float | None] | None = None) -> None:
         if self._gateway is not None:
             await self.control.send(self._gateway, StepOutputs(request_ids, tokens, reasons, errors,
-                                                               logprobs or [None] * len(request_ids)))
+                                                               logprobs or [None] * len(request_ids),
+                                                               queue_seconds or [None] * len(request_ids)))

@@ -12,6 +12,7 @@ receiver), as serving's decode steps do, so no host is in it; on nccl and gloo t
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from typing import Any, Callable
 
@@ -25,13 +26,15 @@ from ..m2n.links import Links, slot_bytes_for
 from ..m2n.lockstep import LockstepClient
 from ..placement.plan import Placement
 from ..transport.base import connect_within
-from ..transport.protocol import Hello, HelloReply, StepPlan
+from ..transport.protocol import Hello, HelloReply, StepPlan, TensorMeta
 from ..transport.zmq import ZmqTransport
-from .harness import (CONNECT_TIMEOUT_S, STALL_TIMEOUT_S, TOP_K, WARMUP, BenchError, M2nPlan, Row, SenderTiming,
-                      device_of, gpu_count, m2n_plan, m2n_rows, nccl_without_multicast, run_processes, sync,
-                      wait_barrier)
+from .harness import (CONNECT_TIMEOUT_S, STALL_TIMEOUT_S, TOP_K, WARMUP, BenchError, M2nPlan, P2pPlan, Row,
+                      SenderTiming, device_of, gpu_count, m2n_plan, m2n_rows, nccl_without_multicast, p2p_plan,
+                      run_processes, sync, wait_barrier)
 
-LOCKSTEP = "lockstep"
+LOCKSTEP = "lockstep"  # the links the device allows (links_backend); lockstep-gloo, -nccl, -ipc name them
+LINKS = ("gloo", "nccl", "ipc")
+BACKENDS = (LOCKSTEP, *(f"{LOCKSTEP}-{links}" for links in LINKS))
 _EXPERTS = 8  # per layer, in contiguous blocks over the receivers
 CHUNK = 10  # timed rounds per wait on the device
 
@@ -47,17 +50,31 @@ def _timed(rounds: int) -> int:
     return -(-rounds // CHUNK) * CHUNK
 
 
-def links_backend(device: str, processes: int) -> str:
-    """gloo on cpu; on cuda NCCL when every process has a GPU of its own, else CUDA IPC."""
+def links_backend(device: str, processes: int, backend: str = LOCKSTEP) -> str:
+    """The links of a lockstep backend: as named (lockstep-ipc), else gloo on cpu and, on cuda, NCCL when every
+    process has a GPU of its own, else CUDA IPC."""
+    named = backend.partition("-")[2]
+    if named:
+        return named
     if not device.startswith("cuda"):
         return "gloo"
     return "nccl" if gpu_count() >= processes else "ipc"
 
 
-def _join(device: str, rank: int, senders: int, receivers: int, dist_address: str, plan: M2nPlan, hidden: int,
-          dtype: str) -> Links:
-    backend = links_backend(device, senders + receivers)
-    slot_bytes = slot_bytes_for(max(tokens for tokens, _ in plan), hidden, getattr(torch, dtype), TOP_K)
+def check_links(backend: str, device: str, processes: int) -> None:
+    """Refuses links that cannot join these processes on this device, before any process starts."""
+    links = links_backend(device, processes, backend)
+    if links == "gloo" and device != "cpu":
+        raise BenchError(f"{backend}: gloo links carry CPU tensors; use --device cpu, or lockstep-nccl/-ipc")
+    if links in ("nccl", "ipc") and device != "cuda":
+        raise BenchError(f"{backend}: {links} links connect GPUs; add --device cuda")
+    if links == "nccl" and gpu_count() < processes:
+        raise BenchError(f"{backend}: NCCL needs a GPU per process ({processes}); this host has {gpu_count()}")
+
+
+def _join(device: str, rank: int, senders: int, receivers: int, dist_address: str, slot_bytes: int,
+          backend: str) -> Links:
+    backend = links_backend(device, senders + receivers, backend)
     # one microbatch: a step's rounds follow each other on one group, as the timing wants them
     if backend == "ipc":
         peers = list(range(senders, senders + receivers)) if rank < senders else list(range(senders))
@@ -90,11 +107,16 @@ async def _serve_until(done: Any, *coroutines: Any) -> None:
             task.cancel()
 
 
+def _slot_bytes(plan: M2nPlan, hidden: int, dtype: str) -> int:
+    return slot_bytes_for(max(tokens for tokens, _ in plan), hidden, getattr(torch, dtype), TOP_K)
+
+
 async def _lockstep_receiver(device: str, dist_address: str, address: str, receiver: int, senders: int,
-                             receivers: int, plan: M2nPlan, hidden: int, dtype: str,
+                             receivers: int, plan: M2nPlan, hidden: int, dtype: str, backend: str,
                              report: Callable, done: Any, barrier: Any) -> None:
     listener = await ZmqTransport().listen(address)  # before joining: the senders connect once everyone joined
-    links = _join(device, senders + receiver, senders, receivers, dist_address, plan, hidden, dtype)
+    links = _join(device, senders + receiver, senders, receivers, dist_address, _slot_bytes(plan, hidden, dtype),
+                  backend)
     placement = _placement(receivers, plan)
     # one LockstepRounds per token count (= step): its MoE layers are the step's rounds, its capacity the tokens
     # on ipc links each step is captured whole and replayed, as serving's decode steps are
@@ -127,9 +149,9 @@ async def _lockstep_receiver(device: str, dist_address: str, address: str, recei
 
 
 async def _lockstep_sender(device: str, dist_address: str, addresses: list[str], sender: int, senders: int,
-                           receivers: int, plan: M2nPlan, hidden: int, dtype: str,
+                           receivers: int, plan: M2nPlan, hidden: int, dtype: str, backend: str,
                            report: Callable, done: Any, barrier: Any) -> None:
-    links = _join(device, sender, senders, receivers, dist_address, plan, hidden, dtype)
+    links = _join(device, sender, senders, receivers, dist_address, _slot_bytes(plan, hidden, dtype), backend)
     connections = [await connect_within(ZmqTransport(), address, CONNECT_TIMEOUT_S) for address in addresses]
     placement = _placement(receivers, plan)
     client = LockstepClient(connections, links, placement, sender, max(tokens for tokens, _ in plan), hidden,
@@ -186,19 +208,82 @@ def _chunk_graph(client: LockstepClient, states: torch.Tensor, ids: torch.Tensor
 
 
 def lockstep_m2n(device: str, senders: int, receivers: int, tokens: list[int], hidden: int, dtype: str,
-                 iters: int) -> list[Row]:
+                 iters: int, backend: str = LOCKSTEP) -> list[Row]:
     """M2N rounds of the lockstep M2N: every sender's tokens (with their ids and weights) to every receiver, each
     receiver's partial sums back, summed; attention rank i is sender i, expert rank senders + j receiver j. Rows are
     labelled lockstep-<links backend>."""
     plan = m2n_plan(tokens, hidden, dtype, receivers, iters)
     addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(receivers)]
     common = dict(dist_address=f"tcp://127.0.0.1:{free_port()}", senders=senders, receivers=receivers, plan=plan,
-                  hidden=hidden, dtype=dtype)
+                  hidden=hidden, dtype=dtype, backend=backend)
     roles = [(_lockstep_sender, dict(common, device=device_of(i, device), addresses=addresses, sender=i))
              for i in range(senders)]
     roles += [(_lockstep_receiver, dict(common, device=device_of(senders + j, device), address=address, receiver=j))
               for j, address in enumerate(addresses)]
-    label = f"{LOCKSTEP}-{links_backend(device, senders + receivers)}"
+    label = f"{LOCKSTEP}-{links_backend(device, senders + receivers, backend)}"
     timings = run_processes(f"{label} m2n {senders}x{receivers}", roles, expected=senders * len(plan),
                             barrier_parties=senders)
     return m2n_rows(label, device, senders, receivers, timings)
+
+
+# ---- point to point over the links --------------------------------------------------------------------------
+
+async def _links_p2p(device: str, rank: int, dist_address: str, address: str, plan: P2pPlan, backend: str,
+                     report: Callable, done: Any, barrier: Any) -> None:
+    """Rank 0 (an attention node's links) sends each message to rank 1 (an expert node's), which sends it back
+    from its receive slot; one receive slot each way, sized for the largest message. Each round trip is enqueued
+    from Python and ends with a wait on the device, as NCCL's send/recv baseline does."""
+    links = _join(device, rank, 1, 1, dist_address, max(size for size, _, _ in plan), backend)
+    peer = 1 - rank
+    if links.backend == "ipc":  # the receive regions' handles cross over a zmq connection, as in serving's Hello
+        if rank == 1:
+            listener = await ZmqTransport().listen(address)
+            sender, hello = await listener.recv()
+            links.attach(peer, hello.region)
+            await listener.send(sender, HelloReply(0, [], links.region_handle(peer)))
+            await listener.close()
+        else:
+            connection = await connect_within(ZmqTransport(), address, CONNECT_TIMEOUT_S)
+            await connection.send(Hello(0, 0, 0, links.region_handle(peer)))
+            links.attach(peer, (await connection.recv()).region)
+            await connection.close()
+    try:
+        for message_bytes, round_trips, _ in plan:
+            meta = [TensorMeta(torch.uint8, (message_bytes,))]
+            message = torch.ones(message_bytes, dtype=torch.uint8, device=device)
+            round_trip_s = []
+            for i in range(WARMUP + round_trips):
+                sync(device)
+                start = time.perf_counter()
+                if rank == 0:
+                    sent = links.send(0, peer, [message])
+                    views, works = links.receive(0, peer, meta)
+                    links.flush()
+                    await links.wait(works + sent)
+                else:
+                    views, works = links.receive(0, peer, meta)
+                    links.flush()
+                    await links.wait(works)
+                    sent = links.send(0, peer, views)
+                    links.flush()
+                    await links.wait(sent)
+                sync(device)
+                if i >= WARMUP:
+                    round_trip_s.append(time.perf_counter() - start)
+            if rank == 0:
+                one_way = statistics.median(round_trip_s) / 2
+                report(("row", Row("p2p", f"{LOCKSTEP}-{links.backend}", device.split(":")[0], "1x1",
+                                   message_bytes, None, round_trips, one_way * 1e6, message_bytes / one_way / 1e9)))
+    finally:
+        links.close()
+
+
+def links_point_to_point(backend: str, device: str, sizes: list[int], iters: int) -> list[Row]:
+    """One-way latency between two processes over the lockstep links (half the median round trip), and the
+    bandwidth that implies: a link has one receive slot per microbatch, so it has no stream of messages in
+    flight to time, unlike the other backends' p2p rows."""
+    plan = p2p_plan(sizes, iters)
+    common = dict(dist_address=f"tcp://127.0.0.1:{free_port()}", address=f"tcp://127.0.0.1:{free_port()}",
+                  plan=plan, backend=backend)
+    roles = [(_links_p2p, dict(common, device=device_of(rank, device), rank=rank)) for rank in range(2)]
+    return run_processes(f"{backend} p2p", roles, expected=len(plan))

@@ -43,3 +43,13 @@ def idle_fractions(samples_delta: dict) -> dict[str, float]:
         work[node] = work.get(node, 0.0) + seconds
     walls = by_label(samples_delta, "expertmesh_node_wall_seconds", "node")
     return {node: max(0.0, 1.0 - work.get(node, 0.0) / wall) for (node,), wall in walls.items() if wall > 0}
+
+
+def gpu_busy(samples_delta: dict, duration_s: float) -> tuple[dict[str, float], dict[str, float]]:
+    """Per node on a GPU: (device-busy fraction of duration_s, mean milliseconds per compute span), from the
+    nodes' CUDA-event meters (expertmesh_node_gpu_*); nodes that timed no span are left out."""
+    busy = by_label(samples_delta, "expertmesh_node_gpu_busy_seconds_total", "node")
+    spans = by_label(samples_delta, "expertmesh_node_gpu_spans_total", "node")
+    timed = {node: seconds for (node,), seconds in busy.items() if spans.get((node,), 0) > 0}
+    return ({node: seconds / duration_s for node, seconds in timed.items()},
+            {node: seconds * 1e3 / spans[(node,)] for node, seconds in timed.items()})

@@ -48,7 +48,9 @@ class Report:
     ttft_ms: dict[str, float]
     tpot_ms: dict[str, float]
     bytes_per_token: dict[str, float] = field(default_factory=dict)  # link "a0->e1" -> bytes sent per output token
-    idle_fraction: dict[str, float] = field(default_factory=dict)
+    idle_fraction: dict[str, float] = field(default_factory=dict)  # host: 1 - timed phases / wall
+    gpu_busy: dict[str, float] = field(default_factory=dict)  # device: compute spans' time / duration (CUDA events)
+    gpu_span_ms: dict[str, float] = field(default_factory=dict)  # mean span: T_a per segment, T_e per round
 
     def table(self) -> str:
         rows = [("requests (failed)", f"{self.requests} ({self.failed})"), ("duration", f"{self.duration_s:.2f} s"),
@@ -57,6 +59,8 @@ class Report:
                 ("TPOT p50 / p99", f"{self.tpot_ms['p50']:.2f} / {self.tpot_ms['p99']:.2f} ms")]
         rows += [(f"bytes/token {link}", f"{value:.0f}") for link, value in sorted(self.bytes_per_token.items())]
         rows += [(f"idle {node}", f"{value:.1%}") for node, value in sorted(self.idle_fraction.items())]
+        rows += [(f"GPU busy {node}", f"{value:.1%} ({self.gpu_span_ms[node]:.3f} ms per span)")
+                 for node, value in sorted(self.gpu_busy.items())]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -136,7 +140,7 @@ async def run(url: str, workload: Workload, trace_path: str | None = None, progr
     bytes_per_token.update({f"e{e}->a{a}": value / max(1, output_tokens) for (a, e), value in received.items()})
     return Report(len(results), len(results) - len(ok), duration, output_tokens, output_tokens / duration,
                   percentiles([r.ttft_s for r in ok]), percentiles([r.tpot_s for r in ok if r.output_tokens > 1]),
-                  bytes_per_token, prometheus.idle_fractions(moved))
+                  bytes_per_token, prometheus.idle_fractions(moved), *prometheus.gpu_busy(moved, duration))
 
 
 def main(url: str, workload: Workload, trace_path: str | None, json_path: str | None) -> int:

@@ -18,10 +18,10 @@ from .baselines import RAW_UCXX, collective_m2n, collective_point_to_point, raw_
 from .harness import (CONNECT_TIMEOUT_S, STALL_TIMEOUT_S, TOP_K, WARMUP, BenchError, M2nPlan, P2pPlan, Row,
                       SenderTiming, device_of, format_size, gpu_count, m2n_plan, m2n_rows, p2p_plan, p2p_row,
                       parse_sizes, run_processes, sync, time_p2p, wait_barrier, wait_done)
-from .lockstep_m2n import LOCKSTEP, lockstep_m2n
+from .lockstep_m2n import BACKENDS as LOCKSTEP_BACKENDS, LOCKSTEP, check_links, links_point_to_point, lockstep_m2n
 
 DEFAULT_BACKENDS = ("zmq", "ucx")
-BACKENDS = (*DEFAULT_BACKENDS, LOCKSTEP)  # lockstep: M2N rows only (it has no point-to-point API)
+BACKENDS = (*DEFAULT_BACKENDS, *LOCKSTEP_BACKENDS)
 CPU_SIZES = "4K,64K,1M,16M,64M"
 CUDA_SIZES = CPU_SIZES + ",256M"
 
@@ -163,8 +163,8 @@ def point_to_point(backend: str, device: str, sizes: list[int], iters: int,
 def m2n(backend: str, device: str, senders: int, receivers: int, tokens: list[int], hidden: int, dtype: str,
         iters: int, ucx_progress_mode: str = "thread") -> list[Row]:
     """Rounds of one Dispatch from each sender to each receiver and a same-sized Combine back."""
-    if backend == LOCKSTEP:
-        return lockstep_m2n(device, senders, receivers, tokens, hidden, dtype, iters)
+    if backend in LOCKSTEP_BACKENDS:
+        return lockstep_m2n(device, senders, receivers, tokens, hidden, dtype, iters, backend)
     plan = m2n_plan(tokens, hidden, dtype, receivers, iters)
     addresses = [_address(backend) for _ in range(receivers)]
     roles = [(_m2n_sender, dict(backend=backend, device=device_of(i, device), sender=i, addresses=addresses,
@@ -189,8 +189,8 @@ def check(config: BenchConfig) -> list[str]:
     for backend in config.backends:
         if backend not in BACKENDS:
             raise BenchError(f"unknown backend {backend!r} in --backends; choose from {', '.join(BACKENDS)}")
-        if backend == LOCKSTEP:  # torch.distributed: no transport class to try
-            _check_lockstep(config, gpus)
+        if backend in LOCKSTEP_BACKENDS:  # torch.distributed or CUDA IPC: no transport class to try
+            _check_lockstep(config, gpus, backend)
             continue
         if backend == "zmq" and config.device == "cuda":
             raise BenchError("backend 'zmq' carries CPU tensors only (the serving path cannot use it on cuda); "
@@ -216,8 +216,11 @@ def check(config: BenchConfig) -> list[str]:
     return notes
 
 
-def _check_lockstep(config: BenchConfig, gpus: int) -> None:
-    if config.device == "cuda" and config.senders + config.receivers > gpus:
+def _check_lockstep(config: BenchConfig, gpus: int, backend: str) -> None:
+    check_links(backend, config.device, config.senders + config.receivers)
+    if backend != LOCKSTEP:  # named: point-to-point rows too, between two processes
+        check_links(backend, config.device, 2)
+    elif config.device == "cuda" and config.senders + config.receivers > gpus:
         print(f"lockstep: {config.senders + config.receivers} processes on {gpus} GPU(s): CUDA IPC links (NCCL needs a "
               f"GPU per process); run CUDA MPS for the processes' kernels to run at once", file=sys.stderr)
 
@@ -228,8 +231,10 @@ def run(config: BenchConfig) -> tuple[list[Row], list[str]]:
         print(note, file=sys.stderr)
     rows: list[Row] = []
     for backend in config.backends:
-        if backend != LOCKSTEP:
+        if backend in DEFAULT_BACKENDS:
             rows += point_to_point(backend, config.device, config.sizes, config.iters, config.ucx_progress_mode)
+        elif backend != LOCKSTEP:
+            rows += links_point_to_point(backend, config.device, config.sizes, config.iters)
     if config.raw_ucxx and "ucx" in config.backends:
         rows += raw_ucxx_point_to_point(config.device, config.sizes, config.iters, config.ucx_progress_mode)
     if config.nccl:
@@ -261,7 +266,9 @@ def format_table(rows: list[Row], notes: list[str] = ()) -> str:
         lines += [f"{RAW_UCXX}: ucxx's own send/recv of buffers allocated before timing, no framing or headers:",
                   "the floor of any UCX-based transport from Python."]
     if any(row.backend.startswith(LOCKSTEP) for row in rows):
-        lines += [f"{LOCKSTEP}-*: the serving M2N over its links (gloo, nccl or ipc); a round is one MoE layer of a step:",
+        lines += [f"{LOCKSTEP}-* p2p (named links only): half the median round trip over the links; GB/s = size over",
+                  "that one-way time (a link has one receive slot per microbatch: no stream of messages to time).",
+                  f"{LOCKSTEP}-* m2n: the serving M2N over its links (gloo, nccl or ipc); a round is one MoE layer of a step:",
                   "dispatch (tokens, ids, weights to every receiver), gather, reduce. The step plan (zmq) is sent before",
                   "the timed rounds, one wait on the device per 10; each round waits on the device for the previous",
                   "one's answers. ipc: both sides replay captured CUDA graphs (no host in the rounds); nccl, gloo: the",

@@ -16,7 +16,7 @@ from .cuda_graphs import ExpertGraphs
 from .lockstep import LockstepRounds
 from ..transport.base import Listener, PeerId
 from ..transport.peers import PeerGate
-from ..telemetry import PhaseClock
+from ..telemetry import GpuMeter, PhaseClock
 from ..transport.protocol import (Combine, Dispatch, ExpertError, ExpertStatus, Hello, HelloReply, Message, NodeTrace,
                                   StatusRequest, StepPlan, TraceControl)
 
@@ -41,6 +41,7 @@ class ExpertNode:
         self.control_gate = PeerGate(secret, f"expert node {node_id} (control)")
         self._inbox: asyncio.Queue[tuple[PeerId, Message]] = asyncio.Queue()
         self.tokens_computed = 0
+        self.gpu = GpuMeter(any(s.gate_up.is_cuda for s in experts.values()))
 
     async def serve(self) -> None:
         receiver = asyncio.create_task(self._receive())
@@ -73,8 +74,8 @@ class ExpertNode:
             if isinstance(message, StatusRequest):
                 phases, seconds, wall = self.clock.totals()
                 computed = self.tokens_computed + (self.rounds.tokens_computed if self.rounds is not None else 0)
-                await self.control.send(peer, ExpertStatus(self.node_id, True, computed, phases,
-                                                           seconds, wall, os.getpid()))
+                await self.control.send(peer, ExpertStatus(self.node_id, True, computed, phases, seconds, wall,
+                                                           os.getpid(), *self.gpu.totals()))
             elif isinstance(message, TraceControl):
                 events = self.clock.toggle_trace(message.record)
                 await self.control.send(peer, NodeTrace(f"expert node {self.node_id}", events))
@@ -115,7 +116,7 @@ class ExpertNode:
             by_layer.setdefault(dispatch.layer, []).append((peer, dispatch))
         for layer, items in by_layer.items():
             try:
-                with self.clock.phase("expert_compute"):
+                with self.clock.phase("expert_compute"), self.gpu.span():
                     partial = self.compute(layer, [d.hidden for _, d in items], [d.expert_ids for _, d in items],
                                            [d.expert_weights for _, d in items])
                     for _, d in items:  # copied out: their receive memory can take the next dispatches
@@ -150,8 +151,9 @@ class ExpertNode:
 
     def compute_lane(self, lane: int, layer: int, hidden: torch.Tensor, ids: torch.Tensor,
                      weights: torch.Tensor) -> torch.Tensor:
-        """compute for one lane's round (expert_node/lockstep.py); on a GPU the phase times the host's enqueueing."""
-        with self.clock.phase("expert_compute"):
+        """compute for one lane's round (expert_node/lockstep.py), on the lane's stream; on a GPU the phase times the
+        host's enqueueing, the meter the device's work."""
+        with self.clock.phase("expert_compute"), self.gpu.span():
             return self.compute(layer, [hidden], [ids], [weights], lane)
 
     def compute_eager(self, lane: int, layer: int, hidden: torch.Tensor, ids: torch.Tensor,

@@ -1,5 +1,6 @@
 """The gateway's /metrics, through prometheus-client: its own counters and the latency histograms a vLLM user looks
-for (time to first token, time per output token, end to end), and every node's status as of its last poll."""
+for (time to first token, time per output token, end to end, queue time), and every node's status as of its last
+poll."""
 from __future__ import annotations
 
 from collections import Counter
@@ -36,6 +37,11 @@ class GatewayMetrics:
                               buckets=_TPOT_BUCKETS, registry=self.registry)
         self.e2e = Histogram("expertmesh_e2e_request_latency_seconds", "Time from arrival to the last token",
                              buckets=_E2E_BUCKETS, registry=self.registry)
+        # vLLM's request_queue_time: measured by the attention node, the part of TTFT spent waiting for a batch
+        # slot, token budget or KV blocks (so TTFT's buckets)
+        self.queue_time = Histogram("expertmesh_request_queue_time_seconds", "Time a request waited at its "
+                                    "attention node, from its arrival there to its first step",
+                                    buckets=_TTFT_BUCKETS, registry=self.registry)
         self._sources: tuple = ([], [], None)
         self.registry.register(_Snapshot(self))
 
@@ -104,14 +110,19 @@ class _Snapshot:
         yield restarts
         phases = CounterMetricFamily("expertmesh_node_phase_seconds", "Host time per phase", labels=["node", "phase"])
         walls = GaugeMetricFamily("expertmesh_node_wall_seconds", "Wall time the phases cover", labels=["node"])
+        busy = CounterMetricFamily("expertmesh_node_gpu_busy_seconds", "Device time of the node's compute spans "
+                                   "(CUDA events; not the waits on links)", labels=["node"])
+        spans = CounterMetricFamily("expertmesh_node_gpu_spans", "Compute spans timed on the device (attention: one "
+                                    "per segment and microbatch; expert: one per round or batch)", labels=["node"])
         for node in [*nodes, *expert_nodes]:
             if node.status is not None:
                 label = node.name.replace(" ", "_")
                 for phase, seconds in zip(node.status.phase_names, node.status.phase_seconds):
                     phases.add_metric([label, phase], seconds)
                 walls.add_metric([label], node.status.wall_seconds)
-        yield phases
-        yield walls
+                busy.add_metric([label], node.status.gpu_busy_seconds)
+                spans.add_metric([label], node.status.gpu_spans)
+        yield from (phases, walls, busy, spans)
         if routing is not None:
             decisions = CounterMetricFamily("expertmesh_routing_decisions", "Request routing", labels=["decision"])
             for decision in ("predicted", "next_domain", "overflow", "least_loaded"):

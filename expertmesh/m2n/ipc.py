@@ -25,8 +25,9 @@ _RELEASED = 1 << 62  # a flag value no real message count reaches
 
 @triton.jit
 def _signal(flag_ptr):
-    """One more message in the slot (the sender is the flag's only writer; its copies precede this kernel)."""
-    tl.store(flag_ptr, tl.load(flag_ptr, volatile=True) + 1)
+    """One more message in the slot (its copies precede this kernel on the stream). A release at system scope: on
+    another GPU the flag is reached over NVLink, and the receiver must see the copies once it sees the count."""
+    tl.atomic_add(flag_ptr, 1, sem="release", scope="sys")
 
 
 @triton.jit

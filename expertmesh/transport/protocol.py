@@ -318,6 +318,8 @@ class StepOutputs(Message):
     finish_reasons: list[str | None]
     errors: list[str | None] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)  # per request: None or [logprob, [[token, logprob], ...]]
+    # per request, with its first token: seconds from its arrival at the node to its first step; else None
+    queue_seconds: list[float | None] = field(default_factory=list)
 
 
 @dataclass
@@ -348,6 +350,8 @@ class Status(Message):
     kv_blocks_total: int = 0
     preemptions: int = 0  # sequences preempted (by recomputation) since start
     process: int = 0  # the node's process id: a new one means the node was restarted (what it held is gone)
+    gpu_busy_seconds: float = 0.0  # device time of its compute spans (telemetry.GpuMeter), on a GPU
+    gpu_spans: int = 0
 
 
 @dataclass
@@ -361,6 +365,8 @@ class ExpertStatus(Message):
     phase_seconds: list[float]
     wall_seconds: float
     process: int = 0  # the node's process id: a new one means the node was restarted
+    gpu_busy_seconds: float = 0.0  # device time of its expert compute (telemetry.GpuMeter), on a GPU
+    gpu_spans: int = 0
 
 
 @dataclass

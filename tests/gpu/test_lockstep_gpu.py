@@ -27,22 +27,25 @@ from tests.gpu.test_decode_step_gpu import PROMPTS, _decode_logits, reference_to
 from tests.inproc_cluster import generate
 
 pytestmark = pytest.mark.gpu
-BACKENDS = ["ipc", pytest.param("nccl", marks=pytest.mark.skipif(torch.cuda.device_count() < 2,
-                                                                 reason="NCCL links one GPU per node: needs 2 GPUs"))]
+_TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+# backend[:expert GPU]: ipc on one GPU (under MPS for concurrency), ipc across two (over NVLink), NCCL across two
+BACKENDS = ["ipc", pytest.param("ipc:1", marks=_TWO_GPUS), pytest.param("nccl:1", marks=_TWO_GPUS)]
 
 
 class LockstepCluster:
-    """One attention node here on cuda:0 and one expert node process: on cuda:0 over ipc, on cuda:1 over nccl."""
+    """One attention node here on cuda:0 and one expert node process, on the GPU after the backend's colon (0 if
+    none)."""
 
     def __init__(self, model_dir, tmp_path, backend: str, microbatches: int, max_num_seqs: int = 8,
                  max_len: int = 256, recv_timeout_s: float = 60.0) -> None:
+        backend, _, expert_gpu = backend.partition(":")
         config = Config()
         config.model.path, config.model.device, config.model.dtype = str(model_dir), "cuda", "float32"
         config.transport.backend, config.transport.recv_timeout_s = backend, recv_timeout_s
         config.engine.microbatches, config.engine.max_num_seqs = microbatches, max_num_seqs
         c = config.cluster
         c.attention_nodes, c.expert_nodes, c.attention_gpus = 1, 1, [0]
-        c.expert_gpus = [0 if backend == "ipc" else 1]
+        c.expert_gpus = [int(expert_gpu or 0)]
         c.expert_addresses = [f"tcp://127.0.0.1:{free_port()}"]
         c.expert_control_addresses = [f"tcp://127.0.0.1:{free_port()}"]
         c.attention_addresses = [f"tcp://127.0.0.1:{free_port()}"]
@@ -84,7 +87,7 @@ def test_float32_greedy_tokens_match_transformers(request, arch, backend, tmp_pa
     async def run():
         async with LockstepCluster(model_dir, tmp_path, backend, microbatches=2) as cluster:
             # ipc keeps its counts on the device: decode steps replay whole-step graphs, rounds included
-            assert (cluster.runner.step_graphs is not None) == (backend == "ipc")
+            assert (cluster.runner.step_graphs is not None) == backend.startswith("ipc")
             return await cluster.generate(PROMPTS, 16)
 
     assert asyncio.run(run()) == reference_tokens(model_dir, PROMPTS, 16)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from expertmesh import cli
-from expertmesh.bench import baselines, harness
+from expertmesh.bench import baselines, harness, lockstep_m2n
 from expertmesh.bench import transport as bench
 from expertmesh.transport.base import TransportError
 
@@ -69,7 +69,22 @@ def test_lockstep_m2n_rows_over_gloo():
     assert [(row.processes, row.tokens, row.message_bytes) for row in rows] == [("1x2", 1, 1 * 64 * 2),
                                                                                ("1x2", 16, 16 * 64 * 2)]
     assert notes == []
-    assert any(line.startswith("lockstep-*: ") for line in bench.format_table(rows).splitlines())
+    assert any(line.startswith("lockstep-* m2n: ") for line in bench.format_table(rows).splitlines())
+
+
+def test_named_lockstep_links_give_point_to_point_rows_too():
+    """lockstep-gloo: one-way latency over the links themselves, and the M2N rounds; links that cannot join these
+    processes on this device are refused before any process starts."""
+    config = bench.BenchConfig(backends=["lockstep-gloo"], sizes=[4096, 1 << 20], senders=1, receivers=1, tokens=[4],
+                               hidden=64, iters=5)
+    rows, notes = bench.run(config)
+    assert_sane(rows[:2], "p2p", "lockstep-gloo", 2)
+    assert [row.message_bytes for row in rows[:2]] == [4096, 1 << 20]
+    assert_sane(rows[2:], "m2n", "lockstep-gloo", 1)
+    with pytest.raises(harness.BenchError, match="lockstep-ipc: ipc links connect GPUs"):
+        bench.check(bench.BenchConfig(backends=["lockstep-ipc"]))
+    with pytest.raises(harness.BenchError, match="gloo links carry CPU tensors"):
+        lockstep_m2n.check_links("lockstep-gloo", "cuda", 2)
 
 
 def test_collective_path_on_gloo():
@@ -176,6 +191,21 @@ def test_cuda_rows_beside_nccl():
 
 
 @pytest.mark.gpu
+def test_named_links_on_cuda():
+    """lockstep-ipc (on one GPU or across two) and, with two GPUs, lockstep-nccl: p2p and M2N rows each."""
+    if bench.gpu_count() < 1:
+        pytest.skip("needs a GPU")
+    backends = ["lockstep-ipc"] + (["lockstep-nccl"] if bench.gpu_count() >= 2 else [])
+    config = bench.BenchConfig(backends=backends, device="cuda", sizes=[4096, 1 << 20], iters=10, senders=1,
+                               receivers=1, tokens=[1, 16], hidden=256)
+    rows, notes = bench.run(config)
+    assert [(row.pattern, row.backend) for row in rows] == \
+        [("p2p", b) for b in backends for _ in range(2)] + [("m2n", b) for b in backends for _ in range(2)]
+    for row in rows:
+        assert row.device == "cuda" and row.latency_us > 0 and row.bandwidth_gb_per_s > 0
+
+
+@pytest.mark.gpu
 def test_lockstep_rows_on_cuda():
     """The lockstep M2N on CUDA: over NCCL with a GPU per rank, beside NCCL's all_to_all_single on the same GPUs;
     on one GPU over CUDA IPC."""
@@ -186,7 +216,7 @@ def test_lockstep_rows_on_cuda():
                                tokens=[1, 16], hidden=256, nccl=two)
     rows, notes = bench.run(config)
     assert notes == []
-    links = "lockstep-nccl" if two else "lockstep-ipc"
+    links = "lockstep-nccl" if two else "lockstep-ipc"  # auto
     expected = [("m2n", links)] * 2
     if two:
         expected = [("p2p", "nccl"), *expected, ("m2n", "nccl"), ("m2n", "nccl")]

@@ -65,6 +65,20 @@ def test_kv_cache_and_preemptions_reach_the_metrics():
     assert prometheus.value(text, "expertmesh_preemptions_total", attention_node="0") == 7
 
 
+def test_gpu_busy_reaches_the_metrics_and_the_bench_report():
+    from types import SimpleNamespace
+    from expertmesh.bench import prometheus
+    from expertmesh.gateway.metrics import GatewayMetrics
+    status = decode_frames(encode_frames(Status(0, True, 0, 0, 0, 0, 0, 0, [], [], [], None, gpu_busy_seconds=1.5,
+                                                gpu_spans=300)))
+    node = SimpleNamespace(index=0, status=status, ready=True, name="attention node 0", restarts=0)
+    before = prometheus.parse(GatewayMetrics().render([node], []).decode())
+    status.gpu_busy_seconds, status.gpu_spans = 3.5, 700
+    after = prometheus.parse(GatewayMetrics().render([node], []).decode())
+    busy, span_ms = prometheus.gpu_busy(prometheus.delta(after, before), duration_s=4.0)
+    assert busy == {"attention_node_0": 0.5} and span_ms == {"attention_node_0": 5.0}  # 2 s of 4, 2 s / 400 spans
+
+
 def test_the_gateway_fails_what_a_restarted_node_lost_and_serves_it_again():
     import asyncio
     from expertmesh.gateway.nodes import AttentionNodeClient

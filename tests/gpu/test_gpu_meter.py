@@ -1,0 +1,47 @@
+"""telemetry.GpuMeter: the device time of its spans, not the work queued before them, read without a host sync."""
+import pytest
+import torch
+
+from expertmesh.telemetry import GpuMeter
+
+pytestmark = pytest.mark.gpu
+
+
+def _sleep_ms(ms: float) -> None:
+    """A kernel that spins for about `ms` on the device (cycles from the clock rate)."""
+    torch.cuda._sleep(int(ms * 1e-3 * torch.cuda.get_device_properties(0).clock_rate * 1e3))
+
+
+def test_spans_time_their_own_work_and_not_what_was_queued_before():
+    meter = GpuMeter(True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # spans must not wait on the device
+    try:
+        _sleep_ms(20)  # queued before the span: the span starts when the stream reaches it
+        with meter.span():
+            _sleep_ms(5)
+        with meter.span():
+            _sleep_ms(5)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    seconds, spans = meter.totals()
+    assert spans == 2
+    assert 0.008 < seconds < 0.016, seconds  # 2 x 5 ms, not 20 + 10
+
+
+def test_spans_inside_a_graph_capture_are_left_untimed():
+    meter = GpuMeter(True)
+    x = torch.ones(64, 64, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        x @ x  # the matmul's workspace outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        with meter.span():
+            y = x @ x
+    graph.replay()
+    torch.cuda.synchronize()
+    assert meter.totals() == (0.0, 0) and y.sum().item() == 64 * 64 * 64
