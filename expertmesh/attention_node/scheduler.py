@@ -24,6 +24,8 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)  # its KV-cache blocks, in token order (kv/block_manager.py)
     num_cached: int = 0  # tokens whose K/V are in the cache
     aborted: bool = False
+    arrived_s: float = 0.0  # time.monotonic() when the node received it
+    queue_s: float | None = None  # from arrival to its first step (a readmission after preemption does not count)
 
     @property
     def num_tokens(self) -> int:

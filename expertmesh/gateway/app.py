@@ -226,6 +226,8 @@ def create_app(served: ServedModel) -> FastAPI:
                 generated += len(tokens)
                 if tokens and first_token_s is None:
                     first_token_s = time.monotonic() - arrived
+                if event.queue_s is not None:
+                    served.metrics.queue_time.observe(event.queue_s)
                 delta = stream.push(tokens, final=event.finish_reason is not None)
                 if delta.stopped:
                     outcome = "completed"

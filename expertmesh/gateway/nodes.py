@@ -21,6 +21,7 @@ class TokenEvent:
     finish_reason: str | None
     error: str | None = None
     logprobs: list | None = None  # [logprob, [[token, logprob], ...]] when asked for
+    queue_s: float | None = None  # with the first token: seconds the request waited at the node for its first step
 
 
 class NodeLink:
@@ -143,12 +144,12 @@ class AttentionNodeClient(NodeLink):
         if not isinstance(message, StepOutputs):
             return super().on_message(message)
         count = len(message.request_ids)
-        for rid, token, reason, error, logprobs in zip(message.request_ids, message.token_ids, message.finish_reasons,
-                                                       message.errors or [None] * count,
-                                                       message.logprobs or [None] * count):
+        for rid, token, reason, error, logprobs, queue_s in zip(
+                message.request_ids, message.token_ids, message.finish_reasons, message.errors or [None] * count,
+                message.logprobs or [None] * count, message.queue_seconds or [None] * count):
             queue = self.streams.get(rid)
             if queue is not None:  # else: aborted by us, late tokens are dropped
-                queue.put_nowait(TokenEvent(token, reason, error, logprobs))
+                queue.put_nowait(TokenEvent(token, reason, error, logprobs, queue_s))
                 if reason is not None:
                     self.forget(rid)
 

@@ -141,7 +141,7 @@ def test_health_models_and_metrics(served, request):
     assert 'expertmesh_requests_total{outcome="completed"}' in metrics
     assert len(sent) == 2 * expert_nodes
     assert len(prometheus.by_label(prometheus.parse(metrics), "expertmesh_expert_tokens_total", "node")) == expert_nodes
-    for histogram in ("time_to_first_token", "time_per_output_token", "e2e_request_latency"):
+    for histogram in ("time_to_first_token", "time_per_output_token", "e2e_request_latency", "request_queue_time"):
         assert prometheus.value(metrics, f"expertmesh_{histogram}_seconds_count") >= 1  # the request above, at least
     gauges = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if not line.startswith("#")}
     for node in (0, 1):

@@ -44,12 +44,13 @@ def test_every_name_is_accepted_the_first_reported_and_an_unknown_one_is_404():
                          aliases=("models/mini", "org/mini"))
     with TestClient(create_app(served)) as client:
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["mini"]
-        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        # a known name passes the name check and meets the next one: max_tokens past the context is a 400
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}
         for name in ("mini", "models/mini", "org/mini", None):
-            # a known name passes the name check and reaches node choice: no attention node here, so 503
-            response = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "model": name})
-            assert response.status_code == 503, response.text
-            assert client.post("/v1/chat/completions", json={**chat, "model": name}).status_code == 503
+            response = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 10_000, "model": name})
+            assert (response.status_code, response.json()["error"]["param"]) == (400, "max_tokens"), response.text
+            response = client.post("/v1/chat/completions", json={**chat, "model": name})
+            assert (response.status_code, response.json()["error"]["param"]) == (400, "max_tokens"), response.text
         for name in ("other", "Mini", "mini/", ""):
             response = client.post("/v1/completions", json={"prompt": "hi", "model": name})
             assert response.status_code == 404, response.text

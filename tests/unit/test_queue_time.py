@@ -1,0 +1,65 @@
+"""Queue time: the attention node measures how long each request waited for its first step and sends it with the
+first token; the gateway's client hands it on, and /metrics has it as a histogram."""
+import asyncio
+import time
+
+from expertmesh.attention_node.node import AttentionNode
+from expertmesh.bench import prometheus
+from expertmesh.config import Config
+from expertmesh.gateway.metrics import GatewayMetrics
+from expertmesh.gateway.nodes import AttentionNodeClient
+from expertmesh.transport.inproc import InprocTransport
+from expertmesh.transport.protocol import SamplingParams
+from tests.inproc_cluster import InprocCluster
+
+
+async def drain(queue) -> list:
+    """(seconds since the epoch of the test, event) of every event of one request, to its end."""
+    events = []
+    while not events or events[-1][1].finish_reason is None:
+        event = await asyncio.wait_for(queue.get(), 60)
+        events.append((time.monotonic(), event))
+    return events
+
+
+def test_a_request_that_waits_for_a_batch_slot_reports_its_wait(mixtral_dir):
+    """One batch slot, three requests at once: the second waits for the first to finish, the third for both."""
+    async def run():
+        async with InprocCluster(mixtral_dir, num_expert_nodes=0, max_num_seqs=1) as cluster:
+            transport = InprocTransport()
+            control = await transport.listen("inproc://queue-time")
+            node = AttentionNode(0, Config(), cluster.spec, cluster.runner, cluster.scheduler, None, control)
+            serving = asyncio.create_task(node.serve())
+            client = AttentionNodeClient(0, await transport.connect("inproc://queue-time"), node_timeout_s=60)
+            client.start()
+            try:
+                sampling = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+                submitted = time.monotonic()
+                queues = [await client.submit(f"r{i}", [5, 6, 7, 8], sampling) for i in range(3)]
+                return submitted, [await drain(queue) for queue in queues]
+            finally:
+                serving.cancel()
+                await client.close()
+                await control.close()
+
+    submitted, requests = asyncio.run(run())
+    waits = []
+    for events in requests:
+        assert [event.finish_reason for _, event in events] == [None] * 5 + ["length"]
+        first_received, first = events[0]
+        assert first.queue_s is not None and all(event.queue_s is None for _, event in events[1:])
+        assert 0.0 <= first.queue_s <= first_received - submitted  # the wait is part of what the client saw
+        waits.append(first.queue_s)
+    assert waits[0] < waits[1] < waits[2]
+    # the third waited for the second's six steps on top of the second's wait
+    assert waits[2] - waits[1] >= 0.5 * (requests[1][-1][0] - requests[1][0][0])
+
+
+def test_queue_time_is_a_histogram_in_metrics():
+    metrics = GatewayMetrics()
+    for seconds in (0.002, 0.03, 1.5):
+        metrics.queue_time.observe(seconds)
+    text = metrics.render([], []).decode()
+    assert prometheus.value(text, "expertmesh_request_queue_time_seconds_count") == 3
+    assert abs(prometheus.value(text, "expertmesh_request_queue_time_seconds_sum") - 1.532) < 1e-9
+    assert prometheus.value(text, "expertmesh_request_queue_time_seconds_bucket", le="0.04") == 2
