@@ -52,6 +52,9 @@ class TransportConfig:
     backend: str = "auto"
     connect_timeout_s: float = 60.0  # an expert node must answer the handshake within this
     recv_timeout_s: float = 30.0  # an expert node must answer a dispatch within this
+    # Message M2N (ucx, zmq): a lost expert node's experts with no live replica hold the attention node's steps
+    # until the node rejoins; requests waiting there fail after this long.
+    rejoin_wait_s: float = 30.0
     # Who progresses UCX (ucx only): "thread" (a progress thread; idle processes sleep) or "polling" (the event
     # loop spins: lower latency per message, one core busy per process).
     ucx_progress_mode: str = "thread"
@@ -87,6 +90,9 @@ class GatewayConfig:
     # report. Default: the model directory's name, and model.path as given (vLLM's default) also accepted.
     served_model_names: list[str] = field(default_factory=list)
     node_timeout_s: float = 10.0  # an attention node silent this long is declared dead
+    # A request that finds no attention node ready (restarting, or waiting for a lost expert node) waits this long for
+    # one, then gets 503 with Retry-After.
+    node_wait_s: float = 10.0
     predictor: str | None = None  # domain predictor (.npz, `expertmesh place`): rebatch requests by predicted domain
     api_key: str | None = None  # when set, /v1/* and /admin/* need `Authorization: Bearer <key>` (vLLM's --api-key)
     # Admission: requests in flight (queued or running) and their prompt tokens, past which /v1/* answers 429 with

@@ -14,7 +14,7 @@ from ..m2n.lockstep import LockstepClient
 from ..model.weights import load_attention_side, load_experts
 from ..placement.plan import load_cluster_placement, load_cluster_topology
 from ..process import run_node
-from ..transport.base import connect_within, make_transport
+from ..transport.base import Connection, connect_within, make_transport
 from ..transport.emulation import emulate
 from ..transport.protocol import Credentials
 from ..m2n.messages import M2NClient
@@ -67,14 +67,20 @@ async def connect_expert_nodes(config: Config, spec: ModelSpec, index: int,
         return await connect_lockstep(config, spec, placement, index, device)
     transport = make_transport(config.transport.backend, device, config.transport.ucx_progress_mode)
     t = config.transport
-    connections = [emulate(await connect_within(transport, address, t.connect_timeout_s), t.emulated_latency_us,
-                           t.emulated_bandwidth_gbps) for address in config.cluster.expert_addresses]
-    await present_credentials(config, connections)
+
+    async def connect(node: int) -> Connection:
+        """A link to expert node `node`, credentials presented: at start, and again when the node was lost."""
+        conn = emulate(await connect_within(transport, config.cluster.expert_addresses[node], t.connect_timeout_s),
+                       t.emulated_latency_us, t.emulated_bandwidth_gbps)
+        await present_credentials(config, [conn])
+        return conn
+
+    connections = [await connect(node) for node in range(config.cluster.expert_nodes)]
     topology = load_cluster_topology(config)
     m2n = M2NClient(connections, placement, index, config.transport.recv_timeout_s, device,
                     attention_domain=topology.attention_domain[index] if topology else 0,
                     expert_domain=topology.expert_domain if topology else None,
-                    load_bound=topology.load_bound if topology else None)
+                    load_bound=topology.load_bound if topology else None, connect=connect)
     await m2n.handshake(spec.num_layers, spec.num_experts, config.transport.connect_timeout_s)
     log.info("connected to %d expert nodes", len(connections))
     return m2n

@@ -54,6 +54,7 @@ class ServedModel:
     api_key: str | None = None  # required on /v1/* and /admin/* when set
     max_pending_requests: int = 1024  # admission bounds (GatewayConfig): past them, 429
     max_pending_tokens: int = 1 << 20
+    node_wait_s: float = 10.0  # how long a request waits for a ready attention node before 503 (GatewayConfig)
     aliases: tuple[str, ...] = ()  # other ids a request's `model` may be (the name is the one reported)
 
     @property
@@ -155,9 +156,7 @@ def create_app(served: ServedModel) -> FastAPI:
         sampling = SamplingParams(max_tokens, body.temperature, body.top_p, body.seed, body.ignore_eos,
                                   body.top_logprobs_n())
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        node = choose_node(served.nodes, prompt_ids, served.routing)
-        if node is None:
-            raise APIError(503, "no attention node is ready", kind="service_unavailable", headers={"Retry-After": "5"})
+        node = await ready_node(prompt_ids)
         chunks = generate(node, request_id, prompt_ids, sampling, body.stop_list(), arrived)
         if body.stream:
             return StreamingResponse(sse(request_id, chunks, chat), media_type="text/event-stream")
@@ -197,6 +196,18 @@ def create_app(served: ServedModel) -> FastAPI:
             raise APIError(400, f"this model's maximum context length is {served.max_model_len} tokens; the "
                            f"request has {len(prompt_ids)} prompt tokens and asks for {max_tokens} more",
                            param="max_tokens" if len(prompt_ids) < served.max_model_len else "prompt")
+
+    async def ready_node(prompt_ids: list[int]) -> AttentionNodeClient:
+        """The attention node for the request; while none is ready (one restarting, or waiting for a lost expert node
+        to rejoin), waits up to node_wait_s for one, then 503 with Retry-After."""
+        deadline = time.monotonic() + served.node_wait_s
+        while (node := choose_node(served.nodes, prompt_ids, served.routing)) is None:
+            if time.monotonic() >= deadline:
+                down = ", ".join(n.name for n in served.all_nodes if not n.ready)
+                raise APIError(503, f"no attention node is ready (not ready: {down}); retry later",
+                               kind="service_unavailable", headers={"Retry-After": "5"})
+            await asyncio.sleep(NodeLink.STATUS_INTERVAL_S / 5)  # readiness changes with the nodes' status answers
+        return node
 
     def admit(prompt_tokens: int) -> None:
         """429 with Retry-After past the admission bounds (OpenAI's convention for "too many requests"). Streams

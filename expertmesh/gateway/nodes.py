@@ -44,6 +44,8 @@ class NodeLink:
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._poll())]
+        # at once, not after node_timeout_s of silence: new requests go elsewhere, the node's fail now
+        self.connection.on_peer_lost(self._connection_broke)
 
     @property
     def ready(self) -> bool:
@@ -69,6 +71,10 @@ class NodeLink:
 
     def on_restart(self) -> None:
         """The node came back as a new process: what the old one held is gone."""
+
+    def _connection_broke(self) -> None:
+        if self.dead is None:
+            self.declare_dead(f"{self.name} is gone (its connection broke)")
 
     async def trace(self, record: bool, timeout_s: float = 10.0) -> NodeTrace | None:
         """Starts (record=True) or stops the node's timeline; on stop, returns it (None if the node is silent)."""

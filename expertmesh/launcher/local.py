@@ -186,16 +186,19 @@ class LocalCluster:
                 print(f"expertmesh: {child.name} restarted (pid {child.process.pid})", file=sys.stderr, flush=True)
 
     def stop(self, grace_s: float = 10.0) -> None:
-        for child in reversed(self.children):
-            if child.process.poll() is None:
-                child.process.terminate()
+        """The gateway first (it would report the nodes' stopping as failures), then the nodes."""
         deadline = time.monotonic() + grace_s
-        for child in self.children:
-            try:
-                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait()
+        gateway = [child for child in self.children if child.name == "gateway"]
+        for group in (gateway, [child for child in self.children if child.name != "gateway"]):
+            for child in reversed(group):
+                if child.process.poll() is None:
+                    child.process.terminate()
+            for child in group:
+                try:
+                    child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+                    child.process.wait()
 
 
 def launch(config: Config, ready_timeout_s: float = 300.0) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from typing import Hashable
+from typing import Callable, Hashable
 
 from .protocol import Message
 
@@ -34,6 +34,10 @@ class Connection(_Recycler, abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+    def on_peer_lost(self, callback: Callable[[], None]) -> None:
+        """Calls callback on the event loop when an established link to the peer breaks (it died or closed). Where a
+        backend's recv fails by itself then (ucx, inproc), it need not: the default never calls it."""
 
 
 class Listener(_Recycler, abc.ABC):

@@ -68,6 +68,9 @@ class EmulatedConnection(Connection):
         await asyncio.sleep(max(0.0, due - time.monotonic()))
         return message
 
+    def on_peer_lost(self, callback) -> None:
+        self.inner.on_peer_lost(callback)
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()

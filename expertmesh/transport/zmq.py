@@ -3,16 +3,18 @@
 Each socket is owned by one I/O thread that blocks in zmq_poll; the event loop talks to it through
 queues. (zmq.asyncio relies on the edge-triggered ZMQ_FD and was seen here to miss wake-ups and hang
 under concurrent traffic, with uvloop; cf. pyzmq issue #2173.) Tensors are handed to zmq as memoryviews
-of their storage: zmq copies only frames under its copy threshold."""
+of their storage: zmq copies only frames under its copy threshold. A connection reports its peer's loss (the TCP
+session breaking) to whoever asked (`on_peer_lost`): zmq itself would silently reconnect and queue."""
 from __future__ import annotations
 
 import asyncio
 import itertools
 import queue
 import threading
-from typing import Sequence
+from typing import Callable, Sequence
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .base import Connection, Listener, PeerId, Transport, TransportError
 from .protocol import Message, decode_frames, encode_frames
@@ -23,8 +25,11 @@ _wake_ids = itertools.count()
 class _SocketThread:
     """Owns one zmq socket: sends what `send` queues, delivers what arrives to an asyncio queue."""
 
-    def __init__(self, context: zmq.Context, socket: zmq.Socket, name: str) -> None:
+    def __init__(self, context: zmq.Context, socket: zmq.Socket, name: str, monitor: bool = False) -> None:
         self.loop = asyncio.get_running_loop()
+        # a connection's monitor: the session with the peer broke (it died or closed); called on the event loop
+        self._monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED) if monitor else None
+        self.peer_lost: list[Callable[[], None]] = []
         self.inbox: asyncio.Queue[list[zmq.Frame] | Exception] = asyncio.Queue()
         self._outbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         wake_address = f"inproc://expertmesh-wake-{next(_wake_ids)}"
@@ -47,6 +52,8 @@ class _SocketThread:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         try:
             while True:
                 ready = dict(poller.poll())
@@ -61,12 +68,24 @@ class _SocketThread:
                     while self._socket.poll(0):
                         frames = self._socket.recv_multipart(copy=False)
                         self.loop.call_soon_threadsafe(self.inbox.put_nowait, frames)
+                if self._monitor is not None and self._monitor in ready:
+                    while self._monitor.poll(0):
+                        if recv_monitor_message(self._monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                            self.loop.call_soon_threadsafe(self._report_peer_lost)
         except Exception as exc:  # a send to a vanished peer, or the context going away
             if not self._closed:
                 self.loop.call_soon_threadsafe(self.inbox.put_nowait, TransportError(f"zmq socket failed: {exc!r}"))
         finally:
+            if self._monitor is not None:
+                self._socket.disable_monitor()
+                self._monitor.close(linger=0)
             self._socket.close(linger=0)
             self._wake_rx.close(linger=0)
+
+    def _report_peer_lost(self) -> None:
+        if not self._closed:
+            for callback in self.peer_lost:
+                callback()
 
     async def recv(self, timeout_s: float | None, source: str) -> list[zmq.Frame]:
         try:
@@ -96,6 +115,9 @@ class ZmqConnection(Connection):
     async def recv(self, timeout_s: float | None = None) -> Message:
         frames = await self._io.recv(timeout_s, self.address)
         return decode_frames([f.buffer for f in frames])
+
+    def on_peer_lost(self, callback: Callable[[], None]) -> None:
+        self._io.peer_lost.append(callback)
 
     async def close(self) -> None:
         self._io.close()
@@ -136,4 +158,4 @@ class ZmqTransport(Transport):
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.connect(address)  # asynchronous: the caller's first recv with a timeout proves the peer is there
-        return ZmqConnection(_SocketThread(self._context, socket, f"zmq-connect-{address}"), address)
+        return ZmqConnection(_SocketThread(self._context, socket, f"zmq-connect-{address}", monitor=True), address)
