@@ -1,4 +1,4 @@
-"""Shared fixtures: small random checkpoints of both architectures, made once per test session."""
+"""Shared fixtures: small random checkpoints of every architecture, made once per test session."""
 from __future__ import annotations
 
 import os
@@ -40,3 +40,11 @@ def qwen3_normed_dir(tmp_path_factory):
     """Qwen3-MoE with top-k renormalisation and a sparse step of 2 (odd layers dense)."""
     shape = RandomModelShape(arch="qwen3_moe", norm_topk_prob=True, decoder_sparse_step=2)
     return make_model(tmp_path_factory.mktemp("qwen3n"), shape, seed=3)
+
+
+@pytest.fixture(scope="session")
+def deepseek_dir(tmp_path_factory):
+    """DeepSeek-V3: MLA with q LoRA, a dense first layer, a shared expert, 8 experts in 4 groups (top 2 groups),
+    the correction bias, routed_scaling_factor and YaRN rotary (written with transformers 5's field names)."""
+    shape = RandomModelShape(arch="deepseek_v3", yarn_factor=4.0)
+    return make_model(tmp_path_factory.mktemp("deepseek"), shape, seed=4)

@@ -18,10 +18,12 @@ import torch
 
 from ..cuda_graph import capture
 from ..kv.metadata import build_step_metadata
-from ..model.layers import RotaryTable, attention
+from ..model.layers import attention
+from ..model.rotary import RotaryTable
+from ..model.spec import Rope
 from ..ops.norm import add_rms_norm, rms_norm
 from ..ops.router import route
-from ..model.weights import LayerWeights
+from ..model.weights import GQAWeights, LayerWeights
 from ..ops.fused_moe import StackedExperts, fused_moe
 
 
@@ -121,18 +123,20 @@ def bench_attention(shape: LayerShape, tokens: int, context: int, device: str, d
     n_bytes = weight_params * elt + kv_bytes + 4 * tokens * s.hidden * elt
     flops = 2 * tokens * weight_params + 4 * tokens * context * s.heads * s.head_dim
     blocks_per_seq = math.ceil(context / block_size)
-    rotary = RotaryTable(s.head_dim, 1e6, context, dtype, device)
+    rotary = RotaryTable(Rope(theta=1e6), s.head_dim, context, dtype, device)
     scale = 1 / math.sqrt(s.hidden)
     sets = []
     for _ in range(_copies(weight_params * elt + kv_bytes, device)):
         w = LayerWeights(
             input_norm=torch.ones(s.hidden, dtype=dtype, device=device),
-            qkv_proj=torch.randn(q_out + 2 * kv_out, s.hidden, dtype=dtype, device=device) * scale,
-            o_proj=torch.randn(s.hidden, q_out, dtype=dtype, device=device) / math.sqrt(q_out),
-            q_norm=torch.ones(s.head_dim, dtype=dtype, device=device) if s.qk_norm else None,
-            k_norm=torch.ones(s.head_dim, dtype=dtype, device=device) if s.qk_norm else None,
+            attention=GQAWeights(
+                qkv_proj=torch.randn(q_out + 2 * kv_out, s.hidden, dtype=dtype, device=device) * scale,
+                o_proj=torch.randn(s.hidden, q_out, dtype=dtype, device=device) / math.sqrt(q_out),
+                q_norm=torch.ones(s.head_dim, dtype=dtype, device=device) if s.qk_norm else None,
+                k_norm=torch.ones(s.head_dim, dtype=dtype, device=device) if s.qk_norm else None),
             post_attention_norm=torch.ones(s.hidden, dtype=dtype, device=device),
-            router=torch.randn(s.experts, s.hidden, dtype=dtype, device=device) * scale, dense_mlp=None)
+            router=torch.randn(s.experts, s.hidden, dtype=dtype, device=device) * scale, router_bias=None,
+            dense_mlp=None, shared_mlp=None)
         shape_kv = (tokens * blocks_per_seq, block_size, s.kv_heads, s.head_dim)
         k_cache = torch.randn(shape_kv, dtype=dtype, device=device)
         v_cache = torch.randn(shape_kv, dtype=dtype, device=device)
@@ -144,7 +148,7 @@ def bench_attention(shape: LayerShape, tokens: int, context: int, device: str, d
 
     def part(w, k_cache, v_cache, meta, h):
         x = rms_norm(h, w.input_norm, 1e-6)
-        x, _ = add_rms_norm(attention(w, x, meta, rotary, k_cache, v_cache, s.heads, s.kv_heads, s.head_dim, 1e-6), h,
+        x, _ = add_rms_norm(attention(w.attention, x, meta, rotary, k_cache, v_cache, s.heads, s.kv_heads, s.head_dim, 1e-6), h,
                             w.post_attention_norm, 1e-6)
         return route(x, w.router, s.top_k, True)
 

@@ -1,4 +1,5 @@
-"""The paged KV cache on the device: per layer, keys and values as [num_blocks, block_size, kv_heads, head_dim].
+"""The paged KV cache on the device: per layer, keys and values as [num_blocks, block_size, kv_heads, head_dim], or for
+multi-head latent attention (DeepSeek) one tensor [num_blocks, block_size, 1, kv_lora_rank + rope_dim] of latents.
 
 A sequence's tokens live in the blocks its block table lists (block_manager.py); this module owns the tensors,
 decides how many blocks fit in the device memory, and builds each step's block tables (metadata.py)."""
@@ -26,9 +27,10 @@ class KVCacheTooSmall(ValueError):
 class PagedKVCache:
     def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str) -> None:
-        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        heads, dim, tensors = entry_layout(spec)
+        shape = (num_blocks, block_size, heads, dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]  # MLA: the latents
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)] if tensors == 2 else []
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.device = torch.device(device)
@@ -39,10 +41,19 @@ class PagedKVCache:
         return build_step_metadata(seqs, self.block_size, self.device, pad_to, block_table_width)
 
 
+def entry_layout(spec: ModelSpec) -> tuple[int, int, int]:
+    """(heads, dim, tensors) of what a token stores per layer: keys and values (2 tensors of kv_heads x head_dim), or
+    MLA's latent and rope key (1 tensor of 1 x (kv_lora_rank + rope_dim))."""
+    if spec.mla is not None:
+        return 1, spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim, 1
+    return spec.num_kv_heads, spec.head_dim, 2
+
+
 def bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
-    """Device bytes of one block across all layers, keys and values."""
+    """Device bytes of one block across all layers, keys and values (or latents)."""
     element_bytes = torch.empty((), dtype=dtype).element_size()
-    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * element_bytes
+    heads, dim, tensors = entry_layout(spec)
+    return tensors * spec.num_layers * block_size * heads * dim * element_bytes
 
 
 def num_blocks_for(engine: "EngineConfig", spec: ModelSpec, dtype: torch.dtype, device: torch.device | str) -> int:

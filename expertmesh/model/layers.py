@@ -9,28 +9,16 @@ import torch.nn.functional as F
 
 from ..kv.metadata import StepMetadata
 from ..ops.attention import paged_attention
-from ..ops.norm import rms_norm  # noqa: F401  (the layers' norm, re-exported)
-from ..ops.rotary import apply_rotary_reference, rotate_and_write_kv
-from ..ops.router import route  # noqa: F401  (re-exported)
-from .weights import LayerWeights
+from ..ops.mla import mla_attention as paged_mla_attention, write_latent
+from ..ops.norm import rms_norm
+from ..ops.rotary import rotate_and_write_kv
+from ..ops.router import route, route_grouped
+from .rotary import RotaryTable, yarn_mscale
+from .spec import ModelSpec
+from .weights import GQAWeights, LayerWeights, MLAWeights
 
 
-class RotaryTable:
-    """cos/sin of every position up to max_len (default, unscaled rotary), computed once in float32."""
-
-    def __init__(self, head_dim: int, theta: float, max_len: int, dtype: torch.dtype, device: str) -> None:
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-        angles = torch.cat([freqs, freqs], dim=-1)
-        self.cos = angles.cos().to(dtype=dtype, device=device)
-        self.sin = angles.sin().to(dtype=dtype, device=device)
-
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [tokens, heads, head_dim]; positions: [tokens]."""
-        return apply_rotary_reference(x, self.cos, self.sin, positions)
-
-
-def attention(w: LayerWeights, x: torch.Tensor, meta: StepMetadata, rotary: RotaryTable, k_cache: torch.Tensor,
+def attention(w: GQAWeights, x: torch.Tensor, meta: StepMetadata, rotary: RotaryTable, k_cache: torch.Tensor,
               v_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, eps: float) -> torch.Tensor:
     """Self-attention of x ([tokens, hidden]) over the paged KV cache ([blocks, block_size, kv_heads, head_dim]):
     q/k norms, rotary and the KV write in one op, then every sequence attends causally to its whole context."""
@@ -39,6 +27,40 @@ def attention(w: LayerWeights, x: torch.Tensor, meta: StepMetadata, rotary: Rota
     out = paged_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens, meta.query_start, meta.max_query_len,
                           head_dim ** -0.5)
     return out.reshape(x.shape[0], num_heads * head_dim) @ w.o_proj.T
+
+
+def mla_attention(w: MLAWeights, x: torch.Tensor, meta: StepMetadata, rotary: RotaryTable, cache: torch.Tensor,
+                  spec: ModelSpec) -> torch.Tensor:
+    """DeepSeek's multi-head latent attention of x ([tokens, hidden]) over the paged latent cache
+    ([blocks, block_size, 1, kv_lora_rank + rope_dim]): q through its low-rank pair, the kv latent (normed) and the
+    rotated rope key into the cache, then attention (ops/mla.py: absorbed at decode, expanded with prefill)."""
+    mla, tokens, eps = spec.mla, x.shape[0], spec.rms_norm_eps
+    q = x @ w.q_proj.T if w.q_proj is not None else rms_norm(x @ w.q_a_proj.T, w.q_a_norm, eps) @ w.q_b_proj.T
+    q_nope, q_rope = q.view(tokens, spec.num_heads, mla.qk_head_dim).split([mla.qk_nope_head_dim,
+                                                                           mla.qk_rope_head_dim], dim=-1)
+    latent, rope_key = (x @ w.kv_a_proj.T).split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
+    write_latent(rms_norm(latent, w.kv_a_norm, eps), rotary.apply(rope_key.unsqueeze(1), meta.positions)[:, 0],
+                 cache, meta.slot_mapping)
+    out = paged_mla_attention(q_nope, rotary.apply(q_rope, meta.positions), cache, w.kv_b_proj, meta.block_table,
+                              meta.seq_lens, meta.query_start, meta.max_query_len, mla_scale(spec))
+    return out.reshape(tokens, spec.num_heads * mla.v_head_dim) @ w.o_proj.T
+
+
+def mla_scale(spec: ModelSpec) -> float:
+    """qk_head_dim ** -0.5, times YaRN's mscale squared when rope_parameters set mscale_all_dim (DeepSeek-V3)."""
+    scale = spec.mla.qk_head_dim ** -0.5
+    if spec.rope.rope_type != "default" and spec.rope.mscale_all_dim:
+        scale *= yarn_mscale(spec.rope.factor, spec.rope.mscale_all_dim) ** 2
+    return scale
+
+
+def route_tokens(w: LayerWeights, x: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert ids [tokens, k] int32, weights [tokens, k] float32) of a MoE layer: softmax top-k (Mixtral, Qwen3) or
+    DeepSeek's sigmoid scores chosen by group with the correction bias, scaled by routed_scaling_factor."""
+    if spec.scoring == "softmax":
+        return route(x, w.router, spec.top_k, spec.norm_topk_prob)
+    return route_grouped(x, w.router, w.router_bias, spec.top_k, spec.num_expert_groups, spec.top_groups,
+                         spec.norm_topk_prob, spec.routed_scaling_factor)
 
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

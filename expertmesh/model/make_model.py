@@ -13,12 +13,13 @@ import torch
 from safetensors.torch import save_file
 
 from .spec import ModelSpec
+from . import deepseek_v3
 from .weights import names_of
 
 
 @dataclass
 class RandomModelShape:
-    arch: str = "mixtral"  # mixtral | qwen3_moe
+    arch: str = "mixtral"  # mixtral | qwen3_moe | deepseek_v3
     vocab_size: int = 512
     hidden_size: int = 64
     num_layers: int = 4
@@ -26,7 +27,7 @@ class RandomModelShape:
     num_kv_heads: int = 2
     head_dim: int = 16
     intermediate_size: int = 128  # experts (and dense layers of Mixtral-like shapes)
-    dense_intermediate_size: int = 192  # Qwen3-MoE dense layers
+    dense_intermediate_size: int = 192  # Qwen3-MoE and DeepSeek-V3 dense layers
     num_experts: int = 8
     top_k: int = 2
     norm_topk_prob: bool = True  # Qwen3-MoE only; Mixtral always renormalises
@@ -34,6 +35,18 @@ class RandomModelShape:
     decoder_sparse_step: int = 1  # Qwen3-MoE only
     max_position_embeddings: int = 512
     rope_theta: float = 10000.0
+    # DeepSeek-V3 only: MLA ranks and head split, routing groups, dense first layers, shared experts, YaRN
+    q_lora_rank: int = 32  # 0: one full q_proj
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    num_expert_groups: int = 4
+    top_groups: int = 2
+    first_k_dense_replace: int = 1
+    num_shared_experts: int = 1
+    routed_scaling_factor: float = 2.5
+    yarn_factor: float = 0.0  # > 1: YaRN rotary over max_position_embeddings / yarn_factor pretraining positions
 
 
 def hf_config(shape: RandomModelShape, bos_id: int, eos_id: int) -> dict:
@@ -57,7 +70,25 @@ def hf_config(shape: RandomModelShape, bos_id: int, eos_id: int) -> dict:
                 "mlp_only_layers": list(shape.mlp_only_layers), "decoder_sparse_step": shape.decoder_sparse_step,
                 "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
                 "output_router_logits": False}
-    raise ValueError(f"unknown architecture {shape.arch!r}; choose mixtral or qwen3_moe")
+    if shape.arch == "deepseek_v3":  # the names transformers 5 writes (n_routed_experts, rope_parameters)
+        rope = {"rope_type": "default", "rope_theta": shape.rope_theta}
+        if shape.yarn_factor > 1:
+            rope = {**rope, "rope_type": "yarn", "factor": shape.yarn_factor, "beta_fast": 32, "beta_slow": 1,
+                    "mscale": 1.0, "mscale_all_dim": 0.8,  # both YaRN scales differ from 1: cos/sin and softmax
+                    "original_max_position_embeddings": int(shape.max_position_embeddings / shape.yarn_factor)}
+        common.pop("rope_theta")
+        return {**common, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+                "num_key_value_heads": shape.num_heads,  # MLA expands the latent to every head
+                "head_dim": shape.qk_rope_head_dim, "intermediate_size": shape.dense_intermediate_size,
+                "moe_intermediate_size": shape.intermediate_size, "n_routed_experts": shape.num_experts,
+                "n_shared_experts": shape.num_shared_experts, "n_group": shape.num_expert_groups,
+                "topk_group": shape.top_groups, "first_k_dense_replace": shape.first_k_dense_replace,
+                "norm_topk_prob": shape.norm_topk_prob, "routed_scaling_factor": shape.routed_scaling_factor,
+                "q_lora_rank": shape.q_lora_rank or None, "kv_lora_rank": shape.kv_lora_rank,
+                "qk_nope_head_dim": shape.qk_nope_head_dim, "qk_rope_head_dim": shape.qk_rope_head_dim,
+                "v_head_dim": shape.v_head_dim, "rope_parameters": rope, "rope_interleave": True,
+                "attention_bias": False, "num_nextn_predict_layers": 0}
+    raise ValueError(f"unknown architecture {shape.arch!r}; choose mixtral, qwen3_moe or deepseek_v3")
 
 
 def random_tensors(spec: ModelSpec, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -68,31 +99,58 @@ def random_tensors(spec: ModelSpec, generator: torch.Generator) -> dict[str, tor
         return 1.0 + 0.1 * torch.randn(dim, generator=generator)
 
     names = names_of(spec)
-    hidden, head_dim = spec.hidden_size, spec.head_dim
+    hidden = spec.hidden_size
+
+    def mlp(gate_up_down: tuple[str, str, str], inter: int) -> None:
+        gate, up, down = gate_up_down
+        tensors[gate], tensors[up], tensors[down] = linear(inter, hidden), linear(inter, hidden), linear(hidden, inter)
+
     tensors = {"model.embed_tokens.weight": torch.randn(spec.vocab_size, hidden, generator=generator)}
     for i in range(spec.num_layers):
         p = f"model.layers.{i}"
         tensors[f"{p}.input_layernorm.weight"] = norm(hidden)
-        tensors[f"{p}.self_attn.q_proj.weight"] = linear(spec.num_heads * head_dim, hidden)
-        tensors[f"{p}.self_attn.k_proj.weight"] = linear(spec.num_kv_heads * head_dim, hidden)
-        tensors[f"{p}.self_attn.v_proj.weight"] = linear(spec.num_kv_heads * head_dim, hidden)
-        tensors[f"{p}.self_attn.o_proj.weight"] = linear(hidden, spec.num_heads * head_dim)
-        if spec.qk_norm:
-            tensors[f"{p}.self_attn.q_norm.weight"] = norm(head_dim)
-            tensors[f"{p}.self_attn.k_norm.weight"] = norm(head_dim)
+        attention_tensors = _mla_tensors if spec.mla is not None else _gqa_tensors
+        tensors.update(attention_tensors(spec, i, linear, norm))
         tensors[f"{p}.post_attention_layernorm.weight"] = norm(hidden)
-        if spec.moe_layers[i]:
-            tensors[names.router_name(i)] = linear(spec.num_experts, hidden)
-            inter = spec.expert_intermediate_size
-            for e in range(spec.num_experts):
-                gate, up, down = names.expert_names(i, e)
-                tensors[gate], tensors[up], tensors[down] = linear(inter, hidden), linear(inter, hidden), linear(hidden, inter)
-        else:
-            gate, up, down = names.dense_mlp_names(i)
-            inter = spec.dense_intermediate_size
-            tensors[gate], tensors[up], tensors[down] = linear(inter, hidden), linear(inter, hidden), linear(hidden, inter)
+        if not spec.moe_layers[i]:
+            mlp(names.dense_mlp_names(i), spec.dense_intermediate_size)
+            continue
+        tensors[names.router_name(i)] = linear(spec.num_experts, hidden)
+        for e in range(spec.num_experts):
+            mlp(names.expert_names(i, e), spec.expert_intermediate_size)
+        if spec.scoring == "sigmoid":  # a bias as large as the scores' spread, so that it changes choices
+            tensors[names.router_bias_name(i)] = 0.1 * torch.randn(spec.num_experts, generator=generator)
+        if spec.shared_intermediate_size:
+            mlp(names.shared_mlp_names(i), spec.shared_intermediate_size)
     tensors["model.norm.weight"] = norm(hidden)
     tensors["lm_head.weight"] = linear(spec.vocab_size, hidden) * 4.0  # spread logits: no near-ties in argmax
+    return tensors
+
+
+def _gqa_tensors(spec: ModelSpec, layer: int, linear, norm) -> dict[str, torch.Tensor]:
+    p, hidden, head_dim = f"model.layers.{layer}.self_attn", spec.hidden_size, spec.head_dim
+    tensors = {f"{p}.q_proj.weight": linear(spec.num_heads * head_dim, hidden),
+               f"{p}.k_proj.weight": linear(spec.num_kv_heads * head_dim, hidden),
+               f"{p}.v_proj.weight": linear(spec.num_kv_heads * head_dim, hidden),
+               f"{p}.o_proj.weight": linear(hidden, spec.num_heads * head_dim)}
+    if spec.qk_norm:
+        tensors[f"{p}.q_norm.weight"], tensors[f"{p}.k_norm.weight"] = norm(head_dim), norm(head_dim)
+    return tensors
+
+
+def _mla_tensors(spec: ModelSpec, layer: int, linear, norm) -> dict[str, torch.Tensor]:
+    mla, hidden, heads = spec.mla, spec.hidden_size, spec.num_heads
+    name = lambda part: deepseek_v3.attention_name(layer, part)  # noqa: E731
+    tensors = {name("kv_a_proj_with_mqa"): linear(mla.kv_lora_rank + mla.qk_rope_head_dim, hidden),
+               name("kv_a_layernorm"): norm(mla.kv_lora_rank),
+               name("kv_b_proj"): linear(heads * (mla.qk_nope_head_dim + mla.v_head_dim), mla.kv_lora_rank),
+               name("o_proj"): linear(hidden, heads * mla.v_head_dim)}
+    if mla.q_lora_rank is None:
+        tensors[name("q_proj")] = linear(heads * mla.qk_head_dim, hidden)
+    else:
+        tensors[name("q_a_proj")] = linear(mla.q_lora_rank, hidden)
+        tensors[name("q_a_layernorm")] = norm(mla.q_lora_rank)
+        tensors[name("q_b_proj")] = linear(heads * mla.qk_head_dim, mla.q_lora_rank)
     return tensors
 
 

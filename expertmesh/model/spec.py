@@ -1,6 +1,7 @@
-"""The model's shape, read from a Hugging Face config.json, with one architecture's quirks.
+"""The model's shape, read from a Hugging Face config.json as transformers reads it, old and new field names alike.
 
-Everything downstream (layers, checkpoint loading, placement) reads `ModelSpec`; nothing else parses config.json."""
+Everything downstream (layers, checkpoint loading, placement) reads `ModelSpec`; nothing else parses config.json.
+What expertmesh does not implement is refused here, with the field that asks for it."""
 from __future__ import annotations
 
 import json
@@ -9,10 +10,48 @@ from pathlib import Path
 
 
 class UnsupportedModelError(ValueError):
-    """The checkpoint asks for an architecture or feature expertmesh does not implement."""
+    """The checkpoint asks for an architecture or feature expertmesh does not implement, or its config lacks a field."""
 
 
-SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
+SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM")
+
+# transformers 5 renamed some fields and keeps the old names readable (attribute_map, rope standardisation);
+# a config.json may carry either. First present wins.
+_ALIASES = {
+    "num_experts": ("num_local_experts", "num_experts", "n_routed_experts"),
+    "rope": ("rope_parameters", "rope_scaling"),
+}
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary embedding as transformers' modeling_rope_utils computes it: "default" or "yarn"."""
+    theta: float
+    rope_type: str = "default"
+    factor: float = 1.0  # yarn: context extension factor
+    original_max_position_embeddings: int = 0  # yarn: the pretraining context
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None  # yarn: cos/sin scale; None: derived from factor and mscale
+    truncate: bool = True
+    interleave: bool = False  # DeepSeek: rotary pairs are (x0, x1), (x2, x3), ... rather than the two halves
+
+
+@dataclass(frozen=True)
+class MLA:
+    """DeepSeek's multi-head latent attention: q and kv through low-rank projections; each head's q and k are a
+    no-position part (nope) and a rotary part (rope); the cache holds the kv latent and one shared rope key."""
+    q_lora_rank: int | None  # None: q is one full projection (q_proj)
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True)
@@ -22,25 +61,36 @@ class ModelSpec:
     hidden_size: int
     num_layers: int
     num_heads: int
-    num_kv_heads: int
-    head_dim: int
+    num_kv_heads: int  # MLA: 1 (the latent is shared by every head)
+    head_dim: int  # MLA: qk_rope_head_dim, the rotary dimension (transformers sets config.head_dim so too)
     dense_intermediate_size: int  # MLP of dense (non-MoE) layers
     expert_intermediate_size: int
     num_experts: int
     top_k: int
-    norm_topk_prob: bool  # renormalise the top-k router probabilities to sum to 1
+    norm_topk_prob: bool  # renormalise the top-k router weights to sum to 1
     moe_layers: tuple[bool, ...]  # moe_layers[i]: layer i is sparse (experts) rather than a dense MLP
     qk_norm: bool  # RMSNorm on each head of q and k before rotary (Qwen3)
     rms_norm_eps: float
-    rope_theta: float
+    rope: Rope
     max_position_embeddings: int
     tie_word_embeddings: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # DeepSeek-V3 routing: sigmoid scores, a bias that only chooses, top groups first, a scale on the weights
+    scoring: str = "softmax"  # "softmax" | "sigmoid"
+    num_expert_groups: int = 1
+    top_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_intermediate_size: int = 0  # shared experts of every MoE layer, as one MLP (0: none)
+    mla: MLA | None = None
 
     @property
     def moe_layer_ids(self) -> list[int]:
         return [i for i, sparse in enumerate(self.moe_layers) if sparse]
+
+    @property
+    def rope_theta(self) -> float:
+        return self.rope.theta
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelSpec":
@@ -56,49 +106,112 @@ class ModelSpec:
         if arch is None:
             raise UnsupportedModelError(
                 f"unsupported architecture {archs!r}; expertmesh serves {list(SUPPORTED_ARCHITECTURES)}")
-        _check_rope(cfg)
-        num_layers = cfg["num_hidden_layers"]
-        num_heads = cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
+        _refuse_unsupported(cfg)
+        max_len = cfg.get("max_position_embeddings", 4096)
+        rope = _rope(cfg, max_len, interleave=arch == "DeepseekV3ForCausalLM" and cfg.get("rope_interleave", True))
+        num_layers, num_heads, hidden = _need(cfg, "num_hidden_layers"), _need(cfg, "num_attention_heads"), _need(
+            cfg, "hidden_size")
         eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         common = dict(
-            architecture=arch, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-            num_layers=num_layers, num_heads=num_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or num_heads, head_dim=head_dim,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(cfg),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids,
+            architecture=arch, vocab_size=_need(cfg, "vocab_size"), hidden_size=hidden, num_layers=num_layers,
+            num_heads=num_heads, num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or hidden // num_heads, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope=rope, max_position_embeddings=max_len,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+            num_experts=_need(cfg, "num_experts"), top_k=_need(cfg, "num_experts_per_tok"),
         )
         if arch == "MixtralForCausalLM":
-            if cfg.get("sliding_window") not in (None, 0) and cfg["sliding_window"] < common["max_position_embeddings"]:
-                raise UnsupportedModelError(f"sliding_window={cfg['sliding_window']} is not supported")
-            return cls(**common, dense_intermediate_size=cfg["intermediate_size"],
-                       expert_intermediate_size=cfg["intermediate_size"],
-                       num_experts=cfg["num_local_experts"], top_k=cfg["num_experts_per_tok"],
-                       norm_topk_prob=True, moe_layers=(True,) * num_layers, qk_norm=False)
-        # Qwen3-MoE: dense layers are those in mlp_only_layers or off the decoder_sparse_step grid.
-        if cfg.get("use_sliding_window"):
-            raise UnsupportedModelError("use_sliding_window=true is not supported")
-        num_experts = cfg["num_experts"]
-        step = cfg.get("decoder_sparse_step", 1)
-        dense = set(cfg.get("mlp_only_layers") or [])
-        moe_layers = tuple(i not in dense and num_experts > 0 and (i + 1) % step == 0 for i in range(num_layers))
-        return cls(**common, dense_intermediate_size=cfg["intermediate_size"],
-                   expert_intermediate_size=cfg["moe_intermediate_size"], num_experts=num_experts,
-                   top_k=cfg["num_experts_per_tok"], norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-                   moe_layers=moe_layers, qk_norm=True)
+            window = cfg.get("sliding_window")
+            if window not in (None, 0) and window < common["max_position_embeddings"]:
+                raise UnsupportedModelError(f"sliding_window={window} is not supported")
+            return cls(**common, dense_intermediate_size=_need(cfg, "intermediate_size"),
+                       expert_intermediate_size=_need(cfg, "intermediate_size"), norm_topk_prob=True,
+                       moe_layers=(True,) * num_layers, qk_norm=False)
+        if arch == "Qwen3MoeForCausalLM":
+            return _qwen3_moe(cls, cfg, common)
+        return _deepseek_v3(cls, cfg, common)
 
 
-def _rope_theta(cfg: dict) -> float:
-    params = cfg.get("rope_parameters") or {}
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+def _qwen3_moe(cls, cfg: dict, common: dict) -> ModelSpec:
+    """Dense layers are those in mlp_only_layers or off the decoder_sparse_step grid."""
+    if cfg.get("use_sliding_window"):
+        raise UnsupportedModelError("use_sliding_window=true is not supported")
+    step = cfg.get("decoder_sparse_step", 1)
+    dense = set(cfg.get("mlp_only_layers") or [])
+    moe_layers = tuple(i not in dense and common["num_experts"] > 0 and (i + 1) % step == 0
+                       for i in range(common["num_layers"]))
+    return cls(**common, dense_intermediate_size=_need(cfg, "intermediate_size"),
+               expert_intermediate_size=_need(cfg, "moe_intermediate_size"),
+               norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), moe_layers=moe_layers, qk_norm=True)
 
 
-def _check_rope(cfg: dict) -> None:
-    for key in ("rope_parameters", "rope_scaling"):
-        params = cfg.get(key) or {}
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type != "default":
-            raise UnsupportedModelError(f"{key}.rope_type={rope_type!r} is not supported (only default rotary)")
+def _deepseek_v3(cls, cfg: dict, common: dict) -> ModelSpec:
+    """transformers' DeepseekV3: MLA, dense layers before first_k_dense_replace, shared experts, sigmoid routing
+    with a score-correction bias over groups of experts (defaults as DeepseekV3Config's)."""
+    for field, expected in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
+        if cfg.get(field, expected) != expected:
+            raise UnsupportedModelError(f"{field}={cfg[field]!r} is not supported (DeepseekV3 in transformers "
+                                        f"computes {field}={expected!r})")
+    mla = MLA(q_lora_rank=cfg.get("q_lora_rank", 1536), kv_lora_rank=cfg.get("kv_lora_rank", 512),
+              qk_nope_head_dim=cfg.get("qk_nope_head_dim", 128), qk_rope_head_dim=cfg.get("qk_rope_head_dim", 64),
+              v_head_dim=cfg.get("v_head_dim", 128))
+    num_experts, groups = common["num_experts"], cfg.get("n_group") or 1
+    if num_experts % groups:
+        raise UnsupportedModelError(f"n_group={groups} does not divide the {num_experts} routed experts")
+    first_sparse = cfg.get("first_k_dense_replace", 3)
+    common = {**common, "num_kv_heads": 1, "head_dim": mla.qk_rope_head_dim}
+    return cls(**common, dense_intermediate_size=cfg.get("intermediate_size", 18432),
+               expert_intermediate_size=cfg.get("moe_intermediate_size", 2048),
+               norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+               moe_layers=tuple(i >= first_sparse for i in range(common["num_layers"])), qk_norm=False,
+               scoring="sigmoid", num_expert_groups=groups, top_groups=cfg.get("topk_group") or 1,
+               routed_scaling_factor=float(cfg.get("routed_scaling_factor", 2.5)),
+               shared_intermediate_size=cfg.get("moe_intermediate_size", 2048) * cfg.get("n_shared_experts", 1),
+               mla=mla)
+
+
+def _need(cfg: dict, name: str):
+    """A required field under any of its names."""
+    for key in _ALIASES.get(name, (name,)):
+        if cfg.get(key) is not None:
+            return cfg[key]
+    raise UnsupportedModelError(f"config.json has no {' / '.join(_ALIASES.get(name, (name,)))}")
+
+
+def _refuse_unsupported(cfg: dict) -> None:
+    quantization = cfg.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else quantization
+        raise UnsupportedModelError(f"quantization_config.quant_method={method!r} is not supported: expertmesh "
+                                    f"loads unquantized weights (convert the checkpoint to bf16 first)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"hidden_act={cfg['hidden_act']!r} is not supported (only silu)")
+    for field in ("attention_bias", "mlp_bias"):
+        if cfg.get(field):
+            raise UnsupportedModelError(f"{field}=true is not supported")
+
+
+def _rope(cfg: dict, max_position_embeddings: int, interleave: bool) -> Rope:
+    """rope_parameters (transformers 5) or rope_scaling + rope_theta (older configs), standardised as
+    transformers' RotaryEmbeddingConfigMixin does; refuses the rotary variants expertmesh does not compute."""
+    key = next((k for k in _ALIASES["rope"] if cfg.get(k)), None)
+    params = dict(cfg[key]) if key else {}
+    if any(isinstance(value, dict) for value in params.values()):
+        raise UnsupportedModelError(f"{key} per layer type is not supported")
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise UnsupportedModelError(f"partial_rotary_factor={partial} is not supported")
+    if rope_type == "default":
+        return Rope(theta=theta, interleave=interleave)
+    if rope_type != "yarn":
+        raise UnsupportedModelError(f"{key}.rope_type={rope_type!r} is not supported (default or yarn rotary)")
+    original = params.get("original_max_position_embeddings") or max_position_embeddings
+    factor = params.get("factor") or max_position_embeddings / original
+    return Rope(theta=theta, rope_type="yarn", factor=float(factor), original_max_position_embeddings=int(original),
+                beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+                mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
+                attention_factor=params.get("attention_factor"), truncate=bool(params.get("truncate", True)),
+                interleave=interleave)

@@ -11,25 +11,47 @@ from types import ModuleType
 import torch
 
 from ..ops.fused_moe import StackedExperts
-from . import mixtral, qwen3_moe
+from . import deepseek_v3, mixtral, qwen3_moe
 from .checkpoint import Checkpoint
 from .spec import ModelSpec
 
 
 def names_of(spec: ModelSpec) -> ModuleType:
-    return mixtral if spec.architecture == "MixtralForCausalLM" else qwen3_moe
+    return {"MixtralForCausalLM": mixtral, "Qwen3MoeForCausalLM": qwen3_moe,
+            "DeepseekV3ForCausalLM": deepseek_v3}[spec.architecture]
+
+
+@dataclass
+class GQAWeights:
+    """Grouped-query attention (Mixtral, Qwen3): Llama's tensor names."""
+    qkv_proj: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]: q, k and v in one matmul
+    o_proj: torch.Tensor
+    q_norm: torch.Tensor | None  # Qwen3: RMSNorm of each head of q and k
+    k_norm: torch.Tensor | None
+
+
+@dataclass
+class MLAWeights:
+    """Multi-head latent attention (DeepSeek-V3): q through a low-rank pair (or one q_proj), kv through a latent."""
+    q_proj: torch.Tensor | None  # [heads * qk_head_dim, hidden] when q_lora_rank is None
+    q_a_proj: torch.Tensor | None  # [q_lora_rank, hidden]
+    q_a_norm: torch.Tensor | None
+    q_b_proj: torch.Tensor | None  # [heads * qk_head_dim, q_lora_rank]
+    kv_a_proj: torch.Tensor  # [kv_lora_rank + rope_dim, hidden]: the latent and the shared rope key
+    kv_a_norm: torch.Tensor
+    kv_b_proj: torch.Tensor  # [heads * (nope + v_dim), kv_lora_rank]
+    o_proj: torch.Tensor  # [hidden, heads * v_dim]
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv_proj: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]: q, k and v in one matmul
-    o_proj: torch.Tensor
-    q_norm: torch.Tensor | None
-    k_norm: torch.Tensor | None
+    attention: GQAWeights | MLAWeights
     post_attention_norm: torch.Tensor
-    router: torch.Tensor | None  # [num_experts, hidden] on MoE layers
+    router: torch.Tensor | None  # [num_experts, hidden] on MoE layers (float32 for DeepSeek, as transformers keeps it)
+    router_bias: torch.Tensor | None  # DeepSeek: e_score_correction_bias [num_experts] float32, for choosing only
     dense_mlp: tuple[torch.Tensor, torch.Tensor] | None  # (gate_up [2 * inter, hidden], down) on dense layers
+    shared_mlp: tuple[torch.Tensor, torch.Tensor] | None  # DeepSeek's shared experts on MoE layers, as dense_mlp
 
 
 @dataclass
@@ -44,30 +66,30 @@ def load_attention_side(model_dir: str | Path, spec: ModelSpec, dtype: torch.dty
                         device: str = "cpu") -> AttentionSideWeights:
     ckpt = Checkpoint(model_dir)
     names = names_of(spec)
-    hidden, head_dim = spec.hidden_size, spec.head_dim
+    hidden = spec.hidden_size
 
-    def get(name: str, *shape: int) -> torch.Tensor:
-        return ckpt.get(name, shape, dtype, device)
+    def get(name: str, *shape: int, as_dtype: torch.dtype = dtype) -> torch.Tensor:
+        return ckpt.get(name, shape, as_dtype, device)
+
+    def mlp(gate_up_down: tuple[str, str, str], inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up, down = gate_up_down
+        return torch.cat([get(gate, inter, hidden), get(up, inter, hidden)]), get(down, hidden, inter)
 
     layers = []
     for i in range(spec.num_layers):
         p = f"model.layers.{i}"
-        dense = None
-        if not spec.moe_layers[i]:
-            gate, up, down = names.dense_mlp_names(i)
-            inter = spec.dense_intermediate_size
-            dense = (torch.cat([get(gate, inter, hidden), get(up, inter, hidden)]), get(down, hidden, inter))
+        sparse = spec.moe_layers[i]
+        router_dtype = torch.float32 if spec.mla is not None else dtype
         layers.append(LayerWeights(
             input_norm=get(f"{p}.input_layernorm.weight", hidden),
-            qkv_proj=torch.cat([get(f"{p}.self_attn.q_proj.weight", spec.num_heads * head_dim, hidden),
-                                get(f"{p}.self_attn.k_proj.weight", spec.num_kv_heads * head_dim, hidden),
-                                get(f"{p}.self_attn.v_proj.weight", spec.num_kv_heads * head_dim, hidden)]),
-            o_proj=get(f"{p}.self_attn.o_proj.weight", hidden, spec.num_heads * head_dim),
-            q_norm=get(f"{p}.self_attn.q_norm.weight", head_dim) if spec.qk_norm else None,
-            k_norm=get(f"{p}.self_attn.k_norm.weight", head_dim) if spec.qk_norm else None,
+            attention=_mla_weights(get, spec, i) if spec.mla is not None else _gqa_weights(get, spec, i),
             post_attention_norm=get(f"{p}.post_attention_layernorm.weight", hidden),
-            router=get(names.router_name(i), spec.num_experts, hidden) if spec.moe_layers[i] else None,
-            dense_mlp=dense,
+            router=get(names.router_name(i), spec.num_experts, hidden, as_dtype=router_dtype) if sparse else None,
+            router_bias=(get(names.router_bias_name(i), spec.num_experts, as_dtype=torch.float32)
+                         if sparse and spec.scoring == "sigmoid" else None),
+            dense_mlp=None if sparse else mlp(names.dense_mlp_names(i), spec.dense_intermediate_size),
+            shared_mlp=(mlp(names.shared_mlp_names(i), spec.shared_intermediate_size)
+                        if sparse and spec.shared_intermediate_size else None),
         ))
     embed = get("model.embed_tokens.weight", spec.vocab_size, hidden)
     if spec.tie_word_embeddings and "lm_head.weight" not in ckpt:
@@ -76,6 +98,32 @@ def load_attention_side(model_dir: str | Path, spec: ModelSpec, dtype: torch.dty
         lm_head = get("lm_head.weight", spec.vocab_size, hidden)
     return AttentionSideWeights(embed_tokens=embed, layers=layers, final_norm=get("model.norm.weight", hidden),
                                 lm_head=lm_head)
+
+
+def _gqa_weights(get, spec: ModelSpec, layer: int) -> GQAWeights:
+    p, hidden, head_dim = f"model.layers.{layer}.self_attn", spec.hidden_size, spec.head_dim
+    return GQAWeights(
+        qkv_proj=torch.cat([get(f"{p}.q_proj.weight", spec.num_heads * head_dim, hidden),
+                            get(f"{p}.k_proj.weight", spec.num_kv_heads * head_dim, hidden),
+                            get(f"{p}.v_proj.weight", spec.num_kv_heads * head_dim, hidden)]),
+        o_proj=get(f"{p}.o_proj.weight", hidden, spec.num_heads * head_dim),
+        q_norm=get(f"{p}.q_norm.weight", head_dim) if spec.qk_norm else None,
+        k_norm=get(f"{p}.k_norm.weight", head_dim) if spec.qk_norm else None)
+
+
+def _mla_weights(get, spec: ModelSpec, layer: int) -> MLAWeights:
+    mla, hidden, heads = spec.mla, spec.hidden_size, spec.num_heads
+    name = lambda part: deepseek_v3.attention_name(layer, part)  # noqa: E731
+    q_rank = mla.q_lora_rank
+    return MLAWeights(
+        q_proj=get(name("q_proj"), heads * mla.qk_head_dim, hidden) if q_rank is None else None,
+        q_a_proj=get(name("q_a_proj"), q_rank, hidden) if q_rank is not None else None,
+        q_a_norm=get(name("q_a_layernorm"), q_rank) if q_rank is not None else None,
+        q_b_proj=get(name("q_b_proj"), heads * mla.qk_head_dim, q_rank) if q_rank is not None else None,
+        kv_a_proj=get(name("kv_a_proj_with_mqa"), mla.kv_lora_rank + mla.qk_rope_head_dim, hidden),
+        kv_a_norm=get(name("kv_a_layernorm"), mla.kv_lora_rank),
+        kv_b_proj=get(name("kv_b_proj"), heads * (mla.qk_nope_head_dim + mla.v_head_dim), mla.kv_lora_rank),
+        o_proj=get(name("o_proj"), hidden, heads * mla.v_head_dim))
 
 
 def load_experts(model_dir: str | Path, spec: ModelSpec, pairs: list[tuple[int, int]], dtype: torch.dtype,

@@ -114,20 +114,30 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     for a single new token, a causal mask offset by the cached context otherwise. These are the calls the attention
     layer made on its contiguous cache, which the exactness tests against transformers hold to."""
     out = torch.zeros_like(q)
-    block_size = k_cache.shape[1]
+    for start, end, slots, mask in sequences_of(block_table, seq_lens, query_start, k_cache.shape[1]):
+        k_seq = k_cache.flatten(0, 1)[slots].transpose(0, 1)  # [kv_heads, context, head_dim]
+        v_seq = v_cache.flatten(0, 1)[slots].transpose(0, 1)
+        out[start:end] = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), k_seq, v_seq, attn_mask=mask,
+                                                        scale=scale, enable_gqa=True).transpose(0, 1)
+    return out
+
+
+def sequences_of(block_table: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor, block_size: int):
+    """For each sequence with new tokens: (start, end) of its rows, the cache slots of its whole context in order
+    (block * block_size + offset), and its attention mask: none for a single new token, causal offset by the cached
+    context otherwise. Host loop (the reference ops' CPU path)."""
     starts, contexts = query_start.tolist(), seq_lens.tolist()
+    offsets = torch.arange(block_size, device=block_table.device)
     for s, context in enumerate(contexts):
         start, end = starts[s], starts[s + 1]
         new = end - start
         if new == 0:
             continue
         blocks = block_table[s, :-(-context // block_size)].long()
-        k_seq = k_cache[blocks].flatten(0, 1)[:context].transpose(0, 1)  # [kv_heads, context, head_dim]
-        v_seq = v_cache[blocks].flatten(0, 1)[:context].transpose(0, 1)
-        mask = None if new == 1 else torch.ones(new, context, dtype=torch.bool, device=q.device).tril(context - new)
-        out[start:end] = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), k_seq, v_seq, attn_mask=mask,
-                                                        scale=scale, enable_gqa=True).transpose(0, 1)
-    return out
+        slots = (blocks[:, None] * block_size + offsets).flatten()[:context]
+        mask = None if new == 1 else torch.ones(new, context, dtype=torch.bool, device=block_table.device).tril(
+            context - new)
+        yield start, end, slots, mask
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The router: each token's top-k experts and their weights (softmax over all experts, optionally renormalised over
-the chosen k), as today's separate torch ops (the CPU path and oracle) beside the same maths in fewer kernels."""
+the chosen k), as today's separate torch ops (the CPU path and oracle) beside the same maths in fewer kernels; and
+DeepSeek-V3's group-limited sigmoid router."""
 import torch
 
 ROUTE_BACKENDS = ("auto", "reference", "fused")
@@ -40,3 +41,23 @@ def route_fused(x: torch.Tensor, router: torch.Tensor, top_k: int,
     else:
         weights, ids = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), top_k, dim=-1)
     return ids.to(torch.int32), weights
+
+
+def route_grouped(x: torch.Tensor, router: torch.Tensor, correction_bias: torch.Tensor, top_k: int, num_groups: int,
+                  top_groups: int, norm_topk_prob: bool, scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's router (transformers' DeepseekV3TopkRouter, op for op, in float32): sigmoid scores; the
+    correction bias joins them only to choose; the experts split into num_groups groups ranked by their two best
+    biased scores, and the top k are chosen within the top_groups best groups; the weights are the unbiased scores
+    of the chosen, renormalised if norm_topk_prob, times scaling_factor. No host sync: CUDA graphs capture it."""
+    num_experts = router.shape[0]
+    scores = (x.float() @ router.float().T).sigmoid()
+    biased = scores + correction_bias
+    group_scores = biased.view(-1, num_groups, num_experts // num_groups).topk(2, dim=-1)[0].sum(dim=-1)
+    group_ids = torch.topk(group_scores, k=top_groups, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_ids, 1)
+    expert_mask = group_mask.unsqueeze(-1).expand(-1, num_groups, num_experts // num_groups).reshape(-1, num_experts)
+    ids = torch.topk(biased.masked_fill(~expert_mask.bool(), float("-inf")), k=top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids.to(torch.int32), weights * scaling_factor

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from expertmesh.cuda_graph import capture
-from expertmesh.model.layers import RotaryTable
+from expertmesh.model.rotary import RotaryTable
+from expertmesh.model.spec import Rope
 from expertmesh.ops.norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from expertmesh.ops.rotary import rotate_and_write_kv, rotate_and_write_kv_reference
 from expertmesh.ops.router import route_fused, route_reference
@@ -57,7 +58,7 @@ def qkv_step(shape, tokens, dtype, seed=0, padding_tokens=3, max_len=4096):
     """Inputs of rotate_and_write_kv: positions anywhere in the table, each real token at its own slot of a
     NaN-filled cache (scattered), the last padding_tokens with slot -1."""
     hidden, num_heads, num_kv_heads, head_dim, qk_norm, _, _ = SHAPES[shape]
-    table = RotaryTable(head_dim, 1e6, max_len, dtype, "cuda")
+    table = RotaryTable(Rope(1e6), head_dim, max_len, dtype, "cuda")
     gen = torch.Generator(device="cuda").manual_seed(seed)
     qkv = randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, seed=seed)
     positions = torch.randint(0, max_len, (tokens,), generator=gen, device="cuda")
@@ -128,7 +129,7 @@ def attention_side_inputs(shape, tokens, seed):
 
 def attention_side_weights(shape):
     hidden, _, _, head_dim, qk_norm, experts, _ = SHAPES[shape]
-    table = RotaryTable(head_dim, 1e6, 4096, torch.bfloat16, "cuda")
+    table = RotaryTable(Rope(1e6), head_dim, 4096, torch.bfloat16, "cuda")
     return {"input_norm": randn(hidden, dtype=torch.bfloat16, seed=20), "cos": table.cos, "sin": table.sin,
             "q_norm": randn(head_dim, dtype=torch.bfloat16, seed=21) if qk_norm else None,
             "k_norm": randn(head_dim, dtype=torch.bfloat16, seed=22) if qk_norm else None,

@@ -11,7 +11,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from expertmesh.model.layers import RotaryTable
+from expertmesh.model.rotary import RotaryTable
+from expertmesh.model.spec import Rope
 from expertmesh.ops.norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from expertmesh.ops.rotary import rotate_and_write_kv, rotate_and_write_kv_reference
 
@@ -91,7 +92,7 @@ def test_norm_kernels_with_no_rows():
 
 
 def qkv_step(num_heads, num_kv_heads, head_dim, dtype, qk_norm, tokens=5, block_size=8, num_blocks=4, seed=0):
-    table = RotaryTable(head_dim, 10000.0, 40, dtype, "cpu")
+    table = RotaryTable(Rope(10000.0), head_dim, 40, dtype, "cpu")
     width = (num_heads + 2 * num_kv_heads) * head_dim
     qkv = randn(tokens, width + 8, dtype=dtype, seed=seed)[:, :width]  # rows strided
     positions = torch.tensor([0, 39, 4, 17, 0, 9, 3][:tokens])

@@ -19,7 +19,7 @@ def reference(model_dir):
     return model
 
 
-@pytest.fixture(params=["mixtral_dir", "qwen3_dir", "qwen3_normed_dir"])
+@pytest.fixture(params=["mixtral_dir", "qwen3_dir", "qwen3_normed_dir", "deepseek_dir"])
 def model_dir(request):
     return request.getfixturevalue(request.param)
 
@@ -43,27 +43,32 @@ def test_logits_and_greedy_tokens_match_transformers(model_dir, expert_nodes):
             assert generated[i] == expected
 
 
-@pytest.mark.parametrize("microbatches", [2, 3])
-def test_microbatches_give_identical_tokens(mixtral_dir, microbatches):
+@pytest.mark.parametrize("arch, microbatches", [("mixtral_dir", 2), ("mixtral_dir", 3), ("deepseek_dir", 3)])
+def test_microbatches_give_identical_tokens(request, arch, microbatches):
+    model_dir = request.getfixturevalue(arch)
+
     async def run(m):
-        async with InprocCluster(mixtral_dir, num_expert_nodes=2, microbatches=m) as cluster:
+        async with InprocCluster(model_dir, num_expert_nodes=2, microbatches=m) as cluster:
             return await cluster.generate(PROMPTS, 12)
 
     assert asyncio.run(run(microbatches)) == asyncio.run(run(1))
 
 
-def test_replicated_placement_gives_identical_tokens(mixtral_dir):
+@pytest.mark.parametrize("arch", ["mixtral_dir", "deepseek_dir"])
+def test_replicated_placement_gives_identical_tokens(request, arch):
     """Every expert on both nodes: replicas are chosen by load (one domain), or by locality when the attention
     node shares a domain with one of them; the same sums either way, other links."""
+    model_dir = request.getfixturevalue(arch)
+
     async def run(placement, expert_domain=None):
-        async with InprocCluster(mixtral_dir, placement=placement) as cluster:
+        async with InprocCluster(model_dir, placement=placement) as cluster:
             if expert_domain is not None:
                 cluster.m2n.attention_domain, cluster.m2n.expert_domain = 1, expert_domain
             tokens = await cluster.generate(PROMPTS, 8)
             return tokens, list(cluster.m2n.stats.messages_sent)
 
     from expertmesh.model.spec import ModelSpec
-    spec = ModelSpec.from_dir(mixtral_dir)
+    spec = ModelSpec.from_dir(model_dir)
     replicated = Placement(2, {layer: [[1, 0] for _ in range(spec.num_experts)] for layer in spec.moe_layer_ids})
     contiguous_tokens, _ = asyncio.run(run(Placement.contiguous(spec, 2)))
     balanced_tokens, balanced = asyncio.run(run(replicated))

@@ -22,8 +22,8 @@ def test_unsupported_architecture_and_rope_are_named():
     base = json.loads('{"architectures": ["LlamaForCausalLM"]}')
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM"):
         ModelSpec.from_hf_config(base)
-    cfg = {"architectures": ["MixtralForCausalLM"], "rope_scaling": {"rope_type": "yarn"}}
-    with pytest.raises(UnsupportedModelError, match="yarn"):
+    cfg = {"architectures": ["MixtralForCausalLM"], "rope_scaling": {"rope_type": "longrope"}}
+    with pytest.raises(UnsupportedModelError, match="longrope"):
         ModelSpec.from_hf_config(cfg)
 
 

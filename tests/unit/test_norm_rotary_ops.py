@@ -4,7 +4,9 @@ a rotation computed independently in float64."""
 import pytest
 import torch
 
-from expertmesh.model.layers import RotaryTable, rms_norm as layers_rms_norm, route as layers_route
+from expertmesh.model.layers import rms_norm as layers_rms_norm, route as layers_route
+from expertmesh.model.rotary import RotaryTable
+from expertmesh.model.spec import Rope
 from expertmesh.ops.attention import write_kv_reference
 from expertmesh.ops.backend import pick_backend
 from expertmesh.ops.norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
@@ -39,14 +41,14 @@ def test_add_rms_norm_is_the_residual_add_then_the_layers_norm(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_apply_rotary_is_bitwise_the_rotary_table(dtype):
-    table = RotaryTable(64, 10000.0, 50, dtype, "cpu")
+    table = RotaryTable(Rope(10000.0), 64, 50, dtype, "cpu")
     x, positions = randn(5, 3, 64, dtype=dtype), torch.tensor([0, 1, 49, 7, 7])
     assert torch.equal(apply_rotary_reference(x, table.cos, table.sin, positions), table.apply(x, positions))
 
 
 def test_rotary_rotates_each_pair_of_halves_by_position_times_frequency():
     head_dim, theta = 32, 500.0
-    table = RotaryTable(head_dim, theta, 40, torch.float32, "cpu")
+    table = RotaryTable(Rope(theta), head_dim, 40, torch.float32, "cpu")
     x, positions = randn(4, 2, head_dim), torch.tensor([0, 3, 39, 11])
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angle = positions.double()[:, None, None] * inv_freq  # [tokens, 1, half]
@@ -75,7 +77,7 @@ def layers_composition(qkv, positions, table, k_cache, v_cache, slot_mapping, nu
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(8, 2, 64), (4, 4, 128), (8, 1, 64)])
 def test_rotate_and_write_kv_is_bitwise_the_layers_composition(num_heads, num_kv_heads, head_dim, qk_norm, dtype):
     tokens, block_size, num_blocks = 6, 8, 5
-    table = RotaryTable(head_dim, 10000.0, 64, dtype, "cpu")
+    table = RotaryTable(Rope(10000.0), head_dim, 64, dtype, "cpu")
     width = (num_heads + 2 * num_kv_heads) * head_dim
     qkv = randn(tokens, width + 16, dtype=dtype)[:, :width]  # rows strided, as a slice of a wider output
     positions = torch.tensor([5, 0, 63, 17, 0, 2])
@@ -94,7 +96,7 @@ def test_rotate_and_write_kv_is_bitwise_the_layers_composition(num_heads, num_kv
 
 
 def test_rotate_and_write_kv_takes_both_norms_or_neither():
-    table = RotaryTable(64, 10000.0, 8, torch.float32, "cpu")
+    table = RotaryTable(Rope(10000.0), 64, 8, torch.float32, "cpu")
     cache = torch.zeros(1, 8, 1, 64)
     with pytest.raises(ValueError, match="both"):
         rotate_and_write_kv(torch.zeros(1, 3 * 64), torch.zeros(1, dtype=torch.long), table.cos, table.sin, cache,
