@@ -38,7 +38,22 @@ def complete(client: httpx.Client, prompt, **fields) -> dict:
 
 
 def test_greedy_tokens_and_logprobs_equal_transformers(served):
-    cluster, model_dir = served
+    assert_greedy_tokens_and_logprobs_equal_transformers(*served)
+
+
+def test_deepseek_greedy_tokens_and_logprobs_equal_transformers_over_lockstep_gloo(deepseek_dir):
+    """DeepSeek-V3 through real processes: its experts on expert nodes over the lockstep M2N (gloo, 2 microbatches),
+    MLA, shared experts and routing on the attention node; only this test, to keep the suite short (the other modes
+    run in one process: test_exact_inproc.py)."""
+    cluster = Cluster(deepseek_dir, attention_nodes=1, expert_nodes=2,
+                      extra=["--transport", "gloo", "--microbatches", "2"]).wait_ready()
+    try:
+        assert_greedy_tokens_and_logprobs_equal_transformers(cluster, deepseek_dir)
+    finally:
+        cluster.stop()
+
+
+def assert_greedy_tokens_and_logprobs_equal_transformers(cluster, model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     reference.generation_config.eos_token_id = None  # as ignore_eos: plain greedy for all 32 tokens

@@ -72,3 +72,22 @@ def test_an_unknown_backend_is_refused():
     step = make_step([1], [3], num_q_heads=2, num_kv_heads=1, head_dim=16, block_size=8)
     with pytest.raises(ValueError, match="cuda-graph"):
         paged_attention(*step.attention_args(), backend="cuda-graph")
+
+
+def test_mla_absorbed_decode_equals_expanded_attention():
+    """MLA at decode folds kv_b_proj into the query and the output (attention over the latents themselves); the
+    expanded path builds per-head keys and values from the latents first, as transformers does. Same result."""
+    from expertmesh.ops.mla import mla_attention, mla_attention_expanded
+    heads, rank, rope, nope, v_dim = 4, 24, 8, 16, 12
+    step = make_step([1, 1, 0, 1], [40, 1, 0, 17], num_q_heads=heads, num_kv_heads=1, head_dim=rank + rope,
+                     block_size=16, padding_tokens=2, seed=3)
+    step.write_new_kv()  # new_k: each token's latent and rope key, the one MLA cache tensor
+    gen = torch.Generator().manual_seed(3)
+    tokens = step.q.shape[0]
+    q_nope, q_rope = torch.randn(tokens, heads, nope, generator=gen), torch.randn(tokens, heads, rope, generator=gen)
+    kv_b_proj = torch.randn(heads * (nope + v_dim), rank, generator=gen) / rank ** 0.5
+    args = (step.k_cache, kv_b_proj, step.block_table, step.seq_lens, step.query_start)
+    absorbed = mla_attention(q_nope, q_rope, *args, 1, 0.2)
+    expanded = mla_attention_expanded(q_nope, q_rope, *args, 0.2)
+    assert absorbed.shape == (tokens, heads, v_dim) and absorbed[-2:].eq(0).all()
+    torch.testing.assert_close(absorbed, expanded, atol=1e-5, rtol=0)

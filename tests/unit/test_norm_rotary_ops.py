@@ -130,3 +130,28 @@ def test_fused_route_chooses_the_same_experts_with_the_same_weights(num_experts,
     # on the CPU, "auto" is the reference: bitwise today's route
     for got, want in zip(route(x, router, top_k, norm_topk_prob), layers_route(x, router, top_k, norm_topk_prob)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("groups, top_groups, norm_topk_prob", [(4, 2, True), (1, 1, True), (8, 3, False)])
+def test_grouped_sigmoid_route_is_transformers_deepseek_router(groups, top_groups, norm_topk_prob):
+    """route_grouped against transformers' DeepseekV3TopkRouter on the same weights: the same experts (as sets: both
+    take the top k unsorted) and the same weights, with a bias large enough to change choices."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    from expertmesh.ops.router import route_grouped
+    config = DeepseekV3Config(hidden_size=32, n_routed_experts=64, num_experts_per_tok=6, n_group=groups,
+                              topk_group=top_groups, norm_topk_prob=norm_topk_prob, routed_scaling_factor=2.5)
+    router = DeepseekV3TopkRouter(config)
+    gen = torch.Generator().manual_seed(groups)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(64, 32, generator=gen) / 32 ** 0.5)
+        router.e_score_correction_bias.copy_(0.2 * torch.randn(64, generator=gen))
+        x = torch.randn(50, 32, generator=gen)
+        _, expected_weights, expected_ids = router(x)
+    ids, weights = route_grouped(x, router.weight, router.e_score_correction_bias, 6, groups, top_groups,
+                                 norm_topk_prob, 2.5)
+    order, expected_order = ids.long().sort(-1), expected_ids.sort(-1)
+    assert torch.equal(order.values, expected_order.values)
+    torch.testing.assert_close(weights.gather(1, order.indices), expected_weights.gather(1, expected_order.indices),
+                               atol=0, rtol=0)
