@@ -217,8 +217,8 @@ class M2NClient:
                 await conn.send(Hello(self.attention_node, num_layers, num_experts))
                 await hello_reply(conn, node, self.placement, num_experts, timeout_s)
                 break
-            except (TransportError, ExpertNodeError) as exc:  # not up yet, or not the node we expect: again
-                log.info("expert node %d has not rejoined yet: %s", node, exc)
+            except Exception as exc:  # not up yet, or not the node we expect (yet): again, whatever it was
+                log.info("expert node %d has not rejoined yet: %r", node, exc)
                 if conn is not None:
                     await _close_quietly(conn)
                 await asyncio.sleep(0.2)
