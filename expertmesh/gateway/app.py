@@ -15,11 +15,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
 
 from ..transport.protocol import SamplingParams
 from .metrics import GatewayMetrics
 from ..telemetry import chrome_trace
 from .nodes import AttentionNodeClient, NodeLink
+from . import openapi
 from .router import RoutingPolicy, choose_node
 from .schema import ChatRequest, CompletionRequest, SamplingFields, error_body
 from .text import TextCodec, TextStream
@@ -71,7 +73,10 @@ def create_app(served: ServedModel) -> FastAPI:
         for node in served.all_nodes:
             await node.close()
 
-    app = FastAPI(title="expertmesh", lifespan=lifespan)
+    app = FastAPI(title="expertmesh", lifespan=lifespan,
+                  description="OpenAI-compatible completions and chat of a Mixture-of-Experts model, served by "
+                              "disaggregated attention and expert nodes")
+    openapi.describe(app)
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
@@ -97,42 +102,49 @@ def create_app(served: ServedModel) -> FastAPI:
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg", "invalid request"))
         return JSONResponse(error_body(message, param=param), status_code=400)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's and FastAPI's own errors (a body that is not UTF-8, an unknown path, a wrong method) in
+        OpenAI's error body too."""
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code, headers=exc.headers)
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         served.metrics.requests["rejected" if exc.status < 500 else "failed"] += 1
         return JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status,
                             headers=exc.headers)
 
-    @app.get("/health")
+    @app.get("/health", responses=openapi.HEALTH)
     async def health() -> JSONResponse:
         not_ready = [n.name for n in served.all_nodes if not n.ready]
         if not_ready:
             return JSONResponse({"status": "starting or failed", "not_ready": not_ready}, 503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=openapi.METRICS)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(served.metrics.render(served.nodes, served.expert_nodes, served.routing),
                                  media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/admin/trace/start")
+    @app.post("/admin/trace/start", responses=openapi.TRACE_START)
     async def trace_start() -> dict:
         """Every node starts recording a timeline of its phases."""
         await asyncio.gather(*(node.trace(record=True) for node in served.all_nodes))
         return {"tracing": True}
 
-    @app.post("/admin/trace/stop")
+    @app.post("/admin/trace/stop", responses=openapi.TRACE_STOP)
     async def trace_stop() -> dict:
         """Stops recording; the timelines of all nodes as one Chrome trace (open it in Perfetto)."""
         traces = await asyncio.gather(*(node.trace(record=False) for node in served.all_nodes))
         return chrome_trace({t.node: t.events for t in traces if t is not None})
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=openapi.MODELS)
     async def models() -> dict:
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
                                             "owned_by": "expertmesh", "max_model_len": served.max_model_len}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=openapi.COMPLETIONS)
     async def completions(body: CompletionRequest):
         if isinstance(body.prompt, str):
             if not body.prompt:
@@ -142,7 +154,7 @@ def create_app(served: ServedModel) -> FastAPI:
             prompt_ids = body.prompt
         return await respond(body, prompt_ids, body.max_tokens or 16, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=openapi.CHAT_COMPLETIONS)
     async def chat(body: ChatRequest):
         text = served.codec.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages])
         prompt_ids = served.codec.encode(text)

@@ -26,6 +26,9 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "def fibonacci(n):", "max_tokens": 16, "temperature": 0},
+        {"prompt": [1, 2, 3], "max_tokens": 4, "stream": True, "logprobs": 2, "seed": 7, "stop": ["\n"]}]})
     prompt: str | list[int]
     logprobs: int | None = Field(default=None, ge=0, le=20)
 
@@ -49,6 +52,11 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"role": "user", "content": "Bonjour"}], "max_tokens": 8, "temperature": 0},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [
+            {"type": "text", "text": "hi"}]}], "max_completion_tokens": 4, "stream": True, "logprobs": True,
+         "top_logprobs": 2, "return_token_ids": True}]})
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
@@ -61,3 +69,152 @@ class ChatRequest(SamplingFields):
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# Response bodies: what the API documents in its OpenAPI schema (gateway/openapi.py), and what the fuzzing test holds
+# every response to. The handlers build plain dicts; these describe them.
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(TopLogprob):
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class TokenIds(BaseModel):
+    """vLLM's return_token_ids: present only when asked for."""
+    token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = None
+
+
+class CompletionChoice(TokenIds):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: CompletionLogprobs | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(TokenIds):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: ChatLogprobs | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None  # None until the last chunk
+    logprobs: CompletionLogprobs | None
+
+
+class CompletionChunk(BaseModel):
+    """One server-sent event of a streamed completion."""
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None  # in the first chunk only
+    content: str
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None  # None until the last chunk
+    logprobs: ChatLogprobs | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: str
+    not_ready: list[str] | None = None  # the nodes that are not ready, while any is (then the status is 503)
+
+
+class TraceStarted(BaseModel):
+    tracing: bool
+
+
+class ChromeTrace(BaseModel):
+    """Every node's timeline as one Chrome trace (open it in Perfetto)."""
+    traceEvents: list[dict[str, Any]]
+    displayTimeUnit: str

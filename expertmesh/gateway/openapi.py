@@ -1,0 +1,85 @@
+"""The gateway's OpenAPI schema (/openapi.json, /docs): every endpoint with the responses it really gives — bodies
+from schema.py, server-sent events, Prometheus text — and invalid bodies as the 400s they are, not FastAPI's 422."""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from pydantic import BaseModel
+
+from .schema import (ChatCompletionChunk, ChatCompletionResponse, ChromeTrace, CompletionChunk, CompletionResponse,
+                     ErrorResponse, Health, ModelList, TraceStarted)
+
+_ERRORS = {
+    400: "Invalid request: malformed JSON, a field of the wrong type or out of range, a prompt too long",
+    401: "Missing or wrong API key (when the server has one: `Authorization: Bearer KEY`)",
+    404: "No such model: `model` is none of the served names",
+    429: "At capacity (requests or prompt tokens in flight): retry after `Retry-After` seconds",
+    500: "Generation failed, e.g. its attention node was lost",
+    503: "No attention node is ready: retry after `Retry-After` seconds",
+}
+Responses = dict[int | str, dict[str, Any]]
+
+
+def errors(*statuses: int) -> Responses:
+    """OpenAI's error body, for each status."""
+    return {status: {"model": ErrorResponse, "description": _ERRORS[status]} for status in statuses}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def server_sent_event(chunk: type[BaseModel]) -> dict[str, Any]:
+    """One event of a stream (Open API before 3.2 has a stream's `schema` describe each event): its data a chunk,
+    an error body (generation failed; the stream's last chunk), or the `[DONE]` that ends every stream."""
+    data = {"type": "string", "contentMediaType": "application/json",
+            "contentSchema": {"anyOf": [_ref(chunk), _ref(ErrorResponse)]}}
+    return {"type": "object", "required": ["data"],
+            "properties": {"event": {"type": "string"}, "data": {"anyOf": [{"const": "[DONE]"}, data]}}}
+
+
+def generation(body: type[BaseModel], chunk: type[BaseModel]) -> Responses:
+    """A completion as JSON, or with `stream: true` as server-sent events."""
+    return {200: {"model": body, "description": "The whole response; with `stream: true`, server-sent events "
+                  "instead: one `data: {...}` per chunk, an error body as a last chunk if generation fails, then "
+                  "`data: [DONE]`",
+                  "content": {"text/event-stream": {"schema": server_sent_event(chunk)}}},
+            **errors(400, 401, 404, 429, 500, 503)}
+
+
+_CHUNKS = (CompletionChunk, ChatCompletionChunk)  # referenced by the event streams, not by FastAPI's routes
+COMPLETIONS = generation(CompletionResponse, CompletionChunk)
+CHAT_COMPLETIONS = generation(ChatCompletionResponse, ChatCompletionChunk)
+MODELS: Responses = {200: {"model": ModelList, "description": "The served model (its first name)"}, **errors(401)}
+HEALTH: Responses = {200: {"model": Health, "description": "Every node is ready"},
+                     503: {"model": Health, "description": "Some node is starting, restarting or lost: `not_ready`"}}
+METRICS: Responses = {200: {"description": "Prometheus text format"}}
+TRACE_START: Responses = {200: {"model": TraceStarted, "description": "Every node records its phases"},
+                          **errors(401)}
+TRACE_STOP: Responses = {200: {"model": ChromeTrace, "description": "Every node's timeline, as one Chrome trace"},
+                         **errors(401)}
+
+
+def describe(app: FastAPI) -> None:
+    """Builds /openapi.json as FastAPI does, less the 422 it documents for every body (ours are 400s)."""
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            for chunk in _CHUNKS:
+                chunk_schema = chunk.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(chunk_schema.pop("$defs", {}))
+                components[chunk.__name__] = chunk_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
