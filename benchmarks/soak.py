@@ -4,6 +4,7 @@ hang or be lost; prints the tally and the longest time from a kill to the next c
 
     python benchmarks/soak.py --duration 600 --kill-every 120 --json soak.json    # the issue's 10 minutes
     python benchmarks/soak.py --duration 60 --kill-every 20                       # the CI version (tests/)
+    python benchmarks/soak.py --duration 120 --kill-every 30 --kill expert --replicate   # replicas: nothing fails
 
 Workload, per client in a loop: non-streamed completions (60%), streams read to the end (25%), streams dropped
 after their first token (10%), malformed requests that must get a 4xx (5%)."""
@@ -16,13 +17,17 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import httpx
 
 from expertmesh.config import Config
 from expertmesh.launcher.local import LocalCluster, free_port
+from expertmesh.model.spec import ModelSpec
+from expertmesh.placement.plan import Placement
 
 REQUEST_DEADLINE_S = 60.0  # a request not ended by then counts as hung
 
@@ -106,13 +111,14 @@ async def clients(url: str, count: int, until: float, tally: Tally, seed: int) -
     await asyncio.gather(*(loop(i) for i in range(count)))
 
 
-async def killer(cluster: LocalCluster, every_s: float, until: float, tally: Tally) -> None:
-    roles = [[c for c in cluster.children if c.name.startswith(role)] for role in ("attention", "expert")]
+async def killer(cluster: LocalCluster, every_s: float, until: float, tally: Tally,
+                 kill_roles: tuple[str, ...] = ("attention", "expert")) -> None:
+    roles = [[c for c in cluster.children if c.name.startswith(role)] for role in kill_roles]
     turn = 0
     while time.monotonic() + every_s < until:
         await asyncio.sleep(every_s)
-        nodes = roles[turn % 2]  # attention and expert nodes in turn, each index in turn
-        victim = nodes[(turn // 2) % len(nodes)]
+        nodes = roles[turn % len(roles)]  # the roles in turn, each index in turn
+        victim = nodes[(turn // len(roles)) % len(nodes)]
         turn += 1
         if victim.process.poll() is None:
             os.kill(victim.process.pid, signal.SIGKILL)
@@ -120,10 +126,18 @@ async def killer(cluster: LocalCluster, every_s: float, until: float, tally: Tal
             print(f"soak: killed {victim.name}", file=sys.stderr, flush=True)
 
 
-def soak(model: str, duration_s: float, kill_every_s: float, concurrency: int, seed: int = 0) -> dict:
+def soak(model: str, duration_s: float, kill_every_s: float, concurrency: int, seed: int = 0,
+         kill_roles: tuple[str, ...] = ("attention", "expert"), replicate: bool = False) -> dict:
     config = Config()
     config.model.path = model
     config.cluster.attention_nodes, config.cluster.expert_nodes = 2, 2
+    if replicate:  # every expert on both expert nodes: a lost one loses nothing
+        spec = ModelSpec.from_dir(model)
+        path = Path(tempfile.mkdtemp(prefix="soak-")) / "replicated.json"
+        path.write_text(Placement(2, {layer: [[0, 1] if e < spec.num_experts // 2 else [1, 0]
+                                              for e in range(spec.num_experts)]
+                                      for layer in spec.moe_layer_ids}).to_json())
+        config.cluster.placement = str(path)
     config.transport.recv_timeout_s = 5.0
     config.gateway.port = free_port()
     tally = Tally()
@@ -134,7 +148,7 @@ def soak(model: str, duration_s: float, kill_every_s: float, concurrency: int, s
             supervise = asyncio.create_task(_supervise(cluster))
             try:
                 await asyncio.gather(clients(cluster.url, concurrency, until, tally, seed),
-                                     killer(cluster, kill_every_s, until, tally))
+                                     killer(cluster, kill_every_s, until, tally, kill_roles))
             finally:
                 supervise.cancel()
 
@@ -160,9 +174,12 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=600.0)
     p.add_argument("--kill-every", type=float, default=120.0)
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--kill", default="attention,expert", help="roles whose nodes are killed in turn")
+    p.add_argument("--replicate", action="store_true", help="every expert on both expert nodes")
     p.add_argument("--json")
     args = p.parse_args()
-    report = soak(args.model, args.duration, args.kill_every, args.concurrency)
+    report = soak(args.model, args.duration, args.kill_every, args.concurrency,
+                  kill_roles=tuple(args.kill.split(",")), replicate=args.replicate)
     print("| " + " | ".join(report) + " |")
     print("| " + " | ".join(str(v) for v in report.values()) + " |")
     if args.json:
