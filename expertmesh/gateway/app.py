@@ -76,7 +76,7 @@ def create_app(served: ServedModel) -> FastAPI:
     app = FastAPI(title="expertmesh", lifespan=lifespan,
                   description="OpenAI-compatible completions and chat of a Mixture-of-Experts model, served by "
                               "disaggregated attention and expert nodes")
-    openapi.describe(app)
+    openapi.describe(app, bearer=served.api_key is not None)
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):

@@ -63,8 +63,9 @@ TRACE_STOP: Responses = {200: {"model": ChromeTrace, "description": "Every node'
                          **errors(401)}
 
 
-def describe(app: FastAPI) -> None:
-    """Builds /openapi.json as FastAPI does, less the 422 it documents for every body (ours are 400s)."""
+def describe(app: FastAPI, bearer: bool = False) -> None:
+    """Builds /openapi.json as FastAPI does, less the 422 it documents for every body (ours are 400s); with bearer (the
+    server has an API key), /v1/* and /admin/* say they need it, so that clients and /docs send it."""
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
@@ -79,6 +80,12 @@ def describe(app: FastAPI) -> None:
                 chunk_schema = chunk.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(chunk_schema.pop("$defs", {}))
                 components[chunk.__name__] = chunk_schema
+            if bearer:
+                schema["components"]["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+                for path, operations in schema["paths"].items():
+                    for operation in operations.values():
+                        if path.startswith(("/v1/", "/admin/")):
+                            operation["security"] = [{"apiKey": []}]
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -13,8 +13,8 @@ from expertmesh.gateway.text import TextCodec
 MODEL = Path(__file__).resolve().parents[2] / "models" / "expertmesh-mini"
 
 
-def app():
-    return create_app(ServedModel("mini", 512, 256, TextCodec(MODEL), nodes=[]))
+def app(api_key=None):
+    return create_app(ServedModel("mini", 512, 256, TextCodec(MODEL), nodes=[], api_key=api_key))
 
 
 def test_every_endpoint_documents_its_responses_and_none_documents_422():
@@ -54,3 +54,12 @@ def test_starlettes_own_errors_get_openais_error_body():
         assert response.status_code == status
         error = response.json()["error"]
         assert error["type"] == "invalid_request_error" and error["message"], response.text
+
+
+def test_with_an_api_key_the_api_says_it_needs_the_bearer():
+    assert "securitySchemes" not in app().openapi()["components"]
+    api = app("s3cret").openapi()
+    assert api["components"]["securitySchemes"] == {"apiKey": {"type": "http", "scheme": "bearer"}}
+    needs = {path: "security" in operation for path, methods in api["paths"].items() for operation in methods.values()}
+    assert needs == {"/health": False, "/metrics": False, "/v1/models": True, "/v1/completions": True,
+                     "/v1/chat/completions": True, "/admin/trace/start": True, "/admin/trace/stop": True}
