@@ -132,7 +132,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--json", help="write every row here as JSON")
     lay = bench.add_parser("layer", help="one MoE layer's attention and expert parts at decode, against the floor")
     lay.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
-    lay.add_argument("--shapes", help="comma-separated of mixtral,qwen3,tiny (default: mixtral,qwen3; tiny on cpu)")
+    lay.add_argument("--shapes", help="comma-separated of mixtral,qwen3,deepseek_v3,tiny,tiny_mla (default: "
+                     "mixtral,qwen3; tiny on cpu)")
+    lay.add_argument("--parts", default="attention,experts", help="which parts to time (experts stacks them all)")
     lay.add_argument("--tokens", default="1,16,64,256", help="decode tokens (= sequences)")
     lay.add_argument("--contexts", default="512,4096", help="tokens of context per sequence")
     lay.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
@@ -166,7 +168,10 @@ def _place_parser(sub: argparse._SubParsersAction) -> None:
 
 def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="replay a routing trace on a cluster of any size, report bytes and load")
-    p.add_argument("--trace", required=True, help="routing trace to replay (.npz)")
+    p.add_argument("--trace", help="routing trace to replay (.npz; default with --shape: a synthetic one)")
+    p.add_argument("--shape", help="a released model's shape (mixtral, qwen3, deepseek_v3): its hidden size, and "
+                   "without --trace a synthetic trace of its routing (documents of 256 tokens in 4 text domains)")
+    p.add_argument("--synthetic-docs", type=int, default=64, help="documents of the synthetic trace")
     p.add_argument("--cluster", required=True, help="YAML/JSON topology (as for `place`)")
     p.add_argument("--placement", help="placement JSON (default: contiguous blocks)")
     p.add_argument("--policy", choices=["round_robin", "rebatch"], default="round_robin",
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         from .placement.simulator import simulate_files
         report = simulate_files(args.trace, args.cluster, args.placement, args.policy, args.predictor, args.fit_trace,
                                 args.hidden_size, args.dtype_bytes, args.tokens_per_request, args.prompt_tokens,
-                                args.seed, args.spill)
+                                args.seed, args.spill, args.shape, args.synthetic_docs)
         print(json.dumps(report.to_dict(), indent=1))
         if args.json:
             with open(args.json, "w") as handle:

@@ -17,7 +17,7 @@ from ..cuda_graph import split_counts
 from ..host_copy import to_device
 from ..kv.cache import PagedKVCache
 from ..kv.metadata import StepMetadata
-from ..model.layers import attention, mla_attention, route_tokens, swiglu
+from ..model.layers import route_and_share, self_attention, swiglu
 from ..model.rotary import RotaryTable
 from ..model.spec import ModelSpec
 from ..model.weights import AttentionSideWeights
@@ -177,22 +177,12 @@ class ModelRunner:
         for i in range(first, last + 1):
             layer = w.layers[i]
             x, h = (rms_norm(h, layer.input_norm, eps), h) if out is None else add_rms_norm(out, h, layer.input_norm, eps)
-            if spec.mla is not None:
-                out = mla_attention(layer.attention, x, meta, self.rotary, self.kv_cache.k[i], spec)
-            else:
-                out = attention(layer.attention, x, meta, self.rotary, self.kv_cache.k[i], self.kv_cache.v[i],
-                                spec.num_heads, spec.num_kv_heads, spec.head_dim, eps)
+            out = self_attention(layer, x, meta, self.rotary, self.kv_cache.layer(i), spec)
             x, h = add_rms_norm(out, h, layer.post_attention_norm, eps)
             if layer.router is None:
                 out = swiglu(x, *layer.dense_mlp)
                 continue
-            expert_ids, expert_weights = route_tokens(layer, x, spec)
-            if layer.shared_mlp is not None:
-                # DeepSeek's shared experts run here, beside the router, and join the residual stream before the
-                # routed sum does: dense and used by every token, on an expert node they would add that node to
-                # every token's fan-out and its whole batch to that node's load, while here they cost what one
-                # routed expert costs per token, beside an attention that costs far more (RESULTS.md, bench layer)
-                h = h + swiglu(x, *layer.shared_mlp)
+            expert_ids, expert_weights, h = route_and_share(layer, x, h, spec)  # shared experts join h here
             if self.local_experts is not None:
                 out = fused_moe(x, expert_ids, expert_weights, self.local_experts[i])
                 continue

@@ -1,8 +1,9 @@
 """`expertmesh bench layer`: one MoE layer's attention part and expert part at decode, against the floor.
 
 Floor = max(bytes that must be read ÷ copy bandwidth, flops ÷ matmul peak), both measured on the same device
-in the same run. Attention part: norm, qkv, rotary, KV write, paged attention over each sequence's context,
-o_proj, norm, router; its bytes are the layer's attention weights and the KV cache up to each sequence's length.
+in the same run. Attention part: norm, qkv (MLA: the low-rank q and the latent), rotary, KV write, paged attention
+over each sequence's context, o_proj, norm, router and shared experts (DeepSeek: also timed alone, as "shared"); its
+bytes are the layer's attention-node weights and the KV cache (MLA: the latents) up to each sequence's length.
 Expert part: the fused MoE of the chosen experts; its bytes are the weights of the experts actually chosen. On
 CUDA each part is captured in a CUDA graph and its replays timed with events, rotating over copies of the weights
 and cache so that repeated runs do not read from L2."""
@@ -17,34 +18,15 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..cuda_graph import capture
+from ..kv.cache import entry_layout
 from ..kv.metadata import build_step_metadata
-from ..model.layers import attention
+from ..model.layers import route_and_share, self_attention, swiglu
 from ..model.rotary import RotaryTable
-from ..model.spec import Rope
-from ..ops.norm import add_rms_norm, rms_norm
-from ..ops.router import route
-from ..model.weights import GQAWeights, LayerWeights
+from ..model.shapes import shape as named_shape
+from ..model.spec import ModelSpec
+from ..model.weights import GQAWeights, LayerWeights, MLAWeights
 from ..ops.fused_moe import StackedExperts, fused_moe
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    name: str
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    experts: int
-    inter: int
-    top_k: int
-    qk_norm: bool
-
-
-SHAPES = {
-    "mixtral": LayerShape("Mixtral-8x7B", 4096, 32, 8, 128, 8, 14336, 2, False),
-    "qwen3": LayerShape("Qwen3-30B-A3B", 2048, 32, 4, 128, 128, 768, 8, True),
-    "tiny": LayerShape("tiny", 256, 8, 2, 32, 16, 384, 2, False),  # for --device cpu
-}
+from ..ops.norm import add_rms_norm, rms_norm
 
 
 @dataclass
@@ -113,73 +95,121 @@ def _copies(bytes_per_copy: int, device: str) -> int:
     return 1 if not device.startswith("cuda") else max(1, min(8, math.ceil(240e6 / max(bytes_per_copy, 1))))
 
 
-def bench_attention(shape: LayerShape, tokens: int, context: int, device: str, dtype: torch.dtype, bw: float,
-                    peak: float, block_size: int = 16, reps: int = 50, backends=("auto",)) -> list[Row]:
-    s = shape
+def random_layer(spec: ModelSpec, dtype: torch.dtype, device: str) -> LayerWeights:
+    """One MoE layer's attention-node weights (attention, router, shared experts), random at unit gain."""
+    def linear(out_dim: int, in_dim: int, as_dtype: torch.dtype = dtype) -> torch.Tensor:
+        return torch.randn(out_dim, in_dim, dtype=as_dtype, device=device) / math.sqrt(in_dim)
+
+    def ones(dim: int) -> torch.Tensor:
+        return torch.ones(dim, dtype=dtype, device=device)
+
+    hidden, heads, mla = spec.hidden_size, spec.num_heads, spec.mla
+    if mla is None:
+        q_out, kv_out = heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        attention = GQAWeights(qkv_proj=linear(q_out + 2 * kv_out, hidden), o_proj=linear(hidden, q_out),
+                               q_norm=ones(spec.head_dim) if spec.qk_norm else None,
+                               k_norm=ones(spec.head_dim) if spec.qk_norm else None)
+    else:
+        q_rank, q_out = mla.q_lora_rank, heads * mla.qk_head_dim
+        attention = MLAWeights(
+            q_proj=linear(q_out, hidden) if q_rank is None else None,
+            q_a_proj=linear(q_rank, hidden) if q_rank else None, q_a_norm=ones(q_rank) if q_rank else None,
+            q_b_proj=linear(q_out, q_rank) if q_rank else None,
+            kv_a_proj=linear(mla.kv_lora_rank + mla.qk_rope_head_dim, hidden), kv_a_norm=ones(mla.kv_lora_rank),
+            kv_b_proj=linear(heads * (mla.qk_nope_head_dim + mla.v_head_dim), mla.kv_lora_rank),
+            o_proj=linear(hidden, heads * mla.v_head_dim))
+    shared = spec.shared_intermediate_size
+    sigmoid = spec.scoring == "sigmoid"  # DeepSeek keeps its router in float32, as transformers does
+    return LayerWeights(
+        input_norm=ones(hidden), attention=attention, post_attention_norm=ones(hidden),
+        router=linear(spec.num_experts, hidden, torch.float32 if sigmoid else dtype),
+        router_bias=torch.zeros(spec.num_experts, device=device) if sigmoid else None, dense_mlp=None,
+        shared_mlp=(linear(2 * shared, hidden), linear(hidden, shared)) if shared else None)
+
+
+def _tensors(weights) -> list[torch.Tensor]:
+    """Every tensor of a weights dataclass, nested dataclasses and tuples included."""
+    found = []
+    for value in vars(weights).values() if hasattr(weights, "__dataclass_fields__") else weights:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif value is not None:
+            found += _tensors(value)
+    return found
+
+
+def _bytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def bench_attention(spec: ModelSpec, name: str, tokens: int, context: int, device: str, dtype: torch.dtype,
+                    bw: float, peak: float, block_size: int = 16, reps: int = 50) -> list[Row]:
+    """The attention node's part of one MoE layer at decode: norms, attention over each sequence's context, router
+    and (DeepSeek) shared experts; and the shared experts alone, the price of running them there."""
     elt = torch.empty((), dtype=dtype).element_size()
-    q_out, kv_out = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    weight_params = (q_out + 2 * kv_out) * s.hidden + s.hidden * q_out + s.experts * s.hidden
-    kv_bytes = tokens * context * 2 * kv_out * elt
-    n_bytes = weight_params * elt + kv_bytes + 4 * tokens * s.hidden * elt
-    flops = 2 * tokens * weight_params + 4 * tokens * context * s.heads * s.head_dim
+    heads, dim, tensors = entry_layout(spec)
+    kv_bytes = tokens * context * tensors * heads * dim * elt
+    if spec.mla is None:
+        attention_flops = 4 * tokens * context * spec.num_heads * spec.head_dim
+    else:  # absorbed: scores over latent + rope key, values over the latent
+        attention_flops = 2 * tokens * context * spec.num_heads * (2 * spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim)
     blocks_per_seq = math.ceil(context / block_size)
-    rotary = RotaryTable(Rope(theta=1e6), s.head_dim, context, dtype, device)
-    scale = 1 / math.sqrt(s.hidden)
+    rotary = RotaryTable(spec.rope, spec.head_dim, context, dtype, device)
     sets = []
-    for _ in range(_copies(weight_params * elt + kv_bytes, device)):
-        w = LayerWeights(
-            input_norm=torch.ones(s.hidden, dtype=dtype, device=device),
-            attention=GQAWeights(
-                qkv_proj=torch.randn(q_out + 2 * kv_out, s.hidden, dtype=dtype, device=device) * scale,
-                o_proj=torch.randn(s.hidden, q_out, dtype=dtype, device=device) / math.sqrt(q_out),
-                q_norm=torch.ones(s.head_dim, dtype=dtype, device=device) if s.qk_norm else None,
-                k_norm=torch.ones(s.head_dim, dtype=dtype, device=device) if s.qk_norm else None),
-            post_attention_norm=torch.ones(s.hidden, dtype=dtype, device=device),
-            router=torch.randn(s.experts, s.hidden, dtype=dtype, device=device) * scale, router_bias=None,
-            dense_mlp=None, shared_mlp=None)
-        shape_kv = (tokens * blocks_per_seq, block_size, s.kv_heads, s.head_dim)
-        k_cache = torch.randn(shape_kv, dtype=dtype, device=device)
-        v_cache = torch.randn(shape_kv, dtype=dtype, device=device)
+    for _ in range(_copies(_bytes(_tensors(random_layer(spec, dtype, "meta"))) + kv_bytes, device)):
+        w = random_layer(spec, dtype, device)
+        caches = tuple(torch.randn(tokens * blocks_per_seq, block_size, heads, dim, dtype=dtype, device=device)
+                       for _ in range(tensors))
         perm = torch.randperm(tokens * blocks_per_seq).tolist()  # scattered blocks, as a busy cache has them
         seqs = [(perm[i * blocks_per_seq:(i + 1) * blocks_per_seq], context - 1, 1) for i in range(tokens)]
         meta = build_step_metadata(seqs, block_size, device)
-        h = torch.randn(tokens, s.hidden, dtype=dtype, device=device)
-        sets.append((w, k_cache, v_cache, meta, h))
+        sets.append((w, caches, meta, torch.randn(tokens, spec.hidden_size, dtype=dtype, device=device)))
+    w = sets[0][0]
+    n_bytes = _bytes(_tensors(w)) + kv_bytes + 4 * tokens * spec.hidden_size * elt
+    matrix_params = sum(t.numel() for t in _tensors(w) if t.dim() == 2)
+    flops = 2 * tokens * matrix_params + attention_flops
+    eps = spec.rms_norm_eps
 
-    def part(w, k_cache, v_cache, meta, h):
-        x = rms_norm(h, w.input_norm, 1e-6)
-        x, _ = add_rms_norm(attention(w.attention, x, meta, rotary, k_cache, v_cache, s.heads, s.kv_heads, s.head_dim, 1e-6), h,
-                            w.post_attention_norm, 1e-6)
-        return route(x, w.router, s.top_k, True)
+    def part(w, caches, meta, h):
+        x = rms_norm(h, w.input_norm, eps)
+        x, h = add_rms_norm(self_attention(w, x, meta, rotary, caches, spec), h, w.post_attention_norm, eps)
+        return route_and_share(w, x, h, spec)
 
     seconds = time_graphed([lambda args=args: part(*args) for args in sets], device, reps)
-    floor = max(n_bytes / bw, flops / peak)
-    return [Row(s.name, "attention", "ours", tokens, context, seconds * 1e6, floor * 1e6, n_bytes, flops)]
+    rows = [Row(name, "attention", "ours", tokens, context, seconds * 1e6, max(n_bytes / bw, flops / peak) * 1e6,
+                n_bytes, flops)]
+    if w.shared_mlp is not None:
+        shared_bytes = _bytes(list(w.shared_mlp)) + 2 * tokens * spec.hidden_size * elt
+        shared_flops = 2 * tokens * sum(t.numel() for t in w.shared_mlp)
+        seconds = time_graphed([lambda args=args: swiglu(args[3], *args[0].shared_mlp) for args in sets], device, reps)
+        rows.append(Row(name, "shared", "ours", tokens, 0, seconds * 1e6,
+                        max(shared_bytes / bw, shared_flops / peak) * 1e6, shared_bytes, shared_flops))
+    return rows
 
 
-def bench_experts(shape: LayerShape, tokens: int, device: str, dtype: torch.dtype, bw: float, peak: float,
+def bench_experts(spec: ModelSpec, name: str, tokens: int, device: str, dtype: torch.dtype, bw: float, peak: float,
                   backends: tuple[str, ...], reps: int = 50) -> list[Row]:
-    s = shape
+    experts, hidden, inter, top_k = spec.num_experts, spec.hidden_size, spec.expert_intermediate_size, spec.top_k
     elt = torch.empty((), dtype=dtype).element_size()
     gen = torch.Generator(device="cpu").manual_seed(tokens)
-    experts = StackedExperts(
-        gate_up=(torch.randn(s.experts, 2 * s.inter, s.hidden, generator=gen) / math.sqrt(s.hidden)).to(device, dtype),
-        down=(torch.randn(s.experts, s.hidden, s.inter, generator=gen) / math.sqrt(s.inter)).to(device, dtype),
-        local_index=torch.arange(s.experts, dtype=torch.int32, device=device), expert_ids=list(range(s.experts)))
-    x = torch.randn(tokens, s.hidden, generator=gen).to(device, dtype)
-    ids = torch.stack([torch.randperm(s.experts, generator=gen)[:s.top_k] for _ in range(tokens)]).to(device, torch.int32)
-    weights = torch.softmax(torch.randn(tokens, s.top_k, generator=gen), -1).to(device)
+    stacked = StackedExperts(
+        gate_up=(torch.randn(experts, 2 * inter, hidden, generator=gen) / math.sqrt(hidden)).to(device, dtype),
+        down=(torch.randn(experts, hidden, inter, generator=gen) / math.sqrt(inter)).to(device, dtype),
+        local_index=torch.arange(experts, dtype=torch.int32, device=device), expert_ids=list(range(experts)))
+    x = torch.randn(tokens, hidden, generator=gen).to(device, dtype)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).to(device, torch.int32)
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=gen), -1).to(device)
     distinct = int(torch.unique(ids).numel())
-    n_bytes = distinct * 3 * s.hidden * s.inter * elt + 2 * tokens * s.hidden * elt
-    flops = 2 * tokens * s.top_k * 3 * s.hidden * s.inter
+    n_bytes = distinct * 3 * hidden * inter * elt + 2 * tokens * hidden * elt
+    flops = 2 * tokens * top_k * 3 * hidden * inter
     floor = max(n_bytes / bw, flops / peak)
     rows = []
     for backend in backends:
         if backend == "reference":  # today's per-expert loop: host syncs, so not captured
-            seconds = time_fn(lambda: fused_moe(x, ids, weights, experts, backend="reference"), device, min(reps, 10), 1)
+            seconds = time_fn(lambda: fused_moe(x, ids, weights, stacked, backend="reference"), device, min(reps, 10), 1)
         else:
-            seconds = time_graphed([lambda: fused_moe(x, ids, weights, experts, backend=backend)], device, reps)
-        rows.append(Row(s.name, "experts", backend, tokens, 0, seconds * 1e6, floor * 1e6, n_bytes, flops))
+            seconds = time_graphed([lambda: fused_moe(x, ids, weights, stacked, backend=backend)], device, reps)
+        rows.append(Row(name, "experts", backend, tokens, 0, seconds * 1e6, floor * 1e6, n_bytes, flops))
     return rows
 
 
@@ -194,7 +224,8 @@ def format_rows(rows: list[Row]) -> str:
 def main(args) -> int:
     device = args.device if args.device != "cuda" else "cuda:0"
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
-    shapes = [SHAPES[name] for name in (args.shapes or ("mixtral,qwen3" if device != "cpu" else "tiny")).split(",")]
+    names = (args.shapes or ("mixtral,qwen3" if device != "cpu" else "tiny")).split(",")
+    shapes = [named_shape(name) for name in names]
     tokens = [int(t) for t in args.tokens.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     backends = tuple(args.moe_backends.split(","))
@@ -204,13 +235,16 @@ def main(args) -> int:
         print(f"device {torch.cuda.get_device_name(device) if device != 'cpu' else 'cpu'}: copy {bw / 1e12:.2f} TB/s, "
               f"matmul {peak / 1e12:.1f} TFLOP/s ({args.dtype})", flush=True)
         rows: list[Row] = []
-        for shape in shapes:
+        for name, spec in shapes:
             for t in tokens:
-                for c in contexts:
-                    rows += bench_attention(shape, t, c, device, dtype, bw, peak, reps=args.reps)
-                    print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
-                rows += bench_experts(shape, t, device, dtype, bw, peak, backends, reps=args.reps)
-                print("\n".join(format_rows(rows[-len(backends):]).splitlines()[1:]), flush=True)
+                new_rows = []
+                if "attention" in args.parts:
+                    for c in contexts:
+                        new_rows += bench_attention(spec, name, t, c, device, dtype, bw, peak, reps=args.reps)
+                if "experts" in args.parts:
+                    new_rows += bench_experts(spec, name, t, device, dtype, bw, peak, backends, reps=args.reps)
+                rows += new_rows
+                print("\n".join(format_rows(new_rows).splitlines()[1:]), flush=True)
     print(format_rows(rows))
     if args.json:
         with open(args.json, "w") as handle:

@@ -35,6 +35,10 @@ class PagedKVCache:
         self.block_size = block_size
         self.device = torch.device(device)
 
+    def layer(self, i: int) -> tuple[torch.Tensor, ...]:
+        """Layer i's caches: (keys, values), or MLA's (latents,)."""
+        return (self.k[i], self.v[i]) if self.v else (self.k[i],)
+
     def step_metadata(self, seqs: list[tuple[list[int], int, int]], pad_to: tuple[int, int] | None = None,
                       block_table_width: int | None = None) -> StepMetadata:
         """build_step_metadata for this cache's block size and device; seqs: (block_ids, num_cached, num_new)."""

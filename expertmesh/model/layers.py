@@ -18,6 +18,29 @@ from .spec import ModelSpec
 from .weights import GQAWeights, LayerWeights, MLAWeights
 
 
+def self_attention(w: LayerWeights, x: torch.Tensor, meta: StepMetadata, rotary: RotaryTable,
+                   caches: tuple[torch.Tensor, ...], spec: ModelSpec) -> torch.Tensor:
+    """The layer's attention of x over its caches (kv/cache.py: (keys, values), or MLA's (latents,))."""
+    if spec.mla is not None:
+        return mla_attention(w.attention, x, meta, rotary, caches[0], spec)
+    return attention(w.attention, x, meta, rotary, *caches, spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                     spec.rms_norm_eps)
+
+
+def route_and_share(w: LayerWeights, x: torch.Tensor, h: torch.Tensor,
+                    spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A MoE layer's part on the attention node: (expert ids, weights) of each token of x, and the residual stream h
+    with the shared experts' output added (DeepSeek), before the routed sum joins it.
+
+    The shared experts run here, beside the router: dense and used by every token, on an expert node they would add
+    that node to every token's fan-out and their whole batch to its load; here they cost what one routed expert
+    costs per token, beside an attention part that costs several times more (`bench layer` times both)."""
+    expert_ids, expert_weights = route_tokens(w, x, spec)
+    if w.shared_mlp is not None:
+        h = h + swiglu(x, *w.shared_mlp)
+    return expert_ids, expert_weights, h
+
+
 def attention(w: GQAWeights, x: torch.Tensor, meta: StepMetadata, rotary: RotaryTable, k_cache: torch.Tensor,
               v_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, eps: float) -> torch.Tensor:
     """Self-attention of x ([tokens, hidden]) over the paged KV cache ([blocks, block_size, kv_heads, head_dim]):

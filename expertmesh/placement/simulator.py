@@ -278,14 +278,26 @@ def compare_strategies(fit: RoutingTrace, held_out: RoutingTrace, topology: Topo
     return rows
 
 
-def simulate_files(trace_path: str, cluster_path: str, placement_path: str | None, policy: str,
+def simulate_files(trace_path: str | None, cluster_path: str, placement_path: str | None, policy: str,
                    predictor_path: str | None = None, fit_trace_path: str | None = None, hidden_size: int | None = None,
                    dtype_bytes: int = 2, tokens_per_request: int = 256, prompt_tokens: int = 64,
-                   seed: int = 0, spill: bool = False) -> SimulationReport:
-    """`expertmesh simulate`: files in, one replay's report out."""
+                   seed: int = 0, spill: bool = False, shape: str | None = None,
+                   synthetic_docs: int = 64) -> SimulationReport:
+    """`expertmesh simulate`: files in, one replay's report out. shape: a named model shape (model/shapes.py) whose
+    hidden size the messages have and, without a trace, whose routing a synthetic trace follows."""
     import json
     from pathlib import Path
-    trace = RoutingTrace.load(trace_path)
+    if shape is not None:
+        from ..model.shapes import shape as named_shape
+        from .synthetic import synthetic_trace
+        name, spec = named_shape(shape)
+        hidden_size = hidden_size or spec.hidden_size
+    if trace_path is not None:
+        trace = RoutingTrace.load(trace_path)
+    elif shape is not None:
+        trace = synthetic_trace(spec, name, num_docs=synthetic_docs, seed=seed)
+    else:
+        raise ValueError("give a routing trace (--trace) or a model shape to synthesize one (--shape)")
     topology = Topology.load(cluster_path)
     if hidden_size is None:
         config = Path(trace.model) / "config.json"

@@ -85,3 +85,23 @@ def test_spill_balances_a_replicated_expert_sent_from_one_domain():
     assert local.cross_domain_bytes_per_token == 0 and local.expert_load_max_over_mean == 2.0
     spilled = replay(trace, workload, senders, placement, topology, CostModel(hidden_size=1), spill=True)
     assert spilled.expert_load_max_over_mean <= 1.1 + 1e-9 and spilled.cross_domain_bytes_per_token > 0
+
+
+def test_deepseek_v3_shape_simulates_group_limited_routing(tmp_path):
+    """simulate --shape deepseek_v3 without a trace: a synthetic trace of its routing (top 8 within the best 4 of 8
+    groups of 32 experts, 58 MoE layers), messages of its hidden size; with its groups on 8 expert nodes (contiguous
+    placement), no token reaches more than 4 nodes."""
+    from expertmesh.model.shapes import shape
+    from expertmesh.placement.synthetic import synthetic_trace
+    _, spec = shape("deepseek_v3")
+    trace = synthetic_trace(spec, "DeepSeek-V3", num_docs=2, tokens_per_doc=64)
+    assert trace.expert_ids.shape == (128, 58, 8) and trace.num_experts == 256
+    rows = trace.expert_ids.reshape(-1, 8).tolist()
+    assert max(len({e // 32 for e in row}) for row in rows) <= 4 and all(len(set(row)) == 8 for row in rows)
+    (tmp_path / "c.json").write_text(json.dumps({"domains": 2, "attention_nodes": 2, "expert_nodes": 8}))
+    assert main(["simulate", "--shape", "deepseek_v3", "--synthetic-docs", "2", "--cluster", str(tmp_path / "c.json"),
+                 "--tokens-per-request", "128", "--prompt-tokens", "16", "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["tokens"] == 2 * 2 * 112 and 1.0 < report["fanout"] <= 4.0  # documents of 256 tokens
+    bytes_per_token = report["cross_domain_bytes_per_token"] + report["intra_domain_bytes_per_token"]
+    assert bytes_per_token == report["fanout"] * 58 * 2 * 7168 * 2  # each message both ways, bf16
