@@ -122,7 +122,10 @@ class AttentionNode:
             try:
                 logits = await self.runner.forward(self.step, seqs, self.config.engine.microbatches)
             except Exception as exc:
-                log.exception("attention node %d: step %d failed", self.node_id, self.step)
+                if isinstance(exc, TransportError):  # a lost link: its message says all, a traceback would not
+                    log.error("attention node %d: step %d failed: %s", self.node_id, self.step, exc)
+                else:
+                    log.exception("attention node %d: step %d failed", self.node_id, self.step)
                 for seq in seqs:
                     self.scheduler.release(seq)
                 await self._send([s.request_id for s in seqs], [-1] * len(seqs), ["error"] * len(seqs),
