@@ -8,8 +8,7 @@ and its rotated rope key, the only per-token state MLA needs (576 values a token
 import torch
 import torch.nn.functional as F
 
-from .attention import paged_attention, sequences_of, write_kv
-from .backend import pick_backend
+from .attention import sequences_of, write_kv
 
 
 def write_latent(latent: torch.Tensor, rope_key: torch.Tensor, cache: torch.Tensor,
@@ -21,7 +20,7 @@ def write_latent(latent: torch.Tensor, rope_key: torch.Tensor, cache: torch.Tens
 
 def mla_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, kv_b_proj: torch.Tensor,
                   block_table: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor, max_query_len: int,
-                  scale: float, *, backend: str = "auto") -> torch.Tensor:
+                  scale: float) -> torch.Tensor:
     """Causal attention of each sequence's new queries (q_nope [T, H, nope], q_rope [T, H, rope], rotated) over its
     cached latents (written by write_latent; block_table, seq_lens, query_start as paged_attention takes them).
     kv_b_proj: [H * (nope + v_dim), rank]. Returns [T, H, v_dim]; rows no sequence owns are zeros.
@@ -30,36 +29,35 @@ def mla_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tenso
     after attention, so attention runs as multi-query attention over the latents themselves and no step expands
     the whole context into per-head keys and values (that expansion costs context x rank x H x (nope + v) per
     step, the absorbed query H x nope x rank per token). A step with prefill expands the context once: its many
-    queries then score against per-head keys of 192 values instead of latents of 576 (DeepSeek-V3's sizes).
-
-    The absorbed attention is multi-query attention with one kv head: on CUDA the paged-attention kernel with the
-    latent entries as both keys and values (the rope part of the values is dropped after), elsewhere
-    mla_decode_reference."""
+    queries then score against per-head keys of 192 values instead of latents of 576 (DeepSeek-V3's sizes)."""
     heads, nope = q_nope.shape[1], q_nope.shape[2]
     rank = cache.shape[-1] - q_rope.shape[-1]
     kv_b = kv_b_proj.view(heads, -1, rank)  # per head: nope rows of the key, then v_dim rows of the value
     if max_query_len <= 1:
         query = torch.cat([torch.einsum("thn,hnr->thr", q_nope, kv_b[:, :nope]), q_rope], dim=-1)
-        if pick_backend(query.device, backend, "mla_attention") == "triton":
-            out = paged_attention(query, cache, cache, block_table, seq_lens, query_start, max_query_len, scale,
-                                  backend="triton")[..., :rank]
-        else:
-            out = mla_decode_reference(query, cache, rank, block_table, seq_lens, query_start, scale)
+        out = mla_decode_reference(query, cache, rank, block_table, seq_lens, query_start, scale)
         return torch.einsum("thr,hvr->thv", out, kv_b[:, nope:])
     return mla_attention_expanded(q_nope, q_rope, cache, kv_b_proj, block_table, seq_lens, query_start, scale)
 
 
 def mla_decode_reference(query: torch.Tensor, cache: torch.Tensor, rank: int, block_table: torch.Tensor,
                          seq_lens: torch.Tensor, query_start: torch.Tensor, scale: float) -> torch.Tensor:
-    """Absorbed attention of one new token per sequence (query [T, H, rank + rope]) over its latent entries: the H
-    heads are H queries at one position against one shared key/value head, so no mask and no copy of the keys per
-    head (which scaled_dot_product_attention's enable_gqa would make). Returns [T, H, rank]."""
-    out = query.new_zeros(*query.shape[:2], rank)
-    for start, end, slots, _ in sequences_of(block_table, seq_lens, query_start, cache.shape[1]):
-        entries = cache.flatten(0, 1)[slots, 0]  # [context, rank + rope]
-        out[start] = F.scaled_dot_product_attention(query[start].unsqueeze(0), entries.unsqueeze(0),
-                                                    entries[:, :rank].unsqueeze(0), scale=scale)[0]
-    return out
+    """Absorbed attention of at most one new token per sequence (query [T, H, rank + rope]) over its latent entries:
+    the H heads are H queries against one shared key/value head, so no per-head copy of the keys, and every token at
+    once over the block table's whole width, masked past its sequence's length: no host sync, so a CUDA graph
+    captures it (the torch reference of a future MLA decode kernel). Rows no sequence owns are zeros. [T, H, rank]"""
+    tokens, block_size = query.shape[0], cache.shape[1]
+    token_ids = torch.arange(tokens, device=query.device)
+    seq_of = torch.searchsorted(query_start[1:].long(), token_ids, right=True).clamp(max=block_table.shape[0] - 1)
+    offsets = torch.arange(block_size, device=query.device)
+    slots = (block_table[seq_of].long()[:, :, None] * block_size + offsets).flatten(1)  # [T, width * block_size]
+    visible = (torch.arange(slots.shape[1], device=query.device)[None, :] < seq_lens[seq_of][:, None]) & (
+        token_ids < query_start[-1])[:, None]
+    # [T, context bound, rank + rope]; slots past a sequence's end may hold anything, even NaN: zeroed
+    entries = cache.flatten(0, 2)[slots].masked_fill(~visible[:, :, None], 0.0)
+    scores = torch.einsum("thd,tcd->thc", query, entries).float() * scale
+    probs = torch.softmax(scores.masked_fill(~visible[:, None, :], float("-inf")), dim=-1).nan_to_num(0.0)
+    return torch.einsum("thc,tcr->thr", probs.to(query.dtype), entries[..., :rank])
 
 
 def mla_attention_expanded(q_nope: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, kv_b_proj: torch.Tensor,
