@@ -133,6 +133,15 @@ def test_paged_cache_shapes_and_its_metadata(mixtral_dir):
     assert meta.slot_mapping.tolist() == [1 * 8 + 1] and meta.block_table.tolist() == [[4, 1]]
 
 
+def test_mla_cache_holds_one_latent_and_rope_key_per_token_and_layer():
+    from expertmesh.model.shapes import shape
+    _, spec = shape("deepseek_v3")  # 61 layers of 512 latent + 64 rope values a token
+    assert bytes_per_block(spec, 16, torch.bfloat16) == 61 * 16 * 576 * 2
+    _, tiny = shape("tiny_mla")
+    cache = PagedKVCache(tiny, num_blocks=3, block_size=8, dtype=torch.float32, device="cpu")
+    assert cache.v == [] and [c.shape for c in cache.layer(1)] == [(3, 8, 1, 64 + 16)]
+
+
 # sizing
 
 def test_sizing_explicit_cpu_default_and_too_small(mixtral_dir, monkeypatch):
