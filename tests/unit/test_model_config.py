@@ -68,10 +68,16 @@ def transformers_configs():
                                         q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
                                         v_head_dim=8, rope_parameters=dict(YARN), max_position_embeddings=512,
                                         architectures=["DeepseekV3ForCausalLM"]),
+        # DeepSeek-V2-Lite-like: one full q_proj, one group, default rotary laid out in halves, no renormalisation
+        "deepseek-v3-plain": DeepseekV3Config(**{**TINY, "num_key_value_heads": 4}, moe_intermediate_size=16,
+                                              n_routed_experts=8, n_group=1, topk_group=1, first_k_dense_replace=0,
+                                              q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
+                                              qk_rope_head_dim=8, v_head_dim=8, norm_topk_prob=False,
+                                              rope_interleave=False, architectures=["DeepseekV3ForCausalLM"]),
     }
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3-old-names", "qwen3-yarn", "deepseek-v3"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3-old-names", "qwen3-yarn", "deepseek-v3", "deepseek-v3-plain"])
 def test_configs_written_by_transformers_parse_as_transformers_reads_them(name, tmp_path):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     config = transformers_configs()[name]
@@ -123,7 +129,7 @@ def test_missing_fields_and_sliding_windows_are_named():
         ModelSpec.from_hf_config({**released("mixtral-8x7b-instruct-v0.1"), "sliding_window": 4096})
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3-old-names", "qwen3-yarn", "deepseek-v3"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3-old-names", "qwen3-yarn", "deepseek-v3", "deepseek-v3-plain"])
 def test_checkpoints_saved_by_transformers_serve_its_logits(name, tmp_path):
     """The issue's first report: a checkpoint saved by the installed transformers (its config names, its tensor
     names) loads and gives transformers' logits, disaggregated."""
