@@ -32,9 +32,11 @@ def route_and_share(w: LayerWeights, x: torch.Tensor, h: torch.Tensor,
     """A MoE layer's part on the attention node: (expert ids, weights) of each token of x, and the residual stream h
     with the shared experts' output added (DeepSeek), before the routed sum joins it.
 
-    The shared experts run here, beside the router: dense and used by every token, on an expert node they would add
-    that node to every token's fan-out and their whole batch to its load; here they cost what one routed expert
-    costs per token, beside an attention part that costs several times more (`bench layer` times both)."""
+    The shared experts run here, beside the router, because every token uses them. On an expert node they would add
+    a message to every token (DeepSeek-V3 with its 8 groups on 8 nodes: 5 destinations instead of at most 4, see
+    `simulate --shape deepseek_v3`) and the whole batch to that node's load, or, replicated on every node, 88 MB of
+    bf16 weights per layer to each. Here a decode step reads those 88 MB once for the whole batch, beside 374 MB of
+    MLA weights and the batch's latents (`bench layer --shapes deepseek_v3` times the part with and without them)."""
     expert_ids, expert_weights = route_tokens(w, x, spec)
     if w.shared_mlp is not None:
         h = h + swiglu(x, *w.shared_mlp)
