@@ -125,6 +125,9 @@ class M2NClient:
         self._replicas_chosen_at: dict[int, int] = {}  # layer -> the step its replicas were last chosen for
         self._node_ids = torch.arange(n, dtype=torch.int32, device=device).view(-1, 1, 1)  # to compare node_of with
         self.stats = LinkStats([0] * n, [0] * n, [0] * n)
+        # added to bytes_sent where replicas are chosen by load: a rejoined node starts level with the others, rather
+        # than taking every replicated expert's tokens until it has caught up with what it missed
+        self._load_offset = [0.0] * n
         # answers awaited from each node per (step, layer, microbatch), in the order sent (a lost node's rows may
         # go to a replica that already has a dispatch of that key; a node answers a link's dispatches in order)
         self._pending: list[dict[tuple[int, int, int], deque[asyncio.Future]]] = [{} for _ in range(n)]
@@ -224,6 +227,10 @@ class M2NClient:
                 await asyncio.sleep(0.2)
         self.connections[node] = conn
         self.live[node] = True
+        load = self._load()
+        others = [load[m] for m in range(len(load)) if m != node and self.live[m]]
+        if others:
+            self._load_offset[node] += sum(others) / len(others) - load[node]
         self._watch(node)
         self._route()
         del self._rejoining[node]
@@ -305,7 +312,7 @@ class M2NClient:
     def _choose_replicas(self, layer: int) -> None:
         """Locality first, then load: a replica in this attention node's domain, the one sent the fewest bytes;
         a remote one when every local replica is over the load bound. Live replicas only."""
-        load = self.stats.bytes_sent
+        load = self._load()
         spill_above = self.load_bound * sum(load) / len(load) if self.load_bound and sum(load) > 0 else None
         chosen = []
         for nodes in self.placement.nodes_of[layer]:
@@ -313,6 +320,9 @@ class M2NClient:
             chosen.append(choose_replica(live, self.attention_domain, self.expert_domain, load, spill_above)
                           if live else -1)
         self.node_of[layer] = torch.tensor(chosen, dtype=torch.int32, device=self.device)
+
+    def _load(self) -> list[float]:
+        return [sent + offset for sent, offset in zip(self.stats.bytes_sent, self._load_offset)]
 
     def _buffers(self, node: int, microbatch: int, rows: int, like: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         """Views of `rows` rows shaped like each of `like`, carved one after another (protocol.packed_offsets)
