@@ -48,26 +48,26 @@ def test_deepseek_greedy_tokens_and_logprobs_equal_transformers_over_lockstep_gl
     cluster = Cluster(deepseek_dir, attention_nodes=1, expert_nodes=2,
                       extra=["--transport", "gloo", "--microbatches", "2"]).wait_ready()
     try:
-        assert_greedy_tokens_and_logprobs_equal_transformers(cluster, deepseek_dir)
+        assert_greedy_tokens_and_logprobs_equal_transformers(cluster, deepseek_dir, PROMPTS[:4], max_tokens=16)
     finally:
         cluster.stop()
 
 
-def assert_greedy_tokens_and_logprobs_equal_transformers(cluster, model_dir):
+def assert_greedy_tokens_and_logprobs_equal_transformers(cluster, model_dir, prompts=PROMPTS, max_tokens=32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    reference.generation_config.eos_token_id = None  # as ignore_eos: plain greedy for all 32 tokens
+    reference.generation_config.eos_token_id = None  # as ignore_eos: plain greedy for all max_tokens
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with cluster.client() as client, ThreadPoolExecutor(8) as pool:
-        bodies = list(pool.map(lambda p: complete(client, p, max_tokens=32, temperature=0.0, ignore_eos=True,
-                                                  return_token_ids=True, logprobs=0), PROMPTS))
-    for prompt, body in zip(PROMPTS, bodies):
+        bodies = list(pool.map(lambda p: complete(client, p, max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                                  return_token_ids=True, logprobs=0), prompts))
+    for prompt, body in zip(prompts, bodies):
         choice = body["choices"][0]
         prompt_ids = tokenizer(prompt).input_ids
         assert choice["prompt_token_ids"] == prompt_ids
         with torch.no_grad():
             mask = torch.ones(1, len(prompt_ids), dtype=torch.long)  # no padding: every prompt id is real
-            expected = reference.generate(torch.tensor([prompt_ids]), attention_mask=mask, max_new_tokens=32,
+            expected = reference.generate(torch.tensor([prompt_ids]), attention_mask=mask, max_new_tokens=max_tokens,
                                           do_sample=False, pad_token_id=0)[0, len(prompt_ids):].tolist()
             assert choice["token_ids"] == expected, f"prompt {prompt!r}"
             # logprobs are the logits of each forward pass, shifted by their logsumexp
