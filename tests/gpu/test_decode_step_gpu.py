@@ -28,7 +28,7 @@ def reference_tokens(model_dir, prompts, new_tokens):
 
 
 @pytest.mark.parametrize("expert_nodes", [0, 2], ids=["colocated", "disaggregated"])
-@pytest.mark.parametrize("arch", ["mixtral_dir", "qwen3_dir"])
+@pytest.mark.parametrize("arch", ["mixtral_dir", "qwen3_dir", "deepseek_dir"])
 def test_float32_greedy_tokens_match_transformers_with_cuda_graphs(request, arch, expert_nodes):
     model_dir = request.getfixturevalue(arch)
 

@@ -80,7 +80,7 @@ class LockstepCluster:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("arch", ["mixtral_dir", "qwen3_dir"])
+@pytest.mark.parametrize("arch", ["mixtral_dir", "qwen3_dir", "deepseek_dir"])
 def test_float32_greedy_tokens_match_transformers(request, arch, backend, tmp_path):
     model_dir = request.getfixturevalue(arch)
 
