@@ -20,7 +20,8 @@ import torch
 from ..placement.plan import Placement
 from ..placement.replication import choose_replica
 from ..transport.base import Connection, TransportError
-from .messages import ExpertNodeError, LinkStats, greet_expert_nodes
+from .handshake import ExpertNodeError, greet_expert_nodes
+from .messages import LinkStats
 from ..transport.protocol import ExpertError, StepPlan, TensorMeta
 from .links import Links
 

@@ -23,7 +23,7 @@ from ..placement.replication import choose_replica
 from ..transport.base import Connection, TransportError
 from ..transport.protocol import (Combine, Dispatch, ExpertError, Hello, Message, TensorMeta, packed_offsets,
                                   packed_views)
-from .handshake import ExpertNodeError, greet_expert_nodes, hello_reply  # noqa: F401 (lockstep.py imports them here)
+from .handshake import ExpertNodeError, greet_expert_nodes, hello_reply
 
 
 log = logging.getLogger(__name__)

@@ -150,7 +150,7 @@ def test_a_handshake_the_links_refuse_fails_at_once_with_the_reason():
     from expertmesh.expert_node.lockstep import LockstepRounds
     from expertmesh.expert_node.node import ExpertNode
     from expertmesh.transport.inproc import InprocTransport
-    from expertmesh.m2n.messages import ExpertNodeError, greet_expert_nodes
+    from expertmesh.m2n.handshake import ExpertNodeError, greet_expert_nodes
 
     class RefusingLinks(DistLinks):
         def attach(self, peer, handle):
