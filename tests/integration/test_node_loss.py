@@ -1,4 +1,4 @@
-"""A node lost under streaming load, on a real local cluster over the message M2N (ucx, the CPU default).
+"""A node lost under streaming load, on a real local cluster over the message M2N (ucx, the CPU default; and zmq).
 
 An expert node whose experts all have replicas on the other: every request completes, greedy output identical to
 an undisturbed run, and the restarted node rejoins by itself. Without replicas: the requests it was computing end
@@ -69,12 +69,14 @@ def health(client: httpx.Client) -> tuple[int, list[str]]:
     return response.status_code, response.json().get("not_ready", [])
 
 
-def test_expert_node_with_replicas_lost_under_load_costs_no_request(mixtral_dir, tmp_path):
+@pytest.mark.parametrize("transport", ["auto", "zmq"])  # auto: ucx where ucxx imports
+def test_expert_node_with_replicas_lost_under_load_costs_no_request(mixtral_dir, tmp_path, transport):
     spec = ModelSpec.from_dir(mixtral_dir)
     every_expert_on_both = [[e * 2 // spec.num_experts, 1 - e * 2 // spec.num_experts] for e in range(spec.num_experts)]
     placement = tmp_path / "replicated.json"
     placement.write_text(Placement(2, {layer: every_expert_on_both for layer in spec.moe_layer_ids}).to_json())
-    cluster = Cluster(mixtral_dir, attention_nodes=1, expert_nodes=2, extra=["--placement", str(placement)])
+    cluster = Cluster(mixtral_dir, attention_nodes=1, expert_nodes=2,
+                      extra=["--placement", str(placement), "--transport", transport])
     try:
         cluster.wait_ready()
         undisturbed, _ = streams(cluster)
