@@ -36,7 +36,7 @@ def route_and_share(w: LayerWeights, x: torch.Tensor, h: torch.Tensor,
     a message to every token (DeepSeek-V3 with its 8 groups on 8 nodes: 5 destinations instead of at most 4, see
     `simulate --shape deepseek_v3`) and the whole batch to that node's load, or, replicated on every node, 88 MB of
     bf16 weights per layer to each. Here a decode step reads those 88 MB once for the whole batch, beside 374 MB of
-    MLA weights and the batch's latents (`bench layer --shapes deepseek_v3` times the part with and without them)."""
+    MLA weights and the batch's latents (`bench layer --shapes deepseek_v3` times the part and them alone)."""
     expert_ids, expert_weights = route_tokens(w, x, spec)
     if w.shared_mlp is not None:
         h = h + swiglu(x, *w.shared_mlp)

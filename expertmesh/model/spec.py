@@ -22,6 +22,19 @@ _ALIASES = {
     "rope": ("rope_parameters", "rope_scaling"),
 }
 
+# What each transformers config class assumes for a field the file leaves out (MixtralConfig, Qwen3MoeConfig,
+# DeepseekV3Config in transformers 5.24).
+_DEFAULTS = {
+    "MixtralForCausalLM": dict(rms_norm_eps=1e-5, max_position_embeddings=4096 * 32, rope_theta=1e6),
+    "Qwen3MoeForCausalLM": dict(rms_norm_eps=1e-6, max_position_embeddings=32768, rope_theta=10000.0,
+                                norm_topk_prob=False, decoder_sparse_step=1),
+    "DeepseekV3ForCausalLM": dict(
+        rms_norm_eps=1e-6, max_position_embeddings=4096, rope_theta=10000.0, rope_interleave=True,
+        intermediate_size=18432, moe_intermediate_size=2048, n_shared_experts=1, routed_scaling_factor=2.5,
+        kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8,
+        topk_group=4, first_k_dense_replace=3, norm_topk_prob=True),
+}
+
 
 @dataclass(frozen=True)
 class Rope:
@@ -107,15 +120,16 @@ class ModelSpec:
             raise UnsupportedModelError(
                 f"unsupported architecture {archs!r}; expertmesh serves {list(SUPPORTED_ARCHITECTURES)}")
         _refuse_unsupported(cfg)
-        max_len = cfg.get("max_position_embeddings", 4096)
-        rope = _rope(cfg, max_len, interleave=arch == "DeepseekV3ForCausalLM" and cfg.get("rope_interleave", True))
-        num_layers, num_heads, hidden = _need(cfg, "num_hidden_layers"), _need(cfg, "num_attention_heads"), _need(
-            cfg, "hidden_size")
+        cfg = {**_DEFAULTS[arch], **cfg}
+        max_len = cfg["max_position_embeddings"]
+        rope = _rope(cfg, max_len, interleave=arch == "DeepseekV3ForCausalLM" and cfg["rope_interleave"])
+        num_layers, num_heads, hidden = (_need(cfg, name) for name in ("num_hidden_layers", "num_attention_heads",
+                                                                       "hidden_size"))
         eos = cfg.get("eos_token_id")
         common = dict(
             architecture=arch, vocab_size=_need(cfg, "vocab_size"), hidden_size=hidden, num_layers=num_layers,
             num_heads=num_heads, num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=cfg.get("head_dim") or hidden // num_heads, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            head_dim=cfg.get("head_dim") or hidden // num_heads, rms_norm_eps=cfg["rms_norm_eps"],
             rope=rope, max_position_embeddings=max_len,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
@@ -123,7 +137,7 @@ class ModelSpec:
         )
         if arch == "MixtralForCausalLM":
             window = cfg.get("sliding_window")
-            if window not in (None, 0) and window < common["max_position_embeddings"]:
+            if window not in (None, 0) and window < max_len:
                 raise UnsupportedModelError(f"sliding_window={window} is not supported")
             return cls(**common, dense_intermediate_size=_need(cfg, "intermediate_size"),
                        expert_intermediate_size=_need(cfg, "intermediate_size"), norm_topk_prob=True,
@@ -137,38 +151,36 @@ def _qwen3_moe(cls, cfg: dict, common: dict) -> ModelSpec:
     """Dense layers are those in mlp_only_layers or off the decoder_sparse_step grid."""
     if cfg.get("use_sliding_window"):
         raise UnsupportedModelError("use_sliding_window=true is not supported")
-    step = cfg.get("decoder_sparse_step", 1)
+    step = cfg["decoder_sparse_step"]
     dense = set(cfg.get("mlp_only_layers") or [])
     moe_layers = tuple(i not in dense and common["num_experts"] > 0 and (i + 1) % step == 0
                        for i in range(common["num_layers"]))
     return cls(**common, dense_intermediate_size=_need(cfg, "intermediate_size"),
                expert_intermediate_size=_need(cfg, "moe_intermediate_size"),
-               norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), moe_layers=moe_layers, qk_norm=True)
+               norm_topk_prob=bool(cfg["norm_topk_prob"]), moe_layers=moe_layers, qk_norm=True)
 
 
 def _deepseek_v3(cls, cfg: dict, common: dict) -> ModelSpec:
     """transformers' DeepseekV3: MLA, dense layers before first_k_dense_replace, shared experts, sigmoid routing
-    with a score-correction bias over groups of experts (defaults as DeepseekV3Config's)."""
+    with a score-correction bias over groups of experts."""
     for field, expected in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
         if cfg.get(field, expected) != expected:
             raise UnsupportedModelError(f"{field}={cfg[field]!r} is not supported (DeepseekV3 in transformers "
                                         f"computes {field}={expected!r})")
-    mla = MLA(q_lora_rank=cfg.get("q_lora_rank", 1536), kv_lora_rank=cfg.get("kv_lora_rank", 512),
-              qk_nope_head_dim=cfg.get("qk_nope_head_dim", 128), qk_rope_head_dim=cfg.get("qk_rope_head_dim", 64),
-              v_head_dim=cfg.get("v_head_dim", 128))
-    num_experts, groups = common["num_experts"], cfg.get("n_group") or 1
+    mla = MLA(q_lora_rank=cfg["q_lora_rank"], kv_lora_rank=cfg["kv_lora_rank"],
+              qk_nope_head_dim=cfg["qk_nope_head_dim"], qk_rope_head_dim=cfg["qk_rope_head_dim"],
+              v_head_dim=cfg["v_head_dim"])
+    num_experts, groups = common["num_experts"], cfg["n_group"] or 1
     if num_experts % groups:
         raise UnsupportedModelError(f"n_group={groups} does not divide the {num_experts} routed experts")
-    first_sparse = cfg.get("first_k_dense_replace", 3)
+    first_sparse = cfg["first_k_dense_replace"] or 0
     common = {**common, "num_kv_heads": 1, "head_dim": mla.qk_rope_head_dim}
-    return cls(**common, dense_intermediate_size=cfg.get("intermediate_size", 18432),
-               expert_intermediate_size=cfg.get("moe_intermediate_size", 2048),
-               norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+    return cls(**common, dense_intermediate_size=cfg["intermediate_size"],
+               expert_intermediate_size=cfg["moe_intermediate_size"], norm_topk_prob=bool(cfg["norm_topk_prob"]),
                moe_layers=tuple(i >= first_sparse for i in range(common["num_layers"])), qk_norm=False,
-               scoring="sigmoid", num_expert_groups=groups, top_groups=cfg.get("topk_group") or 1,
-               routed_scaling_factor=float(cfg.get("routed_scaling_factor", 2.5)),
-               shared_intermediate_size=cfg.get("moe_intermediate_size", 2048) * cfg.get("n_shared_experts", 1),
-               mla=mla)
+               scoring="sigmoid", num_expert_groups=groups, top_groups=cfg["topk_group"] or 1,
+               routed_scaling_factor=float(cfg["routed_scaling_factor"]),
+               shared_intermediate_size=cfg["moe_intermediate_size"] * (cfg["n_shared_experts"] or 0), mla=mla)
 
 
 def _need(cfg: dict, name: str):
@@ -199,7 +211,7 @@ def _rope(cfg: dict, max_position_embeddings: int, interleave: bool) -> Rope:
     params = dict(cfg[key]) if key else {}
     if any(isinstance(value, dict) for value in params.values()):
         raise UnsupportedModelError(f"{key} per layer type is not supported")
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    theta = float(params.get("rope_theta") or cfg["rope_theta"] or 10000.0)
     rope_type = params.get("rope_type", params.get("type", "default"))
     partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
