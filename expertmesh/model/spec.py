@@ -25,11 +25,14 @@ _ALIASES = {
 # What each transformers config class assumes for a field the file leaves out (MixtralConfig, Qwen3MoeConfig,
 # DeepseekV3Config in transformers 5.24).
 _DEFAULTS = {
-    "MixtralForCausalLM": dict(rms_norm_eps=1e-5, max_position_embeddings=4096 * 32, rope_theta=1e6),
+    "MixtralForCausalLM": dict(rms_norm_eps=1e-5, max_position_embeddings=4096 * 32, rope_theta=1e6,
+                               intermediate_size=14336, num_key_value_heads=8, bos_token_id=1, eos_token_id=2),
     "Qwen3MoeForCausalLM": dict(rms_norm_eps=1e-6, max_position_embeddings=32768, rope_theta=10000.0,
+                                intermediate_size=6144, moe_intermediate_size=768, num_key_value_heads=4,
                                 norm_topk_prob=False, decoder_sparse_step=1),
     "DeepseekV3ForCausalLM": dict(
-        rms_norm_eps=1e-6, max_position_embeddings=4096, rope_theta=10000.0, rope_interleave=True,
+        rms_norm_eps=1e-6, max_position_embeddings=4096, rope_theta=10000.0, rope_interleave=True, bos_token_id=0,
+        eos_token_id=1,
         intermediate_size=18432, moe_intermediate_size=2048, n_shared_experts=1, routed_scaling_factor=2.5,
         kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8,
         topk_group=4, first_k_dense_replace=3, norm_topk_prob=True),

@@ -150,3 +150,16 @@ def test_checkpoints_saved_by_transformers_serve_its_logits(name, tmp_path):
         for row, prompt in zip(logits, prompts):
             expected = model(torch.tensor([prompt])).logits[0, -1]
             assert expected.abs().max() > 0.1 and (expected - row).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("config_class, arch, experts_field", [
+    ("MixtralConfig", "MixtralForCausalLM", "num_local_experts"),
+    ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "num_experts"),
+    ("DeepseekV3Config", "DeepseekV3ForCausalLM", "n_routed_experts")])
+def test_fields_left_out_take_the_defaults_of_transformers_config_class(config_class, arch, experts_field):
+    """A config.json with only the sizes parses as the full config transformers builds from it."""
+    import transformers
+    minimal = {"architectures": [arch], "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 4,
+               "num_attention_heads": 4, experts_field: 16, "num_experts_per_tok": 2}
+    full = getattr(transformers, config_class)(**minimal).to_dict()
+    assert ModelSpec.from_hf_config(minimal) == ModelSpec.from_hf_config(full)
