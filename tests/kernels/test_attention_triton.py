@@ -34,6 +34,16 @@ def test_write_kv_kernel_matches_the_reference():
     assert torch.equal(step.v_cache.nan_to_num(-1), expected_v.nan_to_num(-1))
 
 
+def test_write_kv_kernel_stores_mla_latents_in_one_cache():
+    """MLA's write (ops/mla.py): each token's latent and rope key, one tensor given as both caches of the kernel."""
+    step = make_step(MIXED_Q_LENS, MIXED_SEQ_LENS, num_q_heads=4, num_kv_heads=1, head_dim=72, block_size=16,
+                     padding_tokens=2)
+    expected = step.k_cache.clone()
+    write_kv_reference(step.new_k, step.new_k, expected, expected, step.slot_mapping)
+    write_kv_triton(step.new_k, step.new_k, step.k_cache, step.k_cache, step.slot_mapping)
+    assert torch.equal(step.k_cache.nan_to_num(-1), expected.nan_to_num(-1))
+
+
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("num_kv_heads,block_size", [(2, 16), (1, 8)])
 def test_decode_kernel_matches_the_reference(num_kv_heads, block_size, num_splits):
