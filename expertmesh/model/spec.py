@@ -173,15 +173,16 @@ def _deepseek_v3(cls, cfg: dict, common: dict) -> ModelSpec:
     mla = MLA(q_lora_rank=cfg["q_lora_rank"], kv_lora_rank=cfg["kv_lora_rank"],
               qk_nope_head_dim=cfg["qk_nope_head_dim"], qk_rope_head_dim=cfg["qk_rope_head_dim"],
               v_head_dim=cfg["v_head_dim"])
-    num_experts, groups = common["num_experts"], cfg["n_group"] or 1
-    if num_experts % groups:
-        raise UnsupportedModelError(f"n_group={groups} does not divide the {num_experts} routed experts")
+    num_experts, groups, top_groups = common["num_experts"], cfg["n_group"] or 1, cfg["topk_group"] or 1
+    if num_experts % groups or top_groups > groups or common["top_k"] > top_groups * (num_experts // groups):
+        raise UnsupportedModelError(f"n_group={groups}, topk_group={top_groups}: the top {common['top_k']} of "
+                                    f"{num_experts} routed experts cannot be chosen within the best groups")
     first_sparse = cfg["first_k_dense_replace"] or 0
     common = {**common, "num_kv_heads": 1, "head_dim": mla.qk_rope_head_dim}
     return cls(**common, dense_intermediate_size=cfg["intermediate_size"],
                expert_intermediate_size=cfg["moe_intermediate_size"], norm_topk_prob=bool(cfg["norm_topk_prob"]),
                moe_layers=tuple(i >= first_sparse for i in range(common["num_layers"])), qk_norm=False,
-               scoring="sigmoid", num_expert_groups=groups, top_groups=cfg["topk_group"] or 1,
+               scoring="sigmoid", num_expert_groups=groups, top_groups=top_groups,
                routed_scaling_factor=float(cfg["routed_scaling_factor"]),
                shared_intermediate_size=cfg["moe_intermediate_size"] * (cfg["n_shared_experts"] or 0), mla=mla)
 
