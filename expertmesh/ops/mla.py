@@ -45,7 +45,11 @@ def mla_decode_reference(query: torch.Tensor, cache: torch.Tensor, rank: int, bl
     """Absorbed attention of at most one new token per sequence (query [T, H, rank + rope]) over its latent entries:
     the H heads are H queries against one shared key/value head, so no per-head copy of the keys, and every token at
     once over the block table's whole width, masked past its sequence's length: no host sync, so a CUDA graph
-    captures it (the torch reference of a future MLA decode kernel). Rows no sequence owns are zeros. [T, H, rank]"""
+    captures it. Rows no sequence owns are zeros. [T, H, rank]
+
+    Its cost and scratch memory grow with the table's width (under CUDA graphs, the whole context bound) rather than
+    with each sequence's length: the reference a Triton MLA decode kernel would be checked against, once `bench
+    layer --shapes deepseek_v3` on a GPU shows how far this stays from its floor."""
     tokens, block_size = query.shape[0], cache.shape[1]
     token_ids = torch.arange(tokens, device=query.device)
     seq_of = torch.searchsorted(query_start[1:].long(), token_ids, right=True).clamp(max=block_table.shape[0] - 1)
