@@ -41,12 +41,12 @@ def test_greedy_tokens_and_logprobs_equal_transformers(served):
     assert_greedy_tokens_and_logprobs_equal_transformers(*served)
 
 
-def test_deepseek_greedy_tokens_and_logprobs_equal_transformers_over_lockstep_gloo(deepseek_dir):
-    """DeepSeek-V3 through real processes: its experts on expert nodes over the lockstep M2N (gloo, 2 microbatches),
-    MLA, shared experts and routing on the attention node; only this test, to keep the suite short (the other modes
-    run in one process: test_exact_inproc.py)."""
-    cluster = Cluster(deepseek_dir, attention_nodes=1, expert_nodes=2,
-                      extra=["--transport", "gloo", "--microbatches", "2"]).wait_ready()
+@pytest.mark.parametrize("extra", [[], ["--transport", "gloo", "--microbatches", "2"]], ids=["zmq", "lockstep-gloo"])
+def test_deepseek_greedy_tokens_and_logprobs_equal_transformers(deepseek_dir, extra):
+    """DeepSeek-V3 through real processes: its experts on expert nodes over messages (zmq) or the lockstep M2N (gloo,
+    2 microbatches), MLA, shared experts and routing on the attention node; only this test, to keep the suite short
+    (the other modes run in one process: test_exact_inproc.py)."""
+    cluster = Cluster(deepseek_dir, attention_nodes=1, expert_nodes=2, extra=extra).wait_ready()
     try:
         assert_greedy_tokens_and_logprobs_equal_transformers(cluster, deepseek_dir, PROMPTS[:4], max_tokens=16)
     finally:
