@@ -43,6 +43,11 @@ def test_make_model_command(tmp_path, capsys):
                  "--mlp-only-layers", "1", "--no-norm-topk-prob"]) == 0
     spec = ModelSpec.from_dir(tmp_path / "q")
     assert spec.num_layers == 3 and spec.moe_layers == (True, False, True) and not spec.norm_topk_prob
+    assert main(["make-model", "--arch", "deepseek_v3", "--out", str(tmp_path / "d"), "--first-k-dense-replace", "2",
+                 "--q-lora-rank", "0", "--num-expert-groups", "2", "--top-groups", "1", "--yarn-factor", "8"]) == 0
+    spec = ModelSpec.from_dir(tmp_path / "d")
+    assert spec.moe_layers == (False, False, True, True) and spec.mla.q_lora_rank is None
+    assert (spec.num_expert_groups, spec.top_groups, spec.rope.rope_type, spec.rope.factor) == (2, 1, "yarn", 8.0)
 
 
 def test_contiguous_placement_and_file_validation(mixtral_dir, tmp_path):
