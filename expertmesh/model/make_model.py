@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .spec import ModelSpec
 from . import deepseek_v3
+from .spec import ModelSpec
 from .weights import names_of
 
 
@@ -30,7 +30,7 @@ class RandomModelShape:
     dense_intermediate_size: int = 192  # Qwen3-MoE and DeepSeek-V3 dense layers
     num_experts: int = 8
     top_k: int = 2
-    norm_topk_prob: bool = True  # Qwen3-MoE only; Mixtral always renormalises
+    norm_topk_prob: bool = True  # Qwen3-MoE and DeepSeek-V3; Mixtral always renormalises
     mlp_only_layers: list[int] = field(default_factory=list)  # Qwen3-MoE only
     decoder_sparse_step: int = 1  # Qwen3-MoE only
     max_position_embeddings: int = 512
