@@ -192,9 +192,9 @@ def bench_experts(spec: ModelSpec, name: str, tokens: int, device: str, dtype: t
     experts, hidden, inter, top_k = spec.num_experts, spec.hidden_size, spec.expert_intermediate_size, spec.top_k
     elt = torch.empty((), dtype=dtype).element_size()
     gen = torch.Generator(device="cpu").manual_seed(tokens)
-    stacked = StackedExperts(
-        gate_up=(torch.randn(experts, 2 * inter, hidden, generator=gen) / math.sqrt(hidden)).to(device, dtype),
-        down=(torch.randn(experts, hidden, inter, generator=gen) / math.sqrt(inter)).to(device, dtype),
+    stacked = StackedExperts(  # made on the device in its dtype: DeepSeek-V3's 256 experts are 22 GB in bf16
+        gate_up=torch.randn(experts, 2 * inter, hidden, device=device, dtype=dtype) / math.sqrt(hidden),
+        down=torch.randn(experts, hidden, inter, device=device, dtype=dtype) / math.sqrt(inter),
         local_index=torch.arange(experts, dtype=torch.int32, device=device), expert_ids=list(range(experts)))
     x = torch.randn(tokens, hidden, generator=gen).to(device, dtype)
     ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).to(device, torch.int32)
