@@ -285,8 +285,9 @@ def simulate_files(trace_path: str | None, cluster_path: str, placement_path: st
                    synthetic_docs: int = 64) -> SimulationReport:
     """`expertmesh simulate`: files in, one replay's report out. shape: a named model shape (model/shapes.py) whose
     hidden size the messages have and, without a trace, whose routing a synthetic trace follows."""
-    import json
     from pathlib import Path
+
+    from ..model.spec import ModelSpec
     if shape is not None:
         from ..model.shapes import shape as named_shape
         from .synthetic import synthetic_trace
@@ -300,10 +301,9 @@ def simulate_files(trace_path: str | None, cluster_path: str, placement_path: st
         raise ValueError("give a routing trace (--trace) or a model shape to synthesize one (--shape)")
     topology = Topology.load(cluster_path)
     if hidden_size is None:
-        config = Path(trace.model) / "config.json"
-        if not config.is_file():
+        if not (Path(trace.model) / "config.json").is_file():
             raise ValueError(f"no --hidden-size given and the trace's model {trace.model!r} has no config.json")
-        hidden_size = int(json.loads(config.read_text())["hidden_size"])
+        hidden_size = ModelSpec.from_dir(trace.model).hidden_size
     placement = Placement.from_json(Path(placement_path).read_text()) if placement_path else \
         contiguous_placement(trace, topology)
     if placement.num_expert_nodes != topology.expert_nodes:
