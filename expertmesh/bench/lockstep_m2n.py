@@ -235,18 +235,18 @@ async def _links_p2p(device: str, rank: int, dist_address: str, address: str, pl
     from Python and ends with a wait on the device, as NCCL's send/recv baseline does."""
     links = _join(device, rank, 1, 1, dist_address, max(size for size, _, _ in plan), backend)
     peer = 1 - rank
-    if links.backend == "ipc":  # the receive regions' handles cross over a zmq connection, as in serving's Hello
-        if rank == 1:
-            listener = await ZmqTransport().listen(address)
-            sender, hello = await listener.recv()
-            links.attach(peer, hello.region)
-            await listener.send(sender, HelloReply(0, [], links.region_handle(peer)))
-            await listener.close()
-        else:
-            connection = await connect_within(ZmqTransport(), address, CONNECT_TIMEOUT_S)
-            await connection.send(Hello(0, 0, 0, links.region_handle(peer)))
-            links.attach(peer, (await connection.recv()).region)
-            await connection.close()
+    # the receive regions' handles (ipc; empty on other links) cross over zmq, as in serving's Hello; the sockets
+    # stay open to the end: zmq drops what a socket closed at once has not sent yet
+    transport = ZmqTransport()
+    if rank == 1:
+        control = await transport.listen(address)
+        sender, hello = await control.recv()
+        links.attach(peer, hello.region)
+        await control.send(sender, HelloReply(0, [], links.region_handle(peer)))
+    else:
+        control = await connect_within(transport, address, CONNECT_TIMEOUT_S)
+        await control.send(Hello(0, 0, 0, links.region_handle(peer)))
+        links.attach(peer, (await control.recv()).region)
     try:
         for message_bytes, round_trips, _ in plan:
             meta = [TensorMeta(torch.uint8, (message_bytes,))]
@@ -274,7 +274,9 @@ async def _links_p2p(device: str, rank: int, dist_address: str, address: str, pl
                 one_way = statistics.median(round_trip_s) / 2
                 report(("row", Row("p2p", f"{LOCKSTEP}-{links.backend}", device.split(":")[0], "1x1",
                                    message_bytes, None, round_trips, one_way * 1e6, message_bytes / one_way / 1e9)))
+        await wait_barrier(barrier)  # both sides are done before either closes
     finally:
+        await control.close()
         links.close()
 
 
@@ -286,4 +288,4 @@ def links_point_to_point(backend: str, device: str, sizes: list[int], iters: int
     common = dict(dist_address=f"tcp://127.0.0.1:{free_port()}", address=f"tcp://127.0.0.1:{free_port()}",
                   plan=plan, backend=backend)
     roles = [(_links_p2p, dict(common, device=device_of(rank, device), rank=rank)) for rank in range(2)]
-    return run_processes(f"{backend} p2p", roles, expected=len(plan))
+    return run_processes(f"{backend} p2p", roles, expected=len(plan), barrier_parties=2)

@@ -71,6 +71,24 @@ def ipc_close(ptr: int) -> None:
     _call("cuIpcCloseMemHandle", ctypes.c_uint64(ptr))
 
 
+def memcpy_async(dst: int, src: int, nbytes: int, stream: int) -> None:
+    """Copies nbytes between device addresses (of this GPU, or another's mapped here) on `stream`, in its order;
+    captured into a CUDA graph like any stream work."""
+    _call("cuMemcpyAsync", ctypes.c_uint64(dst), ctypes.c_uint64(src), ctypes.c_size_t(nbytes),
+          ctypes.c_void_p(stream))
+
+
+class DevicePointer:
+    """A device address as Triton takes pointer arguments (data_ptr and dtype). Memory of another GPU, mapped here
+    by IPC, cannot be a tensor of this process's device: torch, seeing where it lies, would copy it."""
+
+    def __init__(self, ptr: int, dtype: torch.dtype) -> None:
+        self.ptr, self.dtype = ptr, dtype
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+
 def stream_write_value(stream: int, address: int, value: int) -> None:
     """Writes the uint64 `value` at `address` once `stream`'s prior work is done (with a memory fence before)."""
     _call("cuStreamWriteValue64", ctypes.c_void_p(stream), ctypes.c_uint64(address), ctypes.c_uint64(value),
@@ -89,5 +107,11 @@ class _ArrayInterface:
 
 
 def tensor_at(ptr: int, nbytes: int, device: str | torch.device) -> torch.Tensor:
-    """A uint8 tensor over device memory torch did not allocate (it does not own or free it)."""
-    return torch.as_tensor(_ArrayInterface(ptr, nbytes), device=device)
+    """A uint8 tensor over device memory torch did not allocate (it does not own or free it), which must lie on
+    `device`: torch would silently copy memory of another GPU rather than wrap it."""
+    tensor = torch.as_tensor(_ArrayInterface(ptr, nbytes))
+    want = torch.device(device)
+    if tensor.device.type != want.type or (want.index is not None and tensor.device.index != want.index):
+        raise CudaDriverError(f"device memory at {ptr:#x} lies on {tensor.device}, not {want}: allocate it with "
+                              f"{want} current")
+    return tensor

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -109,6 +110,8 @@ def init_links(backend: str, init_address: str, attention_nodes: int, expert_nod
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"torch.distributed links are nccl or gloo, not {backend!r}")
     kwargs = {"device_id": torch.device(device)} if backend == "nccl" else {}
+    if backend == "nccl":  # NVLink multicast (NVLS) can take shared GPUs out of service where it cannot be set up
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     try:
         dist.init_process_group(backend, init_method=init_address, world_size=attention_nodes + expert_nodes,
                                 rank=rank, timeout=datetime.timedelta(seconds=connect_timeout_s), **kwargs)
@@ -124,7 +127,24 @@ def init_links(backend: str, init_address: str, attention_nodes: int, expert_nod
     barrier = {"device_ids": [torch.device(device).index or 0]} if backend == "nccl" else {}
     for group in groups.values():  # communicators exist before the first round
         dist.barrier(group=group, **barrier)
+    _connect_both_ways(groups, rank, attention_nodes, experts, device)
     return DistLinks(backend, attention_nodes, rank, groups, microbatches, slot_bytes, device, recv_timeout_s)
+
+
+def _connect_both_ways(groups: dict[tuple[int, int], object], rank: int, attention_nodes: int, experts: list[int],
+                       device: str) -> None:
+    """One send and one receive each way on every link, in one batch per group, before the first round. NCCL
+    connects a pair at its first batch; two first batches of different shapes (the attention node's sends and
+    receives, the expert node's receives only) fail with "Message truncated" (seen on 2 x H200, NCCL 2.28)."""
+    for (a, _), group in sorted(groups.items()):  # every rank in the same order: no pair waits on another's turn
+        ops = []
+        for peer in (experts if rank == a else [a]):
+            ops += [dist.P2POp(dist.isend, torch.zeros(1, device=device), peer, group),
+                    dist.P2POp(dist.irecv, torch.empty(1, device=device), peer, group)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def join_cluster(config: "Config", rank: int, device: str, slot_bytes: int) -> DistLinks:

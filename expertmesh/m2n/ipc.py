@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..transport.protocol import TensorMeta, packed_views
+from ..transport.protocol import TensorMeta, packed_offsets, packed_views
 from . import cuda_driver as cu
 from .links import Links
 
@@ -52,19 +52,18 @@ class IpcLinks(Links):
         self.rank = rank
         self.device = device
         self.timeout_s = timeout_s
-        torch.empty(1, device=device)  # the device's primary context is current on this thread before driver calls
         self.slot_bytes = -(-slot_bytes // 256) * 256  # slots and flags stay aligned
         self.region_bytes = microbatches * self.slot_bytes + 8 * microbatches
-        self._inbound = {peer: cu.mem_alloc(self.region_bytes) for peer in peers}
+        with torch.cuda.device(device):  # driver calls act on the current context: this device's primary one
+            self._inbound = {peer: cu.mem_alloc(self.region_bytes) for peer in peers}
         self._inbound_slots = {peer: self._slot_tensors(ptr) for peer, ptr in self._inbound.items()}
         self._inbound_flags = {peer: self._flags(ptr) for peer, ptr in self._inbound.items()}
         for flags in self._inbound_flags.values():
             flags.zero_()
         # messages taken from each inbound slot: the wait kernels' own count
         self._taken = {peer: torch.zeros(microbatches, dtype=torch.int64, device=device) for peer in peers}
-        self._outbound: dict[int, int] = {}  # peer -> its inbound region for us, opened by handle
-        self._outbound_slots: dict[int, list[torch.Tensor]] = {}
-        self._outbound_flags: dict[int, torch.Tensor] = {}
+        # peer -> its inbound region for us, opened by handle: raw addresses (on another GPU it is no tensor here)
+        self._outbound: dict[int, int] = {}
         self._release_stream = 0
         scratch = torch.zeros(2, dtype=torch.int64, device=device)
         _signal[(1,)](scratch[0:1], num_warps=1)  # compiled now: graph capture must not meet a first launch
@@ -88,18 +87,22 @@ class IpcLinks(Links):
         """Opens `peer`'s inbound region for this node, from the handle it sent."""
         if len(handle) != 64:
             raise ValueError(f"rank {peer} sent an IPC handle of {len(handle)} bytes, not 64: is it on ipc links?")
-        self._outbound[peer] = cu.ipc_open(handle)
-        self._outbound_slots[peer] = self._slot_tensors(self._outbound[peer])
-        self._outbound_flags[peer] = self._flags(self._outbound[peer])
+        with torch.cuda.device(self.device):  # mapped into this device's context (peer access enabled lazily)
+            self._outbound[peer] = cu.ipc_open(handle)
 
     def send(self, microbatch: int, peer: int, tensors: Sequence[torch.Tensor]) -> list:
         metas = [TensorMeta(t.dtype, tuple(t.shape)) for t in tensors]
         self._check(peer, microbatch, metas)
         if peer not in self._outbound:
             raise RuntimeError(f"no ipc link to rank {peer}: the handshake did not attach it")
-        for view, tensor in zip(packed_views(self._outbound_slots[peer][microbatch], metas), tensors):
-            view.copy_(tensor)
-        _signal[(1,)](self._outbound_flags[peer][microbatch:microbatch + 1], num_warps=1)
+        slot = self._outbound[peer] + microbatch * self.slot_bytes
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        for offset, tensor in zip(packed_offsets(metas)[0], tensors):
+            if tensor.numel():
+                tensor = tensor.contiguous()  # a temporary's memory is reused only by work after the copy
+                cu.memcpy_async(slot + offset, tensor.data_ptr(), tensor.nbytes, stream)
+        flag = self._outbound[peer] + self.microbatches * self.slot_bytes + 8 * microbatch
+        _signal[(1,)](cu.DevicePointer(flag, torch.int64), num_warps=1)
         return []  # the copies are stream-ordered: later work on this stream may change the tensors
 
     def receive(self, microbatch: int, peer: int, metas: Sequence[TensorMeta]) -> tuple[list[torch.Tensor], list]:
@@ -115,19 +118,20 @@ class IpcLinks(Links):
         self.enqueue_wait(works)
 
     def release(self) -> None:
-        if not self._release_stream:
-            self._release_stream = cu.stream_create_non_blocking()  # not behind the stuck waits
-        for flags in self._inbound_flags.values():
-            for mb in range(self.microbatches):
-                cu.stream_write_value(self._release_stream, flags.data_ptr() + 8 * mb, _RELEASED)
+        with torch.cuda.device(self.device):
+            if not self._release_stream:
+                self._release_stream = cu.stream_create_non_blocking()  # not behind the stuck waits
+            for flags in self._inbound_flags.values():
+                for mb in range(self.microbatches):
+                    cu.stream_write_value(self._release_stream, flags.data_ptr() + 8 * mb, _RELEASED)
 
     def close(self) -> None:
         torch.cuda.synchronize(self.device)
-        for ptr in self._outbound.values():
-            cu.ipc_close(ptr)
-        for ptr in self._inbound.values():
-            cu.mem_free(ptr)
+        with torch.cuda.device(self.device):
+            for ptr in self._outbound.values():
+                cu.ipc_close(ptr)
+            for ptr in self._inbound.values():
+                cu.mem_free(ptr)
         self._outbound.clear()
         self._inbound.clear()
-        self._outbound_slots.clear()
         self._inbound_slots.clear()
