@@ -122,6 +122,10 @@ class AttentionNode:
             try:
                 logits = await self.runner.forward(self.step, seqs, self.config.engine.microbatches)
             except Exception as exc:
+                fatal = isinstance(exc, TransportError) and not getattr(self.m2n, "rejoins", False)
+                if fatal:  # lockstep links: the message M2N's rejoin has no counterpart there
+                    exc = TransportError(f"{exc}; lockstep M2N links ({self.config.transport.backend}) cannot take "
+                                         f"a restarted expert node, so the cluster stops")
                 if isinstance(exc, TransportError):  # a lost link: its message says all, a traceback would not
                     log.error("attention node %d: step %d failed: %s", self.node_id, self.step, exc)
                 else:
@@ -130,9 +134,8 @@ class AttentionNode:
                     self.scheduler.release(seq)
                 await self._send([s.request_id for s in seqs], [-1] * len(seqs), ["error"] * len(seqs),
                                  [f"step failed: {exc}"] * len(seqs))
-                if isinstance(exc, TransportError) and not getattr(self.m2n, "rejoins", False):
-                    await self._fatal(TransportError(f"{exc}; lockstep M2N links ({self.config.transport.backend}) "
-                                                     f"cannot take a restarted expert node, so the cluster stops"))
+                if fatal:
+                    await self._fatal(exc)
                 continue
             with self.runner.clock.phase("sample"):
                 outputs = self._finish_step(seqs, logits)
