@@ -1,9 +1,8 @@
 """Starts a whole cluster on this host as processes: expert nodes, attention nodes, then the gateway.
 
 Waits until /health says every node is ready; stops every child on SIGTERM/SIGINT. Once serving, a child that
-dies is restarted (same role, index, ports), after a backoff that doubles with each recent death; one that dies
-too often stops the cluster with a non-zero exit that names it (so does any death during start-up, and any
-death on lockstep links over nccl, gloo or ipc, whose peers cannot take a new process in mid-run)."""
+dies is restarted (same role, index, ports) by the policy of launcher/supervision.py, which stops the cluster
+with a non-zero exit that names the child when it cannot mend it."""
 from __future__ import annotations
 
 import ctypes
@@ -16,17 +15,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import LOCKSTEP_BACKENDS, Config
+from ..config import Config
 from ..transport.base import resolve_backend
-
-
-class ClusterError(RuntimeError):
-    """A node of the cluster failed to start or died."""
+from . import supervision
+from .supervision import ClusterError
 
 
 _next_port = 20000 + os.getpid() % 10000
@@ -64,9 +59,14 @@ class Child:
     deaths: list[float] = dataclasses.field(default_factory=list)  # monotonic times, the recent ones
     restart_at: float | None = None  # when a restart is due
 
+    def exit_code(self) -> int | None:
+        return self.process.poll()
 
-MAX_DEATHS = 5  # per child within DEATH_WINDOW_S; one more stops the cluster
-DEATH_WINDOW_S = 60.0
+    def where(self) -> str:
+        return f"pid {self.process.pid}"
+
+    def restart(self) -> None:
+        self.process = subprocess.Popen(self.command, preexec_fn=_die_with_parent)
 
 
 class LocalCluster:
@@ -135,55 +135,18 @@ class LocalCluster:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def check_children(self) -> None:
-        for child in self.children:
-            code = child.process.poll()
-            if code is not None:
-                raise ClusterError(f"{child.name} (pid {child.process.pid}) exited with code {code}")
-
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         """Returns once /health is 200; raises ClusterError if a child dies or time runs out."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.check_children()
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.2)
-        raise ClusterError(f"cluster not ready within {timeout_s} s")
-
-    def wait(self) -> None:
-        """Serves until the launcher is signalled (KeyboardInterrupt) or a child dies too often (ClusterError)."""
-        while True:
-            self.supervise()
-            time.sleep(0.2)
+        supervision.wait_healthy(self.url, self.children, timeout_s)
 
     def supervise(self) -> None:
         """Restarts children that died, with backoff; ClusterError for one that cannot or died too often."""
-        now = time.monotonic()
-        for child in self.children:
-            code = child.process.poll()
-            if code is None:
-                continue
-            if child.restart_at is None:  # a new death
-                if self.config.transport.backend in LOCKSTEP_BACKENDS and self.config.cluster.expert_nodes:
-                    raise ClusterError(f"{child.name} (pid {child.process.pid}) exited with code {code}; its "
-                                       f"{self.config.transport.backend} links cannot take a restarted node")
-                child.deaths = [t for t in child.deaths if now - t < DEATH_WINDOW_S] + [now]
-                if len(child.deaths) > MAX_DEATHS:
-                    raise ClusterError(f"{child.name} exited with code {code}, its {len(child.deaths)}th death "
-                                       f"within {DEATH_WINDOW_S:.0f} s")
-                backoff = min(30.0, 2.0 ** (len(child.deaths) - 1))
-                child.restart_at = now + backoff
-                print(f"expertmesh: {child.name} (pid {child.process.pid}) exited with code {code}; restarting it "
-                      f"in {backoff:.0f} s", file=sys.stderr, flush=True)
-            elif now >= child.restart_at:
-                child.process = subprocess.Popen(child.command, preexec_fn=_die_with_parent)
-                child.restart_at = None
-                print(f"expertmesh: {child.name} restarted (pid {child.process.pid})", file=sys.stderr, flush=True)
+        supervision.supervise(self.children, self.config)
+
+    def summary(self) -> str:
+        cluster = self.config.cluster
+        return (f"{cluster.attention_nodes} attention and {cluster.expert_nodes} expert nodes serving "
+                f"{self.config.model.path}, data path {self.config.transport.backend}")
 
     def stop(self, grace_s: float = 10.0) -> None:
         """The gateway first (it would report the nodes' stopping as failures), then the nodes."""
@@ -203,26 +166,4 @@ class LocalCluster:
 
 def launch(config: Config, ready_timeout_s: float = 300.0) -> int:
     """The `expertmesh launch` command: run the cluster until signalled (exit 0) or a node dies (exit 1)."""
-    def on_signal(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    cluster = LocalCluster(config)
-    try:
-        cluster.start()
-        print(f"expertmesh: starting {config.cluster.attention_nodes} attention and {config.cluster.expert_nodes} "
-              f"expert nodes serving {config.model.path}, data path {cluster.config.transport.backend} ...",
-              flush=True)
-        cluster.wait_ready(ready_timeout_s)
-        print(f"expertmesh: ready at {cluster.url}  (OpenAI API under {cluster.url}/v1)", flush=True)
-        cluster.wait()
-    except KeyboardInterrupt:
-        print("expertmesh: stopping", flush=True)
-        return 0
-    except ClusterError as exc:
-        print(f"expertmesh: {exc}; stopping the cluster", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not interrupt the clean-up
-        cluster.stop()
-    return 0
+    return supervision.run(LocalCluster(config), ready_timeout_s)

@@ -79,11 +79,11 @@ def test_a_node_that_keeps_dying_stops_the_cluster_and_lockstep_links_cannot_res
     import subprocess
     import sys
     from expertmesh.config import Config
-    from expertmesh.launcher import local
+    from expertmesh.launcher import local, supervision
     cluster = local.LocalCluster(Config(), tmp_path)
     dying = [sys.executable, "-c", "raise SystemExit(3)"]
     cluster.children = [local.Child("expert node 0", subprocess.Popen(dying), dying)]
-    monkeypatch.setattr(local, "DEATH_WINDOW_S", 3600.0)
+    monkeypatch.setattr(supervision, "DEATH_WINDOW_S", 3600.0)
     restarts = 0
     with pytest.raises(local.ClusterError, match=r"expert node 0 exited with code 3, its 6th death"):
         while True:
@@ -92,7 +92,7 @@ def test_a_node_that_keeps_dying_stops_the_cluster_and_lockstep_links_cannot_res
             cluster.children[0].restart_at = 0.0  # no need to wait out the backoff here
             cluster.supervise()  # the restart
             restarts += 1
-    assert restarts == local.MAX_DEATHS
+    assert restarts == supervision.MAX_DEATHS
     cluster.config.transport.backend = "ipc"
     cluster.children = [local.Child("attention node 0", subprocess.Popen(dying), dying)]
     cluster.children[0].process.wait()
