@@ -44,6 +44,8 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pending-requests", type=int,
                    help="requests in flight past which /v1/* answers 429 with Retry-After (default 1024)")
     p.add_argument("--max-pending-tokens", type=int, help="prompt tokens in flight past which /v1/* answers 429")
+    p.add_argument("--request-timeout", type=float, help="seconds from a request's arrival past which it is aborted "
+                   "and answered 504 (default: none; a request's `timeout` field may shorten it)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* and /admin/* (/health and "
                    "/metrics stay open)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every node")
@@ -64,6 +66,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  ("gateway", "max_pending_requests", getattr(args, "max_pending_requests", None)),
                  ("transport", "recv_timeout_s", getattr(args, "recv_timeout", None)),
                  ("gateway", "max_pending_tokens", getattr(args, "max_pending_tokens", None)),
+                 ("gateway", "request_timeout_s", getattr(args, "request_timeout", None)),
                  ("transport", "emulated_bandwidth_gbps", getattr(args, "emulated_bandwidth_gbps", None)),
                  ("engine", "block_size", getattr(args, "block_size", None)),
                  ("engine", "gpu_memory_utilization", getattr(args, "gpu_memory_utilization", None)),

@@ -99,6 +99,9 @@ class GatewayConfig:
     # Retry-After instead of queueing without bound.
     max_pending_requests: int = 1024
     max_pending_tokens: int = 1 << 20
+    # Deadline of a request, from its arrival, past which it is aborted at its node and answered 504 (an error event
+    # on a stream); a request's own `timeout` field may only shorten it. None: no deadline.
+    request_timeout_s: float | None = None
 
 
 @dataclass
@@ -157,6 +160,8 @@ class Config:
         names = self.gateway.served_model_names
         if not isinstance(names, list) or not all(isinstance(name, str) and name.strip() for name in names):
             raise ConfigError(f"gateway.served_model_names={names!r}; must be a list of non-empty names")
+        if self.gateway.request_timeout_s is not None and not self.gateway.request_timeout_s > 0:
+            raise ConfigError(f"gateway.request_timeout_s={self.gateway.request_timeout_s} must be > 0 (or null: none)")
         if self.gateway.max_pending_requests < 1 or self.gateway.max_pending_tokens < 1:
             raise ConfigError(f"gateway.max_pending_requests={self.gateway.max_pending_requests} and "
                               f"max_pending_tokens={self.gateway.max_pending_tokens} must be >= 1")

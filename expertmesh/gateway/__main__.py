@@ -58,7 +58,8 @@ async def main(config: Config, index: int) -> None:
                                        for i, address in enumerate(config.cluster.expert_control_addresses)],
                          routing=routing_policy(config), api_key=config.gateway.api_key,
                          max_pending_requests=config.gateway.max_pending_requests,
-                         max_pending_tokens=config.gateway.max_pending_tokens, node_wait_s=config.gateway.node_wait_s)
+                         max_pending_tokens=config.gateway.max_pending_tokens, node_wait_s=config.gateway.node_wait_s,
+                         request_timeout_s=config.gateway.request_timeout_s)
     server = uvicorn.Server(uvicorn.Config(create_app(served), host=config.gateway.host, port=config.gateway.port,
                                            log_level="warning", lifespan="on"))
     server.install_signal_handlers = lambda: None  # run_node owns SIGTERM/SIGINT

@@ -57,11 +57,28 @@ class ServedModel:
     max_pending_requests: int = 1024  # admission bounds (GatewayConfig): past them, 429
     max_pending_tokens: int = 1 << 20
     node_wait_s: float = 10.0  # how long a request waits for a ready attention node before 503 (GatewayConfig)
+    request_timeout_s: float | None = None  # a request's longest life, from arrival (GatewayConfig); None: none
     aliases: tuple[str, ...] = ()  # other ids a request's `model` may be (the name is the one reported)
 
     @property
     def all_nodes(self) -> list[NodeLink]:
         return [*self.nodes, *self.expert_nodes]
+
+
+class DeadlineExceeded(RuntimeError):
+    """A request's deadline passed while it was being generated."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    at: float  # time.monotonic()
+    seconds: float  # the limit it came from, for the message
+
+    def left(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+    def message(self, where: str) -> str:
+        return f"the request's deadline of {self.seconds:g} s passed {where}"
 
 
 def create_app(served: ServedModel) -> FastAPI:
@@ -168,8 +185,10 @@ def create_app(served: ServedModel) -> FastAPI:
         sampling = SamplingParams(max_tokens, body.temperature, body.top_p, body.seed, body.ignore_eos,
                                   body.top_logprobs_n())
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        node = await ready_node(prompt_ids)
-        chunks = generate(node, request_id, prompt_ids, sampling, body.stop_list(), arrived)
+        limits = [t for t in (served.request_timeout_s, body.timeout) if t is not None]
+        deadline = Deadline(arrived + min(limits), min(limits)) if limits else None
+        node = await ready_node(prompt_ids, deadline)
+        chunks = generate(node, request_id, prompt_ids, sampling, body.stop_list(), arrived, deadline)
         if body.stream:
             return StreamingResponse(sse(request_id, chunks, chat), media_type="text/event-stream")
         text, token_ids, logprobs, finish_reason = [], [], [], None
@@ -179,6 +198,8 @@ def create_app(served: ServedModel) -> FastAPI:
                 token_ids += chunk.token_ids
                 logprobs += chunk.logprobs or []
                 finish_reason = chunk.finish_reason
+        except DeadlineExceeded as exc:
+            raise APIError(504, str(exc), kind="timeout") from None
         except RuntimeError as exc:
             raise APIError(500, str(exc), kind="server_error") from None
         choice: dict = {"index": 0, "finish_reason": finish_reason,
@@ -209,11 +230,14 @@ def create_app(served: ServedModel) -> FastAPI:
                            f"request has {len(prompt_ids)} prompt tokens and asks for {max_tokens} more",
                            param="max_tokens" if len(prompt_ids) < served.max_model_len else "prompt")
 
-    async def ready_node(prompt_ids: list[int]) -> AttentionNodeClient:
+    async def ready_node(prompt_ids: list[int], request_deadline: "Deadline | None") -> AttentionNodeClient:
         """The attention node for the request; while none is ready (one restarting, or waiting for a lost expert node
-        to rejoin), waits up to node_wait_s for one, then 503 with Retry-After."""
+        to rejoin), waits up to node_wait_s for one, then 503 with Retry-After (504 if its own deadline comes first)."""
         deadline = time.monotonic() + served.node_wait_s
         while (node := choose_node(served.nodes, prompt_ids, served.routing)) is None:
+            if request_deadline is not None and request_deadline.left() <= 0:
+                served.metrics.requests["timed_out"] += 1
+                raise APIError(504, request_deadline.message("waiting for an attention node"), kind="timeout")
             if time.monotonic() >= deadline:
                 down = ", ".join(n.name for n in served.all_nodes if not n.ready)
                 raise APIError(503, f"no attention node is ready (not ready: {down}); retry later",
@@ -231,7 +255,7 @@ def create_app(served: ServedModel) -> FastAPI:
                            f"retry later", kind="rate_limit_exceeded", headers={"Retry-After": "1"})
 
     async def generate(node: AttentionNodeClient, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
-                       stop: list[str], arrived: float) -> AsyncIterator[Chunk]:
+                       stop: list[str], arrived: float, deadline: "Deadline | None") -> AsyncIterator[Chunk]:
         served.metrics.in_flight += 1
         served.metrics.in_flight_tokens += len(prompt_ids)
         served.metrics.prompt_tokens += len(prompt_ids)
@@ -240,7 +264,11 @@ def create_app(served: ServedModel) -> FastAPI:
         outcome, first_token_s, generated = "aborted", None, 0
         try:
             while True:
-                event = await queue.get()
+                try:
+                    event = await asyncio.wait_for(queue.get(), deadline.left() if deadline is not None else None)
+                except TimeoutError:  # the finally aborts the sequence at its node
+                    outcome = "timed_out"
+                    raise DeadlineExceeded(deadline.message(f"after {generated} generated tokens")) from None
                 if event.finish_reason == "error":
                     outcome = "failed"
                     raise RuntimeError(f"generation failed: {event.error}")
@@ -295,7 +323,8 @@ def create_app(served: ServedModel) -> FastAPI:
                            "created": created, "model": served.name, "choices": [choice]}
                 yield f"data: {json.dumps(payload)}\n\n"
         except RuntimeError as exc:
-            yield f"data: {json.dumps(error_body(str(exc), 'server_error'))}\n\n"
+            kind = "timeout" if isinstance(exc, DeadlineExceeded) else "server_error"
+            yield f"data: {json.dumps(error_body(str(exc), kind))}\n\n"
         yield "data: [DONE]\n\n"
 
     return app

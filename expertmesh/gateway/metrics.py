@@ -23,7 +23,7 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 
 @dataclass
 class GatewayMetrics:
-    requests: Counter = field(default_factory=Counter)  # by outcome: completed, failed, rejected, aborted
+    requests: Counter = field(default_factory=Counter)  # by outcome: completed, failed, rejected, aborted, timed_out
     prompt_tokens: int = 0
     generation_tokens: int = 0
     in_flight: int = 0
@@ -69,7 +69,7 @@ class _Snapshot:
         m = self.metrics
         nodes, expert_nodes, routing = m._sources
         requests = CounterMetricFamily("expertmesh_requests", "Requests by outcome", labels=["outcome"])
-        for outcome in ("completed", "failed", "rejected", "aborted"):
+        for outcome in ("completed", "failed", "rejected", "aborted", "timed_out"):
             requests.add_metric([outcome], m.requests[outcome])
         yield requests
         yield CounterMetricFamily("expertmesh_prompt_tokens", "Prompt tokens admitted", value=m.prompt_tokens)

@@ -19,6 +19,7 @@ _ERRORS = {
     429: "At capacity (requests or prompt tokens in flight): retry after `Retry-After` seconds",
     500: "Generation failed, e.g. its attention node was lost",
     503: "No attention node is ready: retry after `Retry-After` seconds",
+    504: "The request's deadline (`timeout`, or the server's --request-timeout) passed before it finished",
 }
 Responses = dict[int | str, dict[str, Any]]
 
@@ -47,7 +48,7 @@ def generation(body: type[BaseModel], chunk: type[BaseModel]) -> Responses:
                   "instead: one `data: {...}` per chunk, an error body as a last chunk if generation fails, then "
                   "`data: [DONE]`",
                   "content": {"text/event-stream": {"schema": server_sent_event(chunk)}}},
-            **errors(400, 401, 404, 429, 500, 503)}
+            **errors(400, 401, 404, 429, 500, 503, 504)}
 
 
 _CHUNKS = (CompletionChunk, ChatCompletionChunk)  # referenced by the event streams, not by FastAPI's routes

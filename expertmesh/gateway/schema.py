@@ -20,6 +20,9 @@ class SamplingFields(BaseModel):
     stream: bool = False
     ignore_eos: bool = False  # vLLM extension
     return_token_ids: bool = False  # vLLM extension: token ids in the response
+    # expertmesh extension: seconds from arrival past which the request is aborted (504, or an error event on a
+    # stream); the server's --request-timeout, when set, is the most it may be
+    timeout: float | None = Field(default=None, gt=0)
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

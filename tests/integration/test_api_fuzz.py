@@ -21,7 +21,18 @@ from .cluster import Cluster
 
 pytestmark = pytest.mark.slow
 
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+
+
+@schemathesis.check
+def no_server_error(ctx, response, case):
+    """not_a_server_error, but for the documented 504 of a request whose own `timeout` passed (a generated one
+    may be a millisecond)."""
+    if response.status_code == 504 and isinstance(case.body, dict) and case.body.get("timeout") is not None:
+        return None
+    return not_a_server_error(ctx, response, case)
+
+
+CHECKS = [no_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           negative_data_rejection]
 
 

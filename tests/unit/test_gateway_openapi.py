@@ -27,7 +27,7 @@ def test_every_endpoint_documents_its_responses_and_none_documents_422():
     assert "422" not in json.dumps(api) and "HTTPValidationError" not in api["components"]["schemas"]
     for path, chunk in (("/v1/completions", "CompletionChunk"), ("/v1/chat/completions", "ChatCompletionChunk")):
         responses = operations["post", path]["responses"]
-        assert set(responses) == {"200", "400", "401", "404", "429", "500", "503"}
+        assert set(responses) == {"200", "400", "401", "404", "429", "500", "503", "504"}
         assert all(r["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
                    for status, r in responses.items() if status != "200")
         event = responses["200"]["content"]["text/event-stream"]["schema"]
