@@ -110,13 +110,8 @@ def init_links(backend: str, init_address: str, attention_nodes: int, expert_nod
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"torch.distributed links are nccl or gloo, not {backend!r}")
     kwargs = {"device_id": torch.device(device)} if backend == "nccl" else {}
-    if backend == "nccl":
-        # NVLink multicast (NVLS) can take shared GPUs out of service where it cannot be set up
+    if backend == "nccl":  # NVLink multicast (NVLS) can take shared GPUs out of service where it cannot be set up
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-        # A bound device_id makes torch's communicators nonblocking, and torch then polls each NCCL call's completion
-        # with millisecond sleeps: our links' point-to-point floor was 1.18 ms one way against NCCL's own 60 µs
-        # (2 x H200). Blocking communicators, as without device_id; eager init stays.
-        os.environ.setdefault("TORCH_NCCL_USE_COMM_NONBLOCKING", "0")
     try:
         dist.init_process_group(backend, init_method=init_address, world_size=attention_nodes + expert_nodes,
                                 rank=rank, timeout=datetime.timedelta(seconds=connect_timeout_s), **kwargs)
