@@ -191,6 +191,65 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="write the report here as JSON")
 
 
+def _plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="search deployments of the GPUs on offer under a TPOT objective")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="Hugging Face checkpoint directory (its config.json)")
+    what.add_argument("--shape", help="a released model's shape: mixtral, mixtral_8x22b, qwen3, qwen3_235b, deepseek_v3")
+    p.add_argument("--gpu-offer", default="", help="GPU types and counts on offer, e.g. H200:8,H20:16 (built in: "
+                   "H100, H200, H20, L40S, A100; default: the counts in --gpus FILE)")
+    p.add_argument("--gpus", help="YAML/JSON `gpus:` list overriding or adding GPU types (name, hbm_gib, hbm_tb_s, "
+                   "bf16_tflops, intra_host_gb_s, inter_host_gb_s, count, price_per_hour, device_names)")
+    p.add_argument("--price", action="append", default=[], metavar="NAME=USD",
+                   help="price per GPU-hour of a type (repeatable); with a price for every type, plans rank per cost")
+    p.add_argument("--tpot-p99-ms", type=float, required=True, help="latency objective: time per output token, p99")
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--calibration", help="calibration file (expertmesh/planner/calibration.py; default: our H200 runs)")
+    p.add_argument("--gpus-per-host", type=int, default=8)
+    p.add_argument("--top", type=int, default=5, help="plans to show")
+    p.add_argument("--out", help="write the best plan's cluster config here (YAML or JSON), for `launch --config`")
+    p.add_argument("--model-path", help="with --shape and --out: the checkpoint directory the config names")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .model.shapes import shape as named_shape
+    from .model.spec import ModelSpec
+    from .planner import calibration
+    from .planner.gpus import load_gpus, parse_offer
+    from .planner.search import NoFeasiblePlan, Objective, config_dict, format_plans, search, to_config
+    try:
+        spec = ModelSpec.from_dir(args.model) if args.model else named_shape(args.shape)[1]
+        prices = {}
+        for item in args.price:
+            name, _, value = item.partition("=")
+            try:
+                prices[name] = float(value)
+            except ValueError:
+                raise ConfigError(f"--price {item!r}: write NAME=USD, e.g. H200=3.5") from None
+        gpus = load_gpus(parse_offer(args.gpu_offer), args.gpus, prices)
+        cal = calibration.load(args.calibration) if args.calibration else calibration.H200
+        objective = Objective(args.tpot_p99_ms, args.prompt_len, args.output_len)
+        plans = search(spec, gpus, objective, cal, args.top, args.gpus_per_host)
+    except (ConfigError, NoFeasiblePlan, ValueError, FileNotFoundError) as exc:
+        print(f"expertmesh plan: {exc}", file=sys.stderr)
+        return 2
+    print(format_plans(plans))
+    if args.out:
+        config = to_config(plans[0], args.model or args.model_path or f"<checkpoint of {args.shape}>",
+                           args.gpus_per_host)
+        import json
+        with open(args.out, "w") as handle:
+            if args.out.endswith((".yaml", ".yml")):
+                import yaml
+                yaml.safe_dump(config_dict(config), handle, sort_keys=False)
+            else:
+                json.dump(config_dict(config), handle, indent=2)
+        print(f"config of plan #1: {args.out} (expertmesh launch --config {args.out})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="expertmesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,7 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     _profile_parser(sub)
     _place_parser(sub)
     _simulate_parser(sub)
+    _plan_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "place":
         from .placement.partition import place_files
         print(place_files(args.trace, args.cluster, args.out, args.replicate, args.predictor_out,

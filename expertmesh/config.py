@@ -122,6 +122,10 @@ class ClusterConfig:
     # expert node j -> GPU attention_nodes + j (modulo the GPUs there are).
     attention_gpus: list[int] = field(default_factory=list)
     expert_gpus: list[int] = field(default_factory=list)
+    # The GPU type each role's nodes must find (planner/gpus.py names: H100, H200, H20, L40S, A100, or a device-name
+    # substring), as `expertmesh plan` chose it; a node on another type refuses to start. None: any.
+    attention_gpu_type: str | None = None
+    expert_gpu_type: str | None = None
 
 
 @dataclass

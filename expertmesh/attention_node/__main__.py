@@ -13,6 +13,7 @@ from ..m2n.links import make_links
 from ..m2n.lockstep import LockstepClient
 from ..model.weights import load_attention_side, load_experts
 from ..placement.plan import load_cluster_placement, load_cluster_topology
+from ..planner.gpus import check_node_gpu
 from ..process import run_node
 from ..transport.base import Connection, connect_within, make_transport
 from ..transport.emulation import emulate
@@ -31,6 +32,8 @@ async def main(config: Config, index: int) -> None:
     dtype, device = config.model.torch_dtype, config.node_device("attention", index)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
+    check_node_gpu(config.cluster.attention_gpu_type, "attention", index, device,
+                   torch.cuda.get_device_name(device) if device.startswith("cuda") else None)
     engine = config.engine
     weights = load_attention_side(config.model.path, spec, dtype, device)
     m2n, local_experts = None, None

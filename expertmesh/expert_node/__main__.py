@@ -11,6 +11,7 @@ from ..m2n.links import make_links
 from ..model.spec import ModelSpec
 from ..model.weights import load_experts
 from ..placement.plan import load_cluster_placement
+from ..planner.gpus import check_node_gpu
 from ..process import run_node
 from ..transport.base import make_transport
 from ..transport.zmq import ZmqTransport
@@ -27,6 +28,8 @@ async def main(config: Config, index: int) -> None:
     device = config.node_device("expert", index)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
+    check_node_gpu(config.cluster.expert_gpu_type, "expert", index, device,
+                   torch.cuda.get_device_name(device) if device.startswith("cuda") else None)
     experts = load_experts(config.model.path, spec, pairs, config.model.torch_dtype, device)
     lockstep = config.transport.backend in LOCKSTEP_BACKENDS
     # lockstep: the listener carries only handshakes and step plans (zmq); the rounds travel on the links

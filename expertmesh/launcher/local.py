@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
+from ..planner.gpus import check_cluster_gpus
 from ..transport.base import resolve_backend
 from . import supervision
 from .supervision import ClusterError
@@ -82,6 +83,7 @@ class LocalCluster:
 
     def start(self) -> None:
         cluster = self.config.cluster
+        check_cluster_gpus(self.config)  # a role on the wrong GPU type fails here, before any node starts
         self.config.transport.backend = resolve_backend(self.config.transport.backend, self.config.model.device)
         for note in self.notes():
             print(f"expertmesh: {note}", file=sys.stderr, flush=True)

@@ -17,6 +17,14 @@ SHAPES: dict[str, tuple[str, ModelSpec]] = {
         "Qwen3MoeForCausalLM", vocab_size=151936, hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
         num_key_value_heads=4, head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
         num_experts_per_tok=8, norm_topk_prob=True, rope_theta=1e6)),
+    "mixtral_8x22b": ("Mixtral-8x22B", _spec(
+        "MixtralForCausalLM", vocab_size=32768, hidden_size=6144, num_hidden_layers=56, num_attention_heads=48,
+        num_key_value_heads=8, intermediate_size=16384, num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6,
+        max_position_embeddings=65536)),
+    "qwen3_235b": ("Qwen3-235B-A22B", _spec(
+        "Qwen3MoeForCausalLM", vocab_size=151936, hidden_size=4096, num_hidden_layers=94, num_attention_heads=64,
+        num_key_value_heads=4, head_dim=128, intermediate_size=12288, moe_intermediate_size=1536, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, rope_theta=1e6, max_position_embeddings=40960)),
     # 256 routed experts of 2048 + 1 shared, top 8 within the best 4 of 8 groups, MLA (q LoRA 1536, kv latent 512,
     # 128 heads of 128 nope + 64 rope for q.k and 128 for v), 3 dense layers first
     "deepseek_v3": ("DeepSeek-V3", _spec(

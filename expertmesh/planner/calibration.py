@@ -1,0 +1,136 @@
+"""What the roofline leaves out, fitted from our own measurements: `bench layer` JSON (each part's time against its
+floor) and `bench transport` JSON (the M2N round against its bytes). Shipped: our H200 runs (benchmarks/RESULTS.md)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..config import ConfigError, read_structured
+
+
+@dataclass(frozen=True)
+class Linear:
+    """time_us = overhead_us + slope * x + per_token_us * tokens: a fixed launch/host cost, the part that scales with
+    the roofline floor (or bytes), and host work per token (CPU paths loop over sequences; 0 under CUDA graphs)."""
+    overhead_us: float
+    slope: float
+    per_token_us: float = 0.0
+
+    def __call__(self, x: float, tokens: float = 0.0) -> float:
+        return self.overhead_us + self.slope * x + self.per_token_us * tokens
+
+
+@dataclass(frozen=True)
+class Calibration:
+    device: str  # where it was measured
+    copy_bytes_per_s: float  # `bench layer`'s ceilings there: copy bandwidth (read + write) ...
+    matmul_flops_per_s: float  # ... and bf16 (or the run's dtype) matmul
+    datasheet_bytes_per_s: float | None  # the device's datasheet figures: ceilings / datasheet = the efficiency
+    datasheet_flops_per_s: float | None  # carried to other GPU types (None: CPU, the ceilings are used as they are)
+    attention: Linear  # the attention part of a layer at decode, µs against its floor in µs
+    experts: Linear  # the fused MoE of a layer, µs against its floor in µs
+    round: Linear  # one M2N round (dispatch + combine), µs against the bytes sent each way
+    round_per_destination: bool  # message transports pay the overhead per expert node; lockstep rounds once
+    round_link_bytes_per_s: float | None  # datasheet bandwidth of the link the rounds crossed (None: same process
+    # host or device; the slope is then used as it is); other links scale the slope by their bandwidth
+    step_overhead_us: float = 0.0  # host work per step outside the layers (scheduling, sampling, output)
+
+    @property
+    def bandwidth_efficiency(self) -> float:
+        return self.copy_bytes_per_s / self.datasheet_bytes_per_s if self.datasheet_bytes_per_s else 1.0
+
+    @property
+    def flops_efficiency(self) -> float:
+        return self.matmul_flops_per_s / self.datasheet_flops_per_s if self.datasheet_flops_per_s else 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Calibration":
+        return cls(**{**data, **{k: Linear(**data[k]) for k in ("attention", "experts", "round")}})
+
+
+def fit_line(points: list[tuple[float, float, float]]) -> Linear:
+    """Least squares of y = a + b x + c tokens over (x, tokens, y) in relative error (small and large sizes count
+    alike), every coefficient >= 0 (a negative cost would be a fitting artefact): the best fit over the subsets of
+    terms whose coefficients come out non-negative."""
+    import itertools
+
+    import numpy as np
+    if len(points) < 2:
+        raise ConfigError(f"need at least 2 measurements to fit a line, got {len(points)}")
+    data = np.array(points, dtype=np.float64)
+    y = np.ones(len(data))
+    columns = [1 / data[:, 2], data[:, 0] / data[:, 2], data[:, 1] / data[:, 2]]
+    best = None
+    for terms in (s for n in (3, 2, 1) for s in itertools.combinations(range(3), n)):
+        coef, *_ = np.linalg.lstsq(np.stack([columns[t] for t in terms], 1), y, rcond=None)
+        if (coef < 0).any():
+            continue
+        full = np.zeros(3)
+        full[list(terms)] = coef
+        error = float(((np.stack(columns, 1) @ full - y) ** 2).sum())
+        if best is None or error < best[0] * (1 - 1e-9):
+            best = (error, full)
+    return Linear(*(float(f"{x:.6g}") for x in best[1]))
+
+
+def fit_layer(bench_layer: dict, moe_backend: str) -> tuple[Linear, Linear]:
+    """(attention, experts) fits from `bench layer --json` rows: time against floor, all shapes and sizes together."""
+    rows = bench_layer["rows"]
+    attention = [(r["floor_us"], r["tokens"], r["us"]) for r in rows if r["part"] == "attention"]
+    experts = [(r["floor_us"], r["tokens"], r["us"]) for r in rows
+               if r["part"] == "experts" and r["backend"] == moe_backend]
+    if not attention or not experts:
+        raise ConfigError(f"bench layer JSON needs attention rows and experts rows of backend {moe_backend!r}")
+    return fit_line(attention), fit_line(experts)
+
+
+def fit_round(bench_transport: dict, backend: str) -> Linear:
+    """The M2N round from `bench transport --json` m2n rows of one backend: µs against bytes sent each way."""
+    rows = [(r["message_bytes"], r["tokens"], r["latency_us"]) for r in bench_transport["rows"]
+            if r["pattern"] == "m2n" and r["backend"] == backend]
+    if not rows:
+        found = sorted({r["backend"] for r in bench_transport["rows"] if r["pattern"] == "m2n"})
+        raise ConfigError(f"bench transport JSON has no m2n rows of backend {backend!r}; it has {found}")
+    return fit_line(rows)
+
+
+def from_benchmarks(device: str, layer_json: str, transport_json: str, moe_backend: str, round_backend: str,
+                    datasheet_bytes_per_s: float | None = None, datasheet_flops_per_s: float | None = None,
+                    round_link_bytes_per_s: float | None = None, step_overhead_us: float = 0.0) -> Calibration:
+    layer = json.loads(open(layer_json).read())
+    attention, experts = fit_layer(layer, moe_backend)
+    return Calibration(device, layer["copy_bytes_per_s"], layer["matmul_flops_per_s"], datasheet_bytes_per_s,
+                       datasheet_flops_per_s, attention, experts,
+                       fit_round(json.loads(open(transport_json).read()), round_backend),
+                       round_per_destination=not round_backend.startswith("lockstep"),
+                       round_link_bytes_per_s=round_link_bytes_per_s, step_overhead_us=step_overhead_us)
+
+
+def load(path: str) -> Calibration:
+    """A calibration file: either a saved Calibration, or {device, bench_layer, bench_transport, moe_backend,
+    round_backend, [datasheet_bytes_per_s, datasheet_flops_per_s, round_link_bytes_per_s, step_overhead_us]}
+    naming the two JSONs (paths relative to the file)."""
+    data = read_structured(path)
+    if "bench_layer" in data:
+        here = Path(path).parent
+        return from_benchmarks(data["device"], str(here / data["bench_layer"]), str(here / data["bench_transport"]),
+                               data.get("moe_backend", "triton"), data.get("round_backend", "lockstep-ipc"),
+                               data.get("datasheet_bytes_per_s"), data.get("datasheet_flops_per_s"),
+                               data.get("round_link_bytes_per_s"), data.get("step_overhead_us", 0.0))
+    return Calibration.from_dict(data)
+
+
+# Shipped: one H200 (benchmarks/RESULTS.md). Parts: `bench layer` second run (benchmarks/gpu_dataplane/
+# bench_layer_2.json, Triton fused MoE): every row within 9% of these lines. Round: the lockstep M2N over CUDA IPC
+# between two H200s over NVLink (benchmarks/gpu_multi/bench_ipc.json, 41-55 us at 1-256 tokens). Step overhead: the
+# colocated Qwen3-30B-A3B-shape row served on one H200 (benchmarks/gpu_lockstep/precapture), its TPOT p50 less what
+# the parts predict for it (benchmarks/plan_validation.py; the only figure fitted to a served run).
+H200 = Calibration(
+    device="H200", copy_bytes_per_s=4.0869e12, matmul_flops_per_s=7.47503e14, datasheet_bytes_per_s=4.8e12,
+    datasheet_flops_per_s=9.89e14, attention=Linear(61.5547, 0.937344, 0.0107483), experts=Linear(17.4279, 0.946111, 0.0938792),
+    round=Linear(40.2539, 6.83384e-06, 8.34209e-10), round_per_destination=False, round_link_bytes_per_s=4.5e11,
+    step_overhead_us=0.0)

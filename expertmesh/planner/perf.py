@@ -1,0 +1,299 @@
+"""The performance model: a deployment's per-layer times (T_a attention, T_e experts, T_c one way of the M2N), the
+ping-pong step, throughput, TPOT and memory per GPU, from rooflines corrected by a Calibration.
+
+Per op: floor = max(bytes / (datasheet bandwidth x measured efficiency), flops / (datasheet peak x efficiency)), then
+the calibration's line (a fixed launch/host cost plus a slope on the floor). Message bytes and fan-out are the
+simulator's (placement/simulator.py: CostModel.bytes_per_message, each token sent once to each distinct expert node)
+under uniform routing and contiguous placement; `simulate` on a trace gives the real fan-out and load imbalance."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..kv.cache import CUDA_ACTIVATION_MARGIN, entry_layout
+from ..model.spec import ModelSpec
+from ..placement.simulator import CostModel
+from .calibration import Calibration
+from .gpus import GpuType
+
+ROUTING_BYTES_PER_CHOICE = 8  # an expert id (int32) and a routing weight (float32) travel with each token's choice
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One plan: GPU type and count per role, microbatches, decode batch per attention node, context."""
+    attention_gpu: GpuType
+    expert_gpu: GpuType | None  # None: colocated (each attention node runs every expert)
+    attention_nodes: int
+    expert_nodes: int  # 0: colocated
+    microbatches: int
+    batch_per_attention_node: int  # sequences decoding at once on each attention node
+    context_len: int  # tokens a sequence may hold (prompt + output): what its KV cache is sized for
+    gpus_per_host: int = 8  # nodes beyond one host talk over the inter-host links
+    shared_device: bool = False  # attention and expert node on one device (our one-GPU/CPU runs): compute serialises
+    dtype_bytes: int = 2
+
+    @property
+    def colocated(self) -> bool:
+        return self.expert_nodes == 0
+
+    @property
+    def gpus(self) -> int:
+        return self.attention_nodes + self.expert_nodes
+
+    @property
+    def cost_per_hour(self) -> float | None:
+        prices = [self.attention_gpu.price_per_hour] + ([] if self.colocated else [self.expert_gpu.price_per_hour])
+        if any(price is None for price in prices):
+            return None
+        return self.attention_nodes * prices[0] + (self.expert_nodes * prices[1] if not self.colocated else 0.0)
+
+
+@dataclass
+class Memory:
+    """Bytes on one GPU of a role."""
+    weights: float
+    kv_cache: float
+    buffers: float  # activations and receive slots: the margin kv/cache.py keeps
+    capacity: float  # gpu_memory_utilization x the GPU's memory
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.kv_cache + self.buffers
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+
+@dataclass
+class Prediction:
+    attention_us: float  # T_a: one MoE layer's attention part for one microbatch
+    experts_us: float  # T_e: one MoE layer's experts for one microbatch (the busiest expert node)
+    comm_us: float  # T_c: one way of the M2N for one microbatch (0 colocated)
+    layer_us: float  # one MoE layer, all microbatches, ping-pong overlapped
+    step_us: float  # one decode step (= TPOT at steady state)
+    prefill_us: float  # one prompt's prefill, as an extra microbatch of a step
+    tokens_per_s: float  # output tokens per second, whole cluster, steady state with the workload's prefills
+    tpot_p99_us: float  # a step that also carries one prompt
+    pingpong_holds: bool  # MegaScale-Infer's m·T_f >= T_a + T_e + 2·T_c: the pipeline hides T_c
+    attention_memory: Memory
+    expert_memory: Memory | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bound(self) -> str:
+        """What sets a layer's time."""
+        if self.layer_us <= 0:
+            return "-"
+        if not self.pingpong_holds:
+            return "communication (the pipeline does not hide T_c)"
+        return "attention" if self.attention_us >= self.experts_us else "experts"
+
+
+class ModelCosts:
+    """Bytes and flops of a ModelSpec's parts, per layer kind."""
+
+    def __init__(self, spec: ModelSpec, dtype_bytes: int = 2):
+        self.spec, self.elt = spec, dtype_bytes
+        h, heads = spec.hidden_size, spec.num_heads
+        if spec.mla is None:
+            q_out, kv_out = heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+            attention = h * (q_out + 2 * kv_out) + q_out * h
+            self.attention_flops_per_context = 4 * heads * spec.head_dim  # q.k and p.v per cached token
+        else:
+            mla = spec.mla
+            q = h * heads * mla.qk_head_dim if mla.q_lora_rank is None else \
+                mla.q_lora_rank * (h + heads * mla.qk_head_dim)
+            attention = q + h * (mla.kv_lora_rank + mla.qk_rope_head_dim) + \
+                mla.kv_lora_rank * heads * (mla.qk_nope_head_dim + mla.v_head_dim) + heads * mla.v_head_dim * h
+            self.attention_flops_per_context = 2 * heads * (2 * mla.kv_lora_rank + mla.qk_rope_head_dim)
+        shared = 3 * h * spec.shared_intermediate_size
+        self.moe_attention_params = attention + h * spec.num_experts + shared  # + router and shared experts
+        self.dense_attention_params = attention + 3 * h * spec.dense_intermediate_size
+        self.expert_params = 3 * h * spec.expert_intermediate_size
+        heads_kv, dim, tensors = entry_layout(spec)
+        self.kv_bytes_per_token_layer = tensors * heads_kv * dim * dtype_bytes
+        self.moe_layers = len(spec.moe_layer_ids)
+        self.dense_layers = spec.num_layers - self.moe_layers
+        self.embedding_params = spec.vocab_size * h * (1 if spec.tie_word_embeddings else 2)
+        self.message = CostModel(hidden_size=h, dtype_bytes=dtype_bytes)
+
+    def attention_side_bytes(self) -> float:
+        """Weights an attention node holds: every layer's attention side, embeddings and lm_head."""
+        return self.elt * (self.moe_layers * self.moe_attention_params + self.dense_layers *
+                           self.dense_attention_params + self.embedding_params + 2 * self.spec.hidden_size *
+                           self.spec.num_layers)
+
+    def experts_bytes(self, experts: int) -> float:
+        return self.elt * experts * self.moe_layers * self.expert_params
+
+    def kv_bytes_per_token(self) -> float:
+        return self.kv_bytes_per_token_layer * self.spec.num_layers
+
+
+def _floor_us(bytes_: float, flops: float, gpu: GpuType, cal: Calibration) -> float:
+    bandwidth = gpu.hbm_tb_s * 1e12 * cal.bandwidth_efficiency
+    peak = gpu.bf16_tflops * 1e12 * cal.flops_efficiency
+    return max(bytes_ / bandwidth, flops / peak) * 1e6
+
+
+def attention_us(costs: ModelCosts, gpu: GpuType, cal: Calibration, tokens: float, context: float,
+                 dense: bool = False, sequences: float | None = None) -> float:
+    """One layer's attention part for `tokens` new tokens each attending to `context` cached tokens, in `sequences`
+    sequences (default: one token each, decode); each sequence's cache is read once."""
+    if tokens <= 0:
+        return 0.0
+    params = costs.dense_attention_params if dense else costs.moe_attention_params
+    bytes_ = costs.elt * params + (sequences or tokens) * context * costs.kv_bytes_per_token_layer + \
+        4 * tokens * costs.spec.hidden_size * costs.elt
+    flops = 2 * tokens * params + tokens * context * costs.attention_flops_per_context
+    return cal.attention(_floor_us(bytes_, flops, gpu, cal))
+
+
+def experts_us(costs: ModelCosts, gpu: GpuType, cal: Calibration, tokens: float, experts_on_node: int) -> float:
+    """One layer's experts on one node, `tokens` being every token of the microbatch across the cluster: its share
+    of the top-k choices (uniform routing) and the weights of the distinct experts they touch."""
+    spec = costs.spec
+    if tokens <= 0:
+        return 0.0
+    choices = tokens * spec.top_k * experts_on_node / spec.num_experts
+    touched = experts_on_node * (1 - (1 - spec.top_k / spec.num_experts) ** tokens)
+    bytes_ = costs.elt * (touched * costs.expert_params + 2 * choices * spec.hidden_size)
+    return cal.experts(_floor_us(bytes_, 2 * choices * costs.expert_params, gpu, cal))
+
+
+def fanout(spec: ModelSpec, expert_nodes: int) -> float:
+    """Expected distinct expert nodes a token is sent to: top-k distinct experts, contiguous blocks per node."""
+    per_node = spec.num_experts / expert_nodes
+    miss = math.comb(spec.num_experts - round(per_node), spec.top_k) / math.comb(spec.num_experts, spec.top_k) \
+        if spec.num_experts - round(per_node) >= spec.top_k else 0.0
+    return expert_nodes * (1 - miss)
+
+
+def comm_us(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: float) -> float:
+    """T_c: one way of one M2N round for a microbatch of `tokens` per attention node (half the measured round).
+    The busier side sets it: an attention node sends to every expert node it needs, an expert node receives from
+    every attention node."""
+    if plan.colocated or tokens <= 0:
+        return 0.0
+    spec, reach = costs.spec, fanout(costs.spec, plan.expert_nodes)
+    per_token = costs.message.bytes_per_message + ROUTING_BYTES_PER_CHOICE * spec.top_k
+    sent = tokens * reach * per_token  # from one attention node, one way
+    received = tokens * plan.attention_nodes * reach / plan.expert_nodes * per_token  # into one expert node
+    across_hosts = plan.gpus > plan.gpus_per_host
+    link = min(plan.attention_gpu.inter_host_gb_s if across_hosts else plan.attention_gpu.intra_host_gb_s,
+               plan.expert_gpu.inter_host_gb_s if across_hosts else plan.expert_gpu.intra_host_gb_s) * 1e9
+    slope = cal.round.slope * (cal.round_link_bytes_per_s / link if cal.round_link_bytes_per_s else 1.0)
+    overhead = cal.round.overhead_us * (max(reach, plan.attention_nodes) if cal.round_per_destination else 1.0)
+    return (overhead + slope * max(sent, received)) / 2
+
+
+def layer_us(t_a: float, t_e: float, t_c: float, m: int, plan: Deployment) -> float:
+    """One MoE layer for m microbatches. Colocated: the node does both parts in turn. Disaggregated: each microbatch
+    goes attention -> link -> experts -> link, so a layer takes the longest of the attention node's m·T_a, the
+    expert node's m·T_e and one microbatch's round trip T_a + T_e + 2·T_c; on one shared device the two parts
+    take turns (m·(T_a + T_e))."""
+    if plan.colocated:
+        return m * (t_a + t_e)
+    busy = m * (t_a + t_e) if plan.shared_device else m * max(t_a, t_e)
+    return max(busy, t_a + t_e + 2 * t_c)
+
+
+def memory(costs: ModelCosts, plan: Deployment, utilization: float = 0.9) -> tuple[Memory, Memory | None]:
+    """Per GPU of each role: weights, the KV cache of the batch at full context, the activation margin."""
+    gpu = plan.attention_gpu
+    experts_here = costs.experts_bytes(costs.spec.num_experts) if plan.colocated else 0.0
+    kv = plan.batch_per_attention_node * plan.context_len * costs.kv_bytes_per_token()
+    attention = Memory(costs.attention_side_bytes() + experts_here, kv, CUDA_ACTIVATION_MARGIN * gpu.hbm_bytes,
+                       utilization * gpu.hbm_bytes)
+    if plan.colocated:
+        return attention, None
+    per_node = math.ceil(costs.spec.num_experts / plan.expert_nodes)
+    expert = Memory(costs.experts_bytes(per_node), 0.0, CUDA_ACTIVATION_MARGIN * plan.expert_gpu.hbm_bytes,
+                    utilization * plan.expert_gpu.hbm_bytes)
+    return attention, expert
+
+
+def step_parts(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: float, context: float,
+               microbatches: int, sequences: float | None = None) -> tuple[float, float, float, float]:
+    """(T_a, T_e, T_c, step µs) of a step of `tokens` new tokens per attention node at `context`, of `sequences`
+    sequences (default: one token each, decode): lm_head runs on each sequence's last token only."""
+    m = microbatches
+    per_mb = tokens / m
+    expert_gpu = plan.attention_gpu if plan.colocated else plan.expert_gpu
+    experts_on_node = costs.spec.num_experts if plan.colocated else math.ceil(costs.spec.num_experts /
+                                                                               plan.expert_nodes)
+    cluster_tokens = per_mb * (1 if plan.colocated else plan.attention_nodes)
+    per_mb_sequences = sequences / m if sequences else None
+    t_a = attention_us(costs, plan.attention_gpu, cal, per_mb, context, sequences=per_mb_sequences)
+    t_e = experts_us(costs, expert_gpu, cal, cluster_tokens, experts_on_node)
+    t_c = comm_us(costs, plan, cal, per_mb)
+    dense = costs.dense_layers * m * attention_us(costs, plan.attention_gpu, cal, per_mb, context, dense=True,
+                                                  sequences=per_mb_sequences)
+    lm_head = _floor_us(costs.elt * costs.spec.vocab_size * costs.spec.hidden_size,
+                        2 * (sequences or tokens) * costs.spec.vocab_size * costs.spec.hidden_size,
+                        plan.attention_gpu, cal)
+    step = costs.moe_layers * layer_us(t_a, t_e, t_c, m, plan) + dense + lm_head + cal.step_overhead_us
+    return t_a, t_e, t_c, step
+
+
+def predict(spec: ModelSpec, plan: Deployment, cal: Calibration, prompt_len: int, output_len: int,
+            utilization: float = 0.9) -> Prediction:
+    """Steady state with every attention node holding batch_per_attention_node sequences at mid-output context; each
+    step also prefills the prompts that replace finished sequences (batch / output_len of them)."""
+    costs = ModelCosts(spec, plan.dtype_bytes)
+    batch = plan.batch_per_attention_node
+    context = prompt_len + output_len / 2
+    t_a, t_e, t_c, step = step_parts(costs, plan, cal, batch, context, plan.microbatches)
+    prefill = step_parts(costs, plan, cal, prompt_len, prompt_len / 2, 1, sequences=1)[3] - cal.step_overhead_us
+    step_with_prefills = step + batch / output_len * prefill
+    tokens_per_s = plan.attention_nodes * batch / step_with_prefills * 1e6
+    attention_mem, expert_mem = memory(costs, plan, utilization)
+    m = plan.microbatches
+    holds = plan.colocated or m * max(t_a, t_e) >= t_a + t_e + 2 * t_c
+    return Prediction(t_a, t_e, t_c, layer_us(t_a, t_e, t_c, m, plan), step, prefill, tokens_per_s, step + prefill,
+                      holds, attention_mem, expert_mem)
+
+
+def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[tuple[int, int]],
+                concurrency: int, max_batch_tokens: int = 2048) -> dict:
+    """A finite closed-loop run as `bench serve` drives it (jobs of (prompt, output) tokens, `concurrency` in flight,
+    spread evenly over the attention nodes), stepped with the model's step times: what a short measured run sees,
+    ramp-up and tail included. Returns tokens_per_s and TPOT p50 in ms."""
+    costs = ModelCosts(spec, plan.dtype_bytes)
+    nodes = plan.attention_nodes
+    per_node = [jobs[i::nodes] for i in range(nodes)]
+    slots = max(1, concurrency // nodes)
+    finish, tpots = 0.0, []
+    for node_jobs in per_node:
+        queue = list(node_jobs)
+        running: list[list] = []  # [prompt, outputs left, outputs made, time of the first]
+        now = 0.0
+        while queue or running:
+            new, budget = [], max_batch_tokens
+            while queue and len(running) + len(new) < min(slots, plan.batch_per_attention_node) and \
+                    queue[0][0] <= budget:
+                prompt, out = queue.pop(0)
+                budget -= prompt
+                new.append([prompt, out, 0, 0.0])
+            step = 0.0
+            if running:
+                context = sum(r[0] + r[2] for r in running) / len(running)
+                step += step_parts(costs, plan, cal, len(running), context, min(plan.microbatches, len(running)))[3]
+            if new:  # prompts run as one more microbatch of the step
+                tokens = sum(r[0] for r in new)
+                step += step_parts(costs, plan, cal, tokens, tokens / len(new) / 2, 1, sequences=len(new))[3] - \
+                    (cal.step_overhead_us if running else 0.0)
+            now += step
+            for r in new:
+                r[3] = now
+            for r in running + new:
+                r[1], r[2] = r[1] - 1, r[2] + 1
+                if r[1] == 0 and r[2] > 1:
+                    tpots.append((now - r[3]) / (r[2] - 1))
+            running = [r for r in running + new if r[1] > 0]
+        finish = max(finish, now)
+    tpots.sort()
+    return {"tokens_per_s": sum(out for _, out in jobs) / finish * 1e6,
+            "tpot_ms_p50": tpots[len(tpots) // 2] / 1e3 if tpots else 0.0}

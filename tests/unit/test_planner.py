@@ -1,0 +1,141 @@
+"""The planner: calibration fits, the performance model against bench layer's own accounting and hand-computed
+values, the search and its errors, `plan --out` then loading that config, and the GPU-type check of each role."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import astuple
+from pathlib import Path
+
+import pytest
+
+from expertmesh.cli import main
+from expertmesh.config import Config
+from expertmesh.model.shapes import shape
+from expertmesh.planner import calibration
+from expertmesh.planner.calibration import fit_line
+from expertmesh.planner.gpus import BUILTIN, GpuTypeMismatch, check_cluster_gpus, load_gpus
+from expertmesh.planner.perf import Deployment, ModelCosts, fanout, layer_us, predict
+from expertmesh.planner.search import NoFeasiblePlan, Objective, search
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+H200 = BUILTIN["H200"]
+
+
+def test_fit_line_recovers_a_known_line_and_keeps_costs_non_negative():
+    points = [(x, t, 5.0 + 0.5 * x + 2.0 * t) for x, t in ((1, 1), (10, 3), (100, 7), (1000, 2), (50, 50))]
+    assert astuple(fit_line(points)) == pytest.approx((5.0, 0.5, 2.0), rel=1e-4)
+    fitted = fit_line([(1, 0, 10.0), (2, 0, 9.0), (3, 0, 8.0)])  # falling: a negative slope is refused
+    assert fitted.slope == 0 and 8 < fitted.overhead_us < 10
+
+
+def test_shipped_h200_calibration_is_the_fit_of_our_runs():
+    fitted = calibration.from_benchmarks(
+        "H200", str(BENCH / "gpu_dataplane/bench_layer_2.json"), str(BENCH / "gpu_multi/bench_ipc.json"), "triton",
+        "lockstep-ipc", 4.8e12, 989e12, 450e9)
+    shipped = calibration.H200
+    for part in ("attention", "experts", "round"):
+        assert astuple(getattr(shipped, part)) == pytest.approx(astuple(getattr(fitted, part)), rel=1e-3), part
+    assert shipped.copy_bytes_per_s == pytest.approx(fitted.copy_bytes_per_s, rel=1e-4)
+
+
+def test_roofline_bytes_and_flops_are_bench_layers_and_times_within_10_percent():
+    rows = json.loads((BENCH / "gpu_dataplane/bench_layer_2.json").read_text())["rows"]
+    names = {"Mixtral-8x7B": "mixtral", "Qwen3-30B-A3B": "qwen3"}
+    from expertmesh.planner.perf import attention_us
+    for row in (r for r in rows if r["part"] == "attention"):
+        costs = ModelCosts(shape(names[row["shape"]])[1])
+        tokens, context = row["tokens"], row["context"]
+        assert costs.elt * costs.moe_attention_params + tokens * context * costs.kv_bytes_per_token_layer + \
+            4 * tokens * costs.spec.hidden_size * costs.elt == row["bytes"]
+        assert 2 * tokens * costs.moe_attention_params + tokens * context * costs.attention_flops_per_context == \
+            row["flops"]
+        # H200's datasheet through the shipped efficiencies: the measured time, from the ceilings of that run
+        assert attention_us(costs, H200, calibration.H200, tokens, context) == pytest.approx(row["us"], rel=0.10)
+
+
+def test_fanout_and_the_pingpong_layer_by_hand():
+    mixtral = shape("mixtral")[1]  # 8 experts, top 2
+    assert fanout(mixtral, 1) == pytest.approx(1.0)
+    assert fanout(mixtral, 2) == pytest.approx(2 * (1 - math.comb(4, 2) / math.comb(8, 2)))
+    assert fanout(mixtral, 8) == pytest.approx(2.0)
+    plan = Deployment(H200, H200, 1, 1, 2, 64, 1024)
+    assert layer_us(100, 80, 50, 2, plan) == 280  # one microbatch's round trip sets it: T_c not hidden
+    assert layer_us(100, 80, 50, 4, plan) == 400  # m * T_a >= T_a + T_e + 2 T_c: attention-bound
+    colocated = Deployment(H200, None, 1, 0, 1, 64, 1024)
+    assert layer_us(100, 80, 0, 1, colocated) == 180
+    shared = Deployment(H200, H200, 1, 1, 2, 64, 1024, shared_device=True)
+    assert layer_us(100, 80, 10, 2, shared) == 360  # one device: the parts take turns
+
+
+def test_prediction_scales_as_the_model_says():
+    spec = shape("qwen3")[1]
+    small, large = (predict(spec, Deployment(H200, H200, 2, 2, 2, batch, 1280), calibration.H200, 1024, 256)
+                    for batch in (64, 256))
+    assert large.step_us > small.step_us and large.tokens_per_s > small.tokens_per_s
+    assert large.attention_memory.kv_cache == pytest.approx(4 * small.attention_memory.kv_cache)
+    expert_weights = ModelCosts(spec).experts_bytes(64)  # half of the 128 experts per expert node
+    assert small.expert_memory.weights == pytest.approx(expert_weights)
+
+
+def test_search_meets_the_objective_and_ranks_per_cost():
+    spec = shape("qwen3")[1]
+    gpus = load_gpus({"H200": 4, "H20": 4}, prices={"H200": 3.0, "H20": 1.2})
+    loose = search(spec, gpus, Objective(80, 512, 256), calibration.H200, top=3)
+    tight = search(spec, gpus, Objective(30, 512, 256), calibration.H200, top=3)
+    for plans, objective_ms in ((loose, 80), (tight, 30)):
+        assert all(p.prediction.tpot_p99_us <= objective_ms * 1e3 for p in plans)
+        per_cost = [p.tokens_per_s_per_dollar_hour for p in plans]
+        assert all(a >= b * (1 - 1e-3) for a, b in zip(per_cost, per_cost[1:]))  # ties within 4 digits
+        assert all(p.deployment.attention_gpu.count >= p.deployment.attention_nodes for p in plans)
+    # a looser objective can only admit more plans: its best is at least as good per cost
+    assert loose[0].tokens_per_s_per_dollar_hour >= tight[0].tokens_per_s_per_dollar_hour
+
+
+def test_impossible_inputs_say_what_is_short():
+    with pytest.raises(NoFeasiblePlan, match=r"short by [\d.]+ GiB"):
+        search(shape("deepseek_v3")[1], load_gpus({"H200": 8}), Objective(100, 1024, 256), calibration.H200)
+    with pytest.raises(NoFeasiblePlan, match=r"TPOT p99 <= 0.1 ms.*short by"):
+        search(shape("qwen3")[1], load_gpus({"H200": 2}), Objective(0.1, 1024, 256), calibration.H200)
+
+
+def test_gpu_table_override_from_yaml(tmp_path):
+    path = tmp_path / "gpus.yaml"
+    path.write_text("gpus:\n  - {name: H200, price_per_hour: 4.0, count: 2}\n"
+                    "  - {name: MI300X, hbm_gib: 192, hbm_tb_s: 5.3, bf16_tflops: 1307, intra_host_gb_s: 448,"
+                    " inter_host_gb_s: 50, count: 4}\n")
+    gpus = {g.name: g for g in load_gpus({}, str(path))}
+    assert gpus["H200"].price_per_hour == 4.0 and gpus["H200"].hbm_tb_s == 4.8 and gpus["MI300X"].count == 4
+
+
+def test_plan_out_writes_a_config_that_loads(tmp_path, capsys):
+    out = tmp_path / "cluster.yaml"
+    assert main(["plan", "--shape", "qwen3", "--gpu-offer", "H200:4,H20:4", "--price", "H200=3", "--price",
+                 "H20=1.2", "--tpot-p99-ms", "60", "--prompt-len", "512", "--output-len", "256", "--out", str(out),
+                 "--model-path", "/models/qwen3"]) == 0
+    printed = capsys.readouterr().out
+    assert "#1 " in printed and "T_a" in printed and "why:" in printed
+    config = Config.load(out)
+    assert config.model.path == "/models/qwen3" and config.model.device == "cuda"
+    assert config.cluster.attention_gpu_type in ("H200", "H20") and config.engine.max_num_seqs >= 1
+    assert config.engine.max_model_len == 768
+    assert main(["plan", "--shape", "deepseek_v3", "--gpu-offer", "L40S:2", "--tpot-p99-ms", "50"]) == 2
+    assert "short by" in capsys.readouterr().err
+
+
+def test_each_role_must_find_its_planned_gpu_type():
+    config = Config()
+    config.model.device = "cuda"
+    config.cluster.attention_nodes, config.cluster.expert_nodes = 1, 2
+    config.cluster.attention_gpus, config.cluster.expert_gpus = [0], [1, 2]
+    config.cluster.attention_gpu_type, config.cluster.expert_gpu_type = "H200", "H20"
+    names = {"cuda:0": "NVIDIA H200", "cuda:1": "NVIDIA H20", "cuda:2": "NVIDIA H20"}
+    check_cluster_gpus(config, names.get)
+    names["cuda:2"] = "NVIDIA H200"  # an H200 is not an H20, though its name contains "H20"
+    with pytest.raises(GpuTypeMismatch, match=r"expert node 1.*H20.*'NVIDIA H200' on cuda:2"):
+        check_cluster_gpus(config, names.get)
+    config.model.device = "cpu"
+    with pytest.raises(GpuTypeMismatch, match="attention node 0.*no GPU"):
+        check_cluster_gpus(config, lambda device: None)
+    config.cluster.attention_gpu_type = config.cluster.expert_gpu_type = None
+    check_cluster_gpus(config, lambda device: None)  # no plan: anything goes
