@@ -10,7 +10,7 @@ from .config import Config
 
 
 def _launch_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("launch", help="start a whole cluster on this host")
+    p = sub.add_parser("launch", help="start a whole cluster on this host (or across a Ray cluster: --ray)")
     p.add_argument("--config", help="YAML or JSON config file (sections: model, transport, engine, gateway, cluster)")
     p.add_argument("--model", help="Hugging Face checkpoint directory")
     p.add_argument("--attention-nodes", type=int)
@@ -48,6 +48,8 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
                    "and answered 504 (default: none; a request's `timeout` field may shorten it)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* and /admin/* (/health and "
                    "/metrics stay open)")
+    p.add_argument("--ray", metavar="ADDRESS", help="start the nodes on the Ray cluster at ADDRESS (its head's "
+                   "host:port, or auto), one per bundle of a placement group; the gateway stays on this host")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every node")
 
 
@@ -71,7 +73,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  ("engine", "block_size", getattr(args, "block_size", None)),
                  ("engine", "gpu_memory_utilization", getattr(args, "gpu_memory_utilization", None)),
                  ("engine", "num_kv_blocks", getattr(args, "num_kv_blocks", None)),
-                 ("engine", "enforce_eager", getattr(args, "enforce_eager", None))]
+                 ("engine", "enforce_eager", getattr(args, "enforce_eager", None)),
+                 ("cluster", "ray_address", getattr(args, "ray", None))]
     for section, key, value in overrides:
         if value is not None:
             setattr(getattr(config, section), key, value)
@@ -305,8 +308,12 @@ def main(argv: list[str] | None = None) -> int:
         from .bench.transport import main as bench_transport
         return bench_transport(args)
     if args.command == "launch":
+        config = config_from_args(args)
+        if config.cluster.ray_address:
+            from .launcher.ray_cluster import launch as launch_on_ray
+            return launch_on_ray(config, args.ready_timeout)
         from .launcher.local import launch
-        return launch(config_from_args(args), args.ready_timeout)
+        return launch(config, args.ready_timeout)
     if args.command == "make-model":
         from .model.make_model import RandomModelShape, make_model
         sizes = {k: v for k, v in vars(args).items()

@@ -115,6 +115,12 @@ class ClusterConfig:
     expert_addresses: list[str] = field(default_factory=list)  # data address of each expert node
     expert_control_addresses: list[str] = field(default_factory=list)  # status/trace address of each expert node
     dist_address: str | None = None  # torch.distributed rendezvous (tcp://host:port) of the nccl/gloo backends
+    # A Ray cluster to start the nodes on (its head's host:port, or auto), each where a placement group puts it
+    # (launcher/ray_cluster.py); None: processes on this host (launcher/local.py).
+    ray_address: str | None = None
+    # Ray resources each role's nodes ask of their host besides cores, GPU and GPU type (as Ray Serve's
+    # ray_actor_options.resources), e.g. {"expert": {"compute_host": 1}}; roles: attention, expert.
+    ray_resources: dict[str, dict[str, float]] = field(default_factory=dict)
     # Presented first on every node-to-node and gateway-to-node connection (transport/peers.py); the launcher makes
     # one per cluster. None: every peer is trusted.
     secret: str | None = None

@@ -110,6 +110,7 @@ def run(cluster: Launched, ready_timeout_s: float) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         cluster.start()
+        signal.signal(signal.SIGTERM, on_signal)  # again: ray.init puts a handler of its own in its place
         print(f"expertmesh: starting {cluster.summary()} ...", flush=True)
         cluster.wait_ready(ready_timeout_s)
         print(f"expertmesh: ready at {cluster.url}  (OpenAI API under {cluster.url}/v1)", flush=True)

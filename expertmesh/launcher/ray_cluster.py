@@ -1,0 +1,311 @@
+"""Starts a whole cluster across the hosts of a Ray cluster: every attention and expert node as a Ray actor placed by
+one placement group (a bundle per node, its role's GPU type as a resource), the gateway on this host as the HTTP entry.
+
+Each actor runs its node as a process on its host, as launcher/local.py does here: it reserves the node's ports on
+its host's address and reports them, and the launcher writes every address into the config all nodes read. The
+supervision is launcher/supervision.py's: a node that dies is restarted by its actor on its host; an actor lost
+with its host stops the cluster, since every peer knows that node by an address on that host."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..transport.base import resolve_backend
+from . import supervision
+from .local import Child, _die_with_parent, free_port
+from .supervision import ClusterError
+
+PLACEMENT_TIMEOUT_S = 60.0  # for Ray to find every bundle a host, after the resources were checked to exist
+CALL_TIMEOUT_S = 60.0  # for an actor to answer: past it, its host is taken as lost
+ROLES = (("expert", "expertmesh.expert_node"), ("attention", "expertmesh.attention_node"))
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ClusterError("--ray needs the ray package, which is not installed here: "
+                           "pip install 'expertmesh[ray]' (on every host of the Ray cluster too)") from None
+    return ray
+
+
+class NodeHost:
+    """One node's process on the host Ray placed it on. A Ray actor (RayCluster applies ray.remote), so its
+    methods run on that host."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.command: list[str] = []
+        self.run_dir = Path(tempfile.mkdtemp(prefix="expertmesh-"))
+
+    def reserve(self, ports: int) -> tuple[str, str, list[int]]:
+        """This host's address, its Ray node id, and `ports` ports free on it for the node to bind."""
+        import ray
+        host = ray.util.get_node_ip_address()
+        return host, ray.get_runtime_context().get_node_id(), [free_port(host) for _ in range(ports)]
+
+    def start(self, config: dict[str, Any], module: str, index: int) -> int:
+        """Runs `python -m module` for node `index` of the cluster `config` describes; its pid."""
+        path = self.run_dir / "cluster.json"
+        path.touch(mode=0o600)  # it holds the cluster's secret
+        path.write_text(json.dumps(config))
+        self.command = [sys.executable, "-m", module, "--config", str(path), "--index", str(index)]
+        return self.restart()
+
+    def restart(self) -> int:
+        self.process = subprocess.Popen(self.command, preexec_fn=_die_with_parent)
+        return self.process.pid
+
+    def exit_code(self) -> int | None:
+        return self.process.poll() if self.process else None
+
+    def stop(self, grace_s: float) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+@dataclass
+class RayNode:
+    """A node as the launcher supervises it (supervision.Supervised): its actor, where Ray put it, its pid."""
+    name: str  # e.g. "expert node 1"
+    actor: Any  # the NodeHost actor's handle
+    host: str  # the address of its host, which it binds
+    ray_node_id: str
+    pid: int = 0
+    deaths: list[float] = dataclasses.field(default_factory=list)
+    restart_at: float | None = None
+
+    def call(self, method: str, *args: Any) -> Any:
+        """The actor's `method` run on its host; ClusterError when the actor (its host, or Ray there) is lost."""
+        import ray
+        try:
+            return ray.get(getattr(self.actor, method).remote(*args), timeout=CALL_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            raise ClusterError(f"{self.name}'s host {self.host} (Ray node {self.ray_node_id}) is lost: "
+                               f"{type(exc).__name__}") from None
+
+    def exit_code(self) -> int | None:
+        return self.call("exit_code")
+
+    def where(self) -> str:
+        return f"pid {self.pid} on {self.host}"
+
+    def restart(self) -> None:
+        self.pid = self.call("restart")
+
+
+class RayCluster:
+    def __init__(self, config: Config, address: str) -> None:
+        self.config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster),
+                                          transport=dataclasses.replace(config.transport),
+                                          model=dataclasses.replace(config.model))
+        self.address = address
+        self.run_dir = Path(tempfile.mkdtemp(prefix="expertmesh-"))
+        self.nodes: list[RayNode] = []
+        self.gateway: Child | None = None
+        self.placement_group: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.gateway.host}:{self.config.gateway.port}"
+
+    def summary(self) -> str:
+        cluster = self.config.cluster
+        return (f"{cluster.attention_nodes} attention and {cluster.expert_nodes} expert nodes on the Ray cluster at "
+                f"{self.address} serving {self.config.model.path}, data path {self.config.transport.backend}")
+
+    def start(self) -> None:
+        ray = import_ray()
+        config, cluster = self.config, self.config.cluster
+        self.check_config()
+        self.check_reachable()
+        try:
+            ray.init(address=self.address, namespace="expertmesh", log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ClusterError(f"cannot reach the Ray cluster at {self.address!r}: {exc}") from None
+        roles = [(role, module, index) for role, module in ROLES
+                 for index in range(cluster.expert_nodes if role == "expert" else cluster.attention_nodes)]
+        hosts = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        bundles = [self.bundle(role, hosts) for role, _, _ in roles]
+        self.check_resources(ray, roles, bundles, hosts)
+        self.place(ray, roles, bundles)
+        # Ports: an expert node's data and control ports; an attention node's control port, and attention node 0
+        # (rank 0 of the nccl/gloo world) the rendezvous port.
+        dist = config.transport.backend in ("nccl", "gloo")
+        wants = [2 if role == "expert" else 1 + (dist and index == 0) for role, _, index in roles]
+        reserved = [node.call("reserve", want) for node, want in zip(self.nodes, wants)]
+        for node, (host, ray_node_id, _) in zip(self.nodes, reserved):
+            node.host, node.ray_node_id = host, ray_node_id
+        scheme = "ucx" if config.transport.backend == "ucx" else "tcp"
+        for (role, _, index), (host, _, ports) in zip(roles, reserved):
+            if role == "expert":
+                cluster.expert_addresses.append(f"{scheme}://{host}:{ports[0]}")
+                cluster.expert_control_addresses.append(f"tcp://{host}:{ports[1]}")
+            else:
+                cluster.attention_addresses.append(f"tcp://{host}:{ports[0]}")
+                if len(ports) > 1:
+                    cluster.dist_address = f"tcp://{host}:{ports[1]}"
+        if cluster.secret is None:
+            cluster.secret = secrets.token_hex(16)
+        config_dict = config.validate().to_dict()
+        for node, (_, module, index) in zip(self.nodes, roles):
+            node.pid = node.call("start", config_dict, module, index)
+            print(f"expertmesh: {node.name}: {node.where()} (Ray node {node.ray_node_id})", flush=True)
+        config_path = self.run_dir / "cluster.json"
+        config_path.touch(mode=0o600)  # it holds the cluster's secret
+        config.save(config_path)
+        command = [sys.executable, "-m", "expertmesh.gateway", "--config", str(config_path), "--index", "0"]
+        self.gateway = Child("gateway", subprocess.Popen(command, preexec_fn=_die_with_parent), command)
+
+    def check_config(self) -> None:
+        """What cannot work across hosts, said before anything starts; paths made absolute (the same on every host)."""
+        config, cluster = self.config, self.config.cluster
+        if config.transport.backend == "auto" and config.model.device == "cuda":
+            config.transport.backend = "nccl"  # ipc, the default on GPUs, links the GPUs of one host only
+        config.transport.backend = resolve_backend(config.transport.backend, config.model.device)
+        if config.transport.backend == "ipc":
+            raise ClusterError("transport.backend=ipc links the GPUs of one host; across the hosts of a Ray cluster "
+                               "use nccl (or ucx)")
+        given = [name for name in ("attention_addresses", "expert_addresses", "expert_control_addresses",
+                                   "dist_address") if getattr(cluster, name)]
+        if given:
+            raise ClusterError(f"cluster.{', cluster.'.join(given)} given: with a Ray cluster the launcher takes "
+                               f"every node's address from the host Ray places it on; remove them")
+        unknown = set(cluster.ray_resources) - {"attention", "expert"}
+        if unknown:
+            raise ClusterError(f"cluster.ray_resources names roles {sorted(unknown)}; roles: attention, expert")
+        if config.model.device == "cuda":  # Ray shows each node's actor its own GPU only, as cuda:0
+            cluster.attention_gpus, cluster.expert_gpus = [0] * cluster.attention_nodes, [0] * cluster.expert_nodes
+        for section, key in (("model", "path"), ("cluster", "placement"), ("cluster", "topology")):
+            value = getattr(getattr(config, section), key)
+            if value and Path(value).exists():  # nodes run in Ray's working directories, not this one
+                setattr(getattr(config, section), key, str(Path(value).resolve()))
+
+    def check_reachable(self, timeout_s: float = 5.0) -> None:
+        """ClusterError at once when the head at host:port does not answer: ray.init would retry for minutes."""
+        if self.address == "auto":  # Ray finds the cluster of this host, or says there is none
+            return
+        host, _, port = self.address.removeprefix("ray://").rpartition(":")
+        if not host or not port.isdigit():
+            raise ClusterError(f"--ray {self.address!r}: give the head's host:port (e.g. 10.0.0.1:6379) or auto")
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        except OSError as exc:
+            raise ClusterError(f"cannot reach the Ray cluster at {self.address}: {exc} (is `ray start --head` "
+                               f"running there?)") from None
+
+    def bundle(self, role: str, hosts: list[dict[str, float]]) -> dict[str, float]:
+        """What one node of `role` reserves on its host: its cores, its GPU and that GPU's type."""
+        bundle = {"CPU": float(self.config.model.torch_threads)}
+        if self.config.model.device == "cuda":
+            bundle["GPU"] = 1.0
+        bundle.update({key: float(amount) for key, amount in self.config.cluster.ray_resources.get(role, {}).items()})
+        gpu_type = role_gpu_type(self.config, role)
+        if gpu_type:
+            # Ray's own accelerator_type:T (1 on each host that has T; a node asks 0.001 of it, as Ray's
+            # accelerator_type option does), else a custom resource T that counts a host's GPUs of that type.
+            key = f"accelerator_type:{gpu_type}"
+            if any(key in host for host in hosts):
+                bundle[key] = 0.001
+            elif any(gpu_type in host for host in hosts):
+                bundle[gpu_type] = 1.0
+            else:
+                offered = sorted({k for host in hosts for k in host if k not in ("CPU", "GPU", "memory",
+                                  "object_store_memory") and not k.startswith("node:")})
+                raise ClusterError(f"no host of the Ray cluster at {self.address} offers GPU type {gpu_type!r} for "
+                                   f"the {role} nodes (neither Ray's {key} nor a custom resource {gpu_type!r}); "
+                                   f"its hosts offer {offered}")
+        return bundle
+
+    def check_resources(self, ray: Any, roles: list[tuple[str, str, int]], bundles: list[dict[str, float]],
+                        hosts: list[dict[str, float]]) -> None:
+        """ClusterError naming the resource when the Ray cluster cannot hold the nodes, rather than a placement
+        that waits for ever."""
+        for (role, _, index), bundle in zip(roles, bundles):
+            if not any(all(host.get(key, 0.0) >= amount for key, amount in bundle.items()) for host in hosts):
+                missing = [key for key, amount in bundle.items()
+                           if not any(host.get(key, 0.0) >= amount for host in hosts)]
+                raise ClusterError(f"no host of the Ray cluster at {self.address} can hold {role} node {index}: "
+                                   f"it needs {bundle}, and {missing or 'these together'} no host has "
+                                   f"({len(hosts)} hosts)")
+        total = ray.cluster_resources()
+        for key in sorted({key for bundle in bundles for key in bundle}):
+            needed = sum(bundle.get(key, 0.0) for bundle in bundles)
+            if needed > total.get(key, 0.0) + 1e-9:
+                users = sorted({role for (role, _, _), bundle in zip(roles, bundles) if key in bundle})
+                raise ClusterError(f"not enough {key} in the Ray cluster at {self.address}: the "
+                                   f"{' and '.join(users)} nodes need {needed:g}, it has {total.get(key, 0.0):g}")
+
+    def place(self, ray: Any, roles: list[tuple[str, str, int]], bundles: list[dict[str, float]]) -> None:
+        """One placement group, a bundle a node; one NodeHost actor in each bundle."""
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        self.placement_group = placement_group(bundles, strategy="PACK", name=f"expertmesh-{self.run_dir.name}")
+        ready, _ = ray.wait([self.placement_group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            free = ray.available_resources()
+            raise ClusterError(f"Ray placed no host for all {len(bundles)} nodes within {PLACEMENT_TIMEOUT_S:.0f} s "
+                               f"(other work holds resources?): they need {bundles}; free now: {free}")
+        actor_class = ray.remote(NodeHost)
+        for bundle_index, ((role, _, index), bundle) in enumerate(zip(roles, bundles)):
+            custom = {key: amount for key, amount in bundle.items() if key not in ("CPU", "GPU")}
+            actor = actor_class.options(
+                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0.0), resources=custom,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, bundle_index)).remote()
+            self.nodes.append(RayNode(f"{role} node {index}", actor, host="?", ray_node_id="?"))
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        supervision.wait_healthy(self.url, [*self.nodes, self.gateway], timeout_s)
+
+    def supervise(self) -> None:
+        supervision.supervise([*self.nodes, self.gateway], self.config)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """The gateway first (it would report the nodes' stopping as failures), then every node, its actor and
+        the placement group."""
+        if self.gateway is not None and self.gateway.process.poll() is None:
+            self.gateway.process.terminate()
+            try:
+                self.gateway.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.gateway.process.kill()
+                self.gateway.process.wait()
+        ray = sys.modules.get("ray")
+        if ray is None or not ray.is_initialized():
+            return
+        stopping = [node.actor.stop.remote(grace_s) for node in self.nodes]
+        ray.wait(stopping, num_returns=len(stopping), timeout=grace_s + 5)  # a lost host's actor answers nothing
+        for node in self.nodes:
+            ray.kill(node.actor)
+        if self.placement_group is not None:
+            from ray.util.placement_group import remove_placement_group
+            remove_placement_group(self.placement_group)
+        ray.shutdown()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def role_gpu_type(config: Config, role: str) -> str | None:
+    """The GPU type the config asks for nodes of `role` ("attention" or "expert"), if any."""
+    return getattr(config.cluster, f"{role}_gpu_type", None)
+
+
+def launch(config: Config, ready_timeout_s: float = 300.0) -> int:
+    """`expertmesh launch --ray ADDRESS`: the cluster on Ray until signalled (exit 0) or a node dies beyond what
+    supervision mends (exit 1)."""
+    return supervision.run(RayCluster(config, config.cluster.ray_address), ready_timeout_s)
