@@ -14,7 +14,7 @@ import torch
 if TYPE_CHECKING:
     from .model.spec import ModelSpec
 
-LOCKSTEP_BACKENDS = ("nccl", "gloo", "ipc")  # transport backends that run the lockstep M2N (m2n/)
+LOCKSTEP_BACKENDS = ("nccl", "gloo", "ipc", "ucx-lockstep")  # transport backends that run the lockstep M2N (m2n/)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,15 +47,15 @@ class ModelConfig:
 class TransportConfig:
     # Data path between attention and expert nodes. Lockstep rounds, no host on the data's path (m2n/): nccl (GPUs,
     # each node on its own GPU), ipc (GPUs of one host, CUDA IPC; nodes may share a GPU: run CUDA MPS for
-    # concurrency) or gloo (CPU). Messages, the host on the data's path: ucx or zmq. auto: ipc on GPUs; on CPU ucx
-    # if ucxx imports, else zmq.
+    # concurrency), gloo (CPU) or ucx-lockstep (UCX: CPU, or RDMA across hosts). Messages, the host on the data's
+    # path: ucx or zmq. auto: ipc on GPUs; on CPU ucx if ucxx imports, else zmq.
     backend: str = "auto"
     connect_timeout_s: float = 60.0  # an expert node must answer the handshake within this
     recv_timeout_s: float = 30.0  # an expert node must answer a dispatch within this
     # Message M2N (ucx, zmq): a lost expert node's experts with no live replica hold the attention node's steps
     # until the node rejoins; requests waiting there fail after this long.
     rejoin_wait_s: float = 30.0
-    # Who progresses UCX (ucx only): "thread" (a progress thread; idle processes sleep) or "polling" (the event
+    # Who progresses UCX (ucx, ucx-lockstep): "thread" (a progress thread; idle processes sleep) or "polling" (the event
     # loop spins: lower latency per message, one core busy per process).
     ucx_progress_mode: str = "thread"
     # Link emulation on the attention->expert links (experiments on one host; 0 = off):
@@ -155,8 +155,8 @@ class Config:
     def validate(self) -> "Config":
         backend = self.transport.backend
         if backend not in ("auto", "ucx", "zmq", "inproc") + LOCKSTEP_BACKENDS:
-            raise ConfigError(f"transport.backend={backend!r}; choose auto, ucx, zmq, nccl, ipc or gloo")
-        if backend in LOCKSTEP_BACKENDS and self.model.device != ("cpu" if backend == "gloo" else "cuda"):
+            raise ConfigError(f"transport.backend={backend!r}; choose auto, ucx, zmq, nccl, ipc, gloo or ucx-lockstep")
+        if backend in ("nccl", "gloo", "ipc") and self.model.device != ("cpu" if backend == "gloo" else "cuda"):
             raise ConfigError(f"transport.backend={backend} links {'CPU processes' if backend == 'gloo' else 'GPUs'}"
                               f", not model.device={self.model.device}: use {'nccl or ipc' if backend == 'gloo' else 'gloo'}")
         if self.model.device not in ("cpu", "cuda"):

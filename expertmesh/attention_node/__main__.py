@@ -91,7 +91,7 @@ async def connect_expert_nodes(config: Config, spec: ModelSpec, index: int,
 
 async def connect_lockstep(config: Config, spec: ModelSpec, placement, index: int, device: str) -> LockstepClient:
     """The lockstep M2N: sets up the links (nccl/gloo: joins the cluster's world), then greets the expert nodes over
-    zmq (ipc: exchanging receive-region handles)."""
+    zmq (ipc: exchanging receive-region handles; ucx-lockstep: UCX worker addresses)."""
     links = make_links(config, "attention", index, device, spec.hidden_size, config.model.torch_dtype, spec.top_k)
     t = config.transport
     connections = [await connect_within(ZmqTransport(), address, t.connect_timeout_s)

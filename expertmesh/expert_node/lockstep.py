@@ -143,8 +143,8 @@ class LockstepRounds:
             computed += n
             if i + 1 < len(rounds):
                 received = following if ahead else post_receives(i + 1)
-        if self.links.backend == "gloo":
-            await self.links.wait(sent)  # the partial sums stay alive until sent
+        if not self.links.device_ordered:
+            await self.links.wait(sent)  # the partial sums stay alive until sent (gloo, ucx)
         return computed
 
     def precapture(self, a: int) -> None:

@@ -4,12 +4,12 @@ Every node has a *rank*: attention node a is rank a, expert node e is rank atten
 receive slot per microbatch, sized once for the largest message a step can carry. The messages of one microbatch
 on a link come in the same order on both sides (the lockstep schedule guarantees it per microbatch; across
 microbatches the order varies with timing), so a receiver knows where the next one lands before it arrives
-(NCCL and gloo match them in order; ipc counts them on the device), and a sender never needs an answer to know
+(NCCL, gloo and UCX match them in order; ipc counts them on the device), and a sender never needs an answer to know
 where to write. One slot per microbatch suffices: a microbatch's next message to a node always follows that
 node's answer to its previous one, and the answer follows the work that read the slot (m2n/lockstep.py).
 
-Backends: dist.py (torch.distributed: NCCL between GPUs, gloo between CPU processes) and ipc.py (CUDA IPC
-between processes of one host, one GPU or several)."""
+Backends: dist.py (torch.distributed: NCCL between GPUs, gloo between CPU processes), ipc.py (CUDA IPC
+between processes of one host, one GPU or several) and ucx_links.py (UCX: CPU, or RDMA across hosts)."""
 from __future__ import annotations
 
 import abc
@@ -69,7 +69,8 @@ class Links(abc.ABC):
         raise NotImplementedError(f"{self.backend} links wait on the host")
 
     def region_handle(self, peer: int) -> bytes:
-        """What `peer` needs to reach this node's receive slots for it, sent in the handshake (ipc: a handle)."""
+        """What `peer` needs to reach this node's receive slots for it, sent in the handshake (ipc: a handle; ucx:
+        the worker's address)."""
         return b""
 
     def attach(self, peer: int, handle: bytes) -> None:
@@ -94,11 +95,15 @@ def make_links(config: "Config", role: str, index: int, device: str, hidden: int
     cluster, engine, t = config.cluster, config.engine, config.transport
     rank = index if role == "attention" else cluster.attention_nodes + index
     slot_bytes = slot_bytes_for(engine.max_batch_tokens, hidden, dtype, top_k)
+    peers = ([cluster.attention_nodes + e for e in range(cluster.expert_nodes)] if role == "attention"
+             else list(range(cluster.attention_nodes)))
     if t.backend == "ipc":
         from .ipc import IpcLinks
-        peers = ([cluster.attention_nodes + e for e in range(cluster.expert_nodes)] if role == "attention"
-                 else list(range(cluster.attention_nodes)))
         return IpcLinks(cluster.attention_nodes, rank, peers, engine.microbatches, slot_bytes, device,
                         t.recv_timeout_s)
+    if t.backend == "ucx-lockstep":
+        from .ucx_links import UcxLinks
+        return UcxLinks(cluster.attention_nodes, rank, peers, engine.microbatches, slot_bytes, device,
+                        t.recv_timeout_s, t.ucx_progress_mode)
     from .dist import join_cluster
     return join_cluster(config, rank, device, slot_bytes)

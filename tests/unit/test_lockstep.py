@@ -1,7 +1,7 @@
-"""The lockstep M2N over gloo between real processes: one attention side (LockstepClient) and two expert nodes
-(ExpertNode with LockstepRounds), two microbatches of different sizes over three MoE layers, one of which an
-expert node holds nothing of. The partial sums must add up to every expert computed in one place; an expert node
-that dies mid-step must fail the attention side's round with a TransportError, not hang it."""
+"""The lockstep M2N over gloo and over UCX links between real processes: one attention side (LockstepClient) and
+two expert nodes (ExpertNode with LockstepRounds), two microbatches of different sizes over three MoE layers, one of
+which an expert node holds nothing of. The partial sums must add up to every expert computed in one place; an expert
+node that dies mid-step must fail the attention side's round with a TransportError, not hang it."""
 from __future__ import annotations
 
 import asyncio
@@ -27,6 +27,16 @@ LAYERS = [1, 3, 4]
 NODES_OF = {1: [[e // 4] for e in range(8)], 3: [[e // 4] for e in range(8)], 4: [[0]] * 8}
 TOKENS = [5, 3]  # per microbatch
 SLOT_BYTES = slot_bytes_for(16, HIDDEN, torch.float32, TOP_K)
+BACKENDS = ["gloo", "ucx-lockstep"]
+
+
+def _links(backend: str, dist_address: str, rank: int, recv_timeout_s: float):
+    """Rank `rank`'s links (0: the attention node; 1, 2: the expert nodes); made inside the process's event loop."""
+    if backend == "gloo":
+        from expertmesh.m2n.dist import init_links
+        return init_links("gloo", dist_address, 1, 2, rank, 2, "cpu", 30.0, recv_timeout_s, SLOT_BYTES)
+    from expertmesh.m2n.ucx_links import UcxLinks  # its worker address crosses in the Hello
+    return UcxLinks(1, rank, [1, 2] if rank == 0 else [0], 2, SLOT_BYTES, "cpu", recv_timeout_s)
 
 
 def _experts_of(node: int | None) -> dict:
@@ -46,15 +56,14 @@ def _inputs(layer: int, microbatch: int):
     return hidden, ids, weights
 
 
-def _expert_main(node: int, dist_address: str, address: str, die_after_plan: bool) -> None:
+def _expert_main(backend: str, node: int, dist_address: str, address: str, die_after_plan: bool) -> None:
     from expertmesh.expert_node.lockstep import LockstepRounds
     from expertmesh.expert_node.node import ExpertNode
-    from expertmesh.m2n.dist import init_links
     from expertmesh.transport.zmq import ZmqTransport
 
     async def main():
         listener = await ZmqTransport().listen(address)
-        links = init_links("gloo", dist_address, 1, 2, 1 + node, 2, "cpu", 30.0, 30.0, SLOT_BYTES)
+        links = _links(backend, dist_address, 1 + node, 30.0)
         expert_node = ExpertNode(node, _experts_of(node), NUM_EXPERTS, listener)
         expert_node.rounds = LockstepRounds(links, LAYERS, 16, HIDDEN, TOP_K, torch.float32, "cpu",
                                             expert_node.compute_lane, 30.0)
@@ -66,13 +75,12 @@ def _expert_main(node: int, dist_address: str, address: str, die_after_plan: boo
     asyncio.run(main())
 
 
-def _attention_main(dist_address: str, addresses: list[str], recv_timeout_s: float, results) -> None:
-    from expertmesh.m2n.dist import init_links
+def _attention_main(backend: str, dist_address: str, addresses: list[str], recv_timeout_s: float, results) -> None:
     from expertmesh.transport.base import connect_within
     from expertmesh.transport.zmq import ZmqTransport
 
     async def main():
-        links = init_links("gloo", dist_address, 1, 2, 0, 2, "cpu", 30.0, recv_timeout_s, SLOT_BYTES)
+        links = _links(backend, dist_address, 0, recv_timeout_s)
         conns = [await connect_within(ZmqTransport(), a, 30.0) for a in addresses]
         client = LockstepClient(conns, links, Placement(2, NODES_OF), 0, 16, HIDDEN, torch.float32, 2, "cpu",
                                 recv_timeout_s)
@@ -99,14 +107,14 @@ def _attention_main(dist_address: str, addresses: list[str], recv_timeout_s: flo
         results.put(("crash", traceback.format_exc()))
 
 
-def _run(die_after_plan: bool, recv_timeout_s: float = 20.0):
+def _run(backend: str, die_after_plan: bool, recv_timeout_s: float = 20.0):
     ctx = multiprocessing.get_context("spawn")
     dist_address = f"tcp://127.0.0.1:{free_port()}"
     addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]
     results = ctx.Queue()
-    experts = [ctx.Process(target=_expert_main, args=(n, dist_address, addresses[n], die_after_plan and n == 1),
-                           daemon=True) for n in range(2)]
-    attention = ctx.Process(target=_attention_main, args=(dist_address, addresses, recv_timeout_s, results),
+    experts = [ctx.Process(target=_expert_main, daemon=True,
+                           args=(backend, n, dist_address, addresses[n], die_after_plan and n == 1)) for n in range(2)]
+    attention = ctx.Process(target=_attention_main, args=(backend, dist_address, addresses, recv_timeout_s, results),
                             daemon=True)
     for process in experts + [attention]:
         process.start()
@@ -118,8 +126,9 @@ def _run(die_after_plan: bool, recv_timeout_s: float = 20.0):
             process.join(5)
 
 
-def test_rounds_add_up_to_all_experts_in_one_place():
-    result = _run(die_after_plan=False)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rounds_add_up_to_all_experts_in_one_place(backend):
+    result = _run(backend, die_after_plan=False)
     assert result[0] == "ok", result
     full = _experts_of(None)
     for (step, layer, mb), got in result[1].items():
@@ -128,8 +137,9 @@ def test_rounds_add_up_to_all_experts_in_one_place():
     assert len(result[1]) == 9 * len(LAYERS)
 
 
-def test_expert_node_dying_mid_step_fails_the_round_not_hangs():
-    result = _run(die_after_plan=True, recv_timeout_s=10.0)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expert_node_dying_mid_step_fails_the_round_not_hangs(backend):
+    result = _run(backend, die_after_plan=True, recv_timeout_s=10.0)
     assert result[0] == "error", result
     assert result[1] == "TransportError", result
     assert result[3] < 15.0
