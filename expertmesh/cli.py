@@ -138,8 +138,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--json", help="write every row here as JSON")
     lay = bench.add_parser("layer", help="one MoE layer's attention and expert parts at decode, against the floor")
     lay.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
-    lay.add_argument("--shapes", help="comma-separated of mixtral,qwen3,deepseek_v3,tiny,tiny_mla (default: "
-                     "mixtral,qwen3; tiny on cpu)")
+    lay.add_argument("--shapes", help="comma-separated of mixtral,qwen3,deepseek_v3,tiny,tiny_mla or checkpoint "
+                     "directories (default: mixtral,qwen3; tiny on cpu)")
     lay.add_argument("--parts", default="attention,experts", help="which parts to time (experts stacks them all)")
     lay.add_argument("--tokens", default="1,16,64,256", help="decode tokens (= sequences)")
     lay.add_argument("--contexts", default="512,4096", help="tokens of context per sequence")

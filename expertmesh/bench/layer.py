@@ -14,6 +14,7 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -225,7 +226,9 @@ def main(args) -> int:
     device = args.device if args.device != "cuda" else "cuda:0"
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
     names = (args.shapes or ("mixtral,qwen3" if device != "cpu" else "tiny")).split(",")
-    shapes = [named_shape(name) for name in names]
+    # a named shape, or a checkpoint directory (its config.json): the CPU calibration times the served models' shapes
+    shapes = [(Path(name).name, ModelSpec.from_dir(name)) if Path(name).is_dir() else named_shape(name)
+              for name in names]
     tokens = [int(t) for t in args.tokens.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     backends = tuple(args.moe_backends.split(","))

@@ -30,7 +30,8 @@ class Deployment:
     batch_per_attention_node: int  # sequences decoding at once on each attention node
     context_len: int  # tokens a sequence may hold (prompt + output): what its KV cache is sized for
     gpus_per_host: int = 8  # nodes beyond one host talk over the inter-host links
-    shared_device: bool = False  # attention and expert node on one device (our one-GPU/CPU runs): compute serialises
+    # Devices every node shares (our one-GPU runs: 1; CPU runs: the host's cores); 0: each node has its own GPU
+    shared_devices: int = 0
     dtype_bytes: int = 2
 
     @property
@@ -148,7 +149,7 @@ def attention_us(costs: ModelCosts, gpu: GpuType, cal: Calibration, tokens: floa
     bytes_ = costs.elt * params + (sequences or tokens) * context * costs.kv_bytes_per_token_layer + \
         4 * tokens * costs.spec.hidden_size * costs.elt
     flops = 2 * tokens * params + tokens * context * costs.attention_flops_per_context
-    return cal.attention(_floor_us(bytes_, flops, gpu, cal))
+    return cal.attention(_floor_us(bytes_, flops, gpu, cal), tokens)
 
 
 def experts_us(costs: ModelCosts, gpu: GpuType, cal: Calibration, tokens: float, experts_on_node: int) -> float:
@@ -160,7 +161,7 @@ def experts_us(costs: ModelCosts, gpu: GpuType, cal: Calibration, tokens: float,
     choices = tokens * spec.top_k * experts_on_node / spec.num_experts
     touched = experts_on_node * (1 - (1 - spec.top_k / spec.num_experts) ** tokens)
     bytes_ = costs.elt * (touched * costs.expert_params + 2 * choices * spec.hidden_size)
-    return cal.experts(_floor_us(bytes_, 2 * choices * costs.expert_params, gpu, cal))
+    return cal.experts(_floor_us(bytes_, 2 * choices * costs.expert_params, gpu, cal), choices / spec.top_k)
 
 
 def fanout(spec: ModelSpec, expert_nodes: int) -> float:
@@ -186,18 +187,19 @@ def comm_us(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: float
                plan.expert_gpu.inter_host_gb_s if across_hosts else plan.expert_gpu.intra_host_gb_s) * 1e9
     slope = cal.round.slope * (cal.round_link_bytes_per_s / link if cal.round_link_bytes_per_s else 1.0)
     overhead = cal.round.overhead_us * (max(reach, plan.attention_nodes) if cal.round_per_destination else 1.0)
-    return (overhead + slope * max(sent, received)) / 2
+    return (overhead + slope * max(sent, received) + cal.round.per_token_us * tokens) / 2
 
 
 def layer_us(t_a: float, t_e: float, t_c: float, m: int, plan: Deployment) -> float:
     """One MoE layer for m microbatches. Colocated: the node does both parts in turn. Disaggregated: each microbatch
     goes attention -> link -> experts -> link, so a layer takes the longest of the attention node's m·T_a, the
-    expert node's m·T_e and one microbatch's round trip T_a + T_e + 2·T_c; on one shared device the two parts
-    take turns (m·(T_a + T_e))."""
-    if plan.colocated:
-        return m * (t_a + t_e)
-    busy = m * (t_a + t_e) if plan.shared_device else m * max(t_a, t_e)
-    return max(busy, t_a + t_e + 2 * t_c)
+    expert node's m·T_e and one microbatch's round trip T_a + T_e + 2·T_c. Nodes sharing devices also wait for
+    every node's work to pass through them: all attention nodes' m·T_a and all expert nodes' m·T_e."""
+    critical = m * (t_a + t_e) if plan.colocated else max(m * max(t_a, t_e), t_a + t_e + 2 * t_c)
+    if not plan.shared_devices:
+        return critical
+    work = plan.attention_nodes * m * (t_a if not plan.colocated else t_a + t_e) + plan.expert_nodes * m * t_e
+    return max(critical, work / min(plan.shared_devices, plan.gpus))
 
 
 def memory(costs: ModelCosts, plan: Deployment, utilization: float = 0.9) -> tuple[Memory, Memory | None]:

@@ -64,8 +64,10 @@ def test_fanout_and_the_pingpong_layer_by_hand():
     assert layer_us(100, 80, 50, 4, plan) == 400  # m * T_a >= T_a + T_e + 2 T_c: attention-bound
     colocated = Deployment(H200, None, 1, 0, 1, 64, 1024)
     assert layer_us(100, 80, 0, 1, colocated) == 180
-    shared = Deployment(H200, H200, 1, 1, 2, 64, 1024, shared_device=True)
+    shared = Deployment(H200, H200, 1, 1, 2, 64, 1024, shared_devices=1)
     assert layer_us(100, 80, 10, 2, shared) == 360  # one device: the parts take turns
+    two_cores = Deployment(H200, H200, 2, 2, 1, 64, 1024, shared_devices=2)
+    assert layer_us(100, 80, 10, 1, two_cores) == 200  # 4 nodes' work (360) on 2 devices, or attention's round trip
 
 
 def test_prediction_scales_as_the_model_says():
