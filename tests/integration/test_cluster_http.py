@@ -1,5 +1,5 @@
 """The whole path through real processes: HTTP gateway, 2 attention nodes, 3 expert nodes over zmq, or over the
-lockstep M2N on gloo with 2 microbatches (or none: colocated), checked token for token (and logprob for logprob)
+lockstep M2N on gloo with 2 microbatches (or none: colocated; DeepSeek-V3 also over UCX links), checked token for token (and logprob for logprob)
 against transformers."""
 from __future__ import annotations
 
@@ -41,10 +41,12 @@ def test_greedy_tokens_and_logprobs_equal_transformers(served):
     assert_greedy_tokens_and_logprobs_equal_transformers(*served)
 
 
-@pytest.mark.parametrize("extra", [[], ["--transport", "gloo", "--microbatches", "2"]], ids=["zmq", "lockstep-gloo"])
+@pytest.mark.parametrize("extra", [[], ["--transport", "gloo", "--microbatches", "2"],
+                                   ["--transport", "ucx-lockstep", "--microbatches", "2"]],
+                         ids=["zmq", "lockstep-gloo", "lockstep-ucx"])
 def test_deepseek_greedy_tokens_and_logprobs_equal_transformers(deepseek_dir, extra):
-    """DeepSeek-V3 through real processes: its experts on expert nodes over messages (zmq) or the lockstep M2N (gloo,
-    2 microbatches), MLA, shared experts and routing on the attention node; only this test, to keep the suite short
+    """DeepSeek-V3 through real processes: its experts on expert nodes over messages (zmq) or the lockstep M2N (gloo
+    or UCX links, 2 microbatches), MLA, shared experts and routing on the attention node; only this test, to keep the suite short
     (the other modes run in one process: test_exact_inproc.py)."""
     cluster = Cluster(deepseek_dir, attention_nodes=1, expert_nodes=2, extra=extra).wait_ready()
     try:
