@@ -241,7 +241,7 @@ def _plan(args: argparse.Namespace) -> int:
     print(format_plans(plans))
     if args.out:
         config = to_config(plans[0], args.model or args.model_path or f"<checkpoint of {args.shape}>",
-                           args.gpus_per_host)
+                           args.gpus_per_host, args.prompt_len)
         import json
         with open(args.out, "w") as handle:
             if args.out.endswith((".yaml", ".yml")):

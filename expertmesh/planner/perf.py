@@ -76,7 +76,7 @@ class Prediction:
     step_us: float  # one decode step (= TPOT at steady state)
     prefill_us: float  # one prompt's prefill, as an extra microbatch of a step
     tokens_per_s: float  # output tokens per second, whole cluster, steady state with the workload's prefills
-    tpot_p99_us: float  # a step that also carries one prompt
+    tpot_p99_us: float  # the p99 step: with the prompts a step carries when 1% or more of steps carry any
     pingpong_holds: bool  # MegaScale-Infer's m·T_f >= T_a + T_e + 2·T_c: the pipeline hides T_c
     attention_memory: Memory
     expert_memory: Memory | None
@@ -241,7 +241,7 @@ def step_parts(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: fl
 
 
 def predict(spec: ModelSpec, plan: Deployment, cal: Calibration, prompt_len: int, output_len: int,
-            utilization: float = 0.9) -> Prediction:
+            utilization: float = 0.9, max_batch_tokens: int = 2048) -> Prediction:
     """Steady state with every attention node holding batch_per_attention_node sequences at mid-output context; each
     step also prefills the prompts that replace finished sequences (batch / output_len of them)."""
     costs = ModelCosts(spec, plan.dtype_bytes)
@@ -254,8 +254,13 @@ def predict(spec: ModelSpec, plan: Deployment, cal: Calibration, prompt_len: int
     attention_mem, expert_mem = memory(costs, plan, utilization)
     m = plan.microbatches
     holds = plan.colocated or m * max(t_a, t_e) >= t_a + t_e + 2 * t_c
-    return Prediction(t_a, t_e, t_c, layer_us(t_a, t_e, t_c, m, plan), step, prefill, tokens_per_s, step + prefill,
-                      holds, attention_mem, expert_mem)
+    # Prompts are prefilled whole inside decode steps (as one more microbatch), so the p99 step carries them once
+    # at least 1% of steps do: ceil(batch / output_len) prompts, at most max_batch_tokens of them.
+    prompts_per_step = batch / output_len
+    in_p99 = 0 if prompts_per_step < 0.01 else min(math.ceil(prompts_per_step),
+                                                    max(1, max_batch_tokens // max(1, prompt_len)))
+    return Prediction(t_a, t_e, t_c, layer_us(t_a, t_e, t_c, m, plan), step, prefill, tokens_per_s,
+                      step + in_p99 * prefill, holds, attention_mem, expert_mem)
 
 
 def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[tuple[int, int]],

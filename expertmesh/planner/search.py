@@ -209,7 +209,7 @@ def config_dict(config: Config) -> dict:
             for section, values in chosen.items() if values != defaults[section]}
 
 
-def to_config(plan: Plan, model_path: str, gpus_per_host: int = 8) -> Config:
+def to_config(plan: Plan, model_path: str, gpus_per_host: int = 8, prompt_len: int = 0) -> Config:
     """The cluster config `expertmesh launch --config` runs for a plan."""
     d = plan.deployment
     config = Config()
@@ -219,6 +219,8 @@ def to_config(plan: Plan, model_path: str, gpus_per_host: int = 8) -> Config:
     config.cluster.expert_gpu_type = None if d.colocated else d.expert_gpu.name
     config.engine.microbatches, config.engine.max_num_seqs = d.microbatches, d.batch_per_attention_node
     config.engine.max_model_len = d.context_len
+    # a step holds the whole decode batch and the prompts joining it
+    config.engine.max_batch_tokens = max(config.engine.max_batch_tokens, d.batch_per_attention_node + prompt_len)
     if not d.colocated:
         config.transport.backend = "ipc" if d.gpus <= gpus_per_host else "nccl"
     return config.validate()
