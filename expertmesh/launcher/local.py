@@ -5,12 +5,8 @@ dies is restarted (same role, index, ports) by the policy of launcher/supervisio
 with a non-zero exit that names the child when it cannot mend it."""
 from __future__ import annotations
 
-import ctypes
-import os
 import secrets
 import dataclasses
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,35 +17,11 @@ from pathlib import Path
 from ..config import Config
 from ..planner.gpus import check_cluster_gpus
 from ..transport.base import resolve_backend
-from . import supervision
-from .supervision import ClusterError
+from . import ClusterError, supervision  # noqa: F401 (local.ClusterError, as callers import it)
+from .node_host import die_with_parent, free_port
 
 
-_next_port = 20000 + os.getpid() % 10000
 MPS_PIPE = "/tmp/nvidia-mps"  # where a CUDA MPS daemon started with default settings listens
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now, below the kernel's ephemeral range (32768+), so that the ephemeral ports UCX
-    and others bind on their own cannot take it between our choosing it and a node binding it."""
-    global _next_port
-    for _ in range(12000):
-        port, _next_port = _next_port, 20000 + (_next_port - 20000 + 7) % 12000
-        with socket.socket() as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise ClusterError(f"no free port in 20000-31999 on {host}")
-
-
-def _die_with_parent() -> None:
-    """Children get SIGTERM if the launcher itself dies, so no node outlives it (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 @dataclass
@@ -67,7 +39,7 @@ class Child:
         return f"pid {self.process.pid}"
 
     def restart(self) -> None:
-        self.process = subprocess.Popen(self.command, preexec_fn=_die_with_parent)
+        self.process = subprocess.Popen(self.command, preexec_fn=die_with_parent)
 
 
 class LocalCluster:
@@ -108,7 +80,7 @@ class LocalCluster:
         for name, module, count in roles:
             for index in range(count):
                 command = [sys.executable, "-m", module, "--config", str(config_path), "--index", str(index)]
-                process = subprocess.Popen(command, preexec_fn=_die_with_parent)
+                process = subprocess.Popen(command, preexec_fn=die_with_parent)
                 self.children.append(Child(name if name == "gateway" else f"{name} {index}", process, command))
 
     def notes(self) -> list[str]:

@@ -8,7 +8,6 @@ with its host stops the cluster, since every peer knows that node by an address 
 from __future__ import annotations
 
 import dataclasses
-import json
 import secrets
 import shutil
 import socket
@@ -21,9 +20,9 @@ from typing import Any
 
 from ..config import Config
 from ..transport.base import resolve_backend
-from . import supervision
-from .local import Child, _die_with_parent, free_port
-from .supervision import ClusterError
+from . import ClusterError, supervision
+from .local import Child
+from .node_host import NodeHost, die_with_parent
 
 PLACEMENT_TIMEOUT_S = 60.0  # for Ray to find every bundle a host, after the resources were checked to exist
 CALL_TIMEOUT_S = 60.0  # for an actor to answer: past it, its host is taken as lost
@@ -37,47 +36,6 @@ def import_ray() -> Any:
         raise ClusterError("--ray needs the ray package, which is not installed here: "
                            "pip install 'expertmesh[ray]' (on every host of the Ray cluster too)") from None
     return ray
-
-
-class NodeHost:
-    """One node's process on the host Ray placed it on. A Ray actor (RayCluster applies ray.remote), so its
-    methods run on that host."""
-
-    def __init__(self) -> None:
-        self.process: subprocess.Popen | None = None
-        self.command: list[str] = []
-        self.run_dir = Path(tempfile.mkdtemp(prefix="expertmesh-"))
-
-    def reserve(self, ports: int) -> tuple[str, str, list[int]]:
-        """This host's address, its Ray node id, and `ports` ports free on it for the node to bind."""
-        import ray
-        host = ray.util.get_node_ip_address()
-        return host, ray.get_runtime_context().get_node_id(), [free_port(host) for _ in range(ports)]
-
-    def start(self, config: dict[str, Any], module: str, index: int) -> int:
-        """Runs `python -m module` for node `index` of the cluster `config` describes; its pid."""
-        path = self.run_dir / "cluster.json"
-        path.touch(mode=0o600)  # it holds the cluster's secret
-        path.write_text(json.dumps(config))
-        self.command = [sys.executable, "-m", module, "--config", str(path), "--index", str(index)]
-        return self.restart()
-
-    def restart(self) -> int:
-        self.process = subprocess.Popen(self.command, preexec_fn=_die_with_parent)
-        return self.process.pid
-
-    def exit_code(self) -> int | None:
-        return self.process.poll() if self.process else None
-
-    def stop(self, grace_s: float) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 @dataclass
@@ -171,7 +129,7 @@ class RayCluster:
         config_path.touch(mode=0o600)  # it holds the cluster's secret
         config.save(config_path)
         command = [sys.executable, "-m", "expertmesh.gateway", "--config", str(config_path), "--index", "0"]
-        self.gateway = Child("gateway", subprocess.Popen(command, preexec_fn=_die_with_parent), command)
+        self.gateway = Child("gateway", subprocess.Popen(command, preexec_fn=die_with_parent), command)
 
     def check_config(self) -> None:
         """What cannot work across hosts, said before anything starts; paths made absolute (the same on every host)."""
@@ -216,7 +174,8 @@ class RayCluster:
         if self.config.model.device == "cuda":
             bundle["GPU"] = 1.0
         bundle.update({key: float(amount) for key, amount in self.config.cluster.ray_resources.get(role, {}).items()})
-        gpu_type = role_gpu_type(self.config, role)
+        cluster = self.config.cluster
+        gpu_type = cluster.attention_gpu_type if role == "attention" else cluster.expert_gpu_type
         if gpu_type:
             # Ray's own accelerator_type:T (1 on each host that has T; a node asks 0.001 of it, as Ray's
             # accelerator_type option does), else a custom resource T that counts a host's GPUs of that type.
@@ -267,7 +226,8 @@ class RayCluster:
             custom = {key: amount for key, amount in bundle.items() if key not in ("CPU", "GPU")}
             actor = actor_class.options(
                 num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0.0), resources=custom,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, bundle_index)).remote()
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, bundle_index)
+            ).remote(f"{role} node {index}")
             self.nodes.append(RayNode(f"{role} node {index}", actor, host="?", ray_node_id="?"))
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
@@ -298,11 +258,6 @@ class RayCluster:
             remove_placement_group(self.placement_group)
         ray.shutdown()
         shutil.rmtree(self.run_dir, ignore_errors=True)
-
-
-def role_gpu_type(config: Config, role: str) -> str | None:
-    """The GPU type the config asks for nodes of `role` ("attention" or "expert"), if any."""
-    return getattr(config.cluster, f"{role}_gpu_type", None)
 
 
 def launch(config: Config, ready_timeout_s: float = 300.0) -> int:

@@ -14,15 +14,12 @@ import urllib.request
 from typing import Iterable, Protocol
 
 from ..config import LOCKSTEP_BACKENDS, Config
+from . import ClusterError
 
 MAX_DEATHS = 5  # per node within DEATH_WINDOW_S; one more stops the cluster
 DEATH_WINDOW_S = 60.0
 MAX_BACKOFF_S = 30.0
 POLL_S = 0.2
-
-
-class ClusterError(RuntimeError):
-    """A node of the cluster failed to start or died."""
 
 
 class Supervised(Protocol):

@@ -92,3 +92,22 @@ def test_what_the_ray_cluster_cannot_hold_is_refused_naming_the_resource(ray_hos
             cluster.start()
     finally:
         cluster.stop()
+
+
+def test_a_lost_host_is_beyond_what_supervision_mends(ray_hosts):
+    """Every peer knows a node by an address on its host: a node whose actor (with its host) is gone stops the
+    cluster, naming the host, rather than being restarted elsewhere under an address nobody knows."""
+    import ray
+    from expertmesh.launcher.node_host import NodeHost
+    from expertmesh.launcher.ray_cluster import ClusterError, RayNode
+    hosts, _, expert_host = ray_hosts
+    ray.init(address=hosts.address)
+    try:
+        actor = ray.remote(NodeHost).options(num_cpus=0, resources={"compute": 1}).remote("expert node 0")
+        node = RayNode("expert node 0", actor, "10.0.0.2", expert_host)
+        assert node.exit_code() is None  # nothing started yet: nothing died
+        ray.kill(actor)
+        with pytest.raises(ClusterError, match=rf"expert node 0's host 10.0.0.2 \(Ray node {expert_host}\) is lost"):
+            node.exit_code()
+    finally:
+        ray.shutdown()
