@@ -153,7 +153,7 @@ def join_cluster(config: "Config", rank: int, device: str, slot_bytes: int) -> D
     cluster, backend = config.cluster, config.transport.backend
     if not cluster.dist_address:
         raise ConfigError(f"transport.backend={backend} needs cluster.dist_address (the launcher sets one)")
-    if backend == "nccl":
+    if backend == "nccl" and not cluster.ray_address:  # on Ray, each node's bundle holds a GPU of its own
         devices = ([config.node_device("attention", i) for i in range(cluster.attention_nodes)]
                    + [config.node_device("expert", i) for i in range(cluster.expert_nodes)])
         shared = sorted({d for d in devices if devices.count(d) > 1})
