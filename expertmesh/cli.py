@@ -120,9 +120,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--trace", help="write the nodes' timeline here (Chrome trace JSON, open in Perfetto)")
     s.add_argument("--json", help="write the report here as JSON")
     t = bench.add_parser("transport", help="latency and bandwidth of the transports between processes (p2p, M2N, NCCL)")
-    t.add_argument("--backends", help="comma-separated, of zmq,ucx,lockstep,lockstep-gloo,lockstep-nccl,lockstep-ipc "
-                   "(default: zmq,ucx on cpu, ucx on cuda); lockstep: M2N rows only, over gloo on cpu, on cuda NCCL "
-                   "(a GPU per process) or else CUDA IPC; lockstep-<links>: over those links, p2p rows too")
+    t.add_argument("--backends", help="comma-separated, of zmq,ucx,lockstep,lockstep-gloo,lockstep-nccl,lockstep-ipc,"
+                   "lockstep-ucx (default: zmq,ucx on cpu, ucx on cuda); lockstep: M2N rows only, over gloo on cpu, on "
+                   "cuda NCCL (a GPU per process) or else CUDA IPC; lockstep-<links>: over those links, p2p rows too")
     t.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     t.add_argument("--sizes", help="point-to-point message sizes (default 4K,64K,1M,16M,64M; cuda adds 256M)")
     t.add_argument("--iters", type=int, default=100, help="timed round trips of small messages (large get fewer)")

@@ -1,5 +1,6 @@
 """The lockstep M2N in `expertmesh bench transport`'s M2N rows: the serving classes themselves over their links
-(gloo on cpu; on cuda NCCL with a GPU per process, else CUDA IPC, e.g. every process on one GPU under MPS). Senders are attention ranks running LockstepClient (m2n/lockstep.py), receivers expert
+(gloo on cpu; on cuda NCCL with a GPU per process, else CUDA IPC, e.g. every process on one GPU under MPS; UCX
+when named: lockstep-ucx). Senders are attention ranks running LockstepClient (m2n/lockstep.py), receivers expert
 ranks running LockstepRounds (expert_node/lockstep.py) whose compute echoes the tokens back: a partial sum of an
 expert node's size, no compute (as the other backends' m2n receiver answers).
 
@@ -8,7 +9,8 @@ control connection once, before the timing, as in serving, where one plan covers
 timed rounds run in chunks of CHUNK with one wait per chunk: a round's figure is its chunk's time over CHUNK. Each
 round still waits, on the device, for the previous round's answers (one stream), so the figure is a round's
 latency. On ipc links both sides replay captured CUDA graphs (a chunk on the sender, the whole step on the
-receiver), as serving's decode steps do, so no host is in it; on nccl and gloo the rounds are enqueued from Python."""
+receiver), as serving's decode steps do, so no host is in it; on nccl, gloo and ucx the rounds are enqueued from
+Python."""
 from __future__ import annotations
 
 import asyncio
@@ -25,15 +27,16 @@ from ..m2n.ipc import IpcLinks
 from ..m2n.links import Links, slot_bytes_for
 from ..m2n.lockstep import LockstepClient
 from ..placement.plan import Placement
-from ..transport.base import connect_within
+from ..transport.base import TransportError, connect_within
 from ..transport.protocol import Hello, HelloReply, StepPlan, TensorMeta
+from ..transport.ucx_context import import_ucxx
 from ..transport.zmq import ZmqTransport
 from .harness import (CONNECT_TIMEOUT_S, STALL_TIMEOUT_S, TOP_K, WARMUP, BenchError, M2nPlan, P2pPlan, Row,
                       SenderTiming, device_of, gpu_count, m2n_plan, m2n_rows, nccl_without_multicast, p2p_plan,
                       run_processes, sync, wait_barrier)
 
-LOCKSTEP = "lockstep"  # the links the device allows (links_backend); lockstep-gloo, -nccl, -ipc name them
-LINKS = ("gloo", "nccl", "ipc")
+LOCKSTEP = "lockstep"  # the links the device allows (links_backend); lockstep-gloo, -nccl, -ipc, -ucx name them
+LINKS = ("gloo", "nccl", "ipc", "ucx")
 BACKENDS = (LOCKSTEP, *(f"{LOCKSTEP}-{links}" for links in LINKS))
 _EXPERTS = 8  # per layer, in contiguous blocks over the receivers
 CHUNK = 10  # timed rounds per wait on the device
@@ -70,15 +73,23 @@ def check_links(backend: str, device: str, processes: int) -> None:
         raise BenchError(f"{backend}: {links} links connect GPUs; add --device cuda")
     if links == "nccl" and gpu_count() < processes:
         raise BenchError(f"{backend}: NCCL needs a GPU per process ({processes}); this host has {gpu_count()}")
+    if links == "ucx":
+        try:
+            import_ucxx()
+        except TransportError as exc:
+            raise BenchError(f"{backend}: {exc}") from None
 
 
 def _join(device: str, rank: int, senders: int, receivers: int, dist_address: str, slot_bytes: int,
-          backend: str) -> Links:
+          backend: str, ucx_progress_mode: str) -> Links:
     backend = links_backend(device, senders + receivers, backend)
     # one microbatch: a step's rounds follow each other on one group, as the timing wants them
+    peers = list(range(senders, senders + receivers)) if rank < senders else list(range(senders))
     if backend == "ipc":
-        peers = list(range(senders, senders + receivers)) if rank < senders else list(range(senders))
         return IpcLinks(senders, rank, peers, 1, slot_bytes, device, STALL_TIMEOUT_S)
+    if backend == "ucx":  # imported here: the forkserver that the processes fork from holds no UCX state
+        from ..m2n.ucx_links import UcxLinks
+        return UcxLinks(senders, rank, peers, 1, slot_bytes, device, STALL_TIMEOUT_S, ucx_progress_mode)
     if backend == "nccl":
         nccl_without_multicast()
     return init_links(backend, dist_address, senders, receivers, rank, 1, device, CONNECT_TIMEOUT_S,
@@ -113,10 +124,10 @@ def _slot_bytes(plan: M2nPlan, hidden: int, dtype: str) -> int:
 
 async def _lockstep_receiver(device: str, dist_address: str, address: str, receiver: int, senders: int,
                              receivers: int, plan: M2nPlan, hidden: int, dtype: str, backend: str,
-                             report: Callable, done: Any, barrier: Any) -> None:
+                             ucx_progress_mode: str, report: Callable, done: Any, barrier: Any) -> None:
     listener = await ZmqTransport().listen(address)  # before joining: the senders connect once everyone joined
     links = _join(device, senders + receiver, senders, receivers, dist_address, _slot_bytes(plan, hidden, dtype),
-                  backend)
+                  backend, ucx_progress_mode)
     placement = _placement(receivers, plan)
     # one LockstepRounds per token count (= step): its MoE layers are the step's rounds, its capacity the tokens
     # on ipc links each step is captured whole and replayed, as serving's decode steps are
@@ -150,8 +161,9 @@ async def _lockstep_receiver(device: str, dist_address: str, address: str, recei
 
 async def _lockstep_sender(device: str, dist_address: str, addresses: list[str], sender: int, senders: int,
                            receivers: int, plan: M2nPlan, hidden: int, dtype: str, backend: str,
-                           report: Callable, done: Any, barrier: Any) -> None:
-    links = _join(device, sender, senders, receivers, dist_address, _slot_bytes(plan, hidden, dtype), backend)
+                           ucx_progress_mode: str, report: Callable, done: Any, barrier: Any) -> None:
+    links = _join(device, sender, senders, receivers, dist_address, _slot_bytes(plan, hidden, dtype), backend,
+                  ucx_progress_mode)
     connections = [await connect_within(ZmqTransport(), address, CONNECT_TIMEOUT_S) for address in addresses]
     placement = _placement(receivers, plan)
     client = LockstepClient(connections, links, placement, sender, max(tokens for tokens, _ in plan), hidden,
@@ -169,12 +181,13 @@ async def _lockstep_sender(device: str, dist_address: str, addresses: list[str],
             weights = torch.full((tokens, TOP_K), 1 / TOP_K, dtype=torch.float32, device=device)
             await client.begin_step(step, [tokens])
             rounds = _timed(rounds)
+            before = moved()  # the client's stats count every step's eager rounds
             for layer in range(WARMUP):
                 handle = await client.dispatch(step, layer, 0, states, ids, weights)
                 client.reduce(handle, await client.gather(handle), states)
                 sync(device)
             chunk = _chunk_graph(client, states, ids, weights) if client.captures_steps else None
-            per_round = moved() // WARMUP  # bytes; replays do not count in the client's stats
+            per_round = (moved() - before) // WARMUP  # bytes; replays do not count in the client's stats
             await wait_barrier(barrier)  # every sender starts timing together: the bandwidth is of concurrent traffic
             sync(device)
             first, round_s = time.perf_counter(), []
@@ -208,14 +221,14 @@ def _chunk_graph(client: LockstepClient, states: torch.Tensor, ids: torch.Tensor
 
 
 def lockstep_m2n(device: str, senders: int, receivers: int, tokens: list[int], hidden: int, dtype: str,
-                 iters: int, backend: str = LOCKSTEP) -> list[Row]:
+                 iters: int, backend: str = LOCKSTEP, ucx_progress_mode: str = "thread") -> list[Row]:
     """M2N rounds of the lockstep M2N: every sender's tokens (with their ids and weights) to every receiver, each
     receiver's partial sums back, summed; attention rank i is sender i, expert rank senders + j receiver j. Rows are
     labelled lockstep-<links backend>."""
     plan = m2n_plan(tokens, hidden, dtype, receivers, iters)
     addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(receivers)]
     common = dict(dist_address=f"tcp://127.0.0.1:{free_port()}", senders=senders, receivers=receivers, plan=plan,
-                  hidden=hidden, dtype=dtype, backend=backend)
+                  hidden=hidden, dtype=dtype, backend=backend, ucx_progress_mode=ucx_progress_mode)
     roles = [(_lockstep_sender, dict(common, device=device_of(i, device), addresses=addresses, sender=i))
              for i in range(senders)]
     roles += [(_lockstep_receiver, dict(common, device=device_of(senders + j, device), address=address, receiver=j))
@@ -229,14 +242,14 @@ def lockstep_m2n(device: str, senders: int, receivers: int, tokens: list[int], h
 # ---- point to point over the links --------------------------------------------------------------------------
 
 async def _links_p2p(device: str, rank: int, dist_address: str, address: str, plan: P2pPlan, backend: str,
-                     report: Callable, done: Any, barrier: Any) -> None:
+                     ucx_progress_mode: str, report: Callable, done: Any, barrier: Any) -> None:
     """Rank 0 (an attention node's links) sends each message to rank 1 (an expert node's), which sends it back
     from its receive slot; one receive slot each way, sized for the largest message. Each round trip is enqueued
     from Python and ends with a wait on the device, as NCCL's send/recv baseline does."""
-    links = _join(device, rank, 1, 1, dist_address, max(size for size, _, _ in plan), backend)
+    links = _join(device, rank, 1, 1, dist_address, max(size for size, _, _ in plan), backend, ucx_progress_mode)
     peer = 1 - rank
-    # the receive regions' handles (ipc; empty on other links) cross over zmq, as in serving's Hello; the sockets
-    # stay open to the end: zmq drops what a socket closed at once has not sent yet
+    # the receive regions' handles (ipc; ucx: worker addresses; empty on other links) cross over zmq, as in serving's
+    # Hello; the sockets stay open to the end: zmq drops what a socket closed at once has not sent yet
     transport = ZmqTransport()
     if rank == 1:
         control = await transport.listen(address)
@@ -280,12 +293,13 @@ async def _links_p2p(device: str, rank: int, dist_address: str, address: str, pl
         links.close()
 
 
-def links_point_to_point(backend: str, device: str, sizes: list[int], iters: int) -> list[Row]:
+def links_point_to_point(backend: str, device: str, sizes: list[int], iters: int,
+                         ucx_progress_mode: str = "thread") -> list[Row]:
     """One-way latency between two processes over the lockstep links (half the median round trip), and the
     bandwidth that implies: a link has one receive slot per microbatch, so it has no stream of messages in
     flight to time, unlike the other backends' p2p rows."""
     plan = p2p_plan(sizes, iters)
     common = dict(dist_address=f"tcp://127.0.0.1:{free_port()}", address=f"tcp://127.0.0.1:{free_port()}",
-                  plan=plan, backend=backend)
+                  plan=plan, backend=backend, ucx_progress_mode=ucx_progress_mode)
     roles = [(_links_p2p, dict(common, device=device_of(rank, device), rank=rank)) for rank in range(2)]
     return run_processes(f"{backend} p2p", roles, expected=len(plan), barrier_parties=2)

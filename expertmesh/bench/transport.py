@@ -164,7 +164,7 @@ def m2n(backend: str, device: str, senders: int, receivers: int, tokens: list[in
         iters: int, ucx_progress_mode: str = "thread") -> list[Row]:
     """Rounds of one Dispatch from each sender to each receiver and a same-sized Combine back."""
     if backend in LOCKSTEP_BACKENDS:
-        return lockstep_m2n(device, senders, receivers, tokens, hidden, dtype, iters, backend)
+        return lockstep_m2n(device, senders, receivers, tokens, hidden, dtype, iters, backend, ucx_progress_mode)
     plan = m2n_plan(tokens, hidden, dtype, receivers, iters)
     addresses = [_address(backend) for _ in range(receivers)]
     roles = [(_m2n_sender, dict(backend=backend, device=device_of(i, device), sender=i, addresses=addresses,
@@ -234,7 +234,8 @@ def run(config: BenchConfig) -> tuple[list[Row], list[str]]:
         if backend in DEFAULT_BACKENDS:
             rows += point_to_point(backend, config.device, config.sizes, config.iters, config.ucx_progress_mode)
         elif backend != LOCKSTEP:
-            rows += links_point_to_point(backend, config.device, config.sizes, config.iters)
+            rows += links_point_to_point(backend, config.device, config.sizes, config.iters,
+                                         config.ucx_progress_mode)
     if config.raw_ucxx and "ucx" in config.backends:
         rows += raw_ucxx_point_to_point(config.device, config.sizes, config.iters, config.ucx_progress_mode)
     if config.nccl:
@@ -268,11 +269,11 @@ def format_table(rows: list[Row], notes: list[str] = ()) -> str:
     if any(row.backend.startswith(LOCKSTEP) for row in rows):
         lines += [f"{LOCKSTEP}-* p2p (named links only): half the median round trip over the links; GB/s = size over",
                   "that one-way time (a link has one receive slot per microbatch: no stream of messages to time).",
-                  f"{LOCKSTEP}-* m2n: the serving M2N over its links (gloo, nccl or ipc); a round is one MoE layer of a step:",
-                  "dispatch (tokens, ids, weights to every receiver), gather, reduce. The step plan (zmq) is sent before",
-                  "the timed rounds, one wait on the device per 10; each round waits on the device for the previous",
-                  "one's answers. ipc: both sides replay captured CUDA graphs (no host in the rounds); nccl, gloo: the",
-                  "rounds are enqueued from Python."]
+                  f"{LOCKSTEP}-* m2n: the serving M2N over its links (gloo, nccl, ipc or ucx); a round is one MoE",
+                  "layer of a step: dispatch (tokens, ids, weights to every receiver), gather, reduce. The step plan",
+                  "(zmq) is sent before the timed rounds, one wait on the device per 10; each round waits on the",
+                  "device for the previous one's answers. ipc: both sides replay captured CUDA graphs (no host in the",
+                  "rounds); nccl, gloo, ucx: the rounds are enqueued from Python."]
     return "\n".join([*lines, *notes])
 
 

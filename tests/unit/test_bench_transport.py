@@ -1,5 +1,6 @@
 """`expertmesh bench transport` on CPU with tiny sizes: real processes over zmq, ucx and raw ucxx give sane rows,
-the NCCL code path and the lockstep M2N run on gloo, and what cannot run is refused with the offending value named."""
+the NCCL code path and the lockstep M2N run on gloo (the lockstep M2N on UCX links too), and what cannot run is
+refused with the offending value named."""
 import dataclasses
 import json
 import sys
@@ -72,15 +73,16 @@ def test_lockstep_m2n_rows_over_gloo():
     assert any(line.startswith("lockstep-* m2n: ") for line in bench.format_table(rows).splitlines())
 
 
-def test_named_lockstep_links_give_point_to_point_rows_too():
-    """lockstep-gloo: one-way latency over the links themselves, and the M2N rounds; links that cannot join these
-    processes on this device are refused before any process starts."""
-    config = bench.BenchConfig(backends=["lockstep-gloo"], sizes=[4096, 1 << 20], senders=1, receivers=1, tokens=[4],
+@pytest.mark.parametrize("backend", ["lockstep-gloo", "lockstep-ucx"])
+def test_named_lockstep_links_give_point_to_point_rows_too(backend):
+    """lockstep-gloo, lockstep-ucx: one-way latency over the links themselves, and the M2N rounds; links that cannot
+    join these processes on this device are refused before any process starts."""
+    config = bench.BenchConfig(backends=[backend], sizes=[4096, 1 << 20], senders=1, receivers=1, tokens=[4],
                                hidden=64, iters=5)
     rows, notes = bench.run(config)
-    assert_sane(rows[:2], "p2p", "lockstep-gloo", 2)
+    assert_sane(rows[:2], "p2p", backend, 2)
     assert [row.message_bytes for row in rows[:2]] == [4096, 1 << 20]
-    assert_sane(rows[2:], "m2n", "lockstep-gloo", 1)
+    assert_sane(rows[2:], "m2n", backend, 1)
     with pytest.raises(harness.BenchError, match="lockstep-ipc: ipc links connect GPUs"):
         bench.check(bench.BenchConfig(backends=["lockstep-ipc"]))
     with pytest.raises(harness.BenchError, match="gloo links carry CPU tensors"):

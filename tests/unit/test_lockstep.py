@@ -108,7 +108,11 @@ def _attention_main(backend: str, dist_address: str, addresses: list[str], recv_
 
 
 def _run(backend: str, die_after_plan: bool, recv_timeout_s: float = 20.0):
-    ctx = multiprocessing.get_context("spawn")
+    # forked from a server that imported torch and the nodes' modules once: a spawned child imports them anew,
+    # seconds on a 2-core host (no UCX state there: ucx_links imports ucxx when links are made)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "expertmesh.expert_node.node", "expertmesh.m2n.lockstep",
+                                "tests.fused_moe_cases"])
     dist_address = f"tcp://127.0.0.1:{free_port()}"
     addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]
     results = ctx.Queue()
