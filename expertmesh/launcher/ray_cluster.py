@@ -55,8 +55,8 @@ class RayNode:
         try:
             return ray.get(getattr(self.actor, method).remote(*args), timeout=CALL_TIMEOUT_S)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
-            raise ClusterError(f"{self.name}'s host {self.host} (Ray node {self.ray_node_id}) is lost: "
-                               f"{type(exc).__name__}") from None
+            raise ClusterError(f"{self.name}'s host {self.host} (Ray node {self.ray_node_id}) is lost, or Ray "
+                               f"there: its actor is gone ({type(exc).__name__})") from None
 
     def exit_code(self) -> int | None:
         return self.call("exit_code")

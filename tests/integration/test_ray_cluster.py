@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import time
 
 import httpx
 import pytest
@@ -51,6 +52,7 @@ def test_greedy_output_equals_transformers_and_a_killed_node_is_restarted_on_its
         assert_greedy_tokens_and_logprobs_equal_transformers(cluster, mixtral_dir, PROMPTS[:4], max_tokens=16)
 
         os.kill(pids["expert node 1"], signal.SIGKILL)
+        killed_at = time.monotonic()
         with cluster.client() as client:
             def served_again():
                 try:
@@ -60,6 +62,7 @@ def test_greedy_output_equals_transformers_and_a_killed_node_is_restarted_on_its
                 return r.status_code == 200 and re.search(r"expert node 1 restarted \(pid \d+ on", cluster.text())
 
             wait_for(served_again, 30, "the cluster to serve again", interval_s=0.5)
+            print(f"serving again {time.monotonic() - killed_at:.1f} s after the kill")
         assert cluster.process.poll() is None  # the launcher never exited
         assert "expert node 1 (pid %d on" % pids["expert node 1"] in cluster.text()
         assert "exited with code -9; restarting it" in cluster.text()
