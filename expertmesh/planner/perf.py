@@ -149,7 +149,8 @@ def attention_us(costs: ModelCosts, gpu: GpuType, cal: Calibration, tokens: floa
     bytes_ = costs.elt * params + (sequences or tokens) * context * costs.kv_bytes_per_token_layer + \
         4 * tokens * costs.spec.hidden_size * costs.elt
     flops = 2 * tokens * params + tokens * context * costs.attention_flops_per_context
-    return cal.attention(_floor_us(bytes_, flops, gpu, cal), tokens)
+    # the host's share is per sequence (the CPU path loops over sequences; bench layer's rows are one token each)
+    return cal.attention(_floor_us(bytes_, flops, gpu, cal), sequences or tokens)
 
 
 def experts_us(costs: ModelCosts, gpu: GpuType, cal: Calibration, tokens: float, experts_on_node: int) -> float:

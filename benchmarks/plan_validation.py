@@ -1,0 +1,144 @@
+"""The planner's performance model against served runs: for every measured `microbatch_sweep.py` row (JSON), the
+same seeded workload replayed through perf.closed_loop with that row's cluster, beside the measured tok/s and TPOT.
+
+    python benchmarks/plan_validation.py            # prints the markdown table of benchmarks/RESULTS.md
+
+Calibrations: GPU rows use the shipped H200 parts (bench layer) with the one-GPU lockstep round (both nodes shared
+one H200 under MPS); CPU rows use `bench layer --device cpu` and `bench transport` (zmq) from this machine. Each
+device's step overhead (host work per step outside the layers) is fitted to its colocated row's TPOT p50, the
+only figure taken from a served run; every other row is a prediction."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import sys
+from pathlib import Path
+
+from expertmesh.model.spec import ModelSpec
+from expertmesh.planner import calibration
+from expertmesh.planner.gpus import BUILTIN, GpuType
+from expertmesh.planner.perf import Deployment, closed_loop
+
+HERE = Path(__file__).resolve().parent
+CPU_CORES = 1  # cores the nodes effectively had: 2 cores, load average 5-9 from other work during these runs
+
+QWEN3_8_LAYERS = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048, num_hidden_layers=8,
+                      num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+                      moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                      max_position_embeddings=1024)  # benchmarks/gpu_lockstep.sh's qwen3 (random weights)
+MBIG = dict(architectures=["MixtralForCausalLM"], vocab_size=2048, hidden_size=512, num_hidden_layers=4,
+            num_attention_heads=8, num_key_value_heads=4, head_dim=64, intermediate_size=1024, num_local_experts=8,
+            num_experts_per_tok=2)  # make-model --hidden-size 512 --num-layers 4 ... (RESULTS.md, CPU section)
+
+
+def jobs_of(args: dict) -> list[tuple[int, int]]:
+    """bench serve's seeded requests (expertmesh/bench/serve.py draws them in this order)."""
+    rng = random.Random(0)
+    return [(len([rng.randrange(10, 256) for _ in range(rng.randint(*args["input_len"]))]),
+             rng.randint(*args["output_len"])) for _ in range(args["num_requests"])]
+
+
+def spec_of(model: str) -> ModelSpec:
+    if model == "/tmp/qwen3":
+        return ModelSpec.from_hf_config(QWEN3_8_LAYERS)
+    if model == "/tmp/mbig":
+        return ModelSpec.from_hf_config(MBIG)
+    return ModelSpec.from_dir(HERE.parent / model)
+
+
+def cpu_setup() -> tuple[calibration.Calibration, GpuType]:
+    cal = calibration.from_benchmarks("cpu", str(HERE / "planner/cpu_bench_layer.json"),
+                                      str(HERE / "planner/cpu_bench_transport.json"), "reference", "zmq")
+    cpu = GpuType("cpu", 64, cal.copy_bytes_per_s / 1e12, cal.matmul_flops_per_s / 1e12, 0, 0)
+    return cal, cpu
+
+
+def gpu_setup() -> tuple[calibration.Calibration, GpuType]:
+    one_gpu_round = calibration.fit_round(json.loads((HERE / "gpu_lockstep/graphs/bench_transport.json").read_text()),
+                                          "lockstep-ipc")
+    return dataclasses.replace(calibration.H200, round=one_gpu_round, round_link_bytes_per_s=None), BUILTIN["H200"]
+
+
+# (label, JSON, row index in it, device): CPU rows measured in this session (2 cores shared with other work),
+# GPU rows from benchmarks/gpu_lockstep/{precapture,graphs} (one H200, Qwen3-30B-A3B shape with 8 layers)
+ROWS = [
+    ("CPU mini colocated m=1", "planner/cpu_mini_colocated{}.json", 0, "cpu"),
+    ("CPU mini 1+1 m=1", "planner/cpu_mini_1x1{}.json", 0, "cpu"),
+    ("CPU mini 1+1 m=2", "planner/cpu_mini_1x1{}.json", 1, "cpu"),
+    ("CPU mini 1+2 m=1", "planner/cpu_mini_1x2{}.json", 0, "cpu"),
+    ("CPU mini 2+2 m=1", "planner/cpu_mini_2x2{}.json", 0, "cpu"),
+    ("CPU mbig colocated m=1", "planner/cpu_mbig_colocated{}.json", 0, "cpu"),
+    ("CPU mbig 1+1 m=1", "planner/cpu_mbig_1x1{}.json", 0, "cpu"),
+    ("CPU mbig 1+1 m=2", "planner/cpu_mbig_1x1{}.json", 1, "cpu"),
+    ("H200 colocated m=1 (precapture run)", "gpu_lockstep/precapture/serve_qwen3_c64_colocated.json", 0, "gpu"),
+    ("H200 1+1 ipc m=1 (precapture run)", "gpu_lockstep/precapture/serve_qwen3_c64_disagg.json", 1, "gpu"),
+    ("H200 1+1 ipc m=2 (precapture run)", "gpu_lockstep/precapture/serve_qwen3_c64_disagg.json", 2, "gpu"),
+    ("H200 colocated m=1 (graphs run)", "gpu_lockstep/graphs/serve_qwen3_c64_colocated.json", 0, "gpu"),
+    ("H200 1+1 ipc m=1 (graphs run)", "gpu_lockstep/graphs/serve_qwen3_c64_disagg.json", 1, "gpu"),
+    ("H200 1+1 ipc m=2 (graphs run)", "gpu_lockstep/graphs/serve_qwen3_c64_disagg.json", 2, "gpu"),
+]
+REPEATS = ("", "_2")  # CPU rows ran twice, minutes apart: first and second measurement
+
+
+def scaled(cal: calibration.Calibration, factor: float) -> calibration.Calibration:
+    """Every host cost of the calibration times `factor`."""
+    def times(line: calibration.Linear) -> calibration.Linear:
+        return calibration.Linear(line.overhead_us * factor, line.slope * factor, line.per_token_us * factor)
+    return dataclasses.replace(cal, attention=times(cal.attention), experts=times(cal.experts), round=times(cal.round))
+
+
+def predict_row(run: dict, row: dict, cal: calibration.Calibration, device: GpuType, kind: str) -> dict:
+    args = run["args"]
+    expert_nodes = args["expert_nodes"]
+    plan = Deployment(device, None if expert_nodes == 0 else device, args["attention_nodes"], expert_nodes,
+                      row["microbatches"], args["max_num_seqs"], 0, shared_devices=1 if kind == "gpu" else CPU_CORES,
+                      dtype_bytes=2 if args.get("dtype") == "bfloat16" else 4)
+    return closed_loop(spec_of(args["model"]), plan, cal, jobs_of(args), args["concurrency"])
+
+
+def rows() -> list[tuple[str, Path, int, str]]:
+    """(label, JSON, row index, device) of every measured row there is."""
+    found = []
+    for label, path, index, kind in ROWS:
+        for repeat in (REPEATS if "{}" in path else ("",)):
+            file = HERE / path.format(repeat)
+            if file.exists():
+                found.append((label + (f" (run {REPEATS.index(repeat) + 1})" if "{}" in path else ""), file, index,
+                              kind))
+    return found
+
+
+def main() -> int:
+    setups = {"cpu": cpu_setup(), "gpu": gpu_setup()}
+    measured = rows()
+    # each device's one fitted figure, from its first colocated row: on the GPU the step overhead (host work per
+    # step outside the layers), on the CPU the share of its cores the served processes got against the bench runs'
+    for kind, (cal, device) in list(setups.items()):
+        label, path, index, _ = next(r for r in measured if r[3] == kind)
+        run = json.loads(path.read_text())
+        predicted = predict_row(run, run["rows"][index], cal, device, kind)
+        measured_tpot = run["rows"][index]["tpot_ms"]["p50"]
+        if kind == "gpu":
+            overhead_us = (measured_tpot - predicted["tpot_ms_p50"]) * 1e3
+            setups[kind] = (dataclasses.replace(cal, step_overhead_us=max(0.0, overhead_us)), device)
+            print(f"{kind}: step overhead {overhead_us:.0f} us, fitted to {label}", file=sys.stderr)
+        else:
+            share = measured_tpot / predicted["tpot_ms_p50"]
+            setups[kind] = (scaled(cal, share), device)
+            print(f"{kind}: CPU time x {share:.3f}, fitted to {label}", file=sys.stderr)
+    print("| configuration | measured tok/s | predicted tok/s | error | measured TPOT p50 ms | predicted | error |")
+    print("|---|---|---|---|---|---|---|")
+    for label, path, index, kind in measured:
+        run = json.loads(path.read_text())
+        row = run["rows"][index]
+        predicted = predict_row(run, row, *setups[kind], kind)
+        tok, tpot = row["output_tokens_per_s"], row["tpot_ms"]["p50"]
+        print(f"| {label} | {tok:.0f} | {predicted['tokens_per_s']:.0f} | "
+              f"{predicted['tokens_per_s'] / tok - 1:+.0%} | {tpot:.2f} | {predicted['tpot_ms_p50']:.2f} | "
+              f"{predicted['tpot_ms_p50'] / tpot - 1:+.0%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
