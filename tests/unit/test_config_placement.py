@@ -153,3 +153,17 @@ def test_auto_transport_is_ipc_on_gpus_and_sharing_a_gpu_without_mps_is_named(mo
     config.cluster.expert_gpus = [1, 2]  # a GPU each
     (tmp_path / "no-mps").rmdir()
     assert local.LocalCluster(config, tmp_path).notes() == []
+
+
+def test_lockstep_backends_and_the_devices_they_link():
+    from expertmesh.config import Config, ConfigError
+    config = Config()
+    for device in ("cpu", "cuda"):  # UCX links carry host memory and device memory alike
+        config.model.device, config.transport.backend = device, "ucx-lockstep"
+        config.validate()
+    config.transport.backend = "gloo"
+    with pytest.raises(ConfigError, match="gloo links CPU processes, not model.device=cuda"):
+        config.validate()
+    config.transport.backend = "ucx_lockstep"
+    with pytest.raises(ConfigError, match="'ucx_lockstep'; choose .* gloo or ucx-lockstep"):
+        config.validate()
