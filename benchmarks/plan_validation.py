@@ -127,8 +127,9 @@ def main() -> int:
             share = measured_tpot / predicted["tpot_ms_p50"]
             setups[kind] = (scaled(cal, share), device)
             print(f"{kind}: CPU time x {share:.3f}, fitted to {label}", file=sys.stderr)
-    print("| configuration | measured tok/s | predicted tok/s | error | measured TPOT p50 ms | predicted | error |")
-    print("|---|---|---|---|---|---|---|")
+    print("| configuration | measured tok/s | predicted tok/s | error | measured TPOT p50 ms | predicted | error | "
+          "TTFT p50 ms measured / predicted |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, path, index, kind in measured:
         run = json.loads(path.read_text())
         row = run["rows"][index]
@@ -136,7 +137,8 @@ def main() -> int:
         tok, tpot = row["output_tokens_per_s"], row["tpot_ms"]["p50"]
         print(f"| {label} | {tok:.0f} | {predicted['tokens_per_s']:.0f} | "
               f"{predicted['tokens_per_s'] / tok - 1:+.0%} | {tpot:.2f} | {predicted['tpot_ms_p50']:.2f} | "
-              f"{predicted['tpot_ms_p50'] / tpot - 1:+.0%} |")
+              f"{predicted['tpot_ms_p50'] / tpot - 1:+.0%} | {row['ttft_ms']['p50']:.0f} / "
+              f"{predicted['ttft_ms_p50']:.0f} |")
     return 0
 
 

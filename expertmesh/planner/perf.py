@@ -268,23 +268,23 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
                 concurrency: int, max_batch_tokens: int = 2048) -> dict:
     """A finite closed-loop run as `bench serve` drives it (jobs of (prompt, output) tokens, `concurrency` in flight,
     spread evenly over the attention nodes), stepped with the model's step times: what a short measured run sees,
-    ramp-up and tail included. Returns tokens_per_s and TPOT p50 in ms."""
+    ramp-up and tail included. Returns tokens_per_s, and TTFT and TPOT p50 in ms."""
     costs = ModelCosts(spec, plan.dtype_bytes)
     nodes = plan.attention_nodes
     per_node = [jobs[i::nodes] for i in range(nodes)]
     slots = max(1, concurrency // nodes)
-    finish, tpots = 0.0, []
+    finish, tpots, ttfts = 0.0, [], []
     for node_jobs in per_node:
         queue = list(node_jobs)
+        freed = [0.0] * min(slots, plan.batch_per_attention_node)  # when each free slot was freed: arrivals
         running: list[list] = []  # [prompt, outputs left, outputs made, time of the first]
         now = 0.0
         while queue or running:
             new, budget = [], max_batch_tokens
-            while queue and len(running) + len(new) < min(slots, plan.batch_per_attention_node) and \
-                    queue[0][0] <= budget:
+            while queue and freed and queue[0][0] <= budget:
                 prompt, out = queue.pop(0)
                 budget -= prompt
-                new.append([prompt, out, 0, 0.0])
+                new.append([prompt, out, 0, freed.pop(0)])
             step = 0.0
             if running:
                 context = sum(r[0] + r[2] for r in running) / len(running)
@@ -295,13 +295,18 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
                     (cal.step_overhead_us if running else 0.0)
             now += step
             for r in new:
+                ttfts.append(now - r[3])
                 r[3] = now
             for r in running + new:
                 r[1], r[2] = r[1] - 1, r[2] + 1
-                if r[1] == 0 and r[2] > 1:
-                    tpots.append((now - r[3]) / (r[2] - 1))
+                if r[1] == 0:
+                    freed.append(now)
+                    if r[2] > 1:
+                        tpots.append((now - r[3]) / (r[2] - 1))
             running = [r for r in running + new if r[1] > 0]
         finish = max(finish, now)
     tpots.sort()
+    ttfts.sort()
     return {"tokens_per_s": sum(out for _, out in jobs) / finish * 1e6,
+            "ttft_ms_p50": ttfts[len(ttfts) // 2] / 1e3 if ttfts else 0.0,
             "tpot_ms_p50": tpots[len(tpots) // 2] / 1e3 if tpots else 0.0}
