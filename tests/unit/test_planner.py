@@ -2,6 +2,7 @@
 values, the search and its errors, `plan --out` then loading that config, and the GPU-type check of each role."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import astuple
@@ -15,7 +16,7 @@ from expertmesh.model.shapes import shape
 from expertmesh.planner import calibration
 from expertmesh.planner.calibration import fit_line
 from expertmesh.planner.gpus import BUILTIN, GpuTypeMismatch, check_cluster_gpus, load_gpus
-from expertmesh.planner.perf import Deployment, ModelCosts, fanout, layer_us, predict
+from expertmesh.planner.perf import Deployment, ModelCosts, closed_loop, fanout, layer_us, predict
 from expertmesh.planner.search import NoFeasiblePlan, Objective, search
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -29,10 +30,13 @@ def test_fit_line_recovers_a_known_line_and_keeps_costs_non_negative():
     assert fitted.slope == 0 and 8 < fitted.overhead_us < 10
 
 
-def test_shipped_h200_calibration_is_the_fit_of_our_runs():
-    fitted = calibration.from_benchmarks(
-        "H200", str(BENCH / "gpu_dataplane/bench_layer_2.json"), str(BENCH / "gpu_multi/bench_ipc.json"), "triton",
-        "lockstep-ipc", 4.8e12, 989e12, 450e9)
+def test_shipped_h200_calibration_is_the_fit_of_our_runs(tmp_path):
+    path = tmp_path / "h200.yaml"  # a --calibration file naming the two benchmark JSONs
+    path.write_text(f"device: H200\nbench_layer: {BENCH / 'gpu_dataplane/bench_layer_2.json'}\n"
+                    f"bench_transport: {BENCH / 'gpu_multi/bench_ipc.json'}\nmoe_backend: triton\n"
+                    f"round_backend: lockstep-ipc\ndatasheet_bytes_per_s: 4.8e12\ndatasheet_flops_per_s: 9.89e14\n"
+                    f"round_link_bytes_per_s: 4.5e11\n")
+    fitted = calibration.load(str(path))
     shipped = calibration.H200
     for part in ("attention", "experts", "round"):
         assert astuple(getattr(shipped, part)) == pytest.approx(astuple(getattr(fitted, part)), rel=1e-3), part
@@ -141,3 +145,15 @@ def test_each_role_must_find_its_planned_gpu_type():
         check_cluster_gpus(config, lambda device: None)
     config.cluster.attention_gpu_type = config.cluster.expert_gpu_type = None
     check_cluster_gpus(config, lambda device: None)  # no plan: anything goes
+
+
+def test_closed_loop_steps_a_finite_run_as_counted_by_hand():
+    """Steps of exactly 1 ms (every op free but the step overhead): 4 requests of 5 tokens, 2 in flight: a prefill
+    step then 4 decode steps, twice: 10 ms for 20 tokens, TPOT 1 ms, TTFT 1 ms."""
+    free = calibration.Linear(0.0, 0.0, 0.0)
+    cal = calibration.Calibration("test", 1.0, 1.0, None, None, free, free, free, False, None, step_overhead_us=1000.0)
+    instant = dataclasses.replace(H200, hbm_tb_s=1e12, bf16_tflops=1e12)
+    plan = Deployment(instant, None, 1, 0, 1, 8, 64)
+    result = closed_loop(shape("mixtral")[1], plan, cal, [(10, 5)] * 4, concurrency=2)
+    assert result["tokens_per_s"] == pytest.approx(2000, rel=1e-6)
+    assert result["tpot_ms_p50"] == pytest.approx(1.0, rel=1e-6) and result["ttft_ms_p50"] == pytest.approx(1.0)
