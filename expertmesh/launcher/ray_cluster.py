@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from .node_host import NodeHost, die_with_parent
 
 PLACEMENT_TIMEOUT_S = 60.0  # for Ray to find every bundle a host, after the resources were checked to exist
 CALL_TIMEOUT_S = 60.0  # for an actor to answer: past it, its host is taken as lost
+UNREACHABLE_S = 30.0  # an actor Ray calls unavailable (a network blip, or a host going) is lost after this long
 ROLES = (("expert", "expertmesh.expert_node"), ("attention", "expertmesh.attention_node"))
 
 
@@ -48,6 +50,7 @@ class RayNode:
     pid: int = 0
     deaths: list[float] = dataclasses.field(default_factory=list)
     restart_at: float | None = None
+    unreachable_since: float | None = None  # monotonic time its actor was first found unavailable, lately
 
     def call(self, method: str, *args: Any) -> Any:
         """The actor's `method` run on its host; ClusterError when the actor (its host, or Ray there) is lost."""
@@ -55,11 +58,27 @@ class RayNode:
         try:
             return ray.get(getattr(self.actor, method).remote(*args), timeout=CALL_TIMEOUT_S)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
-            raise ClusterError(f"{self.name}'s host {self.host} (Ray node {self.ray_node_id}) is lost, or Ray "
-                               f"there: its actor is gone ({type(exc).__name__})") from None
+            raise self.lost(exc) from None
+
+    def lost(self, exc: Exception) -> ClusterError:
+        return ClusterError(f"{self.name}'s host {self.host} (Ray node {self.ray_node_id}) is lost, or Ray there: "
+                            f"its actor is gone ({type(exc).__name__})")
 
     def exit_code(self) -> int | None:
-        return self.call("exit_code")
+        """None while it runs, and while Ray calls its actor unavailable for less than UNREACHABLE_S (a network
+        blip between hosts; Ray says ActorDiedError once it knows the actor is gone); ClusterError once lost."""
+        import ray
+        try:
+            code = ray.get(self.actor.exit_code.remote(), timeout=CALL_TIMEOUT_S)
+        except ray.exceptions.ActorUnavailableError as exc:
+            self.unreachable_since = self.unreachable_since or time.monotonic()
+            if time.monotonic() - self.unreachable_since < UNREACHABLE_S:
+                return None
+            raise self.lost(exc) from None
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            raise self.lost(exc) from None
+        self.unreachable_since = None
+        return code
 
     def where(self) -> str:
         return f"pid {self.pid} on {self.host}"
