@@ -129,11 +129,17 @@ class UcxLinks(Links):
         """Posts the batch's operations in their order: UCX matches a sender's messages of one tag in posting order."""
         for kind, peer, buffer, tag in batch.ops:
             endpoint = self._endpoints[peer]
-            if kind == "send":
-                request = endpoint.tag_send(self._array(buffer), self._tag_type(tag))
-            else:
-                request = endpoint.tag_recv(self._array(buffer), self._tag_type(tag), self._tag_mask)
+            try:
+                if kind == "send":
+                    request = endpoint.tag_send(self._array(buffer), self._tag_type(tag))
+                else:
+                    request = endpoint.tag_recv(self._array(buffer), self._tag_type(tag), self._tag_mask)
+            except Exception as exc:  # ucxx refuses to post on an endpoint that already failed
+                raise self._failed(peer, exc) from None
             batch.requests.append((peer, request))
+
+    def _failed(self, peer: int, exc: Exception) -> TransportError:
+        return TransportError(f"ucx link between ranks {self.rank} and {peer} failed: {exc!r}")
 
     async def wait(self, works: list) -> None:
         """Until every request of the works' batches has completed, without blocking the event loop; TransportError
@@ -161,7 +167,7 @@ class UcxLinks(Links):
                     else:
                         await request.wait()
                 except Exception as exc:  # ucxx's errors: the endpoint failed, its requests were cancelled
-                    raise TransportError(f"ucx link between ranks {self.rank} and {peer} failed: {exc!r}") from None
+                    raise self._failed(peer, exc) from None
 
     def _close_endpoint(self, endpoint: Any) -> None:
         endpoint.close_blocking(period=_CLOSE_PERIOD_NS, max_attempts=1)
