@@ -61,8 +61,10 @@ class RayNode:
             raise self.lost(exc) from None
 
     def lost(self, exc: Exception) -> ClusterError:
+        # Ray's own words say why (a dead host, or e.g. expertmesh not importable there), cut to a line
+        reason = " ".join(str(exc).split())
         return ClusterError(f"{self.name}'s host {self.host} (Ray node {self.ray_node_id}) is lost, or Ray there: "
-                            f"its actor is gone ({type(exc).__name__})")
+                            f"its actor is gone ({type(exc).__name__}: {reason[:400]})")
 
     def exit_code(self) -> int | None:
         """None while it runs, and while Ray calls its actor unavailable for less than UNREACHABLE_S (a network
@@ -198,11 +200,13 @@ class RayCluster:
         if gpu_type:
             # Ray's own accelerator_type:T (1 on each host that has T; a node asks 0.001 of it, as Ray's
             # accelerator_type option does), else a custom resource T that counts a host's GPUs of that type.
+            # Spelled as the cluster spells it (Ray's "H200" from "NVIDIA H200"; the plan may say "h200").
+            spelled = {key.lower(): key for host in hosts for key in host}
             key = f"accelerator_type:{gpu_type}"
-            if any(key in host for host in hosts):
-                bundle[key] = 0.001
-            elif any(gpu_type in host for host in hosts):
-                bundle[gpu_type] = 1.0
+            if key.lower() in spelled:
+                bundle[spelled[key.lower()]] = 0.001
+            elif gpu_type.lower() in spelled:
+                bundle[spelled[gpu_type.lower()]] = 1.0
             else:
                 offered = sorted({k for host in hosts for k in host if k not in ("CPU", "GPU", "memory",
                                   "object_store_memory") and not k.startswith("node:")})

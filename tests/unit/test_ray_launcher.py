@@ -46,7 +46,7 @@ def test_what_cannot_cross_hosts_is_refused_before_anything_starts():
 
 def test_a_roles_gpu_type_is_rays_accelerator_type_or_a_custom_resource():
     config = Config()
-    config.model.device, config.cluster.attention_gpu_type, config.cluster.expert_gpu_type = "cuda", "H200", "L40S"
+    config.model.device, config.cluster.attention_gpu_type, config.cluster.expert_gpu_type = "cuda", "h200", "L40S"
     config.cluster.ray_resources = {"expert": {"rack_b": 1}}
     hosts = [{"CPU": 8, "GPU": 8, "accelerator_type:H200": 1, "node:10.0.0.1": 1}, {"CPU": 8, "GPU": 4, "L40S": 4}]
     cluster = RayCluster(config, "auto")
