@@ -209,6 +209,8 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--calibration", help="calibration file (expertmesh/planner/calibration.py; default: our H200 runs)")
+    p.add_argument("--routing", help="a `simulate --json` report of the model's routing trace: its expert load "
+                   "imbalance (busiest expert node over the mean) slows every plan's experts (default: uniform)")
     p.add_argument("--gpus-per-host", type=int, default=8)
     p.add_argument("--top", type=int, default=5, help="plans to show")
     p.add_argument("--out", help="write the best plan's cluster config here (YAML or JSON), for `launch --config`")
@@ -234,7 +236,12 @@ def _plan(args: argparse.Namespace) -> int:
         gpus = load_gpus(parse_offer(args.gpu_offer), args.gpus, prices)
         cal = calibration.load(args.calibration) if args.calibration else calibration.H200
         objective = Objective(args.tpot_p99_ms, args.prompt_len, args.output_len)
-        plans = search(spec, gpus, objective, cal, args.top, args.gpus_per_host)
+        imbalance = 1.0
+        if args.routing:
+            import json
+            with open(args.routing) as handle:
+                imbalance = float(json.load(handle)["expert_load_max_over_mean"])
+        plans = search(spec, gpus, objective, cal, args.top, args.gpus_per_host, expert_load_imbalance=imbalance)
     except (ConfigError, NoFeasiblePlan, ValueError, FileNotFoundError) as exc:
         print(f"expertmesh plan: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ simulator's (placement/simulator.py: CostModel.bytes_per_message, each token sen
 under uniform routing and contiguous placement; `simulate` on a trace gives the real fan-out and load imbalance."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -30,6 +31,9 @@ class Deployment:
     batch_per_attention_node: int  # sequences decoding at once on each attention node
     context_len: int  # tokens a sequence may hold (prompt + output): what its KV cache is sized for
     gpus_per_host: int = 8  # nodes beyond one host talk over the inter-host links
+    # The busiest expert node's tokens over the mean (`simulate`'s expert_load_max_over_mean on a routing trace);
+    # 1: uniform routing. The layer waits for that node.
+    expert_load_imbalance: float = 1.0
     # Devices every node shares (our one-GPU runs: 1; CPU runs: the host's cores); 0: each node has its own GPU
     shared_devices: int = 0
     dtype_bytes: int = 2
@@ -166,11 +170,28 @@ def experts_us(costs: ModelCosts, gpu: GpuType, cal: Calibration, tokens: float,
 
 
 def fanout(spec: ModelSpec, expert_nodes: int) -> float:
-    """Expected distinct expert nodes a token is sent to: top-k distinct experts, contiguous blocks per node."""
-    per_node = spec.num_experts / expert_nodes
-    miss = math.comb(spec.num_experts - round(per_node), spec.top_k) / math.comb(spec.num_experts, spec.top_k) \
-        if spec.num_experts - round(per_node) >= spec.top_k else 0.0
-    return expert_nodes * (1 - miss)
+    """Expected distinct expert nodes a token is sent to, contiguous blocks of experts per node (the default
+    placement), routing uniform over experts; group-limited routing (DeepSeek-V3: the top 4 of 8 groups, whose blocks
+    of 32 experts line up with 8 nodes) reaches at most top_groups such nodes."""
+    return _fanout(spec.num_experts, spec.top_k, spec.num_expert_groups, spec.top_groups, expert_nodes)
+
+
+@functools.lru_cache(maxsize=None)
+def _fanout(experts: int, top_k: int, groups: int, top_groups: int, nodes: int) -> float:
+    if groups <= 1:
+        per_node = experts / nodes
+        missed = experts - round(per_node)
+        miss = math.comb(missed, top_k) / math.comb(experts, top_k) if missed >= top_k else 0.0
+        return nodes * (1 - miss)
+    # group-limited: sampled with a fixed seed through the routing the simulator's synthetic traces use (groups
+    # ranked by their best two scores, as DeepSeek-V3 does, so nearly every chosen group gets an expert)
+    import numpy as np
+
+    from ..placement.synthetic import group_limited_top_k
+    scores = np.random.default_rng(0).gumbel(size=(4000, experts))
+    node = group_limited_top_k(scores, top_k, groups, top_groups) * nodes // experts
+    node.sort(axis=1)
+    return float((1 + (np.diff(node, axis=1) != 0).sum(axis=1)).mean())
 
 
 def comm_us(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: float) -> float:
@@ -230,7 +251,8 @@ def step_parts(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: fl
     cluster_tokens = per_mb * (1 if plan.colocated else plan.attention_nodes)
     per_mb_sequences = sequences / m if sequences else None
     t_a = attention_us(costs, plan.attention_gpu, cal, per_mb, context, sequences=per_mb_sequences)
-    t_e = experts_us(costs, expert_gpu, cal, cluster_tokens, experts_on_node)
+    t_e = experts_us(costs, expert_gpu, cal, cluster_tokens * (1.0 if plan.colocated else plan.expert_load_imbalance),
+                     experts_on_node)
     t_c = comm_us(costs, plan, cal, per_mb)
     dense = costs.dense_layers * m * attention_us(costs, plan.attention_gpu, cal, per_mb, context, dense=True,
                                                   sequences=per_mb_sequences)

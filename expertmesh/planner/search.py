@@ -108,7 +108,8 @@ def _why(plan: Plan, objective: Objective, batch_limit: int) -> str:
 
 
 def search(spec: ModelSpec, gpus: list[GpuType], objective: Objective, cal: Calibration, top: int = 5,
-           gpus_per_host: int = 8, utilization: float = 0.9, dtype_bytes: int = 2) -> list[Plan]:
+           gpus_per_host: int = 8, utilization: float = 0.9, dtype_bytes: int = 2,
+           expert_load_imbalance: float = 1.0) -> list[Plan]:
     """The best `top` plans meeting the objective: by throughput per cost when every type has a price, else per GPU.
     Raises NoFeasiblePlan saying what is short when nothing fits or nothing meets the objective."""
     costs = ModelCosts(spec, dtype_bytes)
@@ -143,7 +144,8 @@ def search(spec: ModelSpec, gpus: list[GpuType], objective: Objective, cal: Cali
                         if batch < m:
                             continue
                         deployment = Deployment(attention_gpu, expert_gpu, attention_nodes, expert_nodes, m, batch,
-                                                objective.context_len, gpus_per_host, dtype_bytes=dtype_bytes)
+                                                objective.context_len, gpus_per_host, dtype_bytes=dtype_bytes,
+                                                expert_load_imbalance=expert_load_imbalance)
                         prediction = predict(spec, deployment, cal, objective.prompt_len, objective.output_len,
                                              utilization)
                         plan = Plan(deployment, prediction)

@@ -82,6 +82,9 @@ def test_prediction_scales_as_the_model_says():
     assert large.attention_memory.kv_cache == pytest.approx(4 * small.attention_memory.kv_cache)
     expert_weights = ModelCosts(spec).experts_bytes(64)  # half of the 128 experts per expert node
     assert small.expert_memory.weights == pytest.approx(expert_weights)
+    skewed = predict(spec, Deployment(H200, H200, 2, 2, 2, 64, 1280, expert_load_imbalance=1.5), calibration.H200,
+                     1024, 256)  # `simulate`'s busiest expert node at 1.5x the mean: that node's work sets T_e
+    assert skewed.experts_us > small.experts_us and skewed.attention_us == small.attention_us
 
 
 def test_search_meets_the_objective_and_ranks_per_cost():
@@ -157,3 +160,19 @@ def test_closed_loop_steps_a_finite_run_as_counted_by_hand():
     result = closed_loop(shape("mixtral")[1], plan, cal, [(10, 5)] * 4, concurrency=2)
     assert result["tokens_per_s"] == pytest.approx(2000, rel=1e-6)
     assert result["tpot_ms_p50"] == pytest.approx(1.0, rel=1e-6) and result["ttft_ms_p50"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name, expert_nodes", [("qwen3", 4), ("mixtral", 2), ("deepseek_v3", 8)])
+def test_fanout_is_the_simulators_on_a_uniform_trace(name, expert_nodes):
+    """The planner's messages per token are what `simulate` replays (contiguous placement, routing without skew)."""
+    from expertmesh.placement.simulator import (CostModel, assign_round_robin, contiguous_placement, make_workload,
+                                                replay)
+    from expertmesh.placement.synthetic import synthetic_trace
+    from expertmesh.placement.topology import Topology
+    display, spec = shape(name)
+    trace = synthetic_trace(spec, display, num_docs=2, skew=0.0, seed=0)
+    topology = Topology.from_dict({"domains": 1, "attention_nodes": 1, "expert_nodes": expert_nodes})
+    workload = make_workload(trace, topology)
+    report = replay(trace, workload, assign_round_robin(workload, topology), contiguous_placement(trace, topology),
+                    topology, CostModel(spec.hidden_size))
+    assert fanout(spec, expert_nodes) == pytest.approx(report.fanout, rel=0.03)
