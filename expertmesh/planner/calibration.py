@@ -131,6 +131,7 @@ def load(path: str) -> Calibration:
 # the parts predict for it (benchmarks/plan_validation.py; the only figure fitted to a served run).
 H200 = Calibration(
     device="H200", copy_bytes_per_s=4.0869e12, matmul_flops_per_s=7.47503e14, datasheet_bytes_per_s=4.8e12,
-    datasheet_flops_per_s=9.89e14, attention=Linear(61.5547, 0.937344, 0.0107483), experts=Linear(17.4279, 0.946111, 0.0938792),
+    datasheet_flops_per_s=9.89e14, attention=Linear(61.5547, 0.937344, 0.0107483),
+    experts=Linear(17.4279, 0.946111, 0.0938792),
     round=Linear(40.2539, 6.83384e-06, 8.34209e-10), round_per_destination=False, round_link_bytes_per_s=4.5e11,
     step_overhead_us=0.0)

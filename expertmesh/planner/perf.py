@@ -2,14 +2,15 @@
 ping-pong step, throughput, TPOT and memory per GPU, from rooflines corrected by a Calibration.
 
 Per op: floor = max(bytes / (datasheet bandwidth x measured efficiency), flops / (datasheet peak x efficiency)), then
-the calibration's line (a fixed launch/host cost plus a slope on the floor). Message bytes and fan-out are the
-simulator's (placement/simulator.py: CostModel.bytes_per_message, each token sent once to each distinct expert node)
-under uniform routing and contiguous placement; `simulate` on a trace gives the real fan-out and load imbalance."""
+the calibration's line (a fixed launch/host cost, a slope on the floor, host time per sequence). Messages are the
+simulator's (placement/simulator.py: CostModel.bytes_per_message, each token sent once to each distinct expert node,
+contiguous placement; its synthetic router for group-limited routing); `simulate` on a real trace gives the load
+imbalance (`plan --routing`)."""
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..kv.cache import CUDA_ACTIVATION_MARGIN, entry_layout
 from ..model.spec import ModelSpec
@@ -84,7 +85,6 @@ class Prediction:
     pingpong_holds: bool  # MegaScale-Infer's m·T_f >= T_a + T_e + 2·T_c: the pipeline hides T_c
     attention_memory: Memory
     expert_memory: Memory | None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def bound(self) -> str:

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import Config
+from ..kv.cache import CUDA_ACTIVATION_MARGIN
 from ..model.spec import ModelSpec
 from .calibration import Calibration
 from .gpus import GpuType
@@ -54,7 +55,6 @@ def _batches(limit: int) -> list[int]:
 
 def max_batch(costs: ModelCosts, gpu: GpuType, objective: Objective, colocated: bool, utilization: float) -> int:
     """Sequences of full context whose KV cache fits beside an attention node's weights (and, colocated, experts)."""
-    from ..kv.cache import CUDA_ACTIVATION_MARGIN
     free = (utilization - CUDA_ACTIVATION_MARGIN) * gpu.hbm_bytes - costs.attention_side_bytes() - \
         (costs.experts_bytes(costs.spec.num_experts) if colocated else 0.0)
     return max(0, int(free // (objective.context_len * costs.kv_bytes_per_token())))
@@ -62,30 +62,26 @@ def max_batch(costs: ModelCosts, gpu: GpuType, objective: Objective, colocated: 
 
 def shortfalls(spec: ModelSpec, gpus: list[GpuType], objective: Objective, utilization: float,
                dtype_bytes: int) -> list[str]:
-    """Why nothing fits in memory, per GPU type, with the amounts."""
+    """Why nothing fits in memory, per GPU type and over the whole offer, with the amounts."""
     costs = ModelCosts(spec, dtype_bytes)
-    from ..kv.cache import CUDA_ACTIVATION_MARGIN
     gib = 2 ** 30
-    total_usable = sum((utilization - CUDA_ACTIVATION_MARGIN) * g.hbm_bytes * g.count for g in gpus)
-    lines = []
-    for gpu in gpus:
-        usable = (utilization - CUDA_ACTIVATION_MARGIN) * gpu.hbm_bytes
-        need = costs.attention_side_bytes() + objective.context_len * costs.kv_bytes_per_token()
-        if need > usable:
-            lines.append(f"an attention node on {gpu.name} needs {need / gib:.1f} GiB (attention-side weights "
-                         f"{costs.attention_side_bytes() / gib:.1f} GiB + one sequence of {objective.context_len} "
-                         f"tokens {objective.context_len * costs.kv_bytes_per_token() / gib:.2f} GiB) of "
-                         f"{usable / gib:.1f} GiB usable: short by {(need - usable) / gib:.1f} GiB")
+    usable = {gpu.name: (utilization - CUDA_ACTIVATION_MARGIN) * gpu.hbm_bytes for gpu in gpus}
+    one_sequence = objective.context_len * costs.kv_bytes_per_token()
+    attention_node = costs.attention_side_bytes() + one_sequence
+    lines = [f"an attention node on {gpu.name} needs {attention_node / gib:.1f} GiB (attention-side weights "
+             f"{costs.attention_side_bytes() / gib:.1f} GiB + one sequence of {objective.context_len} tokens "
+             f"{one_sequence / gib:.2f} GiB) of {usable[gpu.name] / gib:.1f} GiB usable: short by "
+             f"{(attention_node - usable[gpu.name]) / gib:.1f} GiB"
+             for gpu in gpus if attention_node > usable[gpu.name]]
     experts = costs.experts_bytes(spec.num_experts)
-    best = max(gpus, key=lambda g: g.hbm_bytes)
-    attention_reserve = costs.attention_side_bytes() + objective.context_len * costs.kv_bytes_per_token()
-    if experts + attention_reserve > total_usable:
-        lines.append(f"the experts ({experts / gib:.1f} GiB) and one attention node ({attention_reserve / gib:.1f} "
-                     f"GiB) need {(experts + attention_reserve) / gib:.1f} GiB; all {sum(g.count for g in gpus)} "
-                     f"GPUs on offer hold {total_usable / gib:.1f} GiB usable: short by "
-                     f"{(experts + attention_reserve - total_usable) / gib:.1f} GiB (e.g. "
-                     f"{math.ceil((experts + attention_reserve - total_usable) / ((utilization - CUDA_ACTIVATION_MARGIN) * best.hbm_bytes))}"
-                     f" more {best.name})")
+    total = sum(usable[gpu.name] * gpu.count for gpu in gpus)
+    short = experts + attention_node - total
+    if short > 0:
+        largest = max(gpus, key=lambda gpu: gpu.hbm_bytes)
+        lines.append(f"the experts ({experts / gib:.1f} GiB) and one attention node ({attention_node / gib:.1f} GiB) "
+                     f"need {(experts + attention_node) / gib:.1f} GiB; all {sum(g.count for g in gpus)} GPUs on "
+                     f"offer hold {total / gib:.1f} GiB usable: short by {short / gib:.1f} GiB (e.g. "
+                     f"{math.ceil(short / usable[largest.name])} more {largest.name})")
     return lines
 
 
@@ -125,7 +121,7 @@ def search(spec: ModelSpec, gpus: list[GpuType], objective: Objective, cal: Cali
         if colocated:
             expert_counts = [0]
         else:
-            per_gpu = (utilization - 0.05) * expert_gpu.hbm_bytes
+            per_gpu = (utilization - CUDA_ACTIVATION_MARGIN) * expert_gpu.hbm_bytes
             least = math.ceil(costs.experts_bytes(spec.num_experts) / per_gpu)
             expert_counts = sorted({n for n in NODE_COUNTS if least <= n <= spec.num_experts} |
                                    ({least} if least <= spec.num_experts else set()))
@@ -166,8 +162,10 @@ def search(spec: ModelSpec, gpus: list[GpuType], objective: Objective, cal: Cali
             f"{fastest.prediction.tpot_p99_us / 1e3:.2f} ms ({describe(fastest)}): short by "
             f"{fastest.prediction.tpot_p99_us / 1e3 - objective.tpot_p99_ms:.2f} ms")
     priced = all(plan.tokens_per_s_per_dollar_hour is not None for plan in plans)
-    plans.sort(key=lambda plan: (-float(f"{plan.tokens_per_s_per_dollar_hour if priced else plan.tokens_per_s_per_gpu:.4g}"),
-                                 -plan.prediction.tokens_per_s))  # ties (to 4 digits): the larger deployment first
+    def rank(plan: Plan) -> tuple[float, float]:  # ties (to 4 digits): the larger deployment first
+        score = plan.tokens_per_s_per_dollar_hour if priced else plan.tokens_per_s_per_gpu
+        return -float(f"{score:.4g}"), -plan.prediction.tokens_per_s
+    plans.sort(key=rank)
     return plans[:top]
 
 

@@ -80,6 +80,7 @@ def test_prediction_scales_as_the_model_says():
                     for batch in (64, 256))
     assert large.step_us > small.step_us and large.tokens_per_s > small.tokens_per_s
     assert large.attention_memory.kv_cache == pytest.approx(4 * small.attention_memory.kv_cache)
+    assert small.attention_memory.fits and small.expert_memory.fits
     expert_weights = ModelCosts(spec).experts_bytes(64)  # half of the 128 experts per expert node
     assert small.expert_memory.weights == pytest.approx(expert_weights)
     skewed = predict(spec, Deployment(H200, H200, 2, 2, 2, 64, 1280, expert_load_imbalance=1.5), calibration.H200,
