@@ -177,3 +177,13 @@ def test_fanout_is_the_simulators_on_a_uniform_trace(name, expert_nodes):
     report = replay(trace, workload, assign_round_robin(workload, topology), contiguous_placement(trace, topology),
                     topology, CostModel(spec.hidden_size))
     assert fanout(spec, expert_nodes) == pytest.approx(report.fanout, rel=0.03)
+
+
+def test_launch_refuses_a_planned_gpu_type_before_starting_anything(tmp_path):
+    from expertmesh.launcher.local import LocalCluster
+    config = Config()
+    config.cluster.attention_gpu_type = "H200"  # planned for an H200, launched on this CPU-only host
+    cluster = LocalCluster(config, run_dir=tmp_path)
+    with pytest.raises(GpuTypeMismatch, match="attention node 0: the plan puts it on H200"):
+        cluster.start()
+    assert cluster.children == []
