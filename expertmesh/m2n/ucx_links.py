@@ -139,7 +139,8 @@ class UcxLinks(Links):
             batch.requests.append((peer, request))
 
     def _failed(self, peer: int, exc: Exception) -> TransportError:
-        return TransportError(f"ucx link between ranks {self.rank} and {peer} failed: {exc!r}")
+        return TransportError(f"ucx link between ranks {self.rank} and {peer} failed, the peer is gone or "
+                              f"unreachable: {exc!r}")
 
     async def wait(self, works: list) -> None:
         """Until every request of the works' batches has completed, without blocking the event loop; TransportError
