@@ -1,8 +1,9 @@
 """`expertmesh launch --ray` timed on one machine: a ray.cluster_utils cluster of a head (launcher and gateway) and two
 "hosts" (one for the attention nodes, one for the expert nodes), the same layout launched locally beside it.
 
-Prints seconds from launch to ready (locally and on Ray), from an expert node's SIGKILL to serving again, and from
-the expert host's removal to the launcher's exit (code 1, naming the host).
+Prints seconds from launch to ready (locally and on Ray), from an expert node's SIGKILL to serving again, from the
+SIGKILL of the attention node's Ray actor to serving again (a new actor on the same host), and from the expert
+host's removal to the launcher's exit (code 1, naming the host).
 
     python benchmarks/ray_launch.py --model /tmp/tiny-mixtral --attention-nodes 1 --expert-nodes 2
 """
@@ -100,6 +101,15 @@ def main() -> None:
         while not on_ray.serves():
             time.sleep(0.1)
         report["ray_kill_to_serving_s"] = round(time.monotonic() - killed_at, 1)
+        # the attention node's actor (its process's parent) killed on a live host: a new actor there restarts it
+        _, match = on_ray.wait_line(r"attention node 0: pid (\d+) on")
+        actor_pid = int(open(f"/proc/{match.group(1)}/stat").read().rsplit(")", 1)[1].split()[1])
+        killed_at = time.monotonic()
+        os.kill(actor_pid, signal.SIGKILL)
+        on_ray.wait_line("attention node 0 restarted", 60)
+        while not on_ray.serves():
+            time.sleep(0.1)
+        report["ray_actor_kill_to_serving_s"] = round(time.monotonic() - killed_at, 1)
         removed_at = time.monotonic()
         hosts.remove_node(expert_host, allow_graceful=False)
         at, match = on_ray.wait_line(r"expertmesh: (.*is lost.*)", 120)

@@ -3,11 +3,13 @@ one placement group (a bundle per node, its role's GPU type as a resource), the 
 
 Each actor runs its node as a process on its host, as launcher/local.py does here: it reserves the node's ports on
 its host's address and reports them, and the launcher writes every address into the config all nodes read. The
-supervision is launcher/supervision.py's: a node that dies is restarted by its actor on its host; an actor lost
-with its host stops the cluster, since every peer knows that node by an address on that host."""
+supervision is launcher/supervision.py's: a node that dies is restarted by its actor on its host, an actor that
+dies on a live host is replaced there, and a lost host stops the cluster, since every peer knows its nodes by an
+address on that host."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import secrets
 import shutil
 import socket
@@ -17,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..config import Config
 from ..transport.base import resolve_backend
@@ -28,6 +30,7 @@ from .node_host import NodeHost, die_with_parent
 PLACEMENT_TIMEOUT_S = 60.0  # for Ray to find every bundle a host, after the resources were checked to exist
 CALL_TIMEOUT_S = 60.0  # for an actor to answer: past it, its host is taken as lost
 UNREACHABLE_S = 30.0  # an actor Ray calls unavailable (a network blip, or a host going) is lost after this long
+ACTOR_DIED = -1  # the exit code reported for a node whose actor died (its process died with it: PR_SET_PDEATHSIG)
 ROLES = (("expert", "expertmesh.expert_node"), ("attention", "expertmesh.attention_node"))
 
 
@@ -51,6 +54,9 @@ class RayNode:
     deaths: list[float] = dataclasses.field(default_factory=list)
     restart_at: float | None = None
     unreachable_since: float | None = None  # monotonic time its actor was first found unavailable, lately
+    new_actor: Callable[[], Any] | None = None  # a NodeHost actor in the same bundle, so on the same host
+    start_args: tuple = ()  # NodeHost.start's: (config, module, index)
+    actor_died: bool = False  # on a host still alive: restart() puts a new actor there
 
     def call(self, method: str, *args: Any) -> Any:
         """The actor's `method` run on its host; ClusterError when the actor (its host, or Ray there) is lost."""
@@ -68,10 +74,18 @@ class RayNode:
 
     def exit_code(self) -> int | None:
         """None while it runs, and while Ray calls its actor unavailable for less than UNREACHABLE_S (a network
-        blip between hosts; Ray says ActorDiedError once it knows the actor is gone); ClusterError once lost."""
+        blip between hosts; Ray says ActorDiedError once it knows the actor is gone); ACTOR_DIED when its actor died
+        on a host still alive; ClusterError once its host is lost."""
         import ray
+        if self.actor_died:
+            return ACTOR_DIED
         try:
             code = ray.get(self.actor.exit_code.remote(), timeout=CALL_TIMEOUT_S)
+        except ray.exceptions.ActorDiedError as exc:
+            if self.new_actor is None or not self.host_alive():
+                raise self.lost(exc) from None
+            self.actor_died = True
+            return ACTOR_DIED
         except ray.exceptions.ActorUnavailableError as exc:
             self.unreachable_since = self.unreachable_since or time.monotonic()
             if time.monotonic() - self.unreachable_since < UNREACHABLE_S:
@@ -82,11 +96,24 @@ class RayNode:
         self.unreachable_since = None
         return code
 
+    def host_alive(self) -> bool:
+        import ray
+        return any(node["NodeID"] == self.ray_node_id and node.get("Alive") for node in ray.nodes())
+
     def where(self) -> str:
-        return f"pid {self.pid} on {self.host}"
+        return f"pid {self.pid} on {self.host}" + ("; its Ray actor died" if self.actor_died else "")
 
     def restart(self) -> None:
-        self.pid = self.call("restart")
+        if not self.actor_died:
+            self.pid = self.call("restart")
+            return
+        self.actor = self.new_actor()
+        host, ray_node_id, _ = self.call("reserve", 0)
+        if ray_node_id != self.ray_node_id:  # Ray moved the bundle: every peer knows the node at its old host
+            raise ClusterError(f"{self.name}'s new Ray actor is on another host ({host}, Ray node {ray_node_id}), "
+                               f"not {self.host} (Ray node {self.ray_node_id}) where its peers reach it")
+        self.actor_died = False
+        self.pid = self.call("start", *self.start_args)
 
 
 class RayCluster:
@@ -144,7 +171,8 @@ class RayCluster:
             cluster.secret = secrets.token_hex(16)
         config_dict = config.validate().to_dict()
         for node, (_, module, index) in zip(self.nodes, roles):
-            node.pid = node.call("start", config_dict, module, index)
+            node.start_args = (config_dict, module, index)
+            node.pid = node.call("start", *node.start_args)
             print(f"expertmesh: {node.name}: {node.where()} (Ray node {node.ray_node_id})", flush=True)
         config_path = self.run_dir / "cluster.json"
         config_path.touch(mode=0o600)  # it holds the cluster's secret
@@ -245,13 +273,18 @@ class RayCluster:
             raise ClusterError(f"Ray placed no host for all {len(bundles)} nodes within {PLACEMENT_TIMEOUT_S:.0f} s "
                                f"(other work holds resources?): they need {bundles}; free now: {free}")
         actor_class = ray.remote(NodeHost)
-        for bundle_index, ((role, _, index), bundle) in enumerate(zip(roles, bundles)):
+
+        def new_actor(bundle_index: int, bundle: dict[str, float], name: str) -> Any:
             custom = {key: amount for key, amount in bundle.items() if key not in ("CPU", "GPU")}
-            actor = actor_class.options(
+            return actor_class.options(
                 num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0.0), resources=custom,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, bundle_index)
-            ).remote(f"{role} node {index}")
-            self.nodes.append(RayNode(f"{role} node {index}", actor, host="?", ray_node_id="?"))
+            ).remote(name)
+
+        for bundle_index, ((role, _, index), bundle) in enumerate(zip(roles, bundles)):
+            name = f"{role} node {index}"
+            self.nodes.append(RayNode(name, new_actor(bundle_index, bundle, name), host="?", ray_node_id="?",
+                                      new_actor=functools.partial(new_actor, bundle_index, bundle, name)))
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         supervision.wait_healthy(self.url, [*self.nodes, self.gateway], timeout_s)

@@ -97,20 +97,32 @@ def test_what_the_ray_cluster_cannot_hold_is_refused_naming_the_resource(ray_hos
         cluster.stop()
 
 
-def test_a_lost_host_is_beyond_what_supervision_mends(ray_hosts):
-    """Every peer knows a node by an address on its host: a node whose actor (with its host) is gone stops the
-    cluster, naming the host, rather than being restarted elsewhere under an address nobody knows."""
+def test_an_actor_lost_on_a_live_host_is_replaced_there_and_a_lost_host_stops_the_cluster(ray_hosts):
+    """A node's actor that dies on a host still alive comes back on that host and starts the node again; a node
+    whose host is gone stops the cluster, naming the host, rather than come back under an address nobody knows."""
     import ray
     from expertmesh.launcher.node_host import NodeHost
-    from expertmesh.launcher.ray_cluster import ClusterError, RayNode
+    from expertmesh.launcher.ray_cluster import ACTOR_DIED, ClusterError, RayNode
     hosts, _, expert_host = ray_hosts
     ray.init(address=hosts.address)
     try:
-        actor = ray.remote(NodeHost).options(num_cpus=0, resources={"compute": 1}).remote("expert node 0")
-        node = RayNode("expert node 0", actor, "10.0.0.2", expert_host)
-        assert node.exit_code() is None  # nothing started yet: nothing died
-        ray.kill(actor)
-        with pytest.raises(ClusterError, match=rf"expert node 0's host 10.0.0.2 \(Ray node {expert_host}\) is lost"):
-            node.exit_code()
+        def new_actor():  # only the expert "host" has compute: there, as a bundle of the placement group would be
+            return ray.remote(NodeHost).options(num_cpus=0, resources={"compute": 0.01}).remote("expert node 0")
+
+        start_args = ({}, "expertmesh.launcher.node_host", 0)  # a stand-in node: a module that exits at once
+        node = RayNode("expert node 0", new_actor(), "10.0.0.2", expert_host, new_actor=new_actor,
+                       start_args=start_args)
+        first_pid = node.pid = node.call("start", *start_args)
+        ray.kill(node.actor)
+        assert node.exit_code() == ACTOR_DIED and "its Ray actor died" in node.where()
+        node.restart()
+        assert not node.actor_died and node.pid != first_pid
+        assert node.call("reserve", 0)[1] == expert_host
+
+        lost = RayNode("expert node 1", new_actor(), "10.0.0.3", "f" * 56, new_actor=new_actor)  # no such Ray node
+        assert lost.exit_code() is None  # nothing started yet: nothing died
+        ray.kill(lost.actor)
+        with pytest.raises(ClusterError, match=rf"expert node 1's host 10.0.0.3 \(Ray node f+\) is lost"):
+            lost.exit_code()
     finally:
         ray.shutdown()
