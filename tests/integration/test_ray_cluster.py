@@ -1,8 +1,9 @@
 """`expertmesh launch --ray` over a real Ray cluster of three "hosts" on this machine (ray.cluster_utils): the head,
 where the launcher and the gateway run, a host for attention nodes and one for expert nodes, told apart by custom
 resources that stand for their GPU types. Greedy output equals transformers'; an expert node killed on its host is
-restarted there and the cluster serves again, as on one host; what Ray cannot hold is refused with its resource named.
-Skipped without ray (pip install 'expertmesh[ray]')."""
+restarted there and the cluster serves again, as on one host; a node's actor killed on a live host is replaced there,
+a lost host stops the cluster; what Ray cannot hold is refused with its resource named. Skipped without ray
+(pip install 'expertmesh[ray]')."""
 from __future__ import annotations
 
 import json
