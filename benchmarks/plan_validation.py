@@ -47,9 +47,9 @@ def spec_of(model: str) -> ModelSpec:
     return ModelSpec.from_dir(HERE.parent / model)
 
 
-def cpu_setup() -> tuple[calibration.Calibration, GpuType]:
-    cal = calibration.from_benchmarks("cpu", str(HERE / "planner/cpu_bench_layer.json"),
-                                      str(HERE / "planner/cpu_bench_transport.json"), "reference", "zmq")
+def cpu_setup(layer: Path = HERE / "planner/cpu_bench_layer.json",
+              transport: Path = HERE / "planner/cpu_bench_transport.json") -> tuple[calibration.Calibration, GpuType]:
+    cal = calibration.from_benchmarks("cpu", str(layer), str(transport), "reference", "zmq")
     cpu = GpuType("cpu", 64, cal.copy_bytes_per_s / 1e12, cal.matmul_flops_per_s / 1e12, 0, 0)
     return cal, cpu
 
@@ -139,7 +139,29 @@ def main() -> int:
               f"{predicted['tokens_per_s'] / tok - 1:+.0%} | {tpot:.2f} | {predicted['tpot_ms_p50']:.2f} | "
               f"{predicted['tpot_ms_p50'] / tpot - 1:+.0%} | {row['ttft_ms']['p50']:.0f} / "
               f"{predicted['ttft_ms_p50']:.0f} |")
+    paired_table()
     return 0
+
+
+def paired_table() -> None:
+    """CPU rows served right after their own calibration (benchmarks/plan_validation_cpu.sh): nothing fitted."""
+    paired = sorted((HERE / "planner/paired").glob("*.json"))
+    runs = [path for path in paired if not path.stem.endswith(("_layer", "_transport"))]
+    if not runs:
+        return
+    print("\n| configuration (calibrated just before) | load average before / after | measured tok/s | predicted tok/s "
+          "| error | measured TPOT p50 ms | predicted | error |")
+    print("|---|---|---|---|---|---|---|---|")
+    for path in runs:
+        setup = cpu_setup(path.with_name(path.stem + "_layer.json"), path.with_name(path.stem + "_transport.json"))
+        load = [line.split()[0] for line in path.with_suffix(".load").read_text().splitlines()]
+        run = json.loads(path.read_text())
+        for row in run["rows"]:
+            predicted = predict_row(run, row, *setup, "cpu")
+            tok, tpot = row["output_tokens_per_s"], row["tpot_ms"]["p50"]
+            print(f"| CPU {path.stem.replace('_', ' ')} m={row['microbatches']} | {' / '.join(load)} | {tok:.0f} | "
+                  f"{predicted['tokens_per_s']:.0f} | {predicted['tokens_per_s'] / tok - 1:+.0%} | {tpot:.2f} | "
+                  f"{predicted['tpot_ms_p50']:.2f} | {predicted['tpot_ms_p50'] / tpot - 1:+.0%} |")
 
 
 if __name__ == "__main__":
