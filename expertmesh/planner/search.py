@@ -205,8 +205,10 @@ def format_plans(plans: list[Plan]) -> str:
 def config_dict(config: Config) -> dict:
     """The config's values that differ from the defaults, by section: what a plan chose, readable at a glance."""
     defaults, chosen = Config().to_dict(), config.to_dict()
-    return {section: {key: value for key, value in values.items() if defaults[section].get(key) != value}
-            for section, values in chosen.items() if values != defaults[section]}
+    changed = {section: {key: value for key, value in values.items() if defaults[section].get(key) != value}
+               for section, values in chosen.items() if values != defaults[section]}
+    changed.setdefault("model", {})
+    return {**changed, "model": {"path": config.model.path, **changed["model"]}}  # the model, even the default one
 
 
 def to_config(plan: Plan, model_path: str, gpus_per_host: int = 8, prompt_len: int = 0) -> Config:

@@ -129,6 +129,10 @@ def test_plan_out_writes_a_config_that_loads(tmp_path, capsys):
     assert config.model.path == "/models/qwen3" and config.model.device == "cuda"
     assert config.cluster.attention_gpu_type in ("H200", "H20") and config.engine.max_num_seqs >= 1
     assert config.engine.max_model_len == 768
+    mini = tmp_path / "mini.json"  # the default model's own path is written too
+    assert main(["plan", "--model", "models/expertmesh-mini", "--gpu-offer", "L40S:1", "--tpot-p99-ms", "50",
+                 "--prompt-len", "64", "--output-len", "64", "--out", str(mini)]) == 0
+    assert json.loads(mini.read_text())["model"]["path"] == "models/expertmesh-mini"
     assert main(["plan", "--shape", "deepseek_v3", "--gpu-offer", "L40S:2", "--tpot-p99-ms", "50"]) == 2
     assert "short by" in capsys.readouterr().err
 
