@@ -125,7 +125,8 @@ class AttentionNode:
                 fatal = isinstance(exc, TransportError) and not getattr(self.m2n, "rejoins", False)
                 if fatal:  # lockstep links: the message M2N's rejoin has no counterpart there
                     exc = TransportError(f"{exc}; lockstep M2N links ({self.config.transport.backend}) cannot take "
-                                         f"a restarted expert node, so the cluster stops")
+                                         f"a restarted expert node alone: the launcher restarts every attention "
+                                         f"and expert node")
                 if isinstance(exc, TransportError):  # a lost link: its message says all, a traceback would not
                     log.error("attention node %d: step %d failed: %s", self.node_id, self.step, exc)
                 else:

@@ -41,6 +41,11 @@ class Child:
     def restart(self) -> None:
         self.process = subprocess.Popen(self.command, preexec_fn=die_with_parent)
 
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
 
 class LocalCluster:
     def __init__(self, config: Config, run_dir: str | Path | None = None) -> None:

@@ -77,6 +77,12 @@ class NodeHost:
     def exit_code(self) -> int | None:
         return self.process.poll() if self.process else None
 
+    def kill(self) -> None:
+        """The node's process at once, its run directory kept (it starts again)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
     def stop(self, grace_s: float) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()

@@ -103,6 +103,10 @@ class RayNode:
     def where(self) -> str:
         return f"pid {self.pid} on {self.host}" + ("; its Ray actor died" if self.actor_died else "")
 
+    def kill(self) -> None:
+        if not self.actor_died:
+            self.call("kill")
+
     def restart(self) -> None:
         if not self.actor_died:
             self.pid = self.call("restart")

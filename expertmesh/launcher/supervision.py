@@ -2,8 +2,10 @@
 (launcher/local.py on one host, launcher/ray_cluster.py across the hosts of a Ray cluster), and their run loop.
 
 A node that dies once serving is restarted after a backoff that doubles with each recent death; one that dies more
-than MAX_DEATHS times within DEATH_WINDOW_S stops the cluster, as does any death during start-up and any death on
-lockstep links (nccl, gloo, ipc), whose peers cannot take a new process in mid-run."""
+than MAX_DEATHS times within DEATH_WINDOW_S stops the cluster, as does any death during start-up. On lockstep links
+(nccl, gloo, ipc, ucx-lockstep) the peers cannot take a new process in mid-run (a torch.distributed world, IPC regions
+and counts, CUDA graphs holding the old addresses): there every attention and expert node is stopped and started
+again with the one that died, a new world, while the gateway stays up and answers for them."""
 from __future__ import annotations
 
 import signal
@@ -37,6 +39,9 @@ class Supervised(Protocol):
     def restart(self) -> None:
         """Starts it again, same role, index, config and ports."""
 
+    def kill(self) -> None:
+        """Stops it at once (it is to start again with the others: its links' world is gone)."""
+
 
 class Launched(Protocol):
     """A cluster a launcher started: LocalCluster or RayCluster."""
@@ -60,14 +65,13 @@ def check_started(nodes: Iterable[Supervised]) -> None:
 def supervise(nodes: Iterable[Supervised], config: Config, now: float | None = None) -> None:
     """Restarts nodes that died, with backoff; ClusterError for one that cannot be restarted or died too often."""
     now = time.monotonic() if now is None else now
+    nodes = list(nodes)
+    lockstep = config.transport.backend in LOCKSTEP_BACKENDS and config.cluster.expert_nodes > 0
     for node in nodes:
         code = node.exit_code()
         if code is None:
             continue
         if node.restart_at is None:  # a new death
-            if config.transport.backend in LOCKSTEP_BACKENDS and config.cluster.expert_nodes:
-                raise ClusterError(f"{node.name} ({node.where()}) exited with code {code}; its "
-                                   f"{config.transport.backend} links cannot take a restarted node")
             node.deaths = [t for t in node.deaths if now - t < DEATH_WINDOW_S] + [now]
             if len(node.deaths) > MAX_DEATHS:
                 raise ClusterError(f"{node.name} exited with code {code}, its {len(node.deaths)}th death "
@@ -76,10 +80,25 @@ def supervise(nodes: Iterable[Supervised], config: Config, now: float | None = N
             node.restart_at = now + backoff
             print(f"expertmesh: {node.name} ({node.where()}) exited with code {code}; restarting it in "
                   f"{backoff:.0f} s", file=sys.stderr, flush=True)
+            if lockstep and node.name != GATEWAY:
+                _restart_world(nodes, node, config.transport.backend)
         elif now >= node.restart_at:
             node.restart()
             node.restart_at = None
             print(f"expertmesh: {node.name} restarted ({node.where()})", file=sys.stderr, flush=True)
+
+
+GATEWAY = "gateway"  # the one node outside the links' world
+
+
+def _restart_world(nodes: list[Supervised], died: Supervised, backend: str) -> None:
+    """Every other attention and expert node stops now and starts again with `died` (their deaths not counted)."""
+    others = [n for n in nodes if n is not died and n.name != GATEWAY and n.restart_at is None]
+    for node in others:
+        node.kill()
+        node.restart_at = died.restart_at
+    print(f"expertmesh: {backend} links cannot take a new {died.name} alone: "
+          f"{', '.join(n.name for n in others)} stop and start again with it", file=sys.stderr, flush=True)
 
 
 def wait_healthy(url: str, nodes: Iterable[Supervised], timeout_s: float) -> None:

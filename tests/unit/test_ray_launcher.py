@@ -55,3 +55,20 @@ def test_a_roles_gpu_type_is_rays_accelerator_type_or_a_custom_resource():
     with pytest.raises(ClusterError, match=r"offers GPU type 'L40S' for the expert nodes .* offer \['accelerator_type"
                                            r":H200'\]"):
         cluster.bundle("expert", hosts[:1])
+
+
+def test_a_node_host_kills_its_node_for_a_restart_and_keeps_its_config():
+    """What a lockstep world's restart asks of each host (supervision._restart_world): the process gone at once,
+    the run directory (the config it starts from again) still there."""
+    import sys
+    from expertmesh.launcher.node_host import NodeHost
+    host = NodeHost("expert node 0")
+    try:
+        host.command = [sys.executable, "-c", "import time; time.sleep(60)"]
+        host.restart()
+        host.kill()
+        assert host.exit_code() is not None and host.run_dir.exists()
+        host.restart()
+        assert host.exit_code() is None
+    finally:
+        host.stop(grace_s=5)
