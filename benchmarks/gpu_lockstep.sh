@@ -7,9 +7,10 @@
 #   bench  - `bench transport`: the lockstep M2N round beside ucx (and, on 2 GPUs, over named links with their
 #            point-to-point rows, beside NCCL's send/recv and all_to_all_single)
 #   serve  - served decode, Qwen3-30B-A3B / Mixtral-8x7B shapes with layers reduced (SHAPES): disaggregated 1+1 at
-#            m = MICROBATCHES over TRANSPORT, and colocated (--expert-nodes 0) on every GPU (data parallel on 2),
+#            m = MICROBATCHES over each of TRANSPORTS, and colocated (--expert-nodes 0) on every GPU (data parallel on 2),
 #            same workload; each node's GPU busy fraction from CUDA events around its compute
-# Logs and JSON in $OUT. Needs .whl/site312.txz (benchmarks/gpu_wheels.sh) carried.
+# PYTEST_ADDOPTS=-s shows the node processes' output live (a node that dies while the test blocks in C, e.g. in
+# NCCL, otherwise leaves nothing on screen). Logs and JSON in $OUT. Needs .whl/site312.txz (benchmarks/gpu_wheels.sh) carried.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p /tmp/site "$OUT" && tar xf .whl/site312.txz -C /tmp/site
@@ -17,7 +18,9 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 nvidia-smi topo -m > "$OUT/topo.txt"; head -4 "$OUT/topo.txt"
 GPUS=${GPUS:-1}
-TRANSPORT=${TRANSPORT:-$([ "$GPUS" = 1 ] && echo ipc || echo nccl)}
+# disaggregated runs over each of TRANSPORTS (2 GPUs: ipc over NVLink, whole steps as graphs, then nccl, whose
+# rounds run eagerly and so have their GPU busy time metered); 1 GPU: ipc under MPS
+TRANSPORTS=${TRANSPORTS:-$([ "$GPUS" = 1 ] && echo ipc || echo "ipc nccl")}
 [ "$GPUS" = 1 ] && nvidia-cuda-mps-control -d && echo "MPS on"
 for part in ${PARTS:-tests bench serve}; do
   case $part in
@@ -47,9 +50,12 @@ for part in ${PARTS:-tests bench serve}; do
       for c in ${CONCURRENCY:-64}; do
         common="--model /tmp/$shape --device cuda --dtype bfloat16 --num-requests $((2 * c)) --concurrency $c
                 --max-num-seqs $c --input-len 64 128 --output-len 64 128"
-        timeout ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --transport $TRANSPORT --expert-nodes 1 \
-          --microbatches ${MICROBATCHES:-1 2} --json "$OUT/serve_${shape}_c${c}_disagg.json" 2>&1 \
-          | grep -E "^m=|Error|error|Traceback" | sed "s/^/$shape c=$c disagg 1+1 $TRANSPORT /" | head -20
+        for transport in $TRANSPORTS; do
+          timeout ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --transport $transport \
+            --expert-nodes 1 --microbatches ${MICROBATCHES:-1 2} \
+            --json "$OUT/serve_${shape}_c${c}_disagg_${transport}.json" 2>&1 \
+            | grep -E "^m=|Error|error|Traceback" | sed "s/^/$shape c=$c disagg 1+1 $transport /" | head -20
+        done
         timeout ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --expert-nodes 0 \
           --attention-nodes $GPUS --max-num-seqs $((c / GPUS)) --microbatches 1 \
           --json "$OUT/serve_${shape}_c${c}_colocated.json" 2>&1 | grep -E "^m=|Error|error|Traceback" \
