@@ -35,11 +35,7 @@ async def main(config: Config, index: int) -> None:
     # lockstep: the listener carries only handshakes and step plans (zmq); the rounds travel on the links
     transport = ZmqTransport() if lockstep else make_transport(config.transport.backend, device,
                                                                  config.transport.ucx_progress_mode)
-    listener = await transport.listen(config.cluster.expert_addresses[index])
-    log.info("holds %d experts over %d layers; listening on %s", len(pairs), len(spec.moe_layer_ids),
-             config.cluster.expert_addresses[index])
-    control = await ZmqTransport().listen(config.cluster.expert_control_addresses[index])
-    node = ExpertNode(index, experts, spec.num_experts, listener, control, secret=config.cluster.secret)
+    node = ExpertNode(index, experts, spec.num_experts, None, None, secret=config.cluster.secret)
     if lockstep:
         links = make_links(config, "expert", index, device, spec.hidden_size, config.model.torch_dtype, spec.top_k)
         # ipc links keep their counts on the device: whole decode steps are captured (StepGraphs' counterpart)
@@ -55,6 +51,12 @@ async def main(config: Config, index: int) -> None:
             node.capture_graphs(spec.top_k, config.engine.max_num_seqs, lanes=config.cluster.attention_nodes)
         else:  # a decode round brings at most every attention node's whole batch
             node.capture_graphs(spec.top_k, config.cluster.attention_nodes * config.engine.max_num_seqs)
+    # listening only now: graph capture holds the event loop for seconds, in which a peer's connection handshake
+    # (UCX's peer-info exchange) would time out and log an error
+    node.listener = listener = await transport.listen(config.cluster.expert_addresses[index])
+    node.control = control = await ZmqTransport().listen(config.cluster.expert_control_addresses[index])
+    log.info("holds %d experts over %d layers; listening on %s", len(pairs), len(spec.moe_layer_ids),
+             config.cluster.expert_addresses[index])
     try:
         await node.serve()
     finally:

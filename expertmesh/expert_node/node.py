@@ -25,11 +25,11 @@ log = logging.getLogger(__name__)
 
 class ExpertNode:
     def __init__(self, node_id: int, experts: dict[int, StackedExperts], num_experts: int,
-                 listener: Listener, control: Listener | None = None, moe_backend: str = "auto",
+                 listener: Listener | None, control: Listener | None = None, moe_backend: str = "auto",
                  rounds: LockstepRounds | None = None, secret: str | None = None) -> None:
         self.node_id = node_id
         self.num_experts = num_experts
-        self.listener = listener
+        self.listener = listener  # may be set later, before serve (__main__ listens once its graphs are captured)
         self.control = control  # status and traces for the gateway
         self.clock = PhaseClock()
         self.experts_of_layer = experts  # {layer: that layer's experts held here, stacked}
