@@ -20,10 +20,11 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--placement", help="placement JSON (default: contiguous blocks of experts)")
     p.add_argument("--topology", help="cluster description: domains of the nodes, link costs (see `place`)")
     p.add_argument("--predictor", help="domain predictor (.npz from `place`): rebatch requests by predicted domain")
-    p.add_argument("--transport", choices=["auto", "ucx", "zmq", "nccl", "ipc", "gloo", "ucx-lockstep"],
+    p.add_argument("--transport", choices=["auto", "ucx", "zmq", "nccl", "ipc", "gloo", "ucx-lockstep", "lockstep"],
                    help="data path between attention and expert nodes: lockstep rounds over nccl, ipc (CUDA IPC, one "
-                        "host), gloo (CPU) or ucx-lockstep (UCX: CPU, or RDMA across hosts), or messages over ucx or "
-                        "zmq (default auto: ipc on GPUs; on CPU ucx where ucxx imports, else zmq)")
+                        "host), gloo (CPU) or ucx-lockstep (UCX: CPU, or RDMA across hosts), lockstep (each link's "
+                        "own: ipc or gloo within a host, nccl or ucx-lockstep across), or messages over ucx or zmq "
+                        "(default auto: lockstep on GPUs; on CPU ucx where ucxx imports, else zmq)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="cuda: each node on its own GPU")
     p.add_argument("--microbatches", type=int, help="ping-pong microbatches per step")
     p.add_argument("--emulated-latency-us", type=float, help="added one-way latency on attention->expert links")

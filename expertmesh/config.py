@@ -14,7 +14,8 @@ import torch
 if TYPE_CHECKING:
     from .model.spec import ModelSpec
 
-LOCKSTEP_BACKENDS = ("nccl", "gloo", "ipc", "ucx-lockstep")  # transport backends that run the lockstep M2N (m2n/)
+# transport backends that run the lockstep M2N (m2n/); lockstep: each link on its own, by locality (m2n/link_plan.py)
+LOCKSTEP_BACKENDS = ("nccl", "gloo", "ipc", "ucx-lockstep", "lockstep")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,8 +48,10 @@ class ModelConfig:
 class TransportConfig:
     # Data path between attention and expert nodes. Lockstep rounds, no host on the data's path (m2n/): nccl (GPUs,
     # each node on its own GPU), ipc (GPUs of one host, CUDA IPC; nodes may share a GPU: run CUDA MPS for
-    # concurrency), gloo (CPU) or ucx-lockstep (UCX: CPU, or RDMA across hosts). Messages, the host on the data's
-    # path: ucx or zmq. auto: ipc on GPUs; on CPU ucx if ucxx imports, else zmq.
+    # concurrency), gloo (CPU) or ucx-lockstep (UCX: CPU, or RDMA across hosts), or lockstep: each link's own by the
+    # locality and device of its ends (ipc or nccl on GPUs, gloo or ucx-lockstep on CPU: m2n/link_plan.py). Messages,
+    # the host on the data's path: ucx or zmq. auto: lockstep on GPUs; on CPU ucx if ucxx imports, else zmq (the
+    # message M2N outlives a lost expert node alone, where lockstep links restart the whole world).
     backend: str = "auto"
     connect_timeout_s: float = 60.0  # an expert node must answer the handshake within this
     recv_timeout_s: float = 30.0  # an expert node must answer a dispatch within this
@@ -115,6 +118,10 @@ class ClusterConfig:
     expert_addresses: list[str] = field(default_factory=list)  # data address of each expert node
     expert_control_addresses: list[str] = field(default_factory=list)  # status/trace address of each expert node
     dist_address: str | None = None  # torch.distributed rendezvous (tcp://host:port) of the nccl/gloo backends
+    # The host of each node as transport.backend=lockstep sees it (peers on one host: ipc or gloo; on two: nccl or
+    # ucx-lockstep). Default: the host of the node's address. Given, e.g. to run cross-host links on one machine.
+    attention_hosts: list[str] = field(default_factory=list)
+    expert_hosts: list[str] = field(default_factory=list)
     # A Ray cluster to start the nodes on (its head's host:port, or auto), each where a placement group puts it
     # (launcher/ray_cluster.py); None: processes on this host (launcher/local.py).
     ray_address: str | None = None
@@ -155,7 +162,12 @@ class Config:
     def validate(self) -> "Config":
         backend = self.transport.backend
         if backend not in ("auto", "ucx", "zmq", "inproc") + LOCKSTEP_BACKENDS:
-            raise ConfigError(f"transport.backend={backend!r}; choose auto, ucx, zmq, nccl, ipc, gloo or ucx-lockstep")
+            raise ConfigError(f"transport.backend={backend!r}; choose auto, ucx, zmq, nccl, ipc, gloo, ucx-lockstep or "
+                              f"lockstep")
+        for role, hosts, count in (("attention", self.cluster.attention_hosts, self.cluster.attention_nodes),
+                                   ("expert", self.cluster.expert_hosts, self.cluster.expert_nodes)):
+            if hosts and len(hosts) != count:
+                raise ConfigError(f"cluster.{role}_hosts={hosts} names {len(hosts)} hosts for {count} {role} nodes")
         if backend in ("nccl", "gloo", "ipc") and self.model.device != ("cpu" if backend == "gloo" else "cuda"):
             raise ConfigError(f"transport.backend={backend} links {'CPU processes' if backend == 'gloo' else 'GPUs'}"
                               f", not model.device={self.model.device}: use {'nccl or ipc' if backend == 'gloo' else 'gloo'}")

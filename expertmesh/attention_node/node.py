@@ -102,7 +102,9 @@ class AttentionNode:
                       self.generated_tokens, self.step, list(s.bytes_sent), list(s.messages_sent),
                       list(s.bytes_received), self.fatal_error, phases, seconds, wall,
                       self.scheduler.blocks.num_used_blocks, self.scheduler.blocks.num_blocks,
-                      self.scheduler.num_preemptions, os.getpid(), *self.runner.gpu.totals())
+                      self.scheduler.num_preemptions, os.getpid(), *self.runner.gpu.totals(),
+                      link_backends=getattr(self.m2n, "link_backends",  # the message M2N: one for all
+                                            [self.config.transport.backend] * len(s.bytes_sent)))
 
     async def _engine(self) -> None:
         while True:

@@ -14,6 +14,7 @@ import torch
 from ..ops.fused_moe import StackedExperts, fused_moe
 from .cuda_graphs import ExpertGraphs
 from .lockstep import LockstepRounds
+from ..m2n.handshake import check_link, link_facts
 from ..transport.base import Listener, PeerId
 from ..transport.peers import PeerGate
 from ..telemetry import GpuMeter, PhaseClock
@@ -89,18 +90,21 @@ class ExpertNode:
                 self._peer_of[message.attention_node] = peer
                 held = [layer * self.num_experts + e for layer, stacked in self.experts_of_layer.items()
                         for e in stacked.expert_ids]
-                region = b""
+                region, facts = b"", ("", "", "")
                 if self.rounds is not None:  # the links' handshake rides on this one (ipc: receive-region handles)
-                    rank = self.rounds.links.attention_rank(message.attention_node)
+                    links = self.rounds.links
+                    rank, own = links.attention_rank(message.attention_node), links.expert_rank(self.node_id)
                     try:
-                        self.rounds.links.attach(rank, message.region)
-                        region = self.rounds.links.region_handle(rank)
+                        check_link(links, own, rank, f"attention node {message.attention_node}", message.host,
+                                   message.device, message.link)
+                        links.attach(rank, message.region)
+                        region, facts = links.region_handle(rank), link_facts(links, own, rank)
                     except Exception as exc:  # that attention node learns why at once; the others are served
                         log.exception("expert node %d: links to attention node %d", self.node_id,
                                       message.attention_node)
                         await self.listener.send(peer, ExpertError(-1, -1, -1, f"links: {exc!r}"))
                         continue
-                await self.listener.send(peer, HelloReply(self.node_id, held, region))
+                await self.listener.send(peer, HelloReply(self.node_id, held, region, *facts))
                 if self.rounds is not None:  # its links are attached: its decode steps can be captured
                     self.rounds.precapture(message.attention_node)
             elif isinstance(message, StepPlan) and self.rounds is not None:

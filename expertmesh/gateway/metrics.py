@@ -103,6 +103,13 @@ class _Snapshot:
                     for expert_node, value in enumerate(getattr(node.status, attr)):
                         family.add_metric([str(node.index), str(expert_node)], value)
             yield family
+        backends = GaugeMetricFamily("expertmesh_link_backend", "The backend of each attention-to-expert link (1)",
+                                     labels=["attention_node", "expert_node", "backend"])
+        for node in nodes:
+            if node.status is not None:
+                for expert_node, backend in enumerate(node.status.link_backends):
+                    backends.add_metric([str(node.index), str(expert_node), backend], 1)
+        yield backends
         restarts = CounterMetricFamily("expertmesh_node_restarts", "Times a node came back as a new process",
                                        labels=["node"])
         for node in [*nodes, *expert_nodes]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
+from ..m2n.link_plan import data_path, settle_backend, uses_dist
 from ..planner.gpus import check_cluster_gpus
 from ..transport.base import resolve_backend
 from . import ClusterError, supervision  # noqa: F401 (local.ClusterError, as callers import it)
@@ -62,17 +63,18 @@ class LocalCluster:
         cluster = self.config.cluster
         check_cluster_gpus(self.config)  # a role on the wrong GPU type fails here, before any node starts
         self.config.transport.backend = resolve_backend(self.config.transport.backend, self.config.model.device)
-        for note in self.notes():
-            print(f"expertmesh: {note}", file=sys.stderr, flush=True)
         if not cluster.expert_addresses:
             scheme = "ucx" if self.config.transport.backend == "ucx" else "tcp"
             cluster.expert_addresses = [f"{scheme}://127.0.0.1:{free_port()}" for _ in range(cluster.expert_nodes)]
         if not cluster.expert_control_addresses:
             cluster.expert_control_addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(cluster.expert_nodes)]
-        if self.config.transport.backend in ("nccl", "gloo") and not cluster.dist_address:
-            cluster.dist_address = f"tcp://127.0.0.1:{free_port()}"
         if not cluster.attention_addresses:
             cluster.attention_addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(cluster.attention_nodes)]
+        self.config.transport.backend = settle_backend(self.config)  # lockstep: one backend, or a mix of them
+        for note in self.notes():
+            print(f"expertmesh: {note}", file=sys.stderr, flush=True)
+        if uses_dist(self.config) and not cluster.dist_address:
+            cluster.dist_address = f"tcp://127.0.0.1:{free_port()}"
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if cluster.secret is None:
             cluster.secret = secrets.token_hex(16)
@@ -125,7 +127,7 @@ class LocalCluster:
     def summary(self) -> str:
         cluster = self.config.cluster
         return (f"{cluster.attention_nodes} attention and {cluster.expert_nodes} expert nodes serving "
-                f"{self.config.model.path}, data path {self.config.transport.backend}")
+                f"{self.config.model.path}, data path {data_path(self.config)}")
 
     def stop(self, grace_s: float = 10.0) -> None:
         """The gateway first (it would report the nodes' stopping as failures), then the nodes."""

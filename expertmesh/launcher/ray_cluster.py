@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import Config
+from ..m2n.link_plan import DIST_BACKENDS, PER_LINK, data_path, plan_links, settle_backend
 from ..transport.base import resolve_backend
 from . import ClusterError, supervision
 from .local import Child
@@ -138,7 +139,7 @@ class RayCluster:
     def summary(self) -> str:
         cluster = self.config.cluster
         return (f"{cluster.attention_nodes} attention and {cluster.expert_nodes} expert nodes on the Ray cluster at "
-                f"{self.address} serving {self.config.model.path}, data path {self.config.transport.backend}")
+                f"{self.address} serving {self.config.model.path}, data path {data_path(self.config)}")
 
     def start(self) -> None:
         ray = import_ray()
@@ -156,8 +157,8 @@ class RayCluster:
         self.check_resources(ray, roles, bundles, hosts)
         self.place(ray, roles, bundles)
         # Ports: an expert node's data and control ports; an attention node's control port, and attention node 0
-        # (rank 0 of the nccl/gloo world) the rendezvous port.
-        dist = config.transport.backend in ("nccl", "gloo")
+        # (rank 0 of the nccl/gloo world) the rendezvous port (lockstep: in case some links take nccl or gloo).
+        dist = config.transport.backend in (*DIST_BACKENDS, PER_LINK)
         wants = [2 if role == "expert" else 1 + (dist and index == 0) for role, _, index in roles]
         reserved = [node.call("reserve", want) for node, want in zip(self.nodes, wants)]
         for node, (host, ray_node_id, _) in zip(self.nodes, reserved):
@@ -171,6 +172,11 @@ class RayCluster:
                 cluster.attention_addresses.append(f"tcp://{host}:{ports[0]}")
                 if len(ports) > 1:
                     cluster.dist_address = f"tcp://{host}:{ports[1]}"
+        config.transport.backend = settle_backend(config)  # lockstep: one backend, or a mix, now the hosts are known
+        if cluster.expert_nodes and "ipc" in plan_links(config).kinds():
+            raise ClusterError(f"transport.backend=lockstep would link nodes of one host by ipc ({data_path(config)}), "
+                               f"but Ray shows each node its own GPU only, where CUDA IPC cannot open a peer's "
+                               f"memory: use nccl")
         if cluster.secret is None:
             cluster.secret = secrets.token_hex(16)
         config_dict = config.validate().to_dict()
@@ -188,13 +194,15 @@ class RayCluster:
         """What cannot work across hosts, said before anything starts; paths made absolute (the same on every host)."""
         config, cluster = self.config, self.config.cluster
         if config.transport.backend == "auto" and config.model.device == "cuda":
-            config.transport.backend = "nccl"  # ipc, the default on GPUs, links the GPUs of one host only
+            # not lockstep's ipc within a host: Ray shows each node its own GPU only, and CUDA IPC cannot open a
+            # peer's memory on a GPU it does not see
+            config.transport.backend = "nccl"
         config.transport.backend = resolve_backend(config.transport.backend, config.model.device)
         if config.transport.backend == "ipc":
             raise ClusterError("transport.backend=ipc links the GPUs of one host; across the hosts of a Ray cluster "
                                "use nccl (or ucx)")
         given = [name for name in ("attention_addresses", "expert_addresses", "expert_control_addresses",
-                                   "dist_address") if getattr(cluster, name)]
+                                   "dist_address", "attention_hosts", "expert_hosts") if getattr(cluster, name)]
         if given:
             raise ClusterError(f"cluster.{', cluster.'.join(given)} given: with a Ray cluster the launcher takes "
                                f"every node's address from the host Ray places it on; remove them")

@@ -105,11 +105,15 @@ def close_links() -> None:
 
 def init_links(backend: str, init_address: str, attention_nodes: int, expert_nodes: int, rank: int,
                microbatches: int, device: str, connect_timeout_s: float, recv_timeout_s: float,
-               slot_bytes: int = 64 << 20) -> DistLinks:
-    """Joins the cluster's world (every node calls this once at start) and makes one group per microbatch."""
+               slot_bytes: int = 64 << 20, linked: dict[int, list[int]] | None = None) -> DistLinks:
+    """Joins the cluster's world (every node calls this once at start) and makes one group per microbatch.
+    `linked`: the expert nodes each attention node reaches over this world (default: every one); the others are
+    linked by other backends (m2n/mixed.py), though every node joins the world."""
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"torch.distributed links are nccl or gloo, not {backend!r}")
-    kwargs = {"device_id": torch.device(device)} if backend == "nccl" else {}
+    # Bound to the device, NCCL sets up the whole world's communicator at once; in a mix, nodes linked by ipc may
+    # share a GPU, which one communicator refuses: then only the groups' communicators are made, at their barriers.
+    kwargs = {"device_id": torch.device(device)} if backend == "nccl" and linked is None else {}
     if backend == "nccl":  # NVLink multicast (NVLS) can take shared GPUs out of service where it cannot be set up
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     try:
@@ -117,28 +121,31 @@ def init_links(backend: str, init_address: str, attention_nodes: int, expert_nod
                                 rank=rank, timeout=datetime.timedelta(seconds=connect_timeout_s), **kwargs)
     except (RuntimeError, ValueError) as exc:  # a store that never filled up, or a refused connection
         raise TransportError(f"rank {rank} could not join the {backend} world at {init_address}: {exc}") from None
-    experts = list(range(attention_nodes, attention_nodes + expert_nodes))
+    experts_of = {a: [attention_nodes + e for e in (range(expert_nodes) if linked is None else linked[a])]
+                  for a in range(attention_nodes)}  # by rank
     groups = {}
     for a in range(attention_nodes):  # every rank creates every group, in the same order (torch's rule)
+        if not experts_of[a]:
+            continue
         for mb in range(microbatches):
-            group = dist.new_group([a] + experts, backend=backend)
-            if rank == a or rank in experts:
+            group = dist.new_group([a] + experts_of[a], backend=backend)
+            if rank == a or rank in experts_of[a]:
                 groups[(a, mb)] = group
     barrier = {"device_ids": [torch.device(device).index or 0]} if backend == "nccl" else {}
     for group in groups.values():  # communicators exist before the first round
         dist.barrier(group=group, **barrier)
-    _connect_both_ways(groups, rank, attention_nodes, experts, device)
+    _connect_both_ways(groups, rank, experts_of, device)
     return DistLinks(backend, attention_nodes, rank, groups, microbatches, slot_bytes, device, recv_timeout_s)
 
 
-def _connect_both_ways(groups: dict[tuple[int, int], object], rank: int, attention_nodes: int, experts: list[int],
+def _connect_both_ways(groups: dict[tuple[int, int], object], rank: int, experts_of: dict[int, list[int]],
                        device: str) -> None:
     """One send and one receive each way on every link, in one batch per group, before the first round. NCCL
     connects a pair at its first batch; two first batches of different shapes (the attention node's sends and
     receives, the expert node's receives only) fail with "Message truncated" (seen on 2 x H200, NCCL 2.28)."""
     for (a, _), group in sorted(groups.items()):  # every rank in the same order: no pair waits on another's turn
         ops = []
-        for peer in (experts if rank == a else [a]):
+        for peer in (experts_of[a] if rank == a else [a]):
             ops += [dist.P2POp(dist.isend, torch.zeros(1, device=device), peer, group),
                     dist.P2POp(dist.irecv, torch.empty(1, device=device), peer, group)]
         for work in dist.batch_isend_irecv(ops):

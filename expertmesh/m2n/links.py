@@ -9,7 +9,8 @@ where to write. One slot per microbatch suffices: a microbatch's next message to
 node's answer to its previous one, and the answer follows the work that read the slot (m2n/lockstep.py).
 
 Backends: dist.py (torch.distributed: NCCL between GPUs, gloo between CPU processes), ipc.py (CUDA IPC
-between processes of one host, one GPU or several) and ucx_links.py (UCX: CPU, or RDMA across hosts)."""
+between processes of one host, one GPU or several) and ucx_links.py (UCX: CPU, or RDMA across hosts); mixed.py
+holds several at once, a backend per peer by link_plan.py's rule."""
 from __future__ import annotations
 
 import abc
@@ -21,11 +22,13 @@ from ..transport.protocol import TensorMeta, packed_offsets
 
 if TYPE_CHECKING:
     from ..config import Config
+    from .link_plan import LinkPlan
 
 
 class Links(abc.ABC):
     backend: str
     device_ordered = False  # sends and waits are ordered on the current CUDA stream, no host wait (nccl, ipc)
+    plan: "LinkPlan | None" = None  # the cluster's links, set by make_links: what the handshake says of each
 
     def __init__(self, attention_nodes: int, microbatches: int, slot_bytes: int) -> None:
         self.attention_nodes = attention_nodes
@@ -91,19 +94,41 @@ def slot_bytes_for(tokens: int, hidden: int, dtype: torch.dtype, top_k: int) -> 
 
 def make_links(config: "Config", role: str, index: int, device: str, hidden: int, dtype: torch.dtype,
                top_k: int) -> Links:
-    """The links of node `index` of `role` ("attention" or "expert"), by config.transport.backend."""
+    """The links of node `index` of `role` ("attention" or "expert"), by config.transport.backend (lockstep: each
+    peer's by link_plan.py), with the cluster's LinkPlan as `plan`."""
+    from .link_plan import PER_LINK, plan_links
     cluster, engine, t = config.cluster, config.engine, config.transport
     rank = index if role == "attention" else cluster.attention_nodes + index
     slot_bytes = slot_bytes_for(engine.max_batch_tokens, hidden, dtype, top_k)
     peers = ([cluster.attention_nodes + e for e in range(cluster.expert_nodes)] if role == "attention"
              else list(range(cluster.attention_nodes)))
-    if t.backend == "ipc":
+    plan = plan_links(config)
+    if t.backend == PER_LINK:
+        from .mixed import make_mixed_links
+        links = make_mixed_links(config, plan, rank, peers, device, slot_bytes)
+    else:
+        links = _one_backend(config, rank, peers, device, slot_bytes)
+    links.plan = plan
+    return links
+
+
+def _one_backend(config: "Config", rank: int, peers: list[int], device: str, slot_bytes: int) -> Links:
+    """Every link over config.transport.backend."""
+    if config.transport.backend in ("ipc", "ucx-lockstep"):
+        return links_over(config, config.transport.backend, rank, peers, device, slot_bytes)
+    from .dist import join_cluster
+    return join_cluster(config, rank, device, slot_bytes)
+
+
+def links_over(config: "Config", backend: str, rank: int, peers: list[int], device: str, slot_bytes: int) -> Links:
+    """The links of rank `rank` to `peers` over ipc or ucx-lockstep (nccl and gloo links join a world: dist.py)."""
+    cluster, engine, t = config.cluster, config.engine, config.transport
+    if backend == "ipc":
         from .ipc import IpcLinks
         return IpcLinks(cluster.attention_nodes, rank, peers, engine.microbatches, slot_bytes, device,
                         t.recv_timeout_s)
-    if t.backend == "ucx-lockstep":
+    if backend == "ucx-lockstep":
         from .ucx_links import UcxLinks
         return UcxLinks(cluster.attention_nodes, rank, peers, engine.microbatches, slot_bytes, device,
                         t.recv_timeout_s, t.ucx_progress_mode)
-    from .dist import join_cluster
-    return join_cluster(config, rank, device, slot_bytes)
+    raise ValueError(f"links_over makes ipc or ucx-lockstep links, not {backend!r}")

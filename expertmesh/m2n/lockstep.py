@@ -104,6 +104,13 @@ class LockstepClient:
             self._errors.append(f"control link to expert node {node} failed: {exc!r}")
 
     @property
+    def link_backends(self) -> list[str]:
+        """The backend of the link to each expert node (with transport.backend=lockstep, each link's own)."""
+        plan, rank = self.links.plan, self.attention_node
+        return [plan.between(rank, self.links.expert_rank(node)) if plan is not None else self.links.backend
+                for node in range(len(self.connections))]
+
+    @property
     def captures_steps(self) -> bool:
         """Whether whole decode steps, rounds included, can be captured as CUDA graphs: the links keep every count
         on the device (ipc), so a replay needs no host."""

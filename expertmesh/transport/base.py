@@ -76,12 +76,13 @@ async def connect_within(transport: Transport, address: str, timeout_s: float) -
 
 
 def resolve_backend(backend: str, device: str = "cpu") -> str:
-    """'auto' is, on GPUs, ipc (the lockstep M2N over CUDA IPC: nodes of one host, the fastest path measured); on
-    CPU ucx wherever ucxx imports, else zmq (the launcher prints which). Other names stay as they are."""
+    """'auto' is, on GPUs, lockstep (the lockstep M2N, each link's backend by locality: CUDA IPC within a host, the
+    fastest path measured, NCCL across hosts; m2n/link_plan.py); on CPU ucx wherever ucxx imports, else zmq (the
+    launcher prints which). Other names stay as they are."""
     if backend != "auto":
         return backend
     if device == "cuda":
-        return "ipc"
+        return "lockstep"
     try:
         from .ucx_context import import_ucxx
         import_ucxx()

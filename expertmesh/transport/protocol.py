@@ -205,12 +205,16 @@ def decode_frames(frames: Sequence[memoryview | bytes]) -> Message:
 @dataclass
 class Hello(Message):
     """Attention node -> expert node when connecting: who it is, so the expert node can check the plan; on ipc
-    links, the handle of its receive region for that expert node (m2n/ipc.py)."""
+    links, the handle of its receive region for that expert node (m2n/ipc.py). On lockstep links, where it runs
+    and the link's backend as it chose it (m2n/link_plan.py), which the expert node must have chosen too."""
     TAG: ClassVar[int] = 1
     attention_node: int
     num_layers: int
     num_experts: int
     region: bytes = b""
+    host: str = ""
+    device: str = ""
+    link: str = ""
 
 
 @dataclass
@@ -220,6 +224,9 @@ class HelloReply(Message):
     expert_node: int
     held: list[int]
     region: bytes = b""  # on ipc links: the handle of its receive region for that attention node
+    host: str = ""  # on lockstep links, as in Hello
+    device: str = ""
+    link: str = ""
 
 
 @dataclass
@@ -352,6 +359,7 @@ class Status(Message):
     process: int = 0  # the node's process id: a new one means the node was restarted (what it held is gone)
     gpu_busy_seconds: float = 0.0  # device time of its compute spans (telemetry.GpuMeter), on a GPU
     gpu_spans: int = 0
+    link_backends: list[str] = field(default_factory=list)  # the backend of its link to each expert node
 
 
 @dataclass

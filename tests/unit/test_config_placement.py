@@ -139,7 +139,7 @@ def test_auto_transport_is_ipc_on_gpus_and_sharing_a_gpu_without_mps_is_named(mo
     from expertmesh.config import Config
     from expertmesh.launcher import local
     from expertmesh.transport.base import resolve_backend
-    assert resolve_backend("auto", "cuda") == "ipc"
+    assert resolve_backend("auto", "cuda") == "lockstep"  # ipc on one host (tests/unit/test_link_plan.py)
     assert resolve_backend("auto", "cpu") in ("ucx", "zmq")
     assert resolve_backend("nccl", "cuda") == "nccl"
     config = Config()
@@ -165,5 +165,5 @@ def test_lockstep_backends_and_the_devices_they_link():
     with pytest.raises(ConfigError, match="gloo links CPU processes, not model.device=cuda"):
         config.validate()
     config.transport.backend = "ucx_lockstep"
-    with pytest.raises(ConfigError, match="'ucx_lockstep'; choose .* gloo or ucx-lockstep"):
+    with pytest.raises(ConfigError, match="'ucx_lockstep'; choose .* gloo, ucx-lockstep or lockstep"):
         config.validate()

@@ -1,7 +1,9 @@
 """The lockstep M2N over gloo and over UCX links between real processes: one attention side (LockstepClient) and
 two expert nodes (ExpertNode with LockstepRounds), two microbatches of different sizes over three MoE layers, one of
-which an expert node holds nothing of. The partial sums must add up to every expert computed in one place; an expert
-node that dies mid-step must fail the attention side's round with a TransportError, not hang it."""
+which an expert node holds nothing of; and over both at once (transport.backend=lockstep with expert node 1 on
+another host: gloo to expert node 0, UCX to expert node 1, m2n/mixed.py). The partial sums must add up to every
+expert computed in one place; an expert node that dies mid-step must fail the attention side's round with a
+TransportError, not hang it."""
 from __future__ import annotations
 
 import asyncio
@@ -27,11 +29,23 @@ LAYERS = [1, 3, 4]
 NODES_OF = {1: [[e // 4] for e in range(8)], 3: [[e // 4] for e in range(8)], 4: [[0]] * 8}
 TOKENS = [5, 3]  # per microbatch
 SLOT_BYTES = slot_bytes_for(16, HIDDEN, torch.float32, TOP_K)
-BACKENDS = ["gloo", "ucx-lockstep"]
+BACKENDS = ["gloo", "ucx-lockstep", "mixed"]
 
 
 def _links(backend: str, dist_address: str, rank: int, recv_timeout_s: float):
     """Rank `rank`'s links (0: the attention node; 1, 2: the expert nodes); made inside the process's event loop."""
+    if backend == "mixed":
+        from expertmesh.config import Config
+        from expertmesh.m2n.link_plan import plan_links
+        from expertmesh.m2n.mixed import make_mixed_links
+        config = Config()
+        config.transport.backend, config.transport.recv_timeout_s = "lockstep", recv_timeout_s
+        config.engine.microbatches, config.cluster.dist_address = 2, dist_address
+        config.cluster.attention_hosts, config.cluster.expert_hosts = ["h0"], ["h0", "h1"]
+        plan = plan_links(config)
+        links = make_mixed_links(config, plan, rank, [1, 2] if rank == 0 else [0], "cpu", SLOT_BYTES)
+        links.plan = plan  # as make_links sets it: the handshake checks both ends chose alike
+        return links
     if backend == "gloo":
         from expertmesh.m2n.dist import init_links
         return init_links("gloo", dist_address, 1, 2, rank, 2, "cpu", 30.0, recv_timeout_s, SLOT_BYTES)
@@ -97,7 +111,7 @@ def _attention_main(backend: str, dist_address: str, addresses: list[str], recv_
                         outputs[(step, layer, mb)] = client.reduce(handle, answers, answers[0]).numpy().copy()
                 await asyncio.gather(*(microbatch(mb) for mb in range(len(tokens))))
                 await client.end_step(step)
-            results.put(("ok", outputs))  # numpy: a queued tensor would be shared, and this process exits
+            results.put(("ok", outputs, client.link_backends, links.backend))  # numpy, not a shared tensor
         except Exception as exc:
             results.put(("error", type(exc).__name__, str(exc), time.monotonic() - started))
 
@@ -139,6 +153,8 @@ def test_rounds_add_up_to_all_experts_in_one_place(backend):
         expected = fused_moe_reference(*_inputs(layer, mb), full[layer])
         torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-5, rtol=1e-5)
     assert len(result[1]) == 9 * len(LAYERS)
+    if backend == "mixed":  # each link over its own backend; the step's rounds as over one
+        assert result[2] == ["gloo", "ucx-lockstep"] and result[3] == "gloo+ucx"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
