@@ -10,11 +10,24 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import sys
 
 from expertmesh.bench.serve import Workload, run
 from expertmesh.config import Config
 from expertmesh.launcher.local import LocalCluster, free_port
+
+
+def cpu_seconds(cluster: LocalCluster) -> dict[str, float]:
+    """CPU seconds (user + system, every thread) each process of the cluster has used so far, from /proc: what its
+    phase clock does not see too (transport threads, the event loop)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for child in cluster.children:
+        with open(f"/proc/{child.process.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        used[child.name] = (int(fields[11]) + int(fields[12])) / ticks
+    return used
 
 
 def main() -> int:
@@ -35,6 +48,8 @@ def main() -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--json", help="write all reports here")
+    p.add_argument("--trace", help="write each measured run's phase trace (Chrome JSON) here, m=N before the suffix "
+                   "when several")
     args = p.parse_args()
 
     base = Config.load(args.config) if args.config else Config()
@@ -52,8 +67,12 @@ def main() -> int:
         with LocalCluster(config) as cluster:
             workload = Workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), args.concurrency)
             asyncio.run(run(cluster.url, dataclasses.replace(workload, num_requests=8), progress=None))  # warm-up
-            report = asyncio.run(run(cluster.url, workload, progress=None))
-        rows.append({"microbatches": m, **dataclasses.asdict(report)})
+            trace = args.trace if not args.trace or len(args.microbatches) == 1 else \
+                args.trace.replace(".json", f".m={m}.json")
+            cpu_before = cpu_seconds(cluster)
+            report = asyncio.run(run(cluster.url, workload, trace_path=trace, progress=None))
+            cpu_s = {name: seconds - cpu_before.get(name, 0.0) for name, seconds in cpu_seconds(cluster).items()}
+        rows.append({"microbatches": m, **dataclasses.asdict(report), "cpu_s": cpu_s})
         idle = ", ".join(f"{node} {value:.0%}" for node, value in sorted(report.idle_fraction.items()))
         busy = ", ".join(f"{node} {value:.0%} ({report.gpu_span_ms[node]:.3f} ms/span)"
                          for node, value in sorted(report.gpu_busy.items()))

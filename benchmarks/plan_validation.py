@@ -6,7 +6,9 @@ same seeded workload replayed through perf.closed_loop with that row's cluster, 
 Calibrations: GPU rows use the shipped H200 parts (bench layer) with the one-GPU lockstep round (both nodes shared
 one H200 under MPS); CPU rows use `bench layer --device cpu` and `bench transport` (zmq) from this machine. Each
 device's step overhead (host work per step outside the layers) is fitted to its colocated row's TPOT p50, the
-only figure taken from a served run; every other row is a prediction."""
+only figure taken from a served run; every other row is a prediction. The paired CPU rows (plan_validation_cpu.sh)
+fit nothing: each row's own bench layer and bench transport and, in planner/served*, a traced 1x1 run of its model
+(planner/served.py: the served round, the disaggregated parts' served time, the host work per step)."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,12 +18,17 @@ import sys
 from pathlib import Path
 
 from expertmesh.model.spec import ModelSpec
-from expertmesh.planner import calibration
+from expertmesh.planner import calibration, served
 from expertmesh.planner.gpus import BUILTIN, GpuType
 from expertmesh.planner.perf import Deployment, closed_loop
 
 HERE = Path(__file__).resolve().parent
 CPU_CORES = 1  # cores the nodes effectively had: 2 cores, load average 5-9 from other work during these runs
+# planner/served: the idle machine's 2 cores; the gateway and the bench client took 0.15 of a core beside them
+# (/proc CPU time over a served mini 1x1 run, RESULTS.md)
+SERVED_CPU_CORES = 2
+PAIRED = {"planner/paired": CPU_CORES, "planner/served": SERVED_CPU_CORES,  # plan_validation_cpu.sh's runs
+          "planner/served_2": SERVED_CPU_CORES}
 
 QWEN3_8_LAYERS = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048, num_hidden_layers=8,
                       num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
@@ -88,11 +95,12 @@ def scaled(cal: calibration.Calibration, factor: float) -> calibration.Calibrati
     return dataclasses.replace(cal, attention=times(cal.attention), experts=times(cal.experts), round=times(cal.round))
 
 
-def predict_row(run: dict, row: dict, cal: calibration.Calibration, device: GpuType, kind: str) -> dict:
+def predict_row(run: dict, row: dict, cal: calibration.Calibration, device: GpuType, kind: str,
+                cores: int = CPU_CORES) -> dict:
     args = run["args"]
     expert_nodes = args["expert_nodes"]
     plan = Deployment(device, None if expert_nodes == 0 else device, args["attention_nodes"], expert_nodes,
-                      row["microbatches"], args["max_num_seqs"], 0, shared_devices=1 if kind == "gpu" else CPU_CORES,
+                      row["microbatches"], args["max_num_seqs"], 0, shared_devices=1 if kind == "gpu" else cores,
                       dtype_bytes=2 if args.get("dtype") == "bfloat16" else 4)
     return closed_loop(spec_of(args["model"]), plan, cal, jobs_of(args), args["concurrency"])
 
@@ -139,25 +147,43 @@ def main() -> int:
               f"{predicted['tokens_per_s'] / tok - 1:+.0%} | {tpot:.2f} | {predicted['tpot_ms_p50']:.2f} | "
               f"{predicted['tpot_ms_p50'] / tpot - 1:+.0%} | {row['ttft_ms']['p50']:.0f} / "
               f"{predicted['ttft_ms_p50']:.0f} |")
-    paired_table()
+    for folder, cores in PAIRED.items():
+        paired_table(folder, cores)
     return 0
 
 
-def paired_table() -> None:
+SERVED_CALIBRATION = dict(tokens=16, context=32 + 32 / 2)  # plan_validation_cpu.sh's traced run: 16 x (32 in, 32 out)
+
+
+def paired_cpu_setup(path: Path) -> tuple[calibration.Calibration, GpuType]:
+    """The row's own calibration: bench layer and bench transport, then (where it was traced) the served round, the
+    parts' served time and the host work per step from a 1x1 run of the row's model (planner/served.py)."""
+    cal, cpu = cpu_setup(path.with_name(path.stem + "_layer.json"), path.with_name(path.stem + "_transport.json"))
+    trace = path.with_name(path.stem + "_served.trace.json")
+    if trace.exists():
+        run = json.loads(path.read_text())
+        cpu_s = json.loads(path.with_name(path.stem + "_served.json").read_text())["rows"][0].get("cpu_s")
+        phases = served.phases_of(json.loads(trace.read_text()), cpu_s)
+        cal = served.served_calibration(cal, phases, spec_of(run["args"]["model"]), cpu, dtype_bytes=4,
+                                        **SERVED_CALIBRATION)
+    return cal, cpu
+
+
+def paired_table(folder: str, cores: int) -> None:
     """CPU rows served right after their own calibration (benchmarks/plan_validation_cpu.sh): nothing fitted."""
-    paired = sorted((HERE / "planner/paired").glob("*.json"))
-    runs = [path for path in paired if not path.stem.endswith(("_layer", "_transport"))]
+    paired = sorted((HERE / folder).glob("*.json"))
+    runs = [path for path in paired if not path.stem.endswith(("_layer", "_transport", "_served", ".trace"))]
     if not runs:
         return
     print("\n| configuration (calibrated just before) | load average before / after | measured tok/s | predicted tok/s "
           "| error | measured TPOT p50 ms | predicted | error |")
     print("|---|---|---|---|---|---|---|---|")
     for path in runs:
-        setup = cpu_setup(path.with_name(path.stem + "_layer.json"), path.with_name(path.stem + "_transport.json"))
+        setup = paired_cpu_setup(path)
         load = [line.split()[0] for line in path.with_suffix(".load").read_text().splitlines()]
         run = json.loads(path.read_text())
         for row in run["rows"]:
-            predicted = predict_row(run, row, *setup, "cpu")
+            predicted = predict_row(run, row, *setup, "cpu", cores)
             tok, tpot = row["output_tokens_per_s"], row["tpot_ms"]["p50"]
             print(f"| CPU {path.stem.replace('_', ' ')} m={row['microbatches']} | {' / '.join(load)} | {tok:.0f} | "
                   f"{predicted['tokens_per_s']:.0f} | {predicted['tokens_per_s'] / tok - 1:+.0%} | {tpot:.2f} | "

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # CPU rows for benchmarks/plan_validation.py, each served right after its own calibration (bench layer on the row's
-# model, bench transport), so that both see the same share of this shared machine; /proc/loadavg around each.
+# model, bench transport, and a traced 1x1 run of that model decoding 16 x (32 in, 32 out): the served round, the
+# parts' served time and the host work per step, planner/served.py), so that all see the same share of this shared
+# machine; /proc/loadavg around each. O=benchmarks/planner/paired was the run without the traced calibration.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-O=benchmarks/planner/paired
+O=${O:-benchmarks/planner/served}
 mkdir -p $O
 [ -d /tmp/mbig ] || $PY -m expertmesh make-model --out /tmp/mbig --hidden-size 512 --num-layers 4 --num-heads 8 \
   --num-kv-heads 4 --head-dim 64 --intermediate-size 1024 --num-experts 8 --vocab-size 2048 >/dev/null
@@ -17,6 +19,9 @@ row() {  # name, model, then microbatch_sweep flags
     --dtype float32 --reps 10 --moe-backends reference --json $O/${name}_layer.json >/dev/null
   OMP_NUM_THREADS=1 $PY -m expertmesh bench transport --backends zmq --m2n 1x1 --tokens 1,16 --hidden 256 \
     --dtype float32 --sizes 4K --iters 30 --json $O/${name}_transport.json >/dev/null
+  $PY benchmarks/microbatch_sweep.py --model $model --expert-nodes 1 --microbatches 1 --num-requests 16 \
+    --concurrency 16 --input-len 32 32 --output-len 32 32 --trace $O/${name}_served.trace.json \
+    --json $O/${name}_served.json 2>/dev/null >/dev/null
   $PY benchmarks/microbatch_sweep.py --model $model "$@" --json $O/$name.json 2>/dev/null | grep '^m='
   cat /proc/loadavg >> $O/$name.load
 }

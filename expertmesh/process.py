@@ -14,6 +14,11 @@ import torch
 
 from .config import Config
 
+# A transport's socket thread (transport/zmq.py) needs the GIL to hand a message to or from the event loop; at the
+# interpreter's default 5 ms switch interval it waited that long while the loop's thread computed, and the nodes'
+# phases counted the wait as host work (dispatch 2-5 ms where its work is 0.3 ms: benchmarks/RESULTS.md, issue 14).
+SWITCH_INTERVAL_S = 0.0002
+
 
 def node_args(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
@@ -35,6 +40,7 @@ def run_node(name: str, main: Callable[[Config, int], Awaitable[None]]) -> None:
             loop.add_signal_handler(sig, task.cancel)
         config = Config.load(args.config)
         torch.set_num_threads(config.model.torch_threads)
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         await main(config, args.index)
 
     try:

@@ -22,6 +22,21 @@ class Linear:
 
 
 @dataclass(frozen=True)
+class Served:
+    """What disaggregated serving costs beyond the benchmarks, per M2N round and part (planner/served.py measures it
+    from a traced 1x1 run). Colocated nodes run their parts back to back, as `bench layer` times them."""
+    dispatch_us: float  # attention node, per expert node a microbatch goes to: its Dispatch built, sent, answer added
+    answer_us: float  # expert node, per Dispatch it answers: the Combine sent
+    crossing_us: float  # one way: what a round takes beyond compute and host work (the transport's threads waking)
+    # CPU per round outside each node's phases (the transport's threads, the event loop): at m = 1 it runs while
+    # the node waits, but it holds the node's GIL and a core, so it counts where the node has other work
+    attention_background_us: float
+    expert_background_us: float
+    attention_factor: float  # a part's served time over its bench time: the core alternates between the roles'
+    experts_factor: float  # processes, which leaves each part's working set cold
+
+
+@dataclass(frozen=True)
 class Calibration:
     device: str  # where it was measured
     copy_bytes_per_s: float  # `bench layer`'s ceilings there: copy bandwidth (read + write) ...
@@ -35,6 +50,7 @@ class Calibration:
     round_link_bytes_per_s: float | None  # datasheet bandwidth of the link the rounds crossed (None: same process
     # host or device; the slope is then used as it is); other links scale the slope by their bandwidth
     step_overhead_us: float = 0.0  # host work per step outside the layers (scheduling, sampling, output)
+    served: Served | None = None  # when measured: disaggregated rounds and parts as served (it replaces `round`)
 
     @property
     def bandwidth_efficiency(self) -> float:
@@ -49,7 +65,9 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Calibration":
-        return cls(**{**data, **{k: Linear(**data[k]) for k in ("attention", "experts", "round")}})
+        served = data.get("served")
+        return cls(**{**data, **{k: Linear(**data[k]) for k in ("attention", "experts", "round")},
+                      "served": Served(**served) if served else None})
 
 
 def fit_line(points: list[tuple[float, float, float]]) -> Linear:

@@ -2,10 +2,11 @@
 ping-pong step, throughput, TPOT and memory per GPU, from rooflines corrected by a Calibration.
 
 Per op: floor = max(bytes / (datasheet bandwidth x measured efficiency), flops / (datasheet peak x efficiency)), then
-the calibration's line (a fixed launch/host cost, a slope on the floor, host time per sequence). Messages are the
-simulator's (placement/simulator.py: CostModel.bytes_per_message, each token sent once to each distinct expert node,
-contiguous placement; its synthetic router for group-limited routing); `simulate` on a real trace gives the load
-imbalance (`plan --routing`)."""
+the calibration's line (a fixed launch/host cost, a slope on the floor, host time per sequence); a served calibration
+(served.py) adds what disaggregated nodes pay beyond the benchmarks (their round, their parts' served time).
+Messages are the simulator's (placement/simulator.py: CostModel.bytes_per_message, each token sent once to each
+distinct expert node, contiguous placement; its synthetic router for group-limited routing); `simulate` on a real
+trace gives the load imbalance (`plan --routing`)."""
 from __future__ import annotations
 
 import functools
@@ -74,8 +75,9 @@ class Memory:
 
 @dataclass
 class Prediction:
-    attention_us: float  # T_a: one MoE layer's attention part for one microbatch
-    experts_us: float  # T_e: one MoE layer's experts for one microbatch (the busiest expert node)
+    attention_us: float  # T_a: one MoE layer's attention part for one microbatch (+ the served M2N's host work)
+    experts_us: float  # T_e: one MoE layer's experts for one attention node's microbatch, the busiest expert node
+    # (+ its host work)
     comm_us: float  # T_c: one way of the M2N for one microbatch (0 colocated)
     layer_us: float  # one MoE layer, all microbatches, ping-pong overlapped
     step_us: float  # one decode step (= TPOT at steady state)
@@ -85,6 +87,7 @@ class Prediction:
     pingpong_holds: bool  # MegaScale-Infer's m·T_f >= T_a + T_e + 2·T_c: the pipeline hides T_c
     attention_memory: Memory
     expert_memory: Memory | None
+    lanes: int = 1  # attention nodes each expert node serves apart: its busy time per microbatch is lanes x T_e
 
     @property
     def bound(self) -> str:
@@ -93,7 +96,7 @@ class Prediction:
             return "-"
         if not self.pingpong_holds:
             return "communication (the pipeline does not hide T_c)"
-        return "attention" if self.attention_us >= self.experts_us else "experts"
+        return "attention" if self.attention_us >= self.lanes * self.experts_us else "experts"
 
 
 class ModelCosts:
@@ -158,8 +161,8 @@ def attention_us(costs: ModelCosts, gpu: GpuType, cal: Calibration, tokens: floa
 
 
 def experts_us(costs: ModelCosts, gpu: GpuType, cal: Calibration, tokens: float, experts_on_node: int) -> float:
-    """One layer's experts on one node, `tokens` being every token of the microbatch across the cluster: its share
-    of the top-k choices (uniform routing) and the weights of the distinct experts they touch."""
+    """One layer's experts on one node for `tokens` tokens sent by one attention node (or, colocated, its own): their
+    share of the top-k choices (uniform routing) and the weights of the distinct experts they touch."""
     spec = costs.spec
     if tokens <= 0:
         return 0.0
@@ -200,6 +203,8 @@ def comm_us(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: float
     every attention node."""
     if plan.colocated or tokens <= 0:
         return 0.0
+    if cal.served is not None:  # its host work is the nodes' (served_host_us); what remains is latency
+        return cal.served.crossing_us
     spec, reach = costs.spec, fanout(costs.spec, plan.expert_nodes)
     per_token = costs.message.bytes_per_message + ROUTING_BYTES_PER_CHOICE * spec.top_k
     sent = tokens * reach * per_token  # from one attention node, one way
@@ -212,15 +217,36 @@ def comm_us(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: float
     return (overhead + slope * max(sent, received) + cal.round.per_token_us * tokens) / 2
 
 
-def layer_us(t_a: float, t_e: float, t_c: float, m: int, plan: Deployment) -> float:
+def served_host_us(costs: ModelCosts, plan: Deployment, cal: Calibration,
+                   tokens: float) -> tuple[float, float, float, float]:
+    """Host work of one served M2N round of a microbatch of `tokens`, µs: (attention node, expert node) in their
+    phases, a Dispatch built, sent and answered per expert node reached, a Combine sent back for it; then the same
+    two nodes' background CPU for those messages (calibration.Served)."""
+    if plan.colocated or cal.served is None or tokens <= 0:
+        return 0.0, 0.0, 0.0, 0.0
+    share = fanout(costs.spec, plan.expert_nodes) / plan.expert_nodes  # of a token's messages, one node's
+    messages = plan.expert_nodes * (1 - (1 - share) ** tokens)  # expert nodes a microbatch sends anything
+    served = cal.served
+    return (served.dispatch_us * messages, served.answer_us * messages / plan.expert_nodes,
+            served.attention_background_us * messages, served.expert_background_us * messages / plan.expert_nodes)
+
+
+def layer_us(t_a: float, t_e: float, t_c: float, m: int, plan: Deployment,
+             background: tuple[float, float] = (0.0, 0.0)) -> float:
     """One MoE layer for m microbatches. Colocated: the node does both parts in turn. Disaggregated: each microbatch
-    goes attention -> link -> experts -> link, so a layer takes the longest of the attention node's m·T_a, the
-    expert node's m·T_e and one microbatch's round trip T_a + T_e + 2·T_c. Nodes sharing devices also wait for
-    every node's work to pass through them: all attention nodes' m·T_a and all expert nodes' m·T_e."""
-    critical = m * (t_a + t_e) if plan.colocated else max(m * max(t_a, t_e), t_a + t_e + 2 * t_c)
+    goes attention -> link -> experts -> link. An expert node computes each attention node's microbatches apart (T_e
+    each: a lane per attention node in lockstep rounds, expert_node/lockstep.py; the message path computes what has
+    arrived: one attention node's dispatch in 2037 of 2088 rounds served 2x2, benchmarks/RESULTS.md), so a layer takes
+    the longest of the attention node's m·T_a, the expert node's A·m·T_e (A attention nodes) and one microbatch's
+    round trip T_a + T_e + 2·T_c. Nodes sharing devices also wait for every node's work to pass through them.
+    `background`: each node's CPU per microbatch beside T_a, T_e (served.py): busy, but off the round trip."""
+    attention_node = m * (t_a + background[0])
+    expert_node = plan.attention_nodes * m * (t_e + background[1])
+    critical = m * (t_a + t_e) if plan.colocated else max(attention_node, expert_node, t_a + t_e + 2 * t_c)
     if not plan.shared_devices:
         return critical
-    work = plan.attention_nodes * m * (t_a if not plan.colocated else t_a + t_e) + plan.expert_nodes * m * t_e
+    work = plan.attention_nodes * (attention_node if not plan.colocated else m * (t_a + t_e)) + \
+        plan.expert_nodes * expert_node
     return max(critical, work / min(plan.shared_devices, plan.gpus))
 
 
@@ -248,18 +274,23 @@ def step_parts(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: fl
     expert_gpu = plan.attention_gpu if plan.colocated else plan.expert_gpu
     experts_on_node = costs.spec.num_experts if plan.colocated else math.ceil(costs.spec.num_experts /
                                                                                plan.expert_nodes)
-    cluster_tokens = per_mb * (1 if plan.colocated else plan.attention_nodes)
     per_mb_sequences = sequences / m if sequences else None
     t_a = attention_us(costs, plan.attention_gpu, cal, per_mb, context, sequences=per_mb_sequences)
-    t_e = experts_us(costs, expert_gpu, cal, cluster_tokens * (1.0 if plan.colocated else plan.expert_load_imbalance),
+    t_e = experts_us(costs, expert_gpu, cal, per_mb * (1.0 if plan.colocated else plan.expert_load_imbalance),
                      experts_on_node)
     t_c = comm_us(costs, plan, cal, per_mb)
     dense = costs.dense_layers * m * attention_us(costs, plan.attention_gpu, cal, per_mb, context, dense=True,
                                                   sequences=per_mb_sequences)
+    if cal.served is not None and not plan.colocated:  # parts as served, and the round's host work beside them
+        served = cal.served
+        host_a, host_e, _, _ = served_host_us(costs, plan, cal, per_mb)
+        t_a, dense = t_a * served.attention_factor + host_a, dense * served.attention_factor
+        t_e = t_e * served.experts_factor + host_e
     lm_head = _floor_us(costs.elt * costs.spec.vocab_size * costs.spec.hidden_size,
                         2 * (sequences or tokens) * costs.spec.vocab_size * costs.spec.hidden_size,
                         plan.attention_gpu, cal)
-    step = costs.moe_layers * layer_us(t_a, t_e, t_c, m, plan) + dense + lm_head + cal.step_overhead_us
+    background = served_host_us(costs, plan, cal, per_mb)[2:]
+    step = costs.moe_layers * layer_us(t_a, t_e, t_c, m, plan, background) + dense + lm_head + cal.step_overhead_us
     return t_a, t_e, t_c, step
 
 
@@ -276,14 +307,16 @@ def predict(spec: ModelSpec, plan: Deployment, cal: Calibration, prompt_len: int
     tokens_per_s = plan.attention_nodes * batch / step_with_prefills * 1e6
     attention_mem, expert_mem = memory(costs, plan, utilization)
     m = plan.microbatches
-    holds = plan.colocated or m * max(t_a, t_e) >= t_a + t_e + 2 * t_c
+    holds = plan.colocated or m * max(t_a, plan.attention_nodes * t_e) >= t_a + t_e + 2 * t_c
     # Prompts are prefilled whole inside decode steps (as one more microbatch), so the p99 step carries them once
     # at least 1% of steps do: ceil(batch / output_len) prompts, at most max_batch_tokens of them.
     prompts_per_step = batch / output_len
     in_p99 = 0 if prompts_per_step < 0.01 else min(math.ceil(prompts_per_step),
                                                     max(1, max_batch_tokens // max(1, prompt_len)))
-    return Prediction(t_a, t_e, t_c, layer_us(t_a, t_e, t_c, m, plan), step, prefill, tokens_per_s,
-                      step + in_p99 * prefill, holds, attention_mem, expert_mem)
+    background = served_host_us(costs, plan, cal, batch / m)[2:]
+    return Prediction(t_a, t_e, t_c, layer_us(t_a, t_e, t_c, m, plan, background), step, prefill, tokens_per_s,
+                      step + in_p99 * prefill, holds, attention_mem, expert_mem,
+                      1 if plan.colocated else plan.attention_nodes)
 
 
 def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[tuple[int, int]],

@@ -97,7 +97,8 @@ def _why(plan: Plan, objective: Objective, batch_limit: int) -> str:
     else:
         reasons.append(f"bound by {p.bound}")
         if d.microbatches > 1:
-            reasons.append(f"m={d.microbatches}: m*T_f {d.microbatches * max(p.attention_us, p.experts_us):.0f} us "
+            t_f = max(p.attention_us, p.lanes * p.experts_us)  # an expert node serves each attention node apart
+            reasons.append(f"m={d.microbatches}: m*T_f {d.microbatches * t_f:.0f} us "
                            f"{'>=' if p.pingpong_holds else '<'} T_a+T_e+2T_c "
                            f"{p.attention_us + p.experts_us + 2 * p.comm_us:.0f} us")
     return "; ".join(reasons)

@@ -71,7 +71,11 @@ def test_fanout_and_the_pingpong_layer_by_hand():
     shared = Deployment(H200, H200, 1, 1, 2, 64, 1024, shared_devices=1)
     assert layer_us(100, 80, 10, 2, shared) == 360  # one device: the parts take turns
     two_cores = Deployment(H200, H200, 2, 2, 1, 64, 1024, shared_devices=2)
-    assert layer_us(100, 80, 10, 1, two_cores) == 200  # 4 nodes' work (360) on 2 devices, or attention's round trip
+    # an expert node computes each attention node's microbatch apart: 2 x 100 + 2 expert nodes x 2 x 80 on 2 devices
+    assert layer_us(100, 80, 10, 1, two_cores) == 260
+    two_attention = Deployment(H200, H200, 2, 1, 1, 64, 1024)
+    assert layer_us(100, 80, 10, 1, two_attention) == 200  # the round trip, not one T_e for both attention nodes
+    assert layer_us(100, 120, 10, 1, two_attention) == 240  # the expert node's two lanes
 
 
 def test_prediction_scales_as_the_model_says():

@@ -1,0 +1,101 @@
+"""What a served run costs that `bench layer` and `bench transport` do not see, read from the phase trace of
+`bench serve --trace` on a 1 attention + 1 expert node cluster at m = 1 decoding a known batch (and each node's CPU
+seconds over it): the M2N round as the nodes pay it, the parts' served time against their bench time, and the host
+work per step."""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import statistics
+from dataclasses import dataclass
+
+from ..config import ConfigError
+from ..model.spec import ModelSpec
+from .calibration import Calibration, Served
+from .gpus import GpuType
+from .perf import ModelCosts, _floor_us, attention_us, experts_us
+
+
+@dataclass(frozen=True)
+class ServedPhases:
+    """Medians over the decode steps of a traced 1x1, m = 1 run (µs)."""
+    attention_segment_us: float  # the attention node's work between two MoE layers' rounds
+    expert_compute_us: float  # the expert node's compute of one layer
+    dispatch_us: float  # attention node: building and sending the Dispatch ...
+    combine_us: float  # ... and adding up its answer
+    answer_us: float  # expert node: sending the Combine
+    crossing_us: float  # one way: half of what a round costs beyond the compute and the host work
+    step_host_us: float  # per step outside the layers: step inputs, final norm and lm_head, sampling, between steps
+    attention_background_us: float = 0.0  # per round, the node's CPU outside its phases (its transport's threads,
+    expert_background_us: float = 0.0  # the event loop); 0 without CPU seconds
+
+
+def phases_of(trace: dict, cpu_s: dict[str, float] | None = None) -> ServedPhases:
+    """ServedPhases from a Chrome trace (telemetry.chrome_trace) of one attention and one expert node at m = 1, and
+    the CPU seconds each node used over the same run ({"attention node 0": s, "expert node 0": s})."""
+    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
+    nodes: dict[str, list[tuple[float, float, str]]] = {}
+    for e in trace["traceEvents"]:
+        if e["ph"] == "X":
+            nodes.setdefault(names[e["pid"]], []).append((e["ts"], e["dur"], e["name"]))
+    if sorted(nodes) != ["attention node 0", "expert node 0"]:
+        raise ConfigError(f"a served calibration needs the trace of 1 attention and 1 expert node, got {sorted(nodes)}")
+    attention, expert = (sorted(nodes[n]) for n in ("attention node 0", "expert node 0"))
+    of = lambda events, name: [e for e in events if e[2] == name]  # noqa: E731
+    dispatch, combine = of(attention, "dispatch"), of(attention, "combine")
+    compute, answer = of(expert, "expert_compute"), of(expert, "combine_send")
+    if not dispatch or not compute:
+        raise ConfigError(f"no served rounds in the trace: {len(dispatch)} dispatches, {len(compute)} expert computes")
+    end = lambda e: e[0] + e[1]  # noqa: E731
+    # a round: a dispatch, the expert compute that starts next, the combine that starts after that (the nodes'
+    # clocks are the host's); its time apart from the compute is what the M2N costs as served
+    computes = dict(_next_after(dispatch, compute))
+    combines = dict(_next_after(list(computes.values()), combine))
+    rounds = [end(combines[c]) - d[0] - c[1] for d, c in computes.items() if c in combines]
+    # a step: step inputs, a segment before each round, the last segment (final norm, lm_head), then "sample"
+    steps, step = [], []
+    for e in attention:
+        step.append(e)
+        if e[2] == "sample":
+            steps.append(step)
+            step = []
+    segments, step_host = [], []
+    for i, step in enumerate(steps):
+        segments += [e[1] for e, after in zip(step, step[1:]) if e[2] == "attention" and after[2] == "dispatch"]
+        if i + 1 < len(steps):
+            between = steps[i + 1][0][0] - end(step[-1])
+            step_host.append(step[0][1] + step[-2][1] + step[-1][1] + between)
+    med = statistics.median
+    # host phases are work once the loop's thread no longer waits for the GIL in them (process.SWITCH_INTERVAL_S)
+    work = [med(e[1] for e in events) for events in (dispatch, combine, answer)]
+    background = [max(0.0, (cpu_s[node] * 1e6 - sum(e[1] for e in nodes[node])) / len(rounds)) if cpu_s else 0.0
+                  for node in ("attention node 0", "expert node 0")]
+    return ServedPhases(med(segments), med(c[1] for c in compute), *work, max(0.0, (med(rounds) - sum(work)) / 2),
+                        med(step_host), *background)
+
+
+def _next_after(sends: list, receives: list) -> list[tuple]:
+    """(send, the first receive that starts after the send started) for each send that some receive follows."""
+    starts = [r[0] for r in receives]
+    pairs = []
+    for send in sends:
+        i = bisect.bisect_left(starts, send[0])
+        if i < len(receives):
+            pairs.append((send, receives[i]))
+    return pairs
+
+
+def served_calibration(cal: Calibration, phases: ServedPhases, spec: ModelSpec, device: GpuType, tokens: int,
+                       context: float, dtype_bytes: int) -> Calibration:
+    """`cal` with what serving adds (phases measured at `tokens` sequences decoding at `context`): the served round,
+    the parts' served time over their bench time, and the host work per step."""
+    costs = ModelCosts(spec, dtype_bytes)
+    layers_per_segment = spec.num_layers / costs.moe_layers
+    attention_factor = phases.attention_segment_us / (layers_per_segment * attention_us(costs, device, cal, tokens,
+                                                                                        context))
+    experts_factor = phases.expert_compute_us / experts_us(costs, device, cal, tokens, spec.num_experts)
+    lm_head = _floor_us(costs.elt * spec.vocab_size * spec.hidden_size, 2 * tokens * spec.vocab_size *
+                        spec.hidden_size, device, cal)  # the model adds it on its own
+    served = Served(phases.dispatch_us + phases.combine_us, phases.answer_us, phases.crossing_us,
+                    phases.attention_background_us, phases.expert_background_us, attention_factor, experts_factor)
+    return dataclasses.replace(cal, served=served, step_overhead_us=max(0.0, phases.step_host_us - lm_head))

@@ -1,0 +1,90 @@
+"""The served calibration (planner/served.py): phases read from a phase trace built by hand, and the model using
+them: disaggregated parts at their served time, the round's host work added to T_a and T_e, only the crossing as
+T_c, each node's background CPU keeping it busy off the round trip; colocated nodes as bench layer times them."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from expertmesh.config import ConfigError
+from expertmesh.model.shapes import shape
+from expertmesh.planner import calibration
+from expertmesh.planner.gpus import GpuType
+from expertmesh.planner.perf import (Deployment, ModelCosts, _floor_us, attention_us, comm_us, experts_us, fanout,
+                                     layer_us, step_parts)
+from expertmesh.planner.served import ServedPhases, phases_of, served_calibration
+from expertmesh.telemetry import chrome_trace
+
+CPU = GpuType("cpu", 64, 0.012, 0.17, 0, 0)
+LINE = calibration.Linear(100.0, 1.5, 20.0)
+CAL = calibration.Calibration("cpu", 1.2e10, 1.7e11, None, None, LINE, LINE, calibration.Linear(550.0, 0.0, 1.0),
+                              True, None)
+
+
+def served_trace(steps: int = 3) -> dict:
+    """1x1, m = 1, one MoE layer per step, in µs: step inputs 100, segment 1000, dispatch 300, crossing 250, expert
+    compute 2000, answer 100, crossing 250, combine 50, last segment 400, sample 200, 350 until the next step."""
+    attention, expert = [], []
+    for k in range(steps):
+        t = 5000 * k
+        attention += [["attention", t, 100, 0], ["attention", t + 100, 1000, 0], ["dispatch", t + 1100, 300, 0]]
+        expert += [["expert_compute", t + 1650, 2000, 0], ["combine_send", t + 3650, 100, 0]]
+        attention += [["combine", t + 4000, 50, 0], ["attention", t + 4050, 400, 0], ["sample", t + 4450, 200, 0]]
+    return chrome_trace({"attention node 0": attention, "expert node 0": expert})
+
+
+def test_phases_of_a_trace_built_by_hand():
+    # each node's CPU beyond its phases over the 3 rounds: 500 and 200 µs a round
+    cpu_s = {"attention node 0": 3 * (2050 + 500) / 1e6, "expert node 0": 3 * (2100 + 200) / 1e6}
+    phases = phases_of(served_trace(), cpu_s)
+    # round: combine's end - dispatch's start - compute = 2950 - 2000; less host work 300 + 50 + 100, halved
+    assert phases == ServedPhases(attention_segment_us=1000, expert_compute_us=2000, dispatch_us=300, combine_us=50,
+                                  answer_us=100, crossing_us=250, step_host_us=100 + 400 + 200 + 350,
+                                  attention_background_us=pytest.approx(500), expert_background_us=pytest.approx(200))
+    assert phases_of(served_trace()).attention_background_us == 0  # no CPU seconds: none counted
+
+
+def test_phases_need_one_attention_and_one_expert_node():
+    trace = served_trace()
+    trace["traceEvents"][0]["args"]["name"] = "attention node 1"
+    with pytest.raises(ConfigError, match="1 attention and 1 expert node"):
+        phases_of(trace)
+
+
+def test_the_model_runs_disaggregated_parts_and_rounds_as_served():
+    spec = shape("tiny")[1]  # every layer MoE: a segment is one layer's attention part
+    costs = ModelCosts(spec, 4)
+    phases = dataclasses.replace(phases_of(served_trace()), attention_background_us=500, expert_background_us=200)
+    cal = served_calibration(CAL, phases, spec, CPU, tokens=16, context=48, dtype_bytes=4)
+    served = cal.served
+    assert attention_us(costs, CPU, CAL, 16, 48) * served.attention_factor == pytest.approx(1000)
+    assert experts_us(costs, CPU, CAL, 16, spec.num_experts) * served.experts_factor == pytest.approx(2000)
+    lm_head = _floor_us(4 * spec.vocab_size * spec.hidden_size, 2 * 16 * spec.vocab_size * spec.hidden_size, CPU, CAL)
+    assert cal.step_overhead_us == pytest.approx(1050 - lm_head)
+    assert (served.dispatch_us, served.answer_us, served.crossing_us) == (350, 100, 250)
+    assert calibration.Calibration.from_dict(cal.to_dict()) == cal
+
+    plan = Deployment(CPU, CPU, 1, 2, 2, 32, 128)  # 1 attention node, 2 expert nodes, 2 microbatches of 16
+    t_a, t_e, t_c, step = step_parts(costs, plan, cal, 32, 48, 2)
+    reached = 1 - (1 - fanout(spec, 2) / 2) ** 16  # chance that a microbatch of 16 tokens sends a node anything
+    assert t_c == 250  # only the crossing: latency the other microbatch can hide
+    assert t_a == pytest.approx(attention_us(costs, CPU, CAL, 16, 48) * served.attention_factor + 2 * reached * 350)
+    assert t_e == pytest.approx(experts_us(costs, CPU, CAL, 16, 8) * served.experts_factor + reached * 100)
+    assert comm_us(costs, plan, dataclasses.replace(cal, served=None), 16) > 250  # the echo round without it
+    # the background CPU keeps each node busy (2 microbatches x (T + background)), off the round trip
+    layer = max(2 * (t_a + 2 * reached * 500), 2 * (t_e + reached * 200), t_a + t_e + 500)
+    assert layer_us(t_a, t_e, t_c, 2, plan, (2 * reached * 500, reached * 200)) == pytest.approx(layer)
+    lm_head_32 = _floor_us(4 * spec.vocab_size * spec.hidden_size, 2 * 32 * spec.vocab_size * spec.hidden_size, CPU,
+                           CAL)
+    assert step == pytest.approx(costs.moe_layers * layer + lm_head_32 + cal.step_overhead_us)
+
+
+def test_colocated_nodes_keep_their_bench_parts():
+    spec = shape("tiny")[1]
+    costs = ModelCosts(spec, 4)
+    cal = served_calibration(CAL, phases_of(served_trace()), spec, CPU, tokens=16, context=48, dtype_bytes=4)
+    colocated = Deployment(CPU, None, 1, 0, 1, 32, 128)
+    with_served, without = (step_parts(costs, colocated, c, 16, 48, 1) for c in (cal, dataclasses.replace(
+        cal, served=None)))
+    assert with_served == without  # one process runs its parts back to back, as bench layer times them
