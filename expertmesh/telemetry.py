@@ -49,21 +49,38 @@ class PhaseClock:
 
 
 class GpuMeter:
-    """Device time of a node's compute, from CUDA events recorded around it on the current stream: how busy the
-    GPU was, apart from waiting on links (the phases above time the host, which on a GPU only enqueues). A span
-    starts when the stream reaches it, so a wait queued before it does not count. Events are read once the GPU
-    has passed them, never waited on; spans inside a CUDA graph capture are not timed (events cannot be)."""
+    """Device time of a node's compute: how busy its GPU was, apart from waiting on links (the phases above time
+    the host, which on a GPU only enqueues). A span starts when the stream reaches it, so a wait queued before it
+    does not count. Eager spans are CUDA events, read once the GPU has passed them, never waited on. Spans inside
+    a CUDA graph capture (whole decode steps) cannot use events that the host reads after every replay; they
+    capture two one-thread kernels that read the GPU's clock and add the span to counters on the device, which
+    the host copies out without waiting (a few microseconds per span and replay)."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+    MARKS = 4096  # start times of captured spans, one slot each (modulo): spans on different streams may overlap
+
+    def __init__(self, device: str | torch.device | None) -> None:
+        """Meters on a CUDA device; elsewhere (None, cpu) spans do nothing."""
+        self.enabled = device is not None and torch.device(device).type == "cuda"
         self.seconds = 0.0
         self.spans = 0
         self._pending: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
+        self._captured = 0
+        self._snapshot: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        self._device_read = (0.0, 0)
+        if self.enabled:  # made here, not at the first captured span: memory made in a capture belongs to the graph
+            with torch.cuda.device(device):  # (its zeroing would be replayed with it)
+                self._marks = torch.zeros(self.MARKS, dtype=torch.int64, device=device)  # span starts, ns
+                self._device_totals = torch.zeros(2, dtype=torch.int64, device=device)  # [busy ns, spans]
+                self._copies = torch.cuda.Stream()  # where the counters are copied out, apart from the work
 
     @contextmanager
     def span(self) -> Iterator[None]:
-        if not self.enabled or torch.cuda.is_current_stream_capturing():
+        if not self.enabled:
             yield
+            return
+        if torch.cuda.is_current_stream_capturing():
+            with self._captured_span():
+                yield
             return
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -72,16 +89,41 @@ class GpuMeter:
         self._pending.append((start, end))
         self._read()
 
+    @contextmanager
+    def _captured_span(self) -> Iterator[None]:
+        from .ops.clock import span_end, span_start  # Triton: only on a GPU
+        slot, self._captured = self._captured % self.MARKS, self._captured + 1
+        span_start(self._marks, slot)
+        yield
+        span_end(self._marks, slot, self._device_totals)
+
     def _read(self) -> None:
         while self._pending and self._pending[0][1].query():
             start, end = self._pending.popleft()
             self.seconds += start.elapsed_time(end) / 1e3
             self.spans += 1
 
+    def _read_device(self) -> tuple[float, int]:
+        """The captured spans' counters as of the last copy that has finished; starts the next copy, on a stream
+        of its own, so that nothing waits (a status answer lags the device by one read)."""
+        if not self._captured:
+            return 0.0, 0
+        if self._snapshot is not None and self._snapshot[1].query():
+            ns, spans = self._snapshot[0].tolist()
+            self._device_read, self._snapshot = (ns / 1e9, spans), None
+        if self._snapshot is None:
+            host, done = torch.empty(2, dtype=torch.int64, pin_memory=True), torch.cuda.Event()
+            with torch.cuda.stream(self._copies):
+                host.copy_(self._device_totals, non_blocking=True)
+                done.record()
+            self._snapshot = (host, done)
+        return self._device_read
+
     def totals(self) -> tuple[float, int]:
         """(busy seconds, spans) of the spans the GPU has finished."""
         self._read()
-        return self.seconds, self.spans
+        seconds, spans = self._read_device()
+        return self.seconds + seconds, self.spans + spans
 
 
 def chrome_trace(node_events: dict[str, list[list]]) -> dict:

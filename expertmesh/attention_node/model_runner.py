@@ -84,7 +84,7 @@ class ModelRunner:
         self.local_experts = local_experts
         self.device = device
         self.clock = PhaseClock()
-        self.gpu = GpuMeter(torch.device(device).type == "cuda")  # segments' device time (not whole-step replays)
+        self.gpu = GpuMeter(device)  # segments' device time
         self.context_len = context_len or spec.max_position_embeddings
         self.rotary = RotaryTable(spec.rope, spec.head_dim, self.context_len, weights.embed_tokens.dtype, device)
         # segment j ends at moe_points[j] (that layer's router outputs); the last segment ends with the logits

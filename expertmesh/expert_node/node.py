@@ -42,7 +42,7 @@ class ExpertNode:
         self.control_gate = PeerGate(secret, f"expert node {node_id} (control)")
         self._inbox: asyncio.Queue[tuple[PeerId, Message]] = asyncio.Queue()
         self.tokens_computed = 0
-        self.gpu = GpuMeter(any(s.gate_up.is_cuda for s in experts.values()))
+        self.gpu = GpuMeter(next((s.gate_up.device for s in experts.values() if s.gate_up.is_cuda), None))
 
     async def serve(self) -> None:
         receiver = asyncio.create_task(self._receive())
@@ -165,7 +165,8 @@ class ExpertNode:
         """compute_lane without this node's graphs: what a whole-step capture records."""
         if layer not in self.experts_of_layer:
             return torch.zeros_like(hidden)
-        return self._experts(layer, hidden, ids, weights)
+        with self.gpu.span():  # in the capture: timed on the device at every replay
+            return self._experts(layer, hidden, ids, weights)
 
     def warm_up(self, tokens: int, top_k: int) -> None:
         """One eager call of every held layer at `tokens` tokens routed to held experts: Triton compiles the kernel

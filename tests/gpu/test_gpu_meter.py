@@ -1,4 +1,5 @@
-"""telemetry.GpuMeter: the device time of its spans, not the work queued before them, read without a host sync."""
+"""telemetry.GpuMeter: the device time of its spans (eager, and inside CUDA graphs at every replay), not the work
+queued before them, read without a host sync."""
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ def _sleep_ms(ms: float) -> None:
 
 
 def test_spans_time_their_own_work_and_not_what_was_queued_before():
-    meter = GpuMeter(True)
+    meter = GpuMeter("cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # spans must not wait on the device
     try:
@@ -30,8 +31,8 @@ def test_spans_time_their_own_work_and_not_what_was_queued_before():
     assert 0.008 < seconds < 0.016, seconds  # 2 x 5 ms, not 20 + 10
 
 
-def test_spans_inside_a_graph_capture_are_left_untimed():
-    meter = GpuMeter(True)
+def test_spans_inside_a_graph_are_timed_at_every_replay_without_a_host_sync():
+    meter = GpuMeter("cuda")
     x = torch.ones(64, 64, device="cuda")
     graph = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
@@ -40,8 +41,22 @@ def test_spans_inside_a_graph_capture_are_left_untimed():
         x @ x  # the matmul's workspace outside the capture
     torch.cuda.current_stream().wait_stream(s)
     with torch.cuda.graph(graph):
+        _sleep_ms(3)  # not in a span
         with meter.span():
+            _sleep_ms(2)
             y = x @ x
-    graph.replay()
     torch.cuda.synchronize()
-    assert meter.totals() == (0.0, 0) and y.sum().item() == 64 * 64 * 64
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            graph.replay()
+        meter.totals()  # starts a copy of the device's counters; never waits
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    meter.totals()  # the copy started above has finished: its counters are read, the next copy starts
+    torch.cuda.synchronize()
+    seconds, spans = meter.totals()
+    assert spans == 5, spans
+    assert 0.008 < seconds < 0.013, seconds  # 5 x 2 ms, not 5 x 5
+    assert y.sum().item() == 64 * 64 * 64
