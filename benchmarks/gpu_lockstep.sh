@@ -9,6 +9,7 @@
 #   serve  - served decode, Qwen3-30B-A3B / Mixtral-8x7B shapes with layers reduced (SHAPES): disaggregated 1+1 at
 #            m = MICROBATCHES over each of TRANSPORTS, and colocated (--expert-nodes 0) on every GPU (data parallel on 2),
 #            same workload; each node's GPU busy fraction from CUDA events around its compute
+#   diagnose - TESTS until they end or hang, then the stacks of the test and of every node process left
 # PYTEST_ADDOPTS=-s shows the node processes' output live (a node that dies while the test blocks in C, e.g. in
 # NCCL, otherwise leaves nothing on screen). Logs and JSON in $OUT. Needs .whl/site312.txz (benchmarks/gpu_wheels.sh) carried.
 set -uo pipefail
@@ -22,20 +23,32 @@ GPUS=${GPUS:-1}
 # rounds run eagerly and so have their GPU busy time metered); 1 GPU: ipc under MPS
 TRANSPORTS=${TRANSPORTS:-$([ "$GPUS" = 1 ] && echo ipc || echo "ipc nccl")}
 [ "$GPUS" = 1 ] && nvidia-cuda-mps-control -d && echo "MPS on"
+# Output goes to files, never through a pipe: a node process left behind by a timed-out command would hold a pipe
+# open, and the script with it, to the end of the device call. Leftover nodes are killed after every command.
+reap() { pkill -9 -f "m expertmesh[.](attention_node|expert_node|gateway) --config" 2>/dev/null; true; }
+quiet() { grep -vE "frame #|TCPStore|Exception raised from|should dump|^\s*$" "$@"; }
 for part in ${PARTS:-tests bench serve}; do
   case $part in
   tests)
-    timeout ${TESTS_S:-300} python3 -m pytest -q -rf -p no:cacheprovider --timeout 150 ${TESTS:-tests/gpu} 2>&1 \
-      | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    timeout -k 10 ${TESTS_S:-300} python3 -m pytest -q -rf -p no:cacheprovider --timeout ${TEST_TIMEOUT_S:-150} \
+      ${TESTS:-tests/gpu} > "$OUT/gpu_tests.log" 2>&1; reap
+    quiet "$OUT/gpu_tests.log" | tail -${TESTS_TAIL:-25} ;;
+  diagnose)  # TESTS, for a hang: pytest-timeout prints the test process's stacks at TEST_TIMEOUT_S and exits; then
+             # every node process left prints its Python stack (faulthandler, on SIGABRT)
+    PYTHONFAULTHANDLER=1 NCCL_DEBUG=WARN timeout -k 10 ${TESTS_S:-150} python3 -m pytest -x -s -q -p no:cacheprovider \
+      --timeout ${TEST_TIMEOUT_S:-75} ${TESTS} > "$OUT/diagnose.log" 2>&1 &
+    while kill -0 $! 2>/dev/null; do sleep 1; done
+    pkill -ABRT -f "m expertmesh[.](attention_node|expert_node|gateway) --config"; sleep 2; reap
+    quiet "$OUT/diagnose.log" | grep -v "Loading weights" | tail -${TESTS_TAIL:-80} ;;
   exact)
-    timeout ${EXACT_S:-240} python3 benchmarks/gpu_exactness.py \
-      --transports ${EXACT:-$([ "$GPUS" = 1 ] && echo ucx || echo ucx,nccl,ipc)} 2>&1 | tee "$OUT/exactness.log" \
-      | grep -E "DIFFERENT|identical$|MISMATCH|Error|Traceback" | sort | uniq -c | tail -20 ;;
+    timeout -k 10 ${EXACT_S:-240} python3 benchmarks/gpu_exactness.py \
+      --transports ${EXACT:-$([ "$GPUS" = 1 ] && echo ucx || echo ucx,nccl,ipc)} > "$OUT/exactness.log" 2>&1; reap
+    grep -E "DIFFERENT|identical$|MISMATCH|Error|Traceback" "$OUT/exactness.log" | sort | uniq -c | tail -20 ;;
   bench)
     BACKENDS=${BACKENDS:-$([ "$GPUS" = 1 ] && echo lockstep,ucx || echo lockstep-ipc,lockstep-nccl,ucx)}
-    timeout ${BENCH_S:-200} python3 -m expertmesh bench transport --device cuda --backends $BACKENDS \
-      $([ "$GPUS" = 2 ] && echo --nccl) --m2n 1x1 --json "$OUT/bench_transport.json" 2>&1 \
-      | tee "$OUT/bench_transport.log" | tail -60 ;;
+    timeout -k 10 ${BENCH_S:-200} python3 -m expertmesh bench transport --device cuda --backends $BACKENDS \
+      $([ "$GPUS" = 2 ] && echo --nccl) --m2n 1x1 --json "$OUT/bench_transport.json" > "$OUT/bench_transport.log" 2>&1
+    reap; tail -60 "$OUT/bench_transport.log" ;;
   serve)
     for shape in ${SHAPES:-qwen3}; do
       if [ $shape = mixtral ]; then
@@ -46,20 +59,24 @@ for part in ${PARTS:-tests bench serve}; do
               --head-dim 128 --intermediate-size 768 --dense-intermediate-size 6144 --num-experts 128 --top-k 8
               --vocab-size 151936"
       fi
-      python3 -m expertmesh make-model --out /tmp/$shape --dtype bfloat16 $ARGS --max-position-embeddings 1024 >/dev/null
+      [ -e /tmp/$shape/config.json ] || python3 -m expertmesh make-model --out /tmp/$shape --dtype bfloat16 $ARGS \
+        --max-position-embeddings 1024 >/dev/null
       for c in ${CONCURRENCY:-64}; do
         common="--model /tmp/$shape --device cuda --dtype bfloat16 --num-requests $((2 * c)) --concurrency $c
                 --max-num-seqs $c --input-len 64 128 --output-len 64 128"
         for transport in $TRANSPORTS; do
-          timeout ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --transport $transport \
-            --expert-nodes 1 --microbatches ${MICROBATCHES:-1 2} \
-            --json "$OUT/serve_${shape}_c${c}_disagg_${transport}.json" 2>&1 \
-            | grep -E "^m=|Error|error|Traceback" | sed "s/^/$shape c=$c disagg 1+1 $transport /" | head -20
+          name=serve_${shape}_c${c}_disagg_${transport}
+          timeout -k 10 ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --transport $transport \
+            --expert-nodes 1 --microbatches ${MICROBATCHES:-1 2} --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+          reap; grep -E "^m=|Error|error|Traceback" "$OUT/$name.log" | sed "s/^/$shape c=$c disagg 1+1 $transport /" \
+            | head -20
         done
-        timeout ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --expert-nodes 0 \
-          --attention-nodes $GPUS --max-num-seqs $((c / GPUS)) --microbatches 1 \
-          --json "$OUT/serve_${shape}_c${c}_colocated.json" 2>&1 | grep -E "^m=|Error|error|Traceback" \
-          | sed "s/^/$shape c=$c colocated on $GPUS GPUs /" | head -20
+        name=serve_${shape}_c${c}_colocated
+        [ "${COLOCATED:-1}" = 1 ] && timeout -k 10 ${COLOCATED_S:-${SWEEP_S:-240}} python3 benchmarks/microbatch_sweep.py $common --expert-nodes 0 \
+          --attention-nodes $GPUS --max-num-seqs $((c / GPUS)) --microbatches 1 --json "$OUT/$name.json" \
+          > "$OUT/$name.log" 2>&1
+        reap; grep -E "^m=|Error|error|Traceback" "$OUT/$name.log" | sed "s/^/$shape c=$c colocated on $GPUS GPUs /" \
+          | head -20
       done
     done ;;
   esac

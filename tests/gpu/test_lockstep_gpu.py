@@ -19,6 +19,7 @@ from expertmesh.config import Config
 from expertmesh.kv.block_manager import BlockManager
 from expertmesh.kv.cache import PagedKVCache
 from expertmesh.launcher.local import free_port
+from expertmesh.m2n.dist import close_links
 from expertmesh.transport.base import TransportError
 from expertmesh.model.spec import ModelSpec
 from expertmesh.model.weights import load_attention_side
@@ -58,6 +59,16 @@ class LockstepCluster:
     async def __aenter__(self) -> "LockstepCluster":
         self.expert = subprocess.Popen([sys.executable, "-m", "expertmesh.expert_node", "--config", str(self.path),
                                         "--index", "0"])
+        try:
+            await self._start()
+        except BaseException:  # the expert node must not outlive a failed start (it would hold its GPU and NCCL),
+            self.expert.kill()  # nor this process's half of the links the next test's
+            self.expert.wait(30)
+            close_links()
+            raise
+        return self
+
+    async def _start(self) -> None:
         torch.cuda.set_device(0)
         config, spec = self.config, self.spec
         self.m2n = await connect_lockstep(config, spec, load_cluster_placement(config, spec), 0, "cuda:0")
@@ -68,11 +79,14 @@ class LockstepCluster:
         self.runner.capture_graphs(self.max_num_seqs, self.microbatches)
         self.scheduler = Scheduler(BlockManager(blocks, 16), self.max_num_seqs, config.engine.max_batch_tokens,
                                    self.max_len, spec.eos_token_ids)
-        return self
 
     async def __aexit__(self, *exc) -> None:
         self.expert.terminate()
-        self.expert.wait(30)
+        try:
+            self.expert.wait(30)
+        except subprocess.TimeoutExpired:  # stuck in C (e.g. an NCCL wait): it still must not outlive the test
+            self.expert.kill()
+            self.expert.wait(30)
         await self.m2n.close()
 
     async def generate(self, prompts, max_tokens):
