@@ -6,7 +6,7 @@ partial sums. Lanes never wait on each other — on a GPU each has its own CUDA 
 is held up only by its own rounds: with joint rounds across attention nodes, two expert nodes that grouped
 different steps together would wait on each other for ever unless every attention node kept one global rhythm.
 The host only enqueues: the receives are posted ahead (one round ahead when consecutive rounds use different
-microbatch groups), the compute waits for them on the device, and a watchdog bounds each step's device time."""
+microbatch groups, except on links whose receives hold the device: NCCL), the compute waits for them on the device, and a watchdog bounds each step's device time."""
 from __future__ import annotations
 
 import asyncio
@@ -124,7 +124,9 @@ class LockstepRounds:
         sent, computed = [], 0
         received = post_receives(0) if rounds else ([], [])
         for i, (layer, mb, n) in enumerate(rounds):
-            ahead = i + 1 < len(rounds) and rounds[i + 1][1] != mb  # another group's stream: no ordering knot
+            # ahead when the next round is another group's (its stream: no ordering knot), and not on links whose
+            # receives hold the device (Links.receives_hold_device)
+            ahead = not self.links.receives_hold_device and i + 1 < len(rounds) and rounds[i + 1][1] != mb
             following = post_receives(i + 1) if ahead else None
             views, works = received
             with self._on_lane(a):  # on a GPU the lane's stream waits for the message (the host does not)

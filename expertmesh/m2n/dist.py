@@ -28,7 +28,7 @@ class DistLinks(Links):
                  microbatches: int, slot_bytes: int, device: str, timeout_s: float) -> None:
         super().__init__(attention_nodes, microbatches, slot_bytes)
         self.backend = backend  # "nccl" or "gloo"
-        self.device_ordered = backend == "nccl"
+        self.device_ordered = self.receives_hold_device = backend == "nccl"
         self.rank = rank
         self.groups = groups  # (attention node, microbatch) -> its process group, for the groups this rank is in
         self.device = device

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 class Links(abc.ABC):
     backend: str
     device_ordered = False  # sends and waits are ordered on the current CUDA stream, no host wait (nccl, ipc)
+    # A posted receive runs on the device until its message comes (nccl: a kernel). The device then never drains,
+    # and CUDA loads a kernel used for the first time only once it has: a receive posted ahead of a compute that
+    # loads one waits for the peer's next message, which waits for that compute (seen as a deadlock on 2 x H200).
+    receives_hold_device = False
     plan: "LinkPlan | None" = None  # the cluster's links, set by make_links: what the handshake says of each
 
     def __init__(self, attention_nodes: int, microbatches: int, slot_bytes: int) -> None:

@@ -29,6 +29,7 @@ class MixedLinks(Links):
         used = list({id(links): links for links in links_of.values()}.values())
         self.backend = "+".join(sorted({links.backend for links in used}))  # e.g. "gloo+ucx"
         self.device_ordered = all(links.device_ordered for links in used)
+        self.receives_hold_device = any(links.receives_hold_device for links in used)
 
     def _links(self, peer: int) -> Links:
         links = self._links_of.get(peer)

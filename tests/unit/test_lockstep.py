@@ -203,3 +203,56 @@ def test_a_handshake_the_links_refuse_fails_at_once_with_the_reason():
             serving.cancel()
 
     asyncio.run(run())
+
+
+class _RecordingLinks:
+    """Links that deliver zeros at once and record the order of the expert side's calls."""
+    backend, attention_nodes, microbatches, device_ordered = "recording", 1, 2, False
+
+    def __init__(self, receives_hold_device: bool) -> None:
+        self.receives_hold_device = receives_hold_device
+        self.calls: list[tuple[str, int]] = []
+
+    def attention_rank(self, node: int) -> int:
+        return node
+
+    def receive(self, microbatch, peer, metas):
+        self.calls.append(("receive", microbatch))
+        return [torch.zeros(m.shape, dtype=m.dtype) for m in metas], []
+
+    def send(self, microbatch, peer, tensors):
+        self.calls.append(("send", microbatch))
+        return []
+
+    def flush(self) -> None:
+        pass
+
+    async def wait(self, works) -> None:
+        pass
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_receives_are_posted_ahead_only_where_they_do_not_hold_the_device(hold):
+    """On NCCL a posted receive is a kernel waiting for its message: one posted ahead of a compute would make that
+    compute's first-use kernel load wait for the peer, which waits for the compute (a deadlock on 2 x H200)."""
+    from expertmesh.expert_node.lockstep import LockstepRounds
+    from expertmesh.transport.protocol import StepPlan
+    links = _RecordingLinks(hold)
+
+    def compute(lane, layer, hidden, ids, weights):
+        links.calls.append(("compute", layer))
+        return torch.zeros_like(hidden)
+
+    rounds = LockstepRounds(links, [1, 3], 16, HIDDEN, TOP_K, torch.float32, "cpu", compute, 1.0)
+
+    async def on_error(*args):
+        raise AssertionError(args)
+
+    asyncio.run(rounds.run(0, StepPlan(0, 0, [2, 3]), on_error))
+    kinds = [kind for kind, _ in links.calls]
+    assert kinds.count("compute") == kinds.count("send") == kinds.count("receive") == 4
+    # a receive between the first receive and the first compute is the next round's, posted ahead
+    ahead = kinds[1] == "receive"
+    assert ahead != hold
+    if hold:
+        assert kinds == ["receive", "compute", "send"] * 4
