@@ -8,7 +8,8 @@
 #            point-to-point rows, beside NCCL's send/recv and all_to_all_single)
 #   serve  - served decode, Qwen3-30B-A3B / Mixtral-8x7B shapes with layers reduced (SHAPES): disaggregated 1+1 at
 #            m = MICROBATCHES over each of TRANSPORTS, and colocated (--expert-nodes 0) on every GPU (data parallel on 2),
-#            same workload; each node's GPU busy fraction from CUDA events around its compute
+#            same workload (REQUESTS_PER_SLOT x concurrency requests: 2 gave rows of 1-11 s, too short to compare);
+#            each node's GPU busy fraction, timed on the GPU around its compute
 #   diagnose - TESTS until they end or hang, then the stacks of the test and of every node process left
 # PYTEST_ADDOPTS=-s shows the node processes' output live (a node that dies while the test blocks in C, e.g. in
 # NCCL, otherwise leaves nothing on screen). Logs and JSON in $OUT. Needs .whl/site312.txz (benchmarks/gpu_wheels.sh) carried.
@@ -62,7 +63,8 @@ for part in ${PARTS:-tests bench serve}; do
       [ -e /tmp/$shape/config.json ] || python3 -m expertmesh make-model --out /tmp/$shape --dtype bfloat16 $ARGS \
         --max-position-embeddings 1024 >/dev/null
       for c in ${CONCURRENCY:-64}; do
-        common="--model /tmp/$shape --device cuda --dtype bfloat16 --num-requests $((2 * c)) --concurrency $c
+        common="--model /tmp/$shape --device cuda --dtype bfloat16 --concurrency $c
+                --num-requests $((${REQUESTS_PER_SLOT:-4} * c))
                 --max-num-seqs $c --input-len 64 128 --output-len 64 128"
         for transport in $TRANSPORTS; do
           name=serve_${shape}_c${c}_disagg_${transport}

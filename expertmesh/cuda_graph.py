@@ -1,5 +1,5 @@
-"""CUDA-graph helpers shared by both kinds of node: the batch-size buckets graphs are captured for, and the
-capture of one call (warmed up on a side stream first, so that compilation and workspace allocation stay out)."""
+"""CUDA-graph helpers shared by both kinds of node: the batch-size buckets graphs are captured for, the sizes that
+warm up every Triton kernel variant before serving, and the capture of one call (warmed up on a side stream first, so that compilation and workspace allocation stay out)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -15,6 +15,16 @@ def bucket_sizes(largest: int) -> list[int]:
         sizes += [power, power * 3 // 2]
         power *= 2
     return sorted({s for s in sizes if s < largest} | {largest})
+
+
+def warm_up_sizes(limit: int) -> list[int]:
+    """2, 3, 4, 5, 8, 9, 16, 17, ... up to limit: every power of two and one more, since Triton compiles a kernel
+    apart for integer arguments divisible by 16 and for the others (and tile choices change at powers of two)."""
+    sizes, power = [], 2
+    while power <= limit:
+        sizes += [power] + ([power + 1] if power + 1 <= limit else [])
+        power *= 2
+    return sizes
 
 
 def split_counts(tokens: list[int], count: int) -> list[int]:

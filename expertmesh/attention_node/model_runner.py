@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from ..cuda_graph import split_counts
+from ..cuda_graph import split_counts, warm_up_sizes
 from ..host_copy import to_device
 from ..kv.cache import PagedKVCache
 from ..kv.metadata import StepMetadata
@@ -47,16 +47,6 @@ class ExpertBackend(Protocol):
     async def gather(self, handle): ...
 
     def reduce(self, handle, answers, like: torch.Tensor) -> torch.Tensor: ...
-
-
-def warm_up_sizes(limit: int) -> list[int]:
-    """2, 3, 4, 5, 8, 9, 16, 17, ... up to limit: every power of two and one more, since Triton compiles a kernel
-    apart for integer arguments divisible by 16 and for the others (and tile choices change at powers of two)."""
-    sizes, power = [], 2
-    while power <= limit:
-        sizes += [power] + ([power + 1] if power + 1 <= limit else [])
-        power *= 2
-    return sizes
 
 
 def split_microbatches(seqs: list[Sequence], count: int) -> list[list[Sequence]]:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
 from ..config import LOCKSTEP_BACKENDS, Config
-from ..cuda_graph import decode_step_shapes
+from ..cuda_graph import decode_step_shapes, warm_up_sizes
 from ..m2n.links import make_links
 from ..model.spec import ModelSpec
 from ..model.weights import load_experts
@@ -46,6 +47,14 @@ async def main(config: Config, index: int) -> None:
                                      config.engine.max_num_seqs, lambda n: node.warm_up(n, spec.top_k),
                                      decode_step_shapes(config.engine.max_num_seqs, config.engine.microbatches))
         log.info("lockstep rounds over %s", links.backend)
+    if device.startswith("cuda"):  # every kernel variant a round may need, compiled and loaded before the first:
+        # else the first requests wait for Triton (the cold first row of every served sweep), and on NCCL links a
+        # first load waits for the device to drain while rounds are in flight
+        started, sizes = time.monotonic(), [1] + warm_up_sizes(config.engine.max_batch_tokens)
+        for tokens in sizes:
+            node.warm_up(tokens, spec.top_k)
+        torch.cuda.synchronize(device)
+        log.info("warmed up %d sizes up to %d tokens in %.1f s", len(sizes), sizes[-1], time.monotonic() - started)
     if device.startswith("cuda") and not config.engine.enforce_eager:
         if lockstep:  # a lane per attention node; a decode round brings one attention node's batch
             node.capture_graphs(spec.top_k, config.engine.max_num_seqs, lanes=config.cluster.attention_nodes)

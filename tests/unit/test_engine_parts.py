@@ -92,7 +92,7 @@ def test_to_device_gives_int64_on_the_host_as_given():
 
 
 def test_warm_up_sizes_reach_both_integer_specialisations():
-    from expertmesh.attention_node.model_runner import warm_up_sizes
+    from expertmesh.cuda_graph import warm_up_sizes
     assert warm_up_sizes(40) == [2, 3, 4, 5, 8, 9, 16, 17, 32, 33]
     assert warm_up_sizes(16) == [2, 3, 4, 5, 8, 9, 16]
     sizes = warm_up_sizes(2048)
