@@ -210,6 +210,15 @@ def _sequence_of_tile(query_start_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _split_range(kv_end, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [lo, hi) of the split-th of NUM_SPLITS programs over keys 0..kv_end: equal shares in whole tiles of
+    BLOCK_N, so the last shares may be short or empty (the whole range for one split)."""
+    share = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * share
+    return lo, tl.minimum(kv_end, lo + share)
+
+
+@triton.jit
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
         block_table_ptr, seq_lens_ptr, query_start_ptr, num_seqs, num_q_heads, scale_log2,
@@ -248,13 +257,7 @@ def _paged_attention_kernel(
 
     # keys this tile sees: up to its last token's position; this program takes the split-th share of them
     kv_end = first_new_pos + tl.minimum(q_len, (q_tile + 1) * BLOCK_Q)
-    if NUM_SPLITS == 1:
-        kv_lo = 0
-        kv_hi = kv_end
-    else:
-        share = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        kv_lo = split * share
-        kv_hi = tl.minimum(kv_end, kv_lo + share)
+    kv_lo, kv_hi = _split_range(kv_end, split, NUM_SPLITS, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores, in log2 units
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
