@@ -2,6 +2,7 @@
 same seeded workload replayed through perf.closed_loop with that row's cluster, beside the measured tok/s and TPOT.
 
     python benchmarks/plan_validation.py            # prints the markdown table of benchmarks/RESULTS.md
+    python benchmarks/plan_validation.py --gpu-rows # the 2 x H200 rows (benchmarks/gpu_multi/serve), no GPU needed
 
 Calibrations: GPU rows use the shipped H200 parts (bench layer) with the one-GPU lockstep round (both nodes shared
 one H200 under MPS); CPU rows use `bench layer --device cpu` and `bench transport` (zmq) from this machine. Each
@@ -190,5 +191,99 @@ def paired_table(folder: str, cores: int) -> None:
                   f"{predicted['tpot_ms_p50']:.2f} | {predicted['tpot_ms_p50'] / tpot - 1:+.0%} |")
 
 
+MIXTRAL_4_LAYERS = dict(hidden_size=4096, num_layers=4, num_heads=32, num_kv_heads=8, head_dim=128,
+                        intermediate_size=14336, num_experts=8, top_k=2, vocab_size=32000,
+                        max_position_embeddings=1024)  # benchmarks/gpu_lockstep.sh's mixtral (random weights)
+# 2 x H200 (RESULTS.md, "Ping-pong and disaggregated against colocated on 2 x H200"): (label, JSON, row, cold). Each
+# sweep's first row ran cold (Triton variants compiled during its timed requests).
+GPU_ROWS = [
+    ("Qwen3 c=64 1+1 m=1, run 1", "run1_serve_qwen3_c64_disagg_ipc.json", 0, True),
+    ("Qwen3 c=64 1+1 m=2, run 1", "run1_serve_qwen3_c64_disagg_ipc.json", 1, False),
+    ("Qwen3 c=64 1+1 m=3, run 1", "run1_serve_qwen3_c64_disagg_ipc.json", 2, False),
+    ("Qwen3 c=64 1+1 m=4, run 1", "run1_serve_qwen3_c64_disagg_ipc.json", 3, False),
+    ("Qwen3 c=64 1+1 m=1, run 2", "run2_serve_qwen3_c64_disagg_ipc.json", 0, True),
+    ("Qwen3 c=64 1+1 m=3, run 2", "run2_serve_qwen3_c64_disagg_ipc.json", 1, False),
+    ("Qwen3 c=64 colocated-2, run 1", "run1_serve_qwen3_c64_colocated.json", 0, False),
+    ("Qwen3 c=256 1+1 m=1, run 1", "run1_serve_qwen3_c256_disagg_ipc.json", 0, True),
+    ("Qwen3 c=256 1+1 m=2, run 1", "run1_serve_qwen3_c256_disagg_ipc.json", 1, False),
+    ("Qwen3 c=256 1+1 m=4, run 1", "run1_serve_qwen3_c256_disagg_ipc.json", 2, False),
+    ("Qwen3 c=256 colocated-2, run 1", "run1_serve_qwen3_c256_colocated.json", 0, False),
+    ("Mixtral c=64 1+1 m=1, run 3", "run3_serve_mixtral_c64_disagg_ipc.json", 0, True),
+    ("Mixtral c=64 1+1 m=2, run 3", "run3_serve_mixtral_c64_disagg_ipc.json", 1, False),
+    ("Mixtral c=64 colocated-2, run 3", "run3_serve_mixtral_c64_colocated.json", 0, False),
+]
+GPU_SERVE = HERE / "gpu_multi/serve"
+# The served calibrations: the warm rows whose both GPU meters worked (run 1's zeroed its counters at each replay)
+GPU_SERVED = {"/tmp/qwen3": ("run2_serve_qwen3_c64_disagg_ipc.json", 1),
+              "/tmp/mixtral": ("run3_serve_mixtral_c64_disagg_ipc.json", 1)}
+GPU_COLOCATED = ("run3_serve_mixtral_c64_colocated.json", 0)
+
+
+def gpu_spec_of(model: str) -> ModelSpec:
+    from expertmesh.model.make_model import RandomModelShape, hf_config
+    if model == "/tmp/mixtral":
+        return ModelSpec.from_hf_config(hf_config(RandomModelShape(**MIXTRAL_4_LAYERS), 1, 2))
+    return spec_of(model)
+
+
+def gpu_bench_setup() -> tuple[calibration.Calibration, GpuType]:
+    """The H200 bench calibration: bench layer (gpu_dataplane/bench_layer_2.json, Triton fused MoE) and the ipc M2N
+    round between the two GPUs (gpu_multi/bench_ipc.json): the shipped calibration.H200's inputs, step overhead 0."""
+    cal = calibration.from_benchmarks("H200", str(HERE / "gpu_dataplane/bench_layer_2.json"),
+                                      str(HERE / "gpu_multi/bench_ipc.json"), "triton", "lockstep-ipc",
+                                      4.8e12, 9.89e14, 4.5e11)
+    return cal, BUILTIN["H200"]
+
+
+def gpu_served_setups(cal: calibration.Calibration, device: GpuType) -> tuple[dict, float, dict]:
+    """Per model, the bench calibration with what a served 1+1 row of it measured (served.gpu_phases_of: the parts'
+    device time per span, the host time between steps); and the host time between a colocated node's steps."""
+    from expertmesh.planner.perf import ModelCosts, comm_us
+    calibrations, phases = {}, {}
+    for model, (name, index) in GPU_SERVED.items():
+        run, spec = json.loads((GPU_SERVE / name).read_text()), gpu_spec_of(model)
+        m = run["rows"][index]["microbatches"]
+        one_plus_one = Deployment(device, device, 1, 1, m, run["args"]["max_num_seqs"], 0)
+        crossing = comm_us(ModelCosts(spec), one_plus_one, cal, run["args"]["concurrency"] / m)
+        phases[model], tokens = served.gpu_phases_of(run, index, spec, crossing)
+        context = sum(run["args"]["input_len"]) / 2 + sum(run["args"]["output_len"]) / 4
+        calibrations[model] = served.served_calibration(cal, phases[model], spec, device, tokens, context, 2)
+    name, index = GPU_COLOCATED
+    run = json.loads((GPU_SERVE / name).read_text())
+    colocated, _ = served.gpu_phases_of(run, index, gpu_spec_of(run["args"]["model"]), 0.0)
+    return calibrations, colocated.step_host_us, phases
+
+
+def gpu_main() -> int:
+    """`--gpu-rows`: every 2 x H200 row, predicted from the bench calibration alone and with the served terms."""
+    cal, device = gpu_bench_setup()
+    served_cals, colocated_host_us, phases = gpu_served_setups(cal, device)
+    for model, p in phases.items():
+        print(f"{model}: served T_a {p.attention_segment_us:.0f} us, T_e {p.expert_compute_us:.0f} us, host between "
+              f"steps {p.step_host_us:.0f} us ({GPU_SERVED[model][0]} row {GPU_SERVED[model][1]})", file=sys.stderr)
+    print(f"colocated: host between steps {colocated_host_us:.0f} us ({GPU_COLOCATED[0]})", file=sys.stderr)
+    print("| configuration | measured tok/s | predicted, bench only | error | predicted, served terms | error | "
+          "measured TPOT p50 ms | predicted, bench / served | error (served) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, name, index, cold in GPU_ROWS:
+        run = json.loads((GPU_SERVE / name).read_text())
+        args, row = run["args"], run["rows"][index]
+        spec = gpu_spec_of(args["model"])
+        plan = Deployment(device, None if args["expert_nodes"] == 0 else device, args["attention_nodes"],
+                          args["expert_nodes"], row["microbatches"], args["max_num_seqs"], 0)
+        bench = closed_loop(spec, plan, cal, jobs_of(args), args["concurrency"])
+        served_cal = served_cals[args["model"]] if not plan.colocated else \
+            dataclasses.replace(cal, step_overhead_us=colocated_host_us)
+        with_served = closed_loop(spec, plan, served_cal, jobs_of(args), args["concurrency"])
+        tok, tpot = row["output_tokens_per_s"], row["tpot_ms"]["p50"]
+        fitted = (name, index) in (*GPU_SERVED.values(), GPU_COLOCATED)
+        print(f"| {label}{' (cold)' if cold else ''}{' (served calibration row)' if fitted else ''} | {tok:.0f} | "
+              f"{bench['tokens_per_s']:.0f} | {bench['tokens_per_s'] / tok - 1:+.0%} | "
+              f"{with_served['tokens_per_s']:.0f} | {with_served['tokens_per_s'] / tok - 1:+.0%} | {tpot:.2f} | "
+              f"{bench['tpot_ms_p50']:.2f} / {with_served['tpot_ms_p50']:.2f} | "
+              f"{with_served['tpot_ms_p50'] / tpot - 1:+.0%} |")
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(gpu_main() if "--gpu-rows" in sys.argv[1:] else main())

@@ -130,16 +130,50 @@ def from_benchmarks(device: str, layer_json: str, transport_json: str, moe_backe
 
 def load(path: str) -> Calibration:
     """A calibration file: either a saved Calibration, or {device, bench_layer, bench_transport, moe_backend,
-    round_backend, [datasheet_bytes_per_s, datasheet_flops_per_s, round_link_bytes_per_s, step_overhead_us]}
-    naming the two JSONs (paths relative to the file)."""
+    round_backend, [datasheet_bytes_per_s, datasheet_flops_per_s, round_link_bytes_per_s, step_overhead_us,
+    served]} naming the two JSONs (paths relative to the file). `served` adds what a served 1x1 run of a model
+    measured (planner/served.py): {model: checkpoint dir, and either trace: `bench serve --trace` Chrome trace,
+    [sweep: its microbatch_sweep JSON, for each node's CPU seconds], tokens, context (what it decoded), or sweep:
+    a served GPU row's microbatch_sweep JSON with GPU busy figures, [row: its index, default 0]}."""
     data = read_structured(path)
     if "bench_layer" in data:
         here = Path(path).parent
-        return from_benchmarks(data["device"], str(here / data["bench_layer"]), str(here / data["bench_transport"]),
-                               data.get("moe_backend", "triton"), data.get("round_backend", "lockstep-ipc"),
-                               data.get("datasheet_bytes_per_s"), data.get("datasheet_flops_per_s"),
-                               data.get("round_link_bytes_per_s"), data.get("step_overhead_us", 0.0))
+        cal = from_benchmarks(data["device"], str(here / data["bench_layer"]), str(here / data["bench_transport"]),
+                              data.get("moe_backend", "triton"), data.get("round_backend", "lockstep-ipc"),
+                              data.get("datasheet_bytes_per_s"), data.get("datasheet_flops_per_s"),
+                              data.get("round_link_bytes_per_s"), data.get("step_overhead_us", 0.0))
+        return with_served(cal, data["served"], here) if data.get("served") else cal
     return Calibration.from_dict(data)
+
+
+def with_served(cal: Calibration, served_run: dict, here: Path) -> Calibration:
+    """cal with a served run's terms (load's `served` entry): from a CPU phase trace, or from a GPU row's meters."""
+    from ..model.spec import ModelSpec
+    from . import served
+    from .gpus import GpuType
+    from .perf import Deployment, ModelCosts, comm_us
+    unknown = set(served_run) - {"model", "trace", "sweep", "row", "tokens", "context", "dtype_bytes"}
+    if unknown or "model" not in served_run or not ({"trace", "sweep"} & set(served_run)):
+        raise ConfigError(f"calibration `served` entry {served_run}: give model and trace or sweep "
+                          f"(unknown keys: {sorted(unknown)})")
+    spec = ModelSpec.from_dir(str(here / served_run["model"]))
+    device = GpuType(cal.device, 0, (cal.datasheet_bytes_per_s or cal.copy_bytes_per_s) / 1e12,
+                     (cal.datasheet_flops_per_s or cal.matmul_flops_per_s) / 1e12,
+                     (cal.round_link_bytes_per_s or 0.0) / 1e9, 0)
+    sweep = json.loads((here / served_run["sweep"]).read_text()) if "sweep" in served_run else None
+    dtype_bytes = served_run.get("dtype_bytes", 2)
+    if "trace" in served_run:
+        cpu_s = sweep["rows"][served_run.get("row", 0)].get("cpu_s") if sweep else None
+        phases = served.phases_of(json.loads((here / served_run["trace"]).read_text()), cpu_s)
+        return served.served_calibration(cal, phases, spec, device, served_run["tokens"], served_run["context"],
+                                         dtype_bytes)
+    index, args = served_run.get("row", 0), sweep["args"]
+    m = sweep["rows"][index]["microbatches"]
+    crossing = comm_us(ModelCosts(spec, dtype_bytes), Deployment(device, device, 1, 1, m, 1, 0), cal,
+                       args["concurrency"] / m)
+    phases, tokens = served.gpu_phases_of(sweep, index, spec, crossing)
+    context = sum(args["input_len"]) / 2 + sum(args["output_len"]) / 4  # mid-output, mean lengths
+    return served.served_calibration(cal, phases, spec, device, tokens, context, dtype_bytes)
 
 
 # Shipped: one H200 (benchmarks/RESULTS.md). Parts: `bench layer` second run (benchmarks/gpu_dataplane/

@@ -250,6 +250,19 @@ def layer_us(t_a: float, t_e: float, t_c: float, m: int, plan: Deployment,
     return max(critical, work / min(plan.shared_devices, plan.gpus))
 
 
+def pipeline_us(t_a: float, t_e: float, t_c: float, m: int, layers: int, plan: Deployment,
+                background: tuple[float, float] = (0.0, 0.0)) -> float:
+    """A disaggregated step's MoE layers as one pipeline of layers·m rounds, which each step fills and drains: the
+    step ends with sampling, so its first microbatch's attention and crossing come before the busiest node's first
+    round, and its last answer's crossing and combine after its last (the whole-step graphs of 2 x H200 showed
+    it: the expert GPU idles between steps). The busiest node works layers·m·T_f; one microbatch's round trip less
+    T_f is the fill. 0 colocated (no pipeline) and on shared devices (layer_us counts their turns)."""
+    if plan.colocated or plan.shared_devices or layers <= 0:
+        return 0.0
+    t_f = max(t_a + background[0], plan.attention_nodes * (t_e + background[1]))
+    return layers * m * t_f + max(0.0, t_a + t_e + 2 * t_c - t_f)
+
+
 def memory(costs: ModelCosts, plan: Deployment, utilization: float = 0.9) -> tuple[Memory, Memory | None]:
     """Per GPU of each role: weights, the KV cache of the batch at full context, the activation margin."""
     gpu = plan.attention_gpu
@@ -290,7 +303,9 @@ def step_parts(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: fl
                         2 * (sequences or tokens) * costs.spec.vocab_size * costs.spec.hidden_size,
                         plan.attention_gpu, cal)
     background = served_host_us(costs, plan, cal, per_mb)[2:]
-    step = costs.moe_layers * layer_us(t_a, t_e, t_c, m, plan, background) + dense + lm_head + cal.step_overhead_us
+    layers = max(costs.moe_layers * layer_us(t_a, t_e, t_c, m, plan, background),
+                 pipeline_us(t_a, t_e, t_c, m, costs.moe_layers, plan, background))
+    step = layers + dense + lm_head + cal.step_overhead_us
     return t_a, t_e, t_c, step
 
 

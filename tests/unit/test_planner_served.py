@@ -77,7 +77,11 @@ def test_the_model_runs_disaggregated_parts_and_rounds_as_served():
     assert layer_us(t_a, t_e, t_c, 2, plan, (2 * reached * 500, reached * 200)) == pytest.approx(layer)
     lm_head_32 = _floor_us(4 * spec.vocab_size * spec.hidden_size, 2 * 32 * spec.vocab_size * spec.hidden_size, CPU,
                            CAL)
-    assert step == pytest.approx(costs.moe_layers * layer + lm_head_32 + cal.step_overhead_us)
+    # each step fills and drains the pipeline: one microbatch's round trip beyond the busiest node's round
+    t_f = max(t_a + 2 * reached * 500, t_e + reached * 200)
+    pipeline = costs.moe_layers * 2 * t_f + max(0.0, t_a + t_e + 500 - t_f)
+    assert pipeline > costs.moe_layers * layer  # this plan's nodes are busy enough that the fill shows
+    assert step == pytest.approx(pipeline + lm_head_32 + cal.step_overhead_us)
 
 
 def test_colocated_nodes_keep_their_bench_parts():
@@ -88,3 +92,80 @@ def test_colocated_nodes_keep_their_bench_parts():
     with_served, without = (step_parts(costs, colocated, c, 16, 48, 1) for c in (cal, dataclasses.replace(
         cal, served=None)))
     assert with_served == without  # one process runs its parts back to back, as bench layer times them
+
+
+def test_a_disaggregated_step_fills_and_drains_its_pipeline():
+    from expertmesh.planner.perf import pipeline_us
+    plan = Deployment(CPU, CPU, 1, 1, 3, 64, 0)
+    # expert-bound: 8 layers x 3 rounds of T_e 178, plus one round trip less T_e (T_a 117 + 2 x 20)
+    assert pipeline_us(117, 178, 20, 3, 8, plan) == pytest.approx(8 * 3 * 178 + 117 + 40)
+    # the round trip sets each layer at m = 1: the pipeline is never longer than that
+    assert pipeline_us(100, 80, 50, 1, 4, plan) <= 4 * layer_us(100, 80, 50, 1, plan)
+    assert pipeline_us(117, 178, 20, 3, 8, Deployment(CPU, None, 2, 0, 1, 32, 0)) == 0.0  # colocated: no pipeline
+    costs = ModelCosts(shape("qwen3")[1])
+    gpu = dataclasses.replace(CPU, hbm_tb_s=4.8, bf16_tflops=989)
+    t_a, t_e, t_c, step = step_parts(costs, Deployment(gpu, gpu, 1, 1, 3, 64, 0), CAL, 64, 144, 3)
+    lm_head = _floor_us(costs.elt * costs.spec.vocab_size * costs.spec.hidden_size,
+                        2 * 64 * costs.spec.vocab_size * costs.spec.hidden_size, gpu, CAL)
+    moe = costs.moe_layers * layer_us(t_a, t_e, t_c, 3, Deployment(gpu, gpu, 1, 1, 3, 64, 0))
+    assert step - lm_head == pytest.approx(max(moe, costs.moe_layers * 3 * max(t_a, t_e) + t_a + t_e + 2 * t_c -
+                                               max(t_a, t_e)))
+
+
+def gpu_row(expert_nodes: int, m: int, busy: dict, span_ms: dict, wall_s: float, tokens: int) -> dict:
+    args = {"attention_nodes": 1 if expert_nodes else 2, "expert_nodes": expert_nodes, "max_num_seqs": 64}
+    return {"args": args, "rows": [{"microbatches": m, "duration_s": wall_s, "output_tokens": tokens,
+                                    "gpu_busy": busy, "gpu_span_ms": span_ms}]}
+
+
+def test_gpu_phases_of_a_served_row_built_by_hand():
+    from expertmesh.planner.served import gpu_phases_of
+    spec = shape("qwen3")[1]
+    layers = ModelCosts(spec).moe_layers
+    # 100 steps of 2 microbatches: T_a 0.1 ms, T_e 0.2 ms, crossing 20 us; each step 3 ms beyond its pipeline
+    pipeline_ms = layers * 2 * 0.2 + 0.1 + 0.04
+    wall_ms = 100 * (pipeline_ms + 3.0)
+    busy = {"attention_node_0": 100 * 2 * (layers + 1) * 0.1 / wall_ms, "expert_node_0": 100 * 2 * layers * 0.2 / wall_ms}
+    run = gpu_row(1, 2, busy, {"attention_node_0": 0.1, "expert_node_0": 0.2}, wall_ms / 1e3, 6400)
+    phases, tokens = gpu_phases_of(run, 0, spec, 20.0)
+    assert (phases.attention_segment_us, phases.expert_compute_us) == pytest.approx((100, 200))
+    assert phases.step_host_us == pytest.approx(3000)
+    assert phases.crossing_us == 20.0 and tokens == pytest.approx(32)
+    # colocated: one span a step (2.5 ms), 4 ms a step
+    run = gpu_row(0, 1, {"attention_node_0": 2.5 / 4}, {"attention_node_0": 2.5}, 0.4, 3200)
+    phases, tokens = gpu_phases_of(run, 0, spec, 0.0)
+    assert phases.step_host_us == pytest.approx(1500) and tokens == pytest.approx(16)
+    with pytest.raises(ConfigError, match="both nodes' GPU busy"):
+        gpu_phases_of(gpu_row(1, 2, {"expert_node_0": 0.5}, {"expert_node_0": 0.2}, 1.0, 100), 0, spec, 20.0)
+
+
+def test_a_calibration_file_takes_a_served_gpu_row(tmp_path):
+    import json
+    from pathlib import Path
+
+    from expertmesh.model.make_model import RandomModelShape, hf_config
+    from expertmesh.model.spec import ModelSpec
+    from expertmesh.planner.served import gpu_phases_of
+    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
+    (tmp_path / "model").mkdir()
+    config = hf_config(RandomModelShape(arch="qwen3_moe", num_layers=2), 1, 2)
+    (tmp_path / "model/config.json").write_text(json.dumps(config))
+    spec = ModelSpec.from_dir(tmp_path / "model")
+    layers = ModelCosts(spec).moe_layers
+    busy = {"attention_node_0": 0.2, "expert_node_0": 0.4}
+    run = gpu_row(1, 2, busy, {"attention_node_0": 0.1, "expert_node_0": 0.2}, 1.0, 6400)
+    run["args"].update(concurrency=64, input_len=[64, 128], output_len=[64, 128])
+    (tmp_path / "row.json").write_text(json.dumps(run))
+    (tmp_path / "cal.json").write_text(json.dumps({
+        "device": "H200", "bench_layer": str(benchmarks / "gpu_dataplane/bench_layer_2.json"),
+        "bench_transport": str(benchmarks / "gpu_multi/bench_ipc.json"), "datasheet_bytes_per_s": 4.8e12,
+        "datasheet_flops_per_s": 9.89e14, "round_link_bytes_per_s": 4.5e11,
+        "served": {"model": "model", "sweep": "row.json"}}))
+    cal = calibration.load(str(tmp_path / "cal.json"))
+    phases, _ = gpu_phases_of(run, 0, spec, cal.served.crossing_us)
+    assert cal.served is not None and cal.served.dispatch_us == 0.0
+    assert cal.step_overhead_us > 0 and phases.step_host_us > 0
+    steps = 0.4 / (0.2e-3 * 2 * layers)
+    assert phases.step_host_us == pytest.approx(1e6 / steps - (2 * layers * 200 + 100 + 2 * cal.served.crossing_us))
+    with pytest.raises(ConfigError, match="give model and trace or sweep"):
+        calibration.with_served(cal, {"model": "model"}, tmp_path)
