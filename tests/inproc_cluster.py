@@ -107,3 +107,32 @@ async def generate(cluster, prompts: list[list[int]], max_tokens: int) -> list[l
         for seq, token in zip(batch, sample_step(logits, batch)[0]):
             cluster.scheduler.advance(seq, token)
     return [s.output_ids for s in seqs]
+
+
+def teacher_forcing_case(model_dir, text: str, prompts: int = 16, prompt_len: int = 8,
+                         forced: int = 64) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompts, the tokens forced after each): consecutive pieces of `text`, 100 tokens apart."""
+    from expertmesh.gateway.text import TextCodec
+    ids = TextCodec(model_dir).encode(text)
+    return ([ids[i * 100:i * 100 + prompt_len] for i in range(prompts)],
+            [ids[i * 100 + prompt_len:i * 100 + prompt_len + forced] for i in range(prompts)])
+
+
+async def teacher_forced_argmaxes(model_dir, prompts: list[list[int]], forced: list[list[int]], device: str,
+                                  dtype: torch.dtype) -> torch.Tensor:
+    """[steps, sequences] next-token argmax of the colocated model at every step, each sequence then advanced by its
+    forced token instead of its own."""
+    async with InprocCluster(model_dir, num_expert_nodes=0, device=device, dtype=dtype,
+                             max_num_seqs=len(prompts)) as cluster:
+        sched, runner = cluster.scheduler, cluster.runner
+        for i, p in enumerate(prompts):
+            sched.add(Sequence(f"t{i}", p, SamplingParams(max_tokens=len(forced[i]) + 1, temperature=0.0,
+                                                          ignore_eos=True), 0))
+        out = []
+        for step in range(len(forced[0])):
+            batch = sched.schedule()
+            logits = await runner.forward(step, batch, 1)
+            out.append(logits.argmax(-1).cpu())
+            for seq in batch:
+                sched.advance(seq, forced[int(seq.request_id[1:])][step])
+        return torch.stack(out)

@@ -98,9 +98,12 @@ def _local_rows(expert_ids: torch.Tensor, local_index: torch.Tensor) -> torch.Te
 def fused_moe_reference(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
                         experts: StackedExperts) -> torch.Tensor:
     """x [tokens, hidden]; expert_ids [tokens, k] global ids (-1: skip); expert_weights [tokens, k] float32.
-    One loop over the held experts, rounding as transformers does: each expert's output in x.dtype, times its
-    weight cast to x.dtype, added up expert by expert."""
-    out = torch.zeros_like(x)
+    One loop over the held experts: each expert's output in x.dtype, weighted and summed over k in float32, rounded
+    to x.dtype once. That is what the fused kernels do (the sum stays in registers); transformers rounds after
+    every add instead, which in bf16 alone moved 1.5% of the shipped model's next-token argmaxes under teacher
+    forcing (CPU, 16 prompts x 64 tokens; agreement with float32: 97.85% summed in float32, 97.75% per add).
+    In float32 the two are the same."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     rows_of_pairs = _local_rows(expert_ids, experts.local_index)
     for row in range(len(experts.expert_ids)):
         tokens, picks = torch.nonzero(rows_of_pairs == row, as_tuple=True)
@@ -108,8 +111,8 @@ def fused_moe_reference(x: torch.Tensor, expert_ids: torch.Tensor, expert_weight
             continue
         gate, up = (x[tokens] @ experts.gate_up[row].T).chunk(2, dim=-1)
         y = (F.silu(gate) * up) @ experts.down[row].T
-        out.index_add_(0, tokens, y * expert_weights[tokens, picks].unsqueeze(-1).to(y.dtype))
-    return out
+        out.index_add_(0, tokens, y.float() * expert_weights[tokens, picks].unsqueeze(-1))
+    return out.to(x.dtype)
 
 
 def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, experts: StackedExperts,

@@ -10,7 +10,7 @@ import torch
 
 from expertmesh.attention_node.scheduler import Sequence
 from expertmesh.transport.protocol import SamplingParams
-from tests.inproc_cluster import InprocCluster
+from tests.inproc_cluster import InprocCluster, teacher_forced_argmaxes, teacher_forcing_case
 
 pytestmark = pytest.mark.gpu
 
@@ -81,36 +81,17 @@ def test_colocated_decode_steps_never_wait_on_the_device_and_graphs_equal_eager(
 def test_bf16_kernels_agree_with_the_reference_ops_under_teacher_forcing(monkeypatch):
     """The shipped model in bf16, 16 prompts x 64 forced tokens: next-token argmax of the Triton path against
     the plain-torch ops on the same GPU (the issue's bar: >= 99%)."""
-    from expertmesh.gateway.text import TextCodec
     import expertmesh.attention_node.model_runner as model_runner
     import expertmesh.model.layers as layers
     from expertmesh.ops import attention as attention_ops
     from expertmesh.ops import fused_moe as moe_ops
     model_dir = Path(__file__).resolve().parents[2] / "models" / "expertmesh-mini"
-    codec = TextCodec(model_dir)
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    ids = codec.encode(text)
-    prompts = [ids[i * 100:i * 100 + 8] for i in range(16)]
-    forced = [ids[i * 100 + 8:i * 100 + 72] for i in range(16)]
+    prompts, forced = teacher_forcing_case(model_dir, (Path(__file__).resolve().parents[2] / "README.md").read_text())
 
-    async def argmaxes():
-        async with InprocCluster(model_dir, num_expert_nodes=0, device="cuda", dtype=torch.bfloat16,
-                                 max_num_seqs=16) as cluster:
-            sched, runner = cluster.scheduler, cluster.runner
-            seqs = [Sequence(f"t{i}", p, SamplingParams(max_tokens=65, temperature=0.0, ignore_eos=True), 0)
-                    for i, p in enumerate(prompts)]
-            for s in seqs:
-                sched.add(s)
-            out = []
-            for step in range(64):
-                batch = sched.schedule()
-                logits = await runner.forward(step, batch, 1)
-                out.append(logits.argmax(-1).cpu())
-                for i, seq in enumerate(batch):
-                    sched.advance(seq, forced[int(seq.request_id[1:])][step])  # teacher forcing
-            return torch.stack(out)
+    def argmaxes():
+        return asyncio.run(teacher_forced_argmaxes(model_dir, prompts, forced, "cuda", torch.bfloat16))
 
-    kernels = asyncio.run(argmaxes())
+    kernels = argmaxes()
     from expertmesh.ops import norm as norm_ops
     from expertmesh.ops import rotary as rotary_ops
     from expertmesh.ops import router as router_ops
@@ -121,7 +102,7 @@ def test_bf16_kernels_agree_with_the_reference_ops_under_teacher_forcing(monkeyp
                              (model_runner, "add_rms_norm", norm_ops.add_rms_norm),
                              (model_runner, "route", router_ops.route)]:
         monkeypatch.setattr(module, name, functools.partial(op, backend="reference"))
-    reference = asyncio.run(argmaxes())
+    reference = argmaxes()
     agreement = (kernels == reference).float().mean().item()
     print(f"bf16 next-token argmax agreement, kernels vs reference ops: {agreement:.4f}")
     assert agreement >= 0.99
