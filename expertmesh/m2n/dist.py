@@ -50,9 +50,13 @@ class DistLinks(Links):
         return [self._batch_works]  # the batch's works, filled in by flush
 
     def flush(self) -> None:
-        if self._batch:
-            self._batch_works += dist.batch_isend_irecv(self._batch)
-        self._batch, self._batch_works, self._batch_group = [], [], None
+        try:
+            if self._batch:  # in place: _post handed this list of works out
+                self._batch_works += dist.batch_isend_irecv(self._batch)
+        except RuntimeError as exc:  # gloo: a peer that closed its connection can fail the post itself
+            raise TransportError(f"{self.backend} link failed: {exc}") from None
+        finally:
+            self._batch, self._batch_works, self._batch_group = [], [], None
 
     def send(self, microbatch: int, peer: int, tensors: Sequence[torch.Tensor]) -> list:
         self._check(peer, microbatch, [TensorMeta(t.dtype, tuple(t.shape)) for t in tensors])

@@ -256,3 +256,21 @@ def test_receives_are_posted_ahead_only_where_they_do_not_hold_the_device(hold):
     assert ahead != hold
     if hold:
         assert kinds == ["receive", "compute", "send"] * 4
+
+
+def test_a_post_that_fails_on_a_closed_connection_is_a_transport_error(monkeypatch):
+    """gloo may fail batch_isend_irecv itself, not only the wait, once a peer has closed (seen in CI)."""
+    import torch.distributed as dist
+
+    from expertmesh.transport.base import TransportError
+
+    def closed(ops):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc] Connection closed by peer")
+
+    monkeypatch.setattr(dist, "batch_isend_irecv", closed)
+    monkeypatch.setattr(dist, "P2POp", lambda *op: op)  # no process group here
+    links = DistLinks("gloo", 1, 0, {(0, 0): object()}, 1, SLOT_BYTES, "cpu", 1.0)
+    links.send(0, 1, [torch.zeros(2, HIDDEN)])
+    with pytest.raises(TransportError, match="gloo link failed: .*Connection closed"):
+        links.flush()
+    links.flush()  # the failed batch is gone: nothing is posted twice
