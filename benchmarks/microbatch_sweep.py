@@ -66,7 +66,10 @@ def main() -> int:
         config.gateway.port = free_port()
         with LocalCluster(config) as cluster:
             workload = Workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), args.concurrency)
-            asyncio.run(run(cluster.url, dataclasses.replace(workload, num_requests=8), progress=None))  # warm-up
+            # warm-up; on a GPU one full batch, so that the measured run starts with every batch size's kernels
+            # loaded (8 requests left the first configuration of a fresh GPU machine cold: 0.5-1.2 s TTFT, RESULTS.md)
+            warm = max(8, min(args.concurrency, args.num_requests)) if args.device == "cuda" else 8
+            asyncio.run(run(cluster.url, dataclasses.replace(workload, num_requests=warm), progress=None))
             trace = args.trace if not args.trace or len(args.microbatches) == 1 else \
                 args.trace.replace(".json", f".m={m}.json")
             cpu_before = cpu_seconds(cluster)
