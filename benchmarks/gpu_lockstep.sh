@@ -9,7 +9,8 @@
 #   serve  - served decode, Qwen3-30B-A3B / Mixtral-8x7B shapes with layers reduced (SHAPES): disaggregated 1+1 at
 #            m = MICROBATCHES over each of TRANSPORTS, and colocated (--expert-nodes 0) on every GPU (data parallel on 2),
 #            same workload (REQUESTS_PER_SLOT x concurrency requests: 2 gave rows of 1-11 s, too short to compare);
-#            each node's GPU busy fraction, timed on the GPU around its compute
+#            each node's GPU busy fraction, timed on the GPU around its compute; TRACE=1: each node's host phases
+#            as a Chrome trace beside the JSON (where a step's host time goes)
 #   diagnose - TESTS until they end or hang, then the stacks of the test and of every node process left
 # PYTEST_ADDOPTS=-s shows the node processes' output live (a node that dies while the test blocks in C, e.g. in
 # NCCL, otherwise leaves nothing on screen). Logs and JSON in $OUT. Needs .whl/site312.txz (benchmarks/gpu_wheels.sh) carried.
@@ -69,7 +70,8 @@ for part in ${PARTS:-tests bench serve}; do
         for transport in $TRANSPORTS; do
           name=serve_${shape}_c${c}_disagg_${transport}
           timeout -k 10 ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --transport $transport \
-            --expert-nodes 1 --microbatches ${MICROBATCHES:-1 2} --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+            --expert-nodes 1 --microbatches ${MICROBATCHES:-1 2} --json "$OUT/$name.json" \
+            $([ "${TRACE:-0}" = 1 ] && echo --trace "$OUT/$name.trace.json") > "$OUT/$name.log" 2>&1
           reap; grep -E "^m=|Error|error|Traceback" "$OUT/$name.log" | sed "s/^/$shape c=$c disagg 1+1 $transport /" \
             | head -20
         done
