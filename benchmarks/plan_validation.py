@@ -3,13 +3,16 @@ same seeded workload replayed through perf.closed_loop with that row's cluster, 
 
     python benchmarks/plan_validation.py            # prints the markdown table of benchmarks/RESULTS.md
     python benchmarks/plan_validation.py --gpu-rows # the 2 x H200 rows (benchmarks/gpu_multi/serve), no GPU needed
+    python benchmarks/plan_validation.py --gpu-rows --host-per-sequence-us 0   # GPU host time per step constant
 
 Calibrations: GPU rows use the shipped H200 parts (bench layer) with the one-GPU lockstep round (both nodes shared
 one H200 under MPS); CPU rows use `bench layer --device cpu` and `bench transport` (zmq) from this machine. Each
 device's step overhead (host work per step outside the layers) is fitted to its colocated row's TPOT p50, the
 only figure taken from a served run; every other row is a prediction. The paired CPU rows (plan_validation_cpu.sh)
 fit nothing: each row's own bench layer and bench transport and, in planner/served*, a traced 1x1 run of its model
-(planner/served.py: the served round, the disaggregated parts' served time, the host work per step)."""
+(planner/served.py: the served round, the disaggregated parts' served time, the host work per step; in
+planner/prefill* also bench layer's eager prefill lines, and the host work per step as a line in the sequences from
+traced runs at 4, 16 and 32). The GPU rows' served terms add the gateway's CPU per output token (its cpu_s)."""
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +32,8 @@ CPU_CORES = 1  # cores the nodes effectively had: 2 cores, load average 5-9 from
 # (/proc CPU time over a served mini 1x1 run, RESULTS.md)
 SERVED_CPU_CORES = 2
 PAIRED = {"planner/paired": CPU_CORES, "planner/served": SERVED_CPU_CORES,  # plan_validation_cpu.sh's runs
-          "planner/served_2": SERVED_CPU_CORES}
+          "planner/served_2": SERVED_CPU_CORES, "planner/prefill": SERVED_CPU_CORES,
+          "planner/prefill_2": SERVED_CPU_CORES}
 
 QWEN3_8_LAYERS = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048, num_hidden_layers=8,
                       num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
@@ -165,20 +169,29 @@ def paired_cpu_setup(path: Path) -> tuple[calibration.Calibration, GpuType]:
         run = json.loads(path.read_text())
         cpu_s = json.loads(path.with_name(path.stem + "_served.json").read_text())["rows"][0].get("cpu_s")
         phases = served.phases_of(json.loads(trace.read_text()), cpu_s)
+        # the same traced run at other batch sizes (plan_validation_cpu.sh's HOST_CONCURRENCIES), where there are
+        others = {int(t.name.split("_served_c")[1].split(".")[0]): served.phases_of(json.loads(t.read_text()))
+                  for t in path.parent.glob(path.stem + "_served_c*.trace.json")}
         cal = served.served_calibration(cal, phases, spec_of(run["args"]["model"]), cpu, dtype_bytes=4,
-                                        **SERVED_CALIBRATION)
+                                        other_batches=others, **SERVED_CALIBRATION)
+        if others:
+            hosts = ", ".join(f"{n}: {p.step_host_us / 1e3:.2f}" for n, p in sorted({**others, 16: phases}.items()))
+            print(f"{path.stem}: host ms per step at (sequences: ms) {hosts} -> {cal.step_overhead_us / 1e3:.2f} ms "
+                  f"+ {cal.step_overhead_per_sequence_us:.0f} us per sequence", file=sys.stderr)
     return cal, cpu
 
 
 def paired_table(folder: str, cores: int) -> None:
     """CPU rows served right after their own calibration (benchmarks/plan_validation_cpu.sh): nothing fitted."""
     paired = sorted((HERE / folder).glob("*.json"))
-    runs = [path for path in paired if not path.stem.endswith(("_layer", "_transport", "_served", ".trace"))]
+    runs = [path for path in paired if not path.stem.endswith(("_layer", "_transport", ".trace"))
+            and "_served" not in path.stem]
     if not runs:
         return
-    print("\n| configuration (calibrated just before) | load average before / after | measured tok/s | predicted tok/s "
-          "| error | measured TPOT p50 ms | predicted | error |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n{folder}:\n\n| configuration (calibrated just before) | load average before / after | measured tok/s "
+          "| predicted tok/s | error | measured TPOT p50 ms | predicted | error | TTFT p50 ms measured / predicted | "
+          "prefill share (model) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for path in runs:
         setup = paired_cpu_setup(path)
         load = [line.split()[0] for line in path.with_suffix(".load").read_text().splitlines()]
@@ -188,7 +201,8 @@ def paired_table(folder: str, cores: int) -> None:
             tok, tpot = row["output_tokens_per_s"], row["tpot_ms"]["p50"]
             print(f"| CPU {path.stem.replace('_', ' ')} m={row['microbatches']} | {' / '.join(load)} | {tok:.0f} | "
                   f"{predicted['tokens_per_s']:.0f} | {predicted['tokens_per_s'] / tok - 1:+.0%} | {tpot:.2f} | "
-                  f"{predicted['tpot_ms_p50']:.2f} | {predicted['tpot_ms_p50'] / tpot - 1:+.0%} |")
+                  f"{predicted['tpot_ms_p50']:.2f} | {predicted['tpot_ms_p50'] / tpot - 1:+.0%} | "
+                  f"{row['ttft_ms']['p50']:.0f} / {predicted['ttft_ms_p50']:.0f} | {predicted['prefill_share']:.0%} |")
 
 
 MIXTRAL_4_LAYERS = dict(hidden_size=4096, num_layers=4, num_heads=32, num_kv_heads=8, head_dim=128,
@@ -217,6 +231,10 @@ GPU_SERVE = HERE / "gpu_multi/serve"
 GPU_SERVED = {"/tmp/qwen3": ("run2_serve_qwen3_c64_disagg_ipc.json", 1),
               "/tmp/mixtral": ("run3_serve_mixtral_c64_disagg_ipc.json", 1)}
 GPU_COLOCATED = ("run3_serve_mixtral_c64_colocated.json", 0)
+# host time per step per sequence on the GPU rows: served.GPU_STEP_HOST_PER_SEQUENCE_US (the CPU traces' Python parts);
+# `--host-per-sequence-us 0` gives the constant host time of the earlier tables
+HOST_PER_SEQUENCE_US = next((float(sys.argv[i + 1]) for i, a in enumerate(sys.argv[:-1])
+                             if a == "--host-per-sequence-us"), served.GPU_STEP_HOST_PER_SEQUENCE_US)
 
 
 def gpu_spec_of(model: str) -> ModelSpec:
@@ -247,10 +265,17 @@ def gpu_served_setups(cal: calibration.Calibration, device: GpuType) -> tuple[di
         crossing = comm_us(ModelCosts(spec), one_plus_one, cal, run["args"]["concurrency"] / m)
         phases[model], tokens = served.gpu_phases_of(run, index, spec, crossing)
         context = sum(run["args"]["input_len"]) / 2 + sum(run["args"]["output_len"]) / 4
-        calibrations[model] = served.served_calibration(cal, phases[model], spec, device, tokens, context, 2)
+        fitted = served.served_calibration(cal, phases[model], spec, device, tokens, context, 2)
+        fitted = served.with_host_per_sequence(fitted, tokens * m, HOST_PER_SEQUENCE_US)
+        calibrations[model] = dataclasses.replace(fitted, gateway_us_per_token=served.gateway_us_per_token(
+            run["rows"][index]))
     name, index = GPU_COLOCATED
     run = json.loads((GPU_SERVE / name).read_text())
-    colocated, _ = served.gpu_phases_of(run, index, gpu_spec_of(run["args"]["model"]), 0.0)
+    colocated, sequences = served.gpu_phases_of(run, index, gpu_spec_of(run["args"]["model"]), 0.0)
+    fitted = dataclasses.replace(cal, step_overhead_us=colocated.step_host_us)
+    fitted = served.with_host_per_sequence(fitted, sequences, HOST_PER_SEQUENCE_US)
+    calibrations["colocated"] = dataclasses.replace(fitted, gateway_us_per_token=served.gateway_us_per_token(
+        run["rows"][index]))
     return calibrations, colocated.step_host_us, phases
 
 
@@ -262,9 +287,13 @@ def gpu_main() -> int:
         print(f"{model}: served T_a {p.attention_segment_us:.0f} us, T_e {p.expert_compute_us:.0f} us, host between "
               f"steps {p.step_host_us:.0f} us ({GPU_SERVED[model][0]} row {GPU_SERVED[model][1]})", file=sys.stderr)
     print(f"colocated: host between steps {colocated_host_us:.0f} us ({GPU_COLOCATED[0]})", file=sys.stderr)
+    for model, c in served_cals.items():
+        print(f"{model}: gateway CPU {c.gateway_us_per_token:.0f} us per output token; host per step "
+              f"{c.step_overhead_us:.0f} us + {c.step_overhead_per_sequence_us:.0f} us per sequence", file=sys.stderr)
     print("| configuration | measured tok/s | predicted, bench only | error | predicted, served terms | error | "
-          "measured TPOT p50 ms | predicted, bench / served | error (served) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "measured TPOT p50 ms | predicted, bench / served | error (served) | TTFT p50 ms measured / served | "
+          "mixed steps (model) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, name, index, cold in GPU_ROWS:
         run = json.loads((GPU_SERVE / name).read_text())
         args, row = run["args"], run["rows"][index]
@@ -272,8 +301,7 @@ def gpu_main() -> int:
         plan = Deployment(device, None if args["expert_nodes"] == 0 else device, args["attention_nodes"],
                           args["expert_nodes"], row["microbatches"], args["max_num_seqs"], 0)
         bench = closed_loop(spec, plan, cal, jobs_of(args), args["concurrency"])
-        served_cal = served_cals[args["model"]] if not plan.colocated else \
-            dataclasses.replace(cal, step_overhead_us=colocated_host_us)
+        served_cal = served_cals[args["model"] if not plan.colocated else "colocated"]
         with_served = closed_loop(spec, plan, served_cal, jobs_of(args), args["concurrency"])
         tok, tpot = row["output_tokens_per_s"], row["tpot_ms"]["p50"]
         fitted = (name, index) in (*GPU_SERVED.values(), GPU_COLOCATED)
@@ -281,7 +309,8 @@ def gpu_main() -> int:
               f"{bench['tokens_per_s']:.0f} | {bench['tokens_per_s'] / tok - 1:+.0%} | "
               f"{with_served['tokens_per_s']:.0f} | {with_served['tokens_per_s'] / tok - 1:+.0%} | {tpot:.2f} | "
               f"{bench['tpot_ms_p50']:.2f} / {with_served['tpot_ms_p50']:.2f} | "
-              f"{with_served['tpot_ms_p50'] / tpot - 1:+.0%} |")
+              f"{with_served['tpot_ms_p50'] / tpot - 1:+.0%} | {row['ttft_ms']['p50']:.0f} / "
+              f"{with_served['ttft_ms_p50']:.0f} | {with_served['mixed_step_share']:.0%} |")
     return 0
 
 

@@ -144,6 +144,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     lay.add_argument("--parts", default="attention,experts", help="which parts to time (experts stacks them all)")
     lay.add_argument("--tokens", default="1,16,64,256", help="decode tokens (= sequences)")
     lay.add_argument("--contexts", default="512,4096", help="tokens of context per sequence")
+    lay.add_argument("--prefill-tokens", default="", help="prefill chunk sizes in tokens to time too, eagerly "
+                     "(e.g. 256,1024,4096; default none)")
+    lay.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt in a prefill chunk")
     lay.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     lay.add_argument("--moe-backends", default="grouped_mm,triton", help="fused-MoE backends to time (also: reference)")
     lay.add_argument("--reps", type=int, default=50)

@@ -1,4 +1,5 @@
-"""`expertmesh bench layer`: one MoE layer's attention part and expert part at decode, against the floor.
+"""`expertmesh bench layer`: one MoE layer's attention part and expert part at decode, against the floor; with
+--prefill-tokens, the same parts at prefill chunk sizes, run eagerly as the served prefill runs.
 
 Floor = max(bytes that must be read ÷ copy bandwidth, flops ÷ matmul peak), both measured on the same device
 in the same run. Attention part: norm, qkv (MLA: the low-rank q and the latent), rotary, KV write, paged attention
@@ -6,7 +7,9 @@ over each sequence's context, o_proj, norm, router and shared experts (DeepSeek:
 bytes are the layer's attention-node weights and the KV cache (MLA: the latents) up to each sequence's length.
 Expert part: the fused MoE of the chosen experts; its bytes are the weights of the experts actually chosen. On
 CUDA each part is captured in a CUDA graph and its replays timed with events, rotating over copies of the weights
-and cache so that repeated runs do not read from L2."""
+and cache so that repeated runs do not read from L2. Prefill rows (parts "prefill_attention", "prefill_experts"):
+a chunk of prompts of --prompt-len tokens each (the last one shorter), each attending causally to itself, and
+the fused MoE of the chunk's tokens, both eager (no graph: the attention node runs prefills eagerly)."""
 from __future__ import annotations
 
 import json
@@ -188,8 +191,52 @@ def bench_attention(spec: ModelSpec, name: str, tokens: int, context: int, devic
     return rows
 
 
+def prompt_lengths(chunk_tokens: int, prompt_len: int) -> list[int]:
+    """A prefill chunk of chunk_tokens as whole prompts of prompt_len tokens, the last one shorter."""
+    full, rest = divmod(chunk_tokens, prompt_len)
+    return [prompt_len] * full + ([rest] if rest else [])
+
+
+def bench_prefill_attention(spec: ModelSpec, name: str, tokens: int, prompt_len: int, device: str,
+                            dtype: torch.dtype, bw: float, peak: float, block_size: int = 16,
+                            reps: int = 10) -> list[Row]:
+    """The attention node's part of one MoE layer for a prefill chunk of `tokens` new tokens (prompts of
+    prompt_len, nothing cached), eager. Floor: the weights, the chunk's K/V written once and its activations;
+    flops: the projections over every token and causal attention (a prompt's token i attends to i + 1 tokens)."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    heads, dim, tensors = entry_layout(spec)
+    prompts = prompt_lengths(tokens, prompt_len)
+    causal_pairs = sum(p * (p + 1) // 2 for p in prompts)
+    if spec.mla is None:
+        attention_flops = 4 * causal_pairs * spec.num_heads * spec.head_dim
+    else:
+        attention_flops = 2 * causal_pairs * spec.num_heads * (2 * spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim)
+    w = random_layer(spec, dtype, device)
+    blocks = [math.ceil(p / block_size) for p in prompts]
+    caches = tuple(torch.zeros(sum(blocks), block_size, heads, dim, dtype=dtype, device=device)
+                   for _ in range(tensors))
+    starts = [sum(blocks[:i]) for i in range(len(prompts))]
+    meta = build_step_metadata([(list(range(s, s + b)), 0, p) for s, b, p in zip(starts, blocks, prompts)],
+                               block_size, device)
+    rotary = RotaryTable(spec.rope, spec.head_dim, prompt_len, dtype, device)
+    h = torch.randn(tokens, spec.hidden_size, dtype=dtype, device=device)
+    n_bytes = _bytes(_tensors(w)) + tokens * tensors * heads * dim * elt + 4 * tokens * spec.hidden_size * elt
+    flops = 2 * tokens * sum(t.numel() for t in _tensors(w) if t.dim() == 2) + attention_flops
+    eps = spec.rms_norm_eps
+
+    def part():
+        x = rms_norm(h, w.input_norm, eps)
+        x, h2 = add_rms_norm(self_attention(w, x, meta, rotary, caches, spec), h, w.post_attention_norm, eps)
+        return route_and_share(w, x, h2, spec)
+
+    seconds = time_fn(part, device, reps, warmup=2)
+    return [Row(name, "prefill_attention", "ours", tokens, prompt_len, seconds * 1e6,
+                max(n_bytes / bw, flops / peak) * 1e6, n_bytes, flops)]
+
+
 def bench_experts(spec: ModelSpec, name: str, tokens: int, device: str, dtype: torch.dtype, bw: float, peak: float,
-                  backends: tuple[str, ...], reps: int = 50) -> list[Row]:
+                  backends: tuple[str, ...], reps: int = 50, prefill: bool = False) -> list[Row]:
+    """The fused MoE of one layer for `tokens` tokens routed at random: graphed at decode, eager at prefill."""
     experts, hidden, inter, top_k = spec.num_experts, spec.hidden_size, spec.expert_intermediate_size, spec.top_k
     elt = torch.empty((), dtype=dtype).element_size()
     gen = torch.Generator(device="cpu").manual_seed(tokens)
@@ -206,18 +253,19 @@ def bench_experts(spec: ModelSpec, name: str, tokens: int, device: str, dtype: t
     floor = max(n_bytes / bw, flops / peak)
     rows = []
     for backend in backends:
-        if backend == "reference":  # today's per-expert loop: host syncs, so not captured
-            seconds = time_fn(lambda: fused_moe(x, ids, weights, stacked, backend="reference"), device, min(reps, 10), 1)
+        if backend == "reference" or prefill:  # the reference's per-expert loop syncs the host: not captured
+            seconds = time_fn(lambda: fused_moe(x, ids, weights, stacked, backend=backend), device, min(reps, 10), 1)
         else:
             seconds = time_graphed([lambda: fused_moe(x, ids, weights, stacked, backend=backend)], device, reps)
-        rows.append(Row(name, "experts", backend, tokens, 0, seconds * 1e6, floor * 1e6, n_bytes, flops))
+        rows.append(Row(name, "prefill_experts" if prefill else "experts", backend, tokens, 0, seconds * 1e6,
+                        floor * 1e6, n_bytes, flops))
     return rows
 
 
 def format_rows(rows: list[Row]) -> str:
-    lines = [f"{'shape':<14} {'part':<9} {'backend':<10} {'tokens':>6} {'context':>7} {'us':>9} {'floor us':>9} {'x floor':>7}"]
+    lines = [f"{'shape':<14} {'part':<17} {'backend':<10} {'tokens':>6} {'context':>7} {'us':>9} {'floor us':>9} {'x floor':>7}"]
     for r in rows:
-        lines.append(f"{r.shape:<14} {r.part:<9} {r.backend:<10} {r.tokens:>6} {r.context or '-':>7} {r.us:>9.1f} "
+        lines.append(f"{r.shape:<14} {r.part:<17} {r.backend:<10} {r.tokens:>6} {r.context or '-':>7} {r.us:>9.1f} "
                      f"{r.floor_us:>9.1f} {r.ratio:>7.2f}")
     return "\n".join(lines)
 
@@ -232,6 +280,7 @@ def main(args) -> int:
     tokens = [int(t) for t in args.tokens.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     backends = tuple(args.moe_backends.split(","))
+    prefill_tokens = [int(t) for t in args.prefill_tokens.split(",")] if args.prefill_tokens else []
     torch.manual_seed(0)
     with torch.no_grad():
         bw, peak = measure_ceilings(device, dtype)
@@ -246,6 +295,16 @@ def main(args) -> int:
                         new_rows += bench_attention(spec, name, t, c, device, dtype, bw, peak, reps=args.reps)
                 if "experts" in args.parts:
                     new_rows += bench_experts(spec, name, t, device, dtype, bw, peak, backends, reps=args.reps)
+                rows += new_rows
+                print("\n".join(format_rows(new_rows).splitlines()[1:]), flush=True)
+            for t in prefill_tokens:
+                new_rows = []
+                if "attention" in args.parts:
+                    new_rows += bench_prefill_attention(spec, name, t, args.prompt_len, device, dtype, bw, peak,
+                                                        reps=min(args.reps, 10))
+                if "experts" in args.parts:
+                    new_rows += bench_experts(spec, name, t, device, dtype, bw, peak, backends, reps=args.reps,
+                                              prefill=True)
                 rows += new_rows
                 print("\n".join(format_rows(new_rows).splitlines()[1:]), flush=True)
     print(format_rows(rows))

@@ -2,6 +2,7 @@
 floor) and `bench transport` JSON (the M2N round against its bytes). Shipped: our H200 runs (benchmarks/RESULTS.md)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,8 +50,20 @@ class Calibration:
     round_per_destination: bool  # message transports pay the overhead per expert node; lockstep rounds once
     round_link_bytes_per_s: float | None  # datasheet bandwidth of the link the rounds crossed (None: same process
     # host or device; the slope is then used as it is); other links scale the slope by their bandwidth
-    step_overhead_us: float = 0.0  # host work per step outside the layers (scheduling, sampling, output)
+    step_overhead_us: float = 0.0  # host work per step outside the layers (scheduling, sampling, output) ...
+    # ... plus this much per sequence in the step (step inputs, sampling, outputs are per sequence on the host)
+    step_overhead_per_sequence_us: float = 0.0
     served: Served | None = None  # when measured: disaggregated rounds and parts as served (it replaces `round`)
+    # the parts at prefill, eager, µs against their floor (`bench layer --prefill-tokens`); None: the decode lines
+    prefill_attention: Linear | None = None
+    prefill_experts: Linear | None = None
+    # CPU the gateway (one process: a serial stage beside the nodes) spends per output token it streams, from a
+    # served run's /proc CPU seconds; 0: not measured, not a limit
+    gateway_us_per_token: float = 0.0
+
+    def step_host_us(self, sequences: float) -> float:
+        """Host work of a step of `sequences` sequences outside its layers."""
+        return self.step_overhead_us + self.step_overhead_per_sequence_us * sequences
 
     @property
     def bandwidth_efficiency(self) -> float:
@@ -66,8 +79,9 @@ class Calibration:
     @classmethod
     def from_dict(cls, data: dict) -> "Calibration":
         served = data.get("served")
-        return cls(**{**data, **{k: Linear(**data[k]) for k in ("attention", "experts", "round")},
-                      "served": Served(**served) if served else None})
+        lines = {k: Linear(**data[k]) if data.get(k) else None
+                 for k in ("attention", "experts", "round", "prefill_attention", "prefill_experts")}
+        return cls(**{**data, **lines, "served": Served(**served) if served else None})
 
 
 def fit_line(points: list[tuple[float, float, float]]) -> Linear:
@@ -106,6 +120,16 @@ def fit_layer(bench_layer: dict, moe_backend: str) -> tuple[Linear, Linear]:
     return fit_line(attention), fit_line(experts)
 
 
+def fit_prefill(bench_layer: dict, moe_backend: str) -> tuple[Linear | None, Linear | None]:
+    """(attention, experts) at prefill from `bench layer --prefill-tokens` rows (None where it has none): time
+    against floor over the chunk sizes, the token term per chunk token."""
+    rows = bench_layer["rows"]
+    attention = [(r["floor_us"], r["tokens"], r["us"]) for r in rows if r["part"] == "prefill_attention"]
+    experts = [(r["floor_us"], r["tokens"], r["us"]) for r in rows
+               if r["part"] == "prefill_experts" and r["backend"] == moe_backend]
+    return (fit_line(attention) if len(attention) >= 2 else None, fit_line(experts) if len(experts) >= 2 else None)
+
+
 def fit_round(bench_transport: dict, backend: str) -> Linear:
     """The M2N round from `bench transport --json` m2n rows of one backend: µs against bytes sent each way."""
     rows = [(r["message_bytes"], r["tokens"], r["latency_us"]) for r in bench_transport["rows"]
@@ -121,11 +145,13 @@ def from_benchmarks(device: str, layer_json: str, transport_json: str, moe_backe
                     round_link_bytes_per_s: float | None = None, step_overhead_us: float = 0.0) -> Calibration:
     layer = json.loads(open(layer_json).read())
     attention, experts = fit_layer(layer, moe_backend)
+    prefill_attention, prefill_experts = fit_prefill(layer, moe_backend)
     return Calibration(device, layer["copy_bytes_per_s"], layer["matmul_flops_per_s"], datasheet_bytes_per_s,
                        datasheet_flops_per_s, attention, experts,
                        fit_round(json.loads(open(transport_json).read()), round_backend),
                        round_per_destination=not round_backend.startswith("lockstep"),
-                       round_link_bytes_per_s=round_link_bytes_per_s, step_overhead_us=step_overhead_us)
+                       round_link_bytes_per_s=round_link_bytes_per_s, step_overhead_us=step_overhead_us,
+                       prefill_attention=prefill_attention, prefill_experts=prefill_experts)
 
 
 def load(path: str) -> Calibration:
@@ -133,8 +159,11 @@ def load(path: str) -> Calibration:
     round_backend, [datasheet_bytes_per_s, datasheet_flops_per_s, round_link_bytes_per_s, step_overhead_us,
     served]} naming the two JSONs (paths relative to the file). `served` adds what a served 1x1 run of a model
     measured (planner/served.py): {model: checkpoint dir, and either trace: `bench serve --trace` Chrome trace,
-    [sweep: its microbatch_sweep JSON, for each node's CPU seconds], tokens, context (what it decoded), or sweep:
-    a served GPU row's microbatch_sweep JSON with GPU busy figures, [row: its index, default 0]}."""
+    [sweep: its microbatch_sweep JSON, for each node's CPU seconds], tokens, context (what it decoded),
+    [host_traces: {sequences: trace} of the same run at other batch sizes: the host time per step as a line], or
+    sweep: a served GPU row's microbatch_sweep JSON with GPU busy figures, [row: its index, default 0]: its host
+    time per step gets served.GPU_STEP_HOST_PER_SEQUENCE_US a sequence, and its gateway CPU per token where the
+    row has it}. A bench layer JSON with prefill rows (--prefill-tokens) gives the prefill lines."""
     data = read_structured(path)
     if "bench_layer" in data:
         here = Path(path).parent
@@ -152,7 +181,7 @@ def with_served(cal: Calibration, served_run: dict, here: Path) -> Calibration:
     from . import served
     from .gpus import GpuType
     from .perf import Deployment, ModelCosts, comm_us
-    unknown = set(served_run) - {"model", "trace", "sweep", "row", "tokens", "context", "dtype_bytes"}
+    unknown = set(served_run) - {"model", "trace", "sweep", "row", "tokens", "context", "dtype_bytes", "host_traces"}
     if unknown or "model" not in served_run or not ({"trace", "sweep"} & set(served_run)):
         raise ConfigError(f"calibration `served` entry {served_run}: give model and trace or sweep "
                           f"(unknown keys: {sorted(unknown)})")
@@ -165,15 +194,20 @@ def with_served(cal: Calibration, served_run: dict, here: Path) -> Calibration:
     if "trace" in served_run:
         cpu_s = sweep["rows"][served_run.get("row", 0)].get("cpu_s") if sweep else None
         phases = served.phases_of(json.loads((here / served_run["trace"]).read_text()), cpu_s)
+        others = {int(n): served.phases_of(json.loads((here / trace).read_text()))
+                  for n, trace in (served_run.get("host_traces") or {}).items()}
         return served.served_calibration(cal, phases, spec, device, served_run["tokens"], served_run["context"],
-                                         dtype_bytes)
+                                         dtype_bytes, other_batches=others)
     index, args = served_run.get("row", 0), sweep["args"]
     m = sweep["rows"][index]["microbatches"]
     crossing = comm_us(ModelCosts(spec, dtype_bytes), Deployment(device, device, 1, 1, m, 1, 0), cal,
                        args["concurrency"] / m)
     phases, tokens = served.gpu_phases_of(sweep, index, spec, crossing)
     context = sum(args["input_len"]) / 2 + sum(args["output_len"]) / 4  # mid-output, mean lengths
-    return served.served_calibration(cal, phases, spec, device, tokens, context, dtype_bytes)
+    fitted = served.served_calibration(cal, phases, spec, device, tokens, context, dtype_bytes)
+    sequences = tokens * (m if args["expert_nodes"] else 1)  # a step's, on the node measured
+    return dataclasses.replace(served.with_host_per_sequence(fitted, sequences),
+                               gateway_us_per_token=served.gateway_us_per_token(sweep["rows"][index]))
 
 
 # Shipped: one H200 (benchmarks/RESULTS.md). Parts: `bench layer` second run (benchmarks/gpu_dataplane/

@@ -147,29 +147,39 @@ def _floor_us(bytes_: float, flops: float, gpu: GpuType, cal: Calibration) -> fl
 
 
 def attention_us(costs: ModelCosts, gpu: GpuType, cal: Calibration, tokens: float, context: float,
-                 dense: bool = False, sequences: float | None = None) -> float:
+                 dense: bool = False, sequences: float | None = None, prefill: bool = False) -> float:
     """One layer's attention part for `tokens` new tokens each attending to `context` cached tokens, in `sequences`
-    sequences (default: one token each, decode); each sequence's cache is read once."""
+    sequences (default: one token each, decode); each sequence's cache is read once. prefill: a chunk of prompts
+    (context: the mean causal span, half a prompt), their K/V written once, timed by the prefill line where the
+    calibration has one (bench layer --prefill-tokens: eager, per chunk token)."""
     if tokens <= 0:
         return 0.0
     params = costs.dense_attention_params if dense else costs.moe_attention_params
-    bytes_ = costs.elt * params + (sequences or tokens) * context * costs.kv_bytes_per_token_layer + \
-        4 * tokens * costs.spec.hidden_size * costs.elt
+    cached = tokens if prefill else (sequences or tokens) * context
+    bytes_ = costs.elt * params + cached * costs.kv_bytes_per_token_layer + 4 * tokens * costs.spec.hidden_size * \
+        costs.elt
     flops = 2 * tokens * params + tokens * context * costs.attention_flops_per_context
+    floor = _floor_us(bytes_, flops, gpu, cal)
+    if prefill and cal.prefill_attention is not None:
+        return cal.prefill_attention(floor, tokens)
     # the host's share is per sequence (the CPU path loops over sequences; bench layer's rows are one token each)
-    return cal.attention(_floor_us(bytes_, flops, gpu, cal), sequences or tokens)
+    return cal.attention(floor, sequences or tokens)
 
 
-def experts_us(costs: ModelCosts, gpu: GpuType, cal: Calibration, tokens: float, experts_on_node: int) -> float:
+def experts_us(costs: ModelCosts, gpu: GpuType, cal: Calibration, tokens: float, experts_on_node: int,
+               prefill: bool = False) -> float:
     """One layer's experts on one node for `tokens` tokens sent by one attention node (or, colocated, its own): their
-    share of the top-k choices (uniform routing) and the weights of the distinct experts they touch."""
+    share of the top-k choices (uniform routing) and the weights of the distinct experts they touch. prefill: timed
+    by the eager prefill line where the calibration has one."""
     spec = costs.spec
     if tokens <= 0:
         return 0.0
     choices = tokens * spec.top_k * experts_on_node / spec.num_experts
     touched = experts_on_node * (1 - (1 - spec.top_k / spec.num_experts) ** tokens)
     bytes_ = costs.elt * (touched * costs.expert_params + 2 * choices * spec.hidden_size)
-    return cal.experts(_floor_us(bytes_, 2 * choices * costs.expert_params, gpu, cal), choices / spec.top_k)
+    floor = _floor_us(bytes_, 2 * choices * costs.expert_params, gpu, cal)
+    line = cal.prefill_experts if prefill and cal.prefill_experts is not None else cal.experts
+    return line(floor, choices / spec.top_k)
 
 
 def fanout(spec: ModelSpec, expert_nodes: int) -> float:
@@ -279,33 +289,36 @@ def memory(costs: ModelCosts, plan: Deployment, utilization: float = 0.9) -> tup
 
 
 def step_parts(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: float, context: float,
-               microbatches: int, sequences: float | None = None) -> tuple[float, float, float, float]:
+               microbatches: int, sequences: float | None = None,
+               prefill: bool = False) -> tuple[float, float, float, float]:
     """(T_a, T_e, T_c, step µs) of a step of `tokens` new tokens per attention node at `context`, of `sequences`
-    sequences (default: one token each, decode): lm_head runs on each sequence's last token only."""
+    sequences (default: one token each, decode): lm_head runs on each sequence's last token only. prefill: the
+    tokens are prompts (eager prefill lines; the served factors, measured on decode steps, are left out)."""
     m = microbatches
     per_mb = tokens / m
     expert_gpu = plan.attention_gpu if plan.colocated else plan.expert_gpu
     experts_on_node = costs.spec.num_experts if plan.colocated else math.ceil(costs.spec.num_experts /
                                                                                plan.expert_nodes)
     per_mb_sequences = sequences / m if sequences else None
-    t_a = attention_us(costs, plan.attention_gpu, cal, per_mb, context, sequences=per_mb_sequences)
+    t_a = attention_us(costs, plan.attention_gpu, cal, per_mb, context, sequences=per_mb_sequences, prefill=prefill)
     t_e = experts_us(costs, expert_gpu, cal, per_mb * (1.0 if plan.colocated else plan.expert_load_imbalance),
-                     experts_on_node)
+                     experts_on_node, prefill=prefill)
     t_c = comm_us(costs, plan, cal, per_mb)
     dense = costs.dense_layers * m * attention_us(costs, plan.attention_gpu, cal, per_mb, context, dense=True,
-                                                  sequences=per_mb_sequences)
+                                                  sequences=per_mb_sequences, prefill=prefill)
     if cal.served is not None and not plan.colocated:  # parts as served, and the round's host work beside them
         served = cal.served
         host_a, host_e, _, _ = served_host_us(costs, plan, cal, per_mb)
-        t_a, dense = t_a * served.attention_factor + host_a, dense * served.attention_factor
-        t_e = t_e * served.experts_factor + host_e
+        attention_factor, experts_factor = (1.0, 1.0) if prefill else (served.attention_factor, served.experts_factor)
+        t_a, dense = t_a * attention_factor + host_a, dense * attention_factor
+        t_e = t_e * experts_factor + host_e
     lm_head = _floor_us(costs.elt * costs.spec.vocab_size * costs.spec.hidden_size,
                         2 * (sequences or tokens) * costs.spec.vocab_size * costs.spec.hidden_size,
                         plan.attention_gpu, cal)
     background = served_host_us(costs, plan, cal, per_mb)[2:]
     layers = max(costs.moe_layers * layer_us(t_a, t_e, t_c, m, plan, background),
                  pipeline_us(t_a, t_e, t_c, m, costs.moe_layers, plan, background))
-    step = layers + dense + lm_head + cal.step_overhead_us
+    step = layers + dense + lm_head + cal.step_host_us(sequences or tokens)
     return t_a, t_e, t_c, step
 
 
@@ -317,7 +330,8 @@ def predict(spec: ModelSpec, plan: Deployment, cal: Calibration, prompt_len: int
     batch = plan.batch_per_attention_node
     context = prompt_len + output_len / 2
     t_a, t_e, t_c, step = step_parts(costs, plan, cal, batch, context, plan.microbatches)
-    prefill = step_parts(costs, plan, cal, prompt_len, prompt_len / 2, 1, sequences=1)[3] - cal.step_overhead_us
+    prefill = step_parts(costs, plan, cal, prompt_len, prompt_len / 2, 1, sequences=1, prefill=True)[3] - \
+        cal.step_overhead_us
     step_with_prefills = step + batch / output_len * prefill
     tokens_per_s = plan.attention_nodes * batch / step_with_prefills * 1e6
     attention_mem, expert_mem = memory(costs, plan, utilization)
@@ -338,20 +352,27 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
                 concurrency: int, max_batch_tokens: int = 2048) -> dict:
     """A finite closed-loop run as `bench serve` drives it (jobs of (prompt, output) tokens, `concurrency` in flight,
     spread evenly over the attention nodes), stepped with the model's step times: what a short measured run sees,
-    ramp-up and tail included. Returns tokens_per_s, and TTFT and TPOT p50 in ms."""
+    ramp-up and tail included. Admission is the attention node's (attention_node/scheduler.py): a free batch slot
+    and a token budget of max_batch_tokens less the running sequences' decode tokens, first come first served,
+    a prompt alone always admitted; a step's new prompts are prefilled whole beside its decodes, as one more
+    microbatch (eager, the prefill lines). Returns tokens_per_s, TTFT and TPOT p50 in ms, the share of the run's
+    node time spent in prefill parts, and the share of its steps that carry prompts beside decodes (mixed steps,
+    which a disaggregated attention node runs eagerly whole: attention_node/model_runner.py). Where the calibration
+    measured the gateway's CPU per streamed token, the gateway is a serial stage: the run lasts at least its tokens
+    times that, and the requests wait the difference before their first token (Little's law over `concurrency`)."""
     costs = ModelCosts(spec, plan.dtype_bytes)
     nodes = plan.attention_nodes
     per_node = [jobs[i::nodes] for i in range(nodes)]
     slots = max(1, concurrency // nodes)
-    finish, tpots, ttfts = 0.0, [], []
+    finish, tpots, ttfts, prefill_us, busy_us, steps, mixed = 0.0, [], [], 0.0, 0.0, 0, 0
     for node_jobs in per_node:
         queue = list(node_jobs)
         freed = [0.0] * min(slots, plan.batch_per_attention_node)  # when each free slot was freed: arrivals
         running: list[list] = []  # [prompt, outputs left, outputs made, time of the first]
         now = 0.0
         while queue or running:
-            new, budget = [], max_batch_tokens
-            while queue and freed and queue[0][0] <= budget:
+            new, budget = [], max_batch_tokens - len(running)
+            while queue and freed and (queue[0][0] <= budget or not (running or new)):
                 prompt, out = queue.pop(0)
                 budget -= prompt
                 new.append([prompt, out, 0, freed.pop(0)])
@@ -361,9 +382,14 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
                 step += step_parts(costs, plan, cal, len(running), context, min(plan.microbatches, len(running)))[3]
             if new:  # prompts run as one more microbatch of the step
                 tokens = sum(r[0] for r in new)
-                step += step_parts(costs, plan, cal, tokens, tokens / len(new) / 2, 1, sequences=len(new))[3] - \
-                    (cal.step_overhead_us if running else 0.0)
+                prefill = step_parts(costs, plan, cal, tokens, tokens / len(new) / 2, 1, sequences=len(new),
+                                     prefill=True)[3] - (cal.step_overhead_us if running else 0.0)
+                step += prefill
+                prefill_us += prefill
+                mixed += bool(running)
             now += step
+            steps += 1
+            busy_us += step
             for r in new:
                 ttfts.append(now - r[3])
                 r[3] = now
@@ -377,6 +403,12 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
         finish = max(finish, now)
     tpots.sort()
     ttfts.sort()
-    return {"tokens_per_s": sum(out for _, out in jobs) / finish * 1e6,
-            "ttft_ms_p50": ttfts[len(ttfts) // 2] / 1e3 if ttfts else 0.0,
-            "tpot_ms_p50": tpots[len(tpots) // 2] / 1e3 if tpots else 0.0}
+    tokens = sum(out for _, out in jobs)
+    gateway_us = tokens * cal.gateway_us_per_token
+    waiting_us = max(0.0, gateway_us - finish) * min(concurrency, len(jobs)) / max(1, len(jobs))
+    finish = max(finish, gateway_us)
+    return {"tokens_per_s": tokens / finish * 1e6,
+            "ttft_ms_p50": (ttfts[len(ttfts) // 2] + waiting_us) / 1e3 if ttfts else 0.0,
+            "tpot_ms_p50": tpots[len(tpots) // 2] / 1e3 if tpots else 0.0,
+            "prefill_share": prefill_us / busy_us if busy_us else 0.0,
+            "mixed_step_share": mixed / steps if steps else 0.0, "gateway_bound": gateway_us >= finish > 0}

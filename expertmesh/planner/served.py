@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..config import ConfigError
 from ..model.spec import ModelSpec
-from .calibration import Calibration, Served
+from .calibration import Calibration, Served, fit_line
 from .gpus import GpuType
 from .perf import Deployment, ModelCosts, _floor_us, attention_us, experts_us, pipeline_us
 
@@ -85,10 +85,36 @@ def _next_after(sends: list, receives: list) -> list[tuple]:
     return pairs
 
 
+# Host time per step per sequence where only one batch size was served (the GPU rows): the Python parts of a step
+# (its inputs, sampling, the wait until the next) grew by about 15 µs per sequence from 4 to 32 sequences in the CPU
+# traces of benchmarks/planner/prefill (*_served_c4/_c32 beside *_served: 0.77-0.84 ms at 4, 1.18-1.41 ms at 32;
+# RESULTS.md, issue 14). Not measured on a GPU host, whose cores may be faster; the fixed part is what the served
+# row leaves at its own batch.
+GPU_STEP_HOST_PER_SEQUENCE_US = 15.0
+
+
+def with_host_per_sequence(cal: Calibration, sequences: float,
+                           per_sequence_us: float = GPU_STEP_HOST_PER_SEQUENCE_US) -> Calibration:
+    """cal's host time per step, measured at `sequences` a step, as a line with per_sequence_us a sequence."""
+    fixed_us = max(0.0, cal.step_host_us(sequences) - per_sequence_us * sequences)
+    return dataclasses.replace(cal, step_overhead_us=fixed_us, step_overhead_per_sequence_us=per_sequence_us)
+
+
+def step_host_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(fixed µs, µs per sequence) of the host work per step from (sequences decoding, host µs per step) pairs:
+    traced runs at two or more batch sizes; least squares in relative error, neither part negative."""
+    if len({sequences for sequences, _ in points}) < 2:
+        raise ConfigError(f"a line of host time per step needs runs at 2 batch sizes or more, got {points}")
+    line = fit_line([(sequences, 0.0, host_us) for sequences, host_us in points])
+    return line.overhead_us, line.slope
+
+
 def served_calibration(cal: Calibration, phases: ServedPhases, spec: ModelSpec, device: GpuType, tokens: int,
-                       context: float, dtype_bytes: int) -> Calibration:
+                       context: float, dtype_bytes: int,
+                       other_batches: dict[int, ServedPhases] | None = None) -> Calibration:
     """`cal` with what serving adds (phases measured at `tokens` sequences decoding at `context`): the served round,
-    the parts' served time over their bench time, and the host work per step."""
+    the parts' served time over their bench time, and the host work per step; with the host work of traced runs at
+    other batch sizes (other_batches: sequences -> their phases), that work as a line in the sequences of a step."""
     costs = ModelCosts(spec, dtype_bytes)
     layers_per_segment = spec.num_layers / costs.moe_layers
     attention_factor = phases.attention_segment_us / (layers_per_segment * attention_us(costs, device, cal, tokens,
@@ -98,7 +124,14 @@ def served_calibration(cal: Calibration, phases: ServedPhases, spec: ModelSpec, 
                         spec.hidden_size, device, cal)  # the model adds it on its own
     served = Served(phases.dispatch_us + phases.combine_us, phases.answer_us, phases.crossing_us,
                     phases.attention_background_us, phases.expert_background_us, attention_factor, experts_factor)
-    return dataclasses.replace(cal, served=served, step_overhead_us=max(0.0, phases.step_host_us - lm_head))
+    if not other_batches:
+        return dataclasses.replace(cal, served=served, step_overhead_us=max(0.0, phases.step_host_us - lm_head))
+    points = [(n, p.step_host_us - _floor_us(costs.elt * spec.vocab_size * spec.hidden_size,
+                                             2 * n * spec.vocab_size * spec.hidden_size, device, cal))
+              for n, p in {**other_batches, tokens: phases}.items()]
+    fixed_us, per_sequence_us = step_host_line(points)
+    return dataclasses.replace(cal, served=served, step_overhead_us=fixed_us,
+                               step_overhead_per_sequence_us=per_sequence_us)
 
 
 def gpu_phases_of(run: dict, index: int, spec: ModelSpec, crossing_us: float) -> tuple[ServedPhases, float]:
@@ -128,3 +161,9 @@ def gpu_phases_of(run: dict, index: int, spec: ModelSpec, crossing_us: float) ->
     pipeline = pipeline_us(t_a, t_e, crossing_us, m, layers, Deployment(gpu, gpu, 1, 1, m, 1, 0))
     host = wall_s / steps * 1e6 - pipeline
     return ServedPhases(t_a, t_e, 0.0, 0.0, 0.0, crossing_us, max(0.0, host)), row["output_tokens"] / steps / m
+
+
+def gateway_us_per_token(row: dict) -> float:
+    """The gateway's CPU per output token over a served row (`microbatch_sweep.py` JSON with cpu_s); 0 without."""
+    cpu_s = row.get("cpu_s") or {}
+    return cpu_s["gateway"] * 1e6 / row["output_tokens"] if "gateway" in cpu_s and row["output_tokens"] else 0.0

@@ -12,3 +12,28 @@ def test_bench_layer_times_gqa_and_mla_layers_with_shared_experts(tmp_path):
                                                        ("tiny-MLA", "attention"), ("tiny-MLA", "shared"),
                                                        ("tiny-MLA", "experts")]
     assert all(r["us"] > 0 and r["floor_us"] > 0 and r["bytes"] > 0 and r["flops"] > 0 for r in rows)
+
+
+def test_bench_layer_times_prefill_chunks_and_the_planner_fits_them(tmp_path):
+    """Prefill rows: chunks of 16-token prompts (24 tokens: 16 + 8), causal attention flops counted per prompt."""
+    import json
+
+    from expertmesh.model.shapes import shape
+    from expertmesh.planner.calibration import fit_prefill
+    out = tmp_path / "rows.json"
+    assert main(["bench", "layer", "--device", "cpu", "--shapes", "tiny", "--tokens", "2", "--contexts", "32",
+                 "--dtype", "float32", "--moe-backends", "reference", "--reps", "1", "--prefill-tokens", "24,40",
+                 "--prompt-len", "16", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    prefill = {(r["part"], r["tokens"]): r for r in rows if r["part"].startswith("prefill")}
+    assert sorted(prefill) == [("prefill_attention", 24), ("prefill_attention", 40), ("prefill_experts", 24),
+                               ("prefill_experts", 40)]
+    assert all(r["us"] > 0 and r["floor_us"] > 0 for r in prefill.values())
+    spec = shape("tiny")[1]
+    per_pair = 4 * spec.num_heads * spec.head_dim  # q.k and p.v of one (token, earlier token) pair
+    pairs = {24: 16 * 17 // 2 + 8 * 9 // 2, 40: 2 * 16 * 17 // 2 + 8 * 9 // 2}
+    # what is left after the causal attention is 2 x tokens x the layer's matrix parameters, at both sizes
+    params = {t: (prefill[("prefill_attention", t)]["flops"] - per_pair * pairs[t]) / (2 * t) for t in (24, 40)}
+    assert params[24] == params[40] > 0
+    attention, experts = fit_prefill(json.loads(out.read_text()), "reference")
+    assert attention is not None and experts is not None

@@ -155,6 +155,7 @@ def test_a_calibration_file_takes_a_served_gpu_row(tmp_path):
     busy = {"attention_node_0": 0.2, "expert_node_0": 0.4}
     run = gpu_row(1, 2, busy, {"attention_node_0": 0.1, "expert_node_0": 0.2}, 1.0, 6400)
     run["args"].update(concurrency=64, input_len=[64, 128], output_len=[64, 128])
+    run["rows"][0]["cpu_s"] = {"gateway": 0.64}  # 100 µs of the gateway's CPU per output token
     (tmp_path / "row.json").write_text(json.dumps(run))
     (tmp_path / "cal.json").write_text(json.dumps({
         "device": "H200", "bench_layer": str(benchmarks / "gpu_dataplane/bench_layer_2.json"),
@@ -165,6 +166,10 @@ def test_a_calibration_file_takes_a_served_gpu_row(tmp_path):
     phases, _ = gpu_phases_of(run, 0, spec, cal.served.crossing_us)
     assert cal.served is not None and cal.served.dispatch_us == 0.0
     assert cal.step_overhead_us > 0 and phases.step_host_us > 0
+    assert cal.gateway_us_per_token == pytest.approx(100.0)
+    # one batch size served: its host time as a line of GPU_STEP_HOST_PER_SEQUENCE_US a sequence, through its point
+    from expertmesh.planner.served import GPU_STEP_HOST_PER_SEQUENCE_US
+    assert cal.step_overhead_per_sequence_us == GPU_STEP_HOST_PER_SEQUENCE_US
     steps = 0.4 / (0.2e-3 * 2 * layers)
     assert phases.step_host_us == pytest.approx(1e6 / steps - (2 * layers * 200 + 100 + 2 * cal.served.crossing_us))
     with pytest.raises(ConfigError, match="give model and trace or sweep"):

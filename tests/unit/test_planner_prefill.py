@@ -1,0 +1,92 @@
+"""The planner's prefill and host terms: prompts admitted as the attention node's scheduler admits them and timed
+by the eager prefill lines (bench layer --prefill-tokens), and host time per step as a line in its sequences."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from expertmesh.model.shapes import shape
+from expertmesh.planner import calibration
+from expertmesh.planner.gpus import BUILTIN
+from expertmesh.planner.perf import Deployment, ModelCosts, _floor_us, closed_loop
+from expertmesh.planner.served import ServedPhases, served_calibration, step_host_line, with_host_per_sequence
+
+FREE = calibration.Linear(0.0, 0.0, 0.0)
+# every op free but what a test sets: steps cost exactly their host time and prefill lines
+CAL = calibration.Calibration("test", 1.0, 1.0, None, None, FREE, FREE, FREE, False, None, step_overhead_us=1000.0)
+INSTANT = dataclasses.replace(BUILTIN["H200"], hbm_tb_s=1e12, bf16_tflops=1e12)
+SPEC = shape("mixtral")[1]
+
+
+def test_admission_keeps_the_schedulers_token_budget():
+    """max_batch_tokens 100 less the running sequences' decode tokens: step 1 admits the 100-token prompt alone,
+    step 2 (1 running, budget 99) the first 50-token one but not the second (50 > 49), step 3 the rest. With 1 ms
+    steps the TTFTs are 1, 2, 3, 3 ms: p50 3 ms (a budget that ignored the decodes gives 2)."""
+    plan = Deployment(INSTANT, None, 1, 0, 1, 8, 256)
+    result = closed_loop(SPEC, plan, CAL, [(100, 5), (50, 5), (50, 5), (1, 5)], concurrency=4, max_batch_tokens=100)
+    assert result["ttft_ms_p50"] == pytest.approx(3.0)
+
+
+def test_a_prompt_longer_than_the_budget_runs_alone():
+    plan = Deployment(INSTANT, None, 1, 0, 1, 8, 4096)
+    result = closed_loop(SPEC, plan, CAL, [(3000, 2), (10, 2)], concurrency=2, max_batch_tokens=2048)
+    assert result["ttft_ms_p50"] == pytest.approx(2.0)  # the long prompt at step 1, the short one beside its decode
+
+
+def test_prefill_steps_take_the_prefill_lines_and_decode_steps_do_not():
+    cal = dataclasses.replace(CAL, prefill_attention=calibration.Linear(300.0, 0.0, 0.0),
+                              prefill_experts=calibration.Linear(200.0, 0.0, 0.0))
+    costs = ModelCosts(SPEC)
+    plan = Deployment(INSTANT, None, 1, 0, 1, 8, 256)
+    result = closed_loop(SPEC, plan, cal, [(60, 4)], concurrency=1)
+    prefill_us = costs.moe_layers * (300 + 200) + costs.dense_layers * 300
+    assert result["ttft_ms_p50"] == pytest.approx((1000 + prefill_us) / 1e3, rel=1e-3)
+    assert result["tpot_ms_p50"] == pytest.approx(1.0, rel=1e-3)
+    # the first step prefills alone (its host time counts as prefill), then 3 decode steps
+    assert result["prefill_share"] == pytest.approx((1000 + prefill_us) / (prefill_us + 4000), rel=1e-3)
+    # without prefill lines a prompt is timed by the decode lines (free here)
+    assert closed_loop(SPEC, plan, CAL, [(60, 4)], concurrency=1)["ttft_ms_p50"] == pytest.approx(1.0, rel=1e-3)
+
+
+def test_host_time_per_step_grows_with_its_sequences():
+    cal = dataclasses.replace(CAL, step_overhead_per_sequence_us=100.0)
+    plan = Deployment(INSTANT, None, 1, 0, 1, 8, 256)
+    # 3 sequences decode together: 1000 + 3 x 100 µs a step
+    assert closed_loop(SPEC, plan, cal, [(10, 6)] * 3, concurrency=3)["tpot_ms_p50"] == pytest.approx(1.3, rel=1e-3)
+    assert cal.step_host_us(32) == pytest.approx(4200)
+    assert calibration.Calibration.from_dict(cal.to_dict()) == cal
+    # one batch size measured (a GPU row): a line of the given slope through its point
+    line = with_host_per_sequence(CAL, 64, per_sequence_us=15.0)
+    assert (line.step_overhead_us, line.step_overhead_per_sequence_us) == (1000 - 64 * 15, 15.0)
+    assert line.step_host_us(64) == pytest.approx(1000)
+
+
+def test_a_gateway_slower_than_the_nodes_sets_the_pace_and_the_wait():
+    """4 requests of 10 tokens, 2 in flight, 1 ms steps: the nodes finish in 20 ms (two waves of 10 steps, the
+    first of each a prefill), the gateway needs 40 tokens x 1 ms; the difference (20 ms) is waited before first
+    tokens, over 4 requests in 2 slots: +10 ms on the TTFT p50 of 1 ms."""
+    cal = dataclasses.replace(CAL, gateway_us_per_token=1000.0)
+    plan = Deployment(INSTANT, None, 1, 0, 1, 8, 256)
+    result = closed_loop(SPEC, plan, cal, [(10, 10)] * 4, concurrency=2)
+    assert result["tokens_per_s"] == pytest.approx(1000.0) and result["gateway_bound"]
+    assert result["ttft_ms_p50"] == pytest.approx(1.0 + 20.0 * 2 / 4)
+    assert not closed_loop(SPEC, plan, CAL, [(10, 10)] * 4, concurrency=2)["gateway_bound"]
+
+
+def test_step_host_line_from_traced_runs_at_several_batch_sizes():
+    assert step_host_line([(4, 1400.0), (16, 2600.0), (32, 4200.0)]) == pytest.approx((1000.0, 100.0), rel=1e-4)
+    with pytest.raises(Exception, match="2 batch sizes"):
+        step_host_line([(16, 2600.0)])
+    spec, cpu = shape("tiny")[1], BUILTIN["H200"]
+    costs = ModelCosts(spec, 4)
+    cal = dataclasses.replace(CAL, attention=calibration.Linear(10.0, 1.0), experts=calibration.Linear(10.0, 1.0))
+
+    def phases(sequences: int) -> ServedPhases:  # host per step: 800 + 50 per sequence, besides lm_head's floor
+        lm_head = _floor_us(costs.elt * spec.vocab_size * spec.hidden_size,
+                            2 * sequences * spec.vocab_size * spec.hidden_size, cpu, cal)
+        return ServedPhases(100.0, 100.0, 10.0, 10.0, 10.0, 50.0, 800 + 50 * sequences + lm_head)
+
+    fitted = served_calibration(cal, phases(16), spec, cpu, tokens=16, context=48, dtype_bytes=4,
+                                other_batches={4: phases(4), 32: phases(32)})
+    assert (fitted.step_overhead_us, fitted.step_overhead_per_sequence_us) == pytest.approx((800, 50), rel=1e-4)
