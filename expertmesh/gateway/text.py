@@ -48,19 +48,29 @@ class TextDelta:
 
 class TextStream:
     """Turns a growing list of generated ids into text deltas, holding back what may still change:
-    an incomplete UTF-8 character, or a tail that could be the start of a stop string."""
+    an incomplete UTF-8 character, or a tail that could be the start of a stop string.
+
+    Each push decodes only the ids since the last complete piece, with the piece before them as context, and
+    keeps the difference (vLLM's incremental detokenization): decoding every id again at each token made a
+    token's cost grow with the output, 17% of the gateway's CPU at 64-128 tokens (py-spy)."""
 
     def __init__(self, codec: TextCodec, stop: list[str]) -> None:
         self.codec = codec
         self.stop = [s for s in stop if s]
         self.token_ids: list[int] = []
         self.emitted = ""
+        self.text = ""  # the text of token_ids[:self._read], which ends on a whole character
+        self._prefix = self._read = 0  # token_ids[_prefix:_read]: the context decoded again with the new ids
 
     def push(self, token_ids: list[int], final: bool) -> TextDelta:
         self.token_ids += token_ids
-        text = self.codec.decode(self.token_ids)
-        if not final:
-            text = text.rstrip("\ufffd")  # a multi-byte character is not complete yet
+        context = self.codec.decode(self.token_ids[self._prefix:self._read])
+        window = self.codec.decode(self.token_ids[self._prefix:])
+        # a multi-byte character not complete yet decodes to U+FFFD: wait for its next ids (unless this is the end)
+        if len(window) > len(context) and (final or not window.endswith("\ufffd")):
+            self.text += window[len(context):]
+            self._prefix, self._read = self._read, len(self.token_ids)
+        text = self.text
         for stop in self.stop:
             at = text.find(stop, max(0, len(self.emitted) - len(stop) + 1))
             if at >= 0:
