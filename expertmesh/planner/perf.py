@@ -306,16 +306,15 @@ def step_parts(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: fl
     t_c = comm_us(costs, plan, cal, per_mb)
     dense = costs.dense_layers * m * attention_us(costs, plan.attention_gpu, cal, per_mb, context, dense=True,
                                                   sequences=per_mb_sequences, prefill=prefill)
+    host_a, host_e, *background = served_host_us(costs, plan, cal, per_mb)  # host work in and beside the round
     if cal.served is not None and not plan.colocated:  # parts as served, and the round's host work beside them
         served = cal.served
-        host_a, host_e, _, _ = served_host_us(costs, plan, cal, per_mb)
         attention_factor, experts_factor = (1.0, 1.0) if prefill else (served.attention_factor, served.experts_factor)
         t_a, dense = t_a * attention_factor + host_a, dense * attention_factor
         t_e = t_e * experts_factor + host_e
     lm_head = _floor_us(costs.elt * costs.spec.vocab_size * costs.spec.hidden_size,
                         2 * (sequences or tokens) * costs.spec.vocab_size * costs.spec.hidden_size,
                         plan.attention_gpu, cal)
-    background = served_host_us(costs, plan, cal, per_mb)[2:]
     layers = max(costs.moe_layers * layer_us(t_a, t_e, t_c, m, plan, background),
                  pipeline_us(t_a, t_e, t_c, m, costs.moe_layers, plan, background))
     step = layers + dense + lm_head + cal.step_host_us(sequences or tokens)
