@@ -129,6 +129,18 @@ def uses_dist(config: "Config") -> bool:
     return any(link in DIST_BACKENDS for link in plan_links(config).backends.values())
 
 
+def expert_links_need_eager_loading(config: "Config", index: int) -> bool:
+    """Whether expert node `index` has an NCCL link. A posted NCCL receive is a kernel that runs until its message
+    comes; CUDA loads a kernel lazily at its first launch, and the load waits for the device to drain: so an
+    expert node that loads a kernel while a lane's receive is pending waits on the attention node, which may be
+    loading one of its own behind a receive from this node (seen on 2 x H200: both stuck in Triton's load). The
+    expert node loads every module at start instead (CUDA_MODULE_LOADING=EAGER, and its warm-up for Triton's)."""
+    if config.transport.backend not in (PER_LINK, "nccl") or not config.node_device("expert", index).startswith("cuda"):
+        return False
+    plan = plan_links(config)
+    return any(plan.backends[(a, index)] == "nccl" for a in range(config.cluster.attention_nodes))
+
+
 def data_path(config: "Config") -> str:
     """The data path as launchers report it: the backend, and a mix's links per backend."""
     if config.transport.backend == PER_LINK and config.cluster.expert_nodes:

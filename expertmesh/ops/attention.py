@@ -218,7 +218,7 @@ def _split_range(kv_end, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr)
     return lo, tl.minimum(kv_end, lo + share)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "stride_table"])  # step-dependent: no variant per value (see norm.py)
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
         block_table_ptr, seq_lens_ptr, query_start_ptr, num_seqs, num_q_heads, scale_log2,

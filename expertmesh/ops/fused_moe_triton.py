@@ -207,7 +207,7 @@ def _triton_kernels() -> _Kernels:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_pairs", "capacity", "num_blocks"])
     def expert_blocks_kernel(expert_ids_ptr, local_index_ptr, sorted_pairs_ptr, block_expert_ptr, num_pairs,
                              num_experts, num_local, capacity, num_blocks,
                              BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, NUM_BINS: tl.constexpr):
@@ -258,7 +258,7 @@ def _triton_kernels() -> _Kernels:
                 tl.store(block_expert_ptr + blocks, tl.full((CHUNK,), -1, tl.int32),
                          mask=(blocks >= total // BLOCK_M) & (blocks < num_blocks))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_pairs"])
     def gate_up_kernel(x_ptr, w_ptr, act_ptr, sorted_pairs_ptr, block_expert_ptr, num_pairs, top_k,
                        stride_x, stride_we, stride_wn, stride_act,
                        HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -304,7 +304,7 @@ def _triton_kernels() -> _Kernels:
         act_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_act + offs_n[None, :]
         tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < INTER))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_pairs"])
     def down_kernel(act_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_expert_ptr, routing_ptr, num_pairs,
                     stride_act, stride_we, stride_wn, stride_out,
                     HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

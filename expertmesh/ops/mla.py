@@ -138,7 +138,7 @@ def choose_mla_launch(num_seqs: int, num_heads: int, max_context: int, num_sms: 
     return MLALaunch(block_h=_MLA_BLOCK_H, block_n=_MLA_BLOCK_N, num_splits=num_splits, num_warps=4, num_stages=2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table"])  # step-dependent: no variant per value (see norm.py)
 def _mla_decode_kernel(
         query_ptr, cache_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, block_table_ptr, seq_lens_ptr,
         query_start_ptr, num_heads, scale_log2, stride_q_token, stride_q_head, stride_c_block, stride_c_offset,

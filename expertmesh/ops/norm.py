@@ -35,7 +35,10 @@ def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torc
     return rms_norm_reference(summed, weight, eps), summed
 
 
-@triton.jit
+# Triton compiles a variant apart for an integer argument equal to 1 or divisible by 16: sizes that change from
+# step to step are not specialized, so that the variants a node loads at its warm-up are all it ever needs (a
+# first load mid-serving stalls the step; next to a pending NCCL receive it can deadlock: m2n/link_plan.py).
+@triton.jit(do_not_specialize=["num_rows", "inner"])
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, summed_ptr, num_rows, inner, n, inv_n, eps,
                      stride_x_outer, stride_x_inner, stride_r_outer, stride_r_inner,
                      BLOCK: tl.constexpr, ROWS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):

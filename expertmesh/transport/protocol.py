@@ -36,15 +36,21 @@ class TensorMeta:
         return numel * self.dtype.itemsize
 
 
+PACK_ALIGN = 16  # bytes: where each tensor of a packed message starts
+
+
 def packed_offsets(metas: Sequence[TensorMeta]) -> tuple[list[int], int]:
     """Where a message's tensors sit when they share one buffer ("packed"): in field order, each at the next
-    offset aligned to its own item size. Returns (byte offsets, total bytes). A sender whose tensors already
-    lie so in one storage (as M2N's send buffers are carved) can send them as one frame."""
+    16-byte offset. Returns (byte offsets, total bytes). A sender whose tensors already lie so in one storage (as
+    M2N's send buffers are carved) can send them as one frame. 16 bytes, not the item size: Triton compiles a
+    kernel apart for a pointer that is not 16-byte aligned, so with item-size alignment a round's token count
+    would pick the variant, and a variant first loaded while an NCCL receive is pending deadlocks (the load waits
+    for the device to drain)."""
     offsets, end = [], 0
     for meta in metas:
         if any(dim < 0 for dim in meta.shape):
             raise ValueError(f"tensor shape {meta.shape} has a negative dimension")
-        end += -end % meta.dtype.itemsize
+        end += -end % PACK_ALIGN
         offsets.append(end)
         end += meta.nbytes
     return offsets, end

@@ -158,3 +158,32 @@ def test_triton_backend_is_four_launches(shape):
         torch.cuda.synchronize()
     launched = sorted(e.name for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     assert launched == ["down_kernel", "expert_blocks_kernel", "gate_up_kernel", "sum_over_k_kernel"], launched
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_expert_node_warm_up_leaves_no_variant_to_load_while_serving(shape):
+    """After an expert node's warm-up, rounds of any size, carved from a receive slot as the links carve them,
+    compile and load no new Triton variant: a load while an NCCL receive is pending would wait for the device to
+    drain, and with the attention node loading too, neither would (m2n/link_plan.expert_links_need_eager_loading)."""
+    from expertmesh.cuda_graph import warm_up_sizes
+    from expertmesh.expert_node.node import ExpertNode
+    from expertmesh.ops.fused_moe_triton import _triton_kernels
+    from expertmesh.transport.protocol import TensorMeta, packed_views
+    num_experts, top_k, hidden, inter, held = SHAPES[shape]
+    _, stacked = random_experts(num_experts, list(held), hidden, inter, torch.bfloat16, "cuda")
+    node = ExpertNode(0, {1: stacked}, num_experts, listener=None, moe_backend="triton")
+    for tokens in [1] + warm_up_sizes(512):  # what expert_node/__main__.py runs at start
+        node.warm_up(tokens, top_k)
+    kernels = vars(_triton_kernels()).values()
+    variants = lambda: [len(k.device_caches[torch.cuda.current_device()][0]) for k in kernels]  # noqa: E731
+    warmed = variants()
+    slot = torch.zeros(8 << 20, dtype=torch.uint8, device="cuda")
+    for tokens in [3, 7, 13, 29, 100, 255, 333, 511]:
+        x, ids, weights = packed_views(slot, [TensorMeta(torch.bfloat16, (tokens, hidden)),
+                                              TensorMeta(torch.int32, (tokens, top_k)),
+                                              TensorMeta(torch.float32, (tokens, top_k))])
+        routed_ids, routed_weights = random_routing(tokens, num_experts, top_k, 3, "cuda", seed=tokens)
+        ids.copy_(routed_ids), weights.copy_(routed_weights), x.normal_()
+        node.compute(1, [x], [ids], [weights])
+    torch.cuda.synchronize()
+    assert variants() == warmed

@@ -616,12 +616,12 @@ def test_ucx_options_defaults_and_what_the_environment_overrides(monkeypatch):
     assert ucx_options(cuda, None) == {}  # the operator's UCX_* variables are left to UCX
 
 
-def test_packed_layout_aligns_each_tensor_to_its_item_size():
+def test_packed_layout_starts_each_tensor_at_a_16_byte_offset():
     from expertmesh.transport.protocol import TensorMeta, packed_offsets, packed_views
     metas = [TensorMeta(torch.bfloat16, (3,)), TensorMeta(torch.int32, (2,)), TensorMeta(torch.float64, (0,)),
              TensorMeta(torch.float64, (1,))]
-    assert packed_offsets(metas) == ([0, 8, 16, 16], 24)
-    flat = torch.arange(24, dtype=torch.uint8)
+    assert packed_offsets(metas) == ([0, 16, 32, 32], 40)
+    flat = torch.arange(40, dtype=torch.uint8)
     views = packed_views(flat, metas)
     assert [v.shape for v in views] == [(3,), (2,), (0,), (1,)]
     assert all(v.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for v in views)
