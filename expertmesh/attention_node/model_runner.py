@@ -24,6 +24,7 @@ from ..model.weights import AttentionSideWeights
 from ..ops.fused_moe import StackedExperts, fused_moe
 from ..ops.norm import add_rms_norm, rms_norm
 from ..telemetry import GpuMeter, PhaseClock
+from . import prompt_logprobs
 from .cuda_graphs import DecodeGraphs, StepGraphs
 from ..transport.protocol import SamplingParams
 from .scheduler import Sequence
@@ -142,13 +143,16 @@ class ModelRunner:
 
     def step_inputs(self, seqs: list[Sequence], pad_to: int | None = None,
                     table_width: int | None = None) -> tuple[torch.Tensor, StepMetadata, torch.Tensor]:
-        """(token ids, metadata, index of each sequence's last new token) of a step over seqs, on the device."""
-        token_ids, entries, last_token = [], [], []
+        """(token ids, metadata, rows to project) of a step over seqs, on the device. The rows: each sequence's last
+        new token, then the positions whose logits score prompt tokens for the requests that ask (prompt_logprobs.py)."""
+        token_ids, entries, last_token, prompt_rows = [], [], [], []
         for seq in seqs:
             new = seq.new_token_ids()
+            prompt_rows += [len(token_ids) + q - seq.num_cached for q in prompt_logprobs.positions(seq)]
             token_ids += new
             last_token.append(len(token_ids) - 1)
             entries.append((seq.block_ids, seq.num_cached, len(new)))
+        last_token += prompt_rows
         if pad_to is not None:
             token_ids += [0] * (pad_to - len(token_ids))
             last_token += list(range(len(last_token), pad_to))
@@ -184,6 +188,8 @@ class ModelRunner:
     async def _forward(self, step: int, microbatch: int, seqs: list[Sequence]) -> torch.Tensor:
         clock = self.clock
         graphs = self.graphs.ready_for(microbatch, seqs) if self.graphs is not None else None
+        if graphs is not None and any(prompt_logprobs.positions(s) for s in seqs):
+            graphs = None  # graphs project each sequence's last row only
         with clock.phase("attention", microbatch):
             if graphs is not None:
                 graphs.load(seqs)
@@ -197,7 +203,10 @@ class ModelRunner:
                 else:
                     outputs = self.segment(j, token_ids if j == 0 else h, moe_out, meta, last_token)
             if j == len(self.moe_points):
-                return outputs[0][:len(seqs)]
+                logits = outputs[0]
+                if graphs is None and len(logits) > len(seqs):  # the prompt rows step_inputs added
+                    prompt_logprobs.record(seqs, logits[len(seqs):])
+                return logits[:len(seqs)]
             h, x, expert_ids, expert_weights = outputs
             n = len(seqs) if graphs is not None else x.shape[0]  # graphs pad decode steps to their bucket
             layer = self.moe_points[j]

@@ -20,6 +20,7 @@ from ..transport.peers import PeerGate
 from ..m2n.messages import LinkStats, M2NClient
 from ..transport.protocol import (AbortRequest, AddRequest, NodeTrace, SamplingParams, Status, StatusRequest,
                                   StepOutputs, TraceControl)
+from . import prompt_logprobs
 from .model_runner import ModelRunner
 from .sampler import request_seed, sample_step
 from .scheduler import Scheduler, Sequence
@@ -86,7 +87,8 @@ class AttentionNode:
     def _add(self, message: AddRequest) -> None:
         sampling = SamplingParams.from_list(message.sampling)
         seq = Sequence(message.request_id, list(message.prompt_ids), sampling,
-                       request_seed(sampling, fallback_seed=time.time_ns() % 2**63), arrived_s=time.monotonic())
+                       request_seed(sampling, fallback_seed=time.time_ns() % 2**63), arrived_s=time.monotonic(),
+                       prompt_logprobs_n=message.prompt_logprobs)
         try:
             self.scheduler.add(seq)
         except ValueError as exc:
@@ -174,6 +176,7 @@ class AttentionNode:
         request_ids, reasons = [], []
         # with its first token, how long the request waited for its first step
         queue_seconds = [None if seq.output_ids else seq.queue_s for seq in seqs]
+        prompt_entries = [prompt_logprobs.finished(seq) for seq in seqs]
         for seq, token in zip(seqs, tokens):
             if seq.num_cached == 0 and not seq.output_ids:  # not again when a preempted sequence is readmitted
                 self.prompt_tokens += len(seq.prompt_ids)
@@ -181,7 +184,7 @@ class AttentionNode:
             self.generated_tokens += 1
             request_ids.append(seq.request_id)
             reasons.append(reason)
-        return request_ids, tokens, reasons, [None] * len(seqs), logprobs, queue_seconds
+        return request_ids, tokens, reasons, [None] * len(seqs), logprobs, queue_seconds, prompt_entries
 
     async def _fail_waiting(self, error: str) -> None:
         waiting = list(self.scheduler.waiting)
@@ -192,8 +195,8 @@ class AttentionNode:
 
     async def _send(self, request_ids: list[str], tokens: list[int], reasons: list[str | None],
                     errors: list[str | None], logprobs: list | None = None,
-                    queue_seconds: list[float | None] | None = None) -> None:
+                    queue_seconds: list[float | None] | None = None, prompt_entries: list | None = None) -> None:
         if self._gateway is not None:
-            await self.control.send(self._gateway, StepOutputs(request_ids, tokens, reasons, errors,
-                                                               logprobs or [None] * len(request_ids),
-                                                               queue_seconds or [None] * len(request_ids)))
+            none = [None] * len(request_ids)
+            await self.control.send(self._gateway, StepOutputs(request_ids, tokens, reasons, errors, logprobs or none,
+                                                               queue_seconds or none, prompt_entries or none))

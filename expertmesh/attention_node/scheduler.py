@@ -26,6 +26,8 @@ class Sequence:
     aborted: bool = False
     arrived_s: float = 0.0  # time.monotonic() when the node received it
     queue_s: float | None = None  # from arrival to its first step (a readmission after preemption does not count)
+    prompt_logprobs_n: int | None = None  # alternatives per prompt position; None: the request wants no prompt logprobs
+    prompt_logprobs: list = field(default_factory=lambda: [None])  # gathered across prefill steps (prompt_logprobs.py)
 
     @property
     def num_tokens(self) -> int:

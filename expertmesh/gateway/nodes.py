@@ -22,6 +22,7 @@ class TokenEvent:
     error: str | None = None
     logprobs: list | None = None  # [logprob, [[token, logprob], ...]] when asked for
     queue_s: float | None = None  # with the first token: seconds the request waited at the node for its first step
+    prompt_logprobs: list | None = None  # with the first token, when asked: StepOutputs.prompt_logprobs' entries
 
 
 class NodeLink:
@@ -130,12 +131,13 @@ class AttentionNodeClient(NodeLink):
     def load_tokens(self) -> int:
         return sum(self.inflight_tokens.values())
 
-    async def submit(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> asyncio.Queue[TokenEvent]:
+    async def submit(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                     prompt_logprobs: int | None = None) -> asyncio.Queue[TokenEvent]:
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.streams[request_id] = queue
         self.requests_routed += 1
         self.inflight_tokens[request_id] = len(prompt_ids) + sampling.max_tokens
-        await self.send(AddRequest(request_id, prompt_ids, sampling.to_list()))
+        await self.send(AddRequest(request_id, prompt_ids, sampling.to_list(), prompt_logprobs))
         return queue
 
     async def abort(self, request_id: str) -> None:
@@ -150,12 +152,13 @@ class AttentionNodeClient(NodeLink):
         if not isinstance(message, StepOutputs):
             return super().on_message(message)
         count = len(message.request_ids)
-        for rid, token, reason, error, logprobs, queue_s in zip(
+        for rid, token, reason, error, logprobs, queue_s, prompt_logprobs in zip(
                 message.request_ids, message.token_ids, message.finish_reasons, message.errors or [None] * count,
-                message.logprobs or [None] * count, message.queue_seconds or [None] * count):
+                message.logprobs or [None] * count, message.queue_seconds or [None] * count,
+                message.prompt_logprobs or [None] * count):
             queue = self.streams.get(rid)
             if queue is not None:  # else: aborted by us, late tokens are dropped
-                queue.put_nowait(TokenEvent(token, reason, error, logprobs, queue_s))
+                queue.put_nowait(TokenEvent(token, reason, error, logprobs, queue_s, prompt_logprobs))
                 if reason is not None:
                     self.forget(rid)
 

@@ -313,6 +313,9 @@ class AddRequest(Message):
     request_id: str
     prompt_ids: list[int]
     sampling: list[Any]  # SamplingParams.to_list()
+    # the prompt's logprobs with this many alternatives per position (vLLM's prompt_logprobs, completions' echo);
+    # None: not computed, so that only the requests that ask pay for a log-softmax over every prompt position
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -333,6 +336,9 @@ class StepOutputs(Message):
     logprobs: list[Any] = field(default_factory=list)  # per request: None or [logprob, [[token, logprob], ...]]
     # per request, with its first token: seconds from its arrival at the node to its first step; else None
     queue_seconds: list[float | None] = field(default_factory=list)
+    # per request, with its first token when its AddRequest asked: one entry per prompt token, None for the first
+    # (nothing precedes it), else [logprob, rank in the vocabulary (1 = most likely), [[token, logprob], ...]]
+    prompt_logprobs: list[Any] = field(default_factory=list)
 
 
 @dataclass
