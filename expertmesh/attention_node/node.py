@@ -172,7 +172,7 @@ class AttentionNode:
 
     def _finish_step(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple:
         """Samples each sequence's next token and retires finished ones; returns the StepOutputs fields."""
-        tokens, logprobs = sample_step(logits, seqs)
+        tokens, logprobs = sample_step(logits, seqs, tuple(self.scheduler.eos_token_ids))
         request_ids, reasons = [], []
         # with its first token, how long the request waited for its first step
         queue_seconds = [None if seq.output_ids else seq.queue_s for seq in seqs]

@@ -33,6 +33,12 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    @property
+    def may_stop(self) -> bool:
+        """vLLM's min_tokens: until the output has that many tokens, EOS and stop_token_ids are neither drawn
+        (masked at sampling) nor a reason to finish."""
+        return len(self.output_ids) >= self.sampling.min_tokens
+
     def new_token_ids(self) -> list[int]:
         """Tokens this sequence feeds to the next step: what is not cached yet."""
         prompt_len = len(self.prompt_ids)
@@ -144,8 +150,10 @@ class Scheduler:
         """Why seq stops after its latest token, or None if it goes on."""
         if seq.aborted:
             return "abort"
-        if not seq.sampling.ignore_eos and seq.output_ids and seq.output_ids[-1] in self.eos_token_ids:
-            return "stop"
+        if seq.output_ids and seq.may_stop:
+            last = seq.output_ids[-1]
+            if (not seq.sampling.ignore_eos and last in self.eos_token_ids) or last in seq.sampling.stop_token_ids:
+                return "stop"
         if len(seq.output_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.context_len:
             return "length"
         return None

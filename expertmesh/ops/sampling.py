@@ -1,4 +1,5 @@
-"""Next-token sampling for a whole batch in a few tensor ops: greedy, temperature, top-p, a seed per request.
+"""Next-token sampling for a whole batch in a few tensor ops: biases and penalties (ops/logits_processors.py),
+greedy, temperature, min-p, top-k, top-p, a seed per request.
 
 Randomness comes from a counter-based hash of (seed, draw number, token id) rather than a generator's stream, so
 a seeded request draws the same tokens whatever batch it runs in, on CPU and GPU alike, with no host round trip
@@ -8,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .logits_processors import Penalties, TokenBias, apply_bias, apply_penalties
 
 _MASK32 = 0xFFFFFFFF
 
@@ -21,6 +24,11 @@ class SamplingBatch:
     draw: torch.Tensor  # [rows] int64: how many tokens this request has drawn before (a new draw each step)
     any_top_p: bool  # host-known: some row has top_p < 1 (else the sort is skipped)
     all_greedy: bool  # host-known: every row is greedy (else noise is drawn)
+    # the rest is None when no row uses it (host-known, so the all-greedy batch stays one argmax)
+    top_k: torch.Tensor | None = None  # [rows] int64 in [1, vocab]; vocab = off
+    min_p: torch.Tensor | None = None  # [rows] float32 in [0, 1]; 0 = off
+    bias: TokenBias | None = None
+    penalties: Penalties | None = None
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -40,23 +48,52 @@ def uniform_noise(seed: torch.Tensor, draw: torch.Tensor, vocab: int) -> torch.T
     return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
-def top_p_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """True where a token falls outside its row's nucleus: the smallest most-probable set whose mass reaches
-    top_p (the most probable token always stays)."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p[:, None]
+def min_p_mask(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """True where a token's probability is under min_p times its row's most probable one."""
+    return probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+
+
+def top_k_top_p_mask(scaled: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """True where a token falls outside its row's top k (ties with the k-th kept), or outside the nucleus: the
+    smallest most-probable set whose mass, renormalised over the top k, reaches top_p (vLLM's order; the most
+    probable token always stays). One sort serves both."""
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    drop_sorted = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if top_k is not None:
+        kth = sorted_logits.gather(-1, (top_k - 1)[:, None])
+        drop_sorted = sorted_logits < kth
+    if top_p is not None:
+        sorted_probs = torch.softmax(sorted_logits.masked_fill(drop_sorted, float("-inf")), dim=-1)
+        drop_sorted = drop_sorted | (sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p[:, None])
     return torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+
+
+def adjust(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The logits every row picks from, greedy ones too: biases, then penalties."""
+    if batch.bias is not None:
+        logits = apply_bias(logits, batch.bias)
+    if batch.penalties is not None:
+        logits = apply_penalties(logits, batch.penalties)
+    return logits
+
+
+def truncate(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Temperature-scaled logits with what min-p, then top-k and top-p, exclude set to -inf."""
+    if batch.min_p is not None:
+        scaled = scaled.masked_fill(min_p_mask(torch.softmax(scaled, dim=-1), batch.min_p), float("-inf"))
+    if batch.top_k is not None or batch.any_top_p:
+        scaled = scaled.masked_fill(top_k_top_p_mask(scaled, batch.top_k, batch.top_p if batch.any_top_p else None),
+                                    float("-inf"))
+    return scaled
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """logits [rows, vocab] -> token ids [rows] int64, on the logits' device."""
+    logits = adjust(logits, batch)
     greedy = logits.argmax(dim=-1)
     if batch.all_greedy:
         return greedy
-    temperature = batch.temperature.clamp_min(1e-5)[:, None]
-    scaled = logits.float() / temperature
-    if batch.any_top_p:
-        scaled = scaled.masked_fill(top_p_mask(torch.softmax(scaled, dim=-1), batch.top_p), float("-inf"))
+    scaled = truncate(logits.float() / batch.temperature.clamp_min(1e-5)[:, None], batch)
     gumbel = -torch.log(-torch.log(uniform_noise(batch.seed, batch.draw, logits.shape[-1])))
     sampled = (scaled + gumbel).argmax(dim=-1)
     return torch.where(batch.temperature > 0, sampled, greedy)

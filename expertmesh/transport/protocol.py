@@ -298,9 +298,18 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # return the sampled token's logprob and this many top alternatives
+    # vLLM's sampling parameters (ops/sampling.py, ops/logits_processors.py); the defaults ask for nothing
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0  # no EOS or stop_token_ids before this many output tokens
+    stop_token_ids: list[int] = field(default_factory=list)  # finish ('stop') when one is sampled
+    logit_bias: list[list] = field(default_factory=list)  # [[token id, bias], ...]: msgpack map keys are not ints
 
     def to_list(self) -> list[Any]:
-        return [self.max_tokens, self.temperature, self.top_p, self.seed, self.ignore_eos, self.logprobs]
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
 
     @classmethod
     def from_list(cls, values: list[Any]) -> "SamplingParams":

@@ -1,7 +1,7 @@
 """Batched sampling: seeded draws independent of the batch, the right distribution, top-p and greedy rows."""
 import torch
 
-from expertmesh.ops.sampling import SamplingBatch, sample, token_logprobs, top_p_mask, uniform_noise
+from expertmesh.ops.sampling import SamplingBatch, sample, token_logprobs, top_k_top_p_mask, uniform_noise
 
 
 def batch_of(temperature, top_p, seed, draw):
@@ -38,9 +38,9 @@ def test_noise_is_uniform_and_differs_by_seed_draw_and_token():
 
 
 def test_top_p_keeps_the_nucleus_and_greedy_rows_take_the_argmax():
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    assert top_p_mask(probs, torch.tensor([0.7])).tolist() == [[False, False, True, True]]
-    assert top_p_mask(probs, torch.tensor([1e-6])).tolist() == [[False, True, True, True]]
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    assert top_k_top_p_mask(logits, None, torch.tensor([0.7])).tolist() == [[False, False, True, True]]
+    assert top_k_top_p_mask(logits, None, torch.tensor([1e-6])).tolist() == [[False, True, True, True]]
     logits = torch.randn(3, 50)
     narrow = sample(logits, batch_of([1.0, 0.0, 1.0], [1e-6, 1.0, 1.0], [3, 3, 3], [0, 0, 0]))
     assert narrow[:2].tolist() == logits[:2].argmax(-1).tolist()
