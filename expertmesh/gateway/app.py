@@ -21,7 +21,7 @@ from ..transport.protocol import SamplingParams
 from .metrics import GatewayMetrics
 from ..telemetry import chrome_trace
 from .nodes import AttentionNodeClient, NodeLink
-from . import openapi
+from . import choices, openapi
 from .router import RoutingPolicy, choose_node
 from .schema import ChatRequest, CompletionRequest, SamplingFields, error_body
 from .text import TextCodec, TextStream
@@ -193,45 +193,89 @@ def create_app(served: ServedModel) -> FastAPI:
     async def respond(body: SamplingFields, prompt_ids: list[int], max_tokens: int, chat: bool):
         arrived = time.monotonic()
         check_request(body, prompt_ids, max_tokens)
-        admit(len(prompt_ids))
-        sampling = SamplingParams(max_tokens, body.temperature, body.top_p, body.seed, body.ignore_eos,
-                                  body.top_logprobs_n())
+        sampling = sampling_params(body, max_tokens)
+        count = body.best_of or body.n  # samples drawn; with best_of > n, the n most likely are returned
+        admit(len(prompt_ids), count)
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         limits = [t for t in (served.request_timeout_s, body.timeout) if t is not None]
         deadline = Deadline(arrived + min(limits), min(limits)) if limits else None
         node = await ready_node(prompt_ids, deadline)
-        chunks = generate(node, request_id, prompt_ids, sampling, body.stop_list(), arrived, deadline)
+        streams = [generate(node, request_id if count == 1 else f"{request_id}-{i}", prompt_ids, params,
+                            body.stop_list(), arrived, deadline)
+                   for i, params in enumerate(choices.sample_params(sampling, count, ranked=count > body.n))]
         if body.stream:
-            return StreamingResponse(sse(request_id, chunks, chat), media_type="text/event-stream")
-        text, token_ids, logprobs, finish_reason = [], [], [], None
+            return StreamingResponse(sse(request_id, streams, chat), media_type="text/event-stream")
         try:
-            async for chunk in chunks:
-                text.append(chunk.text)
-                token_ids += chunk.token_ids
-                logprobs += chunk.logprobs or []
-                finish_reason = chunk.finish_reason
+            outputs = choices.best(await choices.gather([collect(s) for s in streams]), body.n)
         except DeadlineExceeded as exc:
             raise APIError(504, str(exc), kind="timeout") from None
         except RuntimeError as exc:
             raise APIError(500, str(exc), kind="server_error") from None
-        choice: dict = {"index": 0, "finish_reason": finish_reason,
-                        "logprobs": format_logprobs(token_ids, logprobs, chat) if sampling.logprobs is not None else None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": "".join(text)}
-        else:
-            choice["text"] = "".join(text)
-        if body.return_token_ids:
-            choice["token_ids"] = token_ids
-            choice["prompt_token_ids"] = prompt_ids
+        response_choices = []
+        for index, out in enumerate(outputs):
+            choice: dict = {"index": index, "finish_reason": out.finish_reason, "logprobs": format_logprobs(
+                out.token_ids, out.logprobs, chat) if sampling.logprobs is not None else None}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": out.text}
+            else:
+                choice["text"] = out.text
+            if body.return_token_ids:
+                choice["token_ids"] = out.token_ids
+                choice["prompt_token_ids"] = prompt_ids
+            response_choices.append(choice)
+        completion_tokens = sum(len(out.token_ids) for out in outputs)  # the prompt counts once (vLLM)
         return {"id": request_id, "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": served.name, "choices": [choice],
-                "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(token_ids),
-                          "total_tokens": len(prompt_ids) + len(token_ids)}}
+                "created": int(time.time()), "model": served.name, "choices": response_choices,
+                "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
+                          "total_tokens": len(prompt_ids) + completion_tokens}}
+
+    async def collect(chunks: AsyncIterator[Chunk]) -> Chunk:
+        """A whole generation as one chunk."""
+        text, whole = [], Chunk("", [], None, [])
+        async for chunk in chunks:
+            text.append(chunk.text)
+            whole.token_ids += chunk.token_ids
+            whole.logprobs += chunk.logprobs or []
+            whole.finish_reason = chunk.finish_reason
+        whole.text = "".join(text)
+        return whole
+
+    def sampling_params(body: SamplingFields, max_tokens: int) -> SamplingParams:
+        """The request's sampling as the attention node takes it; token ids checked against the vocabulary."""
+        bias = []
+        for key, value in (body.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                token = -1
+            if not 0 <= token < served.vocab_size:
+                raise APIError(400, f"logit_bias: {key!r} is not a token id in [0, {served.vocab_size})",
+                               param="logit_bias")
+            bias.append([token, min(100.0, max(-100.0, value))])  # vLLM clamps to OpenAI's range
+        bad = [t for t in body.stop_token_ids or [] if not 0 <= t < served.vocab_size]
+        if bad:
+            raise APIError(400, f"stop_token_ids: token id {bad[0]} out of range [0, {served.vocab_size})",
+                           param="stop_token_ids")
+        return SamplingParams(max_tokens, body.temperature, body.top_p, body.seed, body.ignore_eos,
+                              body.top_logprobs_n(), top_k=body.top_k, min_p=body.min_p,
+                              presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                              repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
+                              stop_token_ids=list(body.stop_token_ids or []), logit_bias=bias)
 
     def check_request(body: SamplingFields, prompt_ids: list[int], max_tokens: int) -> None:
         if body.model is not None and body.model != served.name and body.model not in served.aliases:
             raise APIError(404, f"The model `{body.model}` does not exist; this server serves `{served.name}`",
                            param="model", code="model_not_found")  # OpenAI's body for an unknown model
+        unsupported = body.unsupported_field()
+        if unsupported is not None:
+            raise APIError(400, f"{unsupported}: not supported by this server", param=unsupported)
+        if body.best_of is not None and body.best_of < body.n:
+            raise APIError(400, f"best_of ({body.best_of}) must be at least n ({body.n})", param="best_of")
+        if body.stream and (body.best_of or body.n) > body.n:
+            raise APIError(400, "best_of > n cannot be streamed: the best are known only at the end", param="best_of")
+        if body.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens ({body.min_tokens}) must be at most max_tokens ({max_tokens})",
+                           param="min_tokens")
         if not prompt_ids:
             raise APIError(400, "prompt is empty", param="prompt")
         bad = [t for t in prompt_ids if not 0 <= t < served.vocab_size]
@@ -257,11 +301,13 @@ def create_app(served: ServedModel) -> FastAPI:
             await asyncio.sleep(NodeLink.STATUS_INTERVAL_S / 5)  # readiness changes with the nodes' status answers
         return node
 
-    def admit(prompt_tokens: int) -> None:
-        """429 with Retry-After past the admission bounds (OpenAI's convention for "too many requests"). Streams
-        count once their generation starts, so a burst of new streams may pass a little over."""
+    def admit(prompt_tokens: int, samples: int = 1) -> None:
+        """429 with Retry-After past the admission bounds (OpenAI's convention for "too many requests"); each of a
+        request's samples (n, best_of) counts as a request. Streams count once their generation starts, so a burst
+        of new streams may pass a little over."""
         m = served.metrics
-        if m.in_flight + 1 > served.max_pending_requests or m.in_flight_tokens + prompt_tokens > served.max_pending_tokens:
+        if m.in_flight + samples > served.max_pending_requests or \
+                m.in_flight_tokens + samples * prompt_tokens > served.max_pending_tokens:
             raise APIError(429, f"the server is at capacity ({m.in_flight} requests, {m.in_flight_tokens} prompt "
                            f"tokens in flight; bounds {served.max_pending_requests} and {served.max_pending_tokens}): "
                            f"retry later", kind="rate_limit_exceeded", headers={"Retry-After": "1"})
@@ -272,7 +318,7 @@ def create_app(served: ServedModel) -> FastAPI:
         served.metrics.in_flight_tokens += len(prompt_ids)
         served.metrics.prompt_tokens += len(prompt_ids)
         queue = await node.submit(request_id, prompt_ids, sampling)
-        stream = TextStream(served.codec, stop)
+        stream = TextStream(served.codec, stop, sampling.min_tokens)
         outcome, first_token_s, generated = "aborted", None, 0
         try:
             while True:
@@ -291,7 +337,8 @@ def create_app(served: ServedModel) -> FastAPI:
                     first_token_s = time.monotonic() - arrived
                 if event.queue_s is not None:
                     served.metrics.queue_time.observe(event.queue_s)
-                delta = stream.push(tokens, final=event.finish_reason is not None)
+                # an EOS or stop_token_ids token that ended it at the node keeps its id and logprob but adds no text (vLLM)
+                delta = stream.push([] if event.finish_reason == "stop" else tokens, final=event.finish_reason is not None)
                 if delta.stopped:
                     outcome = "completed"
                     yield Chunk(delta.text, tokens, "stop", [event.logprobs] if tokens and event.logprobs else None)
@@ -319,18 +366,19 @@ def create_app(served: ServedModel) -> FastAPI:
         return {"tokens": [piece(t) for t in token_ids], "token_logprobs": [lp for lp, _ in entries],
                 "top_logprobs": [{piece(a): alp for a, alp in top} for _, top in entries], "text_offset": []}
 
-    async def sse(request_id: str, chunks: AsyncIterator[Chunk], chat: bool) -> AsyncIterator[str]:
+    async def sse(request_id: str, streams: list[AsyncIterator[Chunk]], chat: bool) -> AsyncIterator[str]:
         created = int(time.time())
-        first = True
+        started: set[int] = set()  # choices that have sent their first chunk
         try:
-            async for chunk in chunks:
+            async for index, chunk in choices.interleave(streams):
                 logprobs = format_logprobs(chunk.token_ids, chunk.logprobs, chat) if chunk.logprobs else None
                 if chat:
-                    delta = {"role": "assistant", "content": chunk.text} if first else {"content": chunk.text}
-                    choice = {"index": 0, "delta": delta, "finish_reason": chunk.finish_reason, "logprobs": logprobs}
+                    delta = {"content": chunk.text} if index in started else {"role": "assistant", "content": chunk.text}
+                    choice = {"index": index, "delta": delta, "finish_reason": chunk.finish_reason, "logprobs": logprobs}
                 else:
-                    choice = {"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason, "logprobs": logprobs}
-                first = False
+                    choice = {"index": index, "text": chunk.text, "finish_reason": chunk.finish_reason,
+                              "logprobs": logprobs}
+                started.add(index)
                 payload = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                            "created": created, "model": served.name, "choices": [choice]}
                 yield f"data: {json.dumps(payload)}\n\n"

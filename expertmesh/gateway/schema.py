@@ -3,21 +3,51 @@
 Types are strict: a wrong type is a 400, never silently coerced."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+log = logging.getLogger(__name__)
+
+# Known OpenAI and vLLM parameters this server does not implement, each with the values that ask for nothing (as
+# if absent): any other value is a 400 that names it, never a silent no-op on the output (issue 15).
+UNSUPPORTED: dict[str, tuple] = {
+    "suffix": (None, ""), "response_format": (None, {"type": "text"}), "tools": (None, []),
+    "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none", "auto"),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "structured_outputs": (None,), "structural_tag": (None,), "use_beam_search": (None, False),
+    "length_penalty": (None, 1.0), "allowed_token_ids": (None,), "bad_words": (None, []),
+    "include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True), "truncate_prompt_tokens": (None,), "logits_processors": (None,),
+    "return_tokens_as_token_ids": (None, False), "prediction": (None,), "audio": (None,),
+    "modalities": (None, ["text"]), "reasoning_effort": (None,), "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False), "chat_template": (None,), "chat_template_kwargs": (None, {}),
+}
+IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls"}  # known, and no bearing on output
+_warned: set[str] = set()
+
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="allow")  # extra fields: see unsupported_field
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=1)  # one choice per request
+    n: int = Field(default=1, ge=1)  # choices, sampled apart (gateway/choices.py)
+    best_of: int | None = Field(default=None, ge=1)  # sampled, of which the n of highest cumulative logprob return
     stream: bool = False
+    # vLLM's sampling parameters (ops/sampling.py, ops/logits_processors.py); their defaults ask for nothing
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = None  # token id (a string in JSON) -> bias, clamped to [-100, 100]
+    top_k: int = Field(default=0, ge=-1)  # 0 or -1: off
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: list[int] | None = None
     ignore_eos: bool = False  # vLLM extension
     return_token_ids: bool = False  # vLLM extension: token ids in the response
     # expertmesh extension: seconds from arrival past which the request is aborted (504, or an error event on a
@@ -26,6 +56,19 @@ class SamplingFields(BaseModel):
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def unsupported_field(self) -> str | None:
+        """The policy for fields this schema does not declare: a known parameter asking for what this server does
+        not do is returned (the caller's 400); any other unknown field is ignored with one warning per name
+        (vLLM's behaviour)."""
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED:
+                if value not in UNSUPPORTED[name]:
+                    return name
+            elif name not in IGNORED and name not in _warned and len(_warned) < 1000:  # bounded: names are input
+                _warned.add(name)
+                log.warning("ignoring the unknown request field %r (warned once per name)", name)
+        return None
 
 
 class CompletionRequest(SamplingFields):

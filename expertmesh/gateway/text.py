@@ -54,9 +54,13 @@ class TextStream:
     keeps the difference (vLLM's incremental detokenization): decoding every id again at each token made a
     token's cost grow with the output, 17% of the gateway's CPU at 64-128 tokens (py-spy)."""
 
-    def __init__(self, codec: TextCodec, stop: list[str]) -> None:
+    def __init__(self, codec: TextCodec, stop: list[str], min_tokens: int = 0) -> None:
         self.codec = codec
         self.stop = [s for s in stop if s]
+        # vLLM's min_tokens: the text of the first min_tokens tokens is not searched for stop strings (one may
+        # still begin there and end after)
+        self.min_tokens = min_tokens
+        self._searched_from = 0
         self.token_ids: list[int] = []
         self.emitted = ""
         self.text = ""  # the text of token_ids[:self._read], which ends on a whole character
@@ -71,8 +75,10 @@ class TextStream:
             self.text += window[len(context):]
             self._prefix, self._read = self._read, len(self.token_ids)
         text = self.text
-        for stop in self.stop:
-            at = text.find(stop, max(0, len(self.emitted) - len(stop) + 1))
+        if len(self.token_ids) <= self.min_tokens:
+            self._searched_from = len(text)
+        for stop in self.stop if len(self.token_ids) > self.min_tokens else ():
+            at = text.find(stop, max(0, max(len(self.emitted), self._searched_from) - len(stop) + 1))
             if at >= 0:
                 return self._emit(text[:at], stopped=True)
         if not final and self.stop:
