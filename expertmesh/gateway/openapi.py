@@ -9,8 +9,8 @@ from fastapi.openapi.utils import get_openapi
 
 from pydantic import BaseModel
 
-from .schema import (ChatCompletionChunk, ChatCompletionResponse, ChromeTrace, CompletionChunk, CompletionResponse,
-                     ErrorResponse, Health, ModelList, TraceStarted)
+from .schema import (UNSUPPORTED, ChatCompletionChunk, ChatCompletionResponse, ChromeTrace, CompletionChunk,
+                     CompletionResponse, ErrorResponse, Health, ModelList, TraceStarted)
 
 _ERRORS = {
     400: "Invalid request: malformed JSON, a field of the wrong type or out of range, a prompt too long",
@@ -64,6 +64,19 @@ TRACE_STOP: Responses = {200: {"model": ChromeTrace, "description": "Every node'
                          **errors(401)}
 
 
+PARAMETERS = (
+    "Sampling as vLLM has it: `temperature` (0: greedy), `top_p`, `top_k` (0 or -1: off), `min_p`, `seed` (sample i "
+    "of `n` draws with seed + i), `presence_penalty` and `frequency_penalty` (over the output's tokens), "
+    "`repetition_penalty` (over the prompt's and the output's), `logit_bias` (token id -> bias, clamped to "
+    "[-100, 100]), `min_tokens` (no EOS or `stop_token_ids` before), `stop` strings and `stop_token_ids` (neither in "
+    "the text), `ignore_eos`, `max_tokens`, `n`, `best_of` (that many samples, the `n` of highest cumulative logprob "
+    "returned; not with `stream`), `logprobs`, `return_token_ids`, `timeout`.\n\n"
+    "A known OpenAI or vLLM parameter this server does not implement is a 400 that names it in `param`, unless its "
+    "value asks for nothing (`tools: []`, `response_format: {\"type\": \"text\"}`): "
+    + ", ".join(f"`{name}`" for name in sorted(UNSUPPORTED)) + ". Any other unknown field is ignored, with one "
+    "warning per name in the server's log (vLLM's behaviour).")
+
+
 def describe(app: FastAPI, bearer: bool = False) -> None:
     """Builds /openapi.json as FastAPI does, less the 422 it documents for every body (ours are 400s); with bearer (the
     server has an API key), /v1/* and /admin/* say they need it, so that clients and /docs send it."""
@@ -77,6 +90,9 @@ def describe(app: FastAPI, bearer: bool = False) -> None:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)
+            for path in ("/v1/completions", "/v1/chat/completions"):
+                operation = schema["paths"][path]["post"]
+                operation["description"] = (operation.get("description", "") + "\n\n" + PARAMETERS).strip()
             for chunk in _CHUNKS:
                 chunk_schema = chunk.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(chunk_schema.pop("$defs", {}))

@@ -124,3 +124,13 @@ def test_stop_strings_are_not_searched_in_the_first_min_tokens():
                 break
         outcomes[min_tokens] = (text, delta.stopped)
     assert outcomes == {0: ("", True), 3: ("ab ab ab ", True)}  # vLLM: searched from the (min_tokens + 1)-th token on
+
+
+def test_the_openapi_docs_list_the_parameters_and_the_policy(client):
+    api = client.get("/openapi.json").json()
+    for path in PATHS:
+        description = api["paths"][path]["post"]["description"]
+        for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty", "logit_bias", "min_tokens", "stop_token_ids", "n", "best_of", "suffix",
+                     "response_format", "tools"):
+            assert f"`{name}`" in description, name
