@@ -23,7 +23,8 @@ from ..telemetry import chrome_trace
 from .nodes import AttentionNodeClient, NodeLink
 from . import choices, openapi
 from .router import RoutingPolicy, choose_node
-from .schema import ChatRequest, CompletionRequest, SamplingFields, error_body
+from .responses import Choice, Chunk, Options, Prompt, total_usage
+from .schema import ChatRequest, CompletionRequest, SamplingFields, StreamOptions, error_body
 from .text import TextCodec, TextStream
 
 
@@ -33,14 +34,6 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
         self.code = code
-
-
-@dataclass
-class Chunk:
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    logprobs: list | None = None  # one [logprob, [[token, logprob], ...]] per token id
 
 
 @dataclass
@@ -175,70 +168,64 @@ def create_app(served: ServedModel) -> FastAPI:
 
     @app.post("/v1/completions", responses=openapi.COMPLETIONS)
     async def completions(body: CompletionRequest):
-        if isinstance(body.prompt, str):
-            if not body.prompt:
-                raise APIError(400, "prompt is empty", param="prompt")
-            prompt_ids = served.codec.encode(body.prompt)
-        else:
-            prompt_ids = body.prompt
-        return await respond(body, prompt_ids, body.max_tokens or 16, chat=False)
+        prompts = [Prompt(served.codec.encode(p), p) if isinstance(p, str) else Prompt(p) for p in body.prompts()]
+        if not prompts:
+            raise APIError(400, "prompt is an empty batch", param="prompt")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens: 0 asks for the prompt alone, only with echo", param="max_tokens")
+        return await respond(body, prompts, 16 if body.max_tokens is None else body.max_tokens, chat=False)
 
     @app.post("/v1/chat/completions", responses=openapi.CHAT_COMPLETIONS)
     async def chat(body: ChatRequest):
         text = served.codec.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages])
+        if body.max_tokens == 0:
+            raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
         prompt_ids = served.codec.encode(text)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, served.max_model_len - len(prompt_ids))
-        return await respond(body, prompt_ids, max_tokens, chat=True)
+        return await respond(body, [Prompt(prompt_ids, text)], max_tokens, chat=True)
 
-    async def respond(body: SamplingFields, prompt_ids: list[int], max_tokens: int, chat: bool):
+    async def respond(body: SamplingFields, prompts: list[Prompt], max_tokens: int, chat: bool):
         arrived = time.monotonic()
-        check_request(body, prompt_ids, max_tokens)
+        options = Options(chat, body.top_logprobs_n(), echo=getattr(body, "echo", False), prompt_only=max_tokens == 0,
+                          prompt_logprobs=body.prompt_logprobs, return_token_ids=body.return_token_ids)
+        # echo with max_tokens 0 asks for the prompt alone: the node samples once after a prefill anyway (vLLM's
+        # too), and Choice drops that token
+        max_tokens = max(max_tokens, 1)
+        check_request(body, prompts, max_tokens)
         sampling = sampling_params(body, max_tokens)
-        count = body.best_of or body.n  # samples drawn; with best_of > n, the n most likely are returned
-        admit(len(prompt_ids), count)
+        count = body.best_of or body.n  # samples drawn per prompt; with best_of > n, the n most likely are returned
+        admit(sum(len(p.ids) for p in prompts) * count, len(prompts) * count)
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         limits = [t for t in (served.request_timeout_s, body.timeout) if t is not None]
         deadline = Deadline(arrived + min(limits), min(limits)) if limits else None
-        node = await ready_node(prompt_ids, deadline)
-        streams = [generate(node, request_id if count == 1 else f"{request_id}-{i}", prompt_ids, params,
-                            body.stop_list(), arrived, deadline)
-                   for i, params in enumerate(choices.sample_params(sampling, count, ranked=count > body.n))]
-        if body.stream:
-            return StreamingResponse(sse(request_id, streams, chat), media_type="text/event-stream")
+        samples = choices.sample_params(sampling, count, ranked=count > body.n)
+        drawn, streams = [], []  # index: prompt index * count + sample index (OpenAI's order when count == n)
+        for prompt in prompts:
+            node = await ready_node(prompt.ids, deadline)
+            for params in samples:
+                index = len(drawn)
+                drawn.append(Choice(index, prompt, options, served.codec))
+                streams.append(generate(node, request_id if index == 0 else f"{request_id}-{index}", prompt.ids,
+                                        params, options.node_prompt_logprobs, body.stop_list(), arrived, deadline))
+        if body.stream:  # count == n here (check_request)
+            return StreamingResponse(sse(request_id, prompts, drawn, streams, body.stream_options, chat),
+                                     media_type="text/event-stream")
         try:
-            outputs = choices.best(await choices.gather([collect(s) for s in streams]), body.n)
+            async for index, chunk in choices.interleave(streams):
+                drawn[index].take(chunk)
         except DeadlineExceeded as exc:
             raise APIError(504, str(exc), kind="timeout") from None
         except RuntimeError as exc:
             raise APIError(500, str(exc), kind="server_error") from None
-        response_choices = []
-        for index, out in enumerate(outputs):
-            choice: dict = {"index": index, "finish_reason": out.finish_reason, "logprobs": format_logprobs(
-                out.token_ids, out.logprobs, chat) if sampling.logprobs is not None else None}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": out.text}
-            else:
-                choice["text"] = out.text
-            if body.return_token_ids:
-                choice["token_ids"] = out.token_ids
-                choice["prompt_token_ids"] = prompt_ids
-            response_choices.append(choice)
-        completion_tokens = sum(len(out.token_ids) for out in outputs)  # the prompt counts once (vLLM)
-        return {"id": request_id, "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": served.name, "choices": response_choices,
-                "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
-                          "total_tokens": len(prompt_ids) + completion_tokens}}
-
-    async def collect(chunks: AsyncIterator[Chunk]) -> Chunk:
-        """A whole generation as one chunk."""
-        text, whole = [], Chunk("", [], None, [])
-        async for chunk in chunks:
-            text.append(chunk.text)
-            whole.token_ids += chunk.token_ids
-            whole.logprobs += chunk.logprobs or []
-            whole.finish_reason = chunk.finish_reason
-        whole.text = "".join(text)
-        return whole
+        returned = [choice for i in range(0, len(drawn), count) for choice in choices.best(drawn[i:i + count], body.n)]
+        for index, choice in enumerate(returned):
+            choice.index = index
+        response = {"id": request_id, "object": "chat.completion" if chat else "text_completion",
+                    "created": int(time.time()), "model": served.name, "choices": [c.body() for c in returned],
+                    "usage": total_usage(prompts, returned)}  # each prompt once, the returned choices' tokens (vLLM)
+        if chat and options.prompt_logprobs is not None:  # vLLM's place for them in chat: the response's
+            response["prompt_logprobs"] = drawn[0].prompt_logprobs_body()
+        return response
 
     def sampling_params(body: SamplingFields, max_tokens: int) -> SamplingParams:
         """The request's sampling as the attention node takes it; token ids checked against the vocabulary."""
@@ -262,7 +249,7 @@ def create_app(served: ServedModel) -> FastAPI:
                               repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
                               stop_token_ids=list(body.stop_token_ids or []), logit_bias=bias)
 
-    def check_request(body: SamplingFields, prompt_ids: list[int], max_tokens: int) -> None:
+    def check_request(body: SamplingFields, prompts: list[Prompt], max_tokens: int) -> None:
         if body.model is not None and body.model != served.name and body.model not in served.aliases:
             raise APIError(404, f"The model `{body.model}` does not exist; this server serves `{served.name}`",
                            param="model", code="model_not_found")  # OpenAI's body for an unknown model
@@ -276,6 +263,14 @@ def create_app(served: ServedModel) -> FastAPI:
         if body.min_tokens > max_tokens:
             raise APIError(400, f"min_tokens ({body.min_tokens}) must be at most max_tokens ({max_tokens})",
                            param="min_tokens")
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        if body.prompt_logprobs is not None and body.stream:
+            raise APIError(400, "prompt_logprobs are not available with stream: true", param="prompt_logprobs")
+        for prompt in prompts:
+            check_prompt(prompt.ids, max_tokens)
+
+    def check_prompt(prompt_ids: list[int], max_tokens: int) -> None:
         if not prompt_ids:
             raise APIError(400, "prompt is empty", param="prompt")
         bad = [t for t in prompt_ids if not 0 <= t < served.vocab_size]
@@ -313,11 +308,12 @@ def create_app(served: ServedModel) -> FastAPI:
                            f"retry later", kind="rate_limit_exceeded", headers={"Retry-After": "1"})
 
     async def generate(node: AttentionNodeClient, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
-                       stop: list[str], arrived: float, deadline: "Deadline | None") -> AsyncIterator[Chunk]:
+                       prompt_logprobs: int | None, stop: list[str], arrived: float,
+                       deadline: "Deadline | None") -> AsyncIterator[Chunk]:
         served.metrics.in_flight += 1
         served.metrics.in_flight_tokens += len(prompt_ids)
         served.metrics.prompt_tokens += len(prompt_ids)
-        queue = await node.submit(request_id, prompt_ids, sampling)
+        queue = await node.submit(request_id, prompt_ids, sampling, prompt_logprobs)
         stream = TextStream(served.codec, stop, sampling.min_tokens)
         outcome, first_token_s, generated = "aborted", None, 0
         try:
@@ -339,13 +335,14 @@ def create_app(served: ServedModel) -> FastAPI:
                     served.metrics.queue_time.observe(event.queue_s)
                 # an EOS or stop_token_ids token that ended it at the node keeps its id and logprob but adds no text (vLLM)
                 delta = stream.push([] if event.finish_reason == "stop" else tokens, final=event.finish_reason is not None)
+                logprobs = [event.logprobs] if tokens and event.logprobs else None
                 if delta.stopped:
                     outcome = "completed"
-                    yield Chunk(delta.text, tokens, "stop", [event.logprobs] if tokens and event.logprobs else None)
+                    yield Chunk(delta.text, tokens, "stop", logprobs, event.prompt_logprobs)
                     return
                 if event.finish_reason is not None:
                     outcome = "completed"
-                yield Chunk(delta.text, tokens, event.finish_reason, [event.logprobs] if tokens and event.logprobs else None)
+                yield Chunk(delta.text, tokens, event.finish_reason, logprobs, event.prompt_logprobs)
                 if event.finish_reason is not None:
                     return
         finally:
@@ -356,32 +353,22 @@ def create_app(served: ServedModel) -> FastAPI:
                 served.metrics.observe(first_token_s, time.monotonic() - arrived, generated)
             await node.abort(request_id)  # no-op once the node has finished it
 
-    def format_logprobs(token_ids: list[int], entries: list, chat: bool) -> dict:
-        """OpenAI's logprobs object: chat's `content` list, or the completions' parallel lists."""
-        piece = lambda token: served.codec.decode([token])  # noqa: E731
-        if chat:
-            return {"content": [{"token": piece(t), "logprob": lp, "bytes": list(piece(t).encode()),
-                                 "top_logprobs": [{"token": piece(a), "logprob": alp} for a, alp in top]}
-                                for t, (lp, top) in zip(token_ids, entries)]}
-        return {"tokens": [piece(t) for t in token_ids], "token_logprobs": [lp for lp, _ in entries],
-                "top_logprobs": [{piece(a): alp for a, alp in top} for _, top in entries], "text_offset": []}
-
-    async def sse(request_id: str, streams: list[AsyncIterator[Chunk]], chat: bool) -> AsyncIterator[str]:
-        created = int(time.time())
-        started: set[int] = set()  # choices that have sent their first chunk
+    async def sse(request_id: str, prompts: list[Prompt], drawn: list[Choice], streams: list[AsyncIterator[Chunk]],
+                  options: StreamOptions | None, chat: bool) -> AsyncIterator[str]:
+        head = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": served.name}
+        # OpenAI's stream_options.include_usage: a null usage on every chunk, the total on a last one with no choices
+        include_usage = options is not None and options.include_usage
+        continuous = include_usage and options.continuous_usage_stats  # vLLM's: each chunk its choice's so far
         try:
             async for index, chunk in choices.interleave(streams):
-                logprobs = format_logprobs(chunk.token_ids, chunk.logprobs, chat) if chunk.logprobs else None
-                if chat:
-                    delta = {"content": chunk.text} if index in started else {"role": "assistant", "content": chunk.text}
-                    choice = {"index": index, "delta": delta, "finish_reason": chunk.finish_reason, "logprobs": logprobs}
-                else:
-                    choice = {"index": index, "text": chunk.text, "finish_reason": chunk.finish_reason,
-                              "logprobs": logprobs}
-                started.add(index)
-                payload = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
-                           "created": created, "model": served.name, "choices": [choice]}
+                choice = drawn[index]
+                payload = {**head, "choices": [choice.stream_delta(chunk)]}
+                if include_usage:
+                    payload["usage"] = choice.usage() if continuous else None
                 yield f"data: {json.dumps(payload)}\n\n"
+            if include_usage:
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': total_usage(prompts, drawn)})}\n\n"
         except RuntimeError as exc:
             kind = "timeout" if isinstance(exc, DeadlineExceeded) else "server_error"
             yield f"data: {json.dumps(error_body(str(exc), kind))}\n\n"

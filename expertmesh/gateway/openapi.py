@@ -13,7 +13,9 @@ from .schema import (UNSUPPORTED, ChatCompletionChunk, ChatCompletionResponse, C
                      CompletionResponse, ErrorResponse, Health, ModelList, TraceStarted)
 
 _ERRORS = {
-    400: "Invalid request: malformed JSON, a field of the wrong type or out of range, a prompt too long",
+    400: "Invalid request: malformed JSON, a field of the wrong type or out of range, a prompt too long or empty (an "
+         "empty batch too), `max_tokens: 0` without `echo`, `stream_options` without `stream`, `prompt_logprobs` "
+         "with `stream`",
     401: "Missing or wrong API key (when the server has one: `Authorization: Bearer KEY`)",
     404: "No such model: `model` is none of the served names",
     429: "At capacity (requests or prompt tokens in flight): retry after `Retry-After` seconds",
@@ -44,9 +46,10 @@ def server_sent_event(chunk: type[BaseModel]) -> dict[str, Any]:
 
 def generation(body: type[BaseModel], chunk: type[BaseModel]) -> Responses:
     """A completion as JSON, or with `stream: true` as server-sent events."""
-    return {200: {"model": body, "description": "The whole response; with `stream: true`, server-sent events "
-                  "instead: one `data: {...}` per chunk, an error body as a last chunk if generation fails, then "
-                  "`data: [DONE]`",
+    return {200: {"model": body, "description": "The whole response, a choice per prompt of a batch (times `n`); "
+                  "with `stream: true`, server-sent events instead: one `data: {...}` per chunk of one choice, with "
+                  "`stream_options.include_usage` a last chunk with no choices and the usage, an error body as a "
+                  "last chunk if generation fails, then `data: [DONE]`",
                   "content": {"text/event-stream": {"schema": server_sent_event(chunk)}}},
             **errors(400, 401, 404, 429, 500, 503, 504)}
 

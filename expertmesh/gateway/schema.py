@@ -28,10 +28,16 @@ IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls"}  
 _warned: set[str] = set()
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = True  # a last chunk with the usage and no choices (true unless false, as in vLLM)
+    continuous_usage_stats: bool = False  # vLLM extension: with include_usage, every chunk has its choice's usage
+
+
 class SamplingFields(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")  # extra fields: see unsupported_field
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=0)  # 0: only with a completion's echo
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)
@@ -53,6 +59,9 @@ class SamplingFields(BaseModel):
     # expertmesh extension: seconds from arrival past which the request is aborted (504, or an error event on a
     # stream); the server's --request-timeout, when set, is the most it may be
     timeout: float | None = Field(default=None, gt=0)
+    stream_options: StreamOptions | None = None  # only with stream (400 otherwise, as OpenAI and vLLM)
+    # vLLM extension: each prompt token's logprob, rank and this many most likely alternatives; not with stream
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -74,9 +83,18 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"prompt": "def fibonacci(n):", "max_tokens": 16, "temperature": 0},
-        {"prompt": [1, 2, 3], "max_tokens": 4, "stream": True, "logprobs": 2, "seed": 7, "stop": ["\n"]}]})
-    prompt: str | list[int]
+        {"prompt": [[1, 2, 3], [4, 5]], "max_tokens": 4, "stream": True, "logprobs": 2, "seed": 7, "stop": ["\n"],
+         "echo": True, "stream_options": {"include_usage": True}}]})
+    # one prompt (text, or token ids), or a batch of them: a list of texts, or a list of token-id lists
+    prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False  # the prompt ahead of the completion (its tokens' logprobs too, with logprobs)
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: a string or a list of ints is one prompt (a list of ints is never a batch of one-token ones)."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
     def top_logprobs_n(self) -> int | None:
         return self.logprobs
@@ -138,10 +156,22 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """Parallel lists, a token each; with echo the prompt's tokens lead, the first of them with no logprob (null)."""
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]  # where each token starts in the choice's text
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's prompt_logprobs: one per token, keyed by its id (a string in JSON): the prompt's token and the
+    alternatives asked for."""
+    logprob: float
+    rank: int  # 1 = the most likely token
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]  # one per prompt token; null for the first
 
 
 class TopLogprob(BaseModel):
@@ -165,10 +195,11 @@ class TokenIds(BaseModel):
 
 
 class CompletionChoice(TokenIds):
-    index: int
+    index: int  # prompt index * n + sample index, as OpenAI orders a batch's choices
     text: str
     finish_reason: Literal["stop", "length"]
     logprobs: CompletionLogprobs | None
+    prompt_logprobs: PromptLogprobs | None = None  # when asked for
 
 
 class CompletionResponse(BaseModel):
@@ -199,6 +230,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None  # when asked for
 
 
 class CompletionChunkChoice(BaseModel):
@@ -209,12 +241,14 @@ class CompletionChunkChoice(BaseModel):
 
 
 class CompletionChunk(BaseModel):
-    """One server-sent event of a streamed completion."""
+    """One server-sent event of a streamed completion. With stream_options.include_usage, the last has no choices and
+    the usage of them all (the others a null usage, or with continuous_usage_stats their choice's so far)."""
     id: str
     object: Literal["text_completion"]
     created: int
     model: str
     choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
 
 
 class Delta(BaseModel):
@@ -230,12 +264,13 @@ class ChatChunkChoice(BaseModel):
 
 
 class ChatCompletionChunk(BaseModel):
-    """One server-sent event of a streamed chat completion."""
+    """One server-sent event of a streamed chat completion; usage as in CompletionChunk."""
     id: str
     object: Literal["chat.completion.chunk"]
     created: int
     model: str
     choices: list[ChatChunkChoice]
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):
