@@ -103,7 +103,14 @@ class DistLinks(Links):
 
 
 def close_links() -> None:
-    if dist.is_initialized():
+    """Leaves the world. NCCL's communicators are aborted, not destroyed: destroying waits for their pending work,
+    and a peer that stopped first or died leaves work that never completes (seen on 2 x H200: an attention node's
+    close hung in ProcessGroupNCCL.shutdown after its expert node had stopped)."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        dist.distributed_c10d._abort_process_group()
+    else:
         dist.destroy_process_group()
 
 
