@@ -129,6 +129,10 @@ class LockstepClient:
         plan = StepPlan(self.attention_node, step, list(tokens))
         for conn in self.connections:
             await conn.send(plan)
+        # on the wire before the first round: else a host call holding the GIL (a kernel's first load, which waits
+        # for the device to drain) could keep the plan in the socket thread while the device waits on an expert
+        # node that waits for the plan (seen on 2 x H200 over NCCL: the attention node stuck in a launch)
+        await asyncio.gather(*(conn.flushed() for conn in self.connections))
 
     async def dispatch(self, step: int, layer: int, microbatch: int, hidden: torch.Tensor,
                        expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> RoundHandle:

@@ -35,6 +35,13 @@ class Connection(_Recycler, abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    async def flushed(self) -> None:
+        """Returns once every message sent so far is out of this process's Python threads (in the transport's own
+        hands), so that no thread holding the GIL can hold one back. The lockstep M2N waits for its step plan so
+        before any round: a round's device work may be pending on the expert node's answer, and a host call that
+        waits for the device (CUDA loading a kernel at its first launch) holds the GIL meanwhile. Default: a
+        send is handed over when it returns."""
+
     def on_peer_lost(self, callback: Callable[[], None]) -> None:
         """Calls callback on the event loop when an established link to the peer breaks (it died or closed). Where a
         backend's recv fails by itself then (ucx, inproc), it need not: the default never calls it."""

@@ -31,7 +31,7 @@ class _SocketThread:
         self._monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED) if monitor else None
         self.peer_lost: list[Callable[[], None]] = []
         self.inbox: asyncio.Queue[list[zmq.Frame] | Exception] = asyncio.Queue()
-        self._outbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[Sequence | asyncio.Future] = queue.SimpleQueue()  # frames, or a flush mark
         wake_address = f"inproc://expertmesh-wake-{next(_wake_ids)}"
         self._wake_rx = context.socket(zmq.PULL)
         self._wake_rx.bind(wake_address)
@@ -48,6 +48,12 @@ class _SocketThread:
         self._outbox.put(frames)
         self._wake_tx.send(b"", copy=True)
 
+    async def flushed(self) -> None:
+        """Returns once zmq holds every message sent before: see Connection.flushed."""
+        mark = self.loop.create_future()
+        self.send(mark)
+        await mark
+
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
@@ -63,7 +69,11 @@ class _SocketThread:
                     if self._closed:
                         break
                     while not self._outbox.empty():
-                        self._socket.send_multipart(self._outbox.get(), copy=False)
+                        item = self._outbox.get()
+                        if isinstance(item, asyncio.Future):
+                            self.loop.call_soon_threadsafe(_settle, item, None)
+                        else:
+                            self._socket.send_multipart(item, copy=False)
                 if self._socket in ready:
                     while self._socket.poll(0):
                         frames = self._socket.recv_multipart(copy=False)
@@ -76,6 +86,10 @@ class _SocketThread:
             if not self._closed:
                 self.loop.call_soon_threadsafe(self.inbox.put_nowait, TransportError(f"zmq socket failed: {exc!r}"))
         finally:
+            while not self._outbox.empty():  # a flush waiting on a socket that is gone must not wait for ever
+                item = self._outbox.get()
+                if isinstance(item, asyncio.Future):
+                    self.loop.call_soon_threadsafe(_settle, item, TransportError("zmq socket closed"))
             if self._monitor is not None:
                 self._socket.disable_monitor()
                 self._monitor.close(linger=0)
@@ -104,6 +118,11 @@ class _SocketThread:
             self._wake_tx.close(linger=0)
 
 
+def _settle(future: asyncio.Future, error: Exception | None) -> None:
+    if not future.done():
+        future.set_result(None) if error is None else future.set_exception(error)
+
+
 class ZmqConnection(Connection):
     def __init__(self, io: _SocketThread, address: str) -> None:
         self._io = io
@@ -111,6 +130,9 @@ class ZmqConnection(Connection):
 
     async def send(self, message: Message) -> None:
         self._io.send(encode_frames(message))
+
+    async def flushed(self) -> None:
+        await self._io.flushed()
 
     async def recv(self, timeout_s: float | None = None) -> Message:
         frames = await self._io.recv(timeout_s, self.address)

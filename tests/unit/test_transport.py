@@ -660,3 +660,27 @@ def test_packed_and_separate_tensors_interleave_in_order(backend):
                 conn.recycle(back)
 
     asyncio.run(run())
+
+
+def test_zmq_flushed_returns_once_earlier_sends_are_in_zmqs_hands():
+    """Connection.flushed (what the lockstep M2N awaits for its step plan): the messages sent before it have left the
+    socket thread's queue; on a closed connection it fails instead of waiting."""
+    async def run():
+        transport = make("zmq")
+        addr = address("zmq", "flushed")
+        listener = await transport.listen(addr)
+        conn = await transport.connect(addr)
+        handed = []
+        socket = conn._io._socket
+        original = socket.send_multipart
+        socket.send_multipart = lambda frames, **kw: (handed.append(len(frames)), original(frames, **kw))[1]
+        for step in range(3):
+            await conn.send(Combine(step, 0, 0, torch.zeros(2, 4)))
+        await conn.flushed()
+        assert len(handed) == 3
+        await conn.close()
+        with pytest.raises(TransportError):
+            await conn.flushed()
+        await listener.close()
+
+    asyncio.run(run())
