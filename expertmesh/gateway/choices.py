@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-from typing import Any, AsyncIterator, Awaitable, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 from ..transport.protocol import SamplingParams
 
@@ -25,17 +25,6 @@ def sample_params(sampling: SamplingParams, count: int, ranked: bool) -> list[Sa
 def best(outputs: Sequence[Any], n: int) -> list[Any]:
     """The n outputs of highest cumulative logprob (each output's .logprobs: [[logprob, top], ...]), best first."""
     return sorted(outputs, key=lambda o: -sum(entry[0] for entry in o.logprobs))[:n]
-
-
-async def gather(awaitables: Sequence[Awaitable[Any]]) -> list[Any]:
-    """Runs them concurrently; when one fails (or the caller is cancelled), the others are cancelled, so their
-    generations end at their nodes."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 _END = object()
