@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from ..cuda_graph import split_counts, warm_up_sizes
-from ..host_copy import to_device
+from ..host_copy import to_device, to_device_all
 from ..kv.cache import PagedKVCache
 from ..kv.metadata import StepMetadata
 from ..model.layers import route_and_share, self_attention, swiglu
@@ -148,7 +148,8 @@ class ModelRunner:
         token_ids, entries, last_token, prompt_rows = [], [], [], []
         for seq in seqs:
             new = seq.new_token_ids()
-            prompt_rows += [len(token_ids) + q - seq.num_cached for q in prompt_logprobs.positions(seq)]
+            if seq.prompt_logprobs_n is not None:  # (a call per sequence otherwise: this loop is per step)
+                prompt_rows += [len(token_ids) + q - seq.num_cached for q in prompt_logprobs.positions(seq)]
             token_ids += new
             last_token.append(len(token_ids) - 1)
             entries.append((seq.block_ids, seq.num_cached, len(new)))
@@ -157,7 +158,8 @@ class ModelRunner:
             token_ids += [0] * (pad_to - len(token_ids))
             last_token += list(range(len(last_token), pad_to))
         meta = self.kv_cache.step_metadata(entries, None if pad_to is None else (pad_to, pad_to), table_width)
-        return to_device(token_ids, self.device), meta, to_device(last_token, self.device)
+        token_ids, last_token = to_device_all([token_ids, last_token], self.device)
+        return token_ids, meta, last_token
 
     def segment(self, j: int, h: torch.Tensor, moe_out: torch.Tensor | None, meta: StepMetadata,
                 last_token: torch.Tensor) -> tuple[torch.Tensor, ...]:

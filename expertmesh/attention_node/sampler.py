@@ -30,6 +30,8 @@ def _padded(rows: list[list], pad) -> list[list]:
 def token_bias(seqs: list[Sequence], vocab: int, eos_token_ids: tuple[int, ...],
                device: torch.device | str) -> TokenBias | None:
     """logit_bias, and -inf on the stop tokens of rows still short of min_tokens; None when no row has either."""
+    if not any(s.sampling.logit_bias or not s.may_stop for s in seqs):  # the common case, in one cheap pass
+        return None
     ids, values = [], []
     for s in seqs:
         p = s.sampling
@@ -66,16 +68,19 @@ def sampling_batch(seqs: list[Sequence], device: torch.device | str, vocab: int,
                    eos_token_ids: tuple[int, ...] = ()) -> SamplingBatch:
     params = [s.sampling for s in seqs]
     temperature = [p.temperature for p in params]
+    bias, penalised = token_bias(seqs, vocab, eos_token_ids, device), penalties(seqs, vocab, device)
+    if not any(temperature):
+        return SamplingBatch.greedy(bias, penalised)
     top_p = [p.top_p for p in params]
     top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
     min_p = [p.min_p for p in params]
     return SamplingBatch(_tensor(temperature, torch.float32, device), _tensor(top_p, torch.float32, device),
                          _tensor([s.seed for s in seqs], torch.int64, device),
                          _tensor([len(s.output_ids) for s in seqs], torch.int64, device),
-                         any_top_p=any(p < 1.0 for p in top_p), all_greedy=all(t == 0.0 for t in temperature),
+                         any_top_p=any(p < 1.0 for p in top_p), all_greedy=False,
                          top_k=_tensor(top_k, torch.int64, device) if any(k < vocab for k in top_k) else None,
                          min_p=_tensor(min_p, torch.float32, device) if any(m > 0.0 for m in min_p) else None,
-                         bias=token_bias(seqs, vocab, eos_token_ids, device), penalties=penalties(seqs, vocab, device))
+                         bias=bias, penalties=penalised)
 
 
 def sample_step(logits: torch.Tensor, seqs: list[Sequence],

@@ -113,6 +113,9 @@ class Scheduler:
     def _reserve_decode_blocks(self) -> bool:
         """Gives every running sequence the block its next token needs, oldest first, preempting the newest
         running sequences while none is free. Returns whether any was preempted."""
+        block_size = self.blocks.block_size
+        if sum(max(0, -(-s.num_tokens // block_size) - len(s.block_ids)) for s in self.running) == 0:
+            return False  # most steps: no running sequence starts a block (a pass of arithmetic, no calls)
         preempted = False
         index = 0
         while index < len(self.running):

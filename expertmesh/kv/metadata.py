@@ -1,15 +1,16 @@
 """Per-step tables for paged attention: where each sequence's cached tokens live and where each new token goes.
 
-Built once per step on the host (numpy), copied to the device once per table without a host wait, and shared
+Built once per step on the host (numpy), copied to the device in one copy without a host wait, and shared
 by every layer; padded on request to fixed sizes so a CUDA graph captured for that size can replay them."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..host_copy import to_device
+from ..host_copy import to_device_all
 
 
 @dataclass
@@ -57,10 +58,12 @@ def build_step_metadata(seqs: list[tuple[list[int], int, int]], block_size: int,
         raise ValueError(f"sequence {i}: {num_blocks[i]} blocks of {block_size} cannot hold its {seq_lens[i]} "
                          f"tokens ({num_cached[i]} cached + {num_new[i]} new)")
 
-    # vectorised over tokens; only the block table is filled row by row (one list -> array conversion each)
+    # vectorised over tokens and blocks: the block ids flattened once, scattered into their rows
     block_table = np.zeros((padded_seqs, width), dtype=np.int32)
-    for i, (block_ids, _, _) in enumerate(seqs):
-        block_table[i, :len(block_ids)] = block_ids
+    flat_blocks = np.fromiter(itertools.chain.from_iterable(b for b, _, _ in seqs), np.int32, int(num_blocks.sum()))
+    block_row = np.repeat(np.arange(num_seqs), num_blocks)
+    block_table[block_row, np.arange(flat_blocks.size) - np.repeat(np.cumsum(num_blocks) - num_blocks, num_blocks)] \
+        = flat_blocks
     query_start = np.full(padded_seqs + 1, num_tokens, dtype=np.int32)
     query_start[0] = 0
     np.cumsum(num_new, out=query_start[1:num_seqs + 1])
@@ -74,7 +77,5 @@ def build_step_metadata(seqs: list[tuple[list[int], int, int]], block_size: int,
     padded_lens = np.zeros(padded_seqs, dtype=np.int32)
     padded_lens[:num_seqs] = seq_lens
 
-    upload = lambda array: to_device(torch.from_numpy(array), device)  # noqa: E731
-    return StepMetadata(upload(block_table), upload(slot_mapping), upload(padded_lens), upload(query_start),
-                        upload(positions), int(num_new.max(initial=0)), int(seq_lens.max(initial=0)), num_seqs,
-                        num_tokens)
+    return StepMetadata(*to_device_all([block_table, slot_mapping, padded_lens, query_start, positions], device),
+                        int(num_new.max(initial=0)), int(seq_lens.max(initial=0)), num_seqs, num_tokens)

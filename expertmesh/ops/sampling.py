@@ -17,11 +17,12 @@ _MASK32 = 0xFFFFFFFF
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling parameters on the logits' device."""
-    temperature: torch.Tensor  # [rows] float32; 0 = greedy
-    top_p: torch.Tensor  # [rows] float32 in (0, 1]
-    seed: torch.Tensor  # [rows] int64
-    draw: torch.Tensor  # [rows] int64: how many tokens this request has drawn before (a new draw each step)
+    """Per-row sampling parameters on the logits' device. In an all-greedy batch only the logit adjustments are
+    made (SamplingBatch.greedy): the draw's tensors would cost the host an upload each and the device nothing."""
+    temperature: torch.Tensor | None  # [rows] float32; 0 = greedy
+    top_p: torch.Tensor | None  # [rows] float32 in (0, 1]
+    seed: torch.Tensor | None  # [rows] int64
+    draw: torch.Tensor | None  # [rows] int64: how many tokens this request has drawn before (a new draw each step)
     any_top_p: bool  # host-known: some row has top_p < 1 (else the sort is skipped)
     all_greedy: bool  # host-known: every row is greedy (else noise is drawn)
     # the rest is None when no row uses it (host-known, so the all-greedy batch stays one argmax)
@@ -29,6 +30,11 @@ class SamplingBatch:
     min_p: torch.Tensor | None = None  # [rows] float32 in [0, 1]; 0 = off
     bias: TokenBias | None = None
     penalties: Penalties | None = None
+
+    @classmethod
+    def greedy(cls, bias: TokenBias | None = None, penalties: Penalties | None = None) -> "SamplingBatch":
+        """Every row greedy: the argmax of the adjusted logits (truncation never drops the most probable token)."""
+        return cls(None, None, None, None, any_top_p=False, all_greedy=True, bias=bias, penalties=penalties)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:

@@ -341,3 +341,12 @@ def test_tiny_cache_generation_matches_a_roomy_one(mixtral_dir):
     tiny, preemptions = asyncio.run(run(num_blocks=4))  # one sequence of the full 32 tokens
     assert no_preemptions == 0 and preemptions > 0
     assert tiny == roomy
+
+
+def test_to_device_all_on_the_cpu_is_the_host_tensors():
+    import numpy as np
+    from expertmesh.host_copy import to_device_all
+    table = np.arange(6, dtype=np.int32).reshape(2, 3)
+    got_table, got_ids = to_device_all([table, [4, 5]], "cpu")
+    assert got_table.dtype == torch.int32 and got_table.tolist() == table.tolist()
+    assert got_ids.dtype == torch.int64 and got_ids.tolist() == [4, 5]
