@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -9,6 +10,7 @@ from ..config import LOCKSTEP_BACKENDS, Config
 from ..kv.block_manager import BlockManager
 from ..kv.cache import PagedKVCache, num_blocks_for
 from ..model.spec import ModelSpec
+from ..m2n.link_plan import needs_eager_loading
 from ..m2n.links import make_links
 from ..m2n.lockstep import LockstepClient
 from ..model.weights import load_attention_side, load_experts
@@ -30,6 +32,8 @@ log = logging.getLogger("attention_node")
 async def main(config: Config, index: int) -> None:
     spec = ModelSpec.from_dir(config.model.path)
     dtype, device = config.model.torch_dtype, config.node_device("attention", index)
+    if needs_eager_loading(config, "attention", index):  # read when CUDA initialises, which set_device does
+        os.environ["CUDA_MODULE_LOADING"] = "EAGER"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     check_node_gpu(config.cluster.attention_gpu_type, "attention", index, device,

@@ -9,7 +9,7 @@ import torch
 
 from ..config import LOCKSTEP_BACKENDS, Config
 from ..cuda_graph import decode_step_shapes, warm_up_sizes
-from ..m2n.link_plan import expert_links_need_eager_loading
+from ..m2n.link_plan import needs_eager_loading
 from ..m2n.links import make_links
 from ..model.spec import ModelSpec
 from ..model.weights import load_experts
@@ -29,7 +29,7 @@ async def main(config: Config, index: int) -> None:
     placement = load_cluster_placement(config, spec)
     pairs = placement.pairs_on(index)
     device = config.node_device("expert", index)
-    if expert_links_need_eager_loading(config, index):  # read when CUDA initialises, which set_device does
+    if needs_eager_loading(config, "expert", index):  # read when CUDA initialises, which set_device does
         os.environ["CUDA_MODULE_LOADING"] = "EAGER"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)

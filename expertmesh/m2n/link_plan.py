@@ -129,16 +129,19 @@ def uses_dist(config: "Config") -> bool:
     return any(link in DIST_BACKENDS for link in plan_links(config).backends.values())
 
 
-def expert_links_need_eager_loading(config: "Config", index: int) -> bool:
-    """Whether expert node `index` has an NCCL link. A posted NCCL receive is a kernel that runs until its message
-    comes; CUDA loads a kernel lazily at its first launch, and the load waits for the device to drain: so an
-    expert node that loads a kernel while a lane's receive is pending waits on the attention node, which may be
-    loading one of its own behind a receive from this node (seen on 2 x H200: both stuck in Triton's load). The
-    expert node loads every module at start instead (CUDA_MODULE_LOADING=EAGER, and its warm-up for Triton's)."""
-    if config.transport.backend not in (PER_LINK, "nccl") or not config.node_device("expert", index).startswith("cuda"):
+def needs_eager_loading(config: "Config", role: str, index: int) -> bool:
+    """Whether node `index` of `role` ("attention" or "expert") has an NCCL link. A posted NCCL receive is a kernel
+    that runs until its message comes; CUDA loads a kernel lazily at its first launch, and the load may wait for
+    the device to drain: so a node that loads a kernel while a receive is pending waits on its peer, which may be
+    loading one of its own behind a receive from this node (seen on 2 x H200: both stuck in Triton's load). Such
+    a node loads every CUDA module at start instead (CUDA_MODULE_LOADING=EAGER; Triton's at its warm-up)."""
+    device = config.node_device(role, index)
+    if config.transport.backend not in (PER_LINK, "nccl") or not device.startswith("cuda"):
         return False
     plan = plan_links(config)
-    return any(plan.backends[(a, index)] == "nccl" for a in range(config.cluster.attention_nodes))
+    links = ([plan.backends[(index, e)] for e in range(config.cluster.expert_nodes)] if role == "attention" else
+             [plan.backends[(a, index)] for a in range(config.cluster.attention_nodes)])
+    return "nccl" in links
 
 
 def data_path(config: "Config") -> str:

@@ -164,7 +164,7 @@ def test_triton_backend_is_four_launches(shape):
 def test_expert_node_warm_up_leaves_no_variant_to_load_while_serving(shape):
     """After an expert node's warm-up, rounds of any size, carved from a receive slot as the links carve them,
     compile and load no new Triton variant: a load while an NCCL receive is pending would wait for the device to
-    drain, and with the attention node loading too, neither would (m2n/link_plan.expert_links_need_eager_loading)."""
+    drain, and with the attention node loading too, neither would (m2n/link_plan.needs_eager_loading)."""
     from expertmesh.cuda_graph import warm_up_sizes
     from expertmesh.expert_node.node import ExpertNode
     from expertmesh.ops.fused_moe_triton import _triton_kernels

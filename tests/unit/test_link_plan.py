@@ -7,7 +7,7 @@ import pytest
 
 from expertmesh.config import Config, ConfigError
 from expertmesh.m2n.handshake import check_link, link_facts
-from expertmesh.m2n.link_plan import (choose_link, data_path, expert_links_need_eager_loading, host_of, plan_links,
+from expertmesh.m2n.link_plan import (choose_link, data_path, host_of, needs_eager_loading, plan_links,
                                       settle_backend, uses_dist)
 from expertmesh.transport.base import resolve_backend
 
@@ -62,12 +62,13 @@ def test_gpus_mix_ipc_within_a_host_and_nccl_across():
     assert plan.devices == ["cuda:0", "cuda:0", "cuda:1"]
 
 
-def test_expert_nodes_with_an_nccl_link_load_every_kernel_at_start():
+def test_nodes_with_an_nccl_link_load_every_kernel_at_start():
     mixed = cluster_config(device="cuda", attention_hosts=["a"], expert_hosts=["a", "b"])  # ipc to 0, nccl to 1
-    assert [expert_links_need_eager_loading(mixed, e) for e in (0, 1)] == [False, True]
-    assert expert_links_need_eager_loading(cluster_config(backend="nccl", device="cuda"), 0)
-    assert not expert_links_need_eager_loading(cluster_config(backend="ipc", device="cuda"), 0)
-    assert not expert_links_need_eager_loading(cluster_config(expert_hosts=["a", "b"], attention_hosts=["b"]), 0)
+    assert [needs_eager_loading(mixed, "expert", e) for e in (0, 1)] == [False, True]
+    assert needs_eager_loading(mixed, "attention", 0)  # it has the nccl link to expert node 1
+    assert needs_eager_loading(cluster_config(backend="nccl", device="cuda"), "expert", 0)
+    assert not needs_eager_loading(cluster_config(backend="ipc", device="cuda"), "attention", 0)
+    assert not needs_eager_loading(cluster_config(expert_hosts=["a", "b"], attention_hosts=["b"]), "expert", 0)
 
 
 def test_a_named_backend_takes_every_link():
