@@ -46,6 +46,8 @@ class AttentionNode:
         self._gateway: PeerId | None = None
         self.gate = PeerGate(config.cluster.secret, f"attention node {node_id} (control)")
         self._work = asyncio.Event()
+        self._grammars = None  # GrammarCompiler, made (and xgrammar imported) at the first request with a grammar
+        self._compiling: set[str] = set()  # requests whose grammar compiles: an abort meanwhile drops them
 
     @property
     def ready(self) -> bool:
@@ -78,6 +80,9 @@ class AttentionNode:
                 seq = self.scheduler.abort(message.request_id)
                 if seq is not None and seq not in self.scheduler.running:  # was waiting: nothing runs for it
                     await self._send([seq.request_id], [-1], ["abort"], [None])
+                elif message.request_id in self._compiling:
+                    self._compiling.discard(message.request_id)
+                    await self._send([message.request_id], [-1], ["abort"], [None])
             elif isinstance(message, StatusRequest):
                 await self.control.send(peer, self.status())
             elif isinstance(message, TraceControl):
@@ -89,12 +94,40 @@ class AttentionNode:
         seq = Sequence(message.request_id, list(message.prompt_ids), sampling,
                        request_seed(sampling, fallback_seed=time.time_ns() % 2**63), arrived_s=time.monotonic(),
                        prompt_logprobs_n=message.prompt_logprobs)
+        if sampling.grammar is not None:
+            asyncio.create_task(self._add_with_grammar(seq))
+            return
+        self._queue(seq)
+
+    def _queue(self, seq: Sequence) -> None:
         try:
             self.scheduler.add(seq)
         except ValueError as exc:
             asyncio.create_task(self._send([seq.request_id], [-1], ["error"], [str(exc)]))
             return
         self._work.set()
+
+    async def _add_with_grammar(self, seq: Sequence) -> None:
+        """Compiles the request's grammar off the event loop (a new schema may take a while on a large vocabulary;
+        a known one is a cache hit), then queues it, unless it was aborted meanwhile."""
+        self._compiling.add(seq.request_id)
+        error = None
+        try:
+            if self._grammars is None:
+                from .grammar import GrammarCompiler, tokenizer_info
+                info = await asyncio.to_thread(tokenizer_info, self.config.model.path, self.spec.vocab_size,
+                                               tuple(self.scheduler.eos_token_ids))
+                self._grammars = self._grammars or GrammarCompiler(info)
+            seq.grammar = await asyncio.to_thread(self._grammars.state, *seq.sampling.grammar)
+        except Exception as exc:  # a request must fail, never hang (the gateway checks sources: this is rare)
+            error = str(exc)
+        if seq.request_id not in self._compiling:  # aborted meanwhile, and answered then
+            return
+        self._compiling.discard(seq.request_id)
+        if error is not None:
+            await self._send([seq.request_id], [-1], ["error"], [error])
+        else:
+            self._queue(seq)
 
     def status(self) -> Status:
         s = self.m2n.stats if self.m2n is not None else LinkStats([], [], [])  # colocated: no links

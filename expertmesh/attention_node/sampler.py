@@ -1,5 +1,5 @@
-"""A step's sampling: each sequence's parameters gathered into one batch, then one batched draw on the device
-(ops/sampling.py) and one copy of the tokens to the host.
+"""A step's sampling: each sequence's parameters (and the token bitmask of those with a grammar) gathered into one
+batch, then one batched draw on the device (ops/sampling.py) and one copy of the tokens to the host.
 
 Each request draws from a hash of its own seed and its token count, so a seeded request gives the same tokens in
 any batch, on any device, after a preemption too."""
@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..host_copy import to_device
+from ..ops.grammar_mask import bitmask_words
 from ..ops.logits_processors import Penalties, TokenBias
 from ..ops.sampling import SamplingBatch, sample, token_logprobs
 from ..transport.protocol import SamplingParams
@@ -64,6 +65,18 @@ def penalties(seqs: list[Sequence], vocab: int, device: torch.device | str) -> P
                          [p.presence_penalty for p in params])))
 
 
+def token_bitmask(seqs: list[Sequence], vocab: int, device: torch.device | str) -> torch.Tensor | None:
+    """The allowed tokens of each row with a grammar, filled by its matcher on the host and copied once; rows without
+    one allow every token. None (no work at all) when no row has a grammar."""
+    rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+    if not rows:
+        return None
+    bitmask = torch.full((len(seqs), bitmask_words(vocab)), -1, dtype=torch.int32)
+    for i in rows:
+        seqs[i].grammar.fill_bitmask(bitmask, i)
+    return to_device(bitmask, device)
+
+
 def sampling_batch(seqs: list[Sequence], device: torch.device | str, vocab: int,
                    eos_token_ids: tuple[int, ...] = ()) -> SamplingBatch:
     params = [s.sampling for s in seqs]
@@ -87,6 +100,7 @@ def sample_step(logits: torch.Tensor, seqs: list[Sequence],
                 eos_token_ids: tuple[int, ...] = ()) -> tuple[list[int], list]:
     """Next token of each sequence, and its logprobs where the request asked for them (else None)."""
     batch = sampling_batch(seqs, logits.device, logits.shape[-1], tuple(eos_token_ids))
+    batch.token_bitmask = token_bitmask(seqs, logits.shape[-1], logits.device)
     tokens = sample(logits, batch).tolist()  # the step's one wait on the device
     logprobs = [None if s.sampling.logprobs is None else token_logprobs(logits[i], tokens[i], s.sampling.logprobs)
                 for i, s in enumerate(seqs)]

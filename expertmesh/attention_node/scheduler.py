@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..kv.block_manager import BlockManager
 from ..transport.protocol import SamplingParams
+
+if TYPE_CHECKING:  # xgrammar is imported only once a request asks for a grammar
+    from .grammar import GrammarState
 
 
 @dataclass(eq=False)  # identity: the scheduler finds and removes sequences by object, not by value
@@ -28,6 +32,13 @@ class Sequence:
     queue_s: float | None = None  # from arrival to its first step (a readmission after preemption does not count)
     prompt_logprobs_n: int | None = None  # alternatives per prompt position; None: the request wants no prompt logprobs
     prompt_logprobs: list = field(default_factory=lambda: [None])  # gathered across prefill steps (prompt_logprobs.py)
+    grammar: GrammarState | None = None  # structured output: its matcher has accepted exactly output_ids
+
+    def append(self, token: int) -> None:
+        """The one place outputs grow, so that the grammar's matcher follows them (through preemptions too)."""
+        self.output_ids.append(token)
+        if self.grammar is not None:
+            self.grammar.accept(token)
 
     @property
     def num_tokens(self) -> int:
@@ -143,7 +154,7 @@ class Scheduler:
         """After a step: seq's KV cache holds every token so far, `token` is its next output. Returns why seq
         finished (and frees its blocks), or None if it goes on."""
         seq.num_cached = seq.num_tokens
-        seq.output_ids.append(token)
+        seq.append(token)
         reason = self.finish_reason(seq)
         if reason is not None:
             self.release(seq)
@@ -153,6 +164,8 @@ class Scheduler:
         """Why seq stops after its latest token, or None if it goes on."""
         if seq.aborted:
             return "abort"
+        if seq.grammar is not None and seq.grammar.terminated:  # its grammar is complete (or cannot go on)
+            return "stop"
         if seq.output_ids and seq.may_stop:
             last = seq.output_ids[-1]
             if (not seq.sampling.ignore_eos and last in self.eos_token_ids) or last in seq.sampling.stop_token_ids:

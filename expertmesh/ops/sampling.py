@@ -1,5 +1,5 @@
-"""Next-token sampling for a whole batch in a few tensor ops: biases and penalties (ops/logits_processors.py),
-greedy, temperature, min-p, top-k, top-p, a seed per request.
+"""Next-token sampling for a whole batch in a few tensor ops: structured outputs' token mask (ops/grammar_mask.py),
+biases and penalties (ops/logits_processors.py), greedy, temperature, min-p, top-k, top-p, a seed per request.
 
 Randomness comes from a counter-based hash of (seed, draw number, token id) rather than a generator's stream, so
 a seeded request draws the same tokens whatever batch it runs in, on CPU and GPU alike, with no host round trip
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .grammar_mask import apply_token_bitmask
 from .logits_processors import Penalties, TokenBias, apply_bias, apply_penalties
 
 _MASK32 = 0xFFFFFFFF
@@ -30,6 +31,7 @@ class SamplingBatch:
     min_p: torch.Tensor | None = None  # [rows] float32 in [0, 1]; 0 = off
     bias: TokenBias | None = None
     penalties: Penalties | None = None
+    token_bitmask: torch.Tensor | None = None  # [rows, vocab / 32] int32: the tokens each row's grammar allows
 
     @classmethod
     def greedy(cls, bias: TokenBias | None = None, penalties: Penalties | None = None) -> "SamplingBatch":
@@ -75,7 +77,10 @@ def top_k_top_p_mask(scaled: torch.Tensor, top_k: torch.Tensor | None, top_p: to
 
 
 def adjust(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """The logits every row picks from, greedy ones too: biases, then penalties."""
+    """The logits every row picks from, greedy ones too: the grammar's mask (first, as vLLM applies it), biases,
+    then penalties, which keep a masked token at -inf."""
+    if batch.token_bitmask is not None:
+        logits = apply_token_bitmask(logits, batch.token_bitmask)
     if batch.bias is not None:
         logits = apply_bias(logits, batch.bias)
     if batch.penalties is not None:

@@ -289,6 +289,11 @@ class StepPlan(Message):
 
 # ---- control plane: gateway <-> attention node ---------------------------------------------------------------
 
+# what SamplingParams.grammar's source is: a JSON schema, any JSON object (source unused), a regular expression, an
+# EBNF grammar (xgrammar's dialect), or an xgrammar structural tag (tool calls: gateway/tools.py)
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "ebnf", "structural_tag")
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling; temperature 0 means greedy."""
@@ -307,6 +312,8 @@ class SamplingParams:
     min_tokens: int = 0  # no EOS or stop_token_ids before this many output tokens
     stop_token_ids: list[int] = field(default_factory=list)  # finish ('stop') when one is sampled
     logit_bias: list[list] = field(default_factory=list)  # [[token id, bias], ...]: msgpack map keys are not ints
+    # structured output (attention_node/grammar.py): [kind, source], kind one of GRAMMAR_KINDS; None: free text
+    grammar: list[str] | None = None
 
     def to_list(self) -> list[Any]:
         return [getattr(self, f.name) for f in dataclasses.fields(self)]
