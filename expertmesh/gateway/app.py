@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -21,10 +22,11 @@ from ..transport.protocol import SamplingParams
 from .metrics import GatewayMetrics
 from ..telemetry import chrome_trace
 from .nodes import AttentionNodeClient, NodeLink
-from . import choices, openapi
+from . import choices, openapi, tools
 from .router import RoutingPolicy, choose_node
 from .responses import Choice, Chunk, Options, Prompt, total_usage
 from .schema import ChatRequest, CompletionRequest, SamplingFields, StreamOptions, error_body
+from .structured import GrammarFieldError, check_grammar, requested_grammar
 from .text import TextCodec, TextStream
 
 
@@ -177,22 +179,39 @@ def create_app(served: ServedModel) -> FastAPI:
 
     @app.post("/v1/chat/completions", responses=openapi.CHAT_COMPLETIONS)
     async def chat(body: ChatRequest):
-        text = served.codec.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages])
+        try:
+            tool_choice = tools.tool_choice_of(body.tools, body.tool_choice)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="tool_choice") from None
+        for m in body.messages:
+            if m.content is None and not (m.role == "assistant" and m.tool_calls):
+                raise APIError(400, f"a {m.role} message needs content", param="messages")
+        try:
+            text = served.codec.apply_chat_template(tools.template_messages(body.messages), tools.tool_dicts(body.tools))
+        except jinja2.TemplateError as exc:  # the template's raise_exception: a conversation it does not take
+            raise APIError(400, f"the chat template refused the messages: {exc}", param="messages") from None
         if body.max_tokens == 0:
             raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
         prompt_ids = served.codec.encode(text)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, served.max_model_len - len(prompt_ids))
-        return await respond(body, [Prompt(prompt_ids, text)], max_tokens, chat=True)
+        try:
+            forced = tools.forced_calls_grammar(body.tools, tool_choice, body.parallel_tool_calls)
+        except ValueError as exc:  # xgrammar's refusal of a tool's definition
+            raise APIError(400, f"tools: {exc}", param="tools") from None
+        return await respond(body, [Prompt(prompt_ids, text)], max_tokens, chat=True,
+                             tool_calls=tool_choice != "none", forced_calls=forced)
 
-    async def respond(body: SamplingFields, prompts: list[Prompt], max_tokens: int, chat: bool):
+    async def respond(body: SamplingFields, prompts: list[Prompt], max_tokens: int, chat: bool,
+                      tool_calls: bool = False, forced_calls: list[str] | None = None):
         arrived = time.monotonic()
         options = Options(chat, body.top_logprobs_n(), echo=getattr(body, "echo", False), prompt_only=max_tokens == 0,
-                          prompt_logprobs=body.prompt_logprobs, return_token_ids=body.return_token_ids)
+                          prompt_logprobs=body.prompt_logprobs, return_token_ids=body.return_token_ids,
+                          tool_calls=tool_calls)
         # echo with max_tokens 0 asks for the prompt alone: the node samples once after a prefill anyway (vLLM's
         # too), and Choice drops that token
         max_tokens = max(max_tokens, 1)
         check_request(body, prompts, max_tokens)
-        sampling = sampling_params(body, max_tokens)
+        sampling = sampling_params(body, max_tokens, await grammar(body, forced_calls))
         count = body.best_of or body.n  # samples drawn per prompt; with best_of > n, the n most likely are returned
         admit(sum(len(p.ids) for p in prompts) * count, len(prompts) * count)
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -227,7 +246,21 @@ def create_app(served: ServedModel) -> FastAPI:
             response["prompt_logprobs"] = drawn[0].prompt_logprobs_body()
         return response
 
-    def sampling_params(body: SamplingFields, max_tokens: int) -> SamplingParams:
+    async def grammar(body: SamplingFields, forced_calls: list[str] | None) -> list[str] | None:
+        """The request's structured output (gateway/structured.py), or its forced tool calls' (gateway/tools.py),
+        parsed in a thread (a large schema is work) so that a bad one is a 400 here, not a failed generation."""
+        try:
+            asked = requested_grammar(body)
+            if asked is not None and forced_calls is not None:
+                raise GrammarFieldError(asked[0], "not with a tool_choice that forces calls (their grammar is theirs)")
+            asked = asked or (("tools", forced_calls) if forced_calls is not None else None)
+            if asked is not None:
+                await asyncio.to_thread(check_grammar, *asked)
+        except GrammarFieldError as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
+        return None if asked is None else asked[1]
+
+    def sampling_params(body: SamplingFields, max_tokens: int, grammar: list[str] | None = None) -> SamplingParams:
         """The request's sampling as the attention node takes it; token ids checked against the vocabulary."""
         bias = []
         for key, value in (body.logit_bias or {}).items():
@@ -247,7 +280,7 @@ def create_app(served: ServedModel) -> FastAPI:
                               body.top_logprobs_n(), top_k=body.top_k, min_p=body.min_p,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                               repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
-                              stop_token_ids=list(body.stop_token_ids or []), logit_bias=bias)
+                              stop_token_ids=list(body.stop_token_ids or []), logit_bias=bias, grammar=grammar)
 
     def check_request(body: SamplingFields, prompts: list[Prompt], max_tokens: int) -> None:
         if body.model is not None and body.model != served.name and body.model not in served.aliases:

@@ -15,7 +15,7 @@ from .schema import (UNSUPPORTED, ChatCompletionChunk, ChatCompletionResponse, C
 _ERRORS = {
     400: "Invalid request: malformed JSON, a field of the wrong type or out of range, a prompt too long or empty (an "
          "empty batch too), `max_tokens: 0` without `echo`, `stream_options` without `stream`, `prompt_logprobs` "
-         "with `stream`",
+         "with `stream`, a structured output or tool that does not parse, two structured outputs at once",
     401: "Missing or wrong API key (when the server has one: `Authorization: Bearer KEY`)",
     404: "No such model: `model` is none of the served names",
     429: "At capacity (requests or prompt tokens in flight): retry after `Retry-After` seconds",
@@ -74,8 +74,21 @@ PARAMETERS = (
     "[-100, 100]), `min_tokens` (no EOS or `stop_token_ids` before), `stop` strings and `stop_token_ids` (neither in "
     "the text), `ignore_eos`, `max_tokens`, `n`, `best_of` (that many samples, the `n` of highest cumulative logprob "
     "returned; not with `stream`), `logprobs`, `return_token_ids`, `timeout`.\n\n"
+    "Structured outputs, at most one a request, enforced by a grammar (xgrammar) masking each step's tokens on the "
+    "attention node: `response_format` (`{\"type\": \"json_object\"}`: any JSON; `{\"type\": \"json_schema\", "
+    "\"json_schema\": {\"name\": ..., \"schema\": {...}}}`), vLLM's `guided_json` (a JSON schema), `guided_regex`, "
+    "`guided_choice` (one of the strings), `guided_grammar` (EBNF, xgrammar's dialect) and `structured_outputs` "
+    "(`{\"json\" | \"regex\" | \"choice\" | \"grammar\" | \"json_object\" | \"structural_tag\": ...}`). The output ends "
+    "when the grammar is complete; a malformed one is a 400 that names its field.\n\n"
+    "Tool calling (chat): `tools` (functions with a JSON schema of their `parameters`), rendered by the chat "
+    "template, and `tool_choice`: `auto` (the default with tools: calls the model writes as "
+    "`<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>`, Qwen3's and Hermes' syntax, come back as "
+    "`tool_calls`), `none`, `required` or `{\"type\": \"function\", \"function\": {\"name\": ...}}` (the grammar "
+    "forces a call, to that function, with arguments that follow its schema; `parallel_tool_calls: false`: one "
+    "call). With calls, `finish_reason` is `tool_calls`; a stream sends each call whole in one `tool_calls` delta "
+    "once it is complete. Assistant messages with `tool_calls` and `tool` messages are taken.\n\n"
     "A known OpenAI or vLLM parameter this server does not implement is a 400 that names it in `param`, unless its "
-    "value asks for nothing (`tools: []`, `response_format: {\"type\": \"text\"}`): "
+    "value asks for nothing (`tools: []` on completions, `use_beam_search: false`): "
     + ", ".join(f"`{name}`" for name in sorted(UNSUPPORTED)) + ". Any other unknown field is ignored, with one "
     "warning per name in the server's log (vLLM's behaviour).")
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 from .text import TextCodec
+from .tools import ToolCallStream
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Options:
     prompt_only: bool = False  # echo with max_tokens 0: the one token the node samples after the prefill is dropped
     prompt_logprobs: int | None = None  # vLLM's extension
     return_token_ids: bool = False
+    tool_calls: bool = False  # chat with tools and a tool_choice other than none: the output is parsed for calls
 
     @property
     def node_prompt_logprobs(self) -> int | None:
@@ -58,16 +60,29 @@ class Choice:
     prompt_logprobs: list | None = None
     chunks: int = 0
     text_offset: int = 0  # where the next token's piece starts in the choice's text
+    tool_stream: ToolCallStream | None = None  # a stream's tool calls, as their closing tags come
 
     def stream_delta(self, chunk: Chunk) -> dict:
         """Adds chunk to the choice; returns what it adds as a stream's choice."""
         first = self.chunks == 0
         text, scored = self.take(chunk)
         logprobs = self.logprobs_body(scored) if self.options.logprobs is not None else None
-        if self.options.chat:
-            delta = {"role": "assistant", "content": text} if first else {"content": text}
-            return {"index": self.index, "delta": delta, "finish_reason": self.finish_reason, "logprobs": logprobs}
-        return {"index": self.index, "text": text, "finish_reason": self.finish_reason, "logprobs": logprobs}
+        if not self.options.chat:
+            return {"index": self.index, "text": text, "finish_reason": self.finish_reason, "logprobs": logprobs}
+        delta: dict = {"role": "assistant"} if first else {}
+        if self.options.tool_calls:
+            self.tool_stream = self.tool_stream or ToolCallStream()
+            text, calls = self.tool_stream.push(text, final=self.finish_reason is not None)
+            if calls:
+                delta["tool_calls"] = self.tool_stream.deltas(calls)
+        delta["content"] = text
+        return {"index": self.index, "delta": delta, "finish_reason": self.chat_finish_reason(self.tool_stream),
+                "logprobs": logprobs}
+
+    def chat_finish_reason(self, tool_calls: ToolCallStream | None) -> str | None:
+        """vLLM's: tool_calls when the output called tools, else the generation's."""
+        return "tool_calls" if self.finish_reason is not None and tool_calls and tool_calls.calls else \
+            self.finish_reason
 
     def take(self, chunk: Chunk) -> tuple[str, list]:
         """Adds chunk to the choice; returns the text and the scored tokens it adds (an echoed prompt's with the
@@ -97,7 +112,14 @@ class Choice:
         """The whole choice, once every chunk is taken."""
         choice: dict = {"index": self.index, "finish_reason": self.finish_reason,
                         "logprobs": self.logprobs_body(self.scored) if self.options.logprobs is not None else None}
-        if self.options.chat:
+        if self.options.chat and self.options.tool_calls:
+            calls = ToolCallStream()
+            calls.push(self.text, final=True)
+            content = calls.content if calls.content.strip() or not calls.calls else None  # calls alone: null
+            choice["message"] = {"role": "assistant", "content": content, **({"tool_calls": calls.calls}
+                                                                               if calls.calls else {})}
+            choice["finish_reason"] = self.chat_finish_reason(calls)
+        elif self.options.chat:
             choice["message"] = {"role": "assistant", "content": self.text}
         else:
             choice["text"] = self.text

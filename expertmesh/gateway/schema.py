@@ -8,15 +8,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .structured import ResponseFormat, StructuredOutputs
+
 log = logging.getLogger(__name__)
 
 # Known OpenAI and vLLM parameters this server does not implement, each with the values that ask for nothing (as
 # if absent): any other value is a 400 that names it, never a silent no-op on the output (issue 15).
 UNSUPPORTED: dict[str, tuple] = {
-    "suffix": (None, ""), "response_format": (None, {"type": "text"}), "tools": (None, []),
+    "suffix": (None, ""), "tools": (None, []),  # tools: chat's (on completions, as OpenAI has none)
     "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none", "auto"),
-    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
-    "structured_outputs": (None,), "structural_tag": (None,), "use_beam_search": (None, False),
+    "structural_tag": (None,), "use_beam_search": (None, False),
     "length_penalty": (None, 1.0), "allowed_token_ids": (None,), "bad_words": (None, []),
     "include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True),
     "spaces_between_special_tokens": (None, True), "truncate_prompt_tokens": (None,), "logits_processors": (None,),
@@ -24,7 +25,7 @@ UNSUPPORTED: dict[str, tuple] = {
     "modalities": (None, ["text"]), "reasoning_effort": (None,), "add_generation_prompt": (None, True),
     "continue_final_message": (None, False), "chat_template": (None,), "chat_template_kwargs": (None, {}),
 }
-IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls"}  # known, and no bearing on output
+IGNORED = {"user", "store", "metadata", "service_tier"}  # known, and no bearing on output
 _warned: set[str] = set()
 
 
@@ -62,6 +63,13 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None  # only with stream (400 otherwise, as OpenAI and vLLM)
     # vLLM extension: each prompt token's logprob, rank and this many most likely alternatives; not with stream
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # structured outputs (gateway/structured.py): at most one of these
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None  # vLLM's guided_*: a JSON schema, a regex, one of strings,
+    guided_regex: str | None = None  # an EBNF grammar
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's newer form of the guided_* fields
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -100,19 +108,58 @@ class CompletionRequest(SamplingFields):
         return self.logprobs
 
 
-class ContentPart(BaseModel):
+class RequestPart(BaseModel):
+    """A part of a request body: strict types, unknown fields ignored."""
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class ContentPart(RequestPart):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class FunctionCall(RequestPart):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(RequestPart):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ChatMessage(RequestPart):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[ContentPart]
+    content: str | list[ContentPart] | None = None  # None only for an assistant's message with tool_calls
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionDefinition(RequestPart):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # the arguments always follow parameters when the grammar forces a call
+
+
+class Tool(RequestPart):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(RequestPart):
+    name: str
+
+
+class NamedToolChoice(RequestPart):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatRequest(SamplingFields):
@@ -125,6 +172,10 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int = Field(default=0, ge=0, le=20)
+    # tool calling (gateway/tools.py); tool_choice defaults to auto with tools, none without
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # false: at most one call (enforced when the grammar forces calls)
 
     def top_logprobs_n(self) -> int | None:
         return self.top_logprobs if self.logprobs else None
@@ -213,13 +264,28 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # None when the message is tool calls alone
+    tool_calls: list[ToolCall] | None = None  # when the model called tools
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A tool call in a stream: the whole call in one delta (id, type, name, arguments), as a client may join
+    several deltas of one index."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
 
 
 class ChatChoice(TokenIds):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: ChatLogprobs | None
 
 
@@ -253,13 +319,14 @@ class CompletionChunk(BaseModel):
 
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None  # in the first chunk only
-    content: str
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
-    finish_reason: Literal["stop", "length"] | None  # None until the last chunk
+    finish_reason: Literal["stop", "length", "tool_calls"] | None  # None until the last chunk
     logprobs: ChatLogprobs | None
 
 

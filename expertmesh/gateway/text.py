@@ -19,6 +19,7 @@ class TextCodec:
         config_path = Path(model_dir) / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.chat_template: str | None = config.get("chat_template")
+        self._compiled = None  # the template, compiled at first use
         self.bos_token: str = config.get("bos_token") or ""
         self.eos_token: str = config.get("eos_token") or ""
         self.vocab_size = self.tokenizer.get_vocab_size()
@@ -29,15 +30,38 @@ class TextCodec:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        """The tokenizer's own Jinja chat template if it has one, else a plain role-tagged transcript."""
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The tokenizer's own Jinja chat template if it has one (given the tools, as transformers' would be), else a
+        plain role-tagged transcript, with the tools and tool calls in Hermes' syntax (gateway/tools.py)."""
         if self.chat_template:
-            import jinja2
-            template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(self.chat_template)
-            return template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
-                                   eos_token=self.eos_token)
-        turns = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+            return self._template().render(messages=messages, tools=tools, add_generation_prompt=True,
+                                           bos_token=self.bos_token, eos_token=self.eos_token)
+        from .tools import plain_tool_calls, plain_tools_prompt
+        if tools:
+            system = "\n\n".join(m["content"] for m in messages[:1] if m["role"] == "system")
+            messages = [{"role": "system", "content": "\n\n".join(filter(None, [system, plain_tools_prompt(tools)]))},
+                        *(messages[1:] if system else messages)]
+        turns = "".join(f"<|{m['role']}|>\n{m['content']}{plain_tool_calls(m.get('tool_calls') or [])}\n"
+                        for m in messages)
         return turns + "<|assistant|>\n"
+
+    def _template(self):
+        """The chat template compiled as transformers compiles it: a sandbox, loop controls, tojson without HTML
+        escapes, raise_exception (tool-aware templates use all of these)."""
+        if self._compiled is None:
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message: str):
+                raise jinja2.exceptions.TemplateError(message)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
+                json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+            env.globals["raise_exception"] = raise_exception
+            self._compiled = env.from_string(self.chat_template)
+        return self._compiled
 
 
 @dataclass

@@ -84,6 +84,7 @@ class LockstepClient:
         self._errors: list[str] = []
         self._readers: list[asyncio.Task] = []
         self._step: int | None = None
+        self._plan_sent: asyncio.Future | None = None  # begin_step's plan, until it is in the transport's hands
 
     async def handshake(self, num_layers: int, num_experts: int, timeout_s: float) -> None:
         """Greets every expert node on the control connection and checks it holds what the placement says."""
@@ -129,17 +130,24 @@ class LockstepClient:
         plan = StepPlan(self.attention_node, step, list(tokens))
         for conn in self.connections:
             await conn.send(plan)
-        # on the wire before the first round: else a host call holding the GIL (a kernel's first load, which waits
-        # for the device to drain) could keep the plan in the socket thread while the device waits on an expert
-        # node that waits for the plan (seen on 2 x H200 over NCCL: the attention node stuck in a launch)
-        await asyncio.gather(*(conn.flushed() for conn in self.connections))
+        # in zmq's hands before the first eager round is enqueued: else a host call that keeps the GIL while it
+        # waits for the device (Triton's first load of a kernel) could keep the plan in the socket thread while
+        # the device waits on an expert node that waits for the plan. Awaited there, not here, so that the hop to
+        # the socket thread overlaps the step's first segment; a whole-step graph replay keeps no GIL waiting.
+        self._plan_sent = asyncio.ensure_future(asyncio.gather(*(conn.flushed() for conn in self.connections)))
 
     async def dispatch(self, step: int, layer: int, microbatch: int, hidden: torch.Tensor,
                        expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> RoundHandle:
         """Sends the round's tokens to every expert node and posts the receives of their answers."""
         if step != self._step:
             raise RuntimeError(f"dispatch for step {step} before begin_step announced it (at {self._step})")
+        await self._plan_on_the_wire()
         return self.enqueue_round(layer, microbatch, hidden, expert_ids, expert_weights)
+
+    async def _plan_on_the_wire(self) -> None:
+        if self._plan_sent is not None:
+            sent, self._plan_sent = self._plan_sent, None
+            await sent
 
     def enqueue_round(self, layer: int, microbatch: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                       expert_weights: torch.Tensor) -> RoundHandle:
@@ -175,6 +183,7 @@ class LockstepClient:
 
     async def end_step(self, step: int) -> None:
         """Waits, with the receive deadline, for the step's rounds to finish on the device."""
+        await self._plan_on_the_wire()  # a whole-step replay dispatched nothing: the plan's send ends here
         if torch.device(self.device).type == "cuda":
             event = torch.cuda.Event()
             event.record()

@@ -33,9 +33,13 @@ def post(client, path, **fields):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("fields, param", [
-    ({"suffix": "x"}, "suffix"), ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"), ({"use_beam_search": True}, "use_beam_search"),
-    ({"guided_choice": ["a", "b"]}, "guided_choice"), ({"logit_bias": {str(VOCAB): 1.0}}, "logit_bias"),
+    ({"suffix": "x"}, "suffix"), ({"use_beam_search": True}, "use_beam_search"),
+    # structured outputs that cannot be met (gateway/structured.py): malformed, or two at once
+    ({"response_format": {"type": "json_schema"}}, "response_format"), ({"guided_choice": []}, "guided_choice"),
+    ({"guided_regex": "(ab"}, "guided_regex"), ({"guided_json": {"type": "objectx"}}, "guided_json"),
+    ({"guided_json": "{not json"}, "guided_json"), ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+    ({"logit_bias": {str(VOCAB): 1.0}}, "logit_bias"),
     ({"logit_bias": {"x": 1.0}}, "logit_bias"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"n": 2, "best_of": 1}, "best_of"), ({"best_of": 2, "stream": True}, "best_of"),
     ({"min_tokens": 5}, "min_tokens"), ({"presence_penalty": 2.5}, "presence_penalty"),
@@ -46,6 +50,24 @@ def test_what_the_server_cannot_honour_is_a_400_naming_the_parameter(client, pat
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and param in error["message"], error
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("path, fields, param", [
+    ("/v1/completions", {"tools": [TOOL]}, "tools"),  # chat's alone, as OpenAI's
+    ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),  # no tools to call
+    ("/v1/chat/completions", {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+     "tool_choice"),
+    ("/v1/chat/completions", {"tools": [TOOL], "tool_choice": "required", "guided_regex": "a"}, "guided_regex"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "objectx"}}}], "tool_choice": "required"}, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, "messages")])
+def test_tool_calls_that_cannot_be_met_are_a_400_naming_the_parameter(client, path, fields, param):
+    response = post(client, path, **fields)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -132,5 +154,5 @@ def test_the_openapi_docs_list_the_parameters_and_the_policy(client):
         description = api["paths"][path]["post"]["description"]
         for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
                      "repetition_penalty", "logit_bias", "min_tokens", "stop_token_ids", "n", "best_of", "suffix",
-                     "response_format", "tools"):
+                     "response_format", "guided_json", "guided_regex", "guided_choice", "tools", "tool_choice"):
             assert f"`{name}`" in description, name
