@@ -98,6 +98,12 @@ class DistLinks(Links):
         except RuntimeError as exc:  # gloo: a peer closed its connection, or the timeout passed
             raise TransportError(f"gloo link failed: {exc}") from None
 
+    def release(self) -> None:
+        """NCCL: aborting the communicators ends their pending kernels (receives from a dead peer included), so the
+        streams behind them drain; the links are gone after it, as a lockstep node's are after any failure."""
+        if self.backend == "nccl":
+            close_links()
+
     def close(self) -> None:
         close_links()
 

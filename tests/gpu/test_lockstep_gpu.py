@@ -118,9 +118,10 @@ def test_decode_steps_never_wait_on_the_device(mixtral_dir, backend, tmp_path):
 
 
 @pytest.mark.timeout(90)
-def test_a_dead_expert_node_fails_the_step_within_the_deadline(mixtral_dir, tmp_path):
+@pytest.mark.parametrize("backend", ["ipc", pytest.param("nccl:1", marks=_TWO_GPUS)])
+def test_a_dead_expert_node_fails_the_step_within_the_deadline(mixtral_dir, tmp_path, backend):
     async def run():
-        async with LockstepCluster(mixtral_dir, tmp_path, "ipc", microbatches=2, recv_timeout_s=3.0) as cluster:
+        async with LockstepCluster(mixtral_dir, tmp_path, backend, microbatches=2, recv_timeout_s=3.0) as cluster:
             await cluster.generate(PROMPTS[:2], 2)  # serving
             cluster.expert.kill()
             cluster.expert.wait(10)
