@@ -170,7 +170,8 @@ def create_app(served: ServedModel) -> FastAPI:
 
     @app.post("/v1/completions", responses=openapi.COMPLETIONS)
     async def completions(body: CompletionRequest):
-        prompts = [Prompt(served.codec.encode(p), p) if isinstance(p, str) else Prompt(p) for p in body.prompts()]
+        prompts = [Prompt(served.codec.encode(p, body.add_special_tokens), p) if isinstance(p, str) else Prompt(p)
+                   for p in body.prompts()]
         if not prompts:
             raise APIError(400, "prompt is an empty batch", param="prompt")
         if body.max_tokens == 0 and not body.echo:
@@ -192,7 +193,8 @@ def create_app(served: ServedModel) -> FastAPI:
             raise APIError(400, f"the chat template refused the messages: {exc}", param="messages") from None
         if body.max_tokens == 0:
             raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
-        prompt_ids = served.codec.encode(text)
+        specials = body.add_special_tokens if body.add_special_tokens is not None else not served.codec.chat_template
+        prompt_ids = served.codec.encode(text, specials)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, served.max_model_len - len(prompt_ids))
         try:
             forced = tools.forced_calls_grammar(body.tools, tool_choice, body.parallel_tool_calls)

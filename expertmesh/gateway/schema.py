@@ -97,6 +97,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False  # the prompt ahead of the completion (its tokens' logprobs too, with logprobs)
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's special tokens (BOS) added to a text prompt
 
     def prompts(self) -> list[str | list[int]]:
         """The batch: a string or a list of ints is one prompt (a list of ints is never a batch of one-token ones)."""
@@ -169,6 +170,9 @@ class ChatRequest(SamplingFields):
             {"type": "text", "text": "hi"}]}], "max_completion_tokens": 4, "stream": True, "logprobs": True,
          "top_logprobs": 2, "return_token_ids": True}]})
     messages: list[ChatMessage] = Field(min_length=1)
+    # vLLM's; by default off where the tokenizer has a chat template, which places its special tokens itself (as
+    # transformers' apply_chat_template tokenizes), on for the plain transcript used where it has none
+    add_special_tokens: bool | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int = Field(default=0, ge=0, le=20)

@@ -24,8 +24,9 @@ class TextCodec:
         self.eos_token: str = config.get("eos_token") or ""
         self.vocab_size = self.tokenizer.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """add_special_tokens: the tokenizer's own (its BOS, say), as transformers' tokenizers add by default."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

@@ -60,6 +60,11 @@ def test_lm_eval_local_completions_scores_equal_its_hf_model(tmp_path):
         served = start_lm_eval(tmp_path / "api", "local-completions", f"model=expertmesh-mini,tokenizer={MODEL},"
                                f"base_url={cluster.url}/v1/completions,add_bos_token=True")
         served_results, served_samples = finish(served, tmp_path / "api")
+        with cluster.client() as client:  # vLLM's add_special_tokens: a text prompt's BOS unless asked without
+            prompt_tokens = [client.post("/v1/completions", json={"prompt": "ls -la", "max_tokens": 1,
+                                                                  "add_special_tokens": specials}).json()
+                             ["usage"]["prompt_tokens"] for specials in (True, False)]
+        assert prompt_tokens[0] == prompt_tokens[1] + 1
     finally:
         cluster.stop()
         reference_results, reference_samples = finish(reference, tmp_path / "hf")
