@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds .whl/site312.txz: the packages the GPU image lacks (pyzmq, fastapi & co, uvicorn, prometheus-client,
-# hypothesis, ucxx and its UCX/RMM libraries), for its Python 3.12, trimmed of static libraries, headers and UCX's
+# hypothesis, ucxx and its UCX/RMM libraries, xgrammar for structured outputs), for its Python 3.12, trimmed of static libraries, headers and UCX's
 # perftest (the device call carries at most 64 MiB). On the device: mkdir -p /tmp/site && tar xf .whl/site312.txz -C /tmp/site.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,7 @@ ARGS="--only-binary=:all: --python-version 3.12 --implementation cp $PLATFORMS"
 $PIP download -q --no-deps $ARGS -d "$DL" pyzmq fastapi starlette pydantic pydantic-core annotated-types \
   typing-inspection uvicorn opentelemetry-api prometheus-client hypothesis sortedcontainers ucxx-cu13==0.52.* \
   libucxx-cu13==0.52.* 'libucx-cu13<1.22' \
-  rmm-cu13==26.10.* librmm-cu13==26.10.* rapids-logger==0.3.*
+  rmm-cu13==26.10.* librmm-cu13==26.10.* rapids-logger==0.3.* xgrammar==0.2.9 apache-tvm-ffi
 $PIP install -q --no-deps --no-compile $ARGS --target "$SITE" "$DL"/*.whl
 cd "$SITE"
 find . -name '*.a' -delete
