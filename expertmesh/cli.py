@@ -37,6 +37,8 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
                    help="fraction of each attention GPU's memory for weights, activations and KV cache (default 0.9)")
     p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks per attention node (overrides the sizing)")
     p.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs: run every step eagerly")
+    p.add_argument("--async-scheduling", action="store_true", default=None,
+                   help="schedule and launch each step while the previous one runs (its tokens stay on the device)")
     p.add_argument("--served-model-name", nargs="+", metavar="NAME",
                    help="model ids requests may name; the first is shown by /v1/models and reported (default: the "
                         "model directory's name, and --model as given)")
@@ -75,6 +77,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  ("engine", "gpu_memory_utilization", getattr(args, "gpu_memory_utilization", None)),
                  ("engine", "num_kv_blocks", getattr(args, "num_kv_blocks", None)),
                  ("engine", "enforce_eager", getattr(args, "enforce_eager", None)),
+                 ("engine", "async_scheduling", getattr(args, "async_scheduling", None)),
                  ("cluster", "ray_address", getattr(args, "ray", None))]
     for section, key, value in overrides:
         if value is not None:

@@ -79,6 +79,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # KV-cache blocks; overrides the sizing above (and the CPU default)
     enforce_eager: bool = False  # no CUDA graphs: every step runs eagerly (vLLM's flag)
+    # schedule and launch step N+1 while step N runs, its decode inputs N's tokens on the device (vLLM's
+    # --async-scheduling; attention_node/node.py); off until measured on GPUs
+    async_scheduling: bool = False
 
     def context_len(self, spec: "ModelSpec") -> int:
         """Tokens a sequence may hold (prompt + output): max_model_len, capped by the model's positions."""

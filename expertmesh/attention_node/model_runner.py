@@ -27,7 +27,7 @@ from ..telemetry import GpuMeter, PhaseClock
 from . import prompt_logprobs
 from .cuda_graphs import DecodeGraphs, StepGraphs
 from ..transport.protocol import SamplingParams
-from .scheduler import Sequence
+from .scheduler import PLACEHOLDER, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,9 @@ class ExpertBackend(Protocol):
     async def begin_step(self, step: int, tokens: list[int]) -> None:
         """Before a step's first dispatch: the tokens of each of its microbatches."""
 
-    async def end_step(self, step: int) -> None:
-        """After its last: returns once the step's expert work is done (or raises)."""
+    async def end_step(self, step: int, event=None) -> None:
+        """After its last: returns once the step's expert work is done (or raises); `event`, where given, was
+        recorded on the device after the step's work (later work is not waited for)."""
 
     async def dispatch(self, step: int, layer: int, microbatch: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                        expert_weights: torch.Tensor): ...
@@ -75,6 +76,9 @@ class ModelRunner:
         self.local_experts = local_experts
         self.device = device
         self.clock = PhaseClock()
+        # async scheduling: the running step's sampled tokens on the device, and each of its sequences' row there
+        self.held_tokens: tuple[torch.Tensor, dict[int, int]] | None = None
+        self._step_ends: dict[int, torch.cuda.Event] = {}  # forward(end_step=False)'s steps, until finish_step
         self.gpu = GpuMeter(device)  # segments' device time
         self.context_len = context_len or spec.max_position_embeddings
         self.rotary = RotaryTable(spec.rope, spec.head_dim, self.context_len, weights.embed_tokens.dtype, device)
@@ -107,14 +111,19 @@ class ModelRunner:
                            block_ids=list(range(-(-tokens // block_size))))
             await self.forward(-tokens, [seq], 1)
 
-    async def forward(self, step: int, seqs: list[Sequence], microbatches: int) -> torch.Tensor:
-        """Logits of each sequence's last new token, [len(seqs), vocab], in seqs order."""
+    async def forward(self, step: int, seqs: list[Sequence], microbatches: int,
+                      end_step: bool = True) -> torch.Tensor:
+        """Logits of each sequence's last new token, [len(seqs), vocab], in seqs order. end_step=False: returns
+        without waiting for the step's M2N rounds (async scheduling waits for them with its tokens: finish_step)."""
         key = self.step_graphs.ready_for(seqs) if self.step_graphs is not None else None
         if key is not None and microbatches == self.step_graphs.microbatches:  # the whole step is one replay
             await self.experts.begin_step(step, list(key))
             with self.clock.phase("attention"):
                 logits = self.step_graphs.run(key, split_microbatches(seqs, microbatches))
-            await self.experts.end_step(step)
+            if end_step:
+                await self.experts.end_step(step)
+            else:
+                self._mark_step_end(step)
             return logits
         prefilling = [s for s in seqs if s.num_tokens - s.num_cached != 1]
         if self.graphs is not None and self.local_experts is not None and 0 < len(prefilling) < len(seqs):
@@ -133,21 +142,37 @@ class ModelRunner:
         except ExceptionGroup as group_error:
             raise group_error.exceptions[0] from None
         logits = torch.cat([task.result() for task in running])
-        if self.experts is not None:
+        if self.experts is not None and end_step:
             await self.experts.end_step(step)
+        elif self.experts is not None:
+            self._mark_step_end(step)
         order = [s for group in groups for s in group]
         if order != seqs:  # back to the caller's order
             row_of = {id(s): row for row, s in enumerate(order)}
             logits = logits[to_device([row_of[id(s)] for s in seqs], logits.device)]
         return logits
 
+    def _mark_step_end(self, step: int) -> None:
+        """Where the step's rounds end on the device, for finish_step to wait for that and nothing later."""
+        if torch.device(self.device).type == "cuda":
+            self._step_ends[step] = torch.cuda.Event()
+            self._step_ends[step].record()
+
+    async def finish_step(self, step: int) -> None:
+        """What forward(end_step=False) left: the wait, with its deadline, for the step's M2N rounds."""
+        if self.experts is not None:
+            await self.experts.end_step(step, self._step_ends.pop(step, None))
+
     def step_inputs(self, seqs: list[Sequence], pad_to: int | None = None,
                     table_width: int | None = None) -> tuple[torch.Tensor, StepMetadata, torch.Tensor]:
         """(token ids, metadata, rows to project) of a step over seqs, on the device. The rows: each sequence's last
         new token, then the positions whose logits score prompt tokens for the requests that ask (prompt_logprobs.py)."""
-        token_ids, entries, last_token, prompt_rows = [], [], [], []
+        token_ids, entries, last_token, prompt_rows, held_rows, held_from = [], [], [], [], [], []
         for seq in seqs:
             new = seq.new_token_ids()
+            if new and new[-1] == PLACEHOLDER:  # sampled by the step still running: taken on the device below
+                held_rows.append(len(token_ids) + len(new) - 1)
+                held_from.append(self.held_tokens[1][id(seq)])
             if seq.prompt_logprobs_n is not None:  # (a call per sequence otherwise: this loop is per step)
                 prompt_rows += [len(token_ids) + q - seq.num_cached for q in prompt_logprobs.positions(seq)]
             token_ids += new
@@ -159,6 +184,9 @@ class ModelRunner:
             last_token += list(range(len(last_token), pad_to))
         meta = self.kv_cache.step_metadata(entries, None if pad_to is None else (pad_to, pad_to), table_width)
         token_ids, last_token = to_device_all([token_ids, last_token], self.device)
+        if held_rows:
+            rows, sources = to_device_all([held_rows, held_from], self.device)
+            token_ids[rows] = self.held_tokens[0][sources]
         return token_ids, meta, last_token
 
     def segment(self, j: int, h: torch.Tensor, moe_out: torch.Tensor | None, meta: StepMetadata,

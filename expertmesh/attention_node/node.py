@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -22,10 +23,31 @@ from ..transport.protocol import (AbortRequest, AddRequest, NodeTrace, SamplingP
                                   StepOutputs, TraceControl)
 from . import prompt_logprobs
 from .model_runner import ModelRunner
-from .sampler import request_seed, sample_step
+from ..ops.sampling import token_logprobs
+from .sampler import needs_host_tokens, request_seed, sample_tokens
 from .scheduler import Scheduler, Sequence
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Launched:
+    """A step on the device: its rows (row, sequence), logits and sampled tokens, these copied to the host without
+    a wait; what its outputs carry beside the tokens; whether its sequences hold PLACEHOLDER for them."""
+    step: int
+    rows: list[tuple[int, Sequence]]
+    logits: torch.Tensor
+    tokens: torch.Tensor  # [rows] int64 on the logits' device
+    host: torch.Tensor  # their host copy, complete once `copied` has passed (None: the same tensor, on the CPU)
+    copied: torch.cuda.Event | None
+    queue_seconds: list[float | None]
+    prompt_entries: list
+    held: bool = False
+
+    async def host_tokens(self) -> list[int]:
+        while self.copied is not None and not self.copied.query():
+            await asyncio.sleep(0)  # the event loop keeps serving the gateway meanwhile
+        return self.host.tolist()
 
 
 class AttentionNode:
@@ -42,6 +64,7 @@ class AttentionNode:
         self.step = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
+        self.steps_held = 0  # steps whose tokens stayed on the device while the next one was launched
         self.fatal_error: str | None = None
         self._gateway: PeerId | None = None
         self.gate = PeerGate(config.cluster.secret, f"attention node {node_id} (control)")
@@ -142,14 +165,26 @@ class AttentionNode:
                                             [self.config.transport.backend] * len(s.bytes_sent)))
 
     async def _engine(self) -> None:
+        """Steps while there is work. With engine.async_scheduling, step N+1 is scheduled and launched while step N
+        runs, its decode inputs taken from N's sampled tokens on the device (Scheduler.hold), and N's tokens come
+        back to the host, are sent and retire what finished while N+1 runs: the host's work between steps leaves
+        the device's critical path. A sequence that N finished by a stop token wastes its N+1 row; one whose
+        next draw reads its last token on the host (penalties, grammars) makes the node wait for it first."""
+        held: Launched | None = None  # the running step whose tokens are not on the host yet
         while True:
-            await self._work.wait()
+            if held is None:
+                await self._work.wait()
             if not self.experts_available:
+                held = await self._settle(held)
                 await self._wait_for_experts()
                 continue
+            if held is not None and any(needs_host_tokens(seq) for _, seq in held.rows):
+                held = await self._settle(held)
             seqs = self.scheduler.schedule()
             if not seqs:
-                self._work.clear()
+                if held is None:
+                    self._work.clear()
+                held = await self._settle(held)
                 continue
             self.step += 1
             started = time.monotonic()
@@ -157,27 +192,102 @@ class AttentionNode:
                 if seq.queue_s is None:
                     seq.queue_s = started - seq.arrived_s
             try:
-                logits = await self.runner.forward(self.step, seqs, self.config.engine.microbatches)
+                launched = await self._launch(self.step, seqs, held)
             except Exception as exc:
-                fatal = isinstance(exc, TransportError) and not getattr(self.m2n, "rejoins", False)
-                if fatal:  # lockstep links: the message M2N's rejoin has no counterpart there
-                    exc = TransportError(f"{exc}; lockstep M2N links ({self.config.transport.backend}) cannot take "
-                                         f"a restarted expert node alone: the launcher restarts every attention "
-                                         f"and expert node")
-                if isinstance(exc, TransportError):  # a lost link: its message says all, a traceback would not
-                    log.error("attention node %d: step %d failed: %s", self.node_id, self.step, exc)
-                else:
-                    log.exception("attention node %d: step %d failed", self.node_id, self.step)
-                for seq in seqs:
-                    self.scheduler.release(seq)
-                await self._send([s.request_id for s in seqs], [-1] * len(seqs), ["error"] * len(seqs),
-                                 [f"step failed: {exc}"] * len(seqs))
-                if fatal:
-                    await self._fatal(exc)
+                finished = set() if held is None else {id(seq) for seq in await self._settle_rows(held)}
+                await self._step_failed([seq for seq in seqs if id(seq) not in finished], exc)
+                held = None
                 continue
+            finished = set()
+            if held is not None:  # the previous step's tokens, back while this one runs
+                finished = {id(seq) for seq in await self._settle_rows(held)}
+            held = None
+            # a sequence the previous step finished (a stop token) wasted its row here: its token is dropped
+            launched.rows = [(row, seq) for row, seq in launched.rows if id(seq) not in finished]
+            if self.config.engine.async_scheduling and not any(needs_host_tokens(seq) for seq in seqs):
+                for _, seq in launched.rows:
+                    self.scheduler.hold(seq)
+                launched.held, held = True, launched
+                self.steps_held += 1
+            else:
+                await self._settle(launched)
+
+    async def _launch(self, step: int, seqs: list[Sequence], held: Launched | None) -> Launched:
+        """Enqueues the step and its sampling; nothing waits for the device but an eager step's own rounds."""
+        self.runner.held_tokens = None if held is None else (held.tokens, {id(seq): row for row, seq in held.rows})
+        try:
+            logits = await self.runner.forward(step, seqs, self.config.engine.microbatches, end_step=False)
+        finally:
+            self.runner.held_tokens = None
+        with self.runner.clock.phase("sample"):
+            tokens = sample_tokens(logits, seqs, tuple(self.scheduler.eos_token_ids))
+            copied = None
+            if tokens.is_cuda:  # to the host without a wait: a pinned buffer and an event
+                host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                host.copy_(tokens, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record()
+            else:
+                host = tokens
+        for seq in seqs:
+            if seq.num_cached == 0 and not seq.output_ids:  # not again when a preempted sequence is readmitted
+                self.prompt_tokens += len(seq.prompt_ids)
+        # with its first token, how long the request waited for its first step, and its prompt's logprobs
+        return Launched(step, list(enumerate(seqs)), logits, tokens, host, copied,
+                        [None if seq.output_ids else seq.queue_s for seq in seqs],
+                        [prompt_logprobs.finished(seq) for seq in seqs])
+
+    async def _settle(self, launched: Launched | None) -> None:
+        """Retires a launched step (if any): its tokens to their sequences and the gateway. Returns None."""
+        if launched is not None:
+            await self._settle_rows(launched)
+        return None
+
+    async def _settle_rows(self, launched: Launched) -> list[Sequence]:
+        """_settle; returns the sequences that finished with it. A failure fails the step's requests."""
+        try:
+            await self.runner.finish_step(launched.step)
             with self.runner.clock.phase("sample"):
-                outputs = self._finish_step(seqs, logits)
-            await self._send(*outputs)
+                tokens = await launched.host_tokens()
+        except Exception as exc:
+            seqs = [seq for _, seq in launched.rows]
+            await self._step_failed(seqs, exc)
+            return seqs
+        request_ids, out, reasons, logprobs, queue_seconds, prompt_entries, finished = [], [], [], [], [], [], []
+        for row, seq in launched.rows:
+            token = tokens[row]
+            reason = self.scheduler.fill(seq, token) if launched.held else self.scheduler.advance(seq, token)
+            self.generated_tokens += 1
+            request_ids.append(seq.request_id)
+            out.append(token)
+            reasons.append(reason)
+            logprobs.append(None if seq.sampling.logprobs is None else
+                            token_logprobs(launched.logits[row], token, seq.sampling.logprobs))
+            queue_seconds.append(launched.queue_seconds[row])
+            prompt_entries.append(launched.prompt_entries[row])
+            if reason is not None:
+                finished.append(seq)
+        await self._send(request_ids, out, reasons, [None] * len(request_ids), logprobs, queue_seconds,
+                         prompt_entries)
+        return finished
+
+    async def _step_failed(self, seqs: list[Sequence], exc: Exception) -> None:
+        """Fails the step's requests; raises where this node cannot serve any more (lockstep links lost)."""
+        fatal = isinstance(exc, TransportError) and not getattr(self.m2n, "rejoins", False)
+        if fatal:  # lockstep links: the message M2N's rejoin has no counterpart there
+            exc = TransportError(f"{exc}; lockstep M2N links ({self.config.transport.backend}) cannot take "
+                                 f"a restarted expert node alone: the launcher restarts every attention "
+                                 f"and expert node")
+        if isinstance(exc, TransportError):  # a lost link: its message says all, a traceback would not
+            log.error("attention node %d: step %d failed: %s", self.node_id, self.step, exc)
+        else:
+            log.exception("attention node %d: step %d failed", self.node_id, self.step)
+        for seq in seqs:
+            self.scheduler.release(seq)
+        await self._send([s.request_id for s in seqs], [-1] * len(seqs), ["error"] * len(seqs),
+                         [f"step failed: {exc}"] * len(seqs))
+        if fatal:
+            await self._fatal(exc)
 
     async def _wait_for_experts(self) -> None:
         """Some experts have no live expert node (theirs was lost, without replicas): no step can run until it
@@ -202,22 +312,6 @@ class AttentionNode:
         self.fatal_error = str(exc)
         await self._fail_waiting(str(exc))
         raise exc
-
-    def _finish_step(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple:
-        """Samples each sequence's next token and retires finished ones; returns the StepOutputs fields."""
-        tokens, logprobs = sample_step(logits, seqs, tuple(self.scheduler.eos_token_ids))
-        request_ids, reasons = [], []
-        # with its first token, how long the request waited for its first step
-        queue_seconds = [None if seq.output_ids else seq.queue_s for seq in seqs]
-        prompt_entries = [prompt_logprobs.finished(seq) for seq in seqs]
-        for seq, token in zip(seqs, tokens):
-            if seq.num_cached == 0 and not seq.output_ids:  # not again when a preempted sequence is readmitted
-                self.prompt_tokens += len(seq.prompt_ids)
-            reason = self.scheduler.advance(seq, token)
-            self.generated_tokens += 1
-            request_ids.append(seq.request_id)
-            reasons.append(reason)
-        return request_ids, tokens, reasons, [None] * len(seqs), logprobs, queue_seconds, prompt_entries
 
     async def _fail_waiting(self, error: str) -> None:
         waiting = list(self.scheduler.waiting)

@@ -60,7 +60,7 @@ class RecordingExperts:
     async def begin_step(self, step, tokens):
         pass
 
-    async def end_step(self, step):
+    async def end_step(self, step, event=None):
         pass
 
     async def dispatch(self, step, layer, microbatch, hidden, expert_ids, expert_weights):

@@ -96,12 +96,29 @@ def sampling_batch(seqs: list[Sequence], device: torch.device | str, vocab: int,
                          bias=bias, penalties=penalised)
 
 
+def sample_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...] = ()) -> torch.Tensor:
+    """Next token of each sequence, on the logits' device (no wait)."""
+    batch = sampling_batch(seqs, logits.device, logits.shape[-1], tuple(eos_token_ids))
+    batch.token_bitmask = token_bitmask(seqs, logits.shape[-1], logits.device)
+    return sample(logits, batch)
+
+
+def logprobs_of(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list:
+    """Each sampled token's logprobs where its request asked for them (else None)."""
+    return [None if s.sampling.logprobs is None else token_logprobs(logits[i], tokens[i], s.sampling.logprobs)
+            for i, s in enumerate(seqs)]
+
+
+def needs_host_tokens(seq: Sequence) -> bool:
+    """Whether seq's next draw reads its last token on the host (penalties count it; a grammar's matcher takes it):
+    such a sequence's step cannot be sampled before the previous one's tokens are back (async scheduling)."""
+    p = seq.sampling
+    return (seq.grammar is not None or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+            or p.frequency_penalty != 0.0)
+
+
 def sample_step(logits: torch.Tensor, seqs: list[Sequence],
                 eos_token_ids: tuple[int, ...] = ()) -> tuple[list[int], list]:
     """Next token of each sequence, and its logprobs where the request asked for them (else None)."""
-    batch = sampling_batch(seqs, logits.device, logits.shape[-1], tuple(eos_token_ids))
-    batch.token_bitmask = token_bitmask(seqs, logits.shape[-1], logits.device)
-    tokens = sample(logits, batch).tolist()  # the step's one wait on the device
-    logprobs = [None if s.sampling.logprobs is None else token_logprobs(logits[i], tokens[i], s.sampling.logprobs)
-                for i, s in enumerate(seqs)]
-    return tokens, logprobs
+    tokens = sample_tokens(logits, seqs, eos_token_ids).tolist()  # the step's one wait on the device
+    return tokens, logprobs_of(logits, seqs, tokens)

@@ -18,6 +18,9 @@ if TYPE_CHECKING:  # xgrammar is imported only once a request asks for a grammar
     from .grammar import GrammarState
 
 
+PLACEHOLDER = -1  # an output token sampled on the device, not yet on the host (Scheduler.hold)
+
+
 @dataclass(eq=False)  # identity: the scheduler finds and removes sequences by object, not by value
 class Sequence:
     request_id: str
@@ -155,6 +158,25 @@ class Scheduler:
         finished (and frees its blocks), or None if it goes on."""
         seq.num_cached = seq.num_tokens
         seq.append(token)
+        reason = self.finish_reason(seq)
+        if reason is not None:
+            self.release(seq)
+        return reason
+
+    def hold(self, seq: Sequence) -> None:
+        """advance before the token is known (async scheduling: the next step is scheduled while this one runs):
+        PLACEHOLDER stands for it until fill. A sequence that has reached its length leaves now (its last token
+        still comes, with its reason); one that samples a stop token leaves at fill, its next step wasted."""
+        seq.num_cached = seq.num_tokens
+        seq.output_ids.append(PLACEHOLDER)
+        if len(seq.output_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.context_len:
+            self.release(seq)
+
+    def fill(self, seq: Sequence, token: int) -> str | None:
+        """The held token, now known: as advance's, returns why seq finished (and frees its blocks) or None."""
+        if seq.output_ids[-1] != PLACEHOLDER:
+            raise RuntimeError(f"request {seq.request_id}: no held token to fill")
+        seq.output_ids[-1] = token
         reason = self.finish_reason(seq)
         if reason is not None:
             self.release(seq)

@@ -181,12 +181,14 @@ class LockstepClient:
     def reduce(self, handle: RoundHandle, answers: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         return _sum(answers, like.dtype)
 
-    async def end_step(self, step: int) -> None:
-        """Waits, with the receive deadline, for the step's rounds to finish on the device."""
+    async def end_step(self, step: int, event: torch.cuda.Event | None = None) -> None:
+        """Waits, with the receive deadline, for the step's rounds to finish on the device: until `event`, recorded
+        after them (async scheduling records it before enqueueing the next step), or all enqueued work so far."""
         await self._plan_on_the_wire()  # a whole-step replay dispatched nothing: the plan's send ends here
         if torch.device(self.device).type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
+            if event is None:
+                event = torch.cuda.Event()
+                event.record()
             try:
                 await wait_event(event, self.recv_timeout_s, f"step {step}'s M2N rounds")
             except TransportError:

@@ -228,7 +228,7 @@ class M2NClient:
     async def begin_step(self, step: int, tokens: list[int]) -> None:
         """Messages carry their own shape: nothing to announce."""
 
-    async def end_step(self, step: int) -> None:
+    async def end_step(self, step: int, event=None) -> None:
         """Every answer was awaited in gather."""
 
     async def dispatch(self, step: int, layer: int, microbatch: int, hidden: torch.Tensor,

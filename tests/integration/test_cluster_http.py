@@ -19,13 +19,15 @@ PROMPTS = ["hello world", "def self return", "the ingestion of delas", "a", "sts
            "return the self of the def", "ing ion es", "la la la la la la la la la la la la la"]
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen3", "mixtral-colocated", "qwen3-lockstep-gloo"])
+@pytest.fixture(scope="module", params=["mixtral", "qwen3", "mixtral-colocated", "qwen3-lockstep-gloo-async"])
 def served(request, mixtral_dir, qwen3_dir):
     """Disaggregated (3 expert nodes) for both architectures; colocated (--expert-nodes 0: experts inside each
-    attention node, no transport) for one."""
+    attention node, no transport) for one; the lockstep M2N with async scheduling (each step launched while the
+    previous one runs) for one."""
     model_dir = qwen3_dir if request.param.startswith("qwen3") else mixtral_dir
     expert_nodes = 0 if request.param.endswith("colocated") else 3
-    extra = ["--transport", "gloo", "--microbatches", "2"] if request.param.endswith("gloo") else []
+    extra = (["--transport", "gloo", "--microbatches", "2", "--async-scheduling"]
+             if request.param.endswith("gloo-async") else [])
     cluster = Cluster(model_dir, attention_nodes=2, expert_nodes=expert_nodes, extra=extra).wait_ready()
     yield cluster, model_dir
     cluster.stop()
