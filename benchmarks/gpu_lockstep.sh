@@ -11,6 +11,7 @@
 #            same workload (REQUESTS_PER_SLOT x concurrency requests: 2 gave rows of 1-11 s, too short to compare);
 #            each node's GPU busy fraction, timed on the GPU around its compute; TRACE=1: each node's host phases
 #            as a Chrome trace beside the JSON (where a step's host time goes)
+#            ASYNC=1: with async scheduling (--async-scheduling; JSON and logs named *_async)
 #   diagnose - TESTS until they end or hang, then the stacks of the test and of every node process left
 # PYTEST_ADDOPTS=-s shows the node processes' output live (a node that dies while the test blocks in C, e.g. in
 # NCCL, otherwise leaves nothing on screen). Logs and JSON in $OUT. Needs .whl/site312.txz (benchmarks/gpu_wheels.sh) carried.
@@ -64,18 +65,19 @@ for part in ${PARTS:-tests bench serve}; do
       [ -e /tmp/$shape/config.json ] || python3 -m expertmesh make-model --out /tmp/$shape --dtype bfloat16 $ARGS \
         --max-position-embeddings 1024 >/dev/null
       for c in ${CONCURRENCY:-64}; do
-        common="--model /tmp/$shape --device cuda --dtype bfloat16 --concurrency $c
+        async=$([ "${ASYNC:-0}" = 1 ] && echo _async)
+        common="--model /tmp/$shape --device cuda --dtype bfloat16 --concurrency $c $([ -n "$async" ] && echo --async-scheduling)
                 --num-requests $((${REQUESTS_PER_SLOT:-4} * c))
                 --max-num-seqs $c --input-len 64 128 --output-len 64 128"
         for transport in $TRANSPORTS; do
-          name=serve_${shape}_c${c}_disagg_${transport}
+          name=serve_${shape}_c${c}_disagg_${transport}$async
           timeout -k 10 ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --transport $transport \
             --expert-nodes 1 --microbatches ${MICROBATCHES:-1 2} --json "$OUT/$name.json" \
             $([ "${TRACE:-0}" = 1 ] && echo --trace "$OUT/$name.trace.json") > "$OUT/$name.log" 2>&1
           reap; grep -E "^m=|Error|error|Traceback" "$OUT/$name.log" | sed "s/^/$shape c=$c disagg 1+1 $transport /" \
             | head -20
         done
-        name=serve_${shape}_c${c}_colocated
+        name=serve_${shape}_c${c}_colocated$async
         [ "${COLOCATED:-1}" = 1 ] && timeout -k 10 ${COLOCATED_S:-${SWEEP_S:-240}} python3 benchmarks/microbatch_sweep.py $common --expert-nodes 0 \
           --attention-nodes $GPUS --max-num-seqs $((c / GPUS)) --microbatches 1 --json "$OUT/$name.json" \
           > "$OUT/$name.log" 2>&1

@@ -47,6 +47,8 @@ def main() -> int:
     p.add_argument("--transport", choices=["zmq", "ucx", "nccl", "ipc", "gloo"], default="zmq")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="each step launched while the previous one runs (engine.async_scheduling)")
     p.add_argument("--json", help="write all reports here")
     p.add_argument("--trace", help="write each measured run's phase trace (Chrome JSON) here, m=N before the suffix "
                    "when several")
@@ -60,6 +62,7 @@ def main() -> int:
         config.cluster.attention_nodes, config.cluster.expert_nodes = args.attention_nodes, args.expert_nodes
         config.engine.microbatches = m
         config.engine.max_num_seqs = args.max_num_seqs
+        config.engine.async_scheduling = args.async_scheduling
         config.model.device, config.model.dtype, config.transport.backend = args.device, args.dtype, args.transport
         config.transport.emulated_latency_us = args.emulated_latency_us
         config.transport.emulated_bandwidth_gbps = args.emulated_bandwidth_gbps

@@ -29,13 +29,14 @@ def sampling_of(stop_token: int | None) -> list[SamplingParams]:
 
 
 async def serve(model_dir, async_scheduling: bool, expert_nodes: int, num_blocks: int | None,
-                stop_token: int | None) -> tuple[list[tuple], int]:
+                stop_token: int | None, device: str = "cpu") -> tuple[list[tuple], int]:
     """(tokens, finish reason, logprobs) of each request, all submitted at once; the steps the node held."""
     config = Config()
     config.engine.async_scheduling = async_scheduling
     config.engine.microbatches = 2 if expert_nodes else 1
     async with InprocCluster(model_dir, num_expert_nodes=expert_nodes, max_num_seqs=4, num_blocks=num_blocks,
-                             microbatches=config.engine.microbatches) as cluster:
+                             microbatches=config.engine.microbatches, device=device,
+                             cuda_graphs=device == "cuda") as cluster:
         transport = InprocTransport()
         address = f"inproc://async-{async_scheduling}-{expert_nodes}-{num_blocks}-{stop_token}"
         control = await transport.listen(address)
@@ -66,12 +67,16 @@ async def serve(model_dir, async_scheduling: bool, expert_nodes: int, num_blocks
 @pytest.mark.parametrize("expert_nodes, num_blocks", [(0, None), (2, None), (2, 6)],
                          ids=["colocated", "disaggregated", "preempting"])
 def test_async_scheduling_gives_what_the_synchronous_engine_gives(mixtral_dir, expert_nodes, num_blocks):
-    sync, _ = asyncio.run(serve(mixtral_dir, False, expert_nodes, num_blocks, None))
+    check_async_against_sync(mixtral_dir, expert_nodes, num_blocks, "cpu")
+
+
+def check_async_against_sync(model_dir, expert_nodes: int, num_blocks: int | None, device: str) -> None:
+    sync, _ = asyncio.run(serve(model_dir, False, expert_nodes, num_blocks, None, device))
     stop_token = sync[1][0][4]  # request 1 stops on its fifth token, mid-batch
-    sync, steps_held = asyncio.run(serve(mixtral_dir, False, expert_nodes, num_blocks, stop_token))
+    sync, steps_held = asyncio.run(serve(model_dir, False, expert_nodes, num_blocks, stop_token, device))
     assert steps_held == 0
     assert sync[1][1] == "stop" and len(sync[1][0]) == 5
-    overlapped, steps_held = asyncio.run(serve(mixtral_dir, True, expert_nodes, num_blocks, stop_token))
+    overlapped, steps_held = asyncio.run(serve(model_dir, True, expert_nodes, num_blocks, stop_token, device))
     assert steps_held >= 5  # the steps without the penalised request ran overlapped
     assert [(tokens, reason) for tokens, reason, _ in overlapped] == [(tokens, reason) for tokens, reason, _ in sync]
     # logprobs to float32's last bits: a finished sequence's wasted row changes a step's batch, so its matmuls
