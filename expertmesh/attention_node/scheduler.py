@@ -179,6 +179,8 @@ class Scheduler:
         seq.output_ids[-1] = token
         reason = self.finish_reason(seq)
         if reason is not None:
+            if seq in self.waiting:  # preempted while its token was on the device: it must not come back
+                self.waiting.remove(seq)
             self.release(seq)
         return reason
 

@@ -1,4 +1,5 @@
 """Scheduler, sampler and microbatch split of the attention node (tests/unit/test_kv.py: blocks, preemption)."""
+import pytest
 import torch
 
 from expertmesh.attention_node.model_runner import split_microbatches
@@ -97,3 +98,27 @@ def test_warm_up_sizes_reach_both_integer_specialisations():
     assert warm_up_sizes(16) == [2, 3, 4, 5, 8, 9, 16]
     sizes = warm_up_sizes(2048)
     assert any(n % 16 == 0 for n in sizes) and any(n % 16 and n > 16 for n in sizes)
+
+
+def test_a_held_token_fills_in_as_advance_would_even_after_a_preemption():
+    """Async scheduling: hold stands PLACEHOLDER for a token still on the device, fill puts it in and retires the
+    sequence as advance would; a sequence preempted meanwhile that then finishes must not come back from waiting."""
+    from expertmesh.attention_node.scheduler import PLACEHOLDER
+    sched = make_scheduler(max_num_seqs=2, num_blocks=8, block_size=8)
+    a, b = seq("a", 4, max_tokens=8), seq("b", 4, max_tokens=2)
+    for s in (a, b):
+        sched.add(s)
+    assert sched.schedule() == [a, b]
+    sched.hold(a), sched.hold(b)
+    assert a.output_ids == [PLACEHOLDER] and a.new_token_ids() == [PLACEHOLDER] and a.num_cached == 4
+    assert sched.fill(a, 7) is None and a.output_ids == [7] and a in sched.running
+    assert sched.fill(b, 9) is None
+    sched.hold(b)  # its second and last token: b leaves at once, its token still to come
+    assert b not in sched.running and sched.fill(b, 3) == "length" and b.output_ids == [9, 3]
+    sched.hold(a)
+    sched._preempt(a)  # the next schedule preempted it while its token was on the device
+    assert sched.waiting[0] is a
+    assert sched.fill(a, 1) == "stop"  # 1 is EOS
+    assert a not in sched.waiting and a not in sched.running and sched.blocks.num_free_blocks == 8
+    with pytest.raises(RuntimeError, match="no held token"):
+        sched.fill(a, 5)
