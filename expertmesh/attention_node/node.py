@@ -23,6 +23,7 @@ from ..transport.protocol import (AbortRequest, AddRequest, NodeTrace, SamplingP
                                   StepOutputs, TraceControl)
 from . import prompt_logprobs
 from .model_runner import ModelRunner
+from ..host_copy import to_device
 from ..ops.sampling import token_logprobs
 from .sampler import needs_host_tokens, request_seed, sample_tokens
 from .scheduler import Scheduler, Sequence
@@ -32,11 +33,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Launched:
-    """A step on the device: its rows (row, sequence), logits and sampled tokens, these copied to the host without
-    a wait; what its outputs carry beside the tokens; whether its sequences hold PLACEHOLDER for them."""
+    """A step on the device: its rows (row, sequence), sampled tokens, these copied to the host without a wait, and
+    the logits of the rows that asked for logprobs (copied out: a graph's output is the next replay's too); what
+    its outputs carry beside the tokens; whether its sequences hold PLACEHOLDER for them."""
     step: int
     rows: list[tuple[int, Sequence]]
-    logits: torch.Tensor
+    logits: dict[int, torch.Tensor]  # row -> its logits, for the rows whose request asked for logprobs
     tokens: torch.Tensor  # [rows] int64 on the logits' device
     host: torch.Tensor  # their host copy, complete once `copied` has passed (None: the same tensor, on the CPU)
     copied: torch.cuda.Event | None
@@ -233,7 +235,9 @@ class AttentionNode:
             if seq.num_cached == 0 and not seq.output_ids:  # not again when a preempted sequence is readmitted
                 self.prompt_tokens += len(seq.prompt_ids)
         # with its first token, how long the request waited for its first step, and its prompt's logprobs
-        return Launched(step, list(enumerate(seqs)), logits, tokens, host, copied,
+        asked = [row for row, seq in enumerate(seqs) if seq.sampling.logprobs is not None]
+        kept = dict(zip(asked, logits[to_device(asked, logits.device)])) if asked else {}
+        return Launched(step, list(enumerate(seqs)), kept, tokens, host, copied,
                         [None if seq.output_ids else seq.queue_s for seq in seqs],
                         [prompt_logprobs.finished(seq) for seq in seqs])
 
