@@ -120,10 +120,7 @@ class ModelRunner:
             await self.experts.begin_step(step, list(key))
             with self.clock.phase("attention"):
                 logits = self.step_graphs.run(key, split_microbatches(seqs, microbatches))
-            if end_step:
-                await self.experts.end_step(step)
-            else:
-                self._mark_step_end(step)
+            await self._end_rounds(step, end_step)
             return logits
         prefilling = [s for s in seqs if s.num_tokens - s.num_cached != 1]
         if self.graphs is not None and self.local_experts is not None and 0 < len(prefilling) < len(seqs):
@@ -142,19 +139,21 @@ class ModelRunner:
         except ExceptionGroup as group_error:
             raise group_error.exceptions[0] from None
         logits = torch.cat([task.result() for task in running])
-        if self.experts is not None and end_step:
-            await self.experts.end_step(step)
-        elif self.experts is not None:
-            self._mark_step_end(step)
+        await self._end_rounds(step, end_step)
         order = [s for group in groups for s in group]
         if order != seqs:  # back to the caller's order
             row_of = {id(s): row for row, s in enumerate(order)}
             logits = logits[to_device([row_of[id(s)] for s in seqs], logits.device)]
         return logits
 
-    def _mark_step_end(self, step: int) -> None:
-        """Where the step's rounds end on the device, for finish_step to wait for that and nothing later."""
-        if torch.device(self.device).type == "cuda":
+    async def _end_rounds(self, step: int, wait: bool) -> None:
+        """Waits for the step's M2N rounds, or (wait=False) marks where they end on the device, for finish_step to
+        wait for that and nothing later."""
+        if self.experts is None:
+            return
+        if wait:
+            await self.experts.end_step(step)
+        elif torch.device(self.device).type == "cuda":
             self._step_ends[step] = torch.cuda.Event()
             self._step_ends[step].record()
 

@@ -45,14 +45,17 @@ def token_bias(seqs: list[Sequence], vocab: int, eos_token_ids: tuple[int, ...],
                      _tensor(_padded(values, 0.0), torch.float32, device))
 
 
+def _penalised(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
 def penalties(seqs: list[Sequence], vocab: int, device: torch.device | str) -> Penalties | None:
     """The penalties of a step, None when no row has one. The token ids are gathered from the host's lists at
     every step and counted on the device (one scatter): no count state to keep per sequence, nothing to fix up
     after a preemption, and no wait on the device; the cost is a host->device copy of the penalised rows' tokens
     per step (vLLM rebuilds its output-token tensor per step too). Rows without a penalty contribute no ids."""
     params = [s.sampling for s in seqs]
-    penalised = [p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-                 for p in params]
+    penalised = [_penalised(p) for p in params]
     if not any(penalised):
         return None
     repeated = [p.repetition_penalty != 1.0 for p in params]
@@ -112,9 +115,7 @@ def logprobs_of(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -
 def needs_host_tokens(seq: Sequence) -> bool:
     """Whether seq's next draw reads its last token on the host (penalties count it; a grammar's matcher takes it):
     such a sequence's step cannot be sampled before the previous one's tokens are back (async scheduling)."""
-    p = seq.sampling
-    return (seq.grammar is not None or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-            or p.frequency_penalty != 0.0)
+    return seq.grammar is not None or _penalised(seq.sampling)
 
 
 def sample_step(logits: torch.Tensor, seqs: list[Sequence],
