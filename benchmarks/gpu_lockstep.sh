@@ -13,6 +13,8 @@
 #            as a Chrome trace beside the JSON (where a step's host time goes)
 #            ASYNC=1: with async scheduling (--async-scheduling; JSON and logs named *_async)
 #   diagnose - TESTS until they end or hang, then the stacks of the test and of every node process left
+#   each     - every test of TESTS in a pytest of its own, EACH_S seconds at most: a hang or a failure costs one test,
+#              and each failure's traceback is printed as it happens (a whole-suite run killed at TESTS_S prints none)
 # PYTEST_ADDOPTS=-s shows the node processes' output live (a node that dies while the test blocks in C, e.g. in
 # NCCL, otherwise leaves nothing on screen). Logs and JSON in $OUT. Needs .whl/site312.txz (benchmarks/gpu_wheels.sh) carried.
 set -uo pipefail
@@ -43,6 +45,16 @@ for part in ${PARTS:-tests bench serve}; do
     while kill -0 $! 2>/dev/null; do sleep 1; done
     pkill -ABRT -f "m expertmesh[.](attention_node|expert_node|gateway) --config"; sleep 2; reap
     quiet "$OUT/diagnose.log" | grep -v "Loading weights" | tail -${TESTS_TAIL:-80} ;;
+  each)
+    n=0
+    for t in ${TESTS}; do
+      n=$((n + 1))
+      PYTHONFAULTHANDLER=1 timeout -k 10 ${EACH_S:-120} python3 -m pytest -q -p no:cacheprovider --tb=short \
+        --timeout $((${EACH_S:-120} - 15)) "$t" > "$OUT/each_$n.log" 2>&1
+      rc=$?; reap
+      echo "== $n rc=$rc $t"
+      [ $rc = 0 ] || quiet "$OUT/each_$n.log" | grep -v "Loading weights" | tail -${TESTS_TAIL:-25}
+    done ;;
   exact)
     timeout -k 10 ${EXACT_S:-240} python3 benchmarks/gpu_exactness.py \
       --transports ${EXACT:-$([ "$GPUS" = 1 ] && echo ucx || echo ucx,nccl,ipc)} > "$OUT/exactness.log" 2>&1; reap
