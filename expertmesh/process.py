@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import Awaitable, Callable
@@ -30,7 +31,9 @@ def node_args(description: str) -> argparse.Namespace:
 def run_node(name: str, main: Callable[[Config, int], Awaitable[None]]) -> None:
     """Parses --config/--index, runs main(config, index) on uvloop, exits 0 on SIGTERM/SIGINT, 1 on error."""
     args = node_args(f"expertmesh {name}")
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name}[{args.index}] %(levelname)s %(message)s")
+    # EXPERTMESH_LOG_LEVEL=DEBUG: each lockstep step's plan, enqueueing and end, per node (a hang's last step)
+    logging.basicConfig(level=os.environ.get("EXPERTMESH_LOG_LEVEL", "INFO").upper(),
+                        format=f"%(asctime)s {name}[{args.index}] %(levelname)s %(message)s")
     log = logging.getLogger(name)
 
     async def guarded() -> None:

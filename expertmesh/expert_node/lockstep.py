@@ -63,6 +63,7 @@ class LockstepRounds:
             raise ValueError(f"attention node {plan.attention_node}'s step {plan.step} plans {plan.tokens} tokens "
                              f"per microbatch; the links carry {self.links.microbatches} microbatches of at most "
                              f"{self.capacity}")
+        log.debug("plan of attention node %d's step %d: %s tokens", plan.attention_node, plan.step, plan.tokens)
         self._plans[plan.attention_node].put_nowait(plan)
 
     async def serve(self, on_error: OnError) -> None:
@@ -84,6 +85,7 @@ class LockstepRounds:
                 watchdogs.discard(task)
                 task.result()  # a step of this lane that did not finish in time
             self.tokens_computed += await self.run(a, plan, on_error)
+            log.debug("attention node %d's step %d enqueued", a, plan.step)
             if self.streams[a] is not None:
                 event = torch.cuda.Event()
                 event.record(self.streams[a])
@@ -93,7 +95,8 @@ class LockstepRounds:
         try:
             # not every turn of the loop: the lanes enqueue on this same thread
             await wait_event(event, self.recv_timeout_s, what, poll_s=0.001)
-        except Exception:
+        except Exception as exc:
+            log.error("%s (%s)", exc, self.links.progress() or "no link counts")
             self.links.release()  # the lane's stream must not stay stuck behind a dead peer's rounds
             raise
 

@@ -10,6 +10,7 @@ kernel needs the sender's work to run at the same time as it: two GPUs, or MPS o
 wait polling: `release` lets it pass (from a stream of its own) once the caller's deadline has gone by."""
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import torch
@@ -116,6 +117,31 @@ class IpcLinks(Links):
 
     async def wait(self, works: list) -> None:
         self.enqueue_wait(works)
+
+    def progress(self, timeout_s: float = 2.0) -> str:
+        """Each slot's counts, read on a stream of its own (not behind the waits): messages signalled to this node
+        and taken by its waits, and signalled by it to each peer. After a timeout, where the rounds stopped."""
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(stream):
+                counts = {f"from rank {p}": (self._inbound_flags[p].clone(), self._taken[p].clone())
+                          for p in self._inbound}
+                for peer, base in self._outbound.items():
+                    sent = torch.empty(self.microbatches, dtype=torch.int64, device=self.device)
+                    cu.memcpy_async(sent.data_ptr(), base + self.microbatches * self.slot_bytes, sent.nbytes,
+                                    stream.cuda_stream)
+                    counts[f"to rank {peer}"] = (sent,)
+                host = {k: [t.to("cpu", non_blocking=True) for t in v] for k, v in counts.items()}
+                done = torch.cuda.Event()
+                done.record(stream)
+        deadline = time.monotonic() + timeout_s
+        while not done.query():
+            if time.monotonic() > deadline:
+                return "ipc slot counts unreadable (the device did not answer)"
+            time.sleep(0.001)
+        names = (["signalled", "taken"], ["signalled"])
+        return "; ".join(f"{k}: " + ", ".join(f"{n} {t.tolist()}" for n, t in zip(names[len(v) == 1], v))
+                         for k, v in host.items())
 
     def release(self) -> None:
         with torch.cuda.device(self.device):

@@ -83,6 +83,10 @@ class Links(abc.ABC):
     def attach(self, peer: int, handle: bytes) -> None:
         """Takes what `peer` sent in the handshake (its region_handle for this node)."""
 
+    def progress(self) -> str:
+        """Where the rounds stand, for an error after a timeout (ipc: each slot's message counts); "" if unknown."""
+        return ""
+
     def release(self) -> None:
         """After a peer failed: lets every wait posted on this side's streams pass, so nothing stays stuck."""
 

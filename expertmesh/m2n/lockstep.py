@@ -13,6 +13,7 @@ to those holding its experts (for top-8 of 128 experts over 4 nodes, nearly all 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,8 @@ from .handshake import ExpertNodeError, greet_expert_nodes
 from .messages import LinkStats
 from ..transport.protocol import ExpertError, StepPlan, TensorMeta
 from .links import Links
+
+log = logging.getLogger(__name__)
 
 
 class RoundCapacityError(ValueError):
@@ -84,7 +87,6 @@ class LockstepClient:
         self._errors: list[str] = []
         self._readers: list[asyncio.Task] = []
         self._step: int | None = None
-        self._plan_sent: asyncio.Future | None = None  # begin_step's plan, until it is in the transport's hands
 
     async def handshake(self, num_layers: int, num_experts: int, timeout_s: float) -> None:
         """Greets every expert node on the control connection and checks it holds what the placement says."""
@@ -127,27 +129,24 @@ class LockstepClient:
             raise RoundCapacityError(f"a microbatch of {max(tokens)} tokens, the M2N buffers hold {self.capacity} "
                                      f"(engine.max_batch_tokens)")
         self._step = step
+        log.debug("step %d: %s tokens per microbatch", step, tokens)
         plan = StepPlan(self.attention_node, step, list(tokens))
         for conn in self.connections:
             await conn.send(plan)
-        # in zmq's hands before the first eager round is enqueued: else a host call that keeps the GIL while it
-        # waits for the device (Triton's first load of a kernel) could keep the plan in the socket thread while
-        # the device waits on an expert node that waits for the plan. Awaited there, not here, so that the hop to
-        # the socket thread overlaps the step's first segment; a whole-step graph replay keeps no GIL waiting.
-        self._plan_sent = asyncio.ensure_future(asyncio.gather(*(conn.flushed() for conn in self.connections)))
+        # In zmq's hands before any round is enqueued: else a host call that keeps the GIL while it waits for the
+        # device (Triton's first load of a kernel) could keep the plan in the socket thread while the device waits
+        # on an expert node that waits for the plan. Awaited here, not in the first dispatch: there, the microbatch
+        # that arrived second could enqueue its round while the first waited, and on device-ordered links
+        # (ipc, NCCL) its wait for its answer would then hold up the first's send, which the expert node needs
+        # first (the rounds' order is (layer, microbatch) on both sides): a deadlock on 2 x H200.
+        await asyncio.gather(*(conn.flushed() for conn in self.connections))
 
     async def dispatch(self, step: int, layer: int, microbatch: int, hidden: torch.Tensor,
                        expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> RoundHandle:
         """Sends the round's tokens to every expert node and posts the receives of their answers."""
         if step != self._step:
             raise RuntimeError(f"dispatch for step {step} before begin_step announced it (at {self._step})")
-        await self._plan_on_the_wire()
         return self.enqueue_round(layer, microbatch, hidden, expert_ids, expert_weights)
-
-    async def _plan_on_the_wire(self) -> None:
-        if self._plan_sent is not None:
-            sent, self._plan_sent = self._plan_sent, None
-            await sent
 
     def enqueue_round(self, layer: int, microbatch: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                       expert_weights: torch.Tensor) -> RoundHandle:
@@ -184,16 +183,17 @@ class LockstepClient:
     async def end_step(self, step: int, event: torch.cuda.Event | None = None) -> None:
         """Waits, with the receive deadline, for the step's rounds to finish on the device: until `event`, recorded
         after them (async scheduling records it before enqueueing the next step), or all enqueued work so far."""
-        await self._plan_on_the_wire()  # a whole-step replay dispatched nothing: the plan's send ends here
+        log.debug("step %d: waiting for its rounds", step)
         if torch.device(self.device).type == "cuda":
             if event is None:
                 event = torch.cuda.Event()
                 event.record()
             try:
                 await wait_event(event, self.recv_timeout_s, f"step {step}'s M2N rounds")
-            except TransportError:
+            except TransportError as exc:
+                progress = self.links.progress()
                 self.links.release()  # the stream must not stay stuck behind a dead peer's rounds
-                raise
+                raise TransportError(f"{exc}{' (' + progress + ')' if progress else ''}") from None
         if self._errors:
             raise ExpertNodeError(self._errors[0])
 

@@ -71,6 +71,9 @@ class MixedLinks(Links):
     def attach(self, peer: int, handle: bytes) -> None:
         self._links(peer).attach(peer, handle)
 
+    def progress(self) -> str:
+        return "; ".join(p for p in (links.progress() for links in self._all) if p)
+
     def release(self) -> None:
         for links in self._all:
             links.release()

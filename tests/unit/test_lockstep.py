@@ -274,3 +274,71 @@ def test_a_post_that_fails_on_a_closed_connection_is_a_transport_error(monkeypat
     with pytest.raises(TransportError, match="gloo link failed: .*Connection closed"):
         links.flush()
     links.flush()  # the failed batch is gone: nothing is posted twice
+
+
+class _DeviceOrderedLinks(_RecordingLinks):
+    """The attention side's links as ipc and NCCL are: sends, receives and waits only enqueued, in the order the
+    device will run them, which is recorded."""
+    device_ordered = True
+
+    def __init__(self) -> None:
+        super().__init__(receives_hold_device=True)
+        self.rounds = {0: 0, 1: 0}  # microbatch -> rounds it has sent
+
+    def expert_rank(self, node: int) -> int:
+        return 1 + node
+
+    def send(self, microbatch, peer, tensors):
+        self.calls.append(("send", (self.rounds[microbatch], microbatch)))  # (MoE layer index, microbatch)
+        self.rounds[microbatch] += 1
+        return [(self.rounds[microbatch] - 1, microbatch)]
+
+    def receive(self, microbatch, peer, metas):
+        return [torch.zeros(m.shape, dtype=m.dtype) for m in metas], []
+
+    def enqueue_wait(self, works) -> None:
+        self.calls += [("wait", work) for work in works]
+
+    async def wait(self, works) -> None:
+        self.enqueue_wait(works)
+
+
+class _SlowFlushConnection:
+    """A control connection whose hand-off of a message to its socket takes a few turns of the event loop."""
+
+    async def send(self, message) -> None:
+        pass
+
+    async def flushed(self) -> None:
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+
+def test_rounds_are_enqueued_in_the_expert_nodes_order(mixtral_dir):
+    """On device-ordered links a wait for a round's answer holds the stream until the expert node answers it, and
+    the expert node answers rounds in (layer, microbatch) order: every round's send must be enqueued before any
+    wait for a round at or after it. The plan's hand-off must not let the second microbatch overtake the first
+    (it did when the first dispatch awaited it: a deadlock on 2 x H200)."""
+    from expertmesh.attention_node.model_runner import ModelRunner
+    from expertmesh.attention_node.scheduler import Scheduler, Sequence
+    from expertmesh.kv.block_manager import BlockManager
+    from expertmesh.kv.cache import PagedKVCache
+    from expertmesh.model.spec import ModelSpec
+    from expertmesh.model.weights import load_attention_side
+    from expertmesh.transport.protocol import SamplingParams
+    spec = ModelSpec.from_dir(mixtral_dir)
+    links = _DeviceOrderedLinks()
+    client = LockstepClient([_SlowFlushConnection()], links, Placement.contiguous(spec, 1), 0, 64,
+                            spec.hidden_size, torch.float32, 2, "cpu", 1.0)
+    kv = PagedKVCache(spec, 16, 16, torch.float32, "cpu")
+    runner = ModelRunner(spec, load_attention_side(str(mixtral_dir), spec, torch.float32, "cpu"), kv, client,
+                         "cpu", context_len=64)
+    scheduler = Scheduler(BlockManager(16, 16), 4, 256, 64, spec.eos_token_ids)
+    for i, prompt in enumerate([[1, 2, 3, 4, 5], [6, 7]]):
+        scheduler.add(Sequence(f"s{i}", prompt, SamplingParams(max_tokens=1), 0))
+    asyncio.run(runner.forward(1, scheduler.schedule(), 2))
+    sent = [work for kind, work in links.calls if kind == "send"]
+    assert sent == sorted(sent) and len(sent) == 2 * len(spec.moe_layer_ids)
+    for i, (kind, work) in enumerate(links.calls):
+        if kind == "wait":
+            assert all(later > work for k, later in links.calls[i:] if k == "send"), links.calls
