@@ -151,7 +151,7 @@ def test_dispatches_carved_from_one_cuda_buffer_round_trip_and_recycle(pack, mon
     packed CUDA frames (ucx._PACK_CUDA, off by default until this test has passed on a GPU) the answer arrives
     in one buffer."""
     from expertmesh.transport import ucx
-    from expertmesh.transport.protocol import TensorMeta, packed_views
+    from expertmesh.transport.protocol import TensorMeta, packed_offsets, packed_views
     monkeypatch.setattr(ucx, "_PACK_CUDA", pack)
 
     async def run():
@@ -162,7 +162,7 @@ def test_dispatches_carved_from_one_cuda_buffer_round_trip_and_recycle(pack, mon
                 for rows in [1, 256, 3000, 1, 256]:  # 3000 x 4096 bf16 is over the packed frame: frame per tensor
                     metas = [TensorMeta(torch.bfloat16, (rows, 4096)), TensorMeta(torch.int32, (rows, 2)),
                              TensorMeta(torch.float32, (rows, 2))]
-                    flat = torch.empty(rows * (8192 + 16), dtype=torch.uint8, device="cuda")
+                    flat = torch.empty(packed_offsets(metas)[1], dtype=torch.uint8, device="cuda")
                     sent = Dispatch(rows, 0, 0, *packed_views(flat, metas))
                     sent.hidden.copy_(torch.randn(rows, 4096, device="cuda"))
                     sent.expert_ids.copy_(torch.randint(0, 8, (rows, 2), device="cuda", dtype=torch.int32))
