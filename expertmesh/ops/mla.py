@@ -114,28 +114,33 @@ class MLALaunch:
 
 
 # MLA decode is multi-query attention with 128 heads: a cached token (576 values) feeds 128 x 2 x (576 + 512) flops,
-# about as many flops per byte as an H200 does at its peak, so the heads of a program are as many as its registers
-# hold: the float32 accumulator is block_h x rank (16 x 512 takes 64 registers a thread of 4 warps) and the query
-# tile stays in registers beside it. The head tiles of one (sequence, split) are neighbours on the grid's fastest
-# axis, so they run together and read each key tile once from memory, the other times from L2. With fewer programs
-# than the GPU holds (few sequences over a long context) each sequence's tokens are split over several programs
-# (flash-decoding) and ops/attention.py's combine kernel merges their partial results.
-_MLA_BLOCK_H = 16
-_MLA_BLOCK_N = 32  # a bf16 key tile of 32 x 576 values: 36 KB of shared memory a stage
+# about as many flops per byte as an H200 does at its peak, so a program takes as many heads as its registers hold:
+# 64 heads x rank 512 of float32 accumulator is 128 registers a thread of 8 warps. The head tiles of one (sequence,
+# split) are neighbours on the grid's fastest axis, so they run together and read each key tile once from memory,
+# the other times from L2. With fewer programs than the GPU holds (few sequences over a long context) each
+# sequence's tokens are split over several programs (flash-decoding) and ops/attention.py's combine kernel merges
+# their partial results. Tiles measured on one H200 at 128 heads x (512 + 64), 4096 tokens (tests/gpu/test_mla_gpu.py,
+# RESULTS.md): 64 heads x 64 tokens with 8 warps took 3.3x the floor at 64 and 256 sequences, 16 x 32 with 4 warps 8.4x.
+_MLA_BLOCK_H = 64
+_MLA_BLOCK_N = 64  # a bf16 key tile of 64 x 576 values: 72 KB of shared memory a stage (32 tokens for float32)
 _MLA_PROGRAMS_PER_SM = 2
 _MLA_MAX_SPLITS = 16
 _MLA_MIN_TOKENS_PER_SPLIT = 256  # a split's tokens cost as much compute as 4 x 512 keys of paged_attention's
 
 
-def choose_mla_launch(num_seqs: int, num_heads: int, max_context: int, num_sms: int) -> MLALaunch:
+def choose_mla_launch(num_seqs: int, num_heads: int, max_context: int, num_sms: int,
+                      itemsize: int = 2) -> MLALaunch:
     """Tiles and split count from host-known sizes only (max_context is the block table's capacity, a bound), so the
-    same launch is replayed by a CUDA graph whatever the sequences' lengths."""
-    programs = num_seqs * -(-num_heads // _MLA_BLOCK_H)
+    same launch is replayed by a CUDA graph whatever the sequences' lengths. itemsize: the cache's bytes a value."""
+    block_h = min(_MLA_BLOCK_H, max(16, triton.next_power_of_2(num_heads)))  # no tile of padding heads only
+    block_n = _MLA_BLOCK_N if itemsize <= 2 else _MLA_BLOCK_N // 2  # two stages of the key tile in shared memory
+    programs = num_seqs * -(-num_heads // block_h)
     num_splits = 1
     while (num_splits < _MLA_MAX_SPLITS and programs * num_splits < _MLA_PROGRAMS_PER_SM * num_sms
            and max_context >= 2 * num_splits * _MLA_MIN_TOKENS_PER_SPLIT):
         num_splits *= 2
-    return MLALaunch(block_h=_MLA_BLOCK_H, block_n=_MLA_BLOCK_N, num_splits=num_splits, num_warps=4, num_stages=2)
+    return MLALaunch(block_h=block_h, block_n=block_n, num_splits=num_splits, num_warps=8 if block_h >= 32 else 4,
+                     num_stages=2)
 
 
 @triton.jit(do_not_specialize=["stride_table"])  # step-dependent: no variant per value (see norm.py)
@@ -230,7 +235,8 @@ def mla_decode_triton(query: torch.Tensor, cache: torch.Tensor, rank: int, block
                          f"{tuple(seq_lens.shape)} and {tuple(query_start.shape)}")
     block_size = cache.shape[1]
     if launch is None:
-        launch = choose_mla_launch(num_seqs, num_heads, max_blocks * block_size, _num_sms(query.device))
+        launch = choose_mla_launch(num_seqs, num_heads, max_blocks * block_size, _num_sms(query.device),
+                                   cache.element_size())
     if any(n & (n - 1) for n in (launch.block_h, launch.block_n, launch.num_splits)) or min(
             launch.block_h, launch.block_n) < 16:
         raise ValueError(f"block_h, block_n and num_splits must be powers of two, block_h and block_n at least 16 "
