@@ -201,14 +201,15 @@ def create_app(served: ServedModel) -> FastAPI:
         except ValueError as exc:  # xgrammar's refusal of a tool's definition
             raise APIError(400, f"tools: {exc}", param="tools") from None
         return await respond(body, [Prompt(prompt_ids, text)], max_tokens, chat=True,
-                             tool_calls=tool_choice != "none", forced_calls=forced)
+                             tool_calls=tool_choice != "none", forced_calls=forced,
+                             named_tool=not isinstance(tool_choice, str))
 
     async def respond(body: SamplingFields, prompts: list[Prompt], max_tokens: int, chat: bool,
-                      tool_calls: bool = False, forced_calls: list[str] | None = None):
+                      tool_calls: bool = False, forced_calls: list[str] | None = None, named_tool: bool = False):
         arrived = time.monotonic()
         options = Options(chat, body.top_logprobs_n(), echo=getattr(body, "echo", False), prompt_only=max_tokens == 0,
                           prompt_logprobs=body.prompt_logprobs, return_token_ids=body.return_token_ids,
-                          tool_calls=tool_calls)
+                          tool_calls=tool_calls, named_tool=named_tool)
         # echo with max_tokens 0 asks for the prompt alone: the node samples once after a prefill anyway (vLLM's
         # too), and Choice drops that token
         max_tokens = max(max_tokens, 1)

@@ -86,7 +86,7 @@ PARAMETERS = (
     "`<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>`, Qwen3's and Hermes' syntax, come back as "
     "`tool_calls`), `none`, `required` or `{\"type\": \"function\", \"function\": {\"name\": ...}}` (the grammar "
     "forces a call, to that function, with arguments that follow its schema; `parallel_tool_calls: false`: one "
-    "call). With calls, `finish_reason` is `tool_calls`; a stream sends each call whole in one `tool_calls` delta "
+    "call). With calls, `finish_reason` is `tool_calls` (`stop` for a named function, as OpenAI answers); a stream sends each call whole in one `tool_calls` delta "
     "once it is complete. Assistant messages with `tool_calls` and `tool` messages are taken.\n\n"
     "A known OpenAI or vLLM parameter this server does not implement is a 400 that names it in `param`, unless its "
     "value asks for nothing (`tools: []` on completions, `use_beam_search: false`): "

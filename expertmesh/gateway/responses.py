@@ -38,6 +38,7 @@ class Options:
     prompt_logprobs: int | None = None  # vLLM's extension
     return_token_ids: bool = False
     tool_calls: bool = False  # chat with tools and a tool_choice other than none: the output is parsed for calls
+    named_tool: bool = False  # tool_choice names the function: its call ends with "stop" (OpenAI's and vLLM's)
 
     @property
     def node_prompt_logprobs(self) -> int | None:
@@ -80,9 +81,10 @@ class Choice:
                 "logprobs": logprobs}
 
     def chat_finish_reason(self, tool_calls: ToolCallStream | None) -> str | None:
-        """vLLM's: tool_calls when the output called tools, else the generation's."""
-        return "tool_calls" if self.finish_reason is not None and tool_calls and tool_calls.calls else \
-            self.finish_reason
+        """tool_calls when the output called tools (auto, required), else the generation's: also for a function
+        named by tool_choice, as OpenAI and vLLM answer a forced call."""
+        called = tool_calls is not None and tool_calls.calls and not self.options.named_tool
+        return "tool_calls" if self.finish_reason is not None and called else self.finish_reason
 
     def take(self, chunk: Chunk) -> tuple[str, list]:
         """Adds chunk to the choice; returns the text and the scored tokens it adds (an echoed prompt's with the
