@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import os
+import threading
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -21,6 +23,8 @@ from .links import Links
 
 if TYPE_CHECKING:
     from ..config import Config
+
+log = logging.getLogger(__name__)
 
 
 class DistLinks(Links):
@@ -108,16 +112,28 @@ class DistLinks(Links):
         close_links()
 
 
-def close_links() -> None:
+ABORT_TIMEOUT_S = 10.0
+_abandoned = False  # an abort that did not return: the world is left as it is
+
+
+def close_links(timeout_s: float = ABORT_TIMEOUT_S) -> None:
     """Leaves the world. NCCL's communicators are aborted, not destroyed: destroying waits for their pending work,
     and a peer that stopped first or died leaves work that never completes (seen on 2 x H200: an attention node's
-    close hung in ProcessGroupNCCL.shutdown after its expert node had stopped)."""
-    if not dist.is_initialized():
+    close hung in ProcessGroupNCCL.shutdown after its expert node had stopped). The abort itself was seen to block
+    too (2 x H200, after a step's rounds timed out), so it runs in a thread, waited for timeout_s: a node whose links
+    failed reports it and goes on (or exits) instead of hanging there."""
+    global _abandoned
+    if not dist.is_initialized() or _abandoned:
         return
-    if dist.get_backend() == "nccl":
-        dist.distributed_c10d._abort_process_group()
-    else:
+    if dist.get_backend() != "nccl":
         dist.destroy_process_group()
+        return
+    aborting = threading.Thread(target=dist.distributed_c10d._abort_process_group, name="nccl-abort", daemon=True)
+    aborting.start()
+    aborting.join(timeout_s)
+    if aborting.is_alive():
+        _abandoned = True
+        log.error("aborting the NCCL communicators did not return within %.0f s: the links are abandoned", timeout_s)
 
 
 def init_links(backend: str, init_address: str, attention_nodes: int, expert_nodes: int, rank: int,

@@ -276,6 +276,30 @@ def test_a_post_that_fails_on_a_closed_connection_is_a_transport_error(monkeypat
     links.flush()  # the failed batch is gone: nothing is posted twice
 
 
+def test_an_nccl_abort_that_blocks_is_abandoned_not_waited_for(monkeypatch, caplog):
+    """ncclCommAbort was seen to block on 2 x H200 after a step timed out: close_links (and so release) must
+    return within its bound, once, and leave the world alone afterwards."""
+    import threading
+
+    import torch.distributed as dist
+
+    from expertmesh.m2n import dist as dist_links
+    blocked, calls = threading.Event(), []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", lambda: calls.append(1) or blocked.wait(30))
+    monkeypatch.setattr(dist_links, "_abandoned", False)
+    started = time.monotonic()
+    try:
+        dist_links.close_links(timeout_s=0.2)
+        assert time.monotonic() - started < 5 and calls == [1]
+        assert "did not return within" in caplog.text
+        dist_links.close_links(timeout_s=0.2)  # abandoned: not aborted a second time
+        assert calls == [1]
+    finally:
+        blocked.set()
+
+
 class _DeviceOrderedLinks(_RecordingLinks):
     """The attention side's links as ipc and NCCL are: sends, receives and waits only enqueued, in the order the
     device will run them, which is recorded."""
