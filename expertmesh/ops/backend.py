@@ -5,7 +5,13 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the reference path works; asking for the Triton one says what is missing
     from types import SimpleNamespace
-    triton = SimpleNamespace(jit=lambda fn: fn)
+
+    def _no_jit(fn=None, **_options):
+        """triton.jit without triton, bare (@triton.jit) or with options (@triton.jit(do_not_specialize=...)): the
+        kernel stays a plain function, never launched (pick_backend refuses the triton backend)."""
+        return fn if fn is not None else (lambda kernel: kernel)
+
+    triton = SimpleNamespace(jit=_no_jit)
     tl = SimpleNamespace(constexpr=None)
     HAVE_TRITON = False
 else:

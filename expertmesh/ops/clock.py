@@ -4,8 +4,8 @@ global timer (%globaltimer, ns) and add the span's length and a count to counter
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from .backend import tl, triton
 
 
 @triton.jit
