@@ -4,8 +4,8 @@
 #   tests  - tests/gpu (the lockstep tests among them: float32 exactness, no host sync per step, a dead expert node)
 #   exact  - benchmarks/gpu_exactness.py through the launcher over each of EXACT (default: ucx, then on 2 GPUs
 #            nccl and ipc): float32 greedy tokens against transformers, attention and expert nodes on different GPUs
-#   bench  - `bench transport`: the lockstep M2N round beside ucx (and, on 2 GPUs, over named links with their
-#            point-to-point rows, beside NCCL's send/recv and all_to_all_single)
+#   bench  - `bench transport`: the lockstep M2N round over ipc, ipc with the SM send kernel (ipc-sm) and ucx (and,
+#            on 2 GPUs, nccl; with point-to-point rows over each, beside NCCL's send/recv and all_to_all_single)
 #   serve  - served decode, Qwen3-30B-A3B / Mixtral-8x7B shapes with layers reduced (SHAPES): disaggregated 1+1 at
 #            m = MICROBATCHES over each of TRANSPORTS, and colocated (--expert-nodes 0) on every GPU (data parallel on 2),
 #            same workload (REQUESTS_PER_SLOT x concurrency requests: 2 gave rows of 1-11 s, too short to compare);
@@ -60,7 +60,7 @@ for part in ${PARTS:-tests bench serve}; do
       --transports ${EXACT:-$([ "$GPUS" = 1 ] && echo ucx || echo ucx,nccl,ipc)} > "$OUT/exactness.log" 2>&1; reap
     grep -E "DIFFERENT|identical$|MISMATCH|Error|Traceback" "$OUT/exactness.log" | sort | uniq -c | tail -20 ;;
   bench)
-    BACKENDS=${BACKENDS:-$([ "$GPUS" = 1 ] && echo lockstep,ucx || echo lockstep-ipc,lockstep-nccl,ucx)}
+    BACKENDS=${BACKENDS:-lockstep-ipc,lockstep-ipc-sm$([ "$GPUS" = 2 ] && echo ,lockstep-nccl),ucx}
     timeout -k 10 ${BENCH_S:-200} python3 -m expertmesh bench transport --device cuda --backends $BACKENDS \
       $([ "$GPUS" = 2 ] && echo --nccl) --m2n 1x1 --json "$OUT/bench_transport.json" > "$OUT/bench_transport.log" 2>&1
     reap; tail -60 "$OUT/bench_transport.log" ;;

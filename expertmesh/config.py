@@ -61,6 +61,9 @@ class TransportConfig:
     # Who progresses UCX (ucx, ucx-lockstep): "thread" (a progress thread; idle processes sleep) or "polling" (the event
     # loop spins: lower latency per message, one core busy per process).
     ucx_progress_mode: str = "thread"
+    # ipc links: who moves a send's bytes, "engine" (the driver's copies, then a signal kernel) or "sm" (one kernel
+    # copies and signals: m2n/ipc_copy.py). engine until sm is measured against it on the GPUs at hand.
+    ipc_copy: str = "engine"
     # Link emulation on the attention->expert links (experiments on one host; 0 = off):
     emulated_latency_us: float = 0.0  # added one-way latency per message
     emulated_bandwidth_gbps: float = 0.0  # bandwidth cap per link and direction
@@ -174,6 +177,8 @@ class Config:
         if backend in ("nccl", "gloo", "ipc") and self.model.device != ("cpu" if backend == "gloo" else "cuda"):
             raise ConfigError(f"transport.backend={backend} links {'CPU processes' if backend == 'gloo' else 'GPUs'}"
                               f", not model.device={self.model.device}: use {'nccl or ipc' if backend == 'gloo' else 'gloo'}")
+        if self.transport.ipc_copy not in ("engine", "sm"):
+            raise ConfigError(f"transport.ipc_copy={self.transport.ipc_copy!r}; choose engine or sm")
         if self.model.device not in ("cpu", "cuda"):
             raise ConfigError(f"model.device={self.model.device!r}; choose cpu or cuda")
         if self.model.dtype not in _DTYPES:

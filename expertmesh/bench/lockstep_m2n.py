@@ -36,7 +36,7 @@ from .harness import (CONNECT_TIMEOUT_S, STALL_TIMEOUT_S, TOP_K, WARMUP, BenchEr
                       run_processes, sync, wait_barrier)
 
 LOCKSTEP = "lockstep"  # the links the device allows (links_backend); lockstep-gloo, -nccl, -ipc, -ucx name them
-LINKS = ("gloo", "nccl", "ipc", "ucx")
+LINKS = ("gloo", "nccl", "ipc", "ipc-sm", "ucx")  # ipc-sm: ipc links whose sends are one SM kernel (ipc_copy.py)
 BACKENDS = (LOCKSTEP, *(f"{LOCKSTEP}-{links}" for links in LINKS))
 _EXPERTS = 8  # per layer, in contiguous blocks over the receivers
 CHUNK = 10  # timed rounds per wait on the device
@@ -69,7 +69,7 @@ def check_links(backend: str, device: str, processes: int) -> None:
     links = links_backend(device, processes, backend)
     if links == "gloo" and device != "cpu":
         raise BenchError(f"{backend}: gloo links carry CPU tensors; use --device cpu, or lockstep-nccl/-ipc")
-    if links in ("nccl", "ipc") and device != "cuda":
+    if links in ("nccl", "ipc", "ipc-sm") and device != "cuda":
         raise BenchError(f"{backend}: {links} links connect GPUs; add --device cuda")
     if links == "nccl" and gpu_count() < processes:
         raise BenchError(f"{backend}: NCCL needs a GPU per process ({processes}); this host has {gpu_count()}")
@@ -85,8 +85,9 @@ def _join(device: str, rank: int, senders: int, receivers: int, dist_address: st
     backend = links_backend(device, senders + receivers, backend)
     # one microbatch: a step's rounds follow each other on one group, as the timing wants them
     peers = list(range(senders, senders + receivers)) if rank < senders else list(range(senders))
-    if backend == "ipc":
-        return IpcLinks(senders, rank, peers, 1, slot_bytes, device, STALL_TIMEOUT_S)
+    if backend in ("ipc", "ipc-sm"):
+        return IpcLinks(senders, rank, peers, 1, slot_bytes, device, STALL_TIMEOUT_S,
+                        "sm" if backend == "ipc-sm" else "engine")
     if backend == "ucx":  # imported here: the forkserver that the processes fork from holds no UCX state
         from ..m2n.ucx_links import UcxLinks
         return UcxLinks(senders, rank, peers, 1, slot_bytes, device, STALL_TIMEOUT_S, ucx_progress_mode)
@@ -285,7 +286,8 @@ async def _links_p2p(device: str, rank: int, dist_address: str, address: str, pl
                     round_trip_s.append(time.perf_counter() - start)
             if rank == 0:
                 one_way = statistics.median(round_trip_s) / 2
-                report(("row", Row("p2p", f"{LOCKSTEP}-{links.backend}", device.split(":")[0], "1x1",
+                label = f"{LOCKSTEP}-{links_backend(device, 2, backend)}"
+                report(("row", Row("p2p", label, device.split(":")[0], "1x1",
                                    message_bytes, None, round_trips, one_way * 1e6, message_bytes / one_way / 1e9)))
         await wait_barrier(barrier)  # both sides are done before either closes
     finally:

@@ -2,7 +2,8 @@
 
 Each node allocates, for every peer, an inbound region: a receive slot per microbatch and one uint64 flag per slot.
 The peer opens it by IPC handle (exchanged once, in the handshake) and sends by copying straight into the slot, then
-adding one to the slot's flag with a one-thread kernel that follows the copies on its stream. The receiver keeps,
+adding one to the slot's flag with a one-thread kernel that follows the copies on its stream (copy="sm": one kernel
+does both, ipc_copy.py). The receiver keeps,
 on the device, how many messages it has taken from each slot; its wait is a one-warp kernel that counts one more
 and polls the flag until it gets there. Every number lives on the device, so sends and waits can be captured in
 CUDA graphs and replayed for ever; no host is on the path, and no process waits for the other's host. The polling
@@ -19,8 +20,10 @@ import triton.language as tl
 
 from ..transport.protocol import TensorMeta, packed_offsets, packed_views
 from . import cuda_driver as cu
+from . import ipc_copy
 from .links import Links
 
+COPIES = ("engine", "sm")
 _RELEASED = 1 << 62  # a flag value no real message count reaches
 
 
@@ -46,10 +49,15 @@ class IpcLinks(Links):
     device_ordered = True
 
     def __init__(self, attention_nodes: int, rank: int, peers: list[int], microbatches: int, slot_bytes: int,
-                 device: str, timeout_s: float) -> None:
+                 device: str, timeout_s: float, copy: str = "engine") -> None:
+        """copy: who moves a send's bytes, "engine" (the driver's copies, then a signal kernel) or "sm" (one kernel
+        copies and signals: ipc_copy.py)."""
         super().__init__(attention_nodes, microbatches, slot_bytes)
         if torch.device(device).type != "cuda":
             raise ValueError(f"ipc links connect CUDA devices, not {device}")
+        if copy not in COPIES:
+            raise ValueError(f"ipc links copy with one of {COPIES}, not {copy!r}")
+        self.copy = copy
         self.rank = rank
         self.device = device
         self.timeout_s = timeout_s
@@ -66,9 +74,14 @@ class IpcLinks(Links):
         # peer -> its inbound region for us, opened by handle: raw addresses (on another GPU it is no tensor here)
         self._outbound: dict[int, int] = {}
         self._release_stream = 0
+        # messages sent to each peer's slot and not yet wholly landed: the send kernel's arrival counts (copy="sm")
+        self._arrived = {peer: torch.zeros(microbatches, dtype=torch.int32, device=device) for peer in peers}
         scratch = torch.zeros(2, dtype=torch.int64, device=device)
         _signal[(1,)](scratch[0:1], num_warps=1)  # compiled now: graph capture must not meet a first launch
         _wait[(1,)](scratch[0:1], scratch[1:2], num_warps=1)
+        if copy == "sm":
+            word = torch.zeros(4, dtype=torch.int32, device=device)
+            ipc_copy.send(word, [0], [word[:1]], scratch[0:1], word[3:])
         torch.cuda.synchronize(device)  # flags are zero before a peer can write them
 
     def _slot_tensors(self, base: int) -> list[torch.Tensor]:
@@ -97,12 +110,18 @@ class IpcLinks(Links):
         if peer not in self._outbound:
             raise RuntimeError(f"no ipc link to rank {peer}: the handshake did not attach it")
         slot = self._outbound[peer] + microbatch * self.slot_bytes
+        flag = self._outbound[peer] + self.microbatches * self.slot_bytes + 8 * microbatch
+        offsets = packed_offsets(metas)[0]
+        words = [ipc_copy.words_of(t) for t in tensors] if self.copy == "sm" else [None]
+        if all(w is not None for w in words):
+            ipc_copy.send(cu.DevicePointer(slot, torch.int32), offsets, words, cu.DevicePointer(flag, torch.int64),
+                          self._arrived[peer][microbatch:microbatch + 1])
+            return []
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        for offset, tensor in zip(packed_offsets(metas)[0], tensors):
+        for offset, tensor in zip(offsets, tensors):
             if tensor.numel():
                 tensor = tensor.contiguous()  # a temporary's memory is reused only by work after the copy
                 cu.memcpy_async(slot + offset, tensor.data_ptr(), tensor.nbytes, stream)
-        flag = self._outbound[peer] + self.microbatches * self.slot_bytes + 8 * microbatch
         _signal[(1,)](cu.DevicePointer(flag, torch.int64), num_warps=1)
         return []  # the copies are stream-ordered: later work on this stream may change the tensors
 

@@ -134,7 +134,7 @@ def links_over(config: "Config", backend: str, rank: int, peers: list[int], devi
     if backend == "ipc":
         from .ipc import IpcLinks
         return IpcLinks(cluster.attention_nodes, rank, peers, engine.microbatches, slot_bytes, device,
-                        t.recv_timeout_s)
+                        t.recv_timeout_s, t.ipc_copy)
     if backend == "ucx-lockstep":
         from .ucx_links import UcxLinks
         return UcxLinks(cluster.attention_nodes, rank, peers, engine.microbatches, slot_bytes, device,

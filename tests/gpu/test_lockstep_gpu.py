@@ -29,8 +29,10 @@ from tests.inproc_cluster import generate
 
 pytestmark = pytest.mark.gpu
 _TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-# backend[:expert GPU]: ipc on one GPU (under MPS for concurrency), ipc across two (over NVLink), NCCL across two
-BACKENDS = ["ipc", pytest.param("ipc:1", marks=_TWO_GPUS), pytest.param("nccl:1", marks=_TWO_GPUS)]
+# backend[:expert GPU]: ipc on one GPU (under MPS for concurrency), ipc across two (over NVLink), the same with the
+# SM send kernel (ipc-sm: transport.ipc_copy=sm), NCCL across two
+BACKENDS = ["ipc", pytest.param("ipc:1", marks=_TWO_GPUS), pytest.param("ipc-sm:1", marks=_TWO_GPUS),
+            pytest.param("nccl:1", marks=_TWO_GPUS)]
 
 
 class LockstepCluster:
@@ -40,9 +42,11 @@ class LockstepCluster:
     def __init__(self, model_dir, tmp_path, backend: str, microbatches: int, max_num_seqs: int = 8,
                  max_len: int = 256, recv_timeout_s: float = 60.0) -> None:
         backend, _, expert_gpu = backend.partition(":")
+        backend, _, copy = backend.partition("-")
         config = Config()
         config.model.path, config.model.device, config.model.dtype = str(model_dir), "cuda", "float32"
         config.transport.backend, config.transport.recv_timeout_s = backend, recv_timeout_s
+        config.transport.ipc_copy = copy or "engine"
         config.engine.microbatches, config.engine.max_num_seqs = microbatches, max_num_seqs
         c = config.cluster
         c.attention_nodes, c.expert_nodes, c.attention_gpus = 1, 1, [0]
