@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..transport.base import TransportError
-from ..transport.protocol import TensorMeta, packed_views
+from ..transport.protocol import TensorMeta, packed_offsets, packed_views
 from .links import Links
 
 if TYPE_CHECKING:
@@ -38,19 +38,21 @@ class DistLinks(Links):
         self.device = device
         self.timeout_s = timeout_s  # gloo waits raise after this; NCCL's are bounded by the caller (wait_event)
         self._slots: dict[tuple[int, int], torch.Tensor] = {}  # (peer, microbatch) -> receive slot, made once
+        self._send_slots: dict[tuple[int, int], torch.Tensor] = {}  # (peer, microbatch) -> where a message packs
         # Sends and receives are batched until flush: one NCCL group per round, whose operations progress together
         # (one after another, a receive of one expert node's answer would hold up the send to the next).
         self._batch: list = []
         self._batch_group = None
         self._batch_works: list = []
 
-    def _post(self, microbatch: int, op, tensors: Sequence[torch.Tensor], peer: int) -> list:
+    def _post(self, microbatch: int, op, message: torch.Tensor, peer: int) -> list:
         attention_node = peer if peer < self.attention_nodes else self.rank  # every link has one attention end
         group = self.groups[(attention_node, microbatch)]
         if self._batch and group is not self._batch_group:
             self.flush()  # a batch is of one group
         self._batch_group = group
-        self._batch += [dist.P2POp(op, t, peer, group) for t in tensors if t.numel()]
+        if message.numel():
+            self._batch.append(dist.P2POp(op, message, peer, group))
         return [self._batch_works]  # the batch's works, filled in by flush
 
     def flush(self) -> None:
@@ -63,17 +65,31 @@ class DistLinks(Links):
             self._batch, self._batch_works, self._batch_group = [], [], None
 
     def send(self, microbatch: int, peer: int, tensors: Sequence[torch.Tensor]) -> list:
-        self._check(peer, microbatch, [TensorMeta(t.dtype, tuple(t.shape)) for t in tensors])
-        return self._post(microbatch, dist.isend, tensors, peer)
+        """One point-to-point send per message: a message of several tensors is first packed (device copies) into
+        the (peer, microbatch) send slot as the receiver's slot lays it out. One send and one receive a round per
+        link, not one per tensor: fewer NCCL operations, and no two groups of different shapes for NCCL to pair up
+        (a round's sends beside its answer's receive on one side, three receives on the other). The slot is free
+        again by the microbatch's next send: each side waits for a round's works before the next round of the same
+        microbatch (LockstepClient.gather; the expert node sends one tensor, unpacked)."""
+        metas = [TensorMeta(t.dtype, tuple(t.shape)) for t in tensors]
+        self._check(peer, microbatch, metas)
+        if len(tensors) == 1 and tensors[0].is_contiguous():
+            message = tensors[0]
+        else:
+            message = self._slot(self._send_slots, peer, microbatch)[:packed_offsets(metas)[1]]
+            for view, tensor in zip(packed_views(message, metas), tensors):
+                view.copy_(tensor)
+        return self._post(microbatch, dist.isend, message, peer)
 
     def receive(self, microbatch: int, peer: int, metas: Sequence[TensorMeta]) -> tuple[list[torch.Tensor], list]:
         self._check(peer, microbatch, metas)
-        buffer = self._slots.get((peer, microbatch))
-        if buffer is None:
-            buffer = self._slots[(peer, microbatch)] = torch.empty(self.slot_bytes, dtype=torch.uint8,
-                                                                   device=self.device)
-        views = packed_views(buffer, metas)
-        return views, self._post(microbatch, dist.irecv, views, peer)
+        message = self._slot(self._slots, peer, microbatch)[:packed_offsets(metas)[1]]
+        return packed_views(message, metas), self._post(microbatch, dist.irecv, message, peer)
+
+    def _slot(self, slots: dict, peer: int, microbatch: int) -> torch.Tensor:
+        if (peer, microbatch) not in slots:
+            slots[(peer, microbatch)] = torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
+        return slots[(peer, microbatch)]
 
     def _works(self, posted: list) -> list:
         """The works of the batches in `posted` (each batch once), after flushing the one being filled."""
