@@ -25,7 +25,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 nvidia-smi topo -m > "$OUT/topo.txt"; head -4 "$OUT/topo.txt"
 GPUS=${GPUS:-1}
 # disaggregated runs over each of TRANSPORTS (2 GPUs: ipc over NVLink, whole steps as graphs, then nccl, whose
-# rounds run eagerly and so have their GPU busy time metered); 1 GPU: ipc under MPS
+# rounds run eagerly and so have their GPU busy time metered); 1 GPU: ipc under MPS. ipc-sm: ipc with the SM send kernel
 TRANSPORTS=${TRANSPORTS:-$([ "$GPUS" = 1 ] && echo ipc || echo "ipc nccl")}
 [ "$GPUS" = 1 ] && nvidia-cuda-mps-control -d && echo "MPS on"
 # Output goes to files, never through a pipe: a node process left behind by a timed-out command would hold a pipe
@@ -83,7 +83,8 @@ for part in ${PARTS:-tests bench serve}; do
                 --max-num-seqs $c --input-len 64 128 --output-len 64 128"
         for transport in $TRANSPORTS; do
           name=serve_${shape}_c${c}_disagg_${transport}$async
-          timeout -k 10 ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --transport $transport \
+          timeout -k 10 ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --transport ${transport%-sm} \
+            $([ "${transport%-sm}" != "$transport" ] && echo --ipc-copy sm) \
             --expert-nodes 1 --microbatches ${MICROBATCHES:-1 2} --json "$OUT/$name.json" \
             $([ "${TRACE:-0}" = 1 ] && echo --trace "$OUT/$name.trace.json") > "$OUT/$name.log" 2>&1
           reap; grep -E "^m=|Error|error|Traceback" "$OUT/$name.log" | sed "s/^/$shape c=$c disagg 1+1 $transport /" \

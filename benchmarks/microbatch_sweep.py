@@ -45,6 +45,8 @@ def main() -> int:
     p.add_argument("--output-len", type=int, nargs=2, default=[32, 64])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--transport", choices=["zmq", "ucx", "nccl", "ipc", "gloo"], default="zmq")
+    p.add_argument("--ipc-copy", choices=["engine", "sm"], default="engine",
+                   help="ipc links: the driver's copies, or one SM kernel per send (transport.ipc_copy)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--async-scheduling", action="store_true",
@@ -64,6 +66,7 @@ def main() -> int:
         config.engine.max_num_seqs = args.max_num_seqs
         config.engine.async_scheduling = args.async_scheduling
         config.model.device, config.model.dtype, config.transport.backend = args.device, args.dtype, args.transport
+        config.transport.ipc_copy = args.ipc_copy
         config.transport.emulated_latency_us = args.emulated_latency_us
         config.transport.emulated_bandwidth_gbps = args.emulated_bandwidth_gbps
         config.gateway.port = free_port()

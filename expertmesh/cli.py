@@ -25,6 +25,8 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
                         "host), gloo (CPU) or ucx-lockstep (UCX: CPU, or RDMA across hosts), lockstep (each link's "
                         "own: ipc or gloo within a host, nccl or ucx-lockstep across), or messages over ucx or zmq "
                         "(default auto: lockstep on GPUs; on CPU ucx where ucxx imports, else zmq)")
+    p.add_argument("--ipc-copy", choices=["engine", "sm"],
+                   help="ipc links: a send is the driver's copies (engine, the default) or one SM kernel (sm)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="cuda: each node on its own GPU")
     p.add_argument("--microbatches", type=int, help="ping-pong microbatches per step")
     p.add_argument("--emulated-latency-us", type=float, help="added one-way latency on attention->expert links")
@@ -78,6 +80,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  ("engine", "num_kv_blocks", getattr(args, "num_kv_blocks", None)),
                  ("engine", "enforce_eager", getattr(args, "enforce_eager", None)),
                  ("engine", "async_scheduling", getattr(args, "async_scheduling", None)),
+                 ("transport", "ipc_copy", getattr(args, "ipc_copy", None)),
                  ("cluster", "ray_address", getattr(args, "ray", None))]
     for section, key, value in overrides:
         if value is not None:

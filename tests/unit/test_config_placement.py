@@ -38,6 +38,18 @@ def test_cli_flags_override_the_file(tmp_path):
         ("m", 2, 3, 9000)
 
 
+def test_the_ipc_copy_is_a_flag_and_checked():
+    import argparse
+
+    from expertmesh.cli import _launch_parser
+    parser = argparse.ArgumentParser()
+    _launch_parser(parser.add_subparsers(dest="command"))
+    assert config_from_args(parser.parse_args(["launch", "--ipc-copy", "sm"])).transport.ipc_copy == "sm"
+    assert config_from_args(parser.parse_args(["launch"])).transport.ipc_copy == "engine"
+    with pytest.raises(ConfigError, match="ipc_copy='dma'"):
+        Config.from_dict({"transport": {"ipc_copy": "dma"}})
+
+
 def test_make_model_command(tmp_path, capsys):
     assert main(["make-model", "--arch", "qwen3_moe", "--out", str(tmp_path / "q"), "--num-layers", "3",
                  "--mlp-only-layers", "1", "--no-norm-topk-prob"]) == 0
