@@ -27,14 +27,16 @@ COPIES = ("engine", "sm")
 _RELEASED = 1 << 62  # a flag value no real message count reaches
 
 
-@triton.jit
+# A slot's flag and count lie 8 bytes apart per microbatch: not specialized on alignment, one variant serves every
+# slot (a variant first loaded beside a pending wait would wait for the device to drain)
+@triton.jit(do_not_specialize_on_alignment=["flag_ptr"])
 def _signal(flag_ptr):
     """One more message in the slot (its copies precede this kernel on the stream). A release at system scope: on
     another GPU the flag is reached over NVLink, and the receiver must see the copies once it sees the count."""
     tl.atomic_add(flag_ptr, 1, sem="release", scope="sys")
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["flag_ptr", "taken_ptr"])
 def _wait(flag_ptr, taken_ptr):
     """Counts one more message taken from the slot and polls its flag until the sender has signalled it."""
     target = tl.load(taken_ptr) + 1

@@ -33,11 +33,19 @@ def send_reference(slot: torch.Tensor, offsets: Sequence[int], tensors: Sequence
     flag += 1
 
 
-@triton.jit(do_not_specialize=["words0", "words1", "words2", "at1", "at2"])
+# Sizes and offsets change from round to round, and a source's alignment with them (a node's slice of the masked
+# ids), nor the alignment of a microbatch's flag and counter: none is specialized, so one compiled variant serves
+# every round (a variant first loaded beside a pending wait kernel would wait for the device to drain:
+# m2n/link_plan.py). The destination is a slot's start.
+@triton.jit(do_not_specialize=["words0", "words1", "words2", "at1", "at2"],
+            do_not_specialize_on_alignment=["src0", "src1", "src2", "flag", "arrived"])
 def _send_kernel(dst, src0, src1, src2, words0, words1, words2, at1, at2, flag, arrived, BLOCK: tl.constexpr):
-    """Copies src0, src1, src2 (int32 words) to dst at word offsets 0, at1, at2, each program a strided share; the
-    last program to finish counts the message on flag. Its release at system scope follows the other programs'
-    (acquired through `arrived`), so a receiver on another GPU that sees the count sees every word."""
+    """Copies src0, src1, src2 (int32 words) to dst at offsets 0, at1, at2 (in 16-byte units, so that the stores
+    are 16-byte vectors), each program a strided share; the last program to finish counts the message on flag. Its
+    release at system scope follows the other programs' (acquired through `arrived`), so a receiver on another GPU
+    that sees the count sees every word."""
+    at1 = at1 * 4
+    at2 = at2 * 4
     programs = tl.num_programs(0)
     stride = programs * BLOCK
     lanes = tl.arange(0, BLOCK)
@@ -58,14 +66,14 @@ def _send_kernel(dst, src0, src1, src2, words0, words1, words2, at1, at2, flag, 
 
 def send(dst, offsets: Sequence[int], words: Sequence[torch.Tensor], flag, arrived: torch.Tensor) -> None:
     """The kernel on the current stream: words (int32, from words_of; up to three) to dst (an int32 pointer: a
-    tensor or cuda_driver.DevicePointer) at byte offsets (multiples of 4), then flag (int64 pointer) += 1.
+    tensor or cuda_driver.DevicePointer) at byte offsets (multiples of 16), then flag (int64 pointer) += 1.
     arrived: an int32 counter of this (peer, slot), zero between sends."""
     if len(words) > 3 or len(words) != len(offsets):
         raise ValueError(f"the send kernel copies up to three tensors, each with an offset, not {len(words)}")
-    if any(offset % 4 for offset in offsets) or (offsets and offsets[0] != 0):
-        raise ValueError(f"word offsets from 0 are needed, not byte offsets {list(offsets)}")
+    if any(offset % 16 for offset in offsets) or (offsets and offsets[0] != 0):
+        raise ValueError(f"16-byte offsets from 0 are needed (protocol.packed_offsets), not {list(offsets)}")
     padded = list(words) + [words[0]] * (3 - len(words))  # absent tensors: 0 words of any valid pointer
     counts = [w.numel() for w in words] + [0] * (3 - len(words))
-    at = [o // 4 for o in offsets] + [0] * (3 - len(offsets))
+    at = [o // 16 for o in offsets] + [0] * (3 - len(offsets))
     programs = max(1, min(MAX_PROGRAMS, -(-sum(counts) // WORDS_PER_PROGRAM)))
     _send_kernel[(programs,)](dst, *padded, *counts, at[1], at[2], flag, arrived, BLOCK=BLOCK, num_warps=4)

@@ -100,3 +100,24 @@ def test_a_receiver_on_the_other_gpu_sees_the_words_once_it_sees_the_count():
         sent.append(expected)
         receiver.synchronize()  # the next send must not overwrite the slot before this copy-out
     assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(seen, sent))
+
+
+def test_one_compiled_variant_serves_every_slot_and_size():
+    """Flags and counts 8 bytes apart per microbatch, sources at any 4-byte offset, any size: no second variant
+    of the send, signal or wait kernels (one loaded mid-serving beside a pending wait would stall until the device
+    drains)."""
+    from expertmesh.m2n.ipc import _signal, _wait
+    flags = torch.zeros(4, dtype=torch.int64, device="cuda:0")
+    taken = torch.zeros(4, dtype=torch.int64, device="cuda:0")
+    arrived = torch.zeros(4, dtype=torch.int32, device="cuda:0")
+    slot = torch.zeros(1 << 20, dtype=torch.int32, device="cuda:0")
+    pool = torch.zeros(1 << 18, dtype=torch.int32, device="cuda:0")
+    for mb, (tokens, shift) in enumerate([(1, 0), (3, 1), (17, 2), (64, 3)]):
+        words = [pool[shift:shift + tokens * 2048], pool[shift + 1:shift + 1 + tokens * 8]]
+        ipc_copy.send(slot, [0, tokens * 8192], words, flags[mb:mb + 1], arrived[mb:mb + 1])
+        _signal[(1,)](flags[mb:mb + 1], num_warps=1)
+        _wait[(1,)](flags[mb:mb + 1], taken[mb:mb + 1], num_warps=1)  # 2 signalled, 1 taken: passes at once
+    torch.cuda.synchronize()
+    assert flags.tolist() == [2] * 4 and taken.tolist() == [1] * 4
+    variants = lambda kernel: len(kernel.device_caches[torch.cuda.current_device()][0])  # noqa: E731
+    assert variants(ipc_copy._send_kernel) == variants(_signal) == variants(_wait) == 1

@@ -39,7 +39,7 @@ def test_what_the_kernel_cannot_send_is_named():
     words = [ipc_copy.words_of(t) for t in round_message(2)]
     flag, arrived = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int32)
     slot = torch.zeros(4096, dtype=torch.int32)
-    with pytest.raises(ValueError, match="word offsets"):
-        ipc_copy.send(slot, [0, 258, 272], words, flag, arrived)
+    with pytest.raises(ValueError, match="16-byte offsets"):
+        ipc_copy.send(slot, [0, 260, 272], words, flag, arrived)
     with pytest.raises(ValueError, match="up to three"):
         ipc_copy.send(slot, [0, 256, 272, 288], words + words[:1], flag, arrived)
