@@ -218,6 +218,17 @@ def _split_range(kv_end, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr)
     return lo, tl.minimum(kv_end, lo + share)
 
 
+@triton.jit
+def _paged_keys(block_table_ptr, seq, stride_table, start, kv_hi, BLOCK_SIZE: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Where keys start..start+BLOCK_N of sequence seq lie in a paged cache: (their positions, which of them are
+    below kv_hi, their cache blocks, their offsets in the blocks)."""
+    key_pos = start + tl.arange(0, BLOCK_N)
+    key_real = key_pos < kv_hi
+    block = tl.load(block_table_ptr + seq * stride_table + key_pos // BLOCK_SIZE, mask=key_real, other=0)
+    return key_pos, key_real, block.to(tl.int64), key_pos % BLOCK_SIZE  # block * stride may pass 2**31 elements
+
+
 @triton.jit(do_not_specialize=["num_seqs", "stride_table"])  # step-dependent: no variant per value (see norm.py)
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
@@ -262,13 +273,9 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores, in log2 units
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_M, DIM_PAD], tl.float32)
-    keys = tl.arange(0, BLOCK_N)
     for start in range(kv_lo, kv_hi, BLOCK_N):
-        key_pos = start + keys
-        key_real = key_pos < kv_hi
-        block = tl.load(block_table_ptr + seq * stride_table + key_pos // BLOCK_SIZE, mask=key_real, other=0)
-        block = block.to(tl.int64)  # block * stride may pass 2**31 elements in a large cache
-        offset = key_pos % BLOCK_SIZE
+        key_pos, key_real, block, offset = _paged_keys(block_table_ptr, seq, stride_table, start, kv_hi, BLOCK_SIZE,
+                                                       BLOCK_N)
         kv_mask = key_real[:, None] & dim_real[None, :]
         k = tl.load(k_cache_ptr + block[:, None] * stride_k_block + offset[:, None] * stride_k_offset
                     + kv_head * stride_k_head + dims[None, :], mask=kv_mask, other=0.0)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import _LOG2_E, _combine_splits_kernel, _num_sms, _split_range, sequences_of, write_kv
+from .attention import _LOG2_E, _combine_splits_kernel, _num_sms, _paged_keys, _split_range, sequences_of, write_kv
 from .backend import pick_backend, tl, triton
 
 
@@ -178,13 +178,9 @@ def _mla_decode_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max of the scores, in log2 units
     l_i = tl.zeros([BLOCK_H], tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_H, RANK_PAD], tl.float32)
-    keys = tl.arange(0, BLOCK_N)
     for start in range(kv_lo, kv_hi, BLOCK_N):
-        key_pos = start + keys
-        key_real = key_pos < kv_hi
-        block = tl.load(block_table_ptr + seq * stride_table + key_pos // BLOCK_SIZE, mask=key_real, other=0)
-        block = block.to(tl.int64)  # block * stride may pass 2**31 elements in a large cache
-        entry = cache_ptr + block[:, None] * stride_c_block + (key_pos % BLOCK_SIZE)[:, None] * stride_c_offset
+        _, key_real, block, offset = _paged_keys(block_table_ptr, seq, stride_table, start, kv_hi, BLOCK_SIZE, BLOCK_N)
+        entry = cache_ptr + block[:, None] * stride_c_block + offset[:, None] * stride_c_offset
         latent = tl.load(entry + lat[None, :], mask=key_real[:, None] & lat_real[None, :], other=0.0)
         rope_key = tl.load(entry + RANK + rope[None, :], mask=key_real[:, None] & rope_real[None, :], other=0.0)
         value = latent
