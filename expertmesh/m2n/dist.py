@@ -39,18 +39,22 @@ class DistLinks(Links):
         self.timeout_s = timeout_s  # gloo waits raise after this; NCCL's are bounded by the caller (wait_event)
         self._slots: dict[tuple[int, int], torch.Tensor] = {}  # (peer, microbatch) -> receive slot, made once
         self._send_slots: dict[tuple[int, int], torch.Tensor] = {}  # (peer, microbatch) -> where a message packs
-        # Sends and receives are batched until flush: one NCCL group per round, whose operations progress together
-        # (one after another, a receive of one expert node's answer would hold up the send to the next).
+        # Operations are batched until flush, or until one of another group or direction comes: a round's sends to
+        # every expert node progress together (one after another, a receive of one node's answer would hold up the
+        # send to the next), its receives too. Never a send and a receive in one batch: the peer posts them apart,
+        # and NCCL leaves groups that differ across the two ends undefined (NVIDIA/nccl#1279, #2130); on 2 x H200
+        # the first round hung.
         self._batch: list = []
         self._batch_group = None
+        self._batch_op = None
         self._batch_works: list = []
 
     def _post(self, microbatch: int, op, message: torch.Tensor, peer: int) -> list:
         attention_node = peer if peer < self.attention_nodes else self.rank  # every link has one attention end
         group = self.groups[(attention_node, microbatch)]
-        if self._batch and group is not self._batch_group:
-            self.flush()  # a batch is of one group
-        self._batch_group = group
+        if self._batch and (group is not self._batch_group or op is not self._batch_op):
+            self.flush()  # a batch is of one group, and sends or receives only
+        self._batch_group, self._batch_op = group, op
         if message.numel():
             self._batch.append(dist.P2POp(op, message, peer, group))
         return [self._batch_works]  # the batch's works, filled in by flush
@@ -62,7 +66,7 @@ class DistLinks(Links):
         except RuntimeError as exc:  # gloo: a peer that closed its connection can fail the post itself
             raise TransportError(f"{self.backend} link failed: {exc}") from None
         finally:
-            self._batch, self._batch_works, self._batch_group = [], [], None
+            self._batch, self._batch_works, self._batch_group, self._batch_op = [], [], None, None
 
     def send(self, microbatch: int, peer: int, tensors: Sequence[torch.Tensor]) -> list:
         """One point-to-point send per message: a message of several tensors is first packed (device copies) into

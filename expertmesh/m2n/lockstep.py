@@ -155,16 +155,18 @@ class LockstepClient:
         owner = self.node_of[layer][expert_ids.long()]
         masked = torch.where(owner.unsqueeze(0) == self._node_ids, expert_ids.unsqueeze(0), -1)  # [nodes, n, k]
         works, answers, answer_meta = [], [], [TensorMeta(self.dtype, (n, self.hidden))]
+        # the sends to every expert node, then the receives of their answers: each side of a link posts one direction
+        # at a time (NCCL leaves a group of a send and a receive, met by the two apart, undefined; it hung)
         for node in range(len(self.connections)):
-            rank = self.links.expert_rank(node)
-            works += self.links.send(microbatch, rank, [hidden, masked[node], expert_weights])
-            (answer,), posted = self.links.receive(microbatch, rank, answer_meta)
-            works += posted
-            answers.append(answer)
+            works += self.links.send(microbatch, self.links.expert_rank(node), [hidden, masked[node], expert_weights])
             self.stats.bytes_sent[node] += hidden.nbytes + masked[node].nbytes + expert_weights.nbytes
             self.stats.messages_sent[node] += 1
+        for node in range(len(self.connections)):
+            (answer,), posted = self.links.receive(microbatch, self.links.expert_rank(node), answer_meta)
+            works += posted
+            answers.append(answer)
             self.stats.bytes_received[node] += answer.nbytes
-        self.links.flush()  # the sends to every expert node and the receives of their answers, together
+        self.links.flush()
         return RoundHandle(microbatch, works, answers)
 
     async def gather(self, handle: RoundHandle) -> list[torch.Tensor]:

@@ -300,6 +300,23 @@ def test_an_nccl_abort_that_blocks_is_abandoned_not_waited_for(monkeypatch, capl
         blocked.set()
 
 
+def test_a_rounds_sends_and_receives_go_in_separate_batches(monkeypatch):
+    """The expert node posts its receive and its answer's send apart, so the attention node must too: NCCL leaves a
+    group of a send and a receive, met by the peer as two groups, undefined (it hung on 2 x H200). A round is one
+    batch of sends to every expert node, then one batch of receives, each message one operation."""
+    import torch.distributed as dist
+    batches = []
+    monkeypatch.setattr(dist, "batch_isend_irecv", lambda ops: batches.append(ops) or [])
+    monkeypatch.setattr(dist, "P2POp", lambda op, tensor, peer, group: (op.__name__, peer, tensor.numel()))
+    links = DistLinks("nccl", 1, 0, {(0, 0): object()}, 1, SLOT_BYTES, "cpu", 1.0)
+    client = LockstepClient([None, None], links, Placement(2, NODES_OF), 0, 16, HIDDEN, torch.float32, 1, "cpu", 1.0)
+    ids, weights = random_routing(5, NUM_EXPERTS, TOP_K, 4, "cpu", seed=0)
+    client.enqueue_round(1, 0, torch.randn(5, HIDDEN), ids, weights)
+    message = slot_bytes_for(5, HIDDEN, torch.float32, TOP_K)
+    assert batches == [[("isend", 1, message), ("isend", 2, message)],
+                       [("irecv", 1, 5 * HIDDEN * 4), ("irecv", 2, 5 * HIDDEN * 4)]]
+
+
 class _DeviceOrderedLinks(_RecordingLinks):
     """The attention side's links as ipc and NCCL are: sends, receives and waits only enqueued, in the order the
     device will run them, which is recorded."""
