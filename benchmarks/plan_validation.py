@@ -225,6 +225,14 @@ GPU_ROWS = [
     ("Mixtral c=64 1+1 m=1, run 3", "run3_serve_mixtral_c64_disagg_ipc.json", 0, True),
     ("Mixtral c=64 1+1 m=2, run 3", "run3_serve_mixtral_c64_disagg_ipc.json", 1, False),
     ("Mixtral c=64 colocated-2, run 3", "run3_serve_mixtral_c64_colocated.json", 0, False),
+    # the fifth session's longer rows (8 requests per slot; RESULTS.md, "Fifth session on 2 x H200"): sweep order
+    # m = 2, 1, 3, so its first row, m = 2, is the cold one
+    ("Qwen3 c=64 1+1 m=2, session 5", "../serve5/serve_qwen3_c64_disagg_ipc.json", 0, True),
+    ("Qwen3 c=64 1+1 m=1, session 5", "../serve5/serve_qwen3_c64_disagg_ipc.json", 1, False),
+    ("Qwen3 c=64 1+1 m=3, session 5", "../serve5/serve_qwen3_c64_disagg_ipc.json", 2, False),
+    ("Qwen3 c=64 colocated-2, session 5", "../serve5/serve_qwen3_c64_colocated.json", 0, False),
+    ("Qwen3 c=256 1+1 m=2, session 5", "../serve5/serve_qwen3_c256_disagg_ipc.json", 0, True),
+    ("Qwen3 c=256 1+1 m=1, session 5", "../serve5/serve_qwen3_c256_disagg_ipc.json", 1, False),
 ]
 GPU_SERVE = HERE / "gpu_multi/serve"
 # The served calibrations: the warm rows whose both GPU meters worked (run 1's zeroed its counters at each replay)
