@@ -95,15 +95,25 @@ def test_bf16_kernels_agree_with_the_reference_ops_under_teacher_forcing(monkeyp
     from expertmesh.ops import norm as norm_ops
     from expertmesh.ops import rotary as rotary_ops
     from expertmesh.ops import router as router_ops
-    for module, name, op in [(layers, "paged_attention", attention_ops.paged_attention),
-                             (layers, "rotate_and_write_kv", rotary_ops.rotate_and_write_kv),
-                             (model_runner, "fused_moe", moe_ops.fused_moe),
-                             (model_runner, "rms_norm", norm_ops.rms_norm),
-                             (model_runner, "add_rms_norm", norm_ops.add_rms_norm),
-                             (layers, "rms_norm", norm_ops.rms_norm),
-                             (layers, "route", router_ops.route)]:
+    ops = [(layers, "paged_attention", attention_ops.paged_attention),
+           (layers, "rotate_and_write_kv", rotary_ops.rotate_and_write_kv),
+           (model_runner, "fused_moe", moe_ops.fused_moe),
+           (model_runner, "rms_norm", norm_ops.rms_norm),
+           (model_runner, "add_rms_norm", norm_ops.add_rms_norm),
+           (layers, "rms_norm", norm_ops.rms_norm),
+           (layers, "route", router_ops.route)]
+    alone = {}  # each op's reference in place of its kernel, the other kernels kept: where the disagreement arises
+    for module, name, op in ops:
+        with monkeypatch.context() as one:
+            one.setattr(module, name, functools.partial(op, backend="reference"))
+            alone[f"{module.__name__.rsplit('.', 1)[-1]}.{name}"] = argmaxes()
+    for module, name, op in ops:
         monkeypatch.setattr(module, name, functools.partial(op, backend="reference"))
     reference = argmaxes()
+    for op, swapped in alone.items():
+        print(f"  {op} as its reference, the rest kernels: agreement with the kernels "
+              f"{(swapped == kernels).float().mean().item():.4f}, with the reference ops "
+              f"{(swapped == reference).float().mean().item():.4f}")
     float32 = asyncio.run(teacher_forced_argmaxes(model_dir, prompts, forced, "cuda", torch.float32))
     agreement = (kernels == reference).float().mean().item()
     print(f"bf16 next-token argmax agreement, kernels vs reference ops: {agreement:.4f}; against float32 "
