@@ -1,6 +1,8 @@
 """The Triton backend of fused_moe: its layout kernel (the pairs laid out expert by expert in blocks of block_m
-rows), the two grouped matmuls (gate_up with SiLU(gate) * up in its epilogue, and down with the routing weight
-applied), the sum over each token's k, and the choice of tiles from the sizes alone."""
+rows), the two grouped matmuls (gate_up with SiLU(gate) * up in its epilogue, and down), the routing-weighted sum
+over each token's k, and the choice of tiles from the sizes alone. Values are rounded to x.dtype where
+fused_moe_reference's torch ops round them: the kernels agree with it as closely as float32 accumulation in another
+order allows."""
 from __future__ import annotations
 
 import functools
@@ -149,9 +151,9 @@ def expert_blocks(expert_ids: torch.Tensor, local_index: torch.Tensor, num_local
 def _fused_moe_triton(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
                       experts: StackedExperts, config: TritonMoeConfig | None) -> torch.Tensor:
     """The block layout; gate_up (SiLU(gate) * up in its epilogue) into a [blocks * block_m, inter]
-    intermediate; down (routing weight applied) into one row per pair in x.dtype; each token's k rows added in
-    float32. Neither the intermediate nor the pair rows are cleared: padding rows are never read, and the rows of
-    skipped pairs are never added."""
+    intermediate; down into one row per pair in x.dtype; each token's k rows weighted and added in float32. Neither
+    the intermediate nor the pair rows are cleared: padding rows are never read, and the rows of skipped pairs are
+    never added."""
     kernels = _triton_kernels()
     tokens, top_k = expert_ids.shape
     num_pairs, num_local = tokens * top_k, len(experts.expert_ids)
@@ -179,7 +181,7 @@ def _fused_moe_triton(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights:
     pair_rows = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     tile = config.down
     kernels.down[(blocks, -(-hidden // tile.block_n))](
-        act, experts.down, pair_rows, sorted_pairs, block_expert, expert_weights, num_pairs,
+        act, experts.down, pair_rows, sorted_pairs, block_expert, num_pairs,
         act.stride(0), experts.down.stride(0), experts.down.stride(1), pair_rows.stride(0),
         HIDDEN=hidden, INTER=inter, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         EVEN_K=inter % tile.block_k == 0, DOT_FP32=dot_fp32, PRECISION=precision,
@@ -187,7 +189,7 @@ def _fused_moe_triton(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights:
     out = torch.empty_like(x)
     block_h = min(1024, _next_power_of_2(hidden))
     kernels.sum_over_k[(tokens, -(-hidden // block_h))](
-        pair_rows, expert_ids, experts.local_index, out, experts.local_index.shape[0],
+        pair_rows, expert_ids, experts.local_index, expert_weights, out, experts.local_index.shape[0],
         pair_rows.stride(0), out.stride(0), HIDDEN=hidden, TOP_K=top_k, BLOCK_H=block_h, num_warps=4)
     return out
 
@@ -300,12 +302,16 @@ def _triton_kernels() -> _Kernels:
             x_ptrs += BLOCK_K
             gate_ptrs += BLOCK_K
             up_ptrs += BLOCK_K
-        act = acc_gate * tl.sigmoid(acc_gate) * acc_up
+        # rounded where the reference's torch ops round (no-ops in float32): the matmul's gate and up, silu(gate),
+        # and the product at the store
+        dtype = act_ptr.dtype.element_ty
+        gate = acc_gate.to(dtype).to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
         act_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_act + offs_n[None, :]
         tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < INTER))
 
     @triton.jit(do_not_specialize=["num_pairs"])
-    def down_kernel(act_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_expert_ptr, routing_ptr, num_pairs,
+    def down_kernel(act_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_expert_ptr, num_pairs,
                     stride_act, stride_we, stride_wn, stride_out,
                     HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -338,13 +344,11 @@ def _triton_kernels() -> _Kernels:
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
             act_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        routing = tl.load(routing_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)
-        acc = acc * routing[:, None]
         out_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_out + offs_n[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < HIDDEN))
 
     @triton.jit
-    def sum_over_k_kernel(pair_rows_ptr, expert_ids_ptr, local_index_ptr, out_ptr, num_experts,
+    def sum_over_k_kernel(pair_rows_ptr, expert_ids_ptr, local_index_ptr, routing_ptr, out_ptr, num_experts,
                           stride_pair, stride_out,
                           HIDDEN: tl.constexpr, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
         # a pair's row was written iff expert_blocks placed the pair: the same test, so skipped pairs add nothing
@@ -359,7 +363,8 @@ def _triton_kernels() -> _Kernels:
             row = tl.load(local_index_ptr + tl.where(known, expert, 0))
             held = known & (row >= 0)
             y = tl.load(pair_rows_ptr + pair.to(tl.int64) * stride_pair + offs_h, mask=h_ok & held, other=0.0)
-            acc += y.to(tl.float32)
+            # the pair's output as the matmul rounded it, weighted in float32: the reference's order
+            acc += y.to(tl.float32) * tl.load(routing_ptr + pair).to(tl.float32)
         tl.store(out_ptr + token.to(tl.int64) * stride_out + offs_h, acc.to(out_ptr.dtype.element_ty), mask=h_ok)
 
     return _Kernels(expert_blocks=expert_blocks_kernel, gate_up=gate_up_kernel, down=down_kernel,

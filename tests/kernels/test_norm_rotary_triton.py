@@ -5,7 +5,6 @@ and head counts that leave part of a program's tile empty, padding tokens, the Q
 The interpreter rounds float32 -> bfloat16 by truncation where a GPU rounds to nearest even (as torch does), so the
 bfloat16 cases run with that one cast mended: then the kernels' roundings are the reference's, and without a
 norm the results are bitwise equal (a norm's sum may round differently: one bfloat16 step at most)."""
-import numpy as np
 import pytest
 import torch
 
@@ -17,22 +16,7 @@ from expertmesh.ops.norm import add_rms_norm, add_rms_norm_reference, rms_norm, 
 from expertmesh.ops.rotary import rotate_and_write_kv, rotate_and_write_kv_reference
 
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-@pytest.fixture(autouse=True)
-def round_to_nearest_even_in_the_interpreter(monkeypatch):
-    """float32 -> bfloat16 casts of the interpreter round as the GPU's do (unused when the kernels run compiled)."""
-    import triton.language as tl
-    from triton.runtime import interpreter
-    cast = interpreter.InterpreterBuilder.cast_impl
-
-    def cast_rounding_to_nearest_even(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16).view(torch.int16)
-            return interpreter.TensorHandle(rounded.numpy().view(np.uint16), dst_type.scalar)
-        return cast(self, src, dst_type)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_rounding_to_nearest_even)
+pytestmark = pytest.mark.usefixtures("round_to_nearest_even_in_the_interpreter")  # tests/kernels/conftest.py
 
 
 def randn(*shape, dtype=torch.float32, seed=0):
