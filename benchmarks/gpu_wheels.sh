@@ -10,7 +10,7 @@ PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
   --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any"
 ARGS="--only-binary=:all: --python-version 3.12 --implementation cp $PLATFORMS"
 $PIP download -q --no-deps $ARGS -d "$DL" pyzmq fastapi starlette pydantic pydantic-core annotated-types \
-  typing-inspection uvicorn opentelemetry-api prometheus-client hypothesis sortedcontainers ucxx-cu13==0.52.* \
+  typing-inspection uvicorn httptools opentelemetry-api prometheus-client hypothesis sortedcontainers ucxx-cu13==0.52.* \
   libucxx-cu13==0.52.* 'libucx-cu13<1.22' \
   rmm-cu13==26.10.* librmm-cu13==26.10.* rapids-logger==0.3.* xgrammar==0.2.9 apache-tvm-ffi
 $PIP install -q --no-deps --no-compile $ARGS --target "$SITE" "$DL"/*.whl

@@ -58,3 +58,11 @@ def test_every_name_is_accepted_the_first_reported_and_an_unknown_one_is_404():
                 "message": f"The model `{name}` does not exist; this server serves `mini`",
                 "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
             assert client.post("/v1/chat/completions", json={**chat, "model": name}).status_code == 404
+
+
+def test_the_gateway_serves_http_with_httptools():
+    """uvicorn's C parser, a dependency: with its pure-Python one the gateway spent 14% more CPU per streamed token."""
+    from expertmesh.gateway.__main__ import server_config
+    server = server_config(lambda scope, receive, send: None, Config())
+    server.load()
+    assert server.http_protocol_class.__module__.endswith("httptools_impl")
