@@ -123,7 +123,10 @@ class MLALaunch:
 # RESULTS.md): 64 heads x 64 tokens with 8 warps took 3.3x the floor at 64 and 256 sequences, 16 x 32 with 4 warps 8.4x.
 _MLA_BLOCK_H = 64
 _MLA_BLOCK_N = 64  # a bf16 key tile of 64 x 576 values: 72 KB of shared memory a stage (32 tokens for float32)
-_MLA_PROGRAMS_PER_SM = 2
+# Split a sequence's tokens while its programs would fill under half the SMs: a 64-head program takes most of an
+# SM's shared memory (two 72 KB stages), a split adds a combine pass, and at 64 sequences (128 programs on the H200's
+# 132 SMs) one split ran at 3.3x the floor; a sequence alone ran 16 splits in 45 us.
+_MLA_SPLIT_BELOW_SMS = 0.5
 _MLA_MAX_SPLITS = 16
 _MLA_MIN_TOKENS_PER_SPLIT = 256  # a split's tokens cost as much compute as 4 x 512 keys of paged_attention's
 
@@ -136,7 +139,7 @@ def choose_mla_launch(num_seqs: int, num_heads: int, max_context: int, num_sms: 
     block_n = _MLA_BLOCK_N if itemsize <= 2 else _MLA_BLOCK_N // 2  # two stages of the key tile in shared memory
     programs = num_seqs * -(-num_heads // block_h)
     num_splits = 1
-    while (num_splits < _MLA_MAX_SPLITS and programs * num_splits < _MLA_PROGRAMS_PER_SM * num_sms
+    while (num_splits < _MLA_MAX_SPLITS and programs * num_splits < _MLA_SPLIT_BELOW_SMS * num_sms
            and max_context >= 2 * num_splits * _MLA_MIN_TOKENS_PER_SPLIT):
         num_splits *= 2
     return MLALaunch(block_h=block_h, block_n=block_n, num_splits=num_splits, num_warps=8 if block_h >= 32 else 4,
