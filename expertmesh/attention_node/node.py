@@ -68,7 +68,9 @@ class AttentionNode:
         self.generated_tokens = 0
         self.steps_held = 0  # steps whose tokens stayed on the device while the next one was launched
         self.fatal_error: str | None = None
-        self._gateway: PeerId | None = None
+        # request id -> the gateway that submitted it, where its outputs go (gateways may share the node, and one
+        # restarted is a new peer); dropped with the request's last output
+        self._peer_of: dict[str, PeerId] = {}
         self.gate = PeerGate(config.cluster.secret, f"attention node {node_id} (control)")
         self._work = asyncio.Event()
         self._grammars = None  # GrammarCompiler, made (and xgrammar imported) at the first request with a grammar
@@ -99,7 +101,7 @@ class AttentionNode:
             if not self.gate.admits(peer, message):
                 continue
             if isinstance(message, AddRequest):
-                self._gateway = peer
+                self._peer_of[message.request_id] = peer
                 self._add(message)
             elif isinstance(message, AbortRequest):
                 seq = self.scheduler.abort(message.request_id)
@@ -108,6 +110,7 @@ class AttentionNode:
                 elif message.request_id in self._compiling:
                     self._compiling.discard(message.request_id)
                     await self._send([message.request_id], [-1], ["abort"], [None])
+                self._peer_of.pop(message.request_id, None)  # its gateway has let it go: later tokens are dropped
             elif isinstance(message, StatusRequest):
                 await self.control.send(peer, self.status())
             elif isinstance(message, TraceControl):
@@ -327,7 +330,17 @@ class AttentionNode:
     async def _send(self, request_ids: list[str], tokens: list[int], reasons: list[str | None],
                     errors: list[str | None], logprobs: list | None = None,
                     queue_seconds: list[float | None] | None = None, prompt_entries: list | None = None) -> None:
-        if self._gateway is not None:
-            none = [None] * len(request_ids)
-            await self.control.send(self._gateway, StepOutputs(request_ids, tokens, reasons, errors, logprobs or none,
-                                                               queue_seconds or none, prompt_entries or none))
+        """One StepOutputs to each gateway with requests among these rows, carrying its requests' rows."""
+        none = [None] * len(request_ids)
+        columns = (request_ids, tokens, reasons, errors, logprobs or none, queue_seconds or none,
+                   prompt_entries or none)
+        rows_of: dict[PeerId, list[int]] = {}
+        for row, (request_id, reason) in enumerate(zip(request_ids, reasons)):
+            peer = self._peer_of.get(request_id) if reason is None else self._peer_of.pop(request_id, None)
+            if peer is not None:  # else: aborted by its gateway, or finished: the row is dropped
+                rows_of.setdefault(peer, []).append(row)
+        for peer, rows in rows_of.items():
+            if len(rows) == len(request_ids):  # the usual case: one gateway
+                await self.control.send(peer, StepOutputs(*columns))
+            else:
+                await self.control.send(peer, StepOutputs(*([column[row] for row in rows] for column in columns)))

@@ -13,11 +13,11 @@ from expertmesh.transport.protocol import SamplingParams
 from tests.inproc_cluster import InprocCluster
 
 
-async def drain(queue) -> list:
+async def drain(queue, timeout_s: float = 60) -> list:
     """(seconds since the epoch of the test, event) of every event of one request, to its end."""
     events = []
     while not events or events[-1][1].finish_reason is None:
-        event = await asyncio.wait_for(queue.get(), 60)
+        event = await asyncio.wait_for(queue.get(), timeout_s)
         events.append((time.monotonic(), event))
     return events
 
@@ -63,3 +63,31 @@ def test_queue_time_is_a_histogram_in_metrics():
     assert prometheus.value(text, "expertmesh_request_queue_time_seconds_count") == 3
     assert abs(prometheus.value(text, "expertmesh_request_queue_time_seconds_sum") - 1.532) < 1e-9
     assert prometheus.value(text, "expertmesh_request_queue_time_seconds_bucket", le="0.04") == 2
+
+
+def test_two_gateways_on_one_node_each_get_their_own_requests_outputs(mixtral_dir):
+    """Outputs go to the gateway that submitted each request, also when two share the node (or one was restarted as a
+    new peer) and their requests run in the same steps: each gets every token of its own, none of the other's."""
+    async def run():
+        async with InprocCluster(mixtral_dir, num_expert_nodes=0, max_num_seqs=4) as cluster:
+            transport = InprocTransport()
+            control = await transport.listen("inproc://two-gateways")
+            node = AttentionNode(0, Config(), cluster.spec, cluster.runner, cluster.scheduler, None, control)
+            serving = asyncio.create_task(node.serve())
+            clients = [AttentionNodeClient(0, await transport.connect("inproc://two-gateways"), node_timeout_s=60)
+                       for _ in range(2)]
+            for client in clients:
+                client.start()
+            try:
+                sampling = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+                queues = [await clients[i % 2].submit(f"g{i % 2}-r{i}", [5, 6, 7, 8 + i], sampling)
+                          for i in range(4)]
+                return [[event for _, event in await drain(queue, timeout_s=10)] for queue in queues]
+            finally:
+                serving.cancel()
+                for client in clients:
+                    await client.close()
+                await control.close()
+
+    for events in asyncio.run(run()):
+        assert [event.finish_reason for event in events] == [None] * 3 + ["length"]
