@@ -47,6 +47,7 @@ def main() -> int:
     p.add_argument("--transport", choices=["zmq", "ucx", "nccl", "ipc", "gloo"], default="zmq")
     p.add_argument("--ipc-copy", choices=["engine", "sm"], default="engine",
                    help="ipc links: the driver's copies, or one SM kernel per send (transport.ipc_copy)")
+    p.add_argument("--gateway-workers", type=int, default=1, help="gateway processes on the port (gateway.workers)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--async-scheduling", action="store_true",
@@ -67,6 +68,7 @@ def main() -> int:
         config.engine.async_scheduling = args.async_scheduling
         config.model.device, config.model.dtype, config.transport.backend = args.device, args.dtype, args.transport
         config.transport.ipc_copy = args.ipc_copy
+        config.gateway.workers = args.gateway_workers
         config.transport.emulated_latency_us = args.emulated_latency_us
         config.transport.emulated_bandwidth_gbps = args.emulated_bandwidth_gbps
         config.gateway.port = free_port()

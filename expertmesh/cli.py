@@ -46,6 +46,8 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
                         "model directory's name, and --model as given)")
     p.add_argument("--recv-timeout", type=float,
                    help="seconds an expert node may take to answer a step's rounds before the step fails (default 30)")
+    p.add_argument("--gateway-workers", type=int,
+                   help="gateway processes sharing the HTTP port (default 1; one streams about 10k tokens/s at most)")
     p.add_argument("--max-pending-requests", type=int,
                    help="requests in flight past which /v1/* answers 429 with Retry-After (default 1024)")
     p.add_argument("--max-pending-tokens", type=int, help="prompt tokens in flight past which /v1/* answers 429")
@@ -81,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  ("engine", "enforce_eager", getattr(args, "enforce_eager", None)),
                  ("engine", "async_scheduling", getattr(args, "async_scheduling", None)),
                  ("transport", "ipc_copy", getattr(args, "ipc_copy", None)),
+                 ("gateway", "workers", getattr(args, "gateway_workers", None)),
                  ("cluster", "ray_address", getattr(args, "ray", None))]
     for section, key, value in overrides:
         if value is not None:

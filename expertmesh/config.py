@@ -111,6 +111,10 @@ class GatewayConfig:
     # Deadline of a request, from its arrival, past which it is aborted at its node and answered 504 (an error event
     # on a stream); a request's own `timeout` field may only shorten it. None: no deadline.
     request_timeout_s: float | None = None
+    # Gateway processes sharing the HTTP port (SO_REUSEPORT: the kernel spreads connections over them), each with its
+    # share of the admission bounds and its own /metrics. One process's CPU per streamed token (67-113 us measured,
+    # RESULTS.md) caps what it can stream near 10k tokens/s (vLLM's --api-server-count).
+    workers: int = 1
 
 
 @dataclass
@@ -195,6 +199,8 @@ class Config:
         if self.gateway.max_pending_requests < 1 or self.gateway.max_pending_tokens < 1:
             raise ConfigError(f"gateway.max_pending_requests={self.gateway.max_pending_requests} and "
                               f"max_pending_tokens={self.gateway.max_pending_tokens} must be >= 1")
+        if self.gateway.workers < 1:
+            raise ConfigError(f"gateway.workers={self.gateway.workers}; must be >= 1")
         if self.engine.microbatches < 1:
             raise ConfigError(f"engine.microbatches={self.engine.microbatches}; must be >= 1")
         if self.engine.max_num_seqs < 1 or self.engine.max_batch_tokens < 1:

@@ -5,6 +5,7 @@ import asyncio
 import importlib.util
 import logging
 import os
+import socket
 from pathlib import Path
 
 import uvicorn
@@ -59,7 +60,18 @@ def server_config(app, config: Config) -> "uvicorn.Config":
                           lifespan="on")
 
 
+def shared_socket(config: Config) -> socket.socket:
+    """The HTTP port, bound with SO_REUSEPORT so that every gateway worker listens on it and the kernel spreads the
+    connections over them."""
+    sock = socket.socket(socket.AF_INET6 if ":" in config.gateway.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((config.gateway.host, config.gateway.port))
+    return sock
+
+
 async def main(config: Config, index: int) -> None:
+    workers = config.gateway.workers  # gateway processes on the one port, this one of them `index`
     spec = ModelSpec.from_dir(config.model.path)
     transport = ZmqTransport()
     secret = config.cluster.secret
@@ -73,12 +85,12 @@ async def main(config: Config, index: int) -> None:
                                                 config.gateway.node_timeout_s, secret)
                                        for i, address in enumerate(config.cluster.expert_control_addresses)],
                          routing=routing_policy(config), api_key=config.gateway.api_key,
-                         max_pending_requests=config.gateway.max_pending_requests,
-                         max_pending_tokens=config.gateway.max_pending_tokens, node_wait_s=config.gateway.node_wait_s,
-                         request_timeout_s=config.gateway.request_timeout_s)
+                         max_pending_requests=-(-config.gateway.max_pending_requests // workers),
+                         max_pending_tokens=-(-config.gateway.max_pending_tokens // workers),
+                         node_wait_s=config.gateway.node_wait_s, request_timeout_s=config.gateway.request_timeout_s)
     server = uvicorn.Server(server_config(create_app(served), config))
     server.install_signal_handlers = lambda: None  # run_node owns SIGTERM/SIGINT
-    serving = asyncio.ensure_future(server.serve())
+    serving = asyncio.ensure_future(server.serve(sockets=[shared_socket(config)] if workers > 1 else None))
     try:
         await asyncio.shield(serving)
     except asyncio.CancelledError:  # SIGTERM: let uvicorn shut down itself (a cancelled lifespan logs a traceback)

@@ -83,12 +83,13 @@ class LocalCluster:
         self.config.validate().save(config_path)
         roles = [("expert node", "expertmesh.expert_node", cluster.expert_nodes),
                  ("attention node", "expertmesh.attention_node", cluster.attention_nodes),
-                 ("gateway", "expertmesh.gateway", 1)]
+                 ("gateway", "expertmesh.gateway", self.config.gateway.workers)]
         for name, module, count in roles:
             for index in range(count):
                 command = [sys.executable, "-m", module, "--config", str(config_path), "--index", str(index)]
                 process = subprocess.Popen(command, preexec_fn=die_with_parent)
-                self.children.append(Child(name if name == "gateway" else f"{name} {index}", process, command))
+                self.children.append(Child(f"{name} {index}" if index or name != "gateway" else name, process,
+                                           command))
 
     def notes(self) -> list[str]:
         """What the operator should know about this layout before it runs."""
@@ -132,8 +133,8 @@ class LocalCluster:
     def stop(self, grace_s: float = 10.0) -> None:
         """The gateway first (it would report the nodes' stopping as failures), then the nodes."""
         deadline = time.monotonic() + grace_s
-        gateway = [child for child in self.children if child.name == "gateway"]
-        for group in (gateway, [child for child in self.children if child.name != "gateway"]):
+        gateways = [child for child in self.children if supervision.is_gateway(child.name)]
+        for group in (gateways, [child for child in self.children if not supervision.is_gateway(child.name)]):
             for child in reversed(group):
                 if child.process.poll() is None:
                     child.process.terminate()

@@ -193,6 +193,9 @@ class RayCluster:
     def check_config(self) -> None:
         """What cannot work across hosts, said before anything starts; paths made absolute (the same on every host)."""
         config, cluster = self.config, self.config.cluster
+        if config.gateway.workers > 1:
+            raise ClusterError(f"gateway.workers={config.gateway.workers}: several gateway processes run with the "
+                               f"local launcher only so far; on Ray the gateway is one process")
         if config.transport.backend == "auto" and config.model.device == "cuda":
             # not lockstep's ipc within a host: Ray shows each node its own GPU only, and CUDA IPC cannot open a
             # peer's memory on a GPU it does not see

@@ -80,7 +80,7 @@ def supervise(nodes: Iterable[Supervised], config: Config, now: float | None = N
             node.restart_at = now + backoff
             print(f"expertmesh: {node.name} ({node.where()}) exited with code {code}; restarting it in "
                   f"{backoff:.0f} s", file=sys.stderr, flush=True)
-            if lockstep and node.name != GATEWAY:
+            if lockstep and not is_gateway(node.name):
                 _restart_world(nodes, node, config.transport.backend)
         elif now >= node.restart_at:
             node.restart()
@@ -88,12 +88,16 @@ def supervise(nodes: Iterable[Supervised], config: Config, now: float | None = N
             print(f"expertmesh: {node.name} restarted ({node.where()})", file=sys.stderr, flush=True)
 
 
-GATEWAY = "gateway"  # the one node outside the links' world
+GATEWAY = "gateway"  # the gateway processes ("gateway", "gateway 1", ...): outside the links' world
+
+
+def is_gateway(name: str) -> bool:
+    return name == GATEWAY or name.startswith(GATEWAY + " ")
 
 
 def _restart_world(nodes: list[Supervised], died: Supervised, backend: str) -> None:
     """Every other attention and expert node stops now and starts again with `died` (their deaths not counted)."""
-    others = [n for n in nodes if n is not died and n.name != GATEWAY and n.restart_at is None]
+    others = [n for n in nodes if n is not died and not is_gateway(n.name) and n.restart_at is None]
     for node in others:
         node.kill()
         node.restart_at = died.restart_at

@@ -165,5 +165,5 @@ def gpu_phases_of(run: dict, index: int, spec: ModelSpec, crossing_us: float) ->
 
 def gateway_us_per_token(row: dict) -> float:
     """The gateway's CPU per output token over a served row (`microbatch_sweep.py` JSON with cpu_s); 0 without."""
-    cpu_s = row.get("cpu_s") or {}
-    return cpu_s["gateway"] * 1e6 / row["output_tokens"] if "gateway" in cpu_s and row["output_tokens"] else 0.0
+    cpu_s = {name: s for name, s in (row.get("cpu_s") or {}).items() if name.split(" ")[0] == "gateway"}  # workers
+    return sum(cpu_s.values()) * 1e6 / row["output_tokens"] if cpu_s and row["output_tokens"] else 0.0

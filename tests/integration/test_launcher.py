@@ -130,3 +130,26 @@ def test_local_cluster_as_a_context_manager_serves_then_leaves_nothing(mixtral_d
         pids = [child.process.pid for child in cluster.children]
     assert all(child.process.poll() is not None for child in cluster.children)
     assert not any(alive(pid) for pid in pids)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_gateway_workers_share_the_port_and_each_serves(mixtral_dir):
+    """--gateway-workers 2: two gateway processes on one port (SO_REUSEPORT). Requests on new connections spread
+    over both (each spends a fair share of the gateways' CPU on them), and every one gets the same greedy text."""
+    cluster = Cluster(mixtral_dir, attention_nodes=1, expert_nodes=0, extra=["--gateway-workers", "2"]).wait_ready()
+    try:
+        gateways = [role_pid(cluster.process.pid, "expertmesh.gateway", index) for index in range(2)]
+        greedy = {"prompt": "hello", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        before = [cpu_seconds(pid) for pid in gateways]
+        with ThreadPoolExecutor(4) as pool:  # each request on a connection of its own
+            texts = list(pool.map(lambda _: httpx.post(f"{cluster.url}/v1/completions", json=greedy, timeout=60)
+                                  .json()["choices"][0]["text"], range(32)))
+        spent = [cpu_seconds(pid) - start for pid, start in zip(gateways, before)]
+        assert len(set(texts)) == 1 and texts[0]
+        assert min(spent) >= 0.2 * sum(spent), spent
+    finally:
+        cluster.stop()

@@ -38,7 +38,7 @@ def test_cli_flags_override_the_file(tmp_path):
         ("m", 2, 3, 9000)
 
 
-def test_the_ipc_copy_is_a_flag_and_checked():
+def test_the_ipc_copy_and_gateway_workers_are_flags_and_checked():
     import argparse
 
     from expertmesh.cli import _launch_parser
@@ -48,6 +48,9 @@ def test_the_ipc_copy_is_a_flag_and_checked():
     assert config_from_args(parser.parse_args(["launch"])).transport.ipc_copy == "engine"
     with pytest.raises(ConfigError, match="ipc_copy='dma'"):
         Config.from_dict({"transport": {"ipc_copy": "dma"}})
+    assert config_from_args(parser.parse_args(["launch", "--gateway-workers", "3"])).gateway.workers == 3
+    with pytest.raises(ConfigError, match="gateway.workers=0"):
+        Config.from_dict({"gateway": {"workers": 0}})
 
 
 def test_make_model_command(tmp_path, capsys):
