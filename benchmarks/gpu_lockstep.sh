@@ -11,7 +11,8 @@
 #            same workload (REQUESTS_PER_SLOT x concurrency requests: 2 gave rows of 1-11 s, too short to compare);
 #            each node's GPU busy fraction, timed on the GPU around its compute; TRACE=1: each node's host phases
 #            as a Chrome trace beside the JSON (where a step's host time goes)
-#            ASYNC=1: with async scheduling (--async-scheduling; JSON and logs named *_async)
+#            ASYNC=1: with async scheduling (--async-scheduling; JSON and logs named *_async); GATEWAY_WORKERS=N:
+#            N gateway processes (one streams ~10k tok/s at most: the colocated rows' ceiling so far)
 #   diagnose - TESTS until they end or hang, then the stacks of the test and of every node process left
 #   each     - every test of TESTS in a pytest of its own, EACH_S seconds at most: a hang or a failure costs one test,
 #              and each failure's traceback is printed as it happens (a whole-suite run killed at TESTS_S prints none)
@@ -79,6 +80,7 @@ for part in ${PARTS:-tests bench serve}; do
       for c in ${CONCURRENCY:-64}; do
         async=$([ "${ASYNC:-0}" = 1 ] && echo _async)
         common="--model /tmp/$shape --device cuda --dtype bfloat16 --concurrency $c $([ -n "$async" ] && echo --async-scheduling)
+                --gateway-workers ${GATEWAY_WORKERS:-1}
                 --num-requests $((${REQUESTS_PER_SLOT:-4} * c))
                 --max-num-seqs $c --input-len 64 128 --output-len 64 128"
         for transport in $TRANSPORTS; do
