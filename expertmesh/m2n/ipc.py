@@ -2,13 +2,13 @@
 
 Each node allocates, for every peer, an inbound region: a receive slot per microbatch and one uint64 flag per slot.
 The peer opens it by IPC handle (exchanged once, in the handshake) and sends by copying straight into the slot, then
-adding one to the slot's flag with a one-thread kernel that follows the copies on its stream (copy="sm": one kernel
-does both, ipc_copy.py). The receiver keeps,
-on the device, how many messages it has taken from each slot; its wait is a one-warp kernel that counts one more
-and polls the flag until it gets there. Every number lives on the device, so sends and waits can be captured in
-CUDA graphs and replayed for ever; no host is on the path, and no process waits for the other's host. The polling
-kernel needs the sender's work to run at the same time as it: two GPUs, or MPS on one. A peer that dies leaves a
-wait polling: `release` lets it pass (from a stream of its own) once the caller's deadline has gone by."""
+adding one to the slot's flag with a one-thread kernel that follows the copies on its stream (copy="sm": one
+kernel does both, ipc_copy.py). The receiver keeps, on the device, how many messages it has taken from each slot;
+its wait is a one-warp kernel that counts one more and polls the flag until it gets there. Every number lives on
+the device, so sends and waits can be captured in CUDA graphs and replayed for ever; no host is on the path, and no
+process waits for the other's host. The polling kernel needs the sender's work to run at the same time as it: two
+GPUs, or MPS on one. A peer that dies leaves a wait polling: `release` lets it pass (from a stream of its own) once
+the caller's deadline has gone by."""
 from __future__ import annotations
 
 import time
@@ -77,7 +77,8 @@ class IpcLinks(Links):
         self._outbound: dict[int, int] = {}
         self._release_stream = 0
         # messages sent to each peer's slot and not yet wholly landed: the send kernel's arrival counts (copy="sm")
-        self._arrived = {peer: torch.zeros(microbatches, dtype=torch.int32, device=device) for peer in peers}
+        self._arrived = {peer: torch.zeros(microbatches, dtype=torch.int32, device=device)
+                         for peer in (peers if copy == "sm" else ())}
         scratch = torch.zeros(2, dtype=torch.int64, device=device)
         _signal[(1,)](scratch[0:1], num_warps=1)  # compiled now: graph capture must not meet a first launch
         _wait[(1,)](scratch[0:1], scratch[1:2], num_warps=1)
@@ -90,10 +91,13 @@ class IpcLinks(Links):
         return [cu.tensor_at(base + mb * self.slot_bytes, self.slot_bytes, self.device)
                 for mb in range(self.microbatches)]
 
+    def _flag_offset(self, microbatch: int = 0) -> int:
+        """Where a region's flag of `microbatch` lies: past the slots, one int64 per microbatch."""
+        return self.microbatches * self.slot_bytes + 8 * microbatch
+
     def _flags(self, base: int) -> torch.Tensor:
         """The region's flags, one int64 per microbatch slot."""
-        return cu.tensor_at(base + self.microbatches * self.slot_bytes, 8 * self.microbatches,
-                            self.device).view(torch.int64)
+        return cu.tensor_at(base + self._flag_offset(), 8 * self.microbatches, self.device).view(torch.int64)
 
     def region_handle(self, peer: int) -> bytes:
         """The IPC handle of this node's inbound region for `peer` (sent to it in the handshake)."""
@@ -112,7 +116,7 @@ class IpcLinks(Links):
         if peer not in self._outbound:
             raise RuntimeError(f"no ipc link to rank {peer}: the handshake did not attach it")
         slot = self._outbound[peer] + microbatch * self.slot_bytes
-        flag = self._outbound[peer] + self.microbatches * self.slot_bytes + 8 * microbatch
+        flag = self._outbound[peer] + self._flag_offset(microbatch)
         offsets = packed_offsets(metas)[0]
         words = [ipc_copy.words_of(t) for t in tensors] if self.copy == "sm" else [None]
         if all(w is not None for w in words):
@@ -149,8 +153,7 @@ class IpcLinks(Links):
                           for p in self._inbound}
                 for peer, base in self._outbound.items():
                     sent = torch.empty(self.microbatches, dtype=torch.int64, device=self.device)
-                    cu.memcpy_async(sent.data_ptr(), base + self.microbatches * self.slot_bytes, sent.nbytes,
-                                    stream.cuda_stream)
+                    cu.memcpy_async(sent.data_ptr(), base + self._flag_offset(), sent.nbytes, stream.cuda_stream)
                     counts[f"to rank {peer}"] = (sent,)
                 host = {k: [t.to("cpu", non_blocking=True) for t in v] for k, v in counts.items()}
                 done = torch.cuda.Event()
