@@ -50,8 +50,9 @@ for part in ${PARTS:-tests bench serve}; do
     n=0
     for t in ${TESTS}; do
       n=$((n + 1))
+      # the thread method: a test blocked in C (an NCCL wait, a device sync) still prints every thread's stack
       PYTHONFAULTHANDLER=1 timeout -k 10 ${EACH_S:-120} python3 -m pytest -q -p no:cacheprovider --tb=short \
-        --timeout $((${EACH_S:-120} - 15)) "$t" > "$OUT/each_$n.log" 2>&1
+        --timeout $((${EACH_S:-120} - 15)) --timeout-method=thread "$t" > "$OUT/each_$n.log" 2>&1
       rc=$?; reap
       echo "== $n rc=$rc $t"
       [ $rc = 0 ] || quiet "$OUT/each_$n.log" | grep -v "Loading weights" | tail -${TESTS_TAIL:-25}

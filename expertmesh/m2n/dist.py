@@ -12,6 +12,7 @@ import datetime
 import logging
 import os
 import threading
+import time
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -139,21 +140,37 @@ _abandoned = False  # an abort that did not return: the world is left as it is
 def close_links(timeout_s: float = ABORT_TIMEOUT_S) -> None:
     """Leaves the world. NCCL's communicators are aborted, not destroyed: destroying waits for their pending work,
     and a peer that stopped first or died leaves work that never completes (seen on 2 x H200: an attention node's
-    close hung in ProcessGroupNCCL.shutdown after its expert node had stopped). The abort itself was seen to block
-    too (2 x H200, after a step's rounds timed out), so it runs in a thread, waited for timeout_s: a node whose links
-    failed reports it and goes on (or exits) instead of hanging there."""
+    close hung in ProcessGroupNCCL.shutdown after its expert node had stopped).
+
+    Every communicator is aborted at once, each from a thread of its own. One at a time, an abort's device-wide sync
+    waits for the kernels still pending on the communicators not yet aborted, which a dead peer never completes
+    (seen on 2 x H200 with a group per microbatch; NVIDIA/nccl#1013, pytorch#119797; torch's own abort of the
+    world wraps the aborts in an NCCL group, but ProcessGroupNCCL runs each in a thread of its own, outside it).
+    The aborts are waited for timeout_s: a node whose links failed reports it and goes on (or exits) instead of
+    hanging there."""
     global _abandoned
     if not dist.is_initialized() or _abandoned:
         return
     if dist.get_backend() != "nccl":
         dist.destroy_process_group()
         return
-    aborting = threading.Thread(target=dist.distributed_c10d._abort_process_group, name="nccl-abort", daemon=True)
-    aborting.start()
-    aborting.join(timeout_s)
-    if aborting.is_alive():
+    aborting = [threading.Thread(target=group.abort, name=f"nccl-abort-{i}", daemon=True)
+                for i, group in enumerate(_process_groups())]
+    for thread in aborting:
+        thread.start()
+    deadline = time.monotonic() + timeout_s
+    for thread in aborting:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if any(thread.is_alive() for thread in aborting):
         _abandoned = True
         log.error("aborting the NCCL communicators did not return within %.0f s: the links are abandoned", timeout_s)
+        return
+    dist.distributed_c10d._abort_process_group()  # the bookkeeping; the communicators are aborted already
+
+
+def _process_groups() -> list:
+    """The world and every group made from it."""
+    return list(dist.distributed_c10d._world.pg_names)
 
 
 def init_links(backend: str, init_address: str, attention_nodes: int, expert_nodes: int, rank: int,

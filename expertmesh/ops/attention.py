@@ -237,9 +237,16 @@ def _paged_attention_kernel(
         stride_v_block, stride_v_offset, stride_v_head, stride_out_token, stride_out_head, stride_table,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_P: tl.constexpr,
+        COPIES: tl.constexpr):
     """One program: BLOCK_Q new tokens of one sequence x the GROUP query heads of one kv head (BLOCK_M rows, so
-    each key tile is loaded once for the whole group), over the split-th share of the keys those tokens see."""
+    each key tile is loaded once for the whole group), over the split-th share of the keys those tokens see.
+
+    SPLIT_P (bf16/fp16): the softmax weights enter the P.V product as two 16-bit parts, high and low, so that 16 of
+    their bits count, where FlashAttention keeps 8: the torch reference (SDPA) computes attention in float32, and
+    rounding the weights alone set 2% of the shipped model's bf16 argmaxes apart from it. COPIES 2 (decode, whose
+    few rows leave most of the 16-row MMA tile empty): the group's rows appear twice, the second copy carrying the
+    low parts, and one product serves both; otherwise a second product takes the low parts."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -256,10 +263,10 @@ def _paged_attention_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     first_new_pos = seq_len - q_len
 
-    rows = tl.arange(0, BLOCK_M)  # row = token * GROUP_PAD + query head within the group
-    q_index = q_tile * BLOCK_Q + rows // GROUP_PAD
+    rows = tl.arange(0, BLOCK_M)  # row = (copy * BLOCK_Q + token) * GROUP_PAD + query head within the group
+    q_index = q_tile * BLOCK_Q + rows // GROUP_PAD % BLOCK_Q
     head = kv_head * GROUP + rows % GROUP_PAD
-    row_real = (rows // GROUP_PAD < BLOCK_Q) & (q_index < q_len) & (rows % GROUP_PAD < GROUP)
+    row_real = (rows // GROUP_PAD < COPIES * BLOCK_Q) & (q_index < q_len) & (rows % GROUP_PAD < GROUP)
     row_pos = first_new_pos + q_index
     dims = tl.arange(0, DIM_PAD)
     dim_real = dims < HEAD_DIM
@@ -289,10 +296,27 @@ def _paged_attention_kernel(
         alpha = tl.exp2(m_i - m_safe)
         v = tl.load(v_cache_ptr + block[:, None] * stride_v_block + offset[:, None] * stride_v_offset
                     + kv_head * stride_v_head + dims[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        p_high = p.to(v.dtype)
+        if COPIES == 2:  # the second copy's rows take what rounding left out of the first's
+            low = (rows // GROUP_PAD == 1)[:, None]
+            pv = tl.dot(tl.where(low, (p - p_high.to(tl.float32)).to(v.dtype), p_high), v,
+                        input_precision=DOT_PRECISION)
+        else:
+            pv = tl.dot(p_high, v, input_precision=DOT_PRECISION)
+            if SPLIT_P:
+                pv = tl.dot((p - p_high.to(tl.float32)).to(v.dtype), v, pv, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
+    if COPIES == 2:  # fold the copies: [copies, GROUP_PAD] rows, the high and low parts summed, the rest dropped
+        copy = rows // GROUP_PAD
+        acc = tl.sum(tl.reshape(tl.where((copy < 2)[:, None], acc, 0.0), (BLOCK_M // GROUP_PAD, GROUP_PAD, DIM_PAD)), 0)
+        m_i = tl.max(tl.reshape(tl.where(copy == 0, m_i, float("-inf")), (BLOCK_M // GROUP_PAD, GROUP_PAD)), 0)
+        l_i = tl.sum(tl.reshape(tl.where(copy == 0, l_i, 0.0), (BLOCK_M // GROUP_PAD, GROUP_PAD)), 0)
+        head = kv_head * GROUP + tl.arange(0, GROUP_PAD)
+        q_index = q_tile * BLOCK_Q + tl.arange(0, GROUP_PAD) * 0
+        row_real = (tl.arange(0, GROUP_PAD) < GROUP) & (q_index < q_len)
     token = q_start + q_index
     store_mask = row_real[:, None] & dim_real[None, :]
     if NUM_SPLITS == 1:
@@ -357,6 +381,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = num_q_heads // num_kv_heads
     group_pad, dim_pad = triton.next_power_of_2(group), triton.next_power_of_2(head_dim)
     block_m = max(16, launch.block_q * group_pad)  # tl.dot needs at least 16 rows
+    halves = q.element_size() == 2  # the softmax weights as two 16-bit parts (see the kernel)
+    copies = 2 if halves and decode and 2 * group_pad <= block_m else 1
     num_tiles = num_seqs if decode else num_tokens // launch.block_q + num_seqs
     splits = launch.num_splits
     if splits == 1:
@@ -374,6 +400,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_SIZE=block_size,
         BLOCK_Q=launch.block_q, BLOCK_M=block_m, BLOCK_N=launch.block_n, NUM_SPLITS=splits, DECODE=decode,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        SPLIT_P=halves, COPIES=copies,
         num_warps=launch.num_warps, num_stages=launch.num_stages)
     if splits > 1:
         _combine_splits_kernel[(num_tokens, num_q_heads)](

@@ -276,26 +276,61 @@ def test_a_post_that_fails_on_a_closed_connection_is_a_transport_error(monkeypat
     links.flush()  # the failed batch is gone: nothing is posted twice
 
 
-def test_an_nccl_abort_that_blocks_is_abandoned_not_waited_for(monkeypatch, caplog):
-    """ncclCommAbort was seen to block on 2 x H200 after a step timed out: close_links (and so release) must
-    return within its bound, once, and leave the world alone afterwards."""
-    import threading
+class _Communicator:
+    """A process group whose abort returns once `until` is set (an abort's device-wide sync, waiting for kernels
+    pending on the other communicators), and sets `aborted`."""
 
+    def __init__(self, until) -> None:
+        import threading
+        self.until, self.aborted = until, threading.Event()
+
+    def abort(self) -> None:
+        self.aborted.set()
+        self.until.wait(30)
+
+
+def _nccl_world(monkeypatch, groups):
     import torch.distributed as dist
 
     from expertmesh.m2n import dist as dist_links
-    blocked, calls = threading.Event(), []
+    bookkeeping = []
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
-    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", lambda: calls.append(1) or blocked.wait(30))
+    monkeypatch.setattr(dist_links, "_process_groups", lambda: groups)
+    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", lambda: bookkeeping.append(1))
     monkeypatch.setattr(dist_links, "_abandoned", False)
+    return dist_links, bookkeeping
+
+
+def test_every_nccl_communicator_is_aborted_at_once(monkeypatch):
+    """Two microbatch groups, each with a receive from a dead peer pending: one's abort returns only once the
+    other's has begun (2 x H200: aborted one after the other, the first never returned). close_links must start
+    them together, then clear torch's bookkeeping."""
+    import threading
+    second = _Communicator(threading.Event())
+    first = _Communicator(second.aborted)
+    second.until = first.aborted
+    dist_links, bookkeeping = _nccl_world(monkeypatch, [first, second])
+    started = time.monotonic()
+    dist_links.close_links(timeout_s=10)
+    assert time.monotonic() - started < 5 and bookkeeping == [1] and not dist_links._abandoned
+
+
+def test_an_nccl_abort_that_blocks_is_abandoned_not_waited_for(monkeypatch, caplog):
+    """An abort that never returns: close_links (and so release) must return within its bound, once, and leave
+    the world alone afterwards."""
+    import threading
+    blocked = threading.Event()
+    stuck = _Communicator(blocked)
+    dist_links, bookkeeping = _nccl_world(monkeypatch, [stuck])
     started = time.monotonic()
     try:
         dist_links.close_links(timeout_s=0.2)
-        assert time.monotonic() - started < 5 and calls == [1]
+        assert time.monotonic() - started < 5 and stuck.aborted.is_set() and bookkeeping == []
         assert "did not return within" in caplog.text
+        stuck.aborted.clear()
         dist_links.close_links(timeout_s=0.2)  # abandoned: not aborted a second time
-        assert calls == [1]
+        assert not stuck.aborted.is_set()
     finally:
         blocked.set()
 
