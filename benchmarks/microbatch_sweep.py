@@ -89,7 +89,8 @@ def main() -> int:
                          for node, value in sorted(report.gpu_busy.items()))
         print(f"m={m}: {report.output_tokens_per_s:8.1f} tok/s  TPOT p50 {report.tpot_ms['p50']:7.2f} p99 "
               f"{report.tpot_ms['p99']:7.2f} ms  TTFT p50 {report.ttft_ms['p50']:7.1f} ms  failed {report.failed}  "
-              f"host idle: {idle}" + (f"  GPU busy: {busy}" if busy else ""), flush=True)
+              f"host idle: {idle}" + (f"  GPU busy: {busy}" if busy else "")
+              + f"  client CPU {report.client_cpu_s / max(report.duration_s, 1e-9):.0%}", flush=True)
         if args.json:  # after every row: a sweep cut short by a time limit keeps what it measured
             with open(args.json, "w") as handle:
                 json.dump({"args": vars(args), "rows": rows}, handle, indent=2)

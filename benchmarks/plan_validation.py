@@ -233,6 +233,18 @@ GPU_ROWS = [
     ("Qwen3 c=64 colocated-2, session 5", "../serve5/serve_qwen3_c64_colocated.json", 0, False),
     ("Qwen3 c=256 1+1 m=2, session 5", "../serve5/serve_qwen3_c256_disagg_ipc.json", 0, True),
     ("Qwen3 c=256 1+1 m=1, session 5", "../serve5/serve_qwen3_c256_disagg_ipc.json", 1, False),
+    # the seventh session's (RESULTS.md, "Seventh session on 2 x H200"): 4 gateway processes, fused kernels as now;
+    # "async": --async-scheduling
+    ("Mixtral c=64 1+1 m=1, session 7", "../session7/serve_mixtral_c64_disagg_ipc.json", 0, False),
+    ("Mixtral c=64 1+1 m=2, session 7", "../session7/serve_mixtral_c64_disagg_ipc.json", 1, False),
+    ("Mixtral c=64 colocated-2, session 7", "../session7/serve_mixtral_c64_colocated.json", 0, False),
+    ("Qwen3 c=64 1+1 m=1 ipc-sm, session 7", "../session7/serve_qwen3_c64_disagg_ipc-sm.json", 0, False),
+    ("Qwen3 c=64 1+1 m=1 async, session 7", "../session7/serve_qwen3_c64_disagg_ipc_async.json", 0, False),
+    ("Qwen3 c=64 colocated-2 async, session 7", "../session7/serve_qwen3_c64_colocated_async.json", 0, False),
+    ("Mixtral c=64 1+1 m=1 async, session 7", "../session7/serve_mixtral_c64_disagg_ipc_async.json", 0, False),
+    ("Mixtral c=64 colocated-2 async, session 7", "../session7/serve_mixtral_c64_colocated_async.json", 0, False),
+    ("Qwen3 c=256 1+1 m=1 async, session 7", "../session7/serve_qwen3_c256_disagg_ipc_async.json", 0, False),
+    ("Qwen3 c=256 colocated-2 async, session 7", "../session7/serve_qwen3_c256_colocated_async.json", 0, False),
 ]
 GPU_SERVE = HERE / "gpu_multi/serve"
 # The served calibrations: the warm rows whose both GPU meters worked (run 1's zeroed its counters at each replay)
@@ -243,6 +255,12 @@ GPU_COLOCATED = ("run3_serve_mixtral_c64_colocated.json", 0)
 # `--host-per-sequence-us 0` gives the constant host time of the earlier tables
 HOST_PER_SEQUENCE_US = next((float(sys.argv[i + 1]) for i, a in enumerate(sys.argv[:-1])
                              if a == "--host-per-sequence-us"), served.GPU_STEP_HOST_PER_SEQUENCE_US)
+
+
+def in_flight(args: dict, row: dict) -> int:
+    """Requests the row really kept in flight: rows measured before `bench serve`'s client lifted httpx's pool of
+    100 connections (they lack client_cpu_s) had at most 100, whatever their concurrency."""
+    return args["concurrency"] if "client_cpu_s" in row else min(args["concurrency"], 100)
 
 
 def gpu_spec_of(model: str) -> ModelSpec:
@@ -307,10 +325,13 @@ def gpu_main() -> int:
         args, row = run["args"], run["rows"][index]
         spec = gpu_spec_of(args["model"])
         plan = Deployment(device, None if args["expert_nodes"] == 0 else device, args["attention_nodes"],
-                          args["expert_nodes"], row["microbatches"], args["max_num_seqs"], 0)
-        bench = closed_loop(spec, plan, cal, jobs_of(args), args["concurrency"])
+                          args["expert_nodes"], row["microbatches"], args["max_num_seqs"], 0,
+                          async_scheduling=bool(args.get("async_scheduling")))
+        workers = args.get("gateway_workers") or 1
+        bench = closed_loop(spec, plan, cal, jobs_of(args), in_flight(args, row), gateway_workers=workers)
         served_cal = served_cals[args["model"] if not plan.colocated else "colocated"]
-        with_served = closed_loop(spec, plan, served_cal, jobs_of(args), args["concurrency"])
+        with_served = closed_loop(spec, plan, served_cal, jobs_of(args), in_flight(args, row),
+                                  gateway_workers=workers)
         tok, tpot = row["output_tokens_per_s"], row["tpot_ms"]["p50"]
         fitted = (name, index) in (*GPU_SERVED.values(), GPU_COLOCATED)
         print(f"| {label}{' (cold)' if cold else ''}{' (served calibration row)' if fitted else ''} | {tok:.0f} | "

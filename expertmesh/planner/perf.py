@@ -39,6 +39,9 @@ class Deployment:
     # Devices every node shares (our one-GPU runs: 1; CPU runs: the host's cores); 0: each node has its own GPU
     shared_devices: int = 0
     dtype_bytes: int = 2
+    # `--async-scheduling`: the host prepares step N+1 while the device runs step N, so a step lasts the longer of
+    # the two, not their sum
+    async_scheduling: bool = False
 
     @property
     def colocated(self) -> bool:
@@ -317,7 +320,8 @@ def step_parts(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: fl
                         plan.attention_gpu, cal)
     layers = max(costs.moe_layers * layer_us(t_a, t_e, t_c, m, plan, background),
                  pipeline_us(t_a, t_e, t_c, m, costs.moe_layers, plan, background))
-    step = layers + dense + lm_head + cal.step_host_us(sequences or tokens)
+    device, host = layers + dense + lm_head, cal.step_host_us(sequences or tokens)
+    step = max(device, host) if plan.async_scheduling and not prefill else device + host
     return t_a, t_e, t_c, step
 
 
@@ -348,7 +352,7 @@ def predict(spec: ModelSpec, plan: Deployment, cal: Calibration, prompt_len: int
 
 
 def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[tuple[int, int]],
-                concurrency: int, max_batch_tokens: int = 2048) -> dict:
+                concurrency: int, max_batch_tokens: int = 2048, gateway_workers: int = 1) -> dict:
     """A finite closed-loop run as `bench serve` drives it (jobs of (prompt, output) tokens, `concurrency` in flight,
     spread evenly over the attention nodes), stepped with the model's step times: what a short measured run sees,
     ramp-up and tail included. Admission is the attention node's (attention_node/scheduler.py): a free batch slot
@@ -358,7 +362,8 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
     node time spent in prefill parts, and the share of its steps that carry prompts beside decodes (mixed steps,
     which a disaggregated attention node runs eagerly whole: attention_node/model_runner.py). Where the calibration
     measured the gateway's CPU per streamed token, the gateway is a serial stage: the run lasts at least its tokens
-    times that, and the requests wait the difference before their first token (Little's law over `concurrency`)."""
+    times that over its gateway_workers processes, and the requests wait the difference before their first token
+    (Little's law over `concurrency`)."""
     costs = ModelCosts(spec, plan.dtype_bytes)
     nodes = plan.attention_nodes
     per_node = [jobs[i::nodes] for i in range(nodes)]
@@ -403,7 +408,7 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
     tpots.sort()
     ttfts.sort()
     tokens = sum(out for _, out in jobs)
-    gateway_us = tokens * cal.gateway_us_per_token
+    gateway_us = tokens * cal.gateway_us_per_token / gateway_workers
     waiting_us = max(0.0, gateway_us - finish) * min(concurrency, len(jobs)) / max(1, len(jobs))
     finish = max(finish, gateway_us)
     return {"tokens_per_s": tokens / finish * 1e6,

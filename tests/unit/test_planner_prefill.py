@@ -72,6 +72,19 @@ def test_a_gateway_slower_than_the_nodes_sets_the_pace_and_the_wait():
     assert result["tokens_per_s"] == pytest.approx(1000.0) and result["gateway_bound"]
     assert result["ttft_ms_p50"] == pytest.approx(1.0 + 20.0 * 2 / 4)
     assert not closed_loop(SPEC, plan, CAL, [(10, 10)] * 4, concurrency=2)["gateway_bound"]
+    # two gateway processes share the tokens: 20 ms of gateway time, as long as the nodes take
+    two = closed_loop(SPEC, plan, cal, [(10, 10)] * 4, concurrency=2, gateway_workers=2)
+    assert two["tokens_per_s"] == pytest.approx(2000.0) and two["ttft_ms_p50"] == pytest.approx(1.0)
+
+
+def test_async_scheduling_overlaps_the_host_with_the_device():
+    """Decode steps of 1 ms host time and 0.6 ms of device time (the prefill lines make a step's device part
+    here): in order, 1.6 ms; with the next step prepared while the device runs, 1 ms, the longer part."""
+    cal = dataclasses.replace(CAL, attention=calibration.Linear(0.6e3 / ModelCosts(SPEC).moe_layers, 0.0, 0.0))
+    jobs = [(10, 6)] * 2
+    for asynchronous, tpot_ms in ((False, 1.6), (True, 1.0)):
+        plan = Deployment(INSTANT, None, 1, 0, 1, 8, 256, async_scheduling=asynchronous)
+        assert closed_loop(SPEC, plan, cal, jobs, concurrency=2)["tpot_ms_p50"] == pytest.approx(tpot_ms, rel=1e-3)
 
 
 def test_step_host_line_from_traced_runs_at_several_batch_sizes():
