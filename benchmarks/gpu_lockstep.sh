@@ -8,7 +8,8 @@
 #            on 2 GPUs, nccl; with point-to-point rows over each, beside NCCL's send/recv and all_to_all_single)
 #   serve  - served decode, Qwen3-30B-A3B / Mixtral-8x7B shapes with layers reduced (SHAPES): disaggregated 1+1 at
 #            m = MICROBATCHES over each of TRANSPORTS, and colocated (--expert-nodes 0) on every GPU (data parallel on 2),
-#            same workload (REQUESTS_PER_SLOT x concurrency requests: 2 gave rows of 1-11 s, too short to compare);
+#            same workload (REQUESTS_PER_SLOT x concurrency requests, default 8: 4 gave rows of 1.9-4.6 s on 2 x H200,
+#            mostly ramp-up and tail, too short to calibrate the planner from);
 #            each node's GPU busy fraction, timed on the GPU around its compute; TRACE=1: each node's host phases
 #            as a Chrome trace beside the JSON (where a step's host time goes)
 #            ASYNC=1: with async scheduling (--async-scheduling; JSON and logs named *_async); GATEWAY_WORKERS=N:
@@ -82,7 +83,7 @@ for part in ${PARTS:-tests bench serve}; do
         async=$([ "${ASYNC:-0}" = 1 ] && echo _async)
         common="--model /tmp/$shape --device cuda --dtype bfloat16 --concurrency $c $([ -n "$async" ] && echo --async-scheduling)
                 --gateway-workers ${GATEWAY_WORKERS:-1}
-                --num-requests $((${REQUESTS_PER_SLOT:-4} * c))
+                --num-requests $((${REQUESTS_PER_SLOT:-8} * c))
                 --max-num-seqs $c --input-len 64 128 --output-len 64 128"
         for transport in $TRANSPORTS; do
           name=serve_${shape}_c${c}_disagg_${transport}$async
