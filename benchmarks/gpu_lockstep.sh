@@ -12,7 +12,8 @@
 #            mostly ramp-up and tail, too short to calibrate the planner from);
 #            each node's GPU busy fraction, timed on the GPU around its compute; TRACE=1: each node's host phases
 #            as a Chrome trace beside the JSON (where a step's host time goes)
-#            ASYNC=1: with async scheduling (--async-scheduling; JSON and logs named *_async); GATEWAY_WORKERS=N:
+#            async scheduling is the default on GPUs; ASYNC=0 turns it off (--no-async-scheduling; JSON and logs
+#            named *_sync), ASYNC=1 names it (*_async); GATEWAY_WORKERS=N:
 #            N gateway processes (one streams ~10k tok/s at most: the colocated rows' ceiling so far)
 #   diagnose - TESTS until they end or hang, then the stacks of the test and of every node process left
 #   each     - every test of TESTS in a pytest of its own, EACH_S seconds at most: a hang or a failure costs one test,
@@ -80,8 +81,9 @@ for part in ${PARTS:-tests bench serve}; do
       [ -e /tmp/$shape/config.json ] || python3 -m expertmesh make-model --out /tmp/$shape --dtype bfloat16 $ARGS \
         --max-position-embeddings 1024 >/dev/null
       for c in ${CONCURRENCY:-64}; do
-        async=$([ "${ASYNC:-0}" = 1 ] && echo _async)
-        common="--model /tmp/$shape --device cuda --dtype bfloat16 --concurrency $c $([ -n "$async" ] && echo --async-scheduling)
+        async=$(case "${ASYNC:-}" in 1) echo _async;; 0) echo _sync;; esac)
+        common="--model /tmp/$shape --device cuda --dtype bfloat16 --concurrency $c
+                $(case "${ASYNC:-}" in 1) echo --async-scheduling;; 0) echo --no-async-scheduling;; esac)
                 --gateway-workers ${GATEWAY_WORKERS:-1}
                 --num-requests $((${REQUESTS_PER_SLOT:-8} * c))
                 --max-num-seqs $c --input-len 64 128 --output-len 64 128"

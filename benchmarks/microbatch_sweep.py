@@ -14,7 +14,7 @@ import os
 import sys
 
 from expertmesh.bench.serve import Workload, run
-from expertmesh.config import Config
+from expertmesh.config import Config, EngineConfig
 from expertmesh.launcher.local import LocalCluster, free_port
 
 
@@ -50,12 +50,14 @@ def main() -> int:
     p.add_argument("--gateway-workers", type=int, default=1, help="gateway processes on the port (gateway.workers)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="each step launched while the previous one runs (engine.async_scheduling)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="each step launched while the previous one runs (engine.async_scheduling; default: on for "
+                        "cuda); the JSON records what ran")
     p.add_argument("--json", help="write all reports here")
     p.add_argument("--trace", help="write each measured run's phase trace (Chrome JSON) here, m=N before the suffix "
                    "when several")
     args = p.parse_args()
+    args.async_scheduling = EngineConfig(async_scheduling=args.async_scheduling).async_scheduling_on(args.device)
 
     base = Config.load(args.config) if args.config else Config()
     rows = []

@@ -39,8 +39,9 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
                    help="fraction of each attention GPU's memory for weights, activations and KV cache (default 0.9)")
     p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks per attention node (overrides the sizing)")
     p.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs: run every step eagerly")
-    p.add_argument("--async-scheduling", action="store_true", default=None,
-                   help="schedule and launch each step while the previous one runs (its tokens stay on the device)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule and launch each step while the previous one runs (its tokens stay on the device; "
+                        "default: on for --device cuda, off on CPU)")
     p.add_argument("--served-model-name", nargs="+", metavar="NAME",
                    help="model ids requests may name; the first is shown by /v1/models and reported (default: the "
                         "model directory's name, and --model as given)")

@@ -83,8 +83,13 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # KV-cache blocks; overrides the sizing above (and the CPU default)
     enforce_eager: bool = False  # no CUDA graphs: every step runs eagerly (vLLM's flag)
     # schedule and launch step N+1 while step N runs, its decode inputs N's tokens on the device (vLLM's
-    # --async-scheduling; attention_node/node.py); off until measured on GPUs
-    async_scheduling: bool = False
+    # --async-scheduling; attention_node/node.py). None: on for CUDA, where it served 13-42% more tokens on
+    # 2 x H200 (benchmarks/RESULTS.md, seventh session), off on CPU, where a launch is the whole step and it can
+    # only delay each token by one
+    async_scheduling: bool | None = None
+
+    def async_scheduling_on(self, device: str) -> bool:
+        return device == "cuda" if self.async_scheduling is None else self.async_scheduling
 
     def context_len(self, spec: "ModelSpec") -> int:
         """Tokens a sequence may hold (prompt + output): max_model_len, capped by the model's positions."""

@@ -209,7 +209,7 @@ class AttentionNode:
             held = None
             # a sequence the previous step finished (a stop token) wasted its row here: its token is dropped
             launched.rows = [(row, seq) for row, seq in launched.rows if id(seq) not in finished]
-            if self.config.engine.async_scheduling and not any(needs_host_tokens(seq) for seq in seqs):
+            if self.config.engine.async_scheduling_on(self.config.model.device) and not any(needs_host_tokens(seq) for seq in seqs):
                 for _, seq in launched.rows:
                     self.scheduler.hold(seq)
                 launched.held, held = True, launched

@@ -142,7 +142,8 @@ def search(spec: ModelSpec, gpus: list[GpuType], objective: Objective, cal: Cali
                             continue
                         deployment = Deployment(attention_gpu, expert_gpu, attention_nodes, expert_nodes, m, batch,
                                                 objective.context_len, gpus_per_host, dtype_bytes=dtype_bytes,
-                                                expert_load_imbalance=expert_load_imbalance)
+                                                expert_load_imbalance=expert_load_imbalance,
+                                                async_scheduling=True)  # the default of the GPUs it plans for
                         prediction = predict(spec, deployment, cal, objective.prompt_len, objective.output_len,
                                              utilization)
                         plan = Plan(deployment, prediction)
