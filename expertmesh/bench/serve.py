@@ -9,9 +9,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-import httpx
-
 from . import prometheus
+from .http import HTTPError, fetch, request
 
 
 @dataclass
@@ -78,68 +77,76 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": pick(0.5) * 1e3, "p99": pick(0.99) * 1e3, "mean": sum(values) / len(values) * 1e3}
 
 
-async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: int) -> RequestResult:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": True}
+REQUEST_TIMEOUT_S = 600.0
+
+
+async def one_request(url: str, prompt: list[int], max_tokens: int) -> RequestResult:
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                       "stream": True}).encode()
     start = time.perf_counter()
     first, tokens = None, 0
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                return RequestResult(len(prompt), 0, 0.0, 0.0, f"HTTP {response.status_code}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    return RequestResult(len(prompt), tokens, 0.0, 0.0, event["error"]["message"])
-                tokens += 1  # one event per generated token
-                if first is None:
-                    first = time.perf_counter() - start
-    except httpx.HTTPError as exc:
-        return RequestResult(len(prompt), tokens, 0.0, 0.0, repr(exc))
+        async with asyncio.timeout(REQUEST_TIMEOUT_S), request(url, "POST", "/v1/completions", body) as response:
+            if response.status != 200:
+                return RequestResult(len(prompt), 0, 0.0, 0.0, f"HTTP {response.status}")
+            # events split as bytes, JSON parsed only for an error: decoding and parsing every event is most of a
+            # client's CPU at 10k tok/s and more
+            pending = b""
+            async for data in response.chunks():
+                *events, pending = (pending + data).split(b"\n\n")
+                for event in events:
+                    if event.startswith(b'data: {"error"'):
+                        return RequestResult(len(prompt), tokens, 0.0, 0.0, json.loads(event[6:])["error"]["message"])
+                    if event.startswith(b"data: {"):  # one event per generated token; not [DONE]
+                        tokens += 1
+                        if first is None:
+                            first = time.perf_counter() - start
+    except HTTPError as exc:
+        return RequestResult(len(prompt), tokens, 0.0, 0.0, str(exc))
+    except TimeoutError:
+        return RequestResult(len(prompt), tokens, 0.0, 0.0, f"no end within {REQUEST_TIMEOUT_S} s")
     return RequestResult(len(prompt), tokens, first or 0.0, time.perf_counter() - start)
 
 
 async def run(url: str, workload: Workload, trace_path: str | None = None, progress=sys.stderr) -> Report:
     rng = random.Random(workload.seed)
-    # httpx pools at most 100 connections by default: beyond that, requests would wait in the client, uncounted in
-    # flight and counted in their TTFT (seen at 256 in flight: TTFT 1.2 s with the nodes mostly idle)
-    unpooled = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=url, timeout=600.0, limits=unpooled) as client:
-        jobs = [([rng.randrange(10, workload.vocab_size) for _ in range(rng.randint(*workload.input_len))],
-                 rng.randint(*workload.output_len)) for _ in range(workload.num_requests)]
-        arrivals = []
-        t = 0.0
-        for _ in jobs:
-            arrivals.append(t)
-            if workload.rate:
-                t += rng.expovariate(workload.rate)
-        before = prometheus.parse((await client.get("/metrics")).text)
-        if trace_path:
-            await client.post("/admin/trace/start")
-        semaphore = asyncio.Semaphore(workload.concurrency if not workload.rate else len(jobs))
-        done = 0
-        start, cpu_start = time.perf_counter(), time.process_time()
+    jobs = [([rng.randrange(10, workload.vocab_size) for _ in range(rng.randint(*workload.input_len))],
+             rng.randint(*workload.output_len)) for _ in range(workload.num_requests)]
+    arrivals = []
+    t = 0.0
+    for _ in jobs:
+        arrivals.append(t)
+        if workload.rate:
+            t += rng.expovariate(workload.rate)
+    before = prometheus.parse((await fetch(url, "GET", "/metrics"))[1].decode())
+    if trace_path:
+        await fetch(url, "POST", "/admin/trace/start")
+    # a connection per request in flight, none pooled: httpx, used before, pooled at most 100, and the rest waited
+    # in the client, uncounted in flight and counted in their TTFT (seen at 256 in flight: TTFT 1.2 s with the
+    # nodes mostly idle)
+    semaphore = asyncio.Semaphore(workload.concurrency if not workload.rate else len(jobs))
+    done = 0
+    start, cpu_start = time.perf_counter(), time.process_time()
 
-        async def job(i: int) -> RequestResult:
-            nonlocal done
-            await asyncio.sleep(max(0.0, arrivals[i] - (time.perf_counter() - start)))
-            async with semaphore:
-                result = await one_request(client, *jobs[i])
-            done += 1
-            if progress is not None and (done % max(1, len(jobs) // 10) == 0 or done == len(jobs)):
-                print(f"bench serve: {done}/{len(jobs)} requests done", file=progress, flush=True)
-            return result
+    async def job(i: int) -> RequestResult:
+        nonlocal done
+        await asyncio.sleep(max(0.0, arrivals[i] - (time.perf_counter() - start)))
+        async with semaphore:
+            result = await one_request(url, *jobs[i])
+        done += 1
+        if progress is not None and (done % max(1, len(jobs) // 10) == 0 or done == len(jobs)):
+            print(f"bench serve: {done}/{len(jobs)} requests done", file=progress, flush=True)
+        return result
 
-        results = await asyncio.gather(*(job(i) for i in range(len(jobs))))
-        duration = time.perf_counter() - start
-        client_cpu_s = time.process_time() - cpu_start
-        if trace_path:
-            trace = (await client.post("/admin/trace/stop")).json()
-            with open(trace_path, "w") as handle:
-                json.dump(trace, handle)
-        await asyncio.sleep(0.6)  # node counters reach the gateway by its 0.25 s status polls
-        after = prometheus.parse((await client.get("/metrics")).text)
+    results = await asyncio.gather(*(job(i) for i in range(len(jobs))))
+    duration = time.perf_counter() - start
+    client_cpu_s = time.process_time() - cpu_start
+    if trace_path:
+        trace = json.loads((await fetch(url, "POST", "/admin/trace/stop"))[1])
+        with open(trace_path, "w") as handle:
+            json.dump(trace, handle)
+    await asyncio.sleep(0.6)  # node counters reach the gateway by its 0.25 s status polls
+    after = prometheus.parse((await fetch(url, "GET", "/metrics"))[1].decode())
     moved = prometheus.delta(after, before)
     ok = [r for r in results if r.error is None]
     output_tokens = sum(r.output_tokens for r in ok)

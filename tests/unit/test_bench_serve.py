@@ -1,9 +1,12 @@
-"""`bench serve`'s client against a minimal HTTP server of its own: the requests it keeps in flight are the
-workload's concurrency, not its HTTP library's connection pool."""
+"""`bench serve`'s client against minimal HTTP servers of its own: the requests it keeps in flight are the
+workload's concurrency (no connection pool in between), and its token count and errors hold however the event
+stream is cut."""
 from __future__ import annotations
 
 import asyncio
 import json
+
+import pytest
 
 from expertmesh.bench.serve import Workload, run
 
@@ -56,3 +59,47 @@ def test_the_client_keeps_the_whole_concurrency_in_flight():
     report, peak = asyncio.run(main())
     assert peak == 150 and report.failed == 0 and report.output_tokens == 150
     assert 0 < report.client_cpu_s
+
+
+def _sse_server(body: bytes, pieces: int, chunked: bool):
+    """A server answering every completion with `body` as an event stream, written in `pieces` uneven parts (events
+    cut anywhere, as TCP may deliver them), in chunked transfer encoding (as uvicorn streams) or until it closes."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     + (b"Transfer-Encoding: chunked\r\n\r\n" if chunked else b"Connection: close\r\n\r\n"))
+        cuts = sorted({len(body) * i // pieces + i % 3 for i in range(1, pieces)} | {0, len(body)})
+        for a, b in zip(cuts, cuts[1:]):
+            writer.write(b"%x\r\n%s\r\n" % (b - a, body[a:b]) if chunked else body[a:b])
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        if chunked:
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the response is complete: the client must not need the close
+        writer.close()
+
+    return asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+def _event(payload: dict) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_tokens_are_counted_across_cut_events_and_an_error_event_fails_the_request(chunked):
+    from expertmesh.bench.serve import one_request
+    tokens = b"".join(_event({"id": "c", "choices": [{"text": f"t{i}"}]}) for i in range(5))
+    failing = tokens[:2 * len(tokens) // 5] + _event({"error": {"message": "step failed: gone"}})
+
+    async def fetch(body: bytes):
+        server = await _sse_server(body, pieces=7, chunked=chunked)
+        async with server:
+            return await one_request(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", [1, 2, 3], 5)
+
+    done = asyncio.run(fetch(tokens + b"data: [DONE]\n\n"))
+    assert done.error is None and done.output_tokens == 5 and 0 < done.ttft_s <= done.latency_s
+    failed = asyncio.run(fetch(failing))
+    assert failed.error == "step failed: gone" and failed.output_tokens == 2
