@@ -14,7 +14,10 @@
 #            as a Chrome trace beside the JSON (where a step's host time goes)
 #            async scheduling is the default on GPUs; ASYNC=0 turns it off (--no-async-scheduling; JSON and logs
 #            named *_sync), ASYNC=1 names it (*_async); GATEWAY_WORKERS=N:
-#            N gateway processes (one streams ~10k tok/s at most: the colocated rows' ceiling so far)
+#            N gateway processes (one streams ~10k tok/s at most: the colocated rows' ceiling so far);
+#            SM_SHARES="A E" (GPUS=1, under MPS): the attention node gets A% of the SMs and the expert node E%
+#            (one GPU standing in for two types, issue 14), with `bench layer` of the shape under each share first
+#            (layer_<shape>_sm<P>.json: the planner's calibration of that "type")
 #   diagnose - TESTS until they end or hang, then the stacks of the test and of every node process left
 #   each     - every test of TESTS in a pytest of its own, EACH_S seconds at most: a hang or a failure costs one test,
 #              and each failure's traceback is printed as it happens (a whole-suite run killed at TESTS_S prints none)
@@ -80,6 +83,13 @@ for part in ${PARTS:-tests bench serve}; do
       fi
       [ -e /tmp/$shape/config.json ] || python3 -m expertmesh make-model --out /tmp/$shape --dtype bfloat16 $ARGS \
         --max-position-embeddings 1024 >/dev/null
+      shares=${SM_SHARES:+--sm-percent $SM_SHARES}
+      for share in ${SM_SHARES:-}; do
+        CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$share timeout -k 10 ${LAYER_S:-150} python3 -m expertmesh bench layer \
+          --shapes /tmp/$shape --tokens 1,16,64,256 --contexts 512 --prefill-tokens 1024,4096 \
+          --json "$OUT/layer_${shape}_sm$share.json" > "$OUT/layer_${shape}_sm$share.log" 2>&1
+        tail -${LAYER_TAIL:-6} "$OUT/layer_${shape}_sm$share.log" | sed "s/^/$shape at $share% of the SMs: /"
+      done
       for c in ${CONCURRENCY:-64}; do
         async=$(case "${ASYNC:-}" in 1) echo _async;; 0) echo _sync;; esac)
         common="--model /tmp/$shape --device cuda --dtype bfloat16 --concurrency $c
@@ -91,7 +101,7 @@ for part in ${PARTS:-tests bench serve}; do
           name=serve_${shape}_c${c}_disagg_${transport}$async
           timeout -k 10 ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --transport ${transport%-sm} \
             $([ "${transport%-sm}" != "$transport" ] && echo --ipc-copy sm) \
-            --expert-nodes 1 --microbatches ${MICROBATCHES:-1 2} --json "$OUT/$name.json" \
+            --expert-nodes 1 --microbatches ${MICROBATCHES:-1 2} $shares --json "$OUT/$name${SM_SHARES:+_sm${SM_SHARES// /_}}.json" \
             $([ "${TRACE:-0}" = 1 ] && echo --trace "$OUT/$name.trace.json") > "$OUT/$name.log" 2>&1
           reap; grep -E "^m=|Error|error|Traceback" "$OUT/$name.log" | sed "s/^/$shape c=$c disagg 1+1 $transport /" \
             | head -20

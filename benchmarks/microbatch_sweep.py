@@ -53,6 +53,8 @@ def main() -> int:
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="each step launched while the previous one runs (engine.async_scheduling; default: on for "
                         "cuda); the JSON records what ran")
+    p.add_argument("--sm-percent", type=int, nargs=2, metavar=("ATTENTION", "EXPERT"),
+                   help="under CUDA MPS, each role's share of the SMs in percent (cluster.*_sm_percent)")
     p.add_argument("--json", help="write all reports here")
     p.add_argument("--trace", help="write each measured run's phase trace (Chrome JSON) here, m=N before the suffix "
                    "when several")
@@ -71,6 +73,8 @@ def main() -> int:
         config.model.device, config.model.dtype, config.transport.backend = args.device, args.dtype, args.transport
         config.transport.ipc_copy = args.ipc_copy
         config.gateway.workers = args.gateway_workers
+        if args.sm_percent:
+            config.cluster.attention_sm_percent, config.cluster.expert_sm_percent = args.sm_percent
         config.transport.emulated_latency_us = args.emulated_latency_us
         config.transport.emulated_bandwidth_gbps = args.emulated_bandwidth_gbps
         config.gateway.port = free_port()

@@ -59,6 +59,9 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray", metavar="ADDRESS", help="start the nodes on the Ray cluster at ADDRESS (its head's "
                    "host:port, or auto), one per bundle of a placement group; the gateway stays on this host")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every node")
+    for role in ("attention", "expert"):
+        p.add_argument(f"--{role}-sm-percent", type=int, metavar="P", help=f"under CUDA MPS, the percentage of a GPU's "
+                       f"SMs each {role} node may use (one GPU standing in for a weaker type per role)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -85,7 +88,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  ("engine", "async_scheduling", getattr(args, "async_scheduling", None)),
                  ("transport", "ipc_copy", getattr(args, "ipc_copy", None)),
                  ("gateway", "workers", getattr(args, "gateway_workers", None)),
-                 ("cluster", "ray_address", getattr(args, "ray", None))]
+                 ("cluster", "ray_address", getattr(args, "ray", None)),
+                 ("cluster", "attention_sm_percent", getattr(args, "attention_sm_percent", None)),
+                 ("cluster", "expert_sm_percent", getattr(args, "expert_sm_percent", None))]
     for section, key, value in overrides:
         if value is not None:
             setattr(getattr(config, section), key, value)

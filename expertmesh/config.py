@@ -154,6 +154,13 @@ class ClusterConfig:
     # substring), as `expertmesh plan` chose it; a node on another type refuses to start. None: any.
     attention_gpu_type: str | None = None
     expert_gpu_type: str | None = None
+    # Under CUDA MPS: the percentage of a GPU's SMs each role's nodes may use (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, set
+    # in each node before CUDA starts), so that one GPU stands in for a weaker type per role. None: all of them.
+    attention_sm_percent: int | None = None
+    expert_sm_percent: int | None = None
+
+    def sm_percent(self, role: str) -> int | None:
+        return self.attention_sm_percent if role == "attention" else self.expert_sm_percent
 
 
 @dataclass
@@ -208,6 +215,11 @@ class Config:
             raise ConfigError(f"gateway.workers={self.gateway.workers}; must be >= 1")
         if self.engine.microbatches < 1:
             raise ConfigError(f"engine.microbatches={self.engine.microbatches}; must be >= 1")
+        for role in ("attention", "expert"):
+            share = self.cluster.sm_percent(role)
+            if share is not None and (not 1 <= share <= 100 or self.model.device != "cuda"):
+                raise ConfigError(f"cluster.{role}_sm_percent={share}: a share of a GPU's SMs, 1 to 100, with "
+                                  f"model.device=cuda (got {self.model.device})")
         if self.engine.max_num_seqs < 1 or self.engine.max_batch_tokens < 1:
             raise ConfigError("engine.max_num_seqs and engine.max_batch_tokens must be >= 1")
         block_size = self.engine.block_size

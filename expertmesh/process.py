@@ -21,6 +21,17 @@ from .config import Config
 SWITCH_INTERVAL_S = 0.0002
 
 
+def before_cuda_starts(config: Config, role: str, index: int) -> None:
+    """The environment CUDA reads when it starts in this node (which torch.cuda.set_device does): eager module
+    loading where a link needs it (m2n/link_plan.py), and under MPS this role's share of the SMs."""
+    from .m2n.link_plan import needs_eager_loading
+    if needs_eager_loading(config, role, index):
+        os.environ["CUDA_MODULE_LOADING"] = "EAGER"
+    share = config.cluster.sm_percent(role)
+    if share is not None:
+        os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(share)
+
+
 def node_args(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="cluster config JSON written by the launcher")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -10,13 +9,12 @@ from ..config import LOCKSTEP_BACKENDS, Config
 from ..kv.block_manager import BlockManager
 from ..kv.cache import PagedKVCache, num_blocks_for
 from ..model.spec import ModelSpec
-from ..m2n.link_plan import needs_eager_loading
 from ..m2n.links import make_links
 from ..m2n.lockstep import LockstepClient
 from ..model.weights import load_attention_side, load_experts
 from ..placement.plan import load_cluster_placement, load_cluster_topology
 from ..planner.gpus import check_node_gpu
-from ..process import run_node
+from ..process import before_cuda_starts, run_node
 from ..transport.base import Connection, connect_within, make_transport
 from ..transport.emulation import emulate
 from ..transport.protocol import Credentials
@@ -32,8 +30,7 @@ log = logging.getLogger("attention_node")
 async def main(config: Config, index: int) -> None:
     spec = ModelSpec.from_dir(config.model.path)
     dtype, device = config.model.torch_dtype, config.node_device("attention", index)
-    if needs_eager_loading(config, "attention", index):  # read when CUDA initialises, which set_device does
-        os.environ["CUDA_MODULE_LOADING"] = "EAGER"
+    before_cuda_starts(config, "attention", index)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     check_node_gpu(config.cluster.attention_gpu_type, "attention", index, device,

@@ -2,20 +2,18 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
 
 from ..config import LOCKSTEP_BACKENDS, Config
 from ..cuda_graph import decode_step_shapes, warm_up_sizes
-from ..m2n.link_plan import needs_eager_loading
 from ..m2n.links import make_links
 from ..model.spec import ModelSpec
 from ..model.weights import load_experts
 from ..placement.plan import load_cluster_placement
 from ..planner.gpus import check_node_gpu
-from ..process import run_node
+from ..process import before_cuda_starts, run_node
 from ..transport.base import make_transport
 from ..transport.zmq import ZmqTransport
 from .lockstep import LockstepRounds
@@ -29,8 +27,7 @@ async def main(config: Config, index: int) -> None:
     placement = load_cluster_placement(config, spec)
     pairs = placement.pairs_on(index)
     device = config.node_device("expert", index)
-    if needs_eager_loading(config, "expert", index):  # read when CUDA initialises, which set_device does
-        os.environ["CUDA_MODULE_LOADING"] = "EAGER"
+    before_cuda_starts(config, "expert", index)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     check_node_gpu(config.cluster.expert_gpu_type, "expert", index, device,
