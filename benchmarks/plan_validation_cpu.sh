@@ -16,8 +16,9 @@ mkdir -p $O
 W="--num-requests 48 --concurrency 16 --input-len 32 64 --output-len 32 64"
 W2="--num-requests 48 --concurrency 32 --input-len 16 32 --output-len 32 48"
 HOST_CONCURRENCIES=${HOST_CONCURRENCIES:-4 32}  # beside the traced run at 16
-row() {  # name, model, then microbatch_sweep flags
+row() {  # name, model, then microbatch_sweep flags; ROWS="name ...": only those (a row served again alone)
   local name=$1 model=$2; shift 2
+  [ -z "${ROWS:-}" ] || [[ " $ROWS " == *" $name "* ]] || return 0
   cat /proc/loadavg > $O/$name.load
   OMP_NUM_THREADS=1 $PY -m expertmesh bench layer --device cpu --shapes $model --tokens 1,8,32 --contexts 64 \
     --dtype float32 --reps 10 --moe-backends reference --prefill-tokens 64,256,1024 --prompt-len 48 \

@@ -62,7 +62,7 @@ def phases_of(trace: dict, cpu_s: dict[str, float] | None = None) -> ServedPhase
     segments, step_host = [], []
     for i, step in enumerate(steps):
         segments += [e[1] for e, after in zip(step, step[1:]) if e[2] == "attention" and after[2] == "dispatch"]
-        if i + 1 < len(steps):
+        if i + 1 < len(steps) and len(step) >= 3:  # not a step the trace's start cut (a lone "sample")
             between = steps[i + 1][0][0] - end(step[-1])
             step_host.append(step[0][1] + step[-2][1] + step[-1][1] + between)
     med = statistics.median
