@@ -45,6 +45,14 @@ def test_phases_of_a_trace_built_by_hand():
     assert phases_of(served_trace()).attention_background_us == 0  # no CPU seconds: none counted
 
 
+def test_a_step_cut_by_the_traces_start_is_left_out():
+    """A trace started during a step's sampling opens with a lone "sample": not a step of its own."""
+    trace = served_trace(steps=4)
+    cut = chrome_trace({"attention node 0": [["sample", -300, 200, 0]], "expert node 0": []})["traceEvents"]
+    trace["traceEvents"] += [e for e in cut if e.get("ph") == "X"]
+    assert phases_of(trace).step_host_us == 100 + 400 + 200 + 350
+
+
 def test_phases_need_one_attention_and_one_expert_node():
     trace = served_trace()
     trace["traceEvents"][0]["args"]["name"] = "attention node 1"
