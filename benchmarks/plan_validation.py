@@ -89,6 +89,13 @@ ROWS = [
     ("H200 colocated m=1 (graphs run)", "gpu_lockstep/graphs/serve_qwen3_c64_colocated.json", 0, "gpu"),
     ("H200 1+1 ipc m=1 (graphs run)", "gpu_lockstep/graphs/serve_qwen3_c64_disagg.json", 1, "gpu"),
     ("H200 1+1 ipc m=2 (graphs run)", "gpu_lockstep/graphs/serve_qwen3_c64_disagg.json", 2, "gpu"),
+    # the seventh session's, fused kernels and lockstep graphs as now, 4 gateway processes, sync scheduling
+    ("H200 1+1 ipc m=1 (session 7)", "gpu_multi/session7/one_gpu/serve_qwen3_c64_disagg_ipc.json", 0, "gpu"),
+    ("H200 1+1 ipc m=2 (session 7)", "gpu_multi/session7/one_gpu/serve_qwen3_c64_disagg_ipc.json", 1, "gpu"),
+    ("H200 colocated m=1 (session 7)", "gpu_multi/session7/one_gpu/serve_qwen3_c64_colocated.json", 0, "gpu"),
+    ("H200 Mixtral 1+1 ipc m=1 (session 7)", "gpu_multi/session7/one_gpu/serve_mixtral_c64_disagg_ipc.json", 0, "gpu"),
+    ("H200 Mixtral 1+1 ipc m=2 (session 7)", "gpu_multi/session7/one_gpu/serve_mixtral_c64_disagg_ipc.json", 1, "gpu"),
+    ("H200 Mixtral colocated m=1 (session 7)", "gpu_multi/session7/one_gpu/serve_mixtral_c64_colocated.json", 0, "gpu"),
 ]
 REPEATS = ("", "_2")  # CPU rows ran twice, minutes apart: first and second measurement
 
@@ -107,7 +114,7 @@ def predict_row(run: dict, row: dict, cal: calibration.Calibration, device: GpuT
     plan = Deployment(device, None if expert_nodes == 0 else device, args["attention_nodes"], expert_nodes,
                       row["microbatches"], args["max_num_seqs"], 0, shared_devices=1 if kind == "gpu" else cores,
                       dtype_bytes=2 if args.get("dtype") == "bfloat16" else 4)
-    return closed_loop(spec_of(args["model"]), plan, cal, jobs_of(args), args["concurrency"])
+    return closed_loop(gpu_spec_of(args["model"]), plan, cal, jobs_of(args), in_flight(args, row))
 
 
 def rows() -> list[tuple[str, Path, int, str]]:
