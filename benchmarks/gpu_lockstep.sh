@@ -15,6 +15,8 @@
 #            async scheduling is the default on GPUs; ASYNC=0 turns it off (--no-async-scheduling; JSON and logs
 #            named *_sync), ASYNC=1 names it (*_async); GATEWAY_WORKERS=N:
 #            N gateway processes (one streams ~10k tok/s at most: the colocated rows' ceiling so far);
+#            INPUT_LEN / OUTPUT_LEN ("lo hi", default "64 128") and MAX_POS (the random model's positions, default
+#            1024): long contexts, where the planner predicts ping-pong pays (RESULTS.md, seventh session);
 #            SM_SHARES="A E" (GPUS=1, under MPS): the attention node gets A% of the SMs and the expert node E%
 #            (one GPU standing in for two types, issue 14), with `bench layer` of the shape under each share first
 #            (layer_<shape>_sm<P>.json: the planner's calibration of that "type")
@@ -81,24 +83,25 @@ for part in ${PARTS:-tests bench serve}; do
               --head-dim 128 --intermediate-size 768 --dense-intermediate-size 6144 --num-experts 128 --top-k 8
               --vocab-size 151936"
       fi
-      [ -e /tmp/$shape/config.json ] || python3 -m expertmesh make-model --out /tmp/$shape --dtype bfloat16 $ARGS \
-        --max-position-embeddings 1024 >/dev/null
+      model=/tmp/$shape${MAX_POS:+_p$MAX_POS}
+      [ -e $model/config.json ] || python3 -m expertmesh make-model --out $model --dtype bfloat16 $ARGS \
+        --max-position-embeddings ${MAX_POS:-1024} >/dev/null
       shares=${SM_SHARES:+--sm-percent $SM_SHARES}
       for share in ${SM_SHARES:-}; do
         CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$share timeout -k 10 ${LAYER_S:-150} python3 -m expertmesh bench layer \
-          --shapes /tmp/$shape --tokens 1,16,64,256 --contexts 512 --prefill-tokens 1024,4096 \
+          --shapes $model --tokens 1,16,64,256 --contexts 512 --prefill-tokens 1024,4096 \
           --json "$OUT/layer_${shape}_sm$share.json" > "$OUT/layer_${shape}_sm$share.log" 2>&1
         tail -${LAYER_TAIL:-6} "$OUT/layer_${shape}_sm$share.log" | sed "s/^/$shape at $share% of the SMs: /"
       done
       for c in ${CONCURRENCY:-64}; do
         async=$(case "${ASYNC:-}" in 1) echo _async;; 0) echo _sync;; esac)
-        common="--model /tmp/$shape --device cuda --dtype bfloat16 --concurrency $c
+        common="--model $model --device cuda --dtype bfloat16 --concurrency $c
                 $(case "${ASYNC:-}" in 1) echo --async-scheduling;; 0) echo --no-async-scheduling;; esac)
                 --gateway-workers ${GATEWAY_WORKERS:-1}
                 --num-requests $((${REQUESTS_PER_SLOT:-8} * c))
-                --max-num-seqs $c --input-len 64 128 --output-len 64 128"
+                --max-num-seqs $c --input-len ${INPUT_LEN:-64 128} --output-len ${OUTPUT_LEN:-64 128}"
         for transport in $TRANSPORTS; do
-          name=serve_${shape}_c${c}_disagg_${transport}$async
+          name=serve_${shape}${MAX_POS:+_p$MAX_POS}_c${c}_disagg_${transport}$async
           timeout -k 10 ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --transport ${transport%-sm} \
             $([ "${transport%-sm}" != "$transport" ] && echo --ipc-copy sm) \
             --expert-nodes 1 --microbatches ${MICROBATCHES:-1 2} $shares --json "$OUT/$name${SM_SHARES:+_sm${SM_SHARES// /_}}.json" \
@@ -106,7 +109,7 @@ for part in ${PARTS:-tests bench serve}; do
           reap; grep -E "^m=|Error|error|Traceback" "$OUT/$name.log" | sed "s/^/$shape c=$c disagg 1+1 $transport /" \
             | head -20
         done
-        name=serve_${shape}_c${c}_colocated$async
+        name=serve_${shape}${MAX_POS:+_p$MAX_POS}_c${c}_colocated$async
         [ "${COLOCATED:-1}" = 1 ] && timeout -k 10 ${COLOCATED_S:-${SWEEP_S:-240}} python3 benchmarks/microbatch_sweep.py $common --expert-nodes 0 \
           --attention-nodes $GPUS --max-num-seqs $((c / GPUS)) --microbatches 1 --json "$OUT/$name.json" \
           > "$OUT/$name.log" 2>&1
