@@ -225,3 +225,18 @@ def test_openai_client(served):
     assert streamed == completion.choices[0].text
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="hello", max_tokens=2)
+
+
+@pytest.mark.parametrize("served", ["mixtral"], indirect=True)
+def test_bench_serve_counts_every_streamed_token_of_a_real_gateway(served):
+    """`bench serve`'s own HTTP client (bench/http.py) against uvicorn's chunked event streams and /metrics: every
+    token of every request counted, none failed, and the nodes' counters read back."""
+    import asyncio
+
+    from expertmesh.bench.serve import Workload, run
+    workload = Workload(num_requests=24, input_len=(4, 12), output_len=(7, 7), concurrency=12)
+    report = asyncio.run(run(served[0].url, workload, progress=None))
+    assert (report.requests, report.failed, report.output_tokens) == (24, 0, 24 * 7)
+    assert set(report.idle_fraction) == {"attention_node_0", "attention_node_1", "expert_node_0", "expert_node_1",
+                                         "expert_node_2"}
+    assert report.ttft_ms["p50"] > 0 and report.client_cpu_s > 0
