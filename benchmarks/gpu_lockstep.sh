@@ -23,6 +23,8 @@
 #   diagnose - TESTS until they end or hang, then the stacks of the test and of every node process left
 #   each     - every test of TESTS in a pytest of its own, EACH_S seconds at most: a hang or a failure costs one test,
 #              and each failure's traceback is printed as it happens (a whole-suite run killed at TESTS_S prints none)
+# The device tool brings back at most 8 files from $OUT (no deeper than 2 folders): a call that runs several parts
+# should give each its own OUT folder and end with `rm -f $OUT/*/*.log $OUT/*/topo.txt`, keeping the JSON.
 # PYTEST_ADDOPTS=-s shows the node processes' output live (a node that dies while the test blocks in C, e.g. in
 # NCCL, otherwise leaves nothing on screen). Logs and JSON in $OUT. Needs .whl/site312.txz (benchmarks/gpu_wheels.sh) carried.
 set -uo pipefail
