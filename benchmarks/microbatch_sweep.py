@@ -14,7 +14,7 @@ import os
 import sys
 
 from expertmesh.bench.serve import Workload, run
-from expertmesh.config import Config, EngineConfig
+from expertmesh.config import IPC_COPIES, Config, EngineConfig
 from expertmesh.launcher.local import LocalCluster, free_port
 
 
@@ -45,7 +45,7 @@ def main() -> int:
     p.add_argument("--output-len", type=int, nargs=2, default=[32, 64])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--transport", choices=["zmq", "ucx", "nccl", "ipc", "gloo"], default="zmq")
-    p.add_argument("--ipc-copy", choices=["engine", "sm"], default="engine",
+    p.add_argument("--ipc-copy", choices=IPC_COPIES, default="engine",
                    help="ipc links: the driver's copies, or one SM kernel per send (transport.ipc_copy)")
     p.add_argument("--gateway-workers", type=int, default=1, help="gateway processes on the port (gateway.workers)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import Config
+from .config import IPC_COPIES, Config
 
 
 def _launch_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
                         "host), gloo (CPU) or ucx-lockstep (UCX: CPU, or RDMA across hosts), lockstep (each link's "
                         "own: ipc or gloo within a host, nccl or ucx-lockstep across), or messages over ucx or zmq "
                         "(default auto: lockstep on GPUs; on CPU ucx where ucxx imports, else zmq)")
-    p.add_argument("--ipc-copy", choices=["engine", "sm"],
+    p.add_argument("--ipc-copy", choices=IPC_COPIES,
                    help="ipc links: a send is the driver's copies (engine, the default) or one SM kernel (sm)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="cuda: each node on its own GPU")
     p.add_argument("--microbatches", type=int, help="ping-pong microbatches per step")

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 # transport backends that run the lockstep M2N (m2n/); lockstep: each link on its own, by locality (m2n/link_plan.py)
 LOCKSTEP_BACKENDS = ("nccl", "gloo", "ipc", "ucx-lockstep", "lockstep")
+IPC_COPIES = ("engine", "sm")  # who moves an ipc send's bytes: the driver's copies, or one SM kernel (m2n/ipc_copy.py)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -63,7 +64,7 @@ class TransportConfig:
     ucx_progress_mode: str = "thread"
     # ipc links: who moves a send's bytes, "engine" (the driver's copies, then a signal kernel) or "sm" (one kernel
     # copies and signals: m2n/ipc_copy.py). engine until sm is measured against it on the GPUs at hand.
-    ipc_copy: str = "engine"
+    ipc_copy: str = "engine"  # one of IPC_COPIES
     # Link emulation on the attention->expert links (experiments on one host; 0 = off):
     emulated_latency_us: float = 0.0  # added one-way latency per message
     emulated_bandwidth_gbps: float = 0.0  # bandwidth cap per link and direction
@@ -193,8 +194,8 @@ class Config:
         if backend in ("nccl", "gloo", "ipc") and self.model.device != ("cpu" if backend == "gloo" else "cuda"):
             raise ConfigError(f"transport.backend={backend} links {'CPU processes' if backend == 'gloo' else 'GPUs'}"
                               f", not model.device={self.model.device}: use {'nccl or ipc' if backend == 'gloo' else 'gloo'}")
-        if self.transport.ipc_copy not in ("engine", "sm"):
-            raise ConfigError(f"transport.ipc_copy={self.transport.ipc_copy!r}; choose engine or sm")
+        if self.transport.ipc_copy not in IPC_COPIES:
+            raise ConfigError(f"transport.ipc_copy={self.transport.ipc_copy!r}; choose one of {IPC_COPIES}")
         if self.model.device not in ("cpu", "cuda"):
             raise ConfigError(f"model.device={self.model.device!r}; choose cpu or cuda")
         if self.model.dtype not in _DTYPES:

@@ -67,6 +67,7 @@ class AttentionNode:
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.steps_held = 0  # steps whose tokens stayed on the device while the next one was launched
+        self.async_scheduling = config.engine.async_scheduling_on(config.model.device)
         self.fatal_error: str | None = None
         # request id -> the gateway that submitted it, where its outputs go (gateways may share the node, and one
         # restarted is a new peer); dropped with the request's last output
@@ -209,7 +210,7 @@ class AttentionNode:
             held = None
             # a sequence the previous step finished (a stop token) wasted its row here: its token is dropped
             launched.rows = [(row, seq) for row, seq in launched.rows if id(seq) not in finished]
-            if self.config.engine.async_scheduling_on(self.config.model.device) and not any(needs_host_tokens(seq) for seq in seqs):
+            if self.async_scheduling and not any(needs_host_tokens(seq) for seq in seqs):
                 for _, seq in launched.rows:
                     self.scheduler.hold(seq)
                 launched.held, held = True, launched

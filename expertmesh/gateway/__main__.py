@@ -48,7 +48,6 @@ def served_model_names(config: Config) -> list[str]:
     return list(dict.fromkeys([Path(given).resolve().name, given, os.path.normpath(given)]))
 
 
-
 def server_config(app, config: Config) -> "uvicorn.Config":
     """uvicorn's settings: httptools parses and writes HTTP (h11, its pure-Python parser, cost the gateway 14% more CPU
     per streamed token); h11 with a warning where httptools, a dependency, is missing."""

@@ -18,12 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..config import IPC_COPIES
 from ..transport.protocol import TensorMeta, packed_offsets, packed_views
 from . import cuda_driver as cu
 from . import ipc_copy
 from .links import Links
 
-COPIES = ("engine", "sm")
 _RELEASED = 1 << 62  # a flag value no real message count reaches
 
 
@@ -57,8 +57,8 @@ class IpcLinks(Links):
         super().__init__(attention_nodes, microbatches, slot_bytes)
         if torch.device(device).type != "cuda":
             raise ValueError(f"ipc links connect CUDA devices, not {device}")
-        if copy not in COPIES:
-            raise ValueError(f"ipc links copy with one of {COPIES}, not {copy!r}")
+        if copy not in IPC_COPIES:
+            raise ValueError(f"ipc links copy with one of {IPC_COPIES}, not {copy!r}")
         self.copy = copy
         self.rank = rank
         self.device = device

@@ -138,12 +138,3 @@ def check_cluster_gpus(config, device_name_of=None) -> None:
             device = config.node_device(role, index)
             check_node_gpu(expected, role, index, device, device_name_of(device))
 
-
-def sm_share(gpu: GpuType, percent: int, copy_bytes_per_s: float, matmul_flops_per_s: float,
-             full_copy_bytes_per_s: float, full_matmul_flops_per_s: float) -> GpuType:
-    """`gpu` with `percent`% of its SMs under CUDA MPS (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; cluster.*_sm_percent): a
-    weaker type on the same card, its bandwidth and peak scaled by what `bench layer` measured under the share
-    against the whole GPU. Memory is the card's (MPS shares it), and so are its links."""
-    return replace(gpu, name=f"{gpu.name}@{percent}%", count=1, price_per_hour=None,
-                   hbm_tb_s=gpu.hbm_tb_s * copy_bytes_per_s / full_copy_bytes_per_s,
-                   bf16_tflops=gpu.bf16_tflops * matmul_flops_per_s / full_matmul_flops_per_s)

@@ -15,7 +15,7 @@ from expertmesh.config import Config
 from expertmesh.model.shapes import shape
 from expertmesh.planner import calibration
 from expertmesh.planner.calibration import fit_line
-from expertmesh.planner.gpus import BUILTIN, GpuTypeMismatch, check_cluster_gpus, load_gpus, sm_share
+from expertmesh.planner.gpus import BUILTIN, GpuTypeMismatch, check_cluster_gpus, load_gpus
 from expertmesh.planner.perf import Deployment, ModelCosts, closed_loop, fanout, layer_us, predict
 from expertmesh.planner.search import NoFeasiblePlan, Objective, search
 
@@ -196,13 +196,3 @@ def test_launch_refuses_a_planned_gpu_type_before_starting_anything(tmp_path):
         cluster.start()
     assert cluster.children == []
 
-
-def test_an_sm_share_is_a_weaker_type_scaled_by_what_was_measured_under_it():
-    """One H200 under MPS at 30% of its SMs: bench layer measured 2.0 of the whole card's 4.0 TB/s and 240 of its
-    750 TFLOP/s, so the type has half the bandwidth and a third of the peak, the card's memory, and a name that says
-    what it is."""
-    h200 = BUILTIN["H200"]
-    share = sm_share(h200, 30, 2.0e12, 2.4e14, 4.0e12, 7.5e14)
-    assert share.name == "H200@30%" and share.hbm_gib == h200.hbm_gib and share.intra_host_gb_s == h200.intra_host_gb_s
-    assert share.hbm_tb_s == pytest.approx(h200.hbm_tb_s / 2)
-    assert share.bf16_tflops == pytest.approx(h200.bf16_tflops * 0.32)
