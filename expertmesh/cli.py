@@ -33,6 +33,8 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--emulated-bandwidth-gbps", type=float, help="bandwidth cap on attention->expert links")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-batch-tokens", type=int, help="new tokens per step and M2N round (default 2048); longer "
+                   "prompts prefill in chunks")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--block-size", type=int, help="tokens per KV-cache block (power of two, 8..256; default 16)")
     p.add_argument("--gpu-memory-utilization", type=float,
@@ -70,8 +72,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  ("cluster", "expert_nodes", args.expert_nodes), ("gateway", "host", args.host),
                  ("gateway", "port", args.port), ("cluster", "placement", args.placement),
                  ("transport", "backend", args.transport), ("engine", "microbatches", args.microbatches),
-                 ("model", "dtype", args.dtype), ("model", "device", getattr(args, "device", None)), ("engine", "max_num_seqs", args.max_num_seqs),
-                 ("engine", "max_model_len", args.max_model_len), ("gateway", "served_model_names", args.served_model_name),
+                 ("model", "dtype", args.dtype), ("model", "device", getattr(args, "device", None)),
+                 ("engine", "max_num_seqs", args.max_num_seqs), ("engine", "max_model_len", args.max_model_len),
+                 ("engine", "max_batch_tokens", getattr(args, "max_batch_tokens", None)),
+                 ("gateway", "served_model_names", args.served_model_name),
                  ("transport", "emulated_latency_us", getattr(args, "emulated_latency_us", None)),
                  ("cluster", "topology", getattr(args, "topology", None)),
                  ("gateway", "predictor", getattr(args, "predictor", None)),

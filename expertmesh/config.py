@@ -75,7 +75,7 @@ class EngineConfig:
     """The attention node's continuous batching."""
     max_num_seqs: int = 32  # sequences in the running batch
     max_model_len: int | None = None  # tokens per sequence; default: the model's max_position_embeddings
-    max_batch_tokens: int = 2048  # new tokens per step; prompts are admitted while they fit
+    max_batch_tokens: int = 2048  # new tokens per step (and per M2N round); longer prompts prefill in chunks
     microbatches: int = 1  # ping-pong microbatches per step
     block_size: int = 16  # tokens per KV-cache block (a power of two, 8..256)
     # CUDA: fraction of the device's total memory this process may use; the KV cache gets what the weights and a
@@ -223,6 +223,9 @@ class Config:
                                   f"model.device=cuda (got {self.model.device})")
         if self.engine.max_num_seqs < 1 or self.engine.max_batch_tokens < 1:
             raise ConfigError("engine.max_num_seqs and engine.max_batch_tokens must be >= 1")
+        if self.engine.max_batch_tokens < self.engine.max_num_seqs:
+            raise ConfigError(f"engine.max_batch_tokens={self.engine.max_batch_tokens} < engine.max_num_seqs="
+                              f"{self.engine.max_num_seqs}: every running sequence feeds a token each step")
         block_size = self.engine.block_size
         if not 8 <= block_size <= 256 or block_size & (block_size - 1):
             raise ConfigError(f"engine.block_size={block_size}; must be a power of two from 8 to 256")

@@ -26,7 +26,7 @@ class InprocCluster:
     def __init__(self, model_dir, num_expert_nodes: int = 2, placement: Placement | None = None,
                  max_len: int = 256, max_num_seqs: int = 8, microbatches: int = 1, block_size: int = 16,
                  num_blocks: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, max_batch_tokens: int = 4096) -> None:
         """num_blocks: KV-cache blocks; default enough for max_num_seqs sequences of max_len tokens. On CUDA, every
         node on the one device, with CUDA graphs on both kinds of node if cuda_graphs."""
         self.model_dir = model_dir
@@ -38,6 +38,7 @@ class InprocCluster:
         self.block_size = block_size
         self.num_blocks = num_blocks or max_num_seqs * -(-max_len // block_size)
         self.device, self.dtype, self.cuda_graphs = device, dtype, cuda_graphs
+        self.max_batch_tokens = max_batch_tokens
 
     async def __aenter__(self) -> "InprocCluster":
         transport = InprocTransport()
@@ -66,7 +67,7 @@ class InprocCluster:
                                   context_len=self.max_len)
         if self.cuda_graphs:
             self.runner.capture_graphs(self.max_num_seqs, self.microbatches)
-        self.scheduler = Scheduler(BlockManager(self.num_blocks, self.block_size), self.max_num_seqs, 4096,
+        self.scheduler = Scheduler(BlockManager(self.num_blocks, self.block_size), self.max_num_seqs, self.max_batch_tokens,
                                    self.max_len, self.spec.eos_token_ids)
         return self
 

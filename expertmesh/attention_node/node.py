@@ -44,6 +44,7 @@ class Launched:
     copied: torch.cuda.Event | None
     queue_seconds: list[float | None]
     prompt_entries: list
+    chunks: list[Sequence]  # the step's other sequences: fed a chunk inside their prompt, they sample nothing
     held: bool = False
 
     async def host_tokens(self) -> list[int]:
@@ -235,15 +236,22 @@ class AttentionNode:
                 copied.record()
             else:
                 host = tokens
-        for seq in seqs:
+        rows, entries, chunks = [], [], []  # the sequences whose token this step samples, their prompt logprobs
+        for row, seq in enumerate(seqs):
             if seq.num_cached == 0 and not seq.output_ids:  # not again when a preempted sequence is readmitted
                 self.prompt_tokens += len(seq.prompt_ids)
+            if seq.samples:
+                rows.append((row, seq))
+                entries.append(prompt_logprobs.finished(seq))
+            else:  # a chunk inside its prompt: its next chunk's inputs are known, it may be scheduled at once
+                self.scheduler.advance_chunk(seq)
+                entries.append(None)
+                chunks.append(seq)
         # with its first token, how long the request waited for its first step, and its prompt's logprobs
-        asked = [row for row, seq in enumerate(seqs) if seq.sampling.logprobs is not None]
+        asked = [row for row, seq in rows if seq.sampling.logprobs is not None]
         kept = dict(zip(asked, logits[to_device(asked, logits.device)])) if asked else {}
-        return Launched(step, list(enumerate(seqs)), kept, tokens, host, copied,
-                        [None if seq.output_ids else seq.queue_s for seq in seqs],
-                        [prompt_logprobs.finished(seq) for seq in seqs])
+        return Launched(step, rows, kept, tokens, host, copied,
+                        [None if seq.output_ids else seq.queue_s for seq in seqs], entries, chunks)
 
     async def _settle(self, launched: Launched | None) -> None:
         """Retires a launched step (if any): its tokens to their sequences and the gateway. Returns None."""
@@ -257,8 +265,8 @@ class AttentionNode:
             await self.runner.finish_step(launched.step)
             with self.runner.clock.phase("sample"):
                 tokens = await launched.host_tokens()
-        except Exception as exc:
-            seqs = [seq for _, seq in launched.rows]
+        except Exception as exc:  # a chunk's K/V may be lost too: its sequence fails with the step
+            seqs = [seq for _, seq in launched.rows] + [seq for seq in launched.chunks if seq in self.scheduler.running]
             await self._step_failed(seqs, exc)
             return seqs
         request_ids, out, reasons, logprobs, queue_seconds, prompt_entries, finished = [], [], [], [], [], [], []

@@ -1,8 +1,10 @@
 """Continuous batching over a paged KV cache: requests wait, join the running batch between steps, leave when done.
 
-Each step takes one new token from every running sequence (decode) and everything uncached of newly admitted
-ones (prefill), as one flat batch of tokens. A sequence is admitted when a batch slot, the token budget and
-free KV blocks allow; when a running sequence needs a block and none is free, the newest running sequence is
+Each step takes one new token from every decoding sequence and, within a budget of max_batch_tokens new tokens,
+chunks of the prompts being prefilled (chunked prefill, as vLLM's), as one flat batch of tokens: a prompt longer
+than the budget takes several steps, and samples its first token with its last chunk. The budget is also what the
+M2N buffers hold (m2n/lockstep.py), so no step exceeds them. A sequence is admitted when a batch slot, some token
+budget and free KV blocks (for its whole prompt) allow; when a running sequence needs a block and none is free, the newest running sequence is
 preempted by recomputation: its blocks are freed and it waits at the front of the queue, to re-feed its prompt
 and the tokens it produced so far as one prefill when readmitted."""
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)  # its KV-cache blocks, in token order (kv/block_manager.py)
     num_cached: int = 0  # tokens whose K/V are in the cache
+    num_new: int | None = None  # tokens it feeds this step (Scheduler.schedule); None: every uncached one
     aborted: bool = False
     arrived_s: float = 0.0  # time.monotonic() when the node received it
     queue_s: float | None = None  # from arrival to its first step (a readmission after preemption does not count)
@@ -53,17 +56,27 @@ class Sequence:
         (masked at sampling) nor a reason to finish."""
         return len(self.output_ids) >= self.sampling.min_tokens
 
+    @property
+    def samples(self) -> bool:
+        """Whether this step feeds the sequence's last token, whose logits give its next one (a chunk that ends
+        inside the prompt samples nothing)."""
+        return self.num_new is None or self.num_cached + self.num_new >= self.num_tokens
+
     def new_token_ids(self) -> list[int]:
-        """Tokens this sequence feeds to the next step: what is not cached yet."""
+        """Tokens this sequence feeds to the next step: what is not cached yet, at most num_new of it."""
         prompt_len = len(self.prompt_ids)
         if self.num_cached >= prompt_len:  # decoding: no copy of the prompt at every step
             return self.output_ids[self.num_cached - prompt_len:]
-        return (self.prompt_ids + self.output_ids)[self.num_cached:]
+        end = None if self.num_new is None else self.num_cached + self.num_new
+        return (self.prompt_ids + self.output_ids)[self.num_cached:end]
 
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batch_tokens: int, context_len: int,
                  eos_token_ids: tuple[int, ...], watermark: float = 0.01) -> None:
+        if max_batch_tokens < max_num_seqs:
+            raise ValueError(f"max_batch_tokens={max_batch_tokens} < max_num_seqs={max_num_seqs}: a full batch's "
+                             f"decode tokens would not fit a step")
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
@@ -106,23 +119,34 @@ class Scheduler:
         return None
 
     def schedule(self) -> list[Sequence]:
-        """The sequences of the next step: every running one that keeps its blocks, plus waiting ones while
-        batch slots, token budget and free blocks last. Each returned sequence owns blocks for all its tokens."""
+        """The sequences of the next step, each with num_new set: one token for every decoding sequence, then
+        chunks of the budget left for the prompts being prefilled, oldest first, then waiting sequences admitted
+        while batch slots, budget and free blocks last (the last admitted may get a chunk only). Each returned
+        sequence owns blocks for all its tokens."""
         preempted = self._reserve_decode_blocks()
-        budget = self.max_batch_tokens - len(self.running)
+        budget = self.max_batch_tokens - sum(1 for s in self.running if s.num_tokens - s.num_cached == 1)
+        step = []
+        for seq in self.running:
+            left = seq.num_tokens - seq.num_cached
+            if left > 1:  # a prompt being prefilled: a chunk of what the decodes leave, if any
+                if budget == 0:
+                    continue
+                left = min(left, budget)
+                budget -= left
+            seq.num_new = left
+            step.append(seq)
         # after a preemption the cache is full: admitting now would only preempt again next step
-        while self.waiting and not preempted and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            new_tokens = seq.num_tokens  # nothing of a waiting sequence is cached
-            if new_tokens > budget and self.running:
-                break  # admit it once the batch is lighter; alone, any prompt is admitted
+        while self.waiting and not preempted and len(self.running) < self.max_num_seqs and budget > 0:
+            seq = self.waiting[0]  # nothing of a waiting sequence is cached
             if not self.blocks.can_allocate(seq.num_tokens, self.watermark_blocks if self.running else 0):
                 break  # first come, first served: nothing overtakes the head of the queue
             self.waiting.popleft()
             self.blocks.allocate(seq)
             self.running.append(seq)
-            budget -= new_tokens
-        return list(self.running)
+            seq.num_new = min(seq.num_tokens, budget)
+            budget -= seq.num_new
+            step.append(seq)
+        return step
 
     def _reserve_decode_blocks(self) -> bool:
         """Gives every running sequence the block its next token needs, oldest first, preempting the newest
@@ -149,19 +173,29 @@ class Scheduler:
         re-feeds prompt + outputs (new_token_ids) and resumes with its next token."""
         self.running.remove(seq)
         self.blocks.free(seq)
-        seq.num_cached = 0
+        seq.num_cached, seq.num_new = 0, None
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def advance(self, seq: Sequence, token: int) -> str | None:
         """After a step: seq's KV cache holds every token so far, `token` is its next output. Returns why seq
-        finished (and frees its blocks), or None if it goes on."""
+        finished (and frees its blocks), or None if it goes on. After a chunk inside the prompt, only the cache
+        has grown: the token is not seq's (advance_chunk)."""
+        if not seq.samples:
+            self.advance_chunk(seq)
+            return None
         seq.num_cached = seq.num_tokens
         seq.append(token)
         reason = self.finish_reason(seq)
         if reason is not None:
             self.release(seq)
         return reason
+
+    def advance_chunk(self, seq: Sequence) -> None:
+        """After (or, with async scheduling, once launched) a step that fed seq a chunk inside its prompt."""
+        if seq.samples:
+            raise RuntimeError(f"request {seq.request_id}: its step fed its last token; advance or hold it")
+        seq.num_cached += seq.num_new
 
     def hold(self, seq: Sequence) -> None:
         """advance before the token is known (async scheduling: the next step is scheduled while this one runs):

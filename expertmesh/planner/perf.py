@@ -340,11 +340,12 @@ def predict(spec: ModelSpec, plan: Deployment, cal: Calibration, prompt_len: int
     attention_mem, expert_mem = memory(costs, plan, utilization)
     m = plan.microbatches
     holds = plan.colocated or m * max(t_a, plan.attention_nodes * t_e) >= t_a + t_e + 2 * t_c
-    # Prompts are prefilled whole inside decode steps (as one more microbatch), so the p99 step carries them once
-    # at least 1% of steps do: ceil(batch / output_len) prompts, at most max_batch_tokens of them.
+    # Prompts are prefilled inside decode steps (as one more microbatch), in chunks of the token budget, so the p99
+    # step carries them once at least 1% of steps do: ceil(batch / output_len) prompts, at most max_batch_tokens
+    # of their tokens.
     prompts_per_step = batch / output_len
-    in_p99 = 0 if prompts_per_step < 0.01 else min(math.ceil(prompts_per_step),
-                                                    max(1, max_batch_tokens // max(1, prompt_len)))
+    in_p99 = 0.0 if prompts_per_step < 0.01 else min(math.ceil(prompts_per_step) * prompt_len,
+                                                      max_batch_tokens) / max(1, prompt_len)
     background = served_host_us(costs, plan, cal, batch / m)[2:]
     return Prediction(t_a, t_e, t_c, layer_us(t_a, t_e, t_c, m, plan, background), step, prefill, tokens_per_s,
                       step + in_p99 * prefill, holds, attention_mem, expert_mem,
@@ -355,15 +356,15 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
                 concurrency: int, max_batch_tokens: int = 2048, gateway_workers: int = 1) -> dict:
     """A finite closed-loop run as `bench serve` drives it (jobs of (prompt, output) tokens, `concurrency` in flight,
     spread evenly over the attention nodes), stepped with the model's step times: what a short measured run sees,
-    ramp-up and tail included. Admission is the attention node's (attention_node/scheduler.py): a free batch slot
-    and a token budget of max_batch_tokens less the running sequences' decode tokens, first come first served,
-    a prompt alone always admitted; a step's new prompts are prefilled whole beside its decodes, as one more
-    microbatch (eager, the prefill lines). Returns tokens_per_s, TTFT and TPOT p50 in ms, the share of the run's
-    node time spent in prefill parts, and the share of its steps that carry prompts beside decodes (mixed steps,
-    which a disaggregated attention node runs eagerly whole: attention_node/model_runner.py). Where the calibration
-    measured the gateway's CPU per streamed token, the gateway is a serial stage: the run lasts at least its tokens
-    times that over its gateway_workers processes, and the requests wait the difference before their first token
-    (Little's law over `concurrency`)."""
+    ramp-up and tail included. Scheduling is the attention node's (attention_node/scheduler.py): a token budget of
+    max_batch_tokens a step, a token for each decoding sequence first, then chunks of the prompts being prefilled,
+    oldest first, then new prompts while a batch slot and budget are free; a step's prompt tokens run beside its
+    decodes as one more microbatch (eager, the prefill lines), and a prompt's first token comes with its last chunk.
+    Returns tokens_per_s, TTFT and TPOT p50 in ms, the share of the run's node time spent in prefill parts, and the
+    share of its steps that carry prompts beside decodes (mixed steps, which a disaggregated attention node runs
+    eagerly whole: attention_node/model_runner.py). Where the calibration measured the gateway's CPU per streamed
+    token, the gateway is a serial stage: the run lasts at least its tokens times that over its gateway_workers
+    processes, and the requests wait the difference before their first token (Little's law over `concurrency`)."""
     costs = ModelCosts(spec, plan.dtype_bytes)
     nodes = plan.attention_nodes
     per_node = [jobs[i::nodes] for i in range(nodes)]
@@ -372,38 +373,48 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
     for node_jobs in per_node:
         queue = list(node_jobs)
         freed = [0.0] * min(slots, plan.batch_per_attention_node)  # when each free slot was freed: arrivals
-        running: list[list] = []  # [prompt, outputs left, outputs made, time of the first]
+        running: list[list] = []  # [prompt, prompt tokens fed, outputs left, outputs made, arrival, first token]
         now = 0.0
         while queue or running:
-            new, budget = [], max_batch_tokens - len(running)
-            while queue and freed and (queue[0][0] <= budget or not (running or new)):
+            decoding = [r for r in running if r[1] == r[0]]
+            budget, chunks = max_batch_tokens - len(decoding), []  # chunks: (sequence, tokens fed this step)
+            for r in running:
+                if r[1] < r[0] and budget > 0:
+                    chunks.append((r, min(r[0] - r[1], budget)))
+                    budget -= chunks[-1][1]
+            while queue and freed and budget > 0:
                 prompt, out = queue.pop(0)
-                budget -= prompt
-                new.append([prompt, out, 0, freed.pop(0)])
+                running.append([prompt, 0, out, 0, freed.pop(0), 0.0])
+                chunks.append((running[-1], min(prompt, budget)))
+                budget -= chunks[-1][1]
             step = 0.0
-            if running:
-                context = sum(r[0] + r[2] for r in running) / len(running)
-                step += step_parts(costs, plan, cal, len(running), context, min(plan.microbatches, len(running)))[3]
-            if new:  # prompts run as one more microbatch of the step
-                tokens = sum(r[0] for r in new)
-                prefill = step_parts(costs, plan, cal, tokens, tokens / len(new) / 2, 1, sequences=len(new),
-                                     prefill=True)[3] - (cal.step_overhead_us if running else 0.0)
+            if decoding:
+                context = sum(r[0] + r[3] for r in decoding) / len(decoding)
+                step += step_parts(costs, plan, cal, len(decoding), context,
+                                   min(plan.microbatches, len(decoding)))[3]
+            if chunks:  # prompt tokens run as one more microbatch of the step
+                tokens = sum(n for _, n in chunks)
+                context = sum(r[1] + n / 2 for r, n in chunks) / len(chunks)
+                prefill = step_parts(costs, plan, cal, tokens, context, 1, sequences=len(chunks),
+                                     prefill=True)[3] - (cal.step_overhead_us if decoding else 0.0)
                 step += prefill
                 prefill_us += prefill
-                mixed += bool(running)
+                mixed += bool(decoding)
             now += step
             steps += 1
             busy_us += step
-            for r in new:
-                ttfts.append(now - r[3])
-                r[3] = now
-            for r in running + new:
-                r[1], r[2] = r[1] - 1, r[2] + 1
-                if r[1] == 0:
+            for r, n in chunks:
+                r[1] += n
+                if r[1] == r[0]:  # its last chunk: the first token
+                    ttfts.append(now - r[4])
+                    r[5] = now
+            for r in decoding + [r for r, _ in chunks if r[1] == r[0]]:
+                r[2], r[3] = r[2] - 1, r[3] + 1
+                if r[2] == 0:
                     freed.append(now)
-                    if r[2] > 1:
-                        tpots.append((now - r[3]) / (r[2] - 1))
-            running = [r for r in running + new if r[1] > 0]
+                    if r[3] > 1:
+                        tpots.append((now - r[5]) / (r[3] - 1))
+            running = [r for r in running if r[2] > 0]
         finish = max(finish, now)
     tpots.sort()
     ttfts.sort()

@@ -2,7 +2,7 @@
 gives every request exactly what the synchronous engine gives: the same tokens, finish reasons and logprobs, for
 requests that stop on a stop token mid-batch (their wasted row dropped), reach max_tokens, draw seeded samples, ask
 for logprobs, or carry penalties (which make the node wait for the tokens first); colocated and disaggregated with
-two microbatches, and with a KV cache small enough to preempt."""
+two microbatches, with a KV cache small enough to preempt, and with prompts prefilled in chunks."""
 import asyncio
 
 import pytest
@@ -29,16 +29,16 @@ def sampling_of(stop_token: int | None) -> list[SamplingParams]:
 
 
 async def serve(model_dir, async_scheduling: bool, expert_nodes: int, num_blocks: int | None,
-                stop_token: int | None, device: str = "cpu") -> tuple[list[tuple], int]:
+                stop_token: int | None, device: str = "cpu", max_batch_tokens: int = 4096) -> tuple[list[tuple], int]:
     """(tokens, finish reason, logprobs) of each request, all submitted at once; the steps the node held."""
     config = Config()
     config.engine.async_scheduling = async_scheduling
     config.engine.microbatches = 2 if expert_nodes else 1
     async with InprocCluster(model_dir, num_expert_nodes=expert_nodes, max_num_seqs=4, num_blocks=num_blocks,
                              microbatches=config.engine.microbatches, device=device,
-                             cuda_graphs=device == "cuda") as cluster:
+                             cuda_graphs=device == "cuda", max_batch_tokens=max_batch_tokens) as cluster:
         transport = InprocTransport()
-        address = f"inproc://async-{async_scheduling}-{expert_nodes}-{num_blocks}-{stop_token}"
+        address = f"inproc://async-{async_scheduling}-{expert_nodes}-{num_blocks}-{stop_token}-{max_batch_tokens}"
         control = await transport.listen(address)
         node = AttentionNode(0, config, cluster.spec, cluster.runner, cluster.scheduler, cluster.m2n, control)
         serving = asyncio.create_task(node.serve())
@@ -64,19 +64,28 @@ async def serve(model_dir, async_scheduling: bool, expert_nodes: int, num_blocks
             await control.close()
 
 
-@pytest.mark.parametrize("expert_nodes, num_blocks", [(0, None), (2, None), (2, 6)],
-                         ids=["colocated", "disaggregated", "preempting"])
-def test_async_scheduling_gives_what_the_synchronous_engine_gives(mixtral_dir, expert_nodes, num_blocks):
-    check_async_against_sync(mixtral_dir, expert_nodes, num_blocks, "cpu")
+@pytest.mark.parametrize("expert_nodes, num_blocks, max_batch_tokens", [(0, None, 4096), (2, None, 4096),
+                                                                       (2, 6, 4096), (2, 6, 4)],
+                         ids=["colocated", "disaggregated", "preempting", "chunked"])
+def test_async_scheduling_gives_what_the_synchronous_engine_gives(mixtral_dir, expert_nodes, num_blocks,
+                                                                  max_batch_tokens):
+    check_async_against_sync(mixtral_dir, expert_nodes, num_blocks, "cpu", max_batch_tokens)
 
 
-def check_async_against_sync(model_dir, expert_nodes: int, num_blocks: int | None, device: str) -> None:
-    sync, _ = asyncio.run(serve(model_dir, False, expert_nodes, num_blocks, None, device))
+def check_async_against_sync(model_dir, expert_nodes: int, num_blocks: int | None, device: str,
+                             max_batch_tokens: int = 4096) -> None:
+    """max_batch_tokens 4 (4 sequences): every prompt after the first few steps is prefilled a few tokens at a time
+    beside the decodes, and still gives the tokens of prompts fed whole."""
+    whole, _ = asyncio.run(serve(model_dir, False, expert_nodes, num_blocks, None, device))
+    sync, _ = asyncio.run(serve(model_dir, False, expert_nodes, num_blocks, None, device, max_batch_tokens))
+    assert [(tokens, reason) for tokens, reason, _ in sync] == [(tokens, reason) for tokens, reason, _ in whole]
     stop_token = sync[1][0][4]  # request 1 stops on its fifth token, mid-batch
-    sync, steps_held = asyncio.run(serve(model_dir, False, expert_nodes, num_blocks, stop_token, device))
+    sync, steps_held = asyncio.run(serve(model_dir, False, expert_nodes, num_blocks, stop_token, device,
+                                         max_batch_tokens))
     assert steps_held == 0
     assert sync[1][1] == "stop" and len(sync[1][0]) == 5
-    overlapped, steps_held = asyncio.run(serve(model_dir, True, expert_nodes, num_blocks, stop_token, device))
+    overlapped, steps_held = asyncio.run(serve(model_dir, True, expert_nodes, num_blocks, stop_token, device,
+                                               max_batch_tokens))
     assert steps_held >= 5  # the steps without the penalised request ran overlapped
     assert [(tokens, reason) for tokens, reason, _ in overlapped] == [(tokens, reason) for tokens, reason, _ in sync]
     # logprobs to float32's last bits: a finished sequence's wasted row changes a step's batch, so its matmuls

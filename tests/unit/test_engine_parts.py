@@ -22,12 +22,38 @@ def test_admission_respects_max_num_seqs_and_token_budget():
     a, b, c = seq("a", 8), seq("b", 8), seq("c", 3)
     for s in (a, b, c):
         sched.add(s)
-    assert sched.schedule() == [a]  # b's 8 tokens exceed what is left of the budget of 10
-    sched.advance(a, 5)
-    assert sched.schedule() == [a, b]  # budget 10 - 1 decode token >= 8
+    assert sched.schedule() == [a, b]  # budget 10: a's 8 tokens, then a chunk of b's
+    assert (a.num_new, b.num_new) == (8, 2) and a.samples and not b.samples
     assert sched.waiting[0] is c  # max_num_seqs=2 reached
+    sched.advance(a, 5)
+    assert sched.advance(b, 99) is None and b.output_ids == [] and b.num_cached == 2  # a chunk samples nothing
+    assert sched.schedule() == [a, b] and (a.num_new, b.num_new) == (1, 6) and b.new_token_ids() == list(range(2, 8))
+    sched.advance(a, 5)
+    sched.advance(b, 6)
+    assert b.output_ids == [6] and b.num_cached == 8
     sched.release(a)
-    assert sched.schedule() == [b, c]
+    assert sched.schedule() == [b, c] and (b.num_new, c.num_new) == (1, 3)
+
+
+def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks_beside_the_decodes():
+    """Chunked prefill: no step feeds more than max_batch_tokens (the M2N buffers hold that many); decodes go first,
+    the prompts being prefilled take what is left, oldest first, and a prompt samples its first token with its last
+    chunk."""
+    sched = make_scheduler(max_num_seqs=3, budget=8, max_len=64)
+    a, b, c = seq("a", 2, max_tokens=20), seq("b", 19), seq("c", 5)
+    for s in (a, b, c):
+        sched.add(s)
+    fed = []
+    while sched.running or sched.waiting:
+        step = sched.schedule()
+        assert sum(len(s.new_token_ids()) for s in step) <= 8
+        fed.append({s.request_id: s.num_new for s in step})
+        for s in step:
+            sched.advance(s, 3)
+    # c waits for budget at step 2, then takes the 1 token left; b's last chunk (step 3) gives its first token
+    assert fed[:5] == [{"a": 2, "b": 6}, {"a": 1, "b": 7}, {"a": 1, "b": 6, "c": 1}, {"a": 1, "b": 1, "c": 4},
+                       {"a": 1, "b": 1, "c": 1}]
+    assert len(b.output_ids) == 4 and len(c.output_ids) == 4 and len(a.output_ids) == 20
 
 
 def test_advance_appends_the_token_and_frees_the_blocks_when_done():

@@ -292,9 +292,11 @@ def run_fake_engine(prompts, max_tokens, num_blocks, block_size=4, max_num_seqs=
             positions = np.arange(seq_len)
             context = token_cache[meta.block_table[i].numpy()[positions // block_size] * block_size
                                   + positions % block_size]
-            assert context.tolist() == s.prompt_ids + s.output_ids  # what the kernel reads is the sequence
+            # what the kernel reads is the sequence, up to the end of its chunk
+            assert context.tolist() == (s.prompt_ids + s.output_ids)[:seq_len]
             token = fake_next_token(context.tolist())
-            sent[s.request_id].append(token)  # one token per sequence per step, as streamed to the client
+            if s.samples:  # a chunk inside the prompt streams nothing
+                sent[s.request_id].append(token)  # one token per sequence and step, as streamed to the client
             sched.advance(s, token)
         steps += 1
         assert steps < 1000
@@ -313,6 +315,16 @@ def test_tiny_cache_finishes_every_sequence_through_preemptions():
     # a single-step reference: each output follows from its prompt and the outputs before it
     for prompt, output in zip(prompts, outputs):
         assert all(fake_next_token(prompt + output[:k]) == output[k] for k in range(12))
+
+
+def test_chunked_prefill_through_preemptions_gives_the_same_tokens():
+    """A budget of 4 tokens a step: every prompt but one prefills in chunks, beside decodes and through preemptions
+    (each readmission re-feeds prompt and outputs in chunks too); the outputs are a single-step reference's."""
+    prompts = [list(range(10 * i + 1, 10 * i + 1 + n)) for i, n in enumerate([5, 9, 3, 7])]
+    roomy_outputs, _, _ = run_fake_engine(prompts, max_tokens=12, num_blocks=64)
+    outputs, sent, preemptions = run_fake_engine(prompts, max_tokens=12, num_blocks=6, budget=4)
+    assert preemptions > 0 and outputs == roomy_outputs
+    assert all(tokens == output for output, tokens in zip(outputs, sent.values()))
 
 
 def test_abort_of_a_preempted_sequence_removes_it_from_the_queue():
@@ -341,6 +353,9 @@ def test_tiny_cache_generation_matches_a_roomy_one(mixtral_dir):
     tiny, preemptions = asyncio.run(run(num_blocks=4))  # one sequence of the full 32 tokens
     assert no_preemptions == 0 and preemptions > 0
     assert tiny == roomy
+    # chunked prefill: 5 tokens a step, so the 6- and 12-token prompts (and readmissions) take several steps
+    chunked, _ = asyncio.run(run(max_batch_tokens=5, num_blocks=4, max_num_seqs=4))
+    assert chunked == roomy
 
 
 def test_to_device_all_on_the_cpu_is_the_host_tensors():

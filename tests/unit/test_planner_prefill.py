@@ -20,18 +20,27 @@ SPEC = shape("mixtral")[1]
 
 
 def test_admission_keeps_the_schedulers_token_budget():
-    """max_batch_tokens 100 less the running sequences' decode tokens: step 1 admits the 100-token prompt alone,
-    step 2 (1 running, budget 99) the first 50-token one but not the second (50 > 49), step 3 the rest. With 1 ms
-    steps the TTFTs are 1, 2, 3, 3 ms: p50 3 ms (a budget that ignored the decodes gives 2)."""
+    """max_batch_tokens 100 less the running sequences' decode tokens: step 1 feeds the 100-token prompt alone,
+    step 2 (1 decoding, budget 99) the first 50-token prompt and 49 tokens of the second, step 3 the second's last
+    token and the 1-token prompt. With 1 ms steps the TTFTs are 1, 2, 3, 3 ms: p50 3 ms (a budget that ignored
+    the decodes gives 2)."""
     plan = Deployment(INSTANT, None, 1, 0, 1, 8, 256)
     result = closed_loop(SPEC, plan, CAL, [(100, 5), (50, 5), (50, 5), (1, 5)], concurrency=4, max_batch_tokens=100)
     assert result["ttft_ms_p50"] == pytest.approx(3.0)
 
 
-def test_a_prompt_longer_than_the_budget_runs_alone():
+def test_a_prompt_longer_than_the_budget_prefills_in_chunks():
+    """2048 of the 3000 tokens at step 1, the other 952 and the 10-token prompt at step 2: both first tokens at
+    2 ms; then 1 decode step. A step's prompt tokens never exceed the budget, so neither does its prefill time."""
+    cal = dataclasses.replace(CAL, prefill_attention=calibration.Linear(0.0, 0.0, 1.0))
     plan = Deployment(INSTANT, None, 1, 0, 1, 8, 4096)
     result = closed_loop(SPEC, plan, CAL, [(3000, 2), (10, 2)], concurrency=2, max_batch_tokens=2048)
-    assert result["ttft_ms_p50"] == pytest.approx(2.0)  # the long prompt at step 1, the short one beside its decode
+    assert result["ttft_ms_p50"] == pytest.approx(2.0) and result["tpot_ms_p50"] == pytest.approx(1.0)
+    costs = ModelCosts(SPEC)
+    layers = costs.moe_layers + costs.dense_layers
+    # the prefill line at 1 µs per token: 2048 tokens at step 1, 952 + 10 at step 2 (a prompt whole: 3000)
+    timed = closed_loop(SPEC, plan, cal, [(3000, 2), (10, 2)], concurrency=2, max_batch_tokens=2048)
+    assert timed["ttft_ms_p50"] == pytest.approx((2000 + layers * 3010) / 1e3, rel=1e-3)
 
 
 def test_prefill_steps_take_the_prefill_lines_and_decode_steps_do_not():

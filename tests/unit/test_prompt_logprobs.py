@@ -43,16 +43,8 @@ def assert_equal_to_transformers(model_dir, prompt: list[int], entries: list) ->
         assert max(abs(lp - v) for (_, lp), v in zip(e[2], values)) < 1e-4
 
 
-class ChunkedSequence(Sequence):
-    """Feeds its uncached tokens at most `chunk` at a time, as a chunked prefill would."""
-    chunk = 4
-
-    def new_token_ids(self) -> list[int]:
-        return super().new_token_ids()[:self.chunk]
-
-
-def asking(i: int, prompt: list[int], cls=Sequence) -> Sequence:
-    return cls(f"r{i}", prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), 0,
+def asking(i: int, prompt: list[int]) -> Sequence:
+    return Sequence(f"r{i}", prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), 0,
                prompt_logprobs_n=TOP)
 
 
@@ -80,37 +72,38 @@ def test_prompt_logprobs_equal_transformers_in_a_mixed_step(mixtral_dir, expert_
 
 
 def test_prompt_logprobs_gather_across_chunks_and_survive_preemption(qwen3_dir):
+    """A budget of 4 tokens a step: the 12-token prompt prefills in 3 chunks, the 9-token one in chunks of 3 beside
+    the first one's decode, and again (prompt and first output, 10 tokens) after its preemption."""
     async def run():
-        async with InprocCluster(qwen3_dir, num_expert_nodes=2) as cluster:
-            sched, runner = cluster.scheduler, cluster.runner
-            chunked = asking(0, PROMPTS[2], ChunkedSequence)  # 12 tokens: chunks of 4, 4, 4
-            sched.add(chunked)
-            step = 0
-            while chunked.num_cached + len(chunked.new_token_ids()) < chunked.num_tokens:
-                batch = sched.schedule()
-                step += 1
-                await runner.forward(step, batch, 1)
-                chunked.num_cached += len(chunked.new_token_ids())  # a chunk's end: no token sampled
-            batch = sched.schedule()
-            logits = await runner.forward(step + 1, batch, 1)
-            entries = list(prompt_logprobs.finished(chunked))
-            sched.advance(chunked, sample_step(logits, batch)[0][0])
+        async with InprocCluster(qwen3_dir, num_expert_nodes=2, max_batch_tokens=4, max_num_seqs=4) as cluster:
+            sched, runner, steps = cluster.scheduler, cluster.runner, []
 
-            preempted = asking(1, PROMPTS[0])
+            async def until_sampled(seq: Sequence) -> list | None:
+                """Steps until seq samples a token; what its first output would carry."""
+                while True:
+                    batch = sched.schedule()
+                    steps.append(seq.num_new)
+                    logits = await runner.forward(len(steps), batch, 1)
+                    done = seq in batch and seq.samples
+                    entries = prompt_logprobs.finished(seq) if done else None
+                    for s, token in zip(batch, sample_step(logits, batch)[0]):
+                        sched.advance(s, token)
+                    if done:
+                        return None if entries is None else list(entries)
+
+            chunked, preempted = asking(0, PROMPTS[2]), asking(1, PROMPTS[0])
+            sched.add(chunked)
+            entries = await until_sampled(chunked)
+            assert steps == [4, 4, 4]
             sched.add(preempted)
-            batch = sched.schedule()
-            logits = await runner.forward(step + 2, batch, 1)
-            first = list(prompt_logprobs.finished(preempted))
-            for seq, token in zip(batch, sample_step(logits, batch)[0]):
-                sched.advance(seq, token)
-            sched._preempt(preempted)  # recomputation: prompt and first output fed again as one prefill
-            batch = sched.schedule()
-            assert preempted in batch and preempted.num_cached == 0
-            await runner.forward(step + 3, batch, 1)
+            first = await until_sampled(preempted)
+            assert steps[3:] == [3, 3, 3]
+            sched._preempt(preempted)  # recomputation: prompt and first output fed again, in chunks
+            assert await until_sampled(preempted) is None  # its prompt's entries went with its first token
+            assert steps[6:] == [4, 4, 2]  # the first has finished (max_tokens 4): the whole budget is its
             return entries, first, preempted
 
     chunked_entries, first, preempted = asyncio.run(run())
     assert_equal_to_transformers(qwen3_dir, PROMPTS[2], chunked_entries)
     assert_equal_to_transformers(qwen3_dir, PROMPTS[0], first)
     assert preempted.prompt_logprobs == first  # nothing appended by the recomputation
-    assert prompt_logprobs.finished(preempted) is None  # sent once, with the first token
