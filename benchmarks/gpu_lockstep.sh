@@ -3,7 +3,8 @@
 # under CUDA MPS) or GPUS=2 (`nvidia-h200-x2`: nccl, one GPU per node). PARTS picks among
 #   tests  - tests/gpu (the lockstep tests among them: float32 exactness, no host sync per step, a dead expert node)
 #   exact  - benchmarks/gpu_exactness.py through the launcher over each of EXACT (default: ucx, then on 2 GPUs
-#            nccl and ipc): float32 greedy tokens against transformers, attention and expert nodes on different GPUs
+#            nccl and ipc): float32 greedy tokens against transformers, attention and expert nodes on different GPUs;
+#            MAX_BATCH_TOKENS=8: the longer prompts prefill in chunks
 #   bench  - `bench transport`: the lockstep M2N round over ipc, ipc with the SM send kernel (ipc-sm) and ucx (and,
 #            on 2 GPUs, nccl; with point-to-point rows over each, beside NCCL's send/recv and all_to_all_single)
 #   serve  - served decode, Qwen3-30B-A3B / Mixtral-8x7B shapes with layers reduced (SHAPES): disaggregated 1+1 at
@@ -68,7 +69,8 @@ for part in ${PARTS:-tests bench serve}; do
     done ;;
   exact)
     timeout -k 10 ${EXACT_S:-240} python3 benchmarks/gpu_exactness.py \
-      --transports ${EXACT:-$([ "$GPUS" = 1 ] && echo ucx || echo ucx,nccl,ipc)} > "$OUT/exactness.log" 2>&1; reap
+      --transports ${EXACT:-$([ "$GPUS" = 1 ] && echo ucx || echo ucx,nccl,ipc)} \
+      ${MAX_BATCH_TOKENS:+--max-batch-tokens $MAX_BATCH_TOKENS} > "$OUT/exactness.log" 2>&1; reap
     grep -E "DIFFERENT|identical$|MISMATCH|Error|Traceback" "$OUT/exactness.log" | sort | uniq -c | tail -20 ;;
   bench)
     BACKENDS=${BACKENDS:-lockstep-ipc,lockstep-ipc-sm$([ "$GPUS" = 2 ] && echo ,lockstep-nccl),ucx}

@@ -49,7 +49,8 @@ class InprocCluster:
             experts = load_experts(self.model_dir, self.spec, self.placement.pairs_on(node), self.dtype, self.device)
             self.listeners.append(listener)
             expert_node = ExpertNode(node, experts, self.spec.num_experts, listener)
-            if self.cuda_graphs:
+            if self.cuda_graphs:  # as the expert node process: every kernel variant loaded before a capture
+                expert_node.warm_up_all(self.max_batch_tokens, self.spec.top_k)
                 expert_node.capture_graphs(self.spec.top_k, self.max_num_seqs)
             self.tasks.append(asyncio.create_task(expert_node.serve()))
         self.m2n, local_experts = None, None

@@ -7,7 +7,7 @@ import time
 import torch
 
 from ..config import LOCKSTEP_BACKENDS, Config
-from ..cuda_graph import decode_step_shapes, warm_up_sizes
+from ..cuda_graph import decode_step_shapes
 from ..m2n.links import make_links
 from ..model.spec import ModelSpec
 from ..model.weights import load_experts
@@ -51,9 +51,8 @@ async def main(config: Config, index: int) -> None:
     if device.startswith("cuda"):  # every kernel variant a round may need, compiled and loaded before the first:
         # else the first requests wait for Triton (the cold first row of every served sweep), and on NCCL links a
         # first load waits for the device to drain while rounds are in flight
-        started, sizes = time.monotonic(), [1] + warm_up_sizes(config.engine.max_batch_tokens)
-        for tokens in sizes:
-            node.warm_up(tokens, spec.top_k)
+        started = time.monotonic()
+        sizes = node.warm_up_all(config.engine.max_batch_tokens, spec.top_k)
         torch.cuda.synchronize(device)
         log.info("warmed up %d sizes up to %d tokens in %.1f s", len(sizes), sizes[-1], time.monotonic() - started)
     if device.startswith("cuda") and not config.engine.enforce_eager:

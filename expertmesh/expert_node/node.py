@@ -12,6 +12,7 @@ import os
 import torch
 
 from ..ops.fused_moe import StackedExperts, fused_moe
+from ..cuda_graph import warm_up_sizes
 from .cuda_graphs import ExpertGraphs
 from .lockstep import LockstepRounds
 from ..m2n.handshake import check_link, link_facts
@@ -177,6 +178,14 @@ class ExpertNode:
             ids = held[torch.arange(tokens * top_k, device=device) % len(held)].view(tokens, top_k)
             hidden = torch.zeros(tokens, stacked.hidden, dtype=dtype, device=device)
             fused_moe(hidden, ids, torch.ones(tokens, top_k, device=device), stacked, self.moe_backend)
+
+    def warm_up_all(self, max_tokens: int, top_k: int) -> list[int]:
+        """warm_up at every size a round of up to max_tokens tokens may take a kernel variant for (before any
+        round and any graph capture); returns the sizes."""
+        sizes = [1] + warm_up_sizes(max_tokens)
+        for tokens in sizes:
+            self.warm_up(tokens, top_k)
+        return sizes
 
     def capture_graphs(self, top_k: int, max_tokens: int, lanes: int = 1) -> None:
         """Batches of up to max_tokens tokens replay CUDA graphs from now on (CUDA only); lanes that may run at
