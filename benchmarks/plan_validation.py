@@ -54,6 +54,8 @@ def jobs_of(args: dict) -> list[tuple[int, int]]:
 def spec_of(model: str) -> ModelSpec:
     if model == "/tmp/qwen3":
         return ModelSpec.from_hf_config(QWEN3_8_LAYERS)
+    if model == "/tmp/qwen3_p8192":  # gpu_lockstep.sh MAX_POS=8192: the same model with room for long contexts
+        return ModelSpec.from_hf_config({**QWEN3_8_LAYERS, "max_position_embeddings": 8192})
     if model == "/tmp/mbig":
         return ModelSpec.from_hf_config(MBIG)
     return ModelSpec.from_dir(HERE.parent / model)
@@ -96,7 +98,29 @@ ROWS = [
     ("H200 Mixtral 1+1 ipc m=1 (session 7)", "gpu_multi/session7/one_gpu/serve_mixtral_c64_disagg_ipc.json", 0, "gpu"),
     ("H200 Mixtral 1+1 ipc m=2 (session 7)", "gpu_multi/session7/one_gpu/serve_mixtral_c64_disagg_ipc.json", 1, "gpu"),
     ("H200 Mixtral colocated m=1 (session 7)", "gpu_multi/session7/one_gpu/serve_mixtral_c64_colocated.json", 0, "gpu"),
+    # the eighth session's: bench serve's own client, async scheduling; "70/30": the attention node on 70% of the
+    # SMs and the expert node on 30% (CUDA MPS), planned as two GPU types (share_type)
+    ("H200 colocated m=1 (session 8, run 1)", "gpu_multi/session8/one_gpu/run1/serve_qwen3_c64_colocated.json", 0, "gpu"),
+    ("H200 colocated m=1 (session 8, run 5)", "gpu_multi/session8/one_gpu/run5/serve_qwen3_c64_colocated.json", 0, "gpu"),
+    ("H200 1+1 ipc m=1 (session 8, run 5)", "gpu_multi/session8/one_gpu/run5/serve_qwen3_c64_disagg_ipc.json", 0, "gpu"),
+    ("H200 1+1 ipc m=1 70/30 (session 8, run 2)",
+     "gpu_multi/session8/one_gpu/run2/serve_qwen3_c64_disagg_ipc_sm70_30.json", 0, "gpu"),
+    ("H200 1+1 ipc m=1 70/30 (session 8, run 3)",
+     "gpu_multi/session8/one_gpu/run3/serve_qwen3_c64_disagg_ipc_sm70_30.json", 0, "gpu"),
+    ("H200 1+1 ipc m=1 70/30 (session 8, run 4)",
+     "gpu_multi/session8/one_gpu/run4/serve_qwen3_c64_disagg_ipc_sm70_30.json", 0, "gpu"),
 ]
+# bench layer of the Qwen3 shape under each share, in the same device session as the 70/30 rows
+SHARE_LAYERS = HERE / "gpu_multi/session8/one_gpu/run2"
+
+
+def share_type(gpu: GpuType, cal: calibration.Calibration, percent: int) -> GpuType:
+    """The GPU type `percent`% of gpu's SMs stands for (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE): its memory bandwidth
+    and bf16 rate scaled by what bench layer measured under that share against the full GPU's (cal's)."""
+    layer = json.loads((SHARE_LAYERS / f"layer_qwen3_sm{percent}.json").read_text())
+    return dataclasses.replace(gpu, name=f"{gpu.name} at {percent}% of its SMs",
+                               hbm_tb_s=gpu.hbm_tb_s * layer["copy_bytes_per_s"] / cal.copy_bytes_per_s,
+                               bf16_tflops=gpu.bf16_tflops * layer["matmul_flops_per_s"] / cal.matmul_flops_per_s)
 REPEATS = ("", "_2")  # CPU rows ran twice, minutes apart: first and second measurement
 
 
@@ -111,9 +135,12 @@ def predict_row(run: dict, row: dict, cal: calibration.Calibration, device: GpuT
                 cores: int = CPU_CORES) -> dict:
     args = run["args"]
     expert_nodes = args["expert_nodes"]
-    plan = Deployment(device, None if expert_nodes == 0 else device, args["attention_nodes"], expert_nodes,
+    attention_gpu, expert_gpu = (share_type(device, cal, p) for p in args["sm_percent"]) if args.get("sm_percent") \
+        else (device, device)
+    plan = Deployment(attention_gpu, None if expert_nodes == 0 else expert_gpu, args["attention_nodes"], expert_nodes,
                       row["microbatches"], args["max_num_seqs"], 0, shared_devices=1 if kind == "gpu" else cores,
-                      dtype_bytes=2 if args.get("dtype") == "bfloat16" else 4)
+                      dtype_bytes=2 if args.get("dtype") == "bfloat16" else 4,
+                      async_scheduling=bool(args.get("async_scheduling")))
     return closed_loop(gpu_spec_of(args["model"]), plan, cal, jobs_of(args), in_flight(args, row))
 
 
@@ -252,12 +279,31 @@ GPU_ROWS = [
     ("Mixtral c=64 colocated-2 async, session 7", "../session7/serve_mixtral_c64_colocated_async.json", 0, False),
     ("Qwen3 c=256 1+1 m=1 async, session 7", "../session7/serve_qwen3_c256_disagg_ipc_async.json", 0, False),
     ("Qwen3 c=256 colocated-2 async, session 7", "../session7/serve_qwen3_c256_colocated_async.json", 0, False),
+    # the eighth session's (RESULTS.md, "Eighth session"): bench serve's own client, async scheduling (the default);
+    # "long": one wave of 3500-3584-token prompts and 1024 output tokens, chunked prefill
+    ("Qwen3 c=64 1+1 m=1, session 8", "../session8/short/serve_qwen3_c64_disagg_ipc.json", 0, False),
+    ("Qwen3 c=64 colocated-2, session 8", "../session8/short/serve_qwen3_c64_colocated.json", 0, False),
+    ("Mixtral c=64 1+1 m=1, session 8", "../session8/short/serve_mixtral_c64_disagg_ipc.json", 0, False),
+    ("Mixtral c=64 colocated-2, session 8", "../session8/short/serve_mixtral_c64_colocated.json", 0, False),
+    ("Qwen3 c=256 1+1 m=1, session 8", "../session8/short/serve_qwen3_c256_disagg_ipc.json", 0, False),
+    ("Qwen3 c=256 colocated-2, session 8", "../session8/short/serve_qwen3_c256_colocated.json", 0, False),
+    ("Mixtral c=256 1+1 m=1, session 8", "../session8/short/serve_mixtral_c256_disagg_ipc.json", 0, False),
+    ("Mixtral c=256 colocated-2, session 8", "../session8/short/serve_mixtral_c256_colocated.json", 0, False),
+    ("Qwen3 long c=128 1+1 m=1, session 8", "../session8/long/serve_qwen3_p8192_c128_disagg_ipc.json", 0, False),
+    ("Qwen3 long c=128 1+1 m=2, session 8", "../session8/long/serve_qwen3_p8192_c128_disagg_ipc.json", 1, False),
+    ("Qwen3 long c=256 1+1 m=1, session 8", "../session8/long/serve_qwen3_p8192_c256_disagg_ipc.json", 0, False),
+    ("Qwen3 long c=256 1+1 m=2, session 8", "../session8/long/serve_qwen3_p8192_c256_disagg_ipc.json", 1, False),
+    ("Qwen3 long c=256 1+1 m=3, session 8", "../session8/long/serve_qwen3_p8192_c256_disagg_ipc.json", 2, False),
+    ("Qwen3 long c=256 colocated-2, session 8", "../session8/long/serve_qwen3_p8192_c256_colocated.json", 0, False),
 ]
 GPU_SERVE = HERE / "gpu_multi/serve"
 # The served calibrations: the warm rows whose both GPU meters worked (run 1's zeroed its counters at each replay)
-GPU_SERVED = {"/tmp/qwen3": ("run2_serve_qwen3_c64_disagg_ipc.json", 1),
-              "/tmp/mixtral": ("run3_serve_mixtral_c64_disagg_ipc.json", 1)}
-GPU_COLOCATED = ("run3_serve_mixtral_c64_colocated.json", 0)
+GPU_SERVED = {"/tmp/qwen3": ("../session8/short/serve_qwen3_c64_disagg_ipc.json", 0),
+              "/tmp/mixtral": ("../session8/short/serve_mixtral_c64_disagg_ipc.json", 0)}
+GPU_COLOCATED = ("../session8/short/serve_mixtral_c64_colocated.json", 0)
+LONG_CONTEXT_OF = {"/tmp/qwen3_p8192": "/tmp/qwen3"}  # the same model's served calibration
+# the served parts as their excess over bench layer (the shipped GPU rule); `--served-factors`: as a ratio to it
+ADDITIVE = "--served-factors" not in sys.argv[1:]
 # host time per step per sequence on the GPU rows: served.GPU_STEP_HOST_PER_SEQUENCE_US (the CPU traces' Python parts);
 # `--host-per-sequence-us 0` gives the constant host time of the earlier tables
 HOST_PER_SEQUENCE_US = next((float(sys.argv[i + 1]) for i, a in enumerate(sys.argv[:-1])
@@ -298,7 +344,8 @@ def gpu_served_setups(cal: calibration.Calibration, device: GpuType) -> tuple[di
         crossing = comm_us(ModelCosts(spec), one_plus_one, cal, run["args"]["concurrency"] / m)
         phases[model], tokens = served.gpu_phases_of(run, index, spec, crossing)
         context = sum(run["args"]["input_len"]) / 2 + sum(run["args"]["output_len"]) / 4
-        fitted = served.served_calibration(cal, phases[model], spec, device, tokens, context, 2)
+        fitted = served.served_calibration(cal, phases[model], spec, device, tokens, context, 2,
+                                           additive=ADDITIVE)
         fitted = served.with_host_per_sequence(fitted, tokens * m, HOST_PER_SEQUENCE_US)
         calibrations[model] = dataclasses.replace(fitted, gateway_us_per_token=served.gateway_us_per_token(
             run["rows"][index]))
@@ -336,7 +383,7 @@ def gpu_main() -> int:
                           async_scheduling=bool(args.get("async_scheduling")))
         workers = args.get("gateway_workers") or 1
         bench = closed_loop(spec, plan, cal, jobs_of(args), in_flight(args, row), gateway_workers=workers)
-        served_cal = served_cals[args["model"] if not plan.colocated else "colocated"]
+        served_cal = served_cals[LONG_CONTEXT_OF.get(args["model"], args["model"]) if not plan.colocated else "colocated"]
         with_served = closed_loop(spec, plan, served_cal, jobs_of(args), in_flight(args, row),
                                   gateway_workers=workers)
         tok, tpot = row["output_tokens_per_s"], row["tpot_ms"]["p50"]

@@ -35,6 +35,12 @@ class Served:
     expert_background_us: float
     attention_factor: float  # a part's served time over its bench time: the core alternates between the roles'
     experts_factor: float  # processes, which leaves each part's working set cold
+    # on a GPU, what a served part takes beyond its bench time instead, in µs per microbatch and layer (the factors
+    # are then 1): the served span's excess is its extra kernels and launches, the same at any context, while the
+    # part's own kernels scale with the bytes as bench layer measured them (a factor fitted at short contexts
+    # scaled the long contexts' KV reads too: RESULTS.md, eighth session)
+    attention_extra_us: float = 0.0
+    experts_extra_us: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -204,7 +210,7 @@ def with_served(cal: Calibration, served_run: dict, here: Path) -> Calibration:
                        args["concurrency"] / m)
     phases, tokens = served.gpu_phases_of(sweep, index, spec, crossing)
     context = sum(args["input_len"]) / 2 + sum(args["output_len"]) / 4  # mid-output, mean lengths
-    fitted = served.served_calibration(cal, phases, spec, device, tokens, context, dtype_bytes)
+    fitted = served.served_calibration(cal, phases, spec, device, tokens, context, dtype_bytes, additive=True)
     sequences = tokens * (m if args["expert_nodes"] else 1)  # a step's, on the node measured
     return dataclasses.replace(served.with_host_per_sequence(fitted, sequences),
                                gateway_us_per_token=served.gateway_us_per_token(sweep["rows"][index]))

@@ -182,3 +182,23 @@ def test_a_calibration_file_takes_a_served_gpu_row(tmp_path):
     assert phases.step_host_us == pytest.approx(1e6 / steps - (2 * layers * 200 + 100 + 2 * cal.served.crossing_us))
     with pytest.raises(ConfigError, match="give model and trace or sweep"):
         calibration.with_served(cal, {"model": "model"}, tmp_path)
+
+
+def test_a_gpus_served_parts_add_their_excess_over_bench_at_any_context():
+    """additive (GPU rows): the served spans are the bench parts plus a fixed excess (extra kernels, launches), so at
+    a longer context the attention part grows by what bench layer grows by, not by the factor fitted at short ones."""
+    spec = shape("tiny")[1]
+    costs = ModelCosts(spec, 4)
+    phases = phases_of(served_trace())
+    cal = served_calibration(CAL, phases, spec, CPU, tokens=16, context=48, dtype_bytes=4, additive=True)
+    served = cal.served
+    assert (served.attention_factor, served.experts_factor) == (1.0, 1.0)
+    assert attention_us(costs, CPU, CAL, 16, 48) + served.attention_extra_us == pytest.approx(1000)
+    assert experts_us(costs, CPU, CAL, 16, spec.num_experts) + served.experts_extra_us == pytest.approx(2000)
+    assert calibration.Calibration.from_dict(cal.to_dict()) == cal
+    plan = Deployment(CPU, CPU, 1, 1, 1, 32, 128)
+    short, long = (step_parts(costs, plan, cal, 16, context, 1)[0] for context in (48, 4096))
+    assert long - short == pytest.approx(attention_us(costs, CPU, CAL, 16, 4096) - attention_us(costs, CPU, CAL, 16, 48))
+    factor = served_calibration(CAL, phases, spec, CPU, tokens=16, context=48, dtype_bytes=4)
+    assert step_parts(costs, plan, factor, 16, 48, 1)[0] == pytest.approx(short)  # the same where both were fitted
+    assert step_parts(costs, plan, factor, 16, 4096, 1)[0] > long  # the factor scales the longer KV reads too
