@@ -93,10 +93,13 @@ def main() -> int:
         idle = ", ".join(f"{node} {value:.0%}" for node, value in sorted(report.idle_fraction.items()))
         busy = ", ".join(f"{node} {value:.0%} ({report.gpu_span_ms[node]:.3f} ms/span)"
                          for node, value in sorted(report.gpu_busy.items()))
+        total = max(1.0, sum(report.tokens_per_node.values()))
+        split = ", ".join(f"{node} {value / total:.0%}" for node, value in sorted(report.tokens_per_node.items()))
         print(f"m={m}: {report.output_tokens_per_s:8.1f} tok/s  TPOT p50 {report.tpot_ms['p50']:7.2f} p99 "
               f"{report.tpot_ms['p99']:7.2f} ms  TTFT p50 {report.ttft_ms['p50']:7.1f} ms  failed {report.failed}  "
               f"host idle: {idle}" + (f"  GPU busy: {busy}" if busy else "")
-              + f"  client CPU {report.client_cpu_s / max(report.duration_s, 1e-9):.0%}", flush=True)
+              + f"  client CPU {report.client_cpu_s / max(report.duration_s, 1e-9):.0%}"
+              + (f"  tokens per attention node: {split}" if len(report.tokens_per_node) > 1 else ""), flush=True)
         if args.json:  # after every row: a sweep cut short by a time limit keeps what it measured
             with open(args.json, "w") as handle:
                 json.dump({"args": vars(args), "rows": rows}, handle, indent=2)

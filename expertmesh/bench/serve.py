@@ -51,6 +51,7 @@ class Report:
     gpu_busy: dict[str, float] = field(default_factory=dict)  # device: compute spans' time / duration (CUDA events)
     gpu_span_ms: dict[str, float] = field(default_factory=dict)  # mean span: T_a per segment, T_e per round
     client_cpu_s: float = 0.0  # this client's own CPU time: near the duration, the client sets the pace
+    tokens_per_node: dict[str, float] = field(default_factory=dict)  # attention node "a0" -> the tokens it generated
 
     def table(self) -> str:
         rows = [("requests (failed)", f"{self.requests} ({self.failed})"), ("duration", f"{self.duration_s:.2f} s"),
@@ -61,6 +62,8 @@ class Report:
         rows += [(f"idle {node}", f"{value:.1%}") for node, value in sorted(self.idle_fraction.items())]
         rows += [(f"GPU busy {node}", f"{value:.1%} ({self.gpu_span_ms[node]:.3f} ms per span)")
                  for node, value in sorted(self.gpu_busy.items())]
+        rows += [(f"tokens {node}", f"{value:.0f} ({value / max(1, sum(self.tokens_per_node.values())):.0%})")
+                 for node, value in sorted(self.tokens_per_node.items())]
         if self.duration_s > 0:
             rows.append(("client CPU", f"{self.client_cpu_s / self.duration_s:.0%} of the run"
                          + (" (near 100%: the client, not the cluster, may set the pace)"
@@ -157,7 +160,9 @@ async def run(url: str, workload: Workload, trace_path: str | None = None, progr
     return Report(len(results), len(results) - len(ok), duration, output_tokens, output_tokens / duration,
                   percentiles([r.ttft_s for r in ok]), percentiles([r.tpot_s for r in ok if r.output_tokens > 1]),
                   bytes_per_token, prometheus.idle_fractions(moved), *prometheus.gpu_busy(moved, duration),
-                  client_cpu_s=client_cpu_s)
+                  client_cpu_s=client_cpu_s,
+                  tokens_per_node={f"a{a}": value for (a,), value in prometheus.by_label(
+                      moved, "expertmesh_node_generation_tokens_total", "attention_node").items()})
 
 
 def main(url: str, workload: Workload, trace_path: str | None, json_path: str | None) -> int:

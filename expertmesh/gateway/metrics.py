@@ -86,6 +86,9 @@ class _Snapshot:
              lambda s: round(s.kv_blocks_used / max(1, s.kv_blocks_total), 6)),
             ("expertmesh_kv_cache_blocks", GaugeMetricFamily, "KV-cache blocks", lambda s: s.kv_blocks_total),
             ("expertmesh_preemptions", CounterMetricFamily, "Sequences preempted", lambda s: s.preemptions),
+            # how the requests spread over the nodes (a lopsided split leaves GPUs idle: RESULTS.md, eighth session)
+            ("expertmesh_node_generation_tokens", CounterMetricFamily, "Tokens the node generated",
+             lambda s: s.generated_tokens),
         ]
         for name, kind, text, value in per_node:
             family = kind(name, text, labels=["attention_node"])

@@ -241,3 +241,6 @@ def test_bench_serve_counts_every_streamed_token_of_a_real_gateway(served):
     assert set(report.idle_fraction) == {"attention_node_0", "attention_node_1", "expert_node_0", "expert_node_1",
                                          "expert_node_2"}
     assert report.ttft_ms["p50"] > 0 and report.client_cpu_s > 0
+    # each attention node's share, from its own counter: every token, both nodes used
+    assert sum(report.tokens_per_node.values()) == 24 * 7 and set(report.tokens_per_node) == {"a0", "a1"}
+    assert min(report.tokens_per_node.values()) > 0
