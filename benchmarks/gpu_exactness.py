@@ -60,7 +60,7 @@ if __name__ == "__main__":
     p.add_argument("--max-batch-tokens", type=int, help="engine.max_batch_tokens (and max_num_seqs)")
     args = p.parse_args()
     gpus = torch.cuda.device_count()
-    results = [check(arch, max(1, gpus - 1), transport, args.max_batch_tokens) for transport in args.transports.split(",")
-               for arch in ("mixtral", "qwen3_moe")]
+    results = [check(arch, max(1, gpus - 1), transport, args.max_batch_tokens)
+               for transport in args.transports.split(",") for arch in ("mixtral", "qwen3_moe")]
     print("all identical" if all(results) else "MISMATCH")
     sys.exit(0 if all(results) else 1)

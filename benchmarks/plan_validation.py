@@ -100,9 +100,12 @@ ROWS = [
     ("H200 Mixtral colocated m=1 (session 7)", "gpu_multi/session7/one_gpu/serve_mixtral_c64_colocated.json", 0, "gpu"),
     # the eighth session's: bench serve's own client, async scheduling; "70/30": the attention node on 70% of the
     # SMs and the expert node on 30% (CUDA MPS), planned as two GPU types (share_type)
-    ("H200 colocated m=1 (session 8, run 1)", "gpu_multi/session8/one_gpu/run1/serve_qwen3_c64_colocated.json", 0, "gpu"),
-    ("H200 colocated m=1 (session 8, run 5)", "gpu_multi/session8/one_gpu/run5/serve_qwen3_c64_colocated.json", 0, "gpu"),
-    ("H200 1+1 ipc m=1 (session 8, run 5)", "gpu_multi/session8/one_gpu/run5/serve_qwen3_c64_disagg_ipc.json", 0, "gpu"),
+    ("H200 colocated m=1 (session 8, run 1)", "gpu_multi/session8/one_gpu/run1/serve_qwen3_c64_colocated.json", 0,
+     "gpu"),
+    ("H200 colocated m=1 (session 8, run 5)", "gpu_multi/session8/one_gpu/run5/serve_qwen3_c64_colocated.json", 0,
+     "gpu"),
+    ("H200 1+1 ipc m=1 (session 8, run 5)", "gpu_multi/session8/one_gpu/run5/serve_qwen3_c64_disagg_ipc.json", 0,
+     "gpu"),
     ("H200 1+1 ipc m=1 70/30 (session 8, run 2)",
      "gpu_multi/session8/one_gpu/run2/serve_qwen3_c64_disagg_ipc_sm70_30.json", 0, "gpu"),
     ("H200 1+1 ipc m=1 70/30 (session 8, run 3)",
@@ -383,7 +386,8 @@ def gpu_main() -> int:
                           async_scheduling=bool(args.get("async_scheduling")))
         workers = args.get("gateway_workers") or 1
         bench = closed_loop(spec, plan, cal, jobs_of(args), in_flight(args, row), gateway_workers=workers)
-        served_cal = served_cals[LONG_CONTEXT_OF.get(args["model"], args["model"]) if not plan.colocated else "colocated"]
+        model = LONG_CONTEXT_OF.get(args["model"], args["model"])
+        served_cal = served_cals[model if not plan.colocated else "colocated"]
         with_served = closed_loop(spec, plan, served_cal, jobs_of(args), in_flight(args, row),
                                   gateway_workers=workers)
         tok, tpot = row["output_tokens_per_s"], row["tpot_ms"]["p50"]

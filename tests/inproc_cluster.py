@@ -68,8 +68,8 @@ class InprocCluster:
                                   context_len=self.max_len)
         if self.cuda_graphs:
             self.runner.capture_graphs(self.max_num_seqs, self.microbatches)
-        self.scheduler = Scheduler(BlockManager(self.num_blocks, self.block_size), self.max_num_seqs, self.max_batch_tokens,
-                                   self.max_len, self.spec.eos_token_ids)
+        self.scheduler = Scheduler(BlockManager(self.num_blocks, self.block_size), self.max_num_seqs,
+                                   self.max_batch_tokens, self.max_len, self.spec.eos_token_ids)
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -266,7 +266,8 @@ class AttentionNode:
             with self.runner.clock.phase("sample"):
                 tokens = await launched.host_tokens()
         except Exception as exc:  # a chunk's K/V may be lost too: its sequence fails with the step
-            seqs = [seq for _, seq in launched.rows] + [seq for seq in launched.chunks if seq in self.scheduler.running]
+            seqs = [seq for _, seq in launched.rows]
+            seqs += [seq for seq in launched.chunks if seq in self.scheduler.running]
             await self._step_failed(seqs, exc)
             return seqs
         request_ids, out, reasons, logprobs, queue_seconds, prompt_entries, finished = [], [], [], [], [], [], []

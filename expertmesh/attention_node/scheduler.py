@@ -4,9 +4,9 @@ Each step takes one new token from every decoding sequence and, within a budget 
 chunks of the prompts being prefilled (chunked prefill, as vLLM's), as one flat batch of tokens: a prompt longer
 than the budget takes several steps, and samples its first token with its last chunk. The budget is also what the
 M2N buffers hold (m2n/lockstep.py), so no step exceeds them. A sequence is admitted when a batch slot, some token
-budget and free KV blocks (for its whole prompt) allow; when a running sequence needs a block and none is free, the newest running sequence is
-preempted by recomputation: its blocks are freed and it waits at the front of the queue, to re-feed its prompt
-and the tokens it produced so far as one prefill when readmitted."""
+budget and free KV blocks (for its whole prompt) allow; when a running sequence needs a block and none is free,
+the newest running sequence is preempted by recomputation: its blocks are freed and it waits at the front of the
+queue, to re-feed its prompt and the tokens it produced so far, in chunks as any prompt, when readmitted."""
 from __future__ import annotations
 
 from collections import deque

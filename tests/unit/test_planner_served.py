@@ -198,7 +198,8 @@ def test_a_gpus_served_parts_add_their_excess_over_bench_at_any_context():
     assert calibration.Calibration.from_dict(cal.to_dict()) == cal
     plan = Deployment(CPU, CPU, 1, 1, 1, 32, 128)
     short, long = (step_parts(costs, plan, cal, 16, context, 1)[0] for context in (48, 4096))
-    assert long - short == pytest.approx(attention_us(costs, CPU, CAL, 16, 4096) - attention_us(costs, CPU, CAL, 16, 48))
+    bench_growth = attention_us(costs, CPU, CAL, 16, 4096) - attention_us(costs, CPU, CAL, 16, 48)
+    assert long - short == pytest.approx(bench_growth)
     factor = served_calibration(CAL, phases, spec, CPU, tokens=16, context=48, dtype_bytes=4)
     assert step_parts(costs, plan, factor, 16, 48, 1)[0] == pytest.approx(short)  # the same where both were fitted
     assert step_parts(costs, plan, factor, 16, 4096, 1)[0] > long  # the factor scales the longer KV reads too
