@@ -10,7 +10,9 @@
 #   serve  - served decode, Qwen3-30B-A3B / Mixtral-8x7B shapes with layers reduced (SHAPES): disaggregated 1+1 at
 #            m = MICROBATCHES over each of TRANSPORTS, and colocated (--expert-nodes 0) on every GPU (data parallel on 2),
 #            same workload (REQUESTS_PER_SLOT x concurrency requests, default 8: 4 gave rows of 1.9-4.6 s on 2 x H200,
-#            mostly ramp-up and tail, too short to calibrate the planner from);
+#            mostly ramp-up and tail, too short to calibrate the planner from); each colocated node has a quarter
+#            more batch slots than its even share (with exactly c / GPUS, one request routed off even made a
+#            one-wave run take two waves on that node: RESULTS.md, eighth session);
 #            each node's GPU busy fraction, timed on the GPU around its compute; TRACE=1: each node's host phases
 #            as a Chrome trace beside the JSON (where a step's host time goes)
 #            async scheduling is the default on GPUs; ASYNC=0 turns it off (--no-async-scheduling; JSON and logs
@@ -115,7 +117,7 @@ for part in ${PARTS:-tests bench serve}; do
         done
         name=serve_${shape}${MAX_POS:+_p$MAX_POS}_c${c}_colocated$async
         [ "${COLOCATED:-1}" = 1 ] && timeout -k 10 ${COLOCATED_S:-${SWEEP_S:-240}} python3 benchmarks/microbatch_sweep.py $common --expert-nodes 0 \
-          --attention-nodes $GPUS --max-num-seqs $((c / GPUS)) --microbatches 1 --json "$OUT/$name.json" \
+          --attention-nodes $GPUS --max-num-seqs $((c / GPUS + c / GPUS / 4)) --microbatches 1 --json "$OUT/$name.json" \
           > "$OUT/$name.log" 2>&1
         reap; grep -E "^m=|Error|error|Traceback" "$OUT/$name.log" | sed "s/^/$shape c=$c colocated on $GPUS GPUs /" \
           | head -20
