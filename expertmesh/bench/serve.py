@@ -37,6 +37,9 @@ class RequestResult:
         return (self.latency_s - self.ttft_s) / max(1, self.output_tokens - 1)
 
 
+STATUS_SETTLE_S = 0.6  # node counters reach the gateway by its 0.25 s status polls
+
+
 @dataclass
 class Report:
     requests: int
@@ -121,6 +124,7 @@ async def run(url: str, workload: Workload, trace_path: str | None = None, progr
         arrivals.append(t)
         if workload.rate:
             t += rng.expovariate(workload.rate)
+    await asyncio.sleep(STATUS_SETTLE_S)  # earlier work's counters in too, or its tail counts as this run's
     before = prometheus.parse((await fetch(url, "GET", "/metrics"))[1].decode())
     if trace_path:
         await fetch(url, "POST", "/admin/trace/start")
@@ -148,7 +152,7 @@ async def run(url: str, workload: Workload, trace_path: str | None = None, progr
         trace = json.loads((await fetch(url, "POST", "/admin/trace/stop"))[1])
         with open(trace_path, "w") as handle:
             json.dump(trace, handle)
-    await asyncio.sleep(0.6)  # node counters reach the gateway by its 0.25 s status polls
+    await asyncio.sleep(STATUS_SETTLE_S)
     after = prometheus.parse((await fetch(url, "GET", "/metrics"))[1].decode())
     moved = prometheus.delta(after, before)
     ok = [r for r in results if r.error is None]
