@@ -65,9 +65,9 @@ class Sequence:
     def new_token_ids(self) -> list[int]:
         """Tokens this sequence feeds to the next step: what is not cached yet, at most num_new of it."""
         prompt_len = len(self.prompt_ids)
-        if self.num_cached >= prompt_len:  # decoding: no copy of the prompt at every step
-            return self.output_ids[self.num_cached - prompt_len:]
         end = None if self.num_new is None else self.num_cached + self.num_new
+        if self.num_cached >= prompt_len:  # decoding, or re-feeding outputs: no copy of the prompt at every step
+            return self.output_ids[self.num_cached - prompt_len:None if end is None else end - prompt_len]
         return (self.prompt_ids + self.output_ids)[self.num_cached:end]
 
 

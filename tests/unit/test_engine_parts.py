@@ -148,3 +148,24 @@ def test_a_held_token_fills_in_as_advance_would_even_after_a_preemption():
     assert a not in sched.waiting and a not in sched.running and sched.blocks.num_free_blocks == 8
     with pytest.raises(RuntimeError, match="no held token"):
         sched.fill(a, 5)
+
+
+def test_a_readmitted_sequence_refeeds_its_outputs_in_chunks_too():
+    """After a preemption the sequence re-feeds prompt and outputs; past its prompt, a chunk still holds at most
+    num_new tokens (the outputs' part of new_token_ids honours the budget as the prompt's does)."""
+    sched = make_scheduler(max_num_seqs=1, budget=4, max_len=64)
+    s = seq("a", 3, max_tokens=20)
+    sched.add(s)
+    for token in range(100, 110):
+        sched.schedule()
+        sched.advance(s, token)
+    sched._preempt(s)
+    fed = []
+    while True:
+        assert sched.schedule() == [s]
+        fed.append(s.new_token_ids())
+        assert len(fed[-1]) == s.num_new <= 4
+        if s.samples:
+            break
+        sched.advance_chunk(s)
+    assert sum(fed, []) == list(range(3)) + list(range(100, 110)) and [len(f) for f in fed] == [4, 4, 4, 1]

@@ -284,6 +284,7 @@ def run_fake_engine(prompts, max_tokens, num_blocks, block_size=4, max_num_seqs=
         assert batch and len(batch) <= max_num_seqs
         assert_partition(sched.blocks, seqs)
         fed = [s.new_token_ids() for s in batch]
+        assert [len(f) for f in fed] == [s.num_new for s in batch] and sum(map(len, fed)) <= budget
         meta = build_step_metadata([(s.block_ids, s.num_cached, len(f)) for s, f in zip(batch, fed)], block_size,
                                    "cpu", pad_to=(max_num_seqs, budget))
         token_cache[meta.slot_mapping[:meta.num_tokens].numpy()] = np.concatenate(fed)
