@@ -35,9 +35,10 @@ async def one_run(seqs_n: int, steps: int) -> dict[str, float]:
             scheduler.add(Sequence(f"r{i}", list(range(1, 101)), SamplingParams(max_tokens=context - 200,
                                                                                   temperature=0.0,
                                                                                   ignore_eos=True), i))
-        while scheduler.waiting:  # admitted and "prefilled": every sequence decodes from here on
+        # admitted and "prefilled" (in chunks of the token budget): every sequence decodes from here on
+        while scheduler.waiting or any(not s.output_ids for s in scheduler.running):
             for seq in scheduler.schedule():
-                if seq.num_cached == 0:
+                if not seq.output_ids:
                     scheduler.advance(seq, 5)
         logits = torch.randn(seqs_n, cluster.spec.vocab_size)
         width = context // cluster.block_size

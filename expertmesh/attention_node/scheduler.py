@@ -33,6 +33,7 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)  # its KV-cache blocks, in token order (kv/block_manager.py)
     num_cached: int = 0  # tokens whose K/V are in the cache
     num_new: int | None = None  # tokens it feeds this step (Scheduler.schedule); None: every uncached one
+    partial: bool = False  # this step feeds it a chunk that ends inside what it re-feeds: it samples nothing
     aborted: bool = False
     arrived_s: float = 0.0  # time.monotonic() when the node received it
     queue_s: float | None = None  # from arrival to its first step (a readmission after preemption does not count)
@@ -58,9 +59,8 @@ class Sequence:
 
     @property
     def samples(self) -> bool:
-        """Whether this step feeds the sequence's last token, whose logits give its next one (a chunk that ends
-        inside the prompt samples nothing)."""
-        return self.num_new is None or self.num_cached + self.num_new >= self.num_tokens
+        """Whether this step feeds the sequence's last token, whose logits give its next one."""
+        return not self.partial
 
     def new_token_ids(self) -> list[int]:
         """Tokens this sequence feeds to the next step: what is not cached yet, at most num_new of it."""
@@ -86,6 +86,9 @@ class Scheduler:
         self.watermark_blocks = int(watermark * blocks.num_blocks)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in order of admission: the last is the first preempted
+        # the running sequences with more than their next token still to feed (a prompt, or a readmission's
+        # re-feed), oldest first: the others decode, and a step touches nothing of theirs but its one token
+        self.prefilling: list[Sequence] = []
         self.num_preemptions = 0
 
     @property
@@ -119,22 +122,19 @@ class Scheduler:
         return None
 
     def schedule(self) -> list[Sequence]:
-        """The sequences of the next step, each with num_new set: one token for every decoding sequence, then
-        chunks of the budget left for the prompts being prefilled, oldest first, then waiting sequences admitted
-        while batch slots, budget and free blocks last (the last admitted may get a chunk only). Each returned
+        """The sequences of the next step: one token for every decoding sequence, then chunks of the budget left
+        for the sequences being prefilled, oldest first, then waiting sequences admitted while batch slots, budget
+        and free blocks last (the last admitted may get a chunk only). Those prefilling get num_new and partial
+        set here; decoding ones got num_new = 1 when their last token was sampled (advance, hold). Each returned
         sequence owns blocks for all its tokens."""
         preempted = self._reserve_decode_blocks()
-        budget = self.max_batch_tokens - sum(1 for s in self.running if s.num_tokens - s.num_cached == 1)
-        step = []
-        for seq in self.running:
-            left = seq.num_tokens - seq.num_cached
-            if left > 1:  # a prompt being prefilled: a chunk of what the decodes leave, if any
-                if budget == 0:
-                    continue
-                left = min(left, budget)
-                budget -= left
-            seq.num_new = left
-            step.append(seq)
+        budget = self.max_batch_tokens - (len(self.running) - len(self.prefilling))
+        waiting_for_budget = []
+        for seq in list(self.prefilling):
+            if budget == 0:
+                waiting_for_budget.append(seq)
+                continue
+            budget -= self._feed(seq, budget)
         # after a preemption the cache is full: admitting now would only preempt again next step
         while self.waiting and not preempted and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]  # nothing of a waiting sequence is cached
@@ -143,10 +143,22 @@ class Scheduler:
             self.waiting.popleft()
             self.blocks.allocate(seq)
             self.running.append(seq)
-            seq.num_new = min(seq.num_tokens, budget)
-            budget -= seq.num_new
-            step.append(seq)
-        return step
+            self.prefilling.append(seq)
+            budget -= self._feed(seq, budget)
+        if not waiting_for_budget:
+            return list(self.running)
+        left_out = set(map(id, waiting_for_budget))
+        return [seq for seq in self.running if id(seq) not in left_out]
+
+    def _feed(self, seq: Sequence, budget: int) -> int:
+        """Gives seq, being prefilled, a chunk of at most budget tokens; returns its size. The chunk that reaches
+        its last token makes it a decoding sequence from the next step on."""
+        left = seq.num_tokens - seq.num_cached
+        seq.num_new = min(left, budget)
+        seq.partial = seq.num_new < left
+        if not seq.partial:
+            self.prefilling.remove(seq)
+        return seq.num_new
 
     def _reserve_decode_blocks(self) -> bool:
         """Gives every running sequence the block its next token needs, oldest first, preempting the newest
@@ -172,6 +184,7 @@ class Scheduler:
         """Recomputation: seq drops its cache and waits first in line; its outputs stay, so on readmission it
         re-feeds prompt + outputs (new_token_ids) and resumes with its next token."""
         self.running.remove(seq)
+        self._stop_prefilling(seq)
         self.blocks.free(seq)
         seq.num_cached, seq.num_new = 0, None
         self.waiting.appendleft(seq)
@@ -181,19 +194,24 @@ class Scheduler:
         """After a step: seq's KV cache holds every token so far, `token` is its next output. Returns why seq
         finished (and frees its blocks), or None if it goes on. After a chunk inside the prompt, only the cache
         has grown: the token is not seq's (advance_chunk)."""
-        if not seq.samples:
+        if seq.partial:
             self.advance_chunk(seq)
             return None
-        seq.num_cached = seq.num_tokens
+        seq.num_cached, seq.num_new = seq.num_tokens, 1  # its next step feeds this token: it decodes
         seq.append(token)
         reason = self.finish_reason(seq)
         if reason is not None:
             self.release(seq)
         return reason
 
+    def _stop_prefilling(self, seq: Sequence) -> None:
+        if seq in self.prefilling:  # a short list: the prompts being fed now
+            self.prefilling.remove(seq)
+        seq.partial = False
+
     def advance_chunk(self, seq: Sequence) -> None:
         """After (or, with async scheduling, once launched) a step that fed seq a chunk inside its prompt."""
-        if seq.samples:
+        if not seq.partial:
             raise RuntimeError(f"request {seq.request_id}: its step fed its last token; advance or hold it")
         seq.num_cached += seq.num_new
 
@@ -201,7 +219,7 @@ class Scheduler:
         """advance before the token is known (async scheduling: the next step is scheduled while this one runs):
         PLACEHOLDER stands for it until fill. A sequence that has reached its length leaves now (its last token
         still comes, with its reason); one that samples a stop token leaves at fill, its next step wasted."""
-        seq.num_cached = seq.num_tokens
+        seq.num_cached, seq.num_new = seq.num_tokens, 1
         seq.output_ids.append(PLACEHOLDER)
         if len(seq.output_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.context_len:
             self.release(seq)
@@ -235,4 +253,5 @@ class Scheduler:
     def release(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
+            self._stop_prefilling(seq)
             self.blocks.free(seq)
