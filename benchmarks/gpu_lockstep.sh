@@ -20,6 +20,8 @@
 #            N gateway processes (one streams ~10k tok/s at most: the colocated rows' ceiling so far);
 #            INPUT_LEN / OUTPUT_LEN ("lo hi", default "64 128") and MAX_POS (the random model's positions, default
 #            1024): long contexts, where the planner predicts ping-pong pays (RESULTS.md, seventh session);
+#            MAX_WAITING_STEPS=N: new prompts wait up to N steps to join the decoding ones (--max-waiting-steps; JSON
+#            named *_wN): fewer steps that prefill beside decodes, which run eagerly (RESULTS.md, eighth session);
 #            SM_SHARES="A E" (GPUS=1, under MPS): the attention node gets A% of the SMs and the expert node E%
 #            (one GPU standing in for two types, issue 14), with `bench layer` of the shape under each share first
 #            (layer_<shape>_sm<P>.json: the planner's calibration of that "type")
@@ -101,13 +103,15 @@ for part in ${PARTS:-tests bench serve}; do
       done
       for c in ${CONCURRENCY:-64}; do
         async=$(case "${ASYNC:-}" in 1) echo _async;; 0) echo _sync;; esac)
+        waits=${MAX_WAITING_STEPS:+_w$MAX_WAITING_STEPS}
         common="--model $model --device cuda --dtype bfloat16 --concurrency $c
                 $(case "${ASYNC:-}" in 1) echo --async-scheduling;; 0) echo --no-async-scheduling;; esac)
                 --gateway-workers ${GATEWAY_WORKERS:-1}
                 --num-requests $((${REQUESTS_PER_SLOT:-8} * c))
-                --max-num-seqs $c --input-len ${INPUT_LEN:-64 128} --output-len ${OUTPUT_LEN:-64 128}"
+                --max-num-seqs $c --input-len ${INPUT_LEN:-64 128} --output-len ${OUTPUT_LEN:-64 128}
+                --max-waiting-steps ${MAX_WAITING_STEPS:-0}"
         for transport in $TRANSPORTS; do
-          name=serve_${shape}${MAX_POS:+_p$MAX_POS}_c${c}_disagg_${transport}$async
+          name=serve_${shape}${MAX_POS:+_p$MAX_POS}_c${c}_disagg_${transport}$async$waits
           timeout -k 10 ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --transport ${transport%-sm} \
             $([ "${transport%-sm}" != "$transport" ] && echo --ipc-copy sm) \
             --expert-nodes 1 --microbatches ${MICROBATCHES:-1 2} $shares --json "$OUT/$name${SM_SHARES:+_sm${SM_SHARES// /_}}.json" \
@@ -115,7 +119,7 @@ for part in ${PARTS:-tests bench serve}; do
           reap; grep -E "^m=|Error|error|Traceback" "$OUT/$name.log" | sed "s/^/$shape c=$c disagg 1+1 $transport /" \
             | head -20
         done
-        name=serve_${shape}${MAX_POS:+_p$MAX_POS}_c${c}_colocated$async
+        name=serve_${shape}${MAX_POS:+_p$MAX_POS}_c${c}_colocated$async$waits
         [ "${COLOCATED:-1}" = 1 ] && timeout -k 10 ${COLOCATED_S:-${SWEEP_S:-240}} python3 benchmarks/microbatch_sweep.py $common --expert-nodes 0 \
           --attention-nodes $GPUS --max-num-seqs $((c / GPUS + c / GPUS / 4)) --microbatches 1 --json "$OUT/$name.json" \
           > "$OUT/$name.log" 2>&1

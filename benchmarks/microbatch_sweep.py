@@ -50,6 +50,8 @@ def main() -> int:
     p.add_argument("--gateway-workers", type=int, default=1, help="gateway processes on the port (gateway.workers)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-waiting-steps", type=int, default=0,
+                   help="while sequences decode, steps new prompts may wait to join together (engine.max_waiting_steps)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="each step launched while the previous one runs (engine.async_scheduling; default: on for "
                         "cuda); the JSON records what ran")
@@ -69,6 +71,7 @@ def main() -> int:
         config.cluster.attention_nodes, config.cluster.expert_nodes = args.attention_nodes, args.expert_nodes
         config.engine.microbatches = m
         config.engine.max_num_seqs = args.max_num_seqs
+        config.engine.max_waiting_steps = args.max_waiting_steps
         config.engine.async_scheduling = args.async_scheduling
         config.model.device, config.model.dtype, config.transport.backend = args.device, args.dtype, args.transport
         config.transport.ipc_copy = args.ipc_copy

@@ -36,6 +36,8 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-tokens", type=int, help="new tokens per step and M2N round (default 2048); longer "
                    "prompts prefill in chunks")
     p.add_argument("--max-model-len", type=int)
+    p.add_argument("--max-waiting-steps", type=int, help="while sequences decode, steps new prompts may wait to "
+                   "join together (default 0: at once; a step that prefills beside decodes runs eagerly on GPUs)")
     p.add_argument("--block-size", type=int, help="tokens per KV-cache block (power of two, 8..256; default 16)")
     p.add_argument("--gpu-memory-utilization", type=float,
                    help="fraction of each attention GPU's memory for weights, activations and KV cache (default 0.9)")
@@ -75,6 +77,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  ("model", "dtype", args.dtype), ("model", "device", getattr(args, "device", None)),
                  ("engine", "max_num_seqs", args.max_num_seqs), ("engine", "max_model_len", args.max_model_len),
                  ("engine", "max_batch_tokens", getattr(args, "max_batch_tokens", None)),
+                 ("engine", "max_waiting_steps", getattr(args, "max_waiting_steps", None)),
                  ("gateway", "served_model_names", args.served_model_name),
                  ("transport", "emulated_latency_us", getattr(args, "emulated_latency_us", None)),
                  ("cluster", "topology", getattr(args, "topology", None)),

@@ -77,6 +77,8 @@ class EngineConfig:
     max_model_len: int | None = None  # tokens per sequence; default: the model's max_position_embeddings
     max_batch_tokens: int = 2048  # new tokens per step (and per M2N round); longer prompts prefill in chunks
     microbatches: int = 1  # ping-pong microbatches per step
+    # while sequences decode, steps new prompts may wait to join together (0: at once; attention_node/scheduler.py)
+    max_waiting_steps: int = 0
     block_size: int = 16  # tokens per KV-cache block (a power of two, 8..256)
     # CUDA: fraction of the device's total memory this process may use; the KV cache gets what the weights and a
     # margin for activations leave of it (kv/cache.py::num_blocks_for). vLLM's --gpu-memory-utilization.
@@ -223,6 +225,8 @@ class Config:
                                   f"model.device=cuda (got {self.model.device})")
         if self.engine.max_num_seqs < 1 or self.engine.max_batch_tokens < 1:
             raise ConfigError("engine.max_num_seqs and engine.max_batch_tokens must be >= 1")
+        if self.engine.max_waiting_steps < 0:
+            raise ConfigError(f"engine.max_waiting_steps={self.engine.max_waiting_steps}; must be >= 0")
         if self.engine.max_batch_tokens < self.engine.max_num_seqs:
             raise ConfigError(f"engine.max_batch_tokens={self.engine.max_batch_tokens} < engine.max_num_seqs="
                               f"{self.engine.max_num_seqs}: every running sequence feeds a token each step")

@@ -54,7 +54,8 @@ async def main(config: Config, index: int) -> None:
     control = await ZmqTransport().listen(config.cluster.attention_addresses[index])
     log.info("serving on %s", config.cluster.attention_addresses[index])
     scheduler = Scheduler(BlockManager(kv_cache.num_blocks, kv_cache.block_size), engine.max_num_seqs,
-                          engine.max_batch_tokens, engine.context_len(spec), spec.eos_token_ids)
+                          engine.max_batch_tokens, engine.context_len(spec), spec.eos_token_ids,
+                          max_waiting_steps=engine.max_waiting_steps)
     node = AttentionNode(index, config, spec, runner, scheduler, m2n, control)
     try:
         await node.serve()

@@ -73,7 +73,7 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batch_tokens: int, context_len: int,
-                 eos_token_ids: tuple[int, ...], watermark: float = 0.01) -> None:
+                 eos_token_ids: tuple[int, ...], watermark: float = 0.01, max_waiting_steps: int = 0) -> None:
         if max_batch_tokens < max_num_seqs:
             raise ValueError(f"max_batch_tokens={max_batch_tokens} < max_num_seqs={max_num_seqs}: a full batch's "
                              f"decode tokens would not fit a step")
@@ -89,6 +89,11 @@ class Scheduler:
         # the running sequences with more than their next token still to feed (a prompt, or a readmission's
         # re-feed), oldest first: the others decode, and a step touches nothing of theirs but its one token
         self.prefilling: list[Sequence] = []
+        # while sequences decode, new prompts wait up to this many steps to join together (TGI's max_waiting_tokens):
+        # on a GPU a step that prefills beside decodes runs eagerly, at several decode steps' cost (RESULTS.md,
+        # eighth session), so fewer, fuller such steps trade some TTFT for TPOT. 0: they join at once
+        self.max_waiting_steps = max_waiting_steps
+        self.steps_held = 0  # consecutive steps the queue's head has been held so
         self.num_preemptions = 0
 
     @property
@@ -135,8 +140,9 @@ class Scheduler:
                 waiting_for_budget.append(seq)
                 continue
             budget -= self._feed(seq, budget)
+        held = self._hold_admissions(budget)
         # after a preemption the cache is full: admitting now would only preempt again next step
-        while self.waiting and not preempted and len(self.running) < self.max_num_seqs and budget > 0:
+        while self.waiting and not held and not preempted and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]  # nothing of a waiting sequence is cached
             if not self.blocks.can_allocate(seq.num_tokens, self.watermark_blocks if self.running else 0):
                 break  # first come, first served: nothing overtakes the head of the queue
@@ -149,6 +155,18 @@ class Scheduler:
             return list(self.running)
         left_out = set(map(id, waiting_for_budget))
         return [seq for seq in self.running if id(seq) not in left_out]
+
+    def _hold_admissions(self, budget: int) -> bool:
+        """Whether the waiting prompts wait a step more (max_waiting_steps): only beside decoding sequences, until
+        the head has waited that many steps, and never once the queue would fill the free slots or the budget."""
+        decoding = len(self.running) - len(self.prefilling)
+        if not (self.max_waiting_steps and self.waiting and decoding) or self.steps_held >= self.max_waiting_steps \
+                or len(self.waiting) >= self.max_num_seqs - len(self.running) \
+                or sum(s.num_tokens for s in self.waiting) >= budget:
+            self.steps_held = 0
+            return False
+        self.steps_held += 1
+        return True
 
     def _feed(self, seq: Sequence, budget: int) -> int:
         """Gives seq, being prefilled, a chunk of at most budget tokens; returns its size. The chunk that reaches

@@ -23,12 +23,12 @@ PROMPTS = ["hello world", "def self return", "the ingestion of delas", "a", "sts
 def served(request, mixtral_dir, qwen3_dir):
     """Disaggregated (3 expert nodes) for both architectures; colocated (--expert-nodes 0: experts inside each
     attention node, no transport) for one; the lockstep M2N with async scheduling (each step launched while the
-    previous one runs) for one, with a budget of 8 tokens a step: the M2N buffers hold 8 tokens, and longer prompts
-    prefill in chunks."""
+    previous one runs) for one, with a budget of 8 tokens a step (the M2N buffers hold 8 tokens, and longer prompts
+    prefill in chunks) and new prompts waiting up to 2 steps to join the decoding ones."""
     model_dir = qwen3_dir if request.param.startswith("qwen3") else mixtral_dir
     expert_nodes = 0 if request.param.endswith("colocated") else 3
     extra = (["--transport", "gloo", "--microbatches", "2", "--async-scheduling", "--max-batch-tokens", "8",
-              "--max-num-seqs", "8"] if request.param.endswith("gloo-async") else [])
+              "--max-num-seqs", "8", "--max-waiting-steps", "2"] if request.param.endswith("gloo-async") else [])
     cluster = Cluster(model_dir, attention_nodes=2, expert_nodes=expert_nodes, extra=extra).wait_ready()
     yield cluster, model_dir
     cluster.stop()

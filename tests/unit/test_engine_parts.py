@@ -169,3 +169,24 @@ def test_a_readmitted_sequence_refeeds_its_outputs_in_chunks_too():
             break
         sched.advance_chunk(s)
     assert sum(fed, []) == list(range(3)) + list(range(100, 110)) and [len(f) for f in fed] == [4, 4, 4, 1]
+
+
+def test_prompts_wait_to_join_decoding_sequences_together():
+    """max_waiting_steps 2: beside decoding sequences a new prompt waits 2 steps, then joins; prompts that would fill
+    the free slots join at once; with nothing decoding, at once."""
+    sched = Scheduler(BlockManager(64, 8), 4, 64, 64, eos_token_ids=(1,), max_waiting_steps=2)
+    a, b, c, d, e = (seq(name, 4, max_tokens=30) for name in "abcde")
+    sched.add(a)
+    assert sched.schedule() == [a]  # nothing decodes: no reason to wait
+    sched.advance(a, 5)
+    sched.add(b)
+    steps = []
+    for _ in range(3):
+        steps.append(sched.schedule())
+        for s in steps[-1]:
+            sched.advance(s, 5)
+    assert steps == [[a], [a], [a, b]]  # b waited 2 steps, then joined
+    for s in (c, d, e):
+        sched.add(s)
+    assert sched.schedule() == [a, b, c, d]  # 3 waiting for 2 free slots: no point waiting; e has no slot
+    assert list(sched.waiting) == [e] and sched.steps_held == 0

@@ -173,7 +173,9 @@ def test_sizing_explicit_cpu_default_and_too_small(mixtral_dir, monkeypatch):
 def test_engine_config_validation_and_flags():
     for engine, message in [({"block_size": 12}, "block_size=12"), ({"block_size": 512}, "block_size=512"),
                             ({"block_size": 4}, "block_size=4"), ({"gpu_memory_utilization": 0.0}, "utilization=0.0"),
-                            ({"gpu_memory_utilization": 1.5}, "utilization=1.5"), ({"num_kv_blocks": 0}, "blocks=0")]:
+                            ({"gpu_memory_utilization": 1.5}, "utilization=1.5"), ({"num_kv_blocks": 0}, "blocks=0"),
+                            ({"max_waiting_steps": -1}, "max_waiting_steps=-1"),
+                            ({"max_batch_tokens": 16, "max_num_seqs": 32}, "max_batch_tokens=16 < ")]:
         with pytest.raises(ConfigError, match=message):
             Config.from_dict({"engine": engine})
     assert Config.from_dict({"engine": {"block_size": 256, "gpu_memory_utilization": 1.0}}).engine.block_size == 256
@@ -182,13 +184,14 @@ def test_engine_config_validation_and_flags():
     parser = argparse.ArgumentParser()
     _launch_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["launch", "--block-size", "32", "--gpu-memory-utilization", "0.5",
-                              "--num-kv-blocks", "100", "--enforce-eager"])
+                              "--num-kv-blocks", "100", "--enforce-eager", "--max-batch-tokens", "512",
+                              "--max-waiting-steps", "3"])
     engine = config_from_args(args).engine
-    assert (engine.block_size, engine.gpu_memory_utilization, engine.num_kv_blocks, engine.enforce_eager) == \
-        (32, 0.5, 100, True)
+    assert (engine.block_size, engine.gpu_memory_utilization, engine.num_kv_blocks, engine.enforce_eager,
+            engine.max_batch_tokens, engine.max_waiting_steps) == (32, 0.5, 100, True, 512, 3)
     engine = config_from_args(parser.parse_args(["launch"])).engine
-    assert (engine.block_size, engine.gpu_memory_utilization, engine.num_kv_blocks, engine.enforce_eager) == \
-        (16, 0.9, None, False)
+    assert (engine.block_size, engine.gpu_memory_utilization, engine.num_kv_blocks, engine.enforce_eager,
+            engine.max_batch_tokens, engine.max_waiting_steps) == (16, 0.9, None, False, 2048, 0)
 
 
 # scheduler
