@@ -157,12 +157,12 @@ class Scheduler:
         return [seq for seq in self.running if id(seq) not in left_out]
 
     def _hold_admissions(self, budget: int) -> bool:
-        """Whether the waiting prompts wait a step more (max_waiting_steps): only beside decoding sequences, until
-        the head has waited that many steps, and never once the queue would fill the free slots or the budget."""
+        """Whether the waiting prompts wait a step more (max_waiting_steps): only beside decoding sequences and while
+        a slot is free, until they have waited that many steps or their tokens would fill the step's budget. (Not
+        until they would fill the free slots: a full batch frees one slot at a time, so they always would.)"""
         decoding = len(self.running) - len(self.prefilling)
-        if not (self.max_waiting_steps and self.waiting and decoding) or self.steps_held >= self.max_waiting_steps \
-                or len(self.waiting) >= self.max_num_seqs - len(self.running) \
-                or sum(s.num_tokens for s in self.waiting) >= budget:
+        if not (self.max_waiting_steps and self.waiting and decoding and len(self.running) < self.max_num_seqs) \
+                or self.steps_held >= self.max_waiting_steps or sum(s.num_tokens for s in self.waiting) >= budget:
             self.steps_held = 0
             return False
         self.steps_held += 1

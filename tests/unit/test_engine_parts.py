@@ -172,10 +172,11 @@ def test_a_readmitted_sequence_refeeds_its_outputs_in_chunks_too():
 
 
 def test_prompts_wait_to_join_decoding_sequences_together():
-    """max_waiting_steps 2: beside decoding sequences a new prompt waits 2 steps, then joins; prompts that would fill
-    the free slots join at once; with nothing decoding, at once."""
+    """max_waiting_steps 2: beside decoding sequences a new prompt waits 2 steps, then joins; prompts whose tokens
+    would fill the step's budget join at once; with nothing decoding, at once."""
     sched = Scheduler(BlockManager(64, 8), 4, 64, 64, eos_token_ids=(1,), max_waiting_steps=2)
-    a, b, c, d, e = (seq(name, 4, max_tokens=30) for name in "abcde")
+    a, b = (seq(name, 4, max_tokens=30) for name in "ab")
+    c, d, e = (seq(name, 24, max_tokens=8) for name in "cde")
     sched.add(a)
     assert sched.schedule() == [a]  # nothing decodes: no reason to wait
     sched.advance(a, 5)
@@ -188,5 +189,26 @@ def test_prompts_wait_to_join_decoding_sequences_together():
     assert steps == [[a], [a], [a, b]]  # b waited 2 steps, then joined
     for s in (c, d, e):
         sched.add(s)
-    assert sched.schedule() == [a, b, c, d]  # 3 waiting for 2 free slots: no point waiting; e has no slot
+    # 72 tokens waiting for a budget of 62 (64 less 2 decodes): no point waiting; e finds no slot
+    assert sched.schedule() == [a, b, c, d] and (c.num_new, d.num_new) == (24, 24)
     assert list(sched.waiting) == [e] and sched.steps_held == 0
+
+
+def test_a_prompt_waits_for_a_freed_slot_of_a_full_batch_too():
+    """A full batch frees one slot at a time (a closed loop of clients keeps exactly that many prompts waiting): the
+    wait counts from when a slot is free, and still applies."""
+    sched = Scheduler(BlockManager(64, 8), 2, 64, 64, eos_token_ids=(1,), max_waiting_steps=2)
+    a, b, c = (seq(name, 4, max_tokens=30) for name in "abc")
+    sched.add(a), sched.add(b)
+    assert sched.schedule() == [a, b]
+    sched.add(c)
+    for s in (a, b):
+        sched.advance(s, 5)
+    assert sched.schedule() == [a, b] and sched.steps_held == 0  # no slot: nothing to wait for
+    sched.release(b)
+    steps = []
+    for _ in range(3):
+        steps.append(sched.schedule())
+        for s in steps[-1]:
+            sched.advance(s, 5)
+    assert steps == [[a], [a], [a, c]]
