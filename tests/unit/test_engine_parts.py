@@ -171,6 +171,16 @@ def test_a_readmitted_sequence_refeeds_its_outputs_in_chunks_too():
     assert sum(fed, []) == list(range(3)) + list(range(100, 110)) and [len(f) for f in fed] == [4, 4, 4, 1]
 
 
+def run_steps(sched: Scheduler, count: int) -> list[list[Sequence]]:
+    """count steps, every sequence given token 5: the sequences of each."""
+    steps = []
+    for _ in range(count):
+        steps.append(sched.schedule())
+        for s in steps[-1]:
+            sched.advance(s, 5)
+    return steps
+
+
 def test_prompts_wait_to_join_decoding_sequences_together():
     """max_waiting_steps 2: beside decoding sequences a new prompt waits 2 steps, then joins; prompts whose tokens
     would fill the step's budget join at once; with nothing decoding, at once."""
@@ -181,11 +191,7 @@ def test_prompts_wait_to_join_decoding_sequences_together():
     assert sched.schedule() == [a]  # nothing decodes: no reason to wait
     sched.advance(a, 5)
     sched.add(b)
-    steps = []
-    for _ in range(3):
-        steps.append(sched.schedule())
-        for s in steps[-1]:
-            sched.advance(s, 5)
+    steps = run_steps(sched, 3)
     assert steps == [[a], [a], [a, b]]  # b waited 2 steps, then joined
     for s in (c, d, e):
         sched.add(s)
@@ -206,9 +212,5 @@ def test_a_prompt_waits_for_a_freed_slot_of_a_full_batch_too():
         sched.advance(s, 5)
     assert sched.schedule() == [a, b] and sched.steps_held == 0  # no slot: nothing to wait for
     sched.release(b)
-    steps = []
-    for _ in range(3):
-        steps.append(sched.schedule())
-        for s in steps[-1]:
-            sched.advance(s, 5)
+    steps = run_steps(sched, 3)
     assert steps == [[a], [a], [a, c]]
