@@ -144,7 +144,8 @@ def predict_row(run: dict, row: dict, cal: calibration.Calibration, device: GpuT
                       row["microbatches"], args["max_num_seqs"], 0, shared_devices=1 if kind == "gpu" else cores,
                       dtype_bytes=2 if args.get("dtype") == "bfloat16" else 4,
                       async_scheduling=bool(args.get("async_scheduling")))
-    return closed_loop(gpu_spec_of(args["model"]), plan, cal, jobs_of(args), in_flight(args, row))
+    return closed_loop(gpu_spec_of(args["model"]), plan, cal, jobs_of(args), in_flight(args, row),
+                       max_waiting_steps=args.get("max_waiting_steps", 0))
 
 
 def rows() -> list[tuple[str, Path, int, str]]:
@@ -385,11 +386,13 @@ def gpu_main() -> int:
                           args["expert_nodes"], row["microbatches"], args["max_num_seqs"], 0,
                           async_scheduling=bool(args.get("async_scheduling")))
         workers = args.get("gateway_workers") or 1
-        bench = closed_loop(spec, plan, cal, jobs_of(args), in_flight(args, row), gateway_workers=workers)
+        waits = args.get("max_waiting_steps", 0)
+        bench = closed_loop(spec, plan, cal, jobs_of(args), in_flight(args, row), gateway_workers=workers,
+                            max_waiting_steps=waits)
         model = LONG_CONTEXT_OF.get(args["model"], args["model"])
         served_cal = served_cals[model if not plan.colocated else "colocated"]
         with_served = closed_loop(spec, plan, served_cal, jobs_of(args), in_flight(args, row),
-                                  gateway_workers=workers)
+                                  gateway_workers=workers, max_waiting_steps=waits)
         tok, tpot = row["output_tokens_per_s"], row["tpot_ms"]["p50"]
         fitted = (name, index) in (*GPU_SERVED.values(), GPU_COLOCATED)
         print(f"| {label}{' (cold)' if cold else ''}{' (served calibration row)' if fitted else ''} | {tok:.0f} | "

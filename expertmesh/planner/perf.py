@@ -354,13 +354,15 @@ def predict(spec: ModelSpec, plan: Deployment, cal: Calibration, prompt_len: int
 
 
 def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[tuple[int, int]],
-                concurrency: int, max_batch_tokens: int = 2048, gateway_workers: int = 1) -> dict:
+                concurrency: int, max_batch_tokens: int = 2048, gateway_workers: int = 1,
+                max_waiting_steps: int = 0) -> dict:
     """A finite closed-loop run as `bench serve` drives it (jobs of (prompt, output) tokens, `concurrency` in flight,
     spread evenly over the attention nodes), stepped with the model's step times: what a short measured run sees,
     ramp-up and tail included. Scheduling is the attention node's (attention_node/scheduler.py): a token budget of
     max_batch_tokens a step, a token for each decoding sequence first, then chunks of the prompts being prefilled,
-    oldest first, then new prompts while a batch slot and budget are free; a step's prompt tokens run beside its
-    decodes as one more microbatch (eager, the prefill lines), and a prompt's first token comes with its last chunk.
+    oldest first, then new prompts while a batch slot and budget are free (beside decodes, after they have waited
+    max_waiting_steps steps or would fill the budget); a step's prompt tokens run beside its decodes as one more
+    microbatch (eager, the prefill lines), and a prompt's first token comes with its last chunk.
     Returns tokens_per_s, TTFT and TPOT p50 in ms, the share of the run's node time spent in prefill parts, and the
     share of its steps that carry prompts beside decodes (mixed steps, which a disaggregated attention node runs
     eagerly whole: attention_node/model_runner.py). Where the calibration measured the gateway's CPU per streamed
@@ -375,7 +377,7 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
         queue = list(node_jobs)
         freed = [0.0] * min(slots, plan.batch_per_attention_node)  # when each free slot was freed: arrivals
         running: list[list] = []  # [prompt, prompt tokens fed, outputs left, outputs made, arrival, first token]
-        now = 0.0
+        now, held = 0.0, 0
         while queue or running:
             decoding = [r for r in running if r[1] == r[0]]
             budget, chunks = max_batch_tokens - len(decoding), []  # chunks: (sequence, tokens fed this step)
@@ -383,7 +385,13 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
                 if r[1] < r[0] and budget > 0:
                     chunks.append((r, min(r[0] - r[1], budget)))
                     budget -= chunks[-1][1]
-            while queue and freed and budget > 0:
+            arrived = queue[:len(freed)]  # a request waits for each free slot (closed loop)
+            if max_waiting_steps and decoding and arrived and held < max_waiting_steps and \
+                    sum(prompt for prompt, _ in arrived) < budget:
+                held += 1  # as the scheduler's _hold_admissions
+            else:
+                held = 0
+            while queue and freed and budget > 0 and not held:
                 prompt, out = queue.pop(0)
                 running.append([prompt, 0, out, 0, freed.pop(0), 0.0])
                 chunks.append((running[-1], min(prompt, budget)))

@@ -112,3 +112,14 @@ def test_step_host_line_from_traced_runs_at_several_batch_sizes():
     fitted = served_calibration(cal, phases(16), spec, cpu, tokens=16, context=48, dtype_bytes=4,
                                 other_batches={4: phases(4), 32: phases(32)})
     assert (fitted.step_overhead_us, fitted.step_overhead_per_sequence_us) == pytest.approx((800, 50), rel=1e-4)
+
+
+def test_waiting_prompts_join_in_fewer_mixed_steps_at_a_cost_in_ttft():
+    """max_waiting_steps, as the scheduler holds admissions: fewer steps carry prompts beside decodes (on a GPU
+    each runs eagerly), each prompt's first token later."""
+    plan = Deployment(INSTANT, INSTANT, 1, 1, 1, 8, 256)
+    jobs = [(20, 10 + i % 7) for i in range(64)]
+    at_once = closed_loop(SPEC, plan, CAL, jobs, concurrency=8)
+    held = closed_loop(SPEC, plan, CAL, jobs, concurrency=8, max_waiting_steps=4)
+    assert held["mixed_step_share"] < 0.6 * at_once["mixed_step_share"]
+    assert held["ttft_ms_p50"] > at_once["ttft_ms_p50"]
