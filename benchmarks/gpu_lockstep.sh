@@ -20,6 +20,8 @@
 #            N gateway processes (one streams ~10k tok/s at most: the colocated rows' ceiling so far);
 #            INPUT_LEN / OUTPUT_LEN ("lo hi", default "64 128") and MAX_POS (the random model's positions, default
 #            1024): long contexts, where the planner predicts ping-pong pays (RESULTS.md, seventh session);
+#            MICROBATCHES="1 1 1": the same row three times, each on a fresh cluster (plan_validation.row_of
+#            "m=1" takes their median; one configuration varied by up to 29% between runs on one H200);
 #            MAX_WAITING_STEPS=N: new prompts wait up to N steps to join the decoding ones (--max-waiting-steps; JSON
 #            named *_wN): fewer steps that prefill beside decodes, which run eagerly (RESULTS.md, eighth session);
 #            SM_SHARES="A E" (GPUS=1, under MPS): the attention node gets A% of the SMs and the expert node E%

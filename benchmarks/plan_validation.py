@@ -44,6 +44,21 @@ MBIG = dict(architectures=["MixtralForCausalLM"], vocab_size=2048, hidden_size=5
             num_experts_per_tok=2)  # make-model --hidden-size 512 --num-layers 4 ... (RESULTS.md, CPU section)
 
 
+def row_of(run: dict, index: int | str) -> dict:
+    """Row `index` of a sweep's JSON; "m=N": the median of its rows at N microbatches (MICROBATCHES="1 1 1" in
+    gpu_lockstep.sh serves the same configuration three times, each on a cluster of its own): the same
+    configuration served minutes apart varied by up to 29% on one H200 (RESULTS.md, eighth session)."""
+    if isinstance(index, int):
+        return run["rows"][index]
+    import statistics
+    rows = [row for row in run["rows"] if row["microbatches"] == int(index.removeprefix("m="))]
+    median = dict(rows[0])
+    median["output_tokens_per_s"] = statistics.median(row["output_tokens_per_s"] for row in rows)
+    for key in ("tpot_ms", "ttft_ms"):
+        median[key] = {**rows[0][key], "p50": statistics.median(row[key]["p50"] for row in rows)}
+    return median
+
+
 def jobs_of(args: dict) -> list[tuple[int, int]]:
     """bench serve's seeded requests (expertmesh/bench/serve.py draws them in this order)."""
     rng = random.Random(0)
@@ -168,8 +183,8 @@ def main() -> int:
     for kind, (cal, device) in list(setups.items()):
         label, path, index, _ = next(r for r in measured if r[3] == kind)
         run = json.loads(path.read_text())
-        predicted = predict_row(run, run["rows"][index], cal, device, kind)
-        measured_tpot = run["rows"][index]["tpot_ms"]["p50"]
+        predicted = predict_row(run, row_of(run, index), cal, device, kind)
+        measured_tpot = row_of(run, index)["tpot_ms"]["p50"]
         if kind == "gpu":
             overhead_us = (measured_tpot - predicted["tpot_ms_p50"]) * 1e3
             setups[kind] = (dataclasses.replace(cal, step_overhead_us=max(0.0, overhead_us)), device)
@@ -183,7 +198,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for label, path, index, kind in measured:
         run = json.loads(path.read_text())
-        row = run["rows"][index]
+        row = row_of(run, index)
         predicted = predict_row(run, row, *setups[kind], kind)
         tok, tpot = row["output_tokens_per_s"], row["tpot_ms"]["p50"]
         print(f"| {label} | {tok:.0f} | {predicted['tokens_per_s']:.0f} | "
@@ -380,7 +395,7 @@ def gpu_main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, name, index, cold in GPU_ROWS:
         run = json.loads((GPU_SERVE / name).read_text())
-        args, row = run["args"], run["rows"][index]
+        args, row = run["args"], row_of(run, index)
         spec = gpu_spec_of(args["model"])
         plan = Deployment(device, None if args["expert_nodes"] == 0 else device, args["attention_nodes"],
                           args["expert_nodes"], row["microbatches"], args["max_num_seqs"], 0,
