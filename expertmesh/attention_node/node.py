@@ -107,7 +107,7 @@ class AttentionNode:
                 self._add(message)
             elif isinstance(message, AbortRequest):
                 seq = self.scheduler.abort(message.request_id)
-                if seq is not None and seq not in self.scheduler.running:  # was waiting: nothing runs for it
+                if seq is not None and seq not in self.scheduler.running:  # waiting or prefilling: nothing to wait for
                     await self._send([seq.request_id], [-1], ["abort"], [None])
                 elif message.request_id in self._compiling:
                     self._compiling.discard(message.request_id)

@@ -116,13 +116,19 @@ class Scheduler:
         self.waiting.append(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
+        """The request's sequence, gone from the queue now if it waited or was still being prefilled (a long prompt
+        would otherwise go on being fed until its last chunk), else flagged to leave with its next token. A step
+        in flight that feeds a released sequence's chunk writes blocks that only later steps can reuse."""
         for seq in list(self.waiting):
             if seq.request_id == request_id:
                 self.waiting.remove(seq)
                 return seq
         for seq in self.running:
             if seq.request_id == request_id:
-                seq.aborted = True  # leaves at the end of the step in flight
+                if seq in self.prefilling:
+                    self.release(seq)
+                else:
+                    seq.aborted = True  # leaves at the end of the step in flight
                 return seq
         return None
 

@@ -214,3 +214,18 @@ def test_a_prompt_waits_for_a_freed_slot_of_a_full_batch_too():
     sched.release(b)
     steps = run_steps(sched, 3)
     assert steps == [[a], [a], [a, c]]
+
+
+def test_an_abort_stops_a_prompt_being_prefilled_at_once():
+    """A long prompt aborted between its chunks leaves now, its blocks freed, instead of being fed to its end; one
+    that decodes leaves with its next token."""
+    sched = make_scheduler(max_num_seqs=2, budget=4, max_len=64)
+    long, short = seq("long", 40, max_tokens=4), seq("short", 2, max_tokens=4)
+    sched.add(short), sched.add(long)
+    assert sched.schedule() == [short, long] and long.partial
+    for s in (short, long):
+        sched.advance(s, 5)
+    used = sched.blocks.num_used_blocks
+    assert sched.abort("long") is long and long not in sched.running and sched.blocks.num_used_blocks < used
+    assert sched.abort("short") is short and short in sched.running and short.aborted
+    assert sched.schedule() == [short] and sched.advance(short, 5) == "abort"
