@@ -19,7 +19,10 @@ TEXTS = ["hello world", "def self return", "a"]
 
 @pytest.fixture(scope="module")
 def served(mixtral_dir):
-    cluster = Cluster(mixtral_dir, attention_nodes=2, expert_nodes=2).wait_ready()
+    """A budget of 4 tokens a step: every prompt past it prefills in chunks, its prompt logprobs gathered across
+    them (the chat template's prompt takes many)."""
+    cluster = Cluster(mixtral_dir, attention_nodes=2, expert_nodes=2,
+                      extra=["--max-batch-tokens", "4", "--max-num-seqs", "4"]).wait_ready()
     yield cluster, mixtral_dir
     cluster.stop()
 
