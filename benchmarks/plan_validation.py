@@ -4,6 +4,7 @@ same seeded workload replayed through perf.closed_loop with that row's cluster, 
     python benchmarks/plan_validation.py            # prints the markdown table of benchmarks/RESULTS.md
     python benchmarks/plan_validation.py --gpu-rows # the 2 x H200 rows (benchmarks/gpu_multi/serve), no GPU needed
     python benchmarks/plan_validation.py --gpu-rows --host-per-sequence-us 0   # GPU host time per step constant
+    python benchmarks/plan_validation.py --eager-cost   # one-GPU rows: steps with prompts at their traced host time
 
 Calibrations: GPU rows use the shipped H200 parts (bench layer) with the one-GPU lockstep round (both nodes shared
 one H200 under MPS); CPU rows use `bench layer --device cpu` and `bench transport` (zmq) from this machine. Each
@@ -84,9 +85,14 @@ def cpu_setup(layer: Path = HERE / "planner/cpu_bench_layer.json",
 
 
 def gpu_setup() -> tuple[calibration.Calibration, GpuType]:
+    """The shipped H200 calibration with the one-GPU lockstep round and, with `--eager-cost`, the host time per
+    layer of the steps that carry prompts (eager), from the eighth session's traced one-GPU run."""
     one_gpu_round = calibration.fit_round(json.loads((HERE / "gpu_lockstep/graphs/bench_transport.json").read_text()),
                                           "lockstep-ipc")
-    return dataclasses.replace(calibration.H200, round=one_gpu_round, round_link_bytes_per_s=None), BUILTIN["H200"]
+    trace = json.loads((HERE / "gpu_multi/session8/one_gpu/run2/serve_qwen3_c64_disagg_ipc.trace.json").read_text())
+    eager = served.eager_layer_us(trace, 8) if "--eager-cost" in sys.argv[1:] else 0.0
+    return dataclasses.replace(calibration.H200, round=one_gpu_round, round_link_bytes_per_s=None,
+                               eager_layer_us=eager), BUILTIN["H200"]
 
 
 # (label, JSON, row index in it, device): CPU rows measured in this session (2 cores shared with other work),

@@ -63,6 +63,10 @@ class Calibration:
     # the parts at prefill, eager, µs against their floor (`bench layer --prefill-tokens`); None: the decode lines
     prefill_attention: Linear | None = None
     prefill_experts: Linear | None = None
+    # host time per MoE layer of a disaggregated GPU step that carries prompt tokens: it runs eagerly, its kernels
+    # launched one by one, so it takes at least this per layer whatever its parts need (served.eager_layer_us from
+    # a trace; 0: not measured, such steps are timed by their parts)
+    eager_layer_us: float = 0.0
     # CPU the gateway (one process: a serial stage beside the nodes) spends per output token it streams, from a
     # served run's /proc CPU seconds; 0: not measured, not a limit
     gateway_us_per_token: float = 0.0

@@ -362,7 +362,8 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
     max_batch_tokens a step, a token for each decoding sequence first, then chunks of the prompts being prefilled,
     oldest first, then new prompts while a batch slot and budget are free (beside decodes, after they have waited
     max_waiting_steps steps or would fill the budget); a step's prompt tokens run beside its decodes as one more
-    microbatch (eager, the prefill lines), and a prompt's first token comes with its last chunk.
+    microbatch (eager, the prefill lines; a disaggregated step that carries prompts takes at least
+    cal.eager_layer_us per MoE layer), and a prompt's first token comes with its last chunk.
     Returns tokens_per_s, TTFT and TPOT p50 in ms, the share of the run's node time spent in prefill parts, and the
     share of its steps that carry prompts beside decodes (mixed steps, which a disaggregated attention node runs
     eagerly whole: attention_node/model_runner.py). Where the calibration measured the gateway's CPU per streamed
@@ -409,6 +410,8 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
                 step += prefill
                 prefill_us += prefill
                 mixed += bool(decoding)
+                if not plan.colocated:  # run eagerly: at least its layers' launches, one by one
+                    step = max(step, costs.moe_layers * cal.eager_layer_us)
             now += step
             steps += 1
             busy_us += step

@@ -30,6 +30,28 @@ class ServedPhases:
     expert_background_us: float = 0.0  # the event loop); 0 without CPU seconds
 
 
+def eager_layer_us(trace: dict, moe_layers: int, node: str = "attention node 0") -> float:
+    """Host time per MoE layer of the steps a traced attention node ran eagerly, median over them: all their phases
+    but sampling, over the layers. Eager steps are those with dispatch phases: on a GPU, the steps that carry
+    prompt tokens (decode-only steps replay whole-step graphs, one phase each). A step starts at the first
+    "attention" after a "sample" (async scheduling samples twice a step: at launch and when its tokens land)."""
+    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
+    events = sorted((e["ts"], e["dur"], e["name"]) for e in trace["traceEvents"]
+                    if e["ph"] == "X" and names[e["pid"]] == node)
+    steps, step, previous = [], [], None
+    for e in events:
+        if e[2] == "attention" and previous == "sample" and step:
+            steps.append(step)
+            step = []
+        step.append(e)
+        previous = e[2]
+    eager = [sum(d for _, d, name in s if name != "sample") / moe_layers for s in steps + [step]
+             if any(name == "dispatch" for _, _, name in s)]
+    if not eager:
+        raise ConfigError(f"no eager steps (with dispatch phases) of {node} in the trace")
+    return statistics.median(eager)
+
+
 def phases_of(trace: dict, cpu_s: dict[str, float] | None = None) -> ServedPhases:
     """ServedPhases from a Chrome trace (telemetry.chrome_trace) of one attention and one expert node at m = 1, and
     the CPU seconds each node used over the same run ({"attention node 0": s, "expert node 0": s})."""

@@ -203,3 +203,25 @@ def test_a_gpus_served_parts_add_their_excess_over_bench_at_any_context():
     factor = served_calibration(CAL, phases, spec, CPU, tokens=16, context=48, dtype_bytes=4)
     assert step_parts(costs, plan, factor, 16, 48, 1)[0] == pytest.approx(short)  # the same where both were fitted
     assert step_parts(costs, plan, factor, 16, 4096, 1)[0] > long  # the factor scales the longer KV reads too
+
+
+def test_the_host_time_of_eager_steps_bounds_them_in_disaggregated_plans():
+    """served.eager_layer_us: the traced steps with dispatch phases (eager), all their phases but sampling, per MoE
+    layer; the closed loop then times a disaggregated step that carries prompts at least that per layer."""
+    from expertmesh.planner.perf import closed_loop
+    from expertmesh.planner.served import eager_layer_us
+    spec = shape("tiny")[1]
+    trace = served_trace()
+    layers = ModelCosts(spec).moe_layers
+    assert eager_layer_us(trace, 1) == pytest.approx(100 + 1000 + 300 + 50 + 400)
+    free = calibration.Linear(0.0, 0.0, 0.0)
+    cal = calibration.Calibration("gpu", 1.0, 1.0, None, None, free, free, free, False, None, step_overhead_us=100.0)
+    fast = dataclasses.replace(CPU, hbm_tb_s=1e9, bf16_tflops=1e9)
+    jobs = [(8, 4)] * 4
+    disaggregated, colocated = Deployment(fast, fast, 1, 1, 1, 8, 64), Deployment(fast, None, 1, 0, 1, 8, 64)
+    for plan, slower in ((disaggregated, True), (colocated, False)):
+        timed = closed_loop(spec, plan, dataclasses.replace(cal, eager_layer_us=5000.0), jobs, concurrency=2)
+        untimed = closed_loop(spec, plan, cal, jobs, concurrency=2)
+        # the steps that prefill take layers x 5 ms when disaggregated; colocated nodes are not bound by it
+        assert (timed["ttft_ms_p50"] >= layers * 5.0) == slower
+        assert (timed["tokens_per_s"] < untimed["tokens_per_s"]) == slower
