@@ -173,7 +173,8 @@ def load(path: str) -> Calibration:
     [host_traces: {sequences: trace} of the same run at other batch sizes: the host time per step as a line], or
     sweep: a served GPU row's microbatch_sweep JSON with GPU busy figures, [row: its index, default 0]: its host
     time per step gets served.GPU_STEP_HOST_PER_SEQUENCE_US a sequence, and its gateway CPU per token where the
-    row has it}. A bench layer JSON with prefill rows (--prefill-tokens) gives the prefill lines."""
+    row has it; [eager_trace: a `bench serve --trace` of a GPU run: the host time per layer of its eager steps,
+    eager_layer_us]}. A bench layer JSON with prefill rows (--prefill-tokens) gives the prefill lines."""
     data = read_structured(path)
     if "bench_layer" in data:
         here = Path(path).parent
@@ -191,7 +192,8 @@ def with_served(cal: Calibration, served_run: dict, here: Path) -> Calibration:
     from . import served
     from .gpus import GpuType
     from .perf import Deployment, ModelCosts, comm_us
-    unknown = set(served_run) - {"model", "trace", "sweep", "row", "tokens", "context", "dtype_bytes", "host_traces"}
+    unknown = set(served_run) - {"model", "trace", "sweep", "row", "tokens", "context", "dtype_bytes", "host_traces",
+                                 "eager_trace"}
     if unknown or "model" not in served_run or not ({"trace", "sweep"} & set(served_run)):
         raise ConfigError(f"calibration `served` entry {served_run}: give model and trace or sweep "
                           f"(unknown keys: {sorted(unknown)})")
@@ -216,8 +218,11 @@ def with_served(cal: Calibration, served_run: dict, here: Path) -> Calibration:
     context = sum(args["input_len"]) / 2 + sum(args["output_len"]) / 4  # mid-output, mean lengths
     fitted = served.served_calibration(cal, phases, spec, device, tokens, context, dtype_bytes, additive=True)
     sequences = tokens * (m if args["expert_nodes"] else 1)  # a step's, on the node measured
+    eager = served.eager_layer_us(json.loads((here / served_run["eager_trace"]).read_text()),
+                                  ModelCosts(spec, dtype_bytes).moe_layers) if "eager_trace" in served_run else 0.0
     return dataclasses.replace(served.with_host_per_sequence(fitted, sequences),
-                               gateway_us_per_token=served.gateway_us_per_token(sweep["rows"][index]))
+                               gateway_us_per_token=served.gateway_us_per_token(sweep["rows"][index]),
+                               eager_layer_us=eager)
 
 
 # Shipped: one H200 (benchmarks/RESULTS.md). Parts: `bench layer` second run (benchmarks/gpu_dataplane/

@@ -165,12 +165,14 @@ def test_a_calibration_file_takes_a_served_gpu_row(tmp_path):
     run["args"].update(concurrency=64, input_len=[64, 128], output_len=[64, 128])
     run["rows"][0]["cpu_s"] = {"gateway": 0.64}  # 100 µs of the gateway's CPU per output token
     (tmp_path / "row.json").write_text(json.dumps(run))
+    (tmp_path / "trace.json").write_text(json.dumps(served_trace()))  # its steps eager: 1850 µs of host phases
     (tmp_path / "cal.json").write_text(json.dumps({
         "device": "H200", "bench_layer": str(benchmarks / "gpu_dataplane/bench_layer_2.json"),
         "bench_transport": str(benchmarks / "gpu_multi/bench_ipc.json"), "datasheet_bytes_per_s": 4.8e12,
         "datasheet_flops_per_s": 9.89e14, "round_link_bytes_per_s": 4.5e11,
-        "served": {"model": "model", "sweep": "row.json"}}))
+        "served": {"model": "model", "sweep": "row.json", "eager_trace": "trace.json"}}))
     cal = calibration.load(str(tmp_path / "cal.json"))
+    assert cal.eager_layer_us == pytest.approx(1850 / layers)
     phases, _ = gpu_phases_of(run, 0, spec, cal.served.crossing_us)
     assert cal.served is not None and cal.served.dispatch_us == 0.0
     assert cal.step_overhead_us > 0 and phases.step_host_us > 0
