@@ -54,6 +54,7 @@ class ServedModel:
     node_wait_s: float = 10.0  # how long a request waits for a ready attention node before 503 (GatewayConfig)
     request_timeout_s: float | None = None  # a request's longest life, from arrival (GatewayConfig); None: none
     aliases: tuple[str, ...] = ()  # other ids a request's `model` may be (the name is the one reported)
+    worker: int = 0  # this gateway process's index among those sharing the port
 
     @property
     def all_nodes(self) -> list[NodeLink]:
@@ -143,8 +144,8 @@ def create_app(served: ServedModel) -> FastAPI:
     async def health() -> JSONResponse:
         not_ready = [n.name for n in served.all_nodes if not n.ready]
         if not_ready:
-            return JSONResponse({"status": "starting or failed", "not_ready": not_ready}, 503)
-        return JSONResponse({"status": "ok"})
+            return JSONResponse({"status": "starting or failed", "not_ready": not_ready, "worker": served.worker}, 503)
+        return JSONResponse({"status": "ok", "worker": served.worker})
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=openapi.METRICS)
     async def metrics() -> PlainTextResponse:

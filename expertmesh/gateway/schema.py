@@ -360,6 +360,7 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: str
     not_ready: list[str] | None = None  # the nodes that are not ready, while any is (then the status is 503)
+    worker: int = 0  # which gateway process answered (--gateway-workers share the port)
 
 
 class TraceStarted(BaseModel):

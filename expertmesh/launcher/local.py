@@ -119,7 +119,7 @@ class LocalCluster:
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         """Returns once /health is 200; raises ClusterError if a child dies or time runs out."""
-        supervision.wait_healthy(self.url, self.children, timeout_s)
+        supervision.wait_healthy(self.url, self.children, timeout_s, self.config.gateway.workers)
 
     def supervise(self) -> None:
         """Restarts children that died, with backoff; ClusterError for one that cannot or died too often."""

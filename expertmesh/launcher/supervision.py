@@ -8,6 +8,7 @@ and counts, CUDA graphs holding the old addresses): there every attention and ex
 again with the one that died, a new world, while the gateway stays up and answers for them."""
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import time
@@ -105,20 +106,27 @@ def _restart_world(nodes: list[Supervised], died: Supervised, backend: str) -> N
           f"{', '.join(n.name for n in others)} stop and start again with it", file=sys.stderr, flush=True)
 
 
-def wait_healthy(url: str, nodes: Iterable[Supervised], timeout_s: float) -> None:
-    """Returns once url/health is 200; ClusterError if a node exits first or time runs out."""
+def wait_healthy(url: str, nodes: Iterable[Supervised], timeout_s: float, workers: int = 1) -> None:
+    """Returns once url/health is 200 from each of `workers` gateway processes; ClusterError if a node exits first
+    or time runs out. The processes share the port: each answer names its worker, and each poll is a new connection,
+    which the kernel gives to one of those listening. A worker that binds the port late would otherwise take no
+    connection while the others already serve (a benchmark's first burst all on one of them)."""
     nodes = list(nodes)
     deadline = time.monotonic() + timeout_s
+    serving: set[int] = set()
     while time.monotonic() < deadline:
         check_started(nodes)
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                 if response.status == 200:
-                    return
+                    serving.add(json.loads(response.read() or b"{}").get("worker", 0))
+                    if len(serving) >= workers:
+                        return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
-        time.sleep(POLL_S)
-    raise ClusterError(f"cluster not ready within {timeout_s} s")
+        time.sleep(POLL_S / 10 if serving else POLL_S)  # the others are near once one serves
+    raise ClusterError(f"cluster not ready within {timeout_s} s" + (
+        f" (gateway workers serving: {sorted(serving)} of {workers})" if serving else ""))
 
 
 def run(cluster: Launched, ready_timeout_s: float) -> int:
