@@ -210,7 +210,7 @@ class Scheduler:
         self.running.remove(seq)
         self._stop_prefilling(seq)
         self.blocks.free(seq)
-        seq.num_cached, seq.num_new = 0, None
+        seq.num_cached, seq.num_new, seq.partial = 0, None, False
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -229,9 +229,10 @@ class Scheduler:
         return reason
 
     def _stop_prefilling(self, seq: Sequence) -> None:
+        """seq leaves the prefilling list. Its `partial` stays: a step being launched may still feed it its chunk
+        (an abort can come while the node awaits that launch), and must then not take its row for a token."""
         if seq in self.prefilling:  # a short list: the prompts being fed now
             self.prefilling.remove(seq)
-        seq.partial = False
 
     def advance_chunk(self, seq: Sequence) -> None:
         """After (or, with async scheduling, once launched) a step that fed seq a chunk inside its prompt."""

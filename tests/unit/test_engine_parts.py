@@ -226,6 +226,9 @@ def test_an_abort_stops_a_prompt_being_prefilled_at_once():
     for s in (short, long):
         sched.advance(s, 5)
     used = sched.blocks.num_used_blocks
+    assert sched.schedule() == [short, long] and long.partial  # its next chunk: the node awaits this step's launch
     assert sched.abort("long") is long and long not in sched.running and sched.blocks.num_used_blocks < used
+    assert not long.samples  # the launch, done, still gives no token to it
+    sched.advance(short, 5), sched.advance_chunk(long)
     assert sched.abort("short") is short and short in sched.running and short.aborted
     assert sched.schedule() == [short] and sched.advance(short, 5) == "abort"
