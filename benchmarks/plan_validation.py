@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import statistics
 import sys
 from pathlib import Path
 
@@ -51,7 +52,6 @@ def row_of(run: dict, index: int | str) -> dict:
     configuration served minutes apart varied by up to 29% on one H200 (RESULTS.md, eighth session)."""
     if isinstance(index, int):
         return run["rows"][index]
-    import statistics
     rows = [row for row in run["rows"] if row["microbatches"] == int(index.removeprefix("m="))]
     median = dict(rows[0])
     median["output_tokens_per_s"] = statistics.median(row["output_tokens_per_s"] for row in rows)

@@ -386,9 +386,9 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
                 if r[1] < r[0] and budget > 0:
                     chunks.append((r, min(r[0] - r[1], budget)))
                     budget -= chunks[-1][1]
-            arrived = queue[:len(freed)]  # a request waits for each free slot (closed loop)
-            if max_waiting_steps and decoding and arrived and held < max_waiting_steps and \
-                    sum(prompt for prompt, _ in arrived) < budget:
+            # a request waits for each free slot (closed loop)
+            if max_waiting_steps and decoding and queue and freed and held < max_waiting_steps and \
+                    sum(prompt for prompt, _ in queue[:len(freed)]) < budget:
                 held += 1  # as the scheduler's _hold_admissions
             else:
                 held = 0

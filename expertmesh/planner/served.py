@@ -30,16 +30,23 @@ class ServedPhases:
     expert_background_us: float = 0.0  # the event loop); 0 without CPU seconds
 
 
+def _node_events(trace: dict) -> dict[str, list[tuple[float, float, str]]]:
+    """Each traced node's phases, (start µs, duration µs, phase) in time order, by the node's name."""
+    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
+    nodes: dict[str, list[tuple[float, float, str]]] = {}
+    for e in trace["traceEvents"]:
+        if e["ph"] == "X":
+            nodes.setdefault(names[e["pid"]], []).append((e["ts"], e["dur"], e["name"]))
+    return {node: sorted(events) for node, events in nodes.items()}
+
+
 def eager_layer_us(trace: dict, moe_layers: int, node: str = "attention node 0") -> float:
     """Host time per MoE layer of the steps a traced attention node ran eagerly, median over them: all their phases
     but sampling, over the layers. Eager steps are those with dispatch phases: on a GPU, the steps that carry
     prompt tokens (decode-only steps replay whole-step graphs, one phase each). A step starts at the first
     "attention" after a "sample" (async scheduling samples twice a step: at launch and when its tokens land)."""
-    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
-    events = sorted((e["ts"], e["dur"], e["name"]) for e in trace["traceEvents"]
-                    if e["ph"] == "X" and names[e["pid"]] == node)
     steps, step, previous = [], [], None
-    for e in events:
+    for e in _node_events(trace).get(node, []):
         if e[2] == "attention" and previous == "sample" and step:
             steps.append(step)
             step = []
@@ -55,14 +62,10 @@ def eager_layer_us(trace: dict, moe_layers: int, node: str = "attention node 0")
 def phases_of(trace: dict, cpu_s: dict[str, float] | None = None) -> ServedPhases:
     """ServedPhases from a Chrome trace (telemetry.chrome_trace) of one attention and one expert node at m = 1, and
     the CPU seconds each node used over the same run ({"attention node 0": s, "expert node 0": s})."""
-    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
-    nodes: dict[str, list[tuple[float, float, str]]] = {}
-    for e in trace["traceEvents"]:
-        if e["ph"] == "X":
-            nodes.setdefault(names[e["pid"]], []).append((e["ts"], e["dur"], e["name"]))
+    nodes = _node_events(trace)
     if sorted(nodes) != ["attention node 0", "expert node 0"]:
         raise ConfigError(f"a served calibration needs the trace of 1 attention and 1 expert node, got {sorted(nodes)}")
-    attention, expert = (sorted(nodes[n]) for n in ("attention node 0", "expert node 0"))
+    attention, expert = (nodes[n] for n in ("attention node 0", "expert node 0"))
     of = lambda events, name: [e for e in events if e[2] == name]  # noqa: E731
     dispatch, combine = of(attention, "dispatch"), of(attention, "combine")
     compute, answer = of(expert, "expert_compute"), of(expert, "combine_send")
