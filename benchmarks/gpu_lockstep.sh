@@ -24,6 +24,8 @@
 #            "m=1" takes their median; one configuration varied by up to 29% between runs on one H200);
 #            MAX_WAITING_STEPS=N: new prompts wait up to N steps to join the decoding ones (--max-waiting-steps; JSON
 #            named *_wN): fewer steps that prefill beside decodes, which run eagerly (RESULTS.md, eighth session);
+#            PREFILL_GRAPH_TOKENS=N: steps with prompts replay CUDA graphs up to N tokens (--prefill-graph-tokens,
+#            default 512; 0: they run eagerly, as before the ninth session; JSON named *_gN);
 #            SM_SHARES="A E" (GPUS=1, under MPS): the attention node gets A% of the SMs and the expert node E%
 #            (one GPU standing in for two types, issue 14), with `bench layer` of the shape under each share first
 #            (layer_<shape>_sm<P>.json: the planner's calibration of that "type")
@@ -105,13 +107,14 @@ for part in ${PARTS:-tests bench serve}; do
       done
       for c in ${CONCURRENCY:-64}; do
         async=$(case "${ASYNC:-}" in 1) echo _async;; 0) echo _sync;; esac)
-        waits=${MAX_WAITING_STEPS:+_w$MAX_WAITING_STEPS}
+        waits=${MAX_WAITING_STEPS:+_w$MAX_WAITING_STEPS}${PREFILL_GRAPH_TOKENS:+_g$PREFILL_GRAPH_TOKENS}
         common="--model $model --device cuda --dtype bfloat16 --concurrency $c
                 $(case "${ASYNC:-}" in 1) echo --async-scheduling;; 0) echo --no-async-scheduling;; esac)
                 --gateway-workers ${GATEWAY_WORKERS:-1}
                 --num-requests $((${REQUESTS_PER_SLOT:-8} * c))
                 --max-num-seqs $c --input-len ${INPUT_LEN:-64 128} --output-len ${OUTPUT_LEN:-64 128}
-                --max-waiting-steps ${MAX_WAITING_STEPS:-0}"
+                --max-waiting-steps ${MAX_WAITING_STEPS:-0}
+                ${PREFILL_GRAPH_TOKENS:+--prefill-graph-tokens $PREFILL_GRAPH_TOKENS}"
         for transport in $TRANSPORTS; do
           name=serve_${shape}${MAX_POS:+_p$MAX_POS}_c${c}_disagg_${transport}$async$waits
           timeout -k 10 ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --transport ${transport%-sm} \

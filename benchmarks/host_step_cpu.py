@@ -48,7 +48,7 @@ async def one_run(seqs_n: int, steps: int) -> dict[str, float]:
             t0 = time.perf_counter()
             batch = scheduler.schedule()
             t1 = time.perf_counter()
-            runner.step_inputs(batch, pad_to=seqs_n, table_width=width)
+            runner.step_inputs(batch, pad_to=(seqs_n, seqs_n), table_width=width)
             t2 = time.perf_counter()
             sampling_batch(batch, "cpu", cluster.spec.vocab_size, eos)
             t3 = time.perf_counter()

@@ -52,6 +52,9 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-waiting-steps", type=int, default=0,
                    help="while sequences decode, steps new prompts may wait to join together (engine.max_waiting_steps)")
+    p.add_argument("--prefill-graph-tokens", type=int,
+                   help="steps with prompts replay CUDA graphs up to this many tokens (engine.prefill_graph_tokens; "
+                        "0: eagerly)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="each step launched while the previous one runs (engine.async_scheduling; default: on for "
                         "cuda); the JSON records what ran")
@@ -72,6 +75,8 @@ def main() -> int:
         config.engine.microbatches = m
         config.engine.max_num_seqs = args.max_num_seqs
         config.engine.max_waiting_steps = args.max_waiting_steps
+        if args.prefill_graph_tokens is not None:
+            config.engine.prefill_graph_tokens = args.prefill_graph_tokens
         config.engine.async_scheduling = args.async_scheduling
         config.model.device, config.model.dtype, config.transport.backend = args.device, args.dtype, args.transport
         config.transport.ipc_copy = args.ipc_copy
@@ -102,7 +107,10 @@ def main() -> int:
               f"{report.tpot_ms['p99']:7.2f} ms  TTFT p50 {report.ttft_ms['p50']:7.1f} ms  failed {report.failed}  "
               f"host idle: {idle}" + (f"  GPU busy: {busy}" if busy else "")
               + f"  client CPU {report.client_cpu_s / max(report.duration_s, 1e-9):.0%}"
-              + (f"  tokens per attention node: {split}" if len(report.tokens_per_node) > 1 else ""), flush=True)
+              + (f"  tokens per attention node: {split}" if len(report.tokens_per_node) > 1 else "")
+              + "  eager steps: " + ", ".join(f"{node} {eager / max(1, steps):.0%} of {steps:.0f}"
+                                             for node, (steps, eager) in sorted(report.steps_per_node.items())),
+              flush=True)
         if args.json:  # after every row: a sweep cut short by a time limit keeps what it measured
             with open(args.json, "w") as handle:
                 json.dump({"args": vars(args), "rows": rows}, handle, indent=2)

@@ -23,6 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from expertmesh.config import EngineConfig
 from expertmesh.model.spec import ModelSpec
 from expertmesh.planner import calibration, served
 from expertmesh.planner.gpus import BUILTIN, GpuType
@@ -166,7 +167,16 @@ def predict_row(run: dict, row: dict, cal: calibration.Calibration, device: GpuT
                       dtype_bytes=2 if args.get("dtype") == "bfloat16" else 4,
                       async_scheduling=bool(args.get("async_scheduling")))
     return closed_loop(gpu_spec_of(args["model"]), plan, cal, jobs_of(args), in_flight(args, row),
-                       max_waiting_steps=args.get("max_waiting_steps", 0))
+                       max_waiting_steps=args.get("max_waiting_steps", 0), prefill_graph_tokens=prefill_graphs(args))
+
+
+def prefill_graphs(args: dict) -> int:
+    """The run's engine.prefill_graph_tokens: 0 for sweeps from before steps with prompts had graphs (no such
+    argument), the engine's default where the sweep left it unset."""
+    if "prefill_graph_tokens" not in args:
+        return 0
+    return args["prefill_graph_tokens"] if args["prefill_graph_tokens"] is not None else \
+        EngineConfig().prefill_graph_tokens
 
 
 def rows() -> list[tuple[str, Path, int, str]]:
@@ -409,11 +419,12 @@ def gpu_main() -> int:
         workers = args.get("gateway_workers") or 1
         waits = args.get("max_waiting_steps", 0)
         bench = closed_loop(spec, plan, cal, jobs_of(args), in_flight(args, row), gateway_workers=workers,
-                            max_waiting_steps=waits)
+                            max_waiting_steps=waits, prefill_graph_tokens=prefill_graphs(args))
         model = LONG_CONTEXT_OF.get(args["model"], args["model"])
         served_cal = served_cals[model if not plan.colocated else "colocated"]
         with_served = closed_loop(spec, plan, served_cal, jobs_of(args), in_flight(args, row),
-                                  gateway_workers=workers, max_waiting_steps=waits)
+                                  gateway_workers=workers, max_waiting_steps=waits,
+                                  prefill_graph_tokens=prefill_graphs(args))
         tok, tpot = row["output_tokens_per_s"], row["tpot_ms"]["p50"]
         fitted = (name, index) in (*GPU_SERVED.values(), GPU_COLOCATED)
         print(f"| {label}{' (cold)' if cold else ''}{' (served calibration row)' if fitted else ''} | {tok:.0f} | "

@@ -37,12 +37,14 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
                    "prompts prefill in chunks")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-waiting-steps", type=int, help="while sequences decode, steps new prompts may wait to "
-                   "join together (default 0: at once; a step that prefills beside decodes runs eagerly on GPUs)")
+                   "join together (default 0: at once)")
     p.add_argument("--block-size", type=int, help="tokens per KV-cache block (power of two, 8..256; default 16)")
     p.add_argument("--gpu-memory-utilization", type=float,
                    help="fraction of each attention GPU's memory for weights, activations and KV cache (default 0.9)")
     p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks per attention node (overrides the sizing)")
     p.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs: run every step eagerly")
+    p.add_argument("--prefill-graph-tokens", type=int, help="steps that carry prompt tokens replay CUDA graphs up to "
+                   "this many new tokens (default 512; 0: they run eagerly)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule and launch each step while the previous one runs (its tokens stay on the device; "
                         "default: on for --device cuda, off on CPU)")
@@ -92,6 +94,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  ("engine", "gpu_memory_utilization", getattr(args, "gpu_memory_utilization", None)),
                  ("engine", "num_kv_blocks", getattr(args, "num_kv_blocks", None)),
                  ("engine", "enforce_eager", getattr(args, "enforce_eager", None)),
+                 ("engine", "prefill_graph_tokens", getattr(args, "prefill_graph_tokens", None)),
                  ("engine", "async_scheduling", getattr(args, "async_scheduling", None)),
                  ("transport", "ipc_copy", getattr(args, "ipc_copy", None)),
                  ("gateway", "workers", getattr(args, "gateway_workers", None)),

@@ -85,6 +85,10 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # KV-cache blocks; overrides the sizing above (and the CPU default)
     enforce_eager: bool = False  # no CUDA graphs: every step runs eagerly (vLLM's flag)
+    # steps that carry prompt tokens (prefill chunks, alone or beside decodes) of up to this many new tokens replay
+    # CUDA graphs too, padded to a bucket (attention_node/cuda_graphs.py); longer ones run eagerly, their device time
+    # hiding their launches; 0: all such steps run eagerly. vLLM's max_cudagraph_capture_size (also 512)
+    prefill_graph_tokens: int = 512
     # schedule and launch step N+1 while step N runs, its decode inputs N's tokens on the device (vLLM's
     # --async-scheduling; attention_node/node.py). None: on for CUDA, where it served 13-42% more tokens on
     # 2 x H200 (benchmarks/RESULTS.md, seventh session), off on CPU, where a launch is the whole step and it can
@@ -93,6 +97,10 @@ class EngineConfig:
 
     def async_scheduling_on(self, device: str) -> bool:
         return device == "cuda" if self.async_scheduling is None else self.async_scheduling
+
+    def graph_prefill_limit(self) -> int:
+        """prefill_graph_tokens, within what a step may feed."""
+        return min(self.prefill_graph_tokens, self.max_batch_tokens)
 
     def context_len(self, spec: "ModelSpec") -> int:
         """Tokens a sequence may hold (prompt + output): max_model_len, capped by the model's positions."""
@@ -227,6 +235,9 @@ class Config:
             raise ConfigError("engine.max_num_seqs and engine.max_batch_tokens must be >= 1")
         if self.engine.max_waiting_steps < 0:
             raise ConfigError(f"engine.max_waiting_steps={self.engine.max_waiting_steps}; must be >= 0")
+        if self.engine.prefill_graph_tokens < 0:
+            raise ConfigError(f"engine.prefill_graph_tokens must be >= 0 (0: steps with prompts run eagerly), got "
+                              f"{self.engine.prefill_graph_tokens}")
         if self.engine.max_batch_tokens < self.engine.max_num_seqs:
             raise ConfigError(f"engine.max_batch_tokens={self.engine.max_batch_tokens} < engine.max_num_seqs="
                               f"{self.engine.max_num_seqs}: every running sequence feeds a token each step")

@@ -2,7 +2,9 @@
 warm up every Triton kernel variant before serving, and the capture of one call (warmed up on a side stream first, so that compilation and workspace allocation stay out)."""
 from __future__ import annotations
 
-from typing import Callable
+import gc
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
@@ -52,6 +54,27 @@ def decode_step_shapes(max_num_seqs: int, microbatches: int) -> list[tuple[int, 
     return sorted({decode_step_shape(n, microbatches, sizes) for n in range(1, max_num_seqs + 1)})
 
 
+def prefill_bucket(tokens: int, limit: int) -> int | None:
+    """The token bucket a step that carries prompt tokens is padded to (bucket_sizes up to `limit`, engine
+    .prefill_graph_tokens), or None when it feeds more than `limit` tokens and runs eagerly."""
+    return next((b for b in bucket_sizes(limit) if b >= tokens), None) if limit >= 2 else None
+
+
+def prefill_step_shapes(limit: int, microbatches: int) -> list[tuple[int, ...]]:
+    """The shapes of the whole-step graphs of steps that carry prompt tokens: each of its g microbatches padded to
+    the bucket of the largest, for g = 1 .. microbatches (a step of few sequences has fewer groups)."""
+    if limit < 2:
+        return []
+    return [(b,) * g for g in range(1, microbatches + 1) for b in bucket_sizes(limit) if b >= 2]
+
+
+def step_graph_shapes(max_num_seqs: int, microbatches: int, prefill_tokens: int) -> list[tuple[int, ...]]:
+    """Every shape (tokens per microbatch) of a whole step an attention node replays as one graph: what the expert
+    nodes capture ahead, the same steps seen from their side."""
+    return sorted(set(decode_step_shapes(max_num_seqs, microbatches))
+                  | set(prefill_step_shapes(prefill_tokens, microbatches)))
+
+
 def capture(fn: Callable[[], object], pool) -> tuple[torch.cuda.CUDAGraph, object]:
     """(graph, outputs) of fn captured into the memory pool `pool`; outputs are the static tensors replays fill."""
     side = torch.cuda.Stream()
@@ -60,6 +83,22 @@ def capture(fn: Callable[[], object], pool) -> tuple[torch.cuda.CUDAGraph, objec
         fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with capturing(graph, pool):
         outputs = fn()
     return graph, outputs
+
+
+@contextmanager
+def capturing(graph: torch.cuda.CUDAGraph, pool) -> Iterator[None]:
+    """torch.cuda.graph with the garbage collector off: a collection inside a capture that frees an older graph (an
+    earlier runner's: two clusters in one test process) resets it, which a capturing stream does not permit, and the
+    capture fails (seen on the H200: "operation not permitted when stream is capturing (function reset)")."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            yield
+    finally:
+        if enabled:
+            gc.enable()

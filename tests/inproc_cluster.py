@@ -26,7 +26,7 @@ class InprocCluster:
     def __init__(self, model_dir, num_expert_nodes: int = 2, placement: Placement | None = None,
                  max_len: int = 256, max_num_seqs: int = 8, microbatches: int = 1, block_size: int = 16,
                  num_blocks: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 cuda_graphs: bool = False, max_batch_tokens: int = 4096) -> None:
+                 cuda_graphs: bool = False, max_batch_tokens: int = 4096, prefill_graph_tokens: int = 512) -> None:
         """num_blocks: KV-cache blocks; default enough for max_num_seqs sequences of max_len tokens. On CUDA, every
         node on the one device, with CUDA graphs on both kinds of node if cuda_graphs."""
         self.model_dir = model_dir
@@ -39,6 +39,7 @@ class InprocCluster:
         self.num_blocks = num_blocks or max_num_seqs * -(-max_len // block_size)
         self.device, self.dtype, self.cuda_graphs = device, dtype, cuda_graphs
         self.max_batch_tokens = max_batch_tokens
+        self.prefill_graph_tokens = min(prefill_graph_tokens, max_batch_tokens)
 
     async def __aenter__(self) -> "InprocCluster":
         transport = InprocTransport()
@@ -67,7 +68,7 @@ class InprocCluster:
         self.runner = ModelRunner(self.spec, weights, self.kv, self.m2n, self.device, local_experts,
                                   context_len=self.max_len)
         if self.cuda_graphs:
-            self.runner.capture_graphs(self.max_num_seqs, self.microbatches)
+            self.runner.capture_graphs(self.max_num_seqs, self.microbatches, self.prefill_graph_tokens)
         self.scheduler = Scheduler(BlockManager(self.num_blocks, self.block_size), self.max_num_seqs,
                                    self.max_batch_tokens, self.max_len, self.spec.eos_token_ids)
         return self

@@ -50,7 +50,7 @@ async def main(config: Config, index: int) -> None:
     if device.startswith("cuda"):
         await runner.warm_up(engine.max_batch_tokens)
         if not engine.enforce_eager:
-            runner.capture_graphs(engine.max_num_seqs, engine.microbatches)
+            runner.capture_graphs(engine.max_num_seqs, engine.microbatches, engine.graph_prefill_limit())
     control = await ZmqTransport().listen(config.cluster.attention_addresses[index])
     log.info("serving on %s", config.cluster.attention_addresses[index])
     scheduler = Scheduler(BlockManager(kv_cache.num_blocks, kv_cache.block_size), engine.max_num_seqs,

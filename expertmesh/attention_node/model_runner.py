@@ -2,7 +2,7 @@
 (or, colocated, here too).
 
 The layers between two MoE points form a *segment*: tensors in, tensors out, nothing that waits on the device,
-so a decode step's segments can be captured as CUDA graphs (cuda_graphs.py) and replayed. A step's sequences
+so a step's segments can be captured as CUDA graphs (cuda_graphs.py) and replayed. A step's sequences
 are split into microbatches that run as concurrent coroutines: while one waits for the expert nodes, the next
 runs its attention (ping-pong)."""
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ..ops.fused_moe import StackedExperts, fused_moe
 from ..ops.norm import add_rms_norm, rms_norm
 from ..telemetry import GpuMeter, PhaseClock
 from . import prompt_logprobs
-from .cuda_graphs import DecodeGraphs, StepGraphs
+from .cuda_graphs import GraphSet, SegmentGraphs, StepGraphs
 from ..transport.protocol import SamplingParams
 from .scheduler import PLACEHOLDER, Sequence
 
@@ -84,16 +84,22 @@ class ModelRunner:
         self.rotary = RotaryTable(spec.rope, spec.head_dim, self.context_len, weights.embed_tokens.dtype, device)
         # segment j ends at moe_points[j] (that layer's router outputs); the last segment ends with the logits
         self.moe_points = [] if local_experts is not None else spec.moe_layer_ids
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: SegmentGraphs | None = None
+        self.eager_steps = 0  # steps with a microbatch that replayed no graph
         self.step_graphs: StepGraphs | None = None
 
-    def capture_graphs(self, max_num_seqs: int, microbatches: int, progress=None) -> None:
-        """Decode steps of up to max_num_seqs sequences replay CUDA graphs from now on (CUDA only): segment by
-        segment, or, over links that keep their counts on the device, whole steps with their M2N rounds."""
-        self.graphs = DecodeGraphs(self, max_num_seqs, microbatches)
+    def capture_graphs(self, max_num_seqs: int, microbatches: int, prefill_tokens: int = 0, progress=None) -> None:
+        """Decode steps of up to max_num_seqs sequences, and steps that carry prompt tokens of up to prefill_tokens
+        new tokens, replay CUDA graphs from now on (CUDA only): whole steps with their M2N rounds over links that
+        keep their counts on the device, else segment by segment (steps with prompts only colocated, where a step
+        is one segment)."""
+        if self.spec.mla is not None:
+            prefill_tokens = 0  # MLA's prefill attention loops over sequences on the host (ops/mla.py)
+        self.graphs = SegmentGraphs(self, max_num_seqs, microbatches,
+                                    prefill_tokens if self.local_experts is not None else 0)
         self.graphs.capture(progress)
         if getattr(self.experts, "captures_steps", False):
-            step_graphs = StepGraphs(self, max_num_seqs, microbatches)
+            step_graphs = StepGraphs(self, max_num_seqs, microbatches, prefill_tokens)
             try:
                 step_graphs.capture()
                 self.step_graphs = step_graphs
@@ -115,27 +121,33 @@ class ModelRunner:
                       end_step: bool = True) -> torch.Tensor:
         """Logits of each sequence's last new token, [len(seqs), vocab], in seqs order. end_step=False: returns
         without waiting for the step's M2N rounds (async scheduling waits for them with its tokens: finish_step)."""
-        key = self.step_graphs.ready_for(seqs) if self.step_graphs is not None else None
-        if key is not None and microbatches == self.step_graphs.microbatches:  # the whole step is one replay
-            await self.experts.begin_step(step, list(key))
-            with self.clock.phase("attention"):
-                logits = self.step_graphs.run(key, split_microbatches(seqs, microbatches))
-            await self._end_rounds(step, end_step)
-            return logits
+        groups = split_microbatches(seqs, microbatches)
+        if self.step_graphs is not None and microbatches == self.step_graphs.microbatches:
+            key = self.step_graphs.ready_for(seqs, groups)
+            if key is not None:  # the whole step is one replay
+                await self.experts.begin_step(step, list(key[1]))
+                with self.clock.phase("attention"):
+                    logits = self.step_graphs.run(key, groups)
+                await self._end_rounds(step, end_step)
+                return logits
+        graphs = [self.graphs.ready_for(mb, g) if self.graphs is not None else None for mb, g in enumerate(groups)]
         prefilling = [s for s in seqs if s.num_tokens - s.num_cached != 1]
-        if self.graphs is not None and self.local_experts is not None and 0 < len(prefilling) < len(seqs):
-            # a mixed step, colocated: the decodes replay their graphs, the prefills run eagerly as one more
-            # microbatch. Not when disaggregated: each microbatch's M2N dispatch waits on the device, so a second one
-            # per layer costs more than the graphs save (measured on one H200, RESULTS.md)
+        self.eager_steps += None in graphs
+        if None in graphs and self.graphs is not None and self.local_experts is not None \
+                and 0 < len(prefilling) < len(seqs):
+            # colocated, a step with prompts its graphs do not cover (too many tokens, prompt logprobs): the decodes
+            # replay their graphs, the prompts run as one more microbatch. Not when disaggregated: each microbatch's
+            # M2N dispatch waits on the device, so a second one per layer costs more than the graphs save (measured
+            # on one H200, RESULTS.md)
             decoding = [s for s in seqs if s.num_tokens - s.num_cached == 1]
             groups = split_microbatches(decoding, microbatches) + [prefilling]
-        else:
-            groups = split_microbatches(seqs, microbatches)
+            graphs = [self.graphs.ready_for(mb, g) for mb, g in enumerate(groups)]
         if self.experts is not None:
             await self.experts.begin_step(step, [sum(len(s.new_token_ids()) for s in group) for group in groups])
         try:
             async with asyncio.TaskGroup() as tasks:  # one failing microbatch cancels the others
-                running = [tasks.create_task(self._forward(step, mb, group)) for mb, group in enumerate(groups)]
+                running = [tasks.create_task(self._forward(step, mb, group, graphs[mb]))
+                           for mb, group in enumerate(groups)]
         except ExceptionGroup as group_error:
             raise group_error.exceptions[0] from None
         logits = torch.cat([task.result() for task in running])
@@ -162,7 +174,7 @@ class ModelRunner:
         if self.experts is not None:
             await self.experts.end_step(step, self._step_ends.pop(step, None))
 
-    def step_inputs(self, seqs: list[Sequence], pad_to: int | None = None,
+    def step_inputs(self, seqs: list[Sequence], pad_to: tuple[int, int] | None = None,
                     table_width: int | None = None) -> tuple[torch.Tensor, StepMetadata, torch.Tensor]:
         """(token ids, metadata, rows to project) of a step over seqs, on the device. The rows: each sequence's last
         new token, then the positions whose logits score prompt tokens for the requests that ask (prompt_logprobs.py)."""
@@ -178,10 +190,10 @@ class ModelRunner:
             last_token.append(len(token_ids) - 1)
             entries.append((seq.block_ids, seq.num_cached, len(new)))
         last_token += prompt_rows
-        if pad_to is not None:
-            token_ids += [0] * (pad_to - len(token_ids))
-            last_token += list(range(len(last_token), pad_to))
-        meta = self.kv_cache.step_metadata(entries, None if pad_to is None else (pad_to, pad_to), table_width)
+        if pad_to is not None:  # (sequences, tokens)
+            token_ids += [0] * (pad_to[1] - len(token_ids))
+            last_token += list(range(len(last_token), pad_to[0]))
+        meta = self.kv_cache.step_metadata(entries, pad_to, table_width)
         token_ids, last_token = to_device_all([token_ids, last_token], self.device)
         if held_rows:
             rows, sources = to_device_all([held_rows, held_from], self.device)
@@ -206,6 +218,8 @@ class ModelRunner:
                 out = swiglu(x, *layer.dense_mlp)
                 continue
             expert_ids, expert_weights, h = route_and_share(layer, x, h, spec)  # shared experts join h here
+            if meta.num_tokens < x.shape[0]:  # a graph's padded rows: no expert computes them
+                expert_ids = torch.where(meta.slot_mapping.unsqueeze(1) >= 0, expert_ids, -1)
             if self.local_experts is not None:
                 out = fused_moe(x, expert_ids, expert_weights, self.local_experts[i])
                 continue
@@ -214,11 +228,8 @@ class ModelRunner:
         x, _ = add_rms_norm(out[last_token], h[last_token], w.final_norm, eps)
         return (x @ w.lm_head.T,)
 
-    async def _forward(self, step: int, microbatch: int, seqs: list[Sequence]) -> torch.Tensor:
+    async def _forward(self, step: int, microbatch: int, seqs: list[Sequence], graphs: GraphSet | None) -> torch.Tensor:
         clock = self.clock
-        graphs = self.graphs.ready_for(microbatch, seqs) if self.graphs is not None else None
-        if graphs is not None and any(prompt_logprobs.positions(s) for s in seqs):
-            graphs = None  # graphs project each sequence's last row only
         with clock.phase("attention", microbatch):
             if graphs is not None:
                 graphs.load(seqs)
@@ -237,7 +248,7 @@ class ModelRunner:
                     prompt_logprobs.record(seqs, logits[len(seqs):])
                 return logits[:len(seqs)]
             h, x, expert_ids, expert_weights = outputs
-            n = len(seqs) if graphs is not None else x.shape[0]  # graphs pad decode steps to their bucket
+            n = graphs.rows if graphs is not None else x.shape[0]  # graphs pad steps to their bucket
             layer = self.moe_points[j]
             with clock.phase("dispatch", microbatch):
                 handle = await self.experts.dispatch(step, layer, microbatch, x[:n], expert_ids[:n],

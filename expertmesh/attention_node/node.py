@@ -169,7 +169,8 @@ class AttentionNode:
                       self.scheduler.blocks.num_used_blocks, self.scheduler.blocks.num_blocks,
                       self.scheduler.num_preemptions, os.getpid(), *self.runner.gpu.totals(),
                       link_backends=getattr(self.m2n, "link_backends",  # the message M2N: one for all
-                                            [self.config.transport.backend] * len(s.bytes_sent)))
+                                            [self.config.transport.backend] * len(s.bytes_sent)),
+                      eager_steps=self.runner.eager_steps)
 
     async def _engine(self) -> None:
         """Steps while there is work. With engine.async_scheduling, step N+1 is scheduled and launched while step N

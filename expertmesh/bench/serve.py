@@ -55,6 +55,7 @@ class Report:
     gpu_span_ms: dict[str, float] = field(default_factory=dict)  # mean span: T_a per segment, T_e per round
     client_cpu_s: float = 0.0  # this client's own CPU time: near the duration, the client sets the pace
     tokens_per_node: dict[str, float] = field(default_factory=dict)  # attention node "a0" -> the tokens it generated
+    steps_per_node: dict[str, list[float]] = field(default_factory=dict)  # "a0" -> [steps, those run eagerly]
 
     def table(self) -> str:
         rows = [("requests (failed)", f"{self.requests} ({self.failed})"), ("duration", f"{self.duration_s:.2f} s"),
@@ -67,6 +68,8 @@ class Report:
                  for node, value in sorted(self.gpu_busy.items())]
         rows += [(f"tokens {node}", f"{value:.0f} ({value / max(1, sum(self.tokens_per_node.values())):.0%})")
                  for node, value in sorted(self.tokens_per_node.items())]
+        rows += [(f"steps {node}", f"{steps:.0f} ({eager / max(1, steps):.0%} eager)")
+                 for node, (steps, eager) in sorted(self.steps_per_node.items())]
         if self.duration_s > 0:
             rows.append(("client CPU", f"{self.client_cpu_s / self.duration_s:.0%} of the run"
                          + (" (near 100%: the client, not the cluster, may set the pace)"
@@ -166,7 +169,15 @@ async def run(url: str, workload: Workload, trace_path: str | None = None, progr
                   bytes_per_token, prometheus.idle_fractions(moved), *prometheus.gpu_busy(moved, duration),
                   client_cpu_s=client_cpu_s,
                   tokens_per_node={f"a{a}": value for (a,), value in prometheus.by_label(
-                      moved, "expertmesh_node_generation_tokens_total", "attention_node").items()})
+                      moved, "expertmesh_node_generation_tokens_total", "attention_node").items()},
+                  steps_per_node=steps_per_node(moved))
+
+
+def steps_per_node(moved: dict) -> dict[str, list[float]]:
+    """Each attention node's steps in the run, and how many of them ran eagerly."""
+    steps = prometheus.by_label(moved, "expertmesh_engine_steps_total", "attention_node")
+    eager = prometheus.by_label(moved, "expertmesh_engine_eager_steps_total", "attention_node")
+    return {f"a{a}": [value, eager.get((a,), 0.0)] for (a,), value in steps.items()}
 
 
 def main(url: str, workload: Workload, trace_path: str | None, json_path: str | None) -> int:

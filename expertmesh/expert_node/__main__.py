@@ -7,7 +7,7 @@ import time
 import torch
 
 from ..config import LOCKSTEP_BACKENDS, Config
-from ..cuda_graph import decode_step_shapes
+from ..cuda_graph import step_graph_shapes
 from ..m2n.links import make_links
 from ..model.spec import ModelSpec
 from ..model.weights import load_experts
@@ -40,13 +40,15 @@ async def main(config: Config, index: int) -> None:
     node = ExpertNode(index, experts, spec.num_experts, None, None, secret=config.cluster.secret)
     if lockstep:
         links = make_links(config, "expert", index, device, spec.hidden_size, config.model.torch_dtype, spec.top_k)
-        # ipc links keep their counts on the device: whole decode steps are captured (StepGraphs' counterpart)
+        # ipc links keep their counts on the device: whole steps are captured (StepGraphs' counterpart)
         whole_steps = links.backend == "ipc" and not config.engine.enforce_eager
-        node.rounds = LockstepRounds(links, spec.moe_layer_ids, config.engine.max_batch_tokens, spec.hidden_size,
+        engine = config.engine
+        node.rounds = LockstepRounds(links, spec.moe_layer_ids, engine.max_batch_tokens, spec.hidden_size,
                                      spec.top_k, config.model.torch_dtype, device, node.compute_lane,
                                      config.transport.recv_timeout_s, node.compute_eager if whole_steps else None,
-                                     config.engine.max_num_seqs, lambda n: node.warm_up(n, spec.top_k),
-                                     decode_step_shapes(config.engine.max_num_seqs, config.engine.microbatches))
+                                     engine.max_num_seqs, lambda n: node.warm_up(n, spec.top_k),
+                                     step_graph_shapes(engine.max_num_seqs, engine.microbatches,
+                                                       0 if spec.mla is not None else engine.graph_prefill_limit()))
         log.info("lockstep rounds over %s", links.backend)
     if device.startswith("cuda"):  # every kernel variant a round may need, compiled and loaded before the first:
         # else the first requests wait for Triton (the cold first row of every served sweep), and on NCCL links a

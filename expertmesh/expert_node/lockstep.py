@@ -17,6 +17,7 @@ from typing import Awaitable, Callable
 
 import torch
 
+from ..cuda_graph import capturing
 from ..m2n.links import Links
 from ..m2n.lockstep import wait_event
 from ..transport.protocol import StepPlan, TensorMeta
@@ -33,10 +34,11 @@ class LockstepRounds:
                  dtype: torch.dtype, device: str, compute: Compute, recv_timeout_s: float,
                  graph_compute: Compute | None = None, graph_tokens: int = 0,
                  warm_up: Callable[[int], None] | None = None, shapes: list[tuple[int, ...]] = ()) -> None:
-        """graph_compute (CUDA, ipc links): steps whose microbatches hold at most graph_tokens tokens each are
+        """graph_compute (CUDA, ipc links): steps of the shapes in `shapes` (the attention nodes' whole-step graphs,
+        captured ahead: precapture), and others whose microbatches hold at most graph_tokens tokens each, are
         captured whole, once per (attention node, tokens per microbatch), with graph_compute (which must not replay
         graphs of its own), and replayed from then on; warm_up(tokens) runs first for each size, eagerly, so that
-        every kernel the capture records is compiled. `shapes`: those captured ahead (precapture)."""
+        every kernel the capture records is compiled."""
         self.links = links
         self.moe_layers = moe_layers
         self.capacity = capacity
@@ -47,6 +49,7 @@ class LockstepRounds:
         self.top_k, self.dtype = top_k, dtype
         self.graph_compute, self.graph_tokens, self.warm_up = graph_compute, graph_tokens, warm_up
         self.shapes = list(shapes) if graph_compute is not None else []
+        self._shape_set = set(self.shapes)
         self._graphs: dict[tuple[int, tuple[int, ...]], torch.cuda.CUDAGraph | None] = {}
         self._pool = torch.cuda.graph_pool_handle() if graph_compute is not None else None
         lanes = range(links.attention_nodes)
@@ -153,20 +156,22 @@ class LockstepRounds:
         return computed
 
     def precapture(self, a: int) -> None:
-        """Captures attention node a's steps of every shape in `shapes` (the decode steps it captures whole), once
+        """Captures attention node a's steps of every shape in `shapes` (the steps it captures whole), once
         its links are attached, so that none is captured while a step waits for it."""
         started = time.monotonic()
         for shape in self.shapes:
             self._step_graph(a, StepPlan(a, 0, list(shape)))
         if self.shapes:
-            log.info("captured attention node %d's decode steps of %d shapes in %.1f s", a, len(self.shapes),
+            log.info("captured attention node %d's steps of %d shapes in %.1f s", a, len(self.shapes),
                      time.monotonic() - started)
 
     def _step_graph(self, a: int, plan: StepPlan) -> torch.cuda.CUDAGraph | None:
         """The captured step for plan's shape (captured now if new), or None where steps run eagerly."""
-        if self.graph_compute is None or not all(0 < n <= self.graph_tokens for n in plan.tokens):
+        shape = tuple(plan.tokens)
+        if self.graph_compute is None or (shape not in self._shape_set
+                                          and not all(0 < n <= self.graph_tokens for n in shape)):
             return None
-        key = (a, tuple(plan.tokens))
+        key = (a, shape)
         if key not in self._graphs:
             self._graphs[key] = self._capture(a, plan)
         return self._graphs[key]
@@ -179,7 +184,7 @@ class LockstepRounds:
                 with self._on_lane(a):
                     for n in sorted(set(plan.tokens)):
                         self.warm_up(n)
-            with torch.cuda.graph(graph, pool=self._pool):
+            with capturing(graph, self._pool):
                 for layer in self.moe_layers:
                     for mb, n in enumerate(plan.tokens):
                         metas = [TensorMeta(self.dtype, (n, self.hidden)), TensorMeta(torch.int32, (n, self.top_k)),

@@ -81,6 +81,8 @@ class _Snapshot:
             ("expertmesh_running_sequences", GaugeMetricFamily, "Sequences running", lambda s: s.running),
             ("expertmesh_queued_tokens", GaugeMetricFamily, "Prompt tokens waiting", lambda s: s.queued_tokens),
             ("expertmesh_engine_steps", CounterMetricFamily, "Engine steps", lambda s: s.steps),
+            ("expertmesh_engine_eager_steps", CounterMetricFamily, "Engine steps run eagerly, not as CUDA graphs",
+             lambda s: s.eager_steps),
             # vLLM's gpu_cache_usage_perc and num_preemptions_total
             ("expertmesh_kv_cache_usage", GaugeMetricFamily, "Fraction of KV-cache blocks in use",
              lambda s: round(s.kv_blocks_used / max(1, s.kv_blocks_total), 6)),

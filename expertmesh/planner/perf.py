@@ -355,15 +355,16 @@ def predict(spec: ModelSpec, plan: Deployment, cal: Calibration, prompt_len: int
 
 def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[tuple[int, int]],
                 concurrency: int, max_batch_tokens: int = 2048, gateway_workers: int = 1,
-                max_waiting_steps: int = 0) -> dict:
+                max_waiting_steps: int = 0, prefill_graph_tokens: int = 0) -> dict:
     """A finite closed-loop run as `bench serve` drives it (jobs of (prompt, output) tokens, `concurrency` in flight,
     spread evenly over the attention nodes), stepped with the model's step times: what a short measured run sees,
     ramp-up and tail included. Scheduling is the attention node's (attention_node/scheduler.py): a token budget of
     max_batch_tokens a step, a token for each decoding sequence first, then chunks of the prompts being prefilled,
     oldest first, then new prompts while a batch slot and budget are free (beside decodes, after they have waited
     max_waiting_steps steps or would fill the budget); a step's prompt tokens run beside its decodes as one more
-    microbatch (eager, the prefill lines; a disaggregated step that carries prompts takes at least
-    cal.eager_layer_us per MoE layer), and a prompt's first token comes with its last chunk.
+    microbatch (the prefill lines; a disaggregated step that carries prompts and more than prefill_graph_tokens
+    tokens in all runs eagerly and takes at least cal.eager_layer_us per MoE layer; fewer replay a CUDA graph), and
+    a prompt's first token comes with its last chunk.
     Returns tokens_per_s, TTFT and TPOT p50 in ms, the share of the run's node time spent in prefill parts, and the
     share of its steps that carry prompts beside decodes (mixed steps, which a disaggregated attention node runs
     eagerly whole: attention_node/model_runner.py). Where the calibration measured the gateway's CPU per streamed
@@ -410,7 +411,8 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
                 step += prefill
                 prefill_us += prefill
                 mixed += bool(decoding)
-                if not plan.colocated:  # run eagerly: at least its layers' launches, one by one
+                if not plan.colocated and tokens + len(decoding) > prefill_graph_tokens:
+                    # run eagerly: at least its layers' launches, one by one
                     step = max(step, costs.moe_layers * cal.eager_layer_us)
             now += step
             steps += 1

@@ -388,6 +388,7 @@ class Status(Message):
     gpu_busy_seconds: float = 0.0  # device time of its compute spans (telemetry.GpuMeter), on a GPU
     gpu_spans: int = 0
     link_backends: list[str] = field(default_factory=list)  # the backend of its link to each expert node
+    eager_steps: int = 0  # of `steps`, those run eagerly (not replayed as CUDA graphs: long prefills, CPU)
 
 
 @dataclass

@@ -40,8 +40,32 @@ def test_float32_greedy_tokens_match_transformers_with_cuda_graphs(request, arch
     assert asyncio.run(run()) == reference_tokens(model_dir, PROMPTS, 16)
 
 
+@pytest.mark.parametrize("expert_nodes", [0, 2], ids=["colocated", "disaggregated"])
+@pytest.mark.parametrize("arch", ["mixtral_dir", "qwen3_dir"])
+def test_steps_with_prompts_beside_decodes_replay_graphs_exact_against_transformers(request, arch, expert_nodes):
+    """Three batch slots for six prompts and 16 tokens a step: prompts prefill in chunks beside sequences that
+    decode, and later prompts join them. Colocated, every step replays a graph (segment graphs cover steps with
+    prompts there); with prefill_graph_tokens=0 those steps run eagerly, as before. The tokens equal transformers'
+    either way."""
+    model_dir = request.getfixturevalue(arch)
+
+    async def run(prefill_graph_tokens):
+        async with InprocCluster(model_dir, num_expert_nodes=expert_nodes, device="cuda", cuda_graphs=True,
+                                 max_num_seqs=3, max_batch_tokens=16, prefill_graph_tokens=prefill_graph_tokens) as c:
+            tokens = await c.generate(PROMPTS, 16)
+            return tokens, c.runner.eager_steps
+
+    expected = reference_tokens(model_dir, PROMPTS, 16)
+    (graphed, eager_steps), (eager, eager_steps_off) = asyncio.run(run(512)), asyncio.run(run(0))
+    assert graphed == eager == expected
+    assert eager_steps_off >= 4  # the steps that carried prompts
+    if expert_nodes == 0:
+        assert eager_steps == 0
+
+
 async def _decode_logits(cluster, prompts, steps, check_syncs):
-    """Greedy steps over prompts; the logits of every decode step (all sequences decoding)."""
+    """Greedy steps over prompts; the logits of every decode step (all sequences decoding). check_syncs: no decode
+    step may wait on the device; "all": no step at all (steps with prompts replaying their graphs too)."""
     sched, runner = cluster.scheduler, cluster.runner
     seqs = [Sequence(f"s{i}", p, SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True), 0)
             for i, p in enumerate(prompts)]
@@ -51,7 +75,7 @@ async def _decode_logits(cluster, prompts, steps, check_syncs):
     for step in range(steps + 1):
         batch = sched.schedule()
         decode = all(s.num_tokens - s.num_cached == 1 for s in batch)
-        if check_syncs and decode:
+        if check_syncs == "all" or (check_syncs and decode):
             torch.cuda.set_sync_debug_mode("error")  # any host wait inside the step raises
         try:
             logits = await runner.forward(step, batch, cluster.microbatches)
@@ -69,7 +93,7 @@ def test_colocated_decode_steps_never_wait_on_the_device_and_graphs_equal_eager(
     async def run(graphs):
         async with InprocCluster(mixtral_dir, num_expert_nodes=0, device="cuda", cuda_graphs=graphs,
                                  microbatches=microbatches) as cluster:
-            return await _decode_logits(cluster, PROMPTS, 8, check_syncs=True)
+            return await _decode_logits(cluster, PROMPTS, 8, check_syncs="all" if graphs else True)
 
     graphed, eager = asyncio.run(run(True)), asyncio.run(run(False))
     assert len(graphed) == len(eager) == 8

@@ -40,7 +40,7 @@ class LockstepCluster:
     none)."""
 
     def __init__(self, model_dir, tmp_path, backend: str, microbatches: int, max_num_seqs: int = 8,
-                 max_len: int = 256, recv_timeout_s: float = 60.0) -> None:
+                 max_len: int = 256, recv_timeout_s: float = 60.0, prefill_graph_tokens: int = 512) -> None:
         backend, _, expert_gpu = backend.partition(":")
         backend, _, copy = backend.partition("-")
         config = Config()
@@ -48,6 +48,7 @@ class LockstepCluster:
         config.transport.backend, config.transport.recv_timeout_s = backend, recv_timeout_s
         config.transport.ipc_copy = copy or "engine"
         config.engine.microbatches, config.engine.max_num_seqs = microbatches, max_num_seqs
+        config.engine.prefill_graph_tokens = prefill_graph_tokens
         c = config.cluster
         c.attention_nodes, c.expert_nodes, c.attention_gpus = 1, 1, [0]
         c.expert_gpus = [int(expert_gpu or 0)]
@@ -80,7 +81,7 @@ class LockstepCluster:
         blocks = self.max_num_seqs * -(-self.max_len // 16)
         kv = PagedKVCache(spec, blocks, 16, torch.float32, "cuda:0")
         self.runner = ModelRunner(spec, weights, kv, self.m2n, "cuda:0", context_len=self.max_len)
-        self.runner.capture_graphs(self.max_num_seqs, self.microbatches)
+        self.runner.capture_graphs(self.max_num_seqs, self.microbatches, config.engine.graph_prefill_limit())
         self.scheduler = Scheduler(BlockManager(blocks, 16), self.max_num_seqs, config.engine.max_batch_tokens,
                                    self.max_len, spec.eos_token_ids)
 
@@ -111,11 +112,30 @@ def test_float32_greedy_tokens_match_transformers(request, arch, backend, tmp_pa
     assert asyncio.run(run()) == reference_tokens(model_dir, PROMPTS, 16)
 
 
+@pytest.mark.parametrize("backend", ["ipc", pytest.param("ipc:1", marks=_TWO_GPUS)])
+@pytest.mark.parametrize("arch", ["mixtral_dir", "qwen3_dir"])
+def test_steps_with_prompts_replay_whole_step_graphs_exact_against_transformers(request, arch, backend, tmp_path):
+    """Three batch slots for six prompts, two microbatches: steps that mix prompt chunks and decodes replay
+    whole-step graphs with their M2N rounds (the expert node captured the same shapes), none runs eagerly, and the
+    tokens equal transformers'."""
+    model_dir = request.getfixturevalue(arch)
+
+    async def run():
+        async with LockstepCluster(model_dir, tmp_path, backend, microbatches=2, max_num_seqs=3) as cluster:
+            tokens = await cluster.generate(PROMPTS, 16)
+            return tokens, cluster.runner.eager_steps
+
+    tokens, eager_steps = asyncio.run(run())
+    assert tokens == reference_tokens(model_dir, PROMPTS, 16)
+    assert eager_steps == 0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_steps_never_wait_on_the_device(mixtral_dir, backend, tmp_path):
     async def run():
         async with LockstepCluster(mixtral_dir, tmp_path, backend, microbatches=2) as cluster:
-            return await _decode_logits(cluster, PROMPTS, 8, check_syncs=True)
+            # over ipc, steps with prompts replay whole-step graphs too: none of them waits either
+            return await _decode_logits(cluster, PROMPTS, 8, check_syncs="all" if backend.startswith("ipc") else True)
 
     logits = asyncio.run(run())
     assert len(logits) == 8 and all(torch.isfinite(step).all() for step in logits)

@@ -227,3 +227,7 @@ def test_the_host_time_of_eager_steps_bounds_them_in_disaggregated_plans():
         # the steps that prefill take layers x 5 ms when disaggregated; colocated nodes are not bound by it
         assert (timed["ttft_ms_p50"] >= layers * 5.0) == slower
         assert (timed["tokens_per_s"] < untimed["tokens_per_s"]) == slower
+        # steps of at most prefill_graph_tokens tokens replay a CUDA graph: no launches to wait for
+        graphed = closed_loop(spec, plan, dataclasses.replace(cal, eager_layer_us=5000.0), jobs, concurrency=2,
+                              prefill_graph_tokens=512)
+        assert graphed["tokens_per_s"] == pytest.approx(untimed["tokens_per_s"])
