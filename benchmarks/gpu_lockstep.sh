@@ -25,7 +25,7 @@
 #            MAX_WAITING_STEPS=N: new prompts wait up to N steps to join the decoding ones (--max-waiting-steps; JSON
 #            named *_wN): fewer steps that prefill beside decodes, which run eagerly (RESULTS.md, eighth session);
 #            PREFILL_GRAPH_TOKENS=N: steps with prompts replay CUDA graphs up to N tokens (--prefill-graph-tokens,
-#            default 512; 0: they run eagerly, as before the ninth session; JSON named *_gN);
+#            default: every step; 0: they run eagerly, as before the ninth session; JSON named *_gN);
 #            SM_SHARES="A E" (GPUS=1, under MPS): the attention node gets A% of the SMs and the expert node E%
 #            (one GPU standing in for two types, issue 14), with `bench layer` of the shape under each share first
 #            (layer_<shape>_sm<P>.json: the planner's calibration of that "type")

@@ -175,8 +175,9 @@ def prefill_graphs(args: dict) -> int:
     argument), the engine's default where the sweep left it unset."""
     if "prefill_graph_tokens" not in args:
         return 0
-    return args["prefill_graph_tokens"] if args["prefill_graph_tokens"] is not None else \
-        EngineConfig().prefill_graph_tokens
+    engine = EngineConfig(prefill_graph_tokens=args["prefill_graph_tokens"])
+    engine.max_batch_tokens = args.get("max_batch_tokens") or engine.max_batch_tokens
+    return engine.graph_prefill_limit()
 
 
 def rows() -> list[tuple[str, Path, int, str]]:
@@ -330,12 +331,32 @@ GPU_ROWS = [
     ("Qwen3 long c=256 1+1 m=2, session 8", "../session8/long/serve_qwen3_p8192_c256_disagg_ipc.json", 1, False),
     ("Qwen3 long c=256 1+1 m=3, session 8", "../session8/long/serve_qwen3_p8192_c256_disagg_ipc.json", 2, False),
     ("Qwen3 long c=256 colocated-2, session 8", "../session8/long/serve_qwen3_p8192_c256_colocated.json", 0, False),
+    # the ninth session's (RESULTS.md, "Ninth session"): steps with prompts replay CUDA graphs (up to 512 tokens;
+    # "eager": --prefill-graph-tokens 0, as before; "no cap": up to the step's budget, now the default)
+    ("Qwen3 c=64 1+1 m=1, session 9", "../session9/short_cap512/serve_qwen3_c64_disagg_ipc.json", 0, False),
+    ("Qwen3 c=64 colocated-2, session 9", "../session9/short_cap512/serve_qwen3_c64_colocated.json", 0, False),
+    ("Mixtral c=64 1+1 m=1, session 9", "../session9/short_cap512/serve_mixtral_c64_disagg_ipc.json", 0, False),
+    ("Mixtral c=64 colocated-2, session 9", "../session9/short_cap512/serve_mixtral_c64_colocated.json", 0, False),
+    ("Qwen3 c=64 1+1 m=1 eager, session 9", "../session9/short_eager/serve_qwen3_c64_disagg_ipc_g0.json", 0, False),
+    ("Qwen3 c=64 colocated-2 eager, session 9", "../session9/short_eager/serve_qwen3_c64_colocated_g0.json", 0, False),
+    ("Mixtral c=64 1+1 m=1 eager, session 9", "../session9/short_eager/serve_mixtral_c64_disagg_ipc_g0.json", 0,
+     False),
+    ("Mixtral c=64 colocated-2 eager, session 9", "../session9/short_eager/serve_mixtral_c64_colocated_g0.json", 0,
+     False),
+    ("Qwen3 c=256 1+1 m=1, session 9", "../session9/c256_cap512/serve_qwen3_c256_disagg_ipc.json", "m=1", False),
+    ("Qwen3 c=256 1+1 m=2, session 9", "../session9/c256_cap512/serve_qwen3_c256_disagg_ipc.json", "m=2", False),
+    ("Qwen3 c=256 1+1 m=1 no cap, session 9", "../session9/c256_nocap/serve_qwen3_c256_disagg_ipc_g2048.json", 0,
+     False),
+    ("Qwen3 c=256 colocated-2, session 9", "../session9/c256_cap512/serve_qwen3_c256_colocated.json", 0, False),
+    ("Mixtral c=256 1+1 m=1, session 9", "../session9/c256_cap512/serve_mixtral_c256_disagg_ipc.json", "m=1", False),
+    ("Mixtral c=256 1+1 m=2, session 9", "../session9/c256_cap512/serve_mixtral_c256_disagg_ipc.json", "m=2", False),
+    ("Mixtral c=256 colocated-2, session 9", "../session9/c256_cap512/serve_mixtral_c256_colocated.json", 0, False),
 ]
 GPU_SERVE = HERE / "gpu_multi/serve"
 # The served calibrations: the warm rows whose both GPU meters worked (run 1's zeroed its counters at each replay)
-GPU_SERVED = {"/tmp/qwen3": ("../session8/short/serve_qwen3_c64_disagg_ipc.json", 0),
-              "/tmp/mixtral": ("../session8/short/serve_mixtral_c64_disagg_ipc.json", 0)}
-GPU_COLOCATED = ("../session8/short/serve_mixtral_c64_colocated.json", 0)
+GPU_SERVED = {"/tmp/qwen3": ("../session9/short_cap512/serve_qwen3_c64_disagg_ipc.json", 0),
+              "/tmp/mixtral": ("../session9/short_cap512/serve_mixtral_c64_disagg_ipc.json", 0)}
+GPU_COLOCATED = ("../session9/short_cap512/serve_mixtral_c64_colocated.json", 0)
 LONG_CONTEXT_OF = {"/tmp/qwen3_p8192": "/tmp/qwen3"}  # the same model's served calibration
 # the served parts as their excess over bench layer (the shipped GPU rule); `--served-factors`: as a ratio to it
 ADDITIVE = "--served-factors" not in sys.argv[1:]

@@ -44,7 +44,7 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks per attention node (overrides the sizing)")
     p.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs: run every step eagerly")
     p.add_argument("--prefill-graph-tokens", type=int, help="steps that carry prompt tokens replay CUDA graphs up to "
-                   "this many new tokens (default 512; 0: they run eagerly)")
+                   "this many new tokens (default: every step, up to --max-batch-tokens; 0: they run eagerly)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule and launch each step while the previous one runs (its tokens stay on the device; "
                         "default: on for --device cuda, off on CPU)")

@@ -86,9 +86,11 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # KV-cache blocks; overrides the sizing above (and the CPU default)
     enforce_eager: bool = False  # no CUDA graphs: every step runs eagerly (vLLM's flag)
     # steps that carry prompt tokens (prefill chunks, alone or beside decodes) of up to this many new tokens replay
-    # CUDA graphs too, padded to a bucket (attention_node/cuda_graphs.py); longer ones run eagerly, their device time
-    # hiding their launches; 0: all such steps run eagerly. vLLM's max_cudagraph_capture_size (also 512)
-    prefill_graph_tokens: int = 512
+    # CUDA graphs too, padded to a bucket (attention_node/cuda_graphs.py); longer ones run eagerly; 0: all such steps
+    # run eagerly. None: every step (max_batch_tokens). vLLM caps its graphs at 512 tokens; here a step of 256
+    # decodes and a prompt's chunk passes that, and at 256 in flight a cap of 512 left 26% of the steps eager and
+    # served 19-31% fewer tokens than no cap (benchmarks/RESULTS.md, ninth session)
+    prefill_graph_tokens: int | None = None
     # schedule and launch step N+1 while step N runs, its decode inputs N's tokens on the device (vLLM's
     # --async-scheduling; attention_node/node.py). None: on for CUDA, where it served 13-42% more tokens on
     # 2 x H200 (benchmarks/RESULTS.md, seventh session), off on CPU, where a launch is the whole step and it can
@@ -100,6 +102,8 @@ class EngineConfig:
 
     def graph_prefill_limit(self) -> int:
         """prefill_graph_tokens, within what a step may feed."""
+        if self.prefill_graph_tokens is None:
+            return self.max_batch_tokens
         return min(self.prefill_graph_tokens, self.max_batch_tokens)
 
     def context_len(self, spec: "ModelSpec") -> int:
@@ -235,7 +239,7 @@ class Config:
             raise ConfigError("engine.max_num_seqs and engine.max_batch_tokens must be >= 1")
         if self.engine.max_waiting_steps < 0:
             raise ConfigError(f"engine.max_waiting_steps={self.engine.max_waiting_steps}; must be >= 0")
-        if self.engine.prefill_graph_tokens < 0:
+        if self.engine.prefill_graph_tokens is not None and self.engine.prefill_graph_tokens < 0:
             raise ConfigError(f"engine.prefill_graph_tokens must be >= 0 (0: steps with prompts run eagerly), got "
                               f"{self.engine.prefill_graph_tokens}")
         if self.engine.max_batch_tokens < self.engine.max_num_seqs:

@@ -362,9 +362,9 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
     max_batch_tokens a step, a token for each decoding sequence first, then chunks of the prompts being prefilled,
     oldest first, then new prompts while a batch slot and budget are free (beside decodes, after they have waited
     max_waiting_steps steps or would fill the budget); a step's prompt tokens run beside its decodes as one more
-    microbatch (the prefill lines; a disaggregated step that carries prompts and more than prefill_graph_tokens
-    tokens in all runs eagerly and takes at least cal.eager_layer_us per MoE layer; fewer replay a CUDA graph), and
-    a prompt's first token comes with its last chunk.
+    microbatch (eager, the prefill lines; a disaggregated one takes at least cal.eager_layer_us per MoE layer),
+    except in steps of at most prefill_graph_tokens tokens, which replay a CUDA graph with the prompt tokens inside
+    the decodes' microbatches; a prompt's first token comes with its last chunk.
     Returns tokens_per_s, TTFT and TPOT p50 in ms, the share of the run's node time spent in prefill parts, and the
     share of its steps that carry prompts beside decodes (mixed steps, which a disaggregated attention node runs
     eagerly whole: attention_node/model_runner.py). Where the calibration measured the gateway's CPU per streamed
@@ -399,20 +399,28 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
                 chunks.append((running[-1], min(prompt, budget)))
                 budget -= chunks[-1][1]
             step = 0.0
-            if decoding:
+            tokens = sum(n for _, n in chunks)
+            if chunks and tokens + len(decoding) <= prefill_graph_tokens:
+                # a CUDA graph of the whole step: its prompt tokens share the decodes' microbatches, so the experts
+                # read their weights once for both (each prompt token costed as a decode token at its context)
+                width = len(decoding) + len(chunks)
+                context = (sum(r[0] + r[3] for r in decoding) + sum(r[1] + n / 2 for r, n in chunks)) / width
+                step = step_parts(costs, plan, cal, len(decoding) + tokens, context,
+                                  min(plan.microbatches, width), sequences=width)[3]
+                prefill_us += step * tokens / (len(decoding) + tokens)
+                mixed += bool(decoding)
+            elif decoding:
                 context = sum(r[0] + r[3] for r in decoding) / len(decoding)
                 step += step_parts(costs, plan, cal, len(decoding), context,
                                    min(plan.microbatches, len(decoding)))[3]
-            if chunks:  # prompt tokens run as one more microbatch of the step
-                tokens = sum(n for _, n in chunks)
+            if chunks and tokens + len(decoding) > prefill_graph_tokens:  # eager: one more microbatch of the step
                 context = sum(r[1] + n / 2 for r, n in chunks) / len(chunks)
                 prefill = step_parts(costs, plan, cal, tokens, context, 1, sequences=len(chunks),
                                      prefill=True)[3] - (cal.step_overhead_us if decoding else 0.0)
                 step += prefill
                 prefill_us += prefill
                 mixed += bool(decoding)
-                if not plan.colocated and tokens + len(decoding) > prefill_graph_tokens:
-                    # run eagerly: at least its layers' launches, one by one
+                if not plan.colocated:  # at least its layers' launches, one by one
                     step = max(step, costs.moe_layers * cal.eager_layer_us)
             now += step
             steps += 1

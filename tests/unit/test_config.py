@@ -31,3 +31,16 @@ def test_a_share_out_of_range_or_without_a_gpu_is_refused(device, share):
     config.model.device, config.transport.backend, config.cluster.expert_sm_percent = device, "ucx", share
     with pytest.raises(ConfigError, match="expert_sm_percent"):
         config.validate()
+
+
+def test_steps_with_prompts_replay_graphs_up_to_the_budget_unless_capped():
+    engine = Config().engine
+    assert engine.prefill_graph_tokens is None and engine.graph_prefill_limit() == engine.max_batch_tokens
+    engine.prefill_graph_tokens = 512
+    assert engine.graph_prefill_limit() == 512
+    engine.max_batch_tokens = 256
+    assert engine.graph_prefill_limit() == 256  # never past what a step may feed
+    config = Config()
+    config.engine.prefill_graph_tokens = -1
+    with pytest.raises(ConfigError, match="prefill_graph_tokens"):
+        config.validate()

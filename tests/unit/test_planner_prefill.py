@@ -123,3 +123,23 @@ def test_waiting_prompts_join_in_fewer_mixed_steps_at_a_cost_in_ttft():
     held = closed_loop(SPEC, plan, CAL, jobs, concurrency=8, max_waiting_steps=4)
     assert held["mixed_step_share"] < 0.6 * at_once["mixed_step_share"]
     assert held["ttft_ms_p50"] > at_once["ttft_ms_p50"]
+
+
+def test_a_graphed_step_reads_the_expert_weights_once_for_its_prompts_and_decodes():
+    """Experts cost a fixed 100 µs a layer per microbatch (their weights' read), whatever its tokens. Eager, a
+    step's prompt tokens are one more microbatch: a step that admits a prompt beside decodes reads the weights
+    twice. Within prefill_graph_tokens the step replays one graph, the prompt inside the decodes' microbatch: once,
+    so every step costs the same, and a prompt's first token comes a step after its admission."""
+    cal = dataclasses.replace(CAL, step_overhead_us=0.0, experts=calibration.Linear(100.0, 0.0, 0.0),
+                              prefill_experts=calibration.Linear(100.0, 0.0, 0.0))
+    plan = Deployment(INSTANT, None, 1, 0, 1, 8, 256)
+    layers = ModelCosts(SPEC).moe_layers
+    jobs = [(8, 3), (8, 6), (8, 9)] * 2  # sequences finish apart: prompts join decoding ones
+    eager = closed_loop(SPEC, plan, cal, jobs, concurrency=3, prefill_graph_tokens=0)
+    graphed = closed_loop(SPEC, plan, cal, jobs, concurrency=3, prefill_graph_tokens=512)
+    assert graphed["tpot_ms_p50"] == pytest.approx(layers * 100 / 1e3, rel=1e-3)
+    assert graphed["ttft_ms_p50"] == pytest.approx(layers * 100 / 1e3, rel=1e-3)
+    assert eager["tokens_per_s"] < graphed["tokens_per_s"]
+    # a step past the cap runs eagerly again
+    capped = closed_loop(SPEC, plan, cal, jobs, concurrency=3, prefill_graph_tokens=8)
+    assert capped["tokens_per_s"] == pytest.approx(eager["tokens_per_s"])
