@@ -40,14 +40,12 @@ def new_tokens(seq: "Sequence") -> int:
 
 
 def step_kind(seqs: list["Sequence"], max_decode: int) -> str | None:
-    """DECODE (every sequence feeds one token, at most max_decode sequences), PREFILL (some feed more, and none
-    asks for the logprobs of its prompt tokens: the graphs project each sequence's last row only), or None."""
-    if not seqs:
+    """DECODE (every sequence feeds one token, at most max_decode sequences), PREFILL (some feed more), or None:
+    no sequences, or one whose step scores prompt tokens (prompt logprobs: graphs project each last row only)."""
+    if not seqs or any(s.prompt_logprobs_n is not None and prompt_logprobs.positions(s) for s in seqs):
         return None
     if all(s.num_tokens - s.num_cached == 1 for s in seqs):
         return DECODE if len(seqs) <= max_decode else None
-    if any(s.prompt_logprobs_n is not None and prompt_logprobs.positions(s) for s in seqs):
-        return None
     return PREFILL
 
 
