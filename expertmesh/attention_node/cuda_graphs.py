@@ -120,10 +120,14 @@ class SegmentGraphs:
 
     def capture(self, progress=None) -> None:
         started = time.monotonic()
-        pool = torch.cuda.graph_pool_handle()
+        # A memory pool per microbatch. Graphs that share a pool may reuse each other's freed intermediates, which is
+        # safe only when they replay in the order they were captured. Microbatches interleave their segments
+        # (ping-pong): in one shared pool, microbatch 1's segment outputs, captured after microbatch 0's set, could sit
+        # where microbatch 0's next segment keeps its intermediates, and be overwritten before they are read.
+        pools = {mb: torch.cuda.graph_pool_handle() for mb, _, _ in self.sets}
         with torch.no_grad():
-            for key in sorted(self.sets, key=lambda key: -self.sets[key].tokens):  # largest first: the pool fits all
-                self.sets[key].capture(pool)
+            for key in sorted(self.sets, key=lambda key: -self.sets[key].tokens):  # largest first: a pool fits all
+                self.sets[key].capture(pools[key[0]])
         torch.cuda.synchronize()
         log.info("captured %d CUDA graphs (decode steps up to %d sequences, steps with prompts up to %d tokens, "
                  "%d segments) in %.1f s", sum(len(s.graphs) for s in self.sets.values()), self.sizes[-1],

@@ -51,10 +51,12 @@ class LockstepRounds:
         self.shapes = list(shapes) if graph_compute is not None else []
         self._shape_set = set(self.shapes)
         self._graphs: dict[tuple[int, tuple[int, ...]], torch.cuda.CUDAGraph | None] = {}
-        self._pool = torch.cuda.graph_pool_handle() if graph_compute is not None else None
         lanes = range(links.attention_nodes)
         cuda = torch.device(device).type == "cuda"
         self.streams = [torch.cuda.Stream(device) if cuda else None for _ in lanes]
+        # a memory pool per lane: graphs that share a pool reuse each other's freed memory, so they must never run at
+        # once, and the lanes' streams do
+        self._pools = [torch.cuda.graph_pool_handle() if graph_compute is not None else None for _ in lanes]
         self._plans: list[asyncio.Queue[StepPlan]] = [asyncio.Queue() for _ in lanes]
         self.tokens_computed = 0
 
@@ -184,7 +186,7 @@ class LockstepRounds:
                 with self._on_lane(a):
                     for n in sorted(set(plan.tokens)):
                         self.warm_up(n)
-            with capturing(graph, self._pool):
+            with capturing(graph, self._pools[a]):
                 for layer in self.moe_layers:
                     for mb, n in enumerate(plan.tokens):
                         metas = [TensorMeta(self.dtype, (n, self.hidden)), TensorMeta(torch.int32, (n, self.top_k)),
