@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from expertmesh.attention_node import prompt_logprobs
 from expertmesh.attention_node.cuda_graphs import PREFILL, GraphSet, StepGraphs, new_tokens
 from expertmesh.attention_node.model_runner import split_microbatches
 from expertmesh.attention_node.scheduler import Scheduler, Sequence
@@ -46,11 +47,12 @@ def test_every_step_the_scheduler_makes_has_one_shape_on_both_sides_of_the_round
         key = graphs.ready_for(batch, groups)
         tokens = sum(new_tokens(s) for s in batch)
         assert tokens == sum(len(s.new_token_ids()) for s in batch)
-        logprobs = any(s.prompt_logprobs_n is not None and s.num_cached < len(s.prompt_ids) for s in batch)
+        logprobs = any(s.prompt_logprobs_n is not None and prompt_logprobs.positions(s) for s in batch)
         if key is None:
             kinds["eager"] += 1
             assert logprobs or max(sum(new_tokens(s) for s in g) for g in groups) > limit
         else:
+            assert not logprobs  # graphs project each sequence's last row: no prompt rows
             kinds[key[0]] += 1
             assert key[1] in expert_shapes and len(key[1]) == len(groups)
             for group, size in zip(groups, key[1]):
