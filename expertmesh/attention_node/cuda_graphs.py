@@ -5,8 +5,9 @@ Two kinds of step replay graphs (vLLM's full graphs, for mixed batches too):
 - decode steps, one new token per sequence: padded to a bucket of sequences, attention on the decode kernel;
 - steps that carry prompt tokens (prefill chunks, alone or beside decodes) of up to engine.prefill_graph_tokens
   new tokens: padded to a bucket of tokens and a fixed number of sequence rows, attention on the kernel for any mix,
-  sized from those bounds. Longer steps, and steps that score prompt tokens (prompt logprobs), run eagerly: a long
-  step's device time hides its launches.
+  sized from those bounds (default: every step within max_batch_tokens). Steps past the cap, steps that score prompt
+  tokens (prompt logprobs) and, for MLA models, every step with prompts (its prefill attention loops on the host)
+  run eagerly.
 Padding sequences have no context and padding tokens write nothing to the cache (kv/metadata.py); their expert ids
 are -1, so no expert computes them (ModelRunner.segment), and only real rows are sampled.
 
