@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import gc
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from .model.spec import ModelSpec
 
 
 def bucket_sizes(largest: int) -> list[int]:
@@ -58,6 +61,12 @@ def prefill_bucket(tokens: int, limit: int) -> int | None:
     """The token bucket a step that carries prompt tokens is padded to (bucket_sizes up to `limit`, engine
     .prefill_graph_tokens), or None when it feeds more than `limit` tokens and runs eagerly."""
     return next((b for b in bucket_sizes(limit) if b >= tokens), None) if limit >= 2 else None
+
+
+def prefill_graph_limit(limit: int, spec: "ModelSpec") -> int:
+    """The most tokens of a step with prompts that replays a graph, for this model, on both kinds of node: none for
+    MLA models, whose prefill attention loops over sequences on the host (ops/mla.py)."""
+    return 0 if spec.mla is not None else limit
 
 
 def prefill_step_shapes(limit: int, microbatches: int) -> list[tuple[int, ...]]:

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from ..cuda_graph import split_counts, warm_up_sizes
+from ..cuda_graph import prefill_graph_limit, split_counts, warm_up_sizes
 from ..host_copy import to_device, to_device_all
 from ..kv.cache import PagedKVCache
 from ..kv.metadata import StepMetadata
@@ -93,8 +93,7 @@ class ModelRunner:
         new tokens, replay CUDA graphs from now on (CUDA only): whole steps with their M2N rounds over links that
         keep their counts on the device, else segment by segment (steps with prompts only colocated, where a step
         is one segment)."""
-        if self.spec.mla is not None:
-            prefill_tokens = 0  # MLA's prefill attention loops over sequences on the host (ops/mla.py)
+        prefill_tokens = prefill_graph_limit(prefill_tokens, self.spec)
         self.graphs = SegmentGraphs(self, max_num_seqs, microbatches,
                                     prefill_tokens if self.local_experts is not None else 0)
         self.graphs.capture(progress)
@@ -131,17 +130,17 @@ class ModelRunner:
                 await self._end_rounds(step, end_step)
                 return logits
         graphs = [self.graphs.ready_for(mb, g) if self.graphs is not None else None for mb, g in enumerate(groups)]
-        prefilling = [s for s in seqs if s.num_tokens - s.num_cached != 1]
         self.eager_steps += None in graphs
-        if None in graphs and self.graphs is not None and self.local_experts is not None \
-                and 0 < len(prefilling) < len(seqs):
+        if None in graphs and self.graphs is not None and self.local_experts is not None:
             # colocated, a step with prompts its graphs do not cover (too many tokens, prompt logprobs): the decodes
             # replay their graphs, the prompts run as one more microbatch. Not when disaggregated: each microbatch's
             # M2N dispatch waits on the device, so a second one per layer costs more than the graphs save (measured
             # on one H200, RESULTS.md)
-            decoding = [s for s in seqs if s.num_tokens - s.num_cached == 1]
-            groups = split_microbatches(decoding, microbatches) + [prefilling]
-            graphs = [self.graphs.ready_for(mb, g) for mb, g in enumerate(groups)]
+            prefilling = [s for s in seqs if s.num_tokens - s.num_cached != 1]
+            if 0 < len(prefilling) < len(seqs):
+                decoding = [s for s in seqs if s.num_tokens - s.num_cached == 1]
+                groups = split_microbatches(decoding, microbatches) + [prefilling]
+                graphs = [self.graphs.ready_for(mb, g) for mb, g in enumerate(groups)]
         if self.experts is not None:
             await self.experts.begin_step(step, [sum(len(s.new_token_ids()) for s in group) for group in groups])
         try:

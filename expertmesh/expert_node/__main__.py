@@ -7,7 +7,7 @@ import time
 import torch
 
 from ..config import LOCKSTEP_BACKENDS, Config
-from ..cuda_graph import step_graph_shapes
+from ..cuda_graph import prefill_graph_limit, step_graph_shapes
 from ..m2n.links import make_links
 from ..model.spec import ModelSpec
 from ..model.weights import load_experts
@@ -48,7 +48,7 @@ async def main(config: Config, index: int) -> None:
                                      config.transport.recv_timeout_s, node.compute_eager if whole_steps else None,
                                      engine.max_num_seqs, lambda n: node.warm_up(n, spec.top_k),
                                      step_graph_shapes(engine.max_num_seqs, engine.microbatches,
-                                                       0 if spec.mla is not None else engine.graph_prefill_limit()))
+                                                       prefill_graph_limit(engine.graph_prefill_limit(), spec)))
         log.info("lockstep rounds over %s", links.backend)
     if device.startswith("cuda"):  # every kernel variant a round may need, compiled and loaded before the first:
         # else the first requests wait for Triton (the cold first row of every served sweep), and on NCCL links a
