@@ -351,6 +351,18 @@ GPU_ROWS = [
     ("Mixtral c=256 1+1 m=1, session 9", "../session9/c256_cap512/serve_mixtral_c256_disagg_ipc.json", "m=1", False),
     ("Mixtral c=256 1+1 m=2, session 9", "../session9/c256_cap512/serve_mixtral_c256_disagg_ipc.json", "m=2", False),
     ("Mixtral c=256 colocated-2, session 9", "../session9/c256_cap512/serve_mixtral_c256_colocated.json", 0, False),
+    # the tenth session's (RESULTS.md, "Tenth session"): every step replays a graph (no cap), each configuration
+    # served twice (MICROBATCHES="1 2 2 1"), the median of the two
+    ("Qwen3 c=256 1+1 m=1, session 10", "../session10/c256/serve_qwen3_c256_disagg_ipc.json", "m=1", False),
+    ("Qwen3 c=256 1+1 m=2, session 10", "../session10/c256/serve_qwen3_c256_disagg_ipc.json", "m=2", False),
+    ("Qwen3 long c=128 1+1 m=1, session 10", "../session10/long_c128/serve_qwen3_p8192_c128_disagg_ipc.json", "m=1",
+     False),
+    ("Qwen3 long c=128 1+1 m=2, session 10", "../session10/long_c128/serve_qwen3_p8192_c128_disagg_ipc.json", "m=2",
+     False),
+    ("Qwen3 long c=256 1+1 m=1, session 10", "../session10/long_c256/serve_qwen3_p8192_c256_disagg_ipc.json", "m=1",
+     False),
+    ("Qwen3 long c=256 1+1 m=2, session 10", "../session10/long_c256/serve_qwen3_p8192_c256_disagg_ipc.json", "m=2",
+     False),
 ]
 GPU_SERVE = HERE / "gpu_multi/serve"
 # The served calibrations: the warm rows whose both GPU meters worked (run 1's zeroed its counters at each replay)
