@@ -26,6 +26,9 @@
 #            named *_wN): fewer steps that prefill beside decodes, which run eagerly (RESULTS.md, eighth session);
 #            PREFILL_GRAPH_TOKENS=N: steps with prompts replay CUDA graphs up to N tokens (--prefill-graph-tokens,
 #            default: every step; 0: they run eagerly, as before the ninth session; JSON named *_gN);
+#            PROFILE=1: py-spy (.whl/py-spy, carried beside the site tarball: benchmarks/gpu_wheels.sh) samples every
+#            node process of the serve part for its whole life; each sweep's profiles go into one tarball, and
+#            pyspy_summary.py prints where each attention node's host time went while it served;
 #            SM_SHARES="A E" (GPUS=1, under MPS): the attention node gets A% of the SMs and the expert node E%
 #            (one GPU standing in for two types, issue 14), with `bench layer` of the shape under each share first
 #            (layer_<shape>_sm<P>.json: the planner's calibration of that "type")
@@ -50,6 +53,19 @@ TRANSPORTS=${TRANSPORTS:-$([ "$GPUS" = 1 ] && echo ipc || echo "ipc nccl")}
 # Output goes to files, never through a pipe: a node process left behind by a timed-out command would hold a pipe
 # open, and the script with it, to the end of the device call. Leftover nodes are killed after every command.
 reap() { pkill -9 -f "m expertmesh[.](attention_node|expert_node|gateway) --config" 2>/dev/null; true; }
+# PROFILE=1: a py-spy recorder on each node process as it appears, until the process ends (folded stacks in $1)
+profile() {
+  mkdir -p "$1"
+  while sleep 0.2; do
+    for pid in $(pgrep -f "m expertmesh[.](attention_node|expert_node) --config"); do
+      [ -e "$1/.$pid" ] && continue
+      touch "$1/.$pid"
+      role=$(tr '\0' ' ' < /proc/$pid/cmdline | grep -oE "attention_node|expert_node")
+      .whl/py-spy record -p $pid -r ${PROFILE_HZ:-100} -f raw -o "$1/${role}_$pid.folded" --nonblocking \
+        > "$1/${role}_$pid.log" 2>&1 &
+    done
+  done
+}
 quiet() { grep -vE "frame #|TCPStore|Exception raised from|should dump|^\s*$" "$@"; }
 for part in ${PARTS:-tests bench serve}; do
   case $part in
@@ -117,12 +133,17 @@ for part in ${PARTS:-tests bench serve}; do
                 ${PREFILL_GRAPH_TOKENS:+--prefill-graph-tokens $PREFILL_GRAPH_TOKENS}"
         for transport in $TRANSPORTS; do
           name=serve_${shape}${MAX_POS:+_p$MAX_POS}_c${c}_disagg_${transport}$async$waits
+          [ "${PROFILE:-0}" = 1 ] && { profile /tmp/prof_$name & profiler=$!; }
           timeout -k 10 ${SWEEP_S:-240} python3 benchmarks/microbatch_sweep.py $common --transport ${transport%-sm} \
             $([ "${transport%-sm}" != "$transport" ] && echo --ipc-copy sm) \
             --expert-nodes 1 --microbatches ${MICROBATCHES:-1 2} $shares --json "$OUT/$name${SM_SHARES:+_sm${SM_SHARES// /_}}.json" \
             $([ "${TRACE:-0}" = 1 ] && echo --trace "$OUT/$name.trace.json") > "$OUT/$name.log" 2>&1
           reap; grep -E "^m=|Error|error|Traceback" "$OUT/$name.log" | sed "s/^/$shape c=$c disagg 1+1 $transport /" \
             | head -20
+          if [ "${PROFILE:-0}" = 1 ]; then  # the recorders write their files once their processes have ended
+            kill $profiler; sleep 2; tar czf "$OUT/$name.profiles.tgz" -C /tmp/prof_$name .
+            python3 benchmarks/pyspy_summary.py --top ${PROFILE_TOP:-30} /tmp/prof_$name/attention_node_*.folded
+          fi
         done
         name=serve_${shape}${MAX_POS:+_p$MAX_POS}_c${c}_colocated$async$waits
         [ "${COLOCATED:-1}" = 1 ] && timeout -k 10 ${COLOCATED_S:-${SWEEP_S:-240}} python3 benchmarks/microbatch_sweep.py $common --expert-nodes 0 \

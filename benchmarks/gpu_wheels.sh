@@ -2,6 +2,7 @@
 # Builds .whl/site312.txz: the packages the GPU image lacks (pyzmq, fastapi & co, uvicorn, prometheus-client,
 # hypothesis, ucxx and its UCX/RMM libraries, xgrammar for structured outputs), for its Python 3.12, trimmed of static libraries, headers and UCX's
 # perftest (the device call carries at most 64 MiB). On the device: mkdir -p /tmp/site && tar xf .whl/site312.txz -C /tmp/site.
+# Also .whl/py-spy, the sampling profiler gpu_lockstep.sh PROFILE=1 runs on the node processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP=${PIP:-.venv/bin/pip}
@@ -24,4 +25,9 @@ done
 cd - >/dev/null
 mkdir -p .whl && tar cJf .whl/site312.txz -C "$SITE" .
 rm -rf "$DL" "$SITE"
-ls -la .whl/site312.txz
+# py-spy for gpu_lockstep.sh's PROFILE=1: its binary alone (a wheel of one static executable, no Python package)
+DL=$(mktemp -d)
+$PIP download -q --no-deps $ARGS -d "$DL" py-spy==0.4.3
+python3 -m zipfile -e "$DL"/py_spy-*.whl "$DL/x" && install -m 755 "$DL"/x/py_spy-*.data/scripts/py-spy .whl/py-spy
+rm -rf "$DL"
+ls -la .whl/site312.txz .whl/py-spy
