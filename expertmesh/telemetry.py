@@ -54,9 +54,10 @@ class GpuMeter:
     does not count. Eager spans are CUDA events, read once the GPU has passed them, never waited on. Spans inside
     a CUDA graph capture (whole decode steps) cannot use events that the host reads after every replay; they
     capture two one-thread kernels that read the GPU's clock and add the span to counters on the device, which
-    the host copies out without waiting (a few microseconds per span and replay)."""
+    the host copies out without waiting (a few microseconds per span and replay). A captured span also keeps the
+    start and end of its last replay, for a trace of where the device's work ran (timeline)."""
 
-    MARKS = 4096  # start times of captured spans, one slot each (modulo): spans on different streams may overlap
+    MARKS = 16384  # captured spans, one slot each (modulo): spans on different streams may overlap
 
     def __init__(self, device: str | torch.device | None) -> None:
         """Meters on a CUDA device; elsewhere (None, cpu) spans do nothing."""
@@ -65,21 +66,25 @@ class GpuMeter:
         self.spans = 0
         self._pending: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
         self._captured = 0
+        self._labels: dict[int, tuple[str, int]] = {}  # a captured span's slot -> (label, row in a trace)
         self._snapshot: tuple[torch.Tensor, torch.cuda.Event] | None = None
         self._device_read = (0.0, 0)
         if self.enabled:  # made here, not at the first captured span: memory made in a capture belongs to the graph
+            self.device = torch.device(device)
             with torch.cuda.device(device):  # (its zeroing would be replayed with it)
                 self._marks = torch.zeros(self.MARKS, dtype=torch.int64, device=device)  # span starts, ns
+                self._ends = torch.zeros(self.MARKS, dtype=torch.int64, device=device)  # and ends
                 self._device_totals = torch.zeros(2, dtype=torch.int64, device=device)  # [busy ns, spans]
                 self._copies = torch.cuda.Stream()  # where the counters are copied out, apart from the work
 
     @contextmanager
-    def span(self) -> Iterator[None]:
+    def span(self, label: str = "", row: int = 0) -> Iterator[None]:
+        """Times the work enqueued inside; a captured span is named `label` on trace row `row` (timeline)."""
         if not self.enabled:
             yield
             return
         if torch.cuda.is_current_stream_capturing():
-            with self._captured_span():
+            with self._captured_span(label, row):
                 yield
             return
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -90,12 +95,32 @@ class GpuMeter:
         self._read()
 
     @contextmanager
-    def _captured_span(self) -> Iterator[None]:
+    def _captured_span(self, label: str, row: int) -> Iterator[None]:
         from .ops.clock import span_end, span_start  # Triton: only on a GPU
         slot, self._captured = self._captured % self.MARKS, self._captured + 1
+        self._labels[slot] = (label, row)
         span_start(self._marks, slot)
         yield
-        span_end(self._marks, slot, self._device_totals)
+        span_end(self._marks, self._ends, slot, self._device_totals)
+
+    def timeline(self) -> list[list]:
+        """Where the last replay of each captured span ran: [label, start_us, duration_us, row] in start order, on
+        the host's clock (time.time_ns, as PhaseClock's events; within a few microseconds: the offset is read
+        around one kernel). Waits for the device: for a trace's end, never for a step."""
+        if not self.enabled or not self._labels:
+            return []
+        from .ops.clock import device_now
+        now = torch.zeros(1, dtype=torch.int64, device=self.device)
+        torch.cuda.synchronize(self.device)
+        before = time.time_ns()
+        device_now(now)
+        torch.cuda.synchronize(self.device)
+        after = time.time_ns()
+        offset = int(now.item()) - (before + after) // 2  # the device's clock less the host's
+        starts, ends = self._marks.tolist(), self._ends.tolist()
+        events = [[label, (starts[slot] - offset) / 1e3, (ends[slot] - starts[slot]) / 1e3, row]
+                  for slot, (label, row) in self._labels.items() if ends[slot] > starts[slot] > 0]
+        return sorted(events, key=lambda event: event[1])
 
     def _read(self) -> None:
         while self._pending and self._pending[0][1].query():
@@ -126,10 +151,12 @@ class GpuMeter:
         return self.seconds + seconds, self.spans + spans
 
 
-def chrome_trace(node_events: dict[str, list[list]]) -> dict:
-    """Chrome trace JSON (viewable in Perfetto): one process row per node, one thread per microbatch."""
+def chrome_trace(node_events: dict[str, list[list]], gpu_events: dict[str, list[list]] | None = None) -> dict:
+    """Chrome trace JSON (viewable in Perfetto): one process row per node, one thread per microbatch; with
+    gpu_events, a row "<node> GPU" per node beside, one thread per microbatch (or expert lane)."""
+    rows = {**node_events, **{f"{node} GPU": events for node, events in (gpu_events or {}).items() if events}}
     trace = []
-    for pid, (node, events) in enumerate(sorted(node_events.items())):
+    for pid, (node, events) in enumerate(sorted(rows.items())):
         trace.append({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": node}})
         for name, start_us, duration_us, microbatch in events:
             trace.append({"name": name, "ph": "X", "pid": pid, "tid": microbatch, "ts": start_us,

@@ -187,7 +187,7 @@ class StepGraphs:
         for j in range(len(runner.moe_points) + 1):
             for mb, s in enumerate(sets):  # ping-pong: microbatch mb's attention runs while mb - 1 is at the experts
                 moe_out = None if j == 0 else m2n.enqueue_combine(handles[mb], dtype)
-                with runner.gpu.span():  # timed on the device at every replay (the M2N waits left out)
+                with runner.gpu.span(f"segment {j}", mb):  # timed at every replay (the M2N waits left out)
                     outputs = runner.segment(j, s.token_ids if j == 0 else states[mb], moe_out, s.meta,
                                              s.last_token)
                 if j == len(runner.moe_points):

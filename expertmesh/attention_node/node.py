@@ -117,7 +117,8 @@ class AttentionNode:
                 await self.control.send(peer, self.status())
             elif isinstance(message, TraceControl):
                 events = self.runner.clock.toggle_trace(message.record)
-                await self.control.send(peer, NodeTrace(f"attention node {self.node_id}", events))
+                gpu = [] if message.record else self.runner.gpu.timeline()
+                await self.control.send(peer, NodeTrace(f"attention node {self.node_id}", events, gpu))
 
     def _add(self, message: AddRequest) -> None:
         sampling = SamplingParams.from_list(message.sampling)

@@ -80,7 +80,8 @@ class ExpertNode:
                                                            os.getpid(), *self.gpu.totals()))
             elif isinstance(message, TraceControl):
                 events = self.clock.toggle_trace(message.record)
-                await self.control.send(peer, NodeTrace(f"expert node {self.node_id}", events))
+                gpu = [] if message.record else self.gpu.timeline()
+                await self.control.send(peer, NodeTrace(f"expert node {self.node_id}", events, gpu))
 
     async def _receive(self) -> None:
         while True:
@@ -166,7 +167,7 @@ class ExpertNode:
         """compute_lane without this node's graphs: what a whole-step capture records."""
         if layer not in self.experts_of_layer:
             return torch.zeros_like(hidden)
-        with self.gpu.span():  # in the capture: timed on the device at every replay
+        with self.gpu.span(f"experts, layer {layer}", lane):  # in the capture: timed at every replay
             return self._experts(layer, hidden, ids, weights)
 
     def warm_up(self, tokens: int, top_k: int) -> None:

@@ -162,7 +162,8 @@ def create_app(served: ServedModel) -> FastAPI:
     async def trace_stop() -> dict:
         """Stops recording; the timelines of all nodes as one Chrome trace (open it in Perfetto)."""
         traces = await asyncio.gather(*(node.trace(record=False) for node in served.all_nodes))
-        return chrome_trace({t.node: t.events for t in traces if t is not None})
+        return chrome_trace({t.node: t.events for t in traces if t is not None},
+                            {t.node: t.gpu_events for t in traces if t is not None})
 
     @app.get("/v1/models", responses=openapi.MODELS)
     async def models() -> dict:

@@ -31,11 +31,12 @@ class ServedPhases:
 
 
 def _node_events(trace: dict) -> dict[str, list[tuple[float, float, str]]]:
-    """Each traced node's phases, (start µs, duration µs, phase) in time order, by the node's name."""
+    """Each traced node's host phases, (start µs, duration µs, phase) in time order, by the node's name (its
+    GPU's spans, the rows "<node> GPU", left out)."""
     names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
     nodes: dict[str, list[tuple[float, float, str]]] = {}
     for e in trace["traceEvents"]:
-        if e["ph"] == "X":
+        if e["ph"] == "X" and not names[e["pid"]].endswith(" GPU"):
             nodes.setdefault(names[e["pid"]], []).append((e["ts"], e["dur"], e["name"]))
     return {node: sorted(events) for node, events in nodes.items()}
 

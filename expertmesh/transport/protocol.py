@@ -415,7 +415,9 @@ class TraceControl(Message):
 
 @dataclass
 class NodeTrace(Message):
-    """A node's timeline since tracing started: [phase, start_us, duration_us, microbatch] per event."""
+    """A node's timeline since tracing started: [phase, start_us, duration_us, microbatch] per event; on a GPU,
+    the last replay of each span its CUDA graphs time, the same way (telemetry.GpuMeter.timeline)."""
     TAG: ClassVar[int] = 17
     node: str
     events: list[list[Any]]
+    gpu_events: list[list[Any]] = field(default_factory=list)

@@ -60,3 +60,27 @@ def test_spans_inside_a_graph_are_timed_at_every_replay_without_a_host_sync():
     assert spans == 5, spans
     assert 0.008 < seconds < 0.013, seconds  # 5 x 2 ms, not 5 x 5
     assert y.sum().item() == 64 * 64 * 64
+
+
+def test_the_timeline_shows_where_the_last_replay_of_each_captured_span_ran_on_the_host_clock():
+    import time
+    meter = GpuMeter("cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        with meter.span("first", 0):
+            _sleep_ms(2)
+        _sleep_ms(1)  # not in a span: the gap between the two
+        with meter.span("second", 1):
+            _sleep_ms(3)
+    torch.cuda.synchronize()
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed_us = time.time_ns() / 1e3
+    graph.replay()  # the timeline holds this one
+    events = meter.timeline()
+    assert [(label, row) for label, _, _, row in events] == [("first", 0), ("second", 1)]
+    (_, first_start, first_us, _), (_, second_start, second_us, _) = events
+    assert 1500 < first_us < 3000 and 2500 < second_us < 4500, events
+    assert first_start + first_us + 500 < second_start < first_start + first_us + 2000  # the 1 ms between
+    # the second replay's, on the host's clock: after the first replay had finished, within a second of now
+    assert replayed_us < first_start < time.time_ns() / 1e3 and first_start > time.time_ns() / 1e3 - 1e6

@@ -117,17 +117,24 @@ def test_float32_greedy_tokens_match_transformers(request, arch, backend, tmp_pa
 def test_steps_with_prompts_replay_whole_step_graphs_exact_against_transformers(request, arch, backend, tmp_path):
     """Three batch slots for six prompts, two microbatches: steps that mix prompt chunks and decodes replay
     whole-step graphs with their M2N rounds (the expert node captured the same shapes), none runs eagerly, and the
-    tokens equal transformers'."""
+    tokens equal transformers'. The GPU timeline holds each graph's last replay: every segment of both microbatches,
+    timed while the tokens were generated."""
     model_dir = request.getfixturevalue(arch)
 
     async def run():
         async with LockstepCluster(model_dir, tmp_path, backend, microbatches=2, max_num_seqs=3) as cluster:
+            started_us = time.time_ns() / 1e3
             tokens = await cluster.generate(PROMPTS, 16)
-            return tokens, cluster.runner.eager_steps
+            timeline = cluster.runner.gpu.timeline()
+            spans = {(f"segment {j}", mb) for j in range(len(cluster.runner.moe_points) + 1) for mb in (0, 1)}
+            return tokens, cluster.runner.eager_steps, timeline, spans, (started_us, time.time_ns() / 1e3)
 
-    tokens, eager_steps = asyncio.run(run())
+    tokens, eager_steps, timeline, spans, (started_us, ended_us) = asyncio.run(run())
     assert tokens == reference_tokens(model_dir, PROMPTS, 16)
     assert eager_steps == 0
+    assert {(label, row) for label, _, _, row in timeline} == spans
+    assert all(started_us < start and 0 < duration and start + duration < ended_us
+               for _, start, duration, _ in timeline)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -53,6 +53,26 @@ def test_a_step_cut_by_the_traces_start_is_left_out():
     assert phases_of(trace).step_host_us == 100 + 400 + 200 + 350
 
 
+def test_the_gpu_rows_of_a_trace_are_not_nodes():
+    """A GPU run's trace has a row of device spans beside each node (telemetry.GpuMeter.timeline): not a node's
+    host phases."""
+    trace = served_trace()
+    gpu = chrome_trace({}, {"attention node 0": [["segment 0", 100, 900, 0]],
+                            "expert node 0": [["experts, layer 0", 1700, 1900, 0]]})["traceEvents"]
+    offset = 1 + max(e["pid"] for e in trace["traceEvents"])
+    trace["traceEvents"] += [{**e, "pid": e["pid"] + offset} for e in gpu]
+    assert phases_of(trace) == phases_of(served_trace())
+
+
+def test_a_trace_has_a_gpu_row_beside_each_node_with_gpu_spans():
+    trace = chrome_trace({"attention node 0": [["attention", 0, 10, 0]], "expert node 0": []},
+                         {"attention node 0": [["segment 0", 2, 5, 1]], "expert node 0": []})
+    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
+    assert sorted(names.values()) == ["attention node 0", "attention node 0 GPU", "expert node 0"]
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X" and names[e["pid"]] == "attention node 0 GPU"]
+    assert [(e["name"], e["ts"], e["dur"], e["tid"]) for e in spans] == [("segment 0", 2, 5, 1)]
+
+
 def test_phases_need_one_attention_and_one_expert_node():
     trace = served_trace()
     trace["traceEvents"][0]["args"]["name"] = "attention node 1"

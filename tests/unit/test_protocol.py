@@ -2,8 +2,8 @@ import msgpack
 import pytest
 import torch
 
-from expertmesh.transport.protocol import (AddRequest, Combine, Dispatch, ProtocolError, SamplingParams, Status,
-                                           StepOutputs, decode_frames, encode_frames, tensor_to_buffer)
+from expertmesh.transport.protocol import (AddRequest, Combine, Dispatch, NodeTrace, ProtocolError, SamplingParams,
+                                           Status, StepOutputs, decode_frames, encode_frames, tensor_to_buffer)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64])
@@ -27,6 +27,9 @@ def test_empty_tensor_and_scalar_only_messages():
     assert SamplingParams.from_list(add.sampling) == sp
     out = StepOutputs(["a"], [5], [None], [None], [[-0.5, [[5, -0.5]]]])
     assert decode_frames(encode_frames(out)) == out
+    trace = NodeTrace("attention node 0", [["attention", 1.5, 2.0, 0]], [["segment 0", 1.0, 0.5, 1]])
+    assert decode_frames(encode_frames(trace)) == trace
+    assert decode_frames(encode_frames(NodeTrace("expert node 0", []))).gpu_events == []  # no GPU spans
 
 
 def test_send_side_does_not_copy():

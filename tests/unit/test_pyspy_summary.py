@@ -12,13 +12,19 @@ def load():
     return module
 
 
-FOLDED = """\
-<module> (expertmesh/attention_node/__main__.py:120);run_node (expertmesh/process.py:62);main (expertmesh/attention_node/__main__.py:50);SegmentGraphs.capture (expertmesh/attention_node/cuda_graphs.py:120) 500
-<module> (expertmesh/attention_node/__main__.py:120);run_node (expertmesh/process.py:62);AttentionNode.serve (expertmesh/attention_node/node.py:96);AttentionNode._engine (expertmesh/attention_node/node.py:221);AttentionNode._launch (expertmesh/attention_node/node.py:230) 30
-<module> (expertmesh/attention_node/__main__.py:120);run_node (expertmesh/process.py:62);AttentionNode.serve (expertmesh/attention_node/node.py:96);AttentionNode._engine (expertmesh/attention_node/node.py:221);AttentionNode._settle_rows (expertmesh/attention_node/node.py:266);Launched.host_tokens (expertmesh/attention_node/node.py:52) 50
-Thread._bootstrap (threading.py:1002);Thread.run (threading.py:982);_SocketThread._run (expertmesh/transport/zmq.py:76);Socket.send (zmq/sugar/socket.py:700) 20
-something else entirely (x.py:1) 7
-"""
+MAIN = ("<module> (expertmesh/attention_node/__main__.py:120);run_node (expertmesh/process.py:62);"
+        "AttentionNode.serve (expertmesh/attention_node/node.py:96);"
+        "AttentionNode._engine (expertmesh/attention_node/node.py:221)")
+FOLDED = "\n".join([
+    "<module> (expertmesh/attention_node/__main__.py:120);run_node (expertmesh/process.py:62);"
+    "main (expertmesh/attention_node/__main__.py:50);"
+    "SegmentGraphs.capture (expertmesh/attention_node/cuda_graphs.py:120) 500",
+    MAIN + ";AttentionNode._launch (expertmesh/attention_node/node.py:230) 30",
+    MAIN + ";AttentionNode._settle_rows (expertmesh/attention_node/node.py:266);"
+    "Launched.host_tokens (expertmesh/attention_node/node.py:52) 50",
+    "Thread._bootstrap (threading.py:1002);Thread.run (threading.py:982);"
+    "_SocketThread._run (expertmesh/transport/zmq.py:76);Socket.send (zmq/sugar/socket.py:700) 20",
+    "something else entirely (x.py:1) 7"])
 
 
 def test_serving_samples_are_counted_apart_from_start_up_with_the_device_polling_among_them(tmp_path):
