@@ -14,7 +14,8 @@
 #            more batch slots than its even share (with exactly c / GPUS, one request routed off even made a
 #            one-wave run take two waves on that node: RESULTS.md, eighth session);
 #            each node's GPU busy fraction, timed on the GPU around its compute; TRACE=1: each node's host phases
-#            as a Chrome trace beside the JSON (where a step's host time goes)
+#            as a Chrome trace beside the JSON (where a step's host time goes), with a GPU row per node over ipc
+#            (each whole-step graph's last replay), which gpu_timeline.py reads: waits per layer, crossings
 #            async scheduling is the default on GPUs; ASYNC=0 turns it off (--no-async-scheduling; JSON and logs
 #            named *_sync), ASYNC=1 names it (*_async); GATEWAY_WORKERS=N:
 #            N gateway processes (one streams ~10k tok/s at most: the colocated rows' ceiling so far);
@@ -140,6 +141,9 @@ for part in ${PARTS:-tests bench serve}; do
             $([ "${TRACE:-0}" = 1 ] && echo --trace "$OUT/$name.trace.json") > "$OUT/$name.log" 2>&1
           reap; grep -E "^m=|Error|error|Traceback" "$OUT/$name.log" | sed "s/^/$shape c=$c disagg 1+1 $transport /" \
             | head -20
+          for trace in "$OUT/$name".trace*.json; do  # TRACE=1: where each step's device time went (ipc: GPU rows)
+            [ -e "$trace" ] && python3 benchmarks/gpu_timeline.py "$trace" | sed "s|^|$(basename $trace): |"
+          done
           if [ "${PROFILE:-0}" = 1 ]; then  # the recorders write their files once their processes have ended
             kill $profiler; sleep 2; tar czf "$OUT/$name.profiles.tgz" -C /tmp/prof_$name .
             python3 benchmarks/pyspy_summary.py --top ${PROFILE_TOP:-30} /tmp/prof_$name/attention_node_*.folded

@@ -1,0 +1,111 @@
+"""Where a disaggregated step's device time goes, from the GPU rows of a served trace (`bench serve --trace`,
+`microbatch_sweep.py --trace`, gpu_lockstep.sh TRACE=1): each captured span's last replay on the attention and the
+expert GPU (telemetry.GpuMeter.timeline), on one host clock.
+
+A whole-step replay of the attention node is the run of its spans from one "segment 0" of microbatch 0 to the next.
+For each, beside the expert node's spans that fall within it:
+  - the step's length, and each GPU's busy share of it;
+  - per MoE layer, the attention GPU's wait: from the end of the last microbatch's segment j to the start of
+    microbatch 0's segment j + 1 (what ping-pong should hide);
+  - per round, the crossings: attention segment end -> expert compute start (dispatch), expert compute end ->
+    the attention segment that uses it (combine), matched in order (microbatch by microbatch, layer by layer).
+Medians over the replays. The two processes' clocks agree to within a few microseconds (GpuMeter.timeline).
+
+    python benchmarks/gpu_timeline.py serve.trace.json
+"""
+import argparse
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Span:
+    label: str
+    start: float  # µs, host clock
+    duration: float
+    row: int  # microbatch (attention) or lane (expert)
+
+    @property
+    def end(self) -> float:
+        return self.start + self.duration
+
+
+def gpu_rows(trace: dict) -> dict[str, list[Span]]:
+    """The spans of each "<node> GPU" row, in start order, by node."""
+    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
+    rows: dict[str, list[Span]] = {}
+    for e in trace["traceEvents"]:
+        if e["ph"] == "X" and names[e["pid"]].endswith(" GPU"):
+            rows.setdefault(names[e["pid"]].removesuffix(" GPU"), []).append(Span(e["name"], e["ts"], e["dur"],
+                                                                                   e["tid"]))
+    return {node: sorted(spans, key=lambda s: s.start) for node, spans in rows.items()}
+
+
+def replays(spans: list[Span]) -> list[list[Span]]:
+    """An attention node's spans cut into whole-step replays: each starts at microbatch 0's first segment."""
+    steps: list[list[Span]] = []
+    for span in spans:
+        if (span.label, span.row) == ("segment 0", 0) or not steps:
+            steps.append([])
+        steps[-1].append(span)
+    return steps
+
+
+def step_report(step: list[Span], experts: list[Span]) -> dict:
+    """One replay: its length, both GPUs' busy shares, the attention GPU's wait per layer, the crossings."""
+    start, end = step[0].start, max(s.end for s in step)
+    inside = [e for e in experts if start <= e.start and e.end <= end + 1.0]
+    microbatches = 1 + max(s.row for s in step)
+    segments = {(int(s.label.split()[-1]), s.row): s for s in step}
+    layers = max(j for j, _ in segments)  # MoE layers: segments 0..layers
+    waits = [segments[(j + 1, 0)].start - segments[(j, microbatches - 1)].end
+             for j in range(layers) if (j + 1, 0) in segments and (j, microbatches - 1) in segments]
+    # rounds in the attention node's order (layer by layer, microbatch by microbatch), the expert's in its own
+    rounds = [(segments[(j, mb)], segments.get((j + 1, mb))) for j in range(layers) for mb in range(microbatches)
+              if (j, mb) in segments]
+    dispatch, combine = [], []
+    for (sent, used), computed in zip(rounds, inside):
+        dispatch.append(computed.start - sent.end)
+        if used is not None:
+            combine.append(used.start - computed.end)
+    return {"step_us": end - start, "attention_busy": sum(s.duration for s in step) / (end - start),
+            "expert_busy": sum(e.duration for e in inside) / (end - start), "rounds_matched": len(inside),
+            "rounds": len(rounds), "layer_wait_us": waits, "dispatch_us": dispatch, "combine_us": combine,
+            "attention_span_us": [s.duration for s in step], "expert_span_us": [e.duration for e in inside]}
+
+
+def report(trace: dict) -> list[str]:
+    rows = gpu_rows(trace)
+    lines = []
+    for node in sorted(n for n in rows if n.startswith("attention node")):
+        experts = [s for n, spans in rows.items() if n.startswith("expert node") for s in spans]
+        steps = [step_report(step, experts) for step in replays(rows[node]) if len(step) > 1]
+        if not steps:
+            continue
+        med = statistics.median
+        flat = lambda key: [x for s in steps for x in s[key]]  # noqa: E731
+        lines.append(f"{node}: {len(steps)} whole-step replays (each graph's last)")
+        lines.append(f"  step {med(s['step_us'] for s in steps):.0f} us; busy attention GPU "
+                     f"{med(s['attention_busy'] for s in steps):.0%}, expert GPU {med(s['expert_busy'] for s in steps):.0%}")
+        lines.append(f"  spans: attention {med(flat('attention_span_us')):.1f} us, experts "
+                     f"{med(flat('expert_span_us')) if flat('expert_span_us') else float('nan'):.1f} us (medians)")
+        for key, what in (("layer_wait_us", "attention GPU waits per layer for the experts"),
+                          ("dispatch_us", "attention segment end -> expert compute start"),
+                          ("combine_us", "expert compute end -> the attention segment that uses it")):
+            values = flat(key)
+            if values:
+                lines.append(f"  {what}: median {med(values):.1f} us, max {max(values):.1f} us ({len(values)})")
+    return lines or ["no whole-step GPU spans in the trace (GPU rows come from whole-step graphs: ipc links)"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("trace", type=Path)
+    args = parser.parse_args()
+    print("\n".join(report(json.loads(args.trace.read_text()))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""benchmarks/gpu_timeline.py: a whole step's replay from the GPU rows of a trace, its waits and crossings."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from expertmesh.telemetry import chrome_trace
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_timeline.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("gpu_timeline", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def step(t0: float) -> tuple[list, list]:
+    """One step, 2 MoE layers, m = 2, in µs from t0: attention segments of 100 (the last, lm_head, 50), expert
+    computes of 150, each crossing 20. mb0 seg0 [0,100], mb1 seg0 [100,200]; experts mb0 [120,270], mb1 [270,420];
+    mb0 seg1 [290,390] (combine 20 after 270), mb1 seg1 [440,540]; experts [410,560], [560,710];
+    mb0 seg2 [580,630], mb1 seg2 [730,780]."""
+    attention = [["segment 0", 0, 100, 0], ["segment 0", 100, 100, 1], ["segment 1", 290, 100, 0],
+                 ["segment 1", 440, 100, 1], ["segment 2", 580, 50, 0], ["segment 2", 730, 50, 1]]
+    experts = [["experts, layer 0", 120, 150, 0], ["experts, layer 0", 270, 150, 0],
+               ["experts, layer 1", 410, 150, 0], ["experts, layer 1", 560, 150, 0]]
+    shift = lambda events: [[name, start + t0, duration, row] for name, start, duration, row in events]  # noqa
+    return shift(attention), shift(experts)
+
+
+def test_a_replay_gives_its_waits_and_crossings():
+    timeline = load()
+    a1, e1 = step(0.0)
+    a2, e2 = step(10_000.0)
+    trace = chrome_trace({"attention node 0": [["attention", 0, 1, 0]], "expert node 0": []},
+                         {"attention node 0": a1 + a2, "expert node 0": e1 + e2})
+    rows = timeline.gpu_rows(trace)
+    steps = timeline.replays(rows["attention node 0"])
+    assert [len(s) for s in steps] == [6, 6]
+    first = timeline.step_report(steps[0], rows["expert node 0"])
+    assert first["step_us"] == 780 and first["rounds"] == first["rounds_matched"] == 4
+    assert first["attention_busy"] == pytest.approx(500 / 780)
+    assert first["expert_busy"] == pytest.approx(600 / 780)
+    # mb1's segment 0 ends at 200, mb0's segment 1 starts at 290; mb1's segment 1 ends at 540, segment 2 at 580
+    assert first["layer_wait_us"] == [90, 40]
+    assert first["dispatch_us"] == [20, 70, 20, 20]  # mb1's round waits for mb0's compute: 270 - 200
+    assert first["combine_us"] == [20, 20, 20, 20]
+    lines = timeline.report(trace)
+    assert lines[0] == "attention node 0: 2 whole-step replays (each graph's last)"
+    assert "attention GPU waits per layer for the experts: median 65.0 us" in "\n".join(lines)
+
+
+def test_a_trace_without_gpu_rows_says_so():
+    trace = chrome_trace({"attention node 0": [["attention", 0, 1, 0]]})
+    assert load().report(trace)[0].startswith("no whole-step GPU spans")
