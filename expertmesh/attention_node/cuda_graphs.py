@@ -119,7 +119,7 @@ class SegmentGraphs:
         self.sets |= {(mb, PREFILL, b): _prefill_set(runner, b, self.sizes[-1], self.table_width)
                       for mb in range(microbatches) for (b,) in prefill_step_shapes(prefill_tokens, 1)}
 
-    def capture(self, progress=None) -> None:
+    def capture(self) -> None:
         started = time.monotonic()
         # A memory pool per microbatch. Graphs that share a pool may reuse each other's freed intermediates, which is
         # safe only when they replay in the order they were captured. Microbatches interleave their segments

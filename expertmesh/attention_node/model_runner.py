@@ -88,22 +88,25 @@ class ModelRunner:
         self.eager_steps = 0  # steps with a microbatch that replayed no graph
         self.step_graphs: StepGraphs | None = None
 
-    def capture_graphs(self, max_num_seqs: int, microbatches: int, prefill_tokens: int = 0, progress=None) -> None:
+    def capture_graphs(self, max_num_seqs: int, microbatches: int, prefill_tokens: int = 0) -> None:
         """Decode steps of up to max_num_seqs sequences, and steps that carry prompt tokens of up to prefill_tokens
         new tokens, replay CUDA graphs from now on (CUDA only): whole steps with their M2N rounds over links that
         keep their counts on the device, else segment by segment (steps with prompts only colocated, where a step
-        is one segment)."""
+        is one segment). Segment graphs are captured only where whole steps are not: every decode step replays a
+        whole-step graph, and the rest run eagerly either way, so they would only add start-up time (12-25 s at
+        256 sequences on an H200: RESULTS.md, tenth session) and memory."""
         prefill_tokens = prefill_graph_limit(prefill_tokens, self.spec)
-        self.graphs = SegmentGraphs(self, max_num_seqs, microbatches,
-                                    prefill_tokens if self.local_experts is not None else 0)
-        self.graphs.capture(progress)
         if getattr(self.experts, "captures_steps", False):
             step_graphs = StepGraphs(self, max_num_seqs, microbatches, prefill_tokens)
             try:
                 step_graphs.capture()
                 self.step_graphs = step_graphs
+                return
             except Exception:  # serving goes on with segment graphs and eager rounds
                 log.exception("whole-step CUDA graphs could not be captured; decode steps replay segments")
+        self.graphs = SegmentGraphs(self, max_num_seqs, microbatches,
+                                    prefill_tokens if self.local_experts is not None else 0)
+        self.graphs.capture()
 
     async def warm_up(self, max_batch_tokens: int) -> None:
         """Eager forwards of one sequence of each of warm_up_sizes tokens, before serving (through the expert nodes

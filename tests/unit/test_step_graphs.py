@@ -112,3 +112,29 @@ def test_a_padded_steps_padding_rows_go_to_no_expert(qwen3_dir):
     ids, padded_ids = asyncio.run(run())
     assert padded_ids.shape[0] == 12 and torch.equal(padded_ids[:7], ids)
     assert (padded_ids[7:] == -1).all() and (ids >= 0).all()
+
+
+@pytest.mark.parametrize("link, step_capture", [("steps", "works"), ("steps", "fails"), ("segments", None)])
+def test_segment_graphs_are_captured_only_where_whole_steps_are_not(monkeypatch, link, step_capture):
+    """Over a link that captures whole steps (ipc) every decode step replays one, so the segment graphs, 12-25 s of
+    start-up at 256 sequences, are left out; they are captured where whole steps are not, or failed to capture."""
+    from expertmesh.attention_node import model_runner
+    captured = []
+
+    class Fake:
+        def __init__(self, runner, max_num_seqs, microbatches, prefill_tokens):
+            self.kind = type(self).__name__
+
+        def capture(self):
+            if self.kind == "StepGraphs" and step_capture == "fails":
+                raise RuntimeError("operation not permitted when stream is capturing")
+            captured.append(self.kind)
+
+    monkeypatch.setattr(model_runner, "StepGraphs", type("StepGraphs", (Fake,), {}))
+    monkeypatch.setattr(model_runner, "SegmentGraphs", type("SegmentGraphs", (Fake,), {}))
+    runner = SimpleNamespace(spec=SimpleNamespace(mla=None), experts=SimpleNamespace(captures_steps=link == "steps"),
+                             local_experts=None, graphs=None, step_graphs=None)
+    model_runner.ModelRunner.capture_graphs(runner, 8, 2, 64)
+    assert captured == {"works": ["StepGraphs"], "fails": ["SegmentGraphs"], None: ["SegmentGraphs"]}[step_capture]
+    assert (runner.step_graphs is not None) == (step_capture == "works")
+    assert (runner.graphs is not None) == (step_capture != "works")
