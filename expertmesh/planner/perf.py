@@ -276,6 +276,14 @@ def pipeline_us(t_a: float, t_e: float, t_c: float, m: int, layers: int, plan: D
     return layers * m * t_f + max(0.0, t_a + t_e + 2 * t_c - t_f)
 
 
+def moe_layers_us(t_a: float, t_e: float, t_c: float, m: int, layers: int, plan: Deployment,
+                  background: tuple[float, float] = (0.0, 0.0)) -> float:
+    """A step's MoE layers: each layer's bound (layer_us: at m = 1 nothing overlaps, a layer waits for the last) or
+    the pipeline of rounds (pipeline_us), whichever is longer."""
+    return max(layers * layer_us(t_a, t_e, t_c, m, plan, background),
+               pipeline_us(t_a, t_e, t_c, m, layers, plan, background))
+
+
 def memory(costs: ModelCosts, plan: Deployment, utilization: float = 0.9) -> tuple[Memory, Memory | None]:
     """Per GPU of each role: weights, the KV cache of the batch at full context, the activation margin."""
     gpu = plan.attention_gpu
@@ -319,8 +327,7 @@ def step_parts(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: fl
     lm_head = _floor_us(costs.elt * costs.spec.vocab_size * costs.spec.hidden_size,
                         2 * (sequences or tokens) * costs.spec.vocab_size * costs.spec.hidden_size,
                         plan.attention_gpu, cal)
-    layers = max(costs.moe_layers * layer_us(t_a, t_e, t_c, m, plan, background),
-                 pipeline_us(t_a, t_e, t_c, m, costs.moe_layers, plan, background))
+    layers = moe_layers_us(t_a, t_e, t_c, m, costs.moe_layers, plan, background)
     device, host = layers + dense + lm_head, cal.step_host_us(sequences or tokens)
     step = max(device, host) if plan.async_scheduling and not prefill else device + host
     return t_a, t_e, t_c, step

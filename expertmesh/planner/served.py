@@ -13,7 +13,7 @@ from ..config import ConfigError
 from ..model.spec import ModelSpec
 from .calibration import Calibration, Served, fit_line
 from .gpus import GpuType
-from .perf import Deployment, ModelCosts, _floor_us, attention_us, experts_us, pipeline_us
+from .perf import Deployment, ModelCosts, _floor_us, attention_us, experts_us, moe_layers_us
 
 
 @dataclass(frozen=True)
@@ -167,9 +167,9 @@ def gpu_phases_of(run: dict, index: int, spec: ModelSpec, crossing_us: float) ->
     """ServedPhases of a served GPU row (`microbatch_sweep.py` JSON: each node's GPU busy fraction of the run and
     device ms per span, telemetry.GpuMeter), and the decode tokens per microbatch its steps carried on average.
     A 1+1 row's spans are the attention node's segments (m·(layers + 1) a step) and the expert node's computes
-    (m·layers a step), so the expert meter counts the steps; what a step takes beyond its pipeline (pipeline_us of
-    the measured spans, `crossing_us` one way) is host work between steps (inputs, sampling, outputs, the step's
-    plan to the expert node). A colocated row's node has one span a step: the rest of its step is host work."""
+    (m·layers a step), so the expert meter counts the steps; what a step takes beyond its MoE layers (moe_layers_us
+    of the measured spans, `crossing_us` one way, as the model times them) is host work between steps (inputs,
+    sampling, outputs, the step's plan to the expert node). A colocated row's node has one span a step: the rest of its step is host work."""
     args, row = run["args"], run["rows"][index]
     busy, span_ms = row.get("gpu_busy") or {}, row.get("gpu_span_ms") or {}
     m, layers, wall_s = row["microbatches"], ModelCosts(spec).moe_layers, row["duration_s"]
@@ -187,8 +187,8 @@ def gpu_phases_of(run: dict, index: int, spec: ModelSpec, crossing_us: float) ->
     t_a, t_e = span_ms["attention_node_0"] * 1e3, span_ms["expert_node_0"] * 1e3
     steps = busy["expert_node_0"] * wall_s / (t_e / 1e6 * m * layers)
     gpu = GpuType("served", 0, 0, 0, 0, 0)
-    pipeline = pipeline_us(t_a, t_e, crossing_us, m, layers, Deployment(gpu, gpu, 1, 1, m, 1, 0))
-    host = wall_s / steps * 1e6 - pipeline
+    device = moe_layers_us(t_a, t_e, crossing_us, m, layers, Deployment(gpu, gpu, 1, 1, m, 1, 0))
+    host = wall_s / steps * 1e6 - device
     return ServedPhases(t_a, t_e, 0.0, 0.0, 0.0, crossing_us, max(0.0, host)), row["output_tokens"] / steps / m
 
 

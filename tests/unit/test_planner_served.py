@@ -159,6 +159,14 @@ def test_gpu_phases_of_a_served_row_built_by_hand():
     assert (phases.attention_segment_us, phases.expert_compute_us) == pytest.approx((100, 200))
     assert phases.step_host_us == pytest.approx(3000)
     assert phases.crossing_us == 20.0 and tokens == pytest.approx(32)
+    # m = 1: no layer overlaps the next, so the layers take layers x (T_a + T_e + 2 crossings) (moe_layers_us, as
+    # the model times a step), not the pipeline of two microbatches' rounds: the same 3 ms beyond them
+    layers_ms = layers * (0.1 + 0.2 + 0.04)
+    wall_ms = 100 * (layers_ms + 3.0)
+    busy = {"attention_node_0": 100 * (layers + 1) * 0.1 / wall_ms, "expert_node_0": 100 * layers * 0.2 / wall_ms}
+    run = gpu_row(1, 1, busy, {"attention_node_0": 0.1, "expert_node_0": 0.2}, wall_ms / 1e3, 6400)
+    phases, tokens = gpu_phases_of(run, 0, spec, 20.0)
+    assert phases.step_host_us == pytest.approx(3000) and tokens == pytest.approx(64)
     # colocated: one span a step (2.5 ms), 4 ms a step
     run = gpu_row(0, 1, {"attention_node_0": 2.5 / 4}, {"attention_node_0": 2.5}, 0.4, 3200)
     phases, tokens = gpu_phases_of(run, 0, spec, 0.0)
