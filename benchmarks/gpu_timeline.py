@@ -5,6 +5,7 @@ expert GPU (telemetry.GpuMeter.timeline), on one host clock.
 A whole-step replay of the attention node is the run of its spans from one "segment 0" of microbatch 0 to the next.
 For each, beside the expert node's spans that fall within it:
   - the step's length, and each GPU's busy share of it;
+  - a layer's length (middle layers), beside what the spans and crossings allow (the planner's layer_us);
   - per MoE layer, the attention GPU's wait: from the end of the last microbatch's segment j to the start of
     microbatch 0's segment j + 1 (what ping-pong should hide);
   - per round, the crossings: attention segment end -> expert compute start (dispatch), expert compute end ->
@@ -62,6 +63,7 @@ def step_report(step: list[Span], experts: list[Span]) -> dict:
     layers = max(j for j, _ in segments)  # MoE layers: segments 0..layers
     waits = [segments[(j + 1, 0)].start - segments[(j, microbatches - 1)].end
              for j in range(layers) if (j + 1, 0) in segments and (j, microbatches - 1) in segments]
+    cycles = [segments[(j + 1, 0)].start - segments[(j, 0)].start for j in range(1, layers) if (j + 1, 0) in segments]
     # rounds in the attention node's order (layer by layer, microbatch by microbatch), the expert's in its own
     rounds = [(segments[(j, mb)], segments.get((j + 1, mb))) for j in range(layers) for mb in range(microbatches)
               if (j, mb) in segments]
@@ -72,7 +74,8 @@ def step_report(step: list[Span], experts: list[Span]) -> dict:
             combine.append(used.start - computed.end)
     return {"step_us": end - start, "attention_busy": sum(s.duration for s in step) / (end - start),
             "expert_busy": sum(e.duration for e in inside) / (end - start), "rounds_matched": len(inside),
-            "rounds": len(rounds), "layer_wait_us": waits, "dispatch_us": dispatch, "combine_us": combine,
+            "rounds": len(rounds), "microbatches": microbatches, "layer_cycle_us": cycles,
+            "layer_wait_us": waits, "dispatch_us": dispatch, "combine_us": combine,
             "attention_span_us": [s.duration for s in step], "expert_span_us": [e.duration for e in inside]}
 
 
@@ -88,9 +91,20 @@ def report(trace: dict) -> list[str]:
         flat = lambda key: [x for s in steps for x in s[key]]  # noqa: E731
         lines.append(f"{node}: {len(steps)} whole-step replays (each graph's last)")
         lines.append(f"  step {med(s['step_us'] for s in steps):.0f} us; busy attention GPU "
-                     f"{med(s['attention_busy'] for s in steps):.0%}, expert GPU {med(s['expert_busy'] for s in steps):.0%}")
+                     f"{med(s['attention_busy'] for s in steps):.0%}, "
+                     f"expert GPU {med(s['expert_busy'] for s in steps):.0%}")
         lines.append(f"  spans: attention {med(flat('attention_span_us')):.1f} us, experts "
                      f"{med(flat('expert_span_us')) if flat('expert_span_us') else float('nan'):.1f} us (medians)")
+        m = max(s["microbatches"] for s in steps)
+        full = [s for s in steps if s["microbatches"] == m]  # a step of few sequences has fewer microbatches
+        of = lambda key: [x for s in full for x in s[key]]  # noqa: E731
+        if all(of(key) for key in ("layer_cycle_us", "expert_span_us", "dispatch_us", "combine_us")):
+            # what the planner's layer_us makes of these spans: the busier GPU's m spans, or one round trip
+            t_a, t_e = med(of("attention_span_us")), med(of("expert_span_us"))
+            trip = t_a + t_e + med(of("dispatch_us")) + med(of("combine_us"))
+            lines.append(f"  a layer at m = {m} (microbatch 0's segment to its next): {med(of('layer_cycle_us')):.1f} "
+                         f"us; the spans and crossings allow {max(m * t_a, m * t_e, trip):.1f} us (the longest of "
+                         f"m·T_a, m·T_e and one round trip)")
         for key, what in (("layer_wait_us", "attention GPU waits per layer for the experts"),
                           ("dispatch_us", "attention segment end -> expert compute start"),
                           ("combine_us", "expert compute end -> the attention segment that uses it")):

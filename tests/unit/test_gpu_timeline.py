@@ -46,7 +46,11 @@ def test_a_replay_gives_its_waits_and_crossings():
     assert first["layer_wait_us"] == [90, 40]
     assert first["dispatch_us"] == [20, 70, 20, 20]  # mb1's round waits for mb0's compute: 270 - 200
     assert first["combine_us"] == [20, 20, 20, 20]
+    assert first["layer_cycle_us"] == [290]  # mb0's segment 1 at 290, segment 2 at 580
     lines = timeline.report(trace)
+    # the spans allow max(2 x 100, 2 x 150, 100 + 150 + 20 + 20) = 300 us a layer
+    assert "a layer at m = 2 (microbatch 0's segment to its next): 290.0 us; the spans and crossings allow 300.0 us" \
+        in "\n".join(lines)
     assert lines[0] == "attention node 0: 2 whole-step replays (each graph's last)"
     assert "attention GPU waits per layer for the experts: median 65.0 us" in "\n".join(lines)
 
