@@ -415,15 +415,17 @@ def gpu_served_setups(cal: calibration.Calibration, device: GpuType) -> tuple[di
         fitted = served.served_calibration(cal, phases[model], spec, device, tokens, context, 2,
                                            additive=ADDITIVE)
         fitted = served.with_host_per_sequence(fitted, tokens * m, HOST_PER_SEQUENCE_US)
-        calibrations[model] = dataclasses.replace(fitted, gateway_us_per_token=served.gateway_us_per_token(
-            run["rows"][index]))
+        per_token, per_message = served.gateway_costs(run["args"], run["rows"][index])
+        calibrations[model] = dataclasses.replace(fitted, gateway_us_per_token=per_token,
+                                                  gateway_us_per_message=per_message)
     name, index = GPU_COLOCATED
     run = json.loads((GPU_SERVE / name).read_text())
     colocated, sequences = served.gpu_phases_of(run, index, gpu_spec_of(run["args"]["model"]), 0.0)
     fitted = dataclasses.replace(cal, step_overhead_us=colocated.step_host_us)
     fitted = served.with_host_per_sequence(fitted, sequences, HOST_PER_SEQUENCE_US)
-    calibrations["colocated"] = dataclasses.replace(fitted, gateway_us_per_token=served.gateway_us_per_token(
-        run["rows"][index]))
+    per_token, per_message = served.gateway_costs(run["args"], run["rows"][index])
+    calibrations["colocated"] = dataclasses.replace(fitted, gateway_us_per_token=per_token,
+                                                    gateway_us_per_message=per_message)
     return calibrations, colocated.step_host_us, phases
 
 
@@ -436,7 +438,8 @@ def gpu_main() -> int:
               f"steps {p.step_host_us:.0f} us ({GPU_SERVED[model][0]} row {GPU_SERVED[model][1]})", file=sys.stderr)
     print(f"colocated: host between steps {colocated_host_us:.0f} us ({GPU_COLOCATED[0]})", file=sys.stderr)
     for model, c in served_cals.items():
-        print(f"{model}: gateway CPU {c.gateway_us_per_token:.0f} us per output token; host per step "
+        print(f"{model}: gateway CPU {c.gateway_us_per_token:.0f} us per output token and "
+              f"{c.gateway_us_per_message:.0f} per step message; host per step "
               f"{c.step_overhead_us:.0f} us + {c.step_overhead_per_sequence_us:.0f} us per sequence", file=sys.stderr)
     print("| configuration | measured tok/s | predicted, bench only | error | predicted, served terms | error | "
           "measured TPOT p50 ms | predicted, bench / served | error (served) | TTFT p50 ms measured / served | "

@@ -67,9 +67,10 @@ class Calibration:
     # launched one by one, so it takes at least this per layer whatever its parts need (served.eager_layer_us from
     # a trace; 0: not measured, such steps are timed by their parts)
     eager_layer_us: float = 0.0
-    # CPU the gateway (one process: a serial stage beside the nodes) spends per output token it streams, from a
-    # served run's /proc CPU seconds; 0: not measured, not a limit
+    # CPU the gateway (each process a serial stage beside the nodes) spends per output token it streams, and per
+    # step message it takes, from a served run's /proc CPU seconds (served.gateway_costs); 0: not measured, no limit
     gateway_us_per_token: float = 0.0
+    gateway_us_per_message: float = 0.0
 
     def step_host_us(self, sequences: float) -> float:
         """Host work of a step of `sequences` sequences outside its layers."""
@@ -220,9 +221,9 @@ def with_served(cal: Calibration, served_run: dict, here: Path) -> Calibration:
     sequences = tokens * (m if args["expert_nodes"] else 1)  # a step's, on the node measured
     eager = served.eager_layer_us(json.loads((here / served_run["eager_trace"]).read_text()),
                                   ModelCosts(spec, dtype_bytes).moe_layers) if "eager_trace" in served_run else 0.0
-    return dataclasses.replace(served.with_host_per_sequence(fitted, sequences),
-                               gateway_us_per_token=served.gateway_us_per_token(sweep["rows"][index]),
-                               eager_layer_us=eager)
+    per_token, per_message = served.gateway_costs(args, sweep["rows"][index])
+    return dataclasses.replace(served.with_host_per_sequence(fitted, sequences), gateway_us_per_token=per_token,
+                               gateway_us_per_message=per_message, eager_layer_us=eager)
 
 
 # Shipped: one H200 (benchmarks/RESULTS.md). Parts: `bench layer` second run (benchmarks/gpu_dataplane/

@@ -375,8 +375,9 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
     Returns tokens_per_s, TTFT and TPOT p50 in ms, the share of the run's node time spent in prefill parts, and the
     share of its steps that carry prompts beside decodes (mixed steps, which a disaggregated attention node runs
     eagerly whole: attention_node/model_runner.py). Where the calibration measured the gateway's CPU per streamed
-    token, the gateway is a serial stage: the run lasts at least its tokens times that over its gateway_workers
-    processes, and the requests wait the difference before their first token (Little's law over `concurrency`)."""
+    token (and per step message: each step sends one to each gateway process with requests in it), the gateway is
+    a serial stage: the run lasts at least that CPU over its gateway_workers processes, and the requests wait the
+    difference before their first token (Little's law over `concurrency`)."""
     costs = ModelCosts(spec, plan.dtype_bytes)
     nodes = plan.attention_nodes
     per_node = [jobs[i::nodes] for i in range(nodes)]
@@ -448,7 +449,8 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
     tpots.sort()
     ttfts.sort()
     tokens = sum(out for _, out in jobs)
-    gateway_us = tokens * cal.gateway_us_per_token / gateway_workers
+    messages = steps * min(gateway_workers, slots)
+    gateway_us = (tokens * cal.gateway_us_per_token + messages * cal.gateway_us_per_message) / gateway_workers
     waiting_us = max(0.0, gateway_us - finish) * min(concurrency, len(jobs)) / max(1, len(jobs))
     finish = max(finish, gateway_us)
     return {"tokens_per_s": tokens / finish * 1e6,

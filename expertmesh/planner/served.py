@@ -192,7 +192,22 @@ def gpu_phases_of(run: dict, index: int, spec: ModelSpec, crossing_us: float) ->
     return ServedPhases(t_a, t_e, 0.0, 0.0, 0.0, crossing_us, max(0.0, host)), row["output_tokens"] / steps / m
 
 
-def gateway_us_per_token(row: dict) -> float:
-    """The gateway's CPU per output token over a served row (`microbatch_sweep.py` JSON with cpu_s); 0 without."""
+# The gateway's CPU per StepOutputs message it takes (each attention node's step sends one to each gateway process
+# with requests in it), beside its CPU per output token: a least-squares fit in relative error over the 25 served
+# rows of 2 x H200 with steps_per_node (sessions 9 and 10, 4 gateway processes, 27-225 tokens a step and node):
+# 235 µs a message and 77 µs a token; every 64-in-flight row within 8%, the colocated rows at 256 in flight +12%
+# and +17% (one figure a token: 87 µs, those two +30% and +50%; RESULTS.md, tenth session).
+GATEWAY_US_PER_MESSAGE = 235.0
+
+
+def gateway_costs(args: dict, row: dict, per_message_us: float = GATEWAY_US_PER_MESSAGE) -> tuple[float, float]:
+    """(CPU µs per output token, per message) of the gateway over a served row (`microbatch_sweep.py` JSON with
+    cpu_s): per_message_us a message and the rest by token, where the row counts its steps (steps_per_node); else
+    all of it by token. (0, 0) without cpu_s."""
     cpu_s = {name: s for name, s in (row.get("cpu_s") or {}).items() if name.split(" ")[0] == "gateway"}  # workers
-    return sum(cpu_s.values()) * 1e6 / row["output_tokens"] if cpu_s and row["output_tokens"] else 0.0
+    if not cpu_s or not row["output_tokens"]:
+        return 0.0, 0.0
+    steps = sum(node[0] for node in (row.get("steps_per_node") or {}).values())
+    messages = steps * (args.get("gateway_workers") or 1) if steps else 0
+    per_message = per_message_us if messages else 0.0
+    return max(0.0, sum(cpu_s.values()) * 1e6 - messages * per_message) / row["output_tokens"], per_message

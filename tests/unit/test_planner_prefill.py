@@ -84,6 +84,15 @@ def test_a_gateway_slower_than_the_nodes_sets_the_pace_and_the_wait():
     # two gateway processes share the tokens: 20 ms of gateway time, as long as the nodes take
     two = closed_loop(SPEC, plan, cal, [(10, 10)] * 4, concurrency=2, gateway_workers=2)
     assert two["tokens_per_s"] == pytest.approx(2000.0) and two["ttft_ms_p50"] == pytest.approx(1.0)
+    # CPU per step message: each of the 20 steps sends one to each gateway process with requests in it, so a second
+    # process takes as many messages again and the gateway's time stays 20 x 2 ms = 40 ms
+    per_message = dataclasses.replace(CAL, gateway_us_per_message=2000.0)
+    for workers in (1, 2):
+        result = closed_loop(SPEC, plan, per_message, [(10, 10)] * 4, concurrency=2, gateway_workers=workers)
+        assert result["tokens_per_s"] == pytest.approx(1000.0) and result["gateway_bound"]
+    # more processes than requests in flight: only 2 of 4 processes get a step's messages
+    four = closed_loop(SPEC, plan, per_message, [(10, 10)] * 4, concurrency=2, gateway_workers=4)
+    assert four["tokens_per_s"] == pytest.approx(2000.0)
 
 
 def test_async_scheduling_overlaps_the_host_with_the_device():

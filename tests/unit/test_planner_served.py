@@ -204,7 +204,14 @@ def test_a_calibration_file_takes_a_served_gpu_row(tmp_path):
     phases, _ = gpu_phases_of(run, 0, spec, cal.served.crossing_us)
     assert cal.served is not None and cal.served.dispatch_us == 0.0
     assert cal.step_overhead_us > 0 and phases.step_host_us > 0
-    assert cal.gateway_us_per_token == pytest.approx(100.0)
+    assert cal.gateway_us_per_token == pytest.approx(100.0) and cal.gateway_us_per_message == 0.0
+    # a row that counts its steps: GATEWAY_US_PER_MESSAGE a message (a step's to each gateway process), the rest
+    # by token: 500 steps x 4 processes x 235 µs = 0.47 s of the 0.64
+    from expertmesh.planner.served import GATEWAY_US_PER_MESSAGE, gateway_costs
+    run["rows"][0]["steps_per_node"] = {"a0": [500, 0]}
+    per_token, per_message = gateway_costs({**run["args"], "gateway_workers": 4}, run["rows"][0])
+    assert per_message == GATEWAY_US_PER_MESSAGE == 235.0
+    assert per_token == pytest.approx((0.64e6 - 500 * 4 * 235.0) / 6400)
     # one batch size served: its host time as a line of GPU_STEP_HOST_PER_SEQUENCE_US a sequence, through its point
     from expertmesh.planner.served import GPU_STEP_HOST_PER_SEQUENCE_US
     assert cal.step_overhead_per_sequence_us == GPU_STEP_HOST_PER_SEQUENCE_US
