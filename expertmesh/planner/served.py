@@ -196,7 +196,8 @@ def gpu_phases_of(run: dict, index: int, spec: ModelSpec, crossing_us: float) ->
 # with requests in it), beside its CPU per output token: a least-squares fit in relative error over the 25 served
 # rows of 2 x H200 with steps_per_node (sessions 9 and 10, 4 gateway processes, 27-225 tokens a step and node):
 # 235 µs a message and 77 µs a token; every 64-in-flight row within 8%, the colocated rows at 256 in flight +12%
-# and +17% (one figure a token: 87 µs, those two +30% and +50%; RESULTS.md, tenth session).
+# and +17%, the worst +39% (one figure a token, 87 µs: the worst +50%; RESULTS.md, tenth session). A row read at
+# 64 in flight so extrapolates to 256: its messages carry 2-4 times fewer tokens there.
 GATEWAY_US_PER_MESSAGE = 235.0
 
 
