@@ -188,8 +188,14 @@ class Scheduler:
         """Gives every running sequence the block its next token needs, oldest first, preempting the newest
         running sequences while none is free. Returns whether any was preempted."""
         block_size = self.blocks.block_size
-        if sum(max(0, -(-s.num_tokens // block_size) - len(s.block_ids)) for s in self.running) == 0:
+        starting = [s for s in self.running
+                    if -(-(len(s.prompt_ids) + len(s.output_ids)) // block_size) > len(s.block_ids)]
+        if not starting:
             return False  # most steps: no running sequence starts a block (a pass of arithmetic, no calls)
+        if sum(self.blocks.blocks_to_append(s) for s in starting) <= self.blocks.num_free_blocks:
+            for seq in starting:  # room for all (each of 1 in 16 sequences a step): only those, in order
+                self.blocks.append(seq)
+            return False
         preempted = False
         index = 0
         while index < len(self.running):

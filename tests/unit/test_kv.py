@@ -242,6 +242,23 @@ def test_preemption_frees_the_newest_and_requeues_it_first():
     assert sched.advance(b, 102) == "length" and b.output_ids == [100, 101, 102]
 
 
+def test_sequences_that_start_a_block_in_one_step_get_them_in_running_order_the_others_untouched():
+    """With room for all, only the sequences whose next token starts a block get one, oldest first (the step's
+    fast path: no call for the rest); the rest keep their tables, and nothing is preempted."""
+    sched = make_scheduler(num_blocks=12)
+    seqs = [seq(name, n) for name, n in (("a", 4), ("b", 7), ("c", 4), ("d", 5))]  # blocks of 4: a, c full
+    for s in seqs:
+        sched.add(s)
+    assert sched.schedule() == seqs
+    before = {s.request_id: list(s.block_ids) for s in seqs}
+    free = list(sched.blocks._free)
+    for s in seqs:
+        sched.advance(s, 9)  # a and c: 5 tokens, a second block each; b: 8, d: 6 still fit
+    assert sched.schedule() == seqs and sched.num_preemptions == 0
+    assert [s.block_ids[len(before[s.request_id]):] for s in seqs] == [[free[0]], [], [free[1]], []]
+    assert_partition(sched.blocks, seqs)
+
+
 def test_the_newest_sequence_preempts_itself_when_it_alone_needs_a_block():
     sched = make_scheduler(num_blocks=3)
     a, b = seq("a", 6, max_tokens=5), seq("b", 4, max_tokens=5)  # 2 blocks + 1 block
