@@ -50,7 +50,9 @@ def test_killed_expert_node_is_restarted_and_the_cluster_serves_again(mixtral_di
         victim = role_pid(cluster.process.pid, "expertmesh.expert_node", 1)
         with cluster.client() as client, ThreadPoolExecutor(1) as pool:
             before = client.post("/v1/completions", json=greedy).json()["choices"][0]["text"]
-            # a long request in flight when the node dies must end (error or cut short), not hang
+            # a long request in flight when the node dies must end, never hang: failed with an error or cut short
+            # when the loss fails its step; whole when the loss falls between two steps over message links, since
+            # the next step then waits for the node to rejoin (issue 12); which of the two is a matter of timing
             pending = pool.submit(client.post, "/v1/completions",
                                   json={"prompt": "hello", "max_tokens": 400, "ignore_eos": True})
             wait_for(lambda: prometheus.value(client.get("/metrics").text, "expertmesh_running_sequences",
@@ -59,7 +61,12 @@ def test_killed_expert_node_is_restarted_and_the_cluster_serves_again(mixtral_di
             killed_at = time.monotonic()
             os.kill(victim, signal.SIGKILL)
             response = pending.result(timeout=30)
-            assert response.status_code != 200 or response.json()["usage"]["completion_tokens"] < 400
+            if response.status_code == 200:
+                body = response.json()
+                assert body["usage"]["completion_tokens"] < 400 or transport == "auto", body
+                assert body["choices"][0]["finish_reason"] in ("length", "error", "abort"), body
+            else:
+                assert response.json()["error"]["message"], response.text
 
             def served_again():
                 try:
