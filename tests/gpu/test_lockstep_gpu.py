@@ -105,8 +105,10 @@ def test_float32_greedy_tokens_match_transformers(request, arch, backend, tmp_pa
 
     async def run():
         async with LockstepCluster(model_dir, tmp_path, backend, microbatches=2) as cluster:
-            # ipc keeps its counts on the device: decode steps replay whole-step graphs, rounds included
+            # ipc keeps its counts on the device: decode steps replay whole-step graphs, rounds included, and no
+            # segment graphs are captured beside them (start-up time)
             assert (cluster.runner.step_graphs is not None) == backend.startswith("ipc")
+            assert (cluster.runner.graphs is None) == backend.startswith("ipc")
             return await cluster.generate(PROMPTS, 16)
 
     assert asyncio.run(run()) == reference_tokens(model_dir, PROMPTS, 16)
