@@ -70,10 +70,12 @@ profile() {
 quiet() { grep -vE "frame #|TCPStore|Exception raised from|should dump|^\s*$" "$@"; }
 for part in ${PARTS:-tests bench serve}; do
   case $part in
-  tests)
-    timeout -k 10 ${TESTS_S:-300} python3 -m pytest -q -rf -p no:cacheprovider --timeout ${TEST_TIMEOUT_S:-150} \
-      ${TESTS:-tests/gpu} > "$OUT/gpu_tests.log" 2>&1; reap
-    quiet "$OUT/gpu_tests.log" | tail -${TESTS_TAIL:-25} ;;
+  tests)  # -v: a line per test as it ends, so a run that TESTS_S cuts short still says which passed and failed
+    timeout -k 10 ${TESTS_S:-300} python3 -m pytest -v -rf -p no:cacheprovider --timeout ${TEST_TIMEOUT_S:-150} \
+      ${TESTS:-tests/gpu} > "$OUT/gpu_tests.log" 2>&1
+    [ $? = 124 ] && echo "cut short at TESTS_S=${TESTS_S:-300} s; the tests that ended:"; reap
+    grep -E " (PASSED|FAILED|ERROR|SKIPPED)" "$OUT/gpu_tests.log" | sed -E 's/ +\[ *[0-9]+%\]$//' | grep -v SKIPPED
+    quiet "$OUT/gpu_tests.log" | grep -vE " (PASSED|FAILED|ERROR|SKIPPED)" | tail -${TESTS_TAIL:-25} ;;
   diagnose)  # TESTS, for a hang: pytest-timeout prints the test process's stacks at TEST_TIMEOUT_S and exits; then
              # every node process left prints its Python stack (faulthandler, on SIGABRT)
     PYTHONFAULTHANDLER=1 NCCL_DEBUG=WARN timeout -k 10 ${TESTS_S:-150} python3 -m pytest -x -s -q -p no:cacheprovider \
