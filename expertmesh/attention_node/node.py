@@ -189,7 +189,8 @@ class AttentionNode:
                 continue
             if held is not None and any(needs_host_tokens(seq) for _, seq in held.rows):
                 held = await self._settle(held)
-            seqs = self.scheduler.schedule()
+            with self.runner.clock.phase("schedule"):
+                seqs = self.scheduler.schedule()
             if not seqs:
                 if held is None:
                     self._work.clear()
@@ -272,23 +273,24 @@ class AttentionNode:
             seqs += [seq for seq in launched.chunks if seq in self.scheduler.running]
             await self._step_failed(seqs, exc)
             return seqs
-        request_ids, out, reasons, logprobs, queue_seconds, prompt_entries, finished = [], [], [], [], [], [], []
-        for row, seq in launched.rows:
-            token = tokens[row]
-            reason = self.scheduler.fill(seq, token) if launched.held else self.scheduler.advance(seq, token)
-            self.generated_tokens += 1
-            request_ids.append(seq.request_id)
-            out.append(token)
-            reasons.append(reason)
-            logprobs.append(None if seq.sampling.logprobs is None else
-                            token_logprobs(launched.logits[row], token, seq.sampling.logprobs))
-            queue_seconds.append(launched.queue_seconds[row])
-            prompt_entries.append(launched.prompt_entries[row])
-            if reason is not None:
-                finished.append(seq)
-        await self._send(request_ids, out, reasons, [None] * len(request_ids), logprobs, queue_seconds,
-                         prompt_entries)
-        return finished
+        with self.runner.clock.phase("settle"):  # the tokens to their sequences and the gateways
+            request_ids, out, reasons, logprobs, queue_seconds, prompt_entries, finished = [], [], [], [], [], [], []
+            for row, seq in launched.rows:
+                token = tokens[row]
+                reason = self.scheduler.fill(seq, token) if launched.held else self.scheduler.advance(seq, token)
+                self.generated_tokens += 1
+                request_ids.append(seq.request_id)
+                out.append(token)
+                reasons.append(reason)
+                logprobs.append(None if seq.sampling.logprobs is None else
+                                token_logprobs(launched.logits[row], token, seq.sampling.logprobs))
+                queue_seconds.append(launched.queue_seconds[row])
+                prompt_entries.append(launched.prompt_entries[row])
+                if reason is not None:
+                    finished.append(seq)
+            await self._send(request_ids, out, reasons, [None] * len(request_ids), logprobs, queue_seconds,
+                             prompt_entries)
+            return finished
 
     async def _step_failed(self, seqs: list[Sequence], exc: Exception) -> None:
         """Fails the step's requests; raises where this node cannot serve any more (lockstep links lost)."""

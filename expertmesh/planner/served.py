@@ -30,13 +30,18 @@ class ServedPhases:
     expert_background_us: float = 0.0  # the event loop); 0 without CPU seconds
 
 
+# An attention node's host work between steps, traced as phases of their own since the tenth session: here, as
+# before, the time between a step's last phase and the next step's first (step_host_us)
+BETWEEN_STEPS = ("schedule", "settle")
+
+
 def _node_events(trace: dict) -> dict[str, list[tuple[float, float, str]]]:
     """Each traced node's host phases, (start µs, duration µs, phase) in time order, by the node's name (its
-    GPU's spans, the rows "<node> GPU", left out)."""
+    GPU's spans, the rows "<node> GPU", and the work between steps left out)."""
     names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
     nodes: dict[str, list[tuple[float, float, str]]] = {}
     for e in trace["traceEvents"]:
-        if e["ph"] == "X" and not names[e["pid"]].endswith(" GPU"):
+        if e["ph"] == "X" and not names[e["pid"]].endswith(" GPU") and e["name"] not in BETWEEN_STEPS:
             nodes.setdefault(names[e["pid"]], []).append((e["ts"], e["dur"], e["name"]))
     return {node: sorted(events) for node, events in nodes.items()}
 
@@ -169,7 +174,8 @@ def gpu_phases_of(run: dict, index: int, spec: ModelSpec, crossing_us: float) ->
     A 1+1 row's spans are the attention node's segments (m·(layers + 1) a step) and the expert node's computes
     (m·layers a step), so the expert meter counts the steps; what a step takes beyond its MoE layers (moe_layers_us
     of the measured spans, `crossing_us` one way, as the model times them) is host work between steps (inputs,
-    sampling, outputs, the step's plan to the expert node). A colocated row's node has one span a step: the rest of its step is host work."""
+    sampling, outputs, the step's plan to the expert node). A colocated row's node has one span a step: the rest of
+    its step is host work."""
     args, row = run["args"], run["rows"][index]
     busy, span_ms = row.get("gpu_busy") or {}, row.get("gpu_span_ms") or {}
     m, layers, wall_s = row["microbatches"], ModelCosts(spec).moe_layers, row["duration_s"]

@@ -53,6 +53,18 @@ def test_a_step_cut_by_the_traces_start_is_left_out():
     assert phases_of(trace).step_host_us == 100 + 400 + 200 + 350
 
 
+def test_the_host_work_between_steps_stays_between_steps():
+    """The attention node traces its scheduler and the settling of each step's tokens as phases ("schedule",
+    "settle"): they are the work between two steps, which the phases read as such."""
+    trace = served_trace()
+    pid = next(e["pid"] for e in trace["traceEvents"] if e["ph"] == "M" and e["args"]["name"] == "attention node 0")
+    for k in range(3):
+        trace["traceEvents"] += [{"name": "settle", "ph": "X", "pid": pid, "tid": 0, "ts": 5000 * k + 4650, "dur": 150},
+                                 {"name": "schedule", "ph": "X", "pid": pid, "tid": 0, "ts": 5000 * k + 4820,
+                                  "dur": 100}]
+    assert phases_of(trace) == phases_of(served_trace())
+
+
 def test_the_gpu_rows_of_a_trace_are_not_nodes():
     """A GPU run's trace has a row of device spans beside each node (telemetry.GpuMeter.timeline): not a node's
     host phases."""
