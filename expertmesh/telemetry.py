@@ -106,18 +106,20 @@ class GpuMeter:
     def timeline(self) -> list[list]:
         """Where the last replay of each captured span ran: [label, start_us, duration_us, row] in start order, on
         the host's clock (time.time_ns, as PhaseClock's events; within a few microseconds: the offset is read
-        around one kernel). Waits for the device: for a trace's end, never for a step."""
+        around one kernel). Waits for a stream of its own only, so that work stuck behind a dead peer cannot hold
+        it: for a trace's end, never for a step (a replay still running may show its spans half updated)."""
         if not self.enabled or not self._labels:
             return []
         from .ops.clock import device_now
-        now = torch.zeros(1, dtype=torch.int64, device=self.device)
-        torch.cuda.synchronize(self.device)
-        before = time.time_ns()
-        device_now(now)
-        torch.cuda.synchronize(self.device)
-        after = time.time_ns()
-        offset = int(now.item()) - (before + after) // 2  # the device's clock less the host's
-        starts, ends = self._marks.tolist(), self._ends.tolist()
+        with torch.cuda.device(self.device), torch.cuda.stream(self._copies):  # copies wait for this stream alone
+            now, done = torch.zeros(1, dtype=torch.int64, device=self.device), torch.cuda.Event()
+            before = time.time_ns()
+            device_now(now)
+            done.record()
+            done.synchronize()
+            after = time.time_ns()
+            offset = now.cpu().item() - (before + after) // 2  # the device's clock less the host's
+            starts, ends = torch.stack([self._marks, self._ends]).cpu().tolist()
         events = [[label, (starts[slot] - offset) / 1e3, (ends[slot] - starts[slot]) / 1e3, row]
                   for slot, (label, row) in self._labels.items() if ends[slot] > starts[slot] > 0]
         return sorted(events, key=lambda event: event[1])

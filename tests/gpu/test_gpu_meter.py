@@ -76,7 +76,8 @@ def test_the_timeline_shows_where_the_last_replay_of_each_captured_span_ran_on_t
     graph.replay()
     torch.cuda.synchronize()
     replayed_us = time.time_ns() / 1e3
-    graph.replay()  # the timeline holds this one
+    graph.replay()  # the timeline holds this one, once it has run (timeline waits for its own stream only)
+    torch.cuda.synchronize()
     events = meter.timeline()
     assert [(label, row) for label, _, _, row in events] == [("first", 0), ("second", 1)]
     (_, first_start, first_us, _), (_, second_start, second_us, _) = events
