@@ -193,7 +193,7 @@ class Scheduler:
         if not starting:
             return False  # most steps: no running sequence starts a block (a pass of arithmetic, no calls)
         if sum(self.blocks.blocks_to_append(s) for s in starting) <= self.blocks.num_free_blocks:
-            for seq in starting:  # room for all (each of 1 in 16 sequences a step): only those, in order
+            for seq in starting:  # room for all (a sequence starts one every block_size tokens): those alone, in order
                 self.blocks.append(seq)
             return False
         preempted = False
