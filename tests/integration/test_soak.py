@@ -3,21 +3,15 @@ against 2 attention and 2 expert nodes while a node is killed every 6 s: no requ
 long soaks, minutes under 64 clients, are benchmarks/soak.py's, in RESULTS.md.)"""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.benchmark_script import load_benchmark
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "soak.py"
-
 
 def test_fifteen_seconds_of_traffic_with_kills_hangs_and_loses_nothing(mixtral_dir):
-    spec = importlib.util.spec_from_file_location("soak", SCRIPT)
-    soak = sys.modules["soak"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
-    spec.loader.exec_module(soak)
+    soak = load_benchmark("soak")
     report = soak.soak(str(mixtral_dir), duration_s=15, kill_every_s=6, concurrency=8)
     print(report)
     assert report["hung"] == 0 and report["lost"] == 0, report

@@ -1,19 +1,10 @@
 """benchmarks/gpu_timeline.py: a whole step's replay from the GPU rows of a trace, its waits and crossings."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from expertmesh.telemetry import chrome_trace
+from tests.benchmark_script import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_timeline.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("gpu_timeline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+gpu_timeline = load_benchmark("gpu_timeline")
 
 
 def step(t0: float) -> tuple[list, list]:
@@ -30,15 +21,14 @@ def step(t0: float) -> tuple[list, list]:
 
 
 def test_a_replay_gives_its_waits_and_crossings():
-    timeline = load()
     a1, e1 = step(0.0)
     a2, e2 = step(10_000.0)
     trace = chrome_trace({"attention node 0": [["attention", 0, 1, 0]], "expert node 0": []},
                          {"attention node 0": a1 + a2, "expert node 0": e1 + e2})
-    rows = timeline.gpu_rows(trace)
-    steps = timeline.replays(rows["attention node 0"])
+    rows = gpu_timeline.gpu_rows(trace)
+    steps = gpu_timeline.replays(rows["attention node 0"])
     assert [len(s) for s in steps] == [6, 6]
-    first = timeline.step_report(steps[0], rows["expert node 0"])
+    first = gpu_timeline.step_report(steps[0], rows["expert node 0"])
     assert first["step_us"] == 780 and first["rounds"] == first["rounds_matched"] == 4
     assert first["attention_busy"] == pytest.approx(500 / 780)
     assert first["expert_busy"] == pytest.approx(600 / 780)
@@ -47,7 +37,7 @@ def test_a_replay_gives_its_waits_and_crossings():
     assert first["dispatch_us"] == [20, 70, 20, 20]  # mb1's round waits for mb0's compute: 270 - 200
     assert first["combine_us"] == [20, 20, 20, 20]
     assert first["layer_cycle_us"] == [290]  # mb0's segment 1 at 290, segment 2 at 580
-    lines = timeline.report(trace)
+    lines = gpu_timeline.report(trace)
     # the spans allow max(2 x 100, 2 x 150, 100 + 150 + 20 + 20) = 300 us a layer
     assert "a layer at m = 2 (microbatch 0's segment to its next): 290.0 us; the spans and crossings allow 300.0 us" \
         in "\n".join(lines)
@@ -57,4 +47,4 @@ def test_a_replay_gives_its_waits_and_crossings():
 
 def test_a_trace_without_gpu_rows_says_so():
     trace = chrome_trace({"attention node 0": [["attention", 0, 1, 0]]})
-    assert load().report(trace)[0].startswith("no whole-step GPU spans")
+    assert gpu_timeline.report(trace)[0].startswith("no whole-step GPU spans")

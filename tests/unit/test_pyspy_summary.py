@@ -1,15 +1,7 @@
 """benchmarks/pyspy_summary.py: a node's serving samples apart from its start-up, and the device polling among them."""
-import importlib.util
-from pathlib import Path
+from tests.benchmark_script import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "pyspy_summary.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("pyspy_summary", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+pyspy_summary = load_benchmark("pyspy_summary")
 
 
 MAIN = ("<module> (expertmesh/attention_node/__main__.py:120);run_node (expertmesh/process.py:62);"
@@ -30,7 +22,7 @@ FOLDED = "\n".join([
 def test_serving_samples_are_counted_apart_from_start_up_with_the_device_polling_among_them(tmp_path):
     path = tmp_path / "attention_node_1.folded"
     path.write_text(FOLDED)
-    text = load().summarize(path, top=10, steps=50, rate=100.0)
+    text = pyspy_summary.summarize(path, top=10, steps=50, rate=100.0)
     head, *rows = text.splitlines()
     assert "100 serving samples (500 at start-up left out)" in head
     assert "polling the device 50.0%" in head
