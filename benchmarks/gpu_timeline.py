@@ -79,16 +79,21 @@ def step_report(step: list[Span], experts: list[Span]) -> dict:
             "attention_span_us": [s.duration for s in step], "expert_span_us": [e.duration for e in inside]}
 
 
+def pooled(steps: list[dict], key: str) -> list[float]:
+    """The values under `key` of every step's report, in one list."""
+    return [x for s in steps for x in s[key]]
+
+
 def report(trace: dict) -> list[str]:
     rows = gpu_rows(trace)
+    experts = [s for n, spans in rows.items() if n.startswith("expert node") for s in spans]
     lines = []
     for node in sorted(n for n in rows if n.startswith("attention node")):
-        experts = [s for n, spans in rows.items() if n.startswith("expert node") for s in spans]
         steps = [step_report(step, experts) for step in replays(rows[node]) if len(step) > 1]
         if not steps:
             continue
         med = statistics.median
-        flat = lambda key: [x for s in steps for x in s[key]]  # noqa: E731
+        flat = lambda key: pooled(steps, key)  # noqa: E731
         lines.append(f"{node}: {len(steps)} whole-step replays (each graph's last)")
         lines.append(f"  step {med(s['step_us'] for s in steps):.0f} us; busy attention GPU "
                      f"{med(s['attention_busy'] for s in steps):.0%}, "
@@ -97,7 +102,7 @@ def report(trace: dict) -> list[str]:
                      f"{med(flat('expert_span_us')) if flat('expert_span_us') else float('nan'):.1f} us (medians)")
         m = max(s["microbatches"] for s in steps)
         full = [s for s in steps if s["microbatches"] == m]  # a step of few sequences has fewer microbatches
-        of = lambda key: [x for s in full for x in s[key]]  # noqa: E731
+        of = lambda key: pooled(full, key)  # noqa: E731
         if all(of(key) for key in ("layer_cycle_us", "expert_span_us", "dispatch_us", "combine_us")):
             # what the planner's layer_us makes of these spans: the busier GPU's m spans, or one round trip
             t_a, t_e = med(of("attention_span_us")), med(of("expert_span_us"))
