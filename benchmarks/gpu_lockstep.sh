@@ -144,7 +144,8 @@ for part in ${PARTS:-tests bench serve}; do
           reap; grep -E "^m=|Error|error|Traceback" "$OUT/$name.log" | sed "s/^/$shape c=$c disagg 1+1 $transport /" \
             | head -20
           for trace in "$OUT/$name".trace*.json; do  # TRACE=1: where each step's device time went (ipc: GPU rows)
-            [ -e "$trace" ] && python3 benchmarks/gpu_timeline.py "$trace" | sed "s|^|$(basename $trace): |"
+            [ -e "$trace" ] && python3 benchmarks/gpu_timeline.py "$trace" | sed "s|^|$(basename $trace): |" \
+              && mv "$trace" "${trace//=/}"  # the device tool brings back no file named with "=" (trace.m=1.json)
           done
           if [ "${PROFILE:-0}" = 1 ]; then  # the recorders write their files once their processes have ended
             kill $profiler; sleep 2; tar czf "$OUT/$name.profiles.tgz" -C /tmp/prof_$name .

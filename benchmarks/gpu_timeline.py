@@ -44,14 +44,30 @@ def gpu_rows(trace: dict) -> dict[str, list[Span]]:
     return {node: sorted(spans, key=lambda s: s.start) for node, spans in rows.items()}
 
 
+def segment_of(span: Span) -> int:
+    """j of a "segment j" or "segment j, <kind> <tokens>" label (the shape names the graph replayed)."""
+    return int(span.label.split()[1].rstrip(","))
+
+
+def shape_of(step: list[Span]) -> str:
+    """A replay's graph: its microbatches' shapes, e.g. "decode 128 + decode 128" ("" for labels without one)."""
+    return " + ".join(s.label.partition(", ")[2] for s in sorted(step, key=lambda s: s.row) if segment_of(s) == 0)
+
+
 def replays(spans: list[Span]) -> list[list[Span]]:
     """An attention node's spans cut into whole-step replays: each starts at microbatch 0's first segment."""
     steps: list[list[Span]] = []
     for span in spans:
-        if (span.label, span.row) == ("segment 0", 0) or not steps:
+        if (segment_of(span), span.row) == (0, 0) or not steps:
             steps.append([])
         steps[-1].append(span)
     return steps
+
+
+def largest_decode(shapes: set[str]) -> str | None:
+    """The decode shape of the most tokens (the full batch's graph, whose replays the served steps mostly are)."""
+    decode = [s for s in shapes if s and all(part.startswith("decode ") for part in s.split(" + "))]
+    return max(decode, key=lambda s: sum(int(part.split()[1]) for part in s.split(" + ")), default=None)
 
 
 def step_report(step: list[Span], experts: list[Span]) -> dict:
@@ -59,7 +75,7 @@ def step_report(step: list[Span], experts: list[Span]) -> dict:
     start, end = step[0].start, max(s.end for s in step)
     inside = [e for e in experts if start <= e.start and e.end <= end + 1.0]
     microbatches = 1 + max(s.row for s in step)
-    segments = {(int(s.label.split()[-1]), s.row): s for s in step}
+    segments = {(segment_of(s), s.row): s for s in step}
     layers = max(j for j, _ in segments)  # MoE layers: segments 0..layers
     waits = [segments[(j + 1, 0)].start - segments[(j, microbatches - 1)].end
              for j in range(layers) if (j + 1, 0) in segments and (j, microbatches - 1) in segments]
@@ -89,12 +105,17 @@ def report(trace: dict) -> list[str]:
     experts = [s for n, spans in rows.items() if n.startswith("expert node") for s in spans]
     lines = []
     for node in sorted(n for n in rows if n.startswith("attention node")):
-        steps = [step_report(step, experts) for step in replays(rows[node]) if len(step) > 1]
-        if not steps:
+        shaped = [(shape_of(step), step_report(step, experts)) for step in replays(rows[node]) if len(step) > 1]
+        if not shaped:
             continue
         med = statistics.median
+        lines.append(f"{node}: {len(shaped)} whole-step replays (each graph's last)")
+        largest = largest_decode({shape for shape, _ in shaped})
+        if largest is not None:  # the small graphs' replays would swamp the medians: the full batch's alone
+            lines.append("  step us by graph: " + ", ".join(f"{shape} {s['step_us']:.0f}" for shape, s in shaped))
+            lines.append(f"  below: the largest decode graph ({largest})")
+        steps = [s for shape, s in shaped if largest is None or shape == largest]
         flat = lambda key: pooled(steps, key)  # noqa: E731
-        lines.append(f"{node}: {len(steps)} whole-step replays (each graph's last)")
         lines.append(f"  step {med(s['step_us'] for s in steps):.0f} us; busy attention GPU "
                      f"{med(s['attention_busy'] for s in steps):.0%}, "
                      f"expert GPU {med(s['expert_busy'] for s in steps):.0%}")

@@ -65,11 +65,12 @@ class InprocCluster:
             await self.m2n.handshake(self.spec.num_layers, self.spec.num_experts, 10.0)
         weights = load_attention_side(self.model_dir, self.spec, self.dtype, self.device)
         self.kv = PagedKVCache(self.spec, self.num_blocks, self.block_size, self.dtype, self.device)
+        blocks = BlockManager(self.num_blocks, self.block_size)  # the runner reads the block tables it mirrors
         self.runner = ModelRunner(self.spec, weights, self.kv, self.m2n, self.device, local_experts,
-                                  context_len=self.max_len)
+                                  context_len=self.max_len, blocks=blocks)
         if self.cuda_graphs:
             self.runner.capture_graphs(self.max_num_seqs, self.microbatches, self.prefill_graph_tokens)
-        self.scheduler = Scheduler(BlockManager(self.num_blocks, self.block_size), self.max_num_seqs,
+        self.scheduler = Scheduler(blocks, self.max_num_seqs,
                                    self.max_batch_tokens, self.max_len, self.spec.eos_token_ids)
         return self
 

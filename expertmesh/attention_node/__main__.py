@@ -46,14 +46,16 @@ async def main(config: Config, index: int) -> None:
         m2n = await connect_expert_nodes(config, spec, index, device)
     kv_cache = PagedKVCache(spec, num_blocks_for(engine, spec, dtype, device), engine.block_size, dtype, device)
     log.info("KV cache: %d blocks of %d tokens", kv_cache.num_blocks, kv_cache.block_size)
-    runner = ModelRunner(spec, weights, kv_cache, m2n, device, local_experts, context_len=engine.context_len(spec))
+    blocks = BlockManager(kv_cache.num_blocks, kv_cache.block_size)
+    runner = ModelRunner(spec, weights, kv_cache, m2n, device, local_experts, context_len=engine.context_len(spec),
+                         blocks=blocks)
     if device.startswith("cuda"):
         await runner.warm_up(engine.max_batch_tokens)
         if not engine.enforce_eager:
             runner.capture_graphs(engine.max_num_seqs, engine.microbatches, engine.graph_prefill_limit())
     control = await ZmqTransport().listen(config.cluster.attention_addresses[index])
     log.info("serving on %s", config.cluster.attention_addresses[index])
-    scheduler = Scheduler(BlockManager(kv_cache.num_blocks, kv_cache.block_size), engine.max_num_seqs,
+    scheduler = Scheduler(blocks, engine.max_num_seqs,
                           engine.max_batch_tokens, engine.context_len(spec), spec.eos_token_ids,
                           max_waiting_steps=engine.max_waiting_steps)
     node = AttentionNode(index, config, spec, runner, scheduler, m2n, control)

@@ -23,6 +23,8 @@ import torch
 
 from ..cuda_graph import bucket_sizes, capture, capturing, decode_step_shape, decode_step_shapes, prefill_bucket, \
     prefill_step_shapes
+from ..host_copy import copy_into, to_device_buffer
+from ..kv.metadata import StepMetadata
 from . import prompt_logprobs
 
 if TYPE_CHECKING:
@@ -56,8 +58,12 @@ class GraphSet:
 
     def __init__(self, runner: "ModelRunner", seqs: int, tokens: int, table_width: int, prefill: bool) -> None:
         self.runner, self.seqs, self.tokens, self.table_width = runner, seqs, tokens, table_width
-        self.token_ids, self.meta, self.last_token = runner.step_inputs([], pad_to=(seqs, tokens),
-                                                                        table_width=table_width)
+        self.kind = PREFILL if prefill else DECODE
+        # the static inputs: views of one device buffer, which a step's load refills with one copy
+        arrays, sizes, _ = runner.host_inputs([], pad_to=(seqs, tokens), table_width=table_width)
+        self.inputs, (self.token_ids, self.last_token, self.held_from, *tables) = to_device_buffer(arrays,
+                                                                                                   runner.device)
+        self.meta = StepMetadata(*tables, *sizes)
         # the graphs must not depend on the step's lengths: attention kernels size their work from these bounds
         self.meta.max_query_len, self.meta.max_seq_len = (tokens if prefill else 1), runner.context_len
         self.rows = 0  # real tokens of the step loaded last
@@ -84,13 +90,12 @@ class GraphSet:
 
     def load(self, seqs: list["Sequence"]) -> None:
         """The step's inputs (padded to the shape) into the static buffers; device copies, no host wait."""
-        token_ids, meta, last_token = self.runner.step_inputs(seqs, pad_to=(self.seqs, self.tokens),
-                                                              table_width=self.table_width)
-        self.rows = meta.num_tokens
-        self.token_ids.copy_(token_ids, non_blocking=True)
-        self.last_token.copy_(last_token, non_blocking=True)
-        for name in ("block_table", "slot_mapping", "seq_lens", "query_start", "positions"):
-            getattr(self.meta, name).copy_(getattr(meta, name), non_blocking=True)
+        arrays, sizes, held = self.runner.host_inputs(seqs, pad_to=(self.seqs, self.tokens),
+                                                      table_width=self.table_width)
+        self.rows = sizes[-1]  # num_tokens
+        copy_into(arrays, self.inputs)
+        if held:
+            self.token_ids.copy_(self.runner.held_in(self.token_ids, self.held_from))
 
     def replay(self, j: int) -> tuple[torch.Tensor, ...]:
         self.graphs[j].replay()
@@ -187,7 +192,8 @@ class StepGraphs:
         for j in range(len(runner.moe_points) + 1):
             for mb, s in enumerate(sets):  # ping-pong: microbatch mb's attention runs while mb - 1 is at the experts
                 moe_out = None if j == 0 else m2n.enqueue_combine(handles[mb], dtype)
-                with runner.gpu.span(f"segment {j}", mb):  # timed at every replay (the M2N waits left out)
+                # timed at every replay (the M2N waits left out); the shape names the graph (gpu_timeline.py)
+                with runner.gpu.span(f"segment {j}, {s.kind} {s.tokens}", mb):
                     outputs = runner.segment(j, s.token_ids if j == 0 else states[mb], moe_out, s.meta,
                                              s.last_token)
                 if j == len(runner.moe_points):

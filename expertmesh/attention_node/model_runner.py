@@ -11,12 +11,14 @@ import asyncio
 import logging
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from ..cuda_graph import prefill_graph_limit, split_counts, warm_up_sizes
 from ..host_copy import to_device, to_device_all
+from ..kv.block_manager import BlockManager
 from ..kv.cache import PagedKVCache
-from ..kv.metadata import StepMetadata
+from ..kv.metadata import StepMetadata, step_tables
 from ..model.layers import route_and_share, self_attention, swiglu
 from ..model.rotary import RotaryTable
 from ..model.spec import ModelSpec
@@ -25,7 +27,7 @@ from ..ops.fused_moe import StackedExperts, fused_moe
 from ..ops.norm import add_rms_norm, rms_norm
 from ..telemetry import GpuMeter, PhaseClock
 from . import prompt_logprobs
-from .cuda_graphs import GraphSet, SegmentGraphs, StepGraphs
+from .cuda_graphs import GraphSet, SegmentGraphs, StepGraphs, new_tokens
 from ..transport.protocol import SamplingParams
 from .scheduler import PLACEHOLDER, Sequence
 
@@ -54,7 +56,7 @@ class ExpertBackend(Protocol):
 def split_microbatches(seqs: list[Sequence], count: int) -> list[list[Sequence]]:
     """Contiguous groups of roughly equal new-token counts; never an empty group."""
     groups, start = [], 0
-    for size in split_counts([len(s.new_token_ids()) for s in seqs], count):
+    for size in split_counts([new_tokens(s) for s in seqs], count):
         groups.append(seqs[start:start + size])
         start += size
     return groups
@@ -66,12 +68,13 @@ class ModelRunner:
 
     def __init__(self, spec: ModelSpec, weights: AttentionSideWeights, kv_cache: PagedKVCache,
                  experts: ExpertBackend | None, device: str, local_experts: dict[int, StackedExperts] | None = None,
-                 context_len: int | None = None) -> None:
+                 context_len: int | None = None, blocks: BlockManager | None = None) -> None:
         if (experts is None) == (local_experts is None):
             raise ValueError("give the runner either expert nodes (experts) or local_experts, not both or neither")
         self.spec = spec
         self.weights = weights
         self.kv_cache = kv_cache
+        self.blocks = blocks  # the scheduler's: where the sequences' block tables are mirrored, for step_inputs
         self.experts = experts
         self.local_experts = local_experts
         self.device = device
@@ -178,29 +181,45 @@ class ModelRunner:
 
     def step_inputs(self, seqs: list[Sequence], pad_to: tuple[int, int] | None = None,
                     table_width: int | None = None) -> tuple[torch.Tensor, StepMetadata, torch.Tensor]:
-        """(token ids, metadata, rows to project) of a step over seqs, on the device. The rows: each sequence's last
-        new token, then the positions whose logits score prompt tokens for the requests that ask (prompt_logprobs.py)."""
-        token_ids, entries, last_token, prompt_rows, held_rows, held_from = [], [], [], [], [], []
+        """(token ids, metadata, rows to project) of a step over seqs, on the device (host_inputs, one copy)."""
+        arrays, sizes, held = self.host_inputs(seqs, pad_to, table_width)
+        token_ids, last_token, held_from, *tables = to_device_all(arrays, self.device)
+        return self.held_in(token_ids, held_from) if held else token_ids, StepMetadata(*tables, *sizes), last_token
+
+    def host_inputs(self, seqs: list[Sequence], pad_to: tuple[int, int] | None = None,
+                    table_width: int | None = None) -> tuple[list[np.ndarray], tuple[int, int, int, int], bool]:
+        """A step's inputs on the host: [token ids, rows to project, held-from, *metadata.step_tables], the
+        metadata's sizes, and whether any token is held. The rows: each sequence's last new token, then the
+        positions whose logits score prompt tokens for the requests that ask (prompt_logprobs.py). Held-from: per
+        token, its row in held_tokens (async scheduling: sampled by the step still running, taken on the device by
+        held_in), else -1."""
+        token_ids, entries, last_token, prompt_rows, held_from, any_held = [], [], [], [], [], False
+        held = self.held_tokens[1] if self.held_tokens is not None else {}
         for seq in seqs:
             new = seq.new_token_ids()
-            if new and new[-1] == PLACEHOLDER:  # sampled by the step still running: taken on the device below
-                held_rows.append(len(token_ids) + len(new) - 1)
-                held_from.append(self.held_tokens[1][id(seq)])
             if seq.prompt_logprobs_n is not None:  # (a call per sequence otherwise: this loop is per step)
                 prompt_rows += [len(token_ids) + q - seq.num_cached for q in prompt_logprobs.positions(seq)]
             token_ids += new
+            held_from += [-1] * len(new)
+            if new and new[-1] == PLACEHOLDER:
+                held_from[-1], any_held = held[id(seq)], True
             last_token.append(len(token_ids) - 1)
             entries.append((seq.block_ids, seq.num_cached, len(new)))
         last_token += prompt_rows
         if pad_to is not None:  # (sequences, tokens)
+            held_from += [-1] * (pad_to[1] - len(token_ids))
             token_ids += [0] * (pad_to[1] - len(token_ids))
             last_token += list(range(len(last_token), pad_to[0]))
-        meta = self.kv_cache.step_metadata(entries, pad_to, table_width)
-        token_ids, last_token = to_device_all([token_ids, last_token], self.device)
-        if held_rows:
-            rows, sources = to_device_all([held_rows, held_from], self.device)
-            token_ids[rows] = self.held_tokens[0][sources]
-        return token_ids, meta, last_token
+        rows = [seq.block_row for seq in seqs]
+        mirrored = self.blocks is not None and min(rows, default=0) >= 0  # (not the warm-up's sequences)
+        tables, *sizes = step_tables(entries, self.kv_cache.block_size, pad_to, table_width,
+                                     (self.blocks.tables, rows) if mirrored else None)
+        return [token_ids, last_token, held_from, *tables], tuple(sizes), any_held
+
+    def held_in(self, token_ids: torch.Tensor, held_from: torch.Tensor) -> torch.Tensor:
+        """token_ids with the held tokens taken from the device where held_from says (a few kernels, no copy)."""
+        held = self.held_tokens[0][held_from.clamp(min=0)]
+        return torch.where(held_from >= 0, held, token_ids)
 
     def segment(self, j: int, h: torch.Tensor, moe_out: torch.Tensor | None, meta: StepMetadata,
                 last_token: torch.Tensor) -> tuple[torch.Tensor, ...]:

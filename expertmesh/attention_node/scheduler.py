@@ -31,6 +31,7 @@ class Sequence:
     seed: int  # of its random draws (ops/sampling.py); unused when greedy
     output_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)  # its KV-cache blocks, in token order (kv/block_manager.py)
+    block_row: int = -1  # where the block manager mirrors block_ids (BlockManager.tables); -1: it does not
     num_cached: int = 0  # tokens whose K/V are in the cache
     num_new: int | None = None  # tokens it feeds this step (Scheduler.schedule); None: every uncached one
     partial: bool = False  # this step feeds it a chunk that ends inside what it re-feeds: it samples nothing

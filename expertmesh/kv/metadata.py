@@ -30,15 +30,26 @@ class StepMetadata:
 
 
 def build_step_metadata(seqs: list[tuple[list[int], int, int]], block_size: int, device: torch.device | str,
-                        pad_to: tuple[int, int] | None = None, block_table_width: int | None = None) -> StepMetadata:
-    """The metadata of a step over `seqs`, each given as (block_ids, num_cached, num_new): the blocks the
+                        pad_to: tuple[int, int] | None = None, block_table_width: int | None = None,
+                        mirror: tuple[np.ndarray, list[int]] | None = None) -> StepMetadata:
+    """step_tables on the device, in one copy."""
+    tables, *sizes = step_tables(seqs, block_size, pad_to, block_table_width, mirror)
+    return StepMetadata(*to_device_all(tables, device), *sizes)
+
+
+def step_tables(seqs: list[tuple[list[int], int, int]], block_size: int, pad_to: tuple[int, int] | None = None,
+                block_table_width: int | None = None, mirror: tuple[np.ndarray, list[int]] | None = None
+                ) -> tuple[list[np.ndarray], int, int, int, int]:
+    """The host tables of a step's metadata (numpy, StepMetadata's order) and its sizes (max_query_len,
+    max_seq_len, num_seqs, num_tokens), over `seqs`, each given as (block_ids, num_cached, num_new): the blocks the
     sequence owns (covering at least num_cached + num_new tokens), the tokens already in the cache, and the
     tokens it feeds this step (positions num_cached .. num_cached + num_new - 1).
 
     pad_to=(num_seqs, num_tokens) pads to a CUDA-graph bucket: padding sequences have seq_len 0 and no new
     tokens (query_start repeats the last real end), padding tokens have slot -1 (not stored) and position 0.
     block_table_width fixes the table's width (a graph needs one, e.g. blocks for the full context); default:
-    the most blocks of any sequence, at least 1."""
+    the most blocks of any sequence, at least 1. mirror=(tables, rows): row rows[i] of `tables` starts with sequence
+    i's block_ids (BlockManager.tables), so that the table is one gather rather than a walk of every list."""
     num_seqs = len(seqs)
     num_cached = np.fromiter((c for _, c, _ in seqs), np.int64, num_seqs)
     num_new = np.fromiter((n for _, _, n in seqs), np.int64, num_seqs)
@@ -58,12 +69,17 @@ def build_step_metadata(seqs: list[tuple[list[int], int, int]], block_size: int,
         raise ValueError(f"sequence {i}: {num_blocks[i]} blocks of {block_size} cannot hold its {seq_lens[i]} "
                          f"tokens ({num_cached[i]} cached + {num_new[i]} new)")
 
-    # vectorised over tokens and blocks: the block ids flattened once, scattered into their rows
     block_table = np.zeros((padded_seqs, width), dtype=np.int32)
-    flat_blocks = np.fromiter(itertools.chain.from_iterable(b for b, _, _ in seqs), np.int32, int(num_blocks.sum()))
-    block_row = np.repeat(np.arange(num_seqs), num_blocks)
-    block_table[block_row, np.arange(flat_blocks.size) - np.repeat(np.cumsum(num_blocks) - num_blocks, num_blocks)] \
-        = flat_blocks
+    if mirror is not None:  # the sequences' rows, gathered (past a sequence's blocks the tables hold zeros)
+        tables, rows = mirror
+        columns = min(width, tables.shape[1])
+        block_table[:num_seqs, :columns] = tables[np.asarray(rows, dtype=np.intp), :columns]
+    else:  # vectorised over tokens and blocks: the block ids flattened once, scattered into their rows
+        flat_blocks = np.fromiter(itertools.chain.from_iterable(b for b, _, _ in seqs), np.int32,
+                                  int(num_blocks.sum()))
+        block_row = np.repeat(np.arange(num_seqs), num_blocks)
+        block_table[block_row, np.arange(flat_blocks.size) - np.repeat(np.cumsum(num_blocks) - num_blocks,
+                                                                       num_blocks)] = flat_blocks
     query_start = np.full(padded_seqs + 1, num_tokens, dtype=np.int32)
     query_start[0] = 0
     np.cumsum(num_new, out=query_start[1:num_seqs + 1])
@@ -77,5 +93,5 @@ def build_step_metadata(seqs: list[tuple[list[int], int, int]], block_size: int,
     padded_lens = np.zeros(padded_seqs, dtype=np.int32)
     padded_lens[:num_seqs] = seq_lens
 
-    return StepMetadata(*to_device_all([block_table, slot_mapping, padded_lens, query_start, positions], device),
-                        int(num_new.max(initial=0)), int(seq_lens.max(initial=0)), num_seqs, num_tokens)
+    return ([block_table, slot_mapping, padded_lens, query_start, positions],  # StepMetadata's tensors, in order
+            int(num_new.max(initial=0)), int(seq_lens.max(initial=0)), num_seqs, num_tokens)

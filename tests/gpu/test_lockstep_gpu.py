@@ -134,7 +134,8 @@ def test_steps_with_prompts_replay_whole_step_graphs_exact_against_transformers(
     tokens, eager_steps, timeline, spans, (started_us, ended_us) = asyncio.run(run())
     assert tokens == reference_tokens(model_dir, PROMPTS, 16)
     assert eager_steps == 0
-    assert {(label, row) for label, _, _, row in timeline} == spans
+    assert {(label.partition(",")[0], row) for label, _, _, row in timeline} == spans
+    assert all(label.partition(", ")[2].split()[0] in ("decode", "prefill") for label, _, _, _ in timeline)
     assert all(started_us < start and 0 < duration and start + duration < ended_us
                for _, start, duration, _ in timeline)
 

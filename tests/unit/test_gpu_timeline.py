@@ -45,6 +45,23 @@ def test_a_replay_gives_its_waits_and_crossings():
     assert "attention GPU waits per layer for the experts: median 65.0 us" in "\n".join(lines)
 
 
+def test_the_report_is_of_the_largest_decode_graph_when_the_labels_name_the_graphs():
+    named = lambda events, shape: [[f"{n}, {shape}", *rest] for n, *rest in events]  # noqa: E731
+    big, e_big = step(0.0)
+    small, e_small = step(10_000.0)
+    small = [[n, start, duration / 2, row] for n, start, duration, row in small]  # half the attention spans
+    prefill, e_prefill = step(20_000.0)
+    trace = chrome_trace({"attention node 0": [["attention", 0, 1, 0]], "expert node 0": []},
+                         {"attention node 0": named(big, "decode 128") + named(small, "decode 8")
+                          + named(prefill, "prefill 512"), "expert node 0": e_big + e_small + e_prefill})
+    assert gpu_timeline.shape_of(gpu_timeline.replays(gpu_timeline.gpu_rows(trace)["attention node 0"])[0]) == \
+        "decode 128 + decode 128"
+    text = "\n".join(gpu_timeline.report(trace))
+    assert "  below: the largest decode graph (decode 128 + decode 128)" in text
+    assert "decode 8 + decode 8 755" in text and "prefill 512 + prefill 512 780" in text
+    assert "spans: attention 100.0 us" in text  # the big graph's median (100 x 4, 50 x 2); all three pooled: 50
+
+
 def test_a_trace_without_gpu_rows_says_so():
     trace = chrome_trace({"attention node 0": [["attention", 0, 1, 0]]})
     assert gpu_timeline.report(trace)[0].startswith("no whole-step GPU spans")

@@ -25,6 +25,7 @@ class Tokens:
     def __init__(self, num_tokens: int) -> None:
         self.num_tokens = num_tokens
         self.block_ids: list[int] = []
+        self.block_row = -1
 
 
 def seq(rid, prompt_len, max_tokens=4, first=0):
@@ -86,9 +87,35 @@ def test_block_manager_never_gives_a_block_twice_and_gets_all_back():
             manager.free(s)
         assert_partition(manager, live)
         assert all(len(s.block_ids) == manager.blocks_for(s.num_tokens) for s in live)
+        # each live sequence's blocks mirrored in a row of its own, zeros after them (a step's table is a gather)
+        assert len({s.block_row for s in live}) == len(live)
+        for s in live:
+            row = manager.tables[s.block_row]
+            assert row[:len(s.block_ids)].tolist() == s.block_ids and not row[len(s.block_ids):].any()
     for s in live:
         manager.free(s)
     assert manager.num_free_blocks == 24 and manager.num_used_blocks == 0
+    assert not manager.tables.any() and {s.block_row for s in live} <= {-1}
+
+
+def test_step_metadata_from_the_mirrored_tables_equals_the_one_from_the_lists():
+    manager = BlockManager(num_blocks=2000, block_size=4)
+    rng = random.Random(1)
+    live = [Tokens(rng.randint(1, 60)) for _ in range(40)]
+    for s in live:
+        manager.allocate(s)
+    for s in live[::3]:  # rows freed and taken again, tables grown by appends
+        manager.free(s)
+        s.num_tokens += 50
+        manager.allocate(s)
+    assert manager.tables.shape >= (40, 28)  # grown from 16 x 16 on the way
+    steps = [(s.block_ids, s.num_tokens - 1, 1) for s in live[5:30]]
+    rows = [s.block_row for s in live[5:30]]
+    for pad_to, width in [(None, None), ((32, 32), 40)]:
+        by_list = build_step_metadata(steps, 4, "cpu", pad_to, width)
+        mirrored = build_step_metadata(steps, 4, "cpu", pad_to, width, mirror=(manager.tables, rows))
+        for name in ("block_table", "slot_mapping", "seq_lens", "query_start", "positions"):
+            assert torch.equal(getattr(by_list, name), getattr(mirrored, name)), name
 
 
 # step metadata
@@ -386,3 +413,13 @@ def test_to_device_all_on_the_cpu_is_the_host_tensors():
     got_table, got_ids = to_device_all([table, [4, 5]], "cpu")
     assert got_table.dtype == torch.int32 and got_table.tolist() == table.tolist()
     assert got_ids.dtype == torch.int64 and got_ids.tolist() == [4, 5]
+
+
+def test_copy_into_refills_a_buffer_of_to_device_buffer_in_place_and_refuses_another_layout():
+    import numpy as np
+    from expertmesh.host_copy import copy_into, to_device_buffer
+    buffer, (table, ids) = to_device_buffer([np.zeros((2, 3), dtype=np.int32), [0, 0, 0]], "cpu")
+    copy_into([np.arange(6, dtype=np.int32).reshape(2, 3), [7, 8, 9]], buffer)
+    assert table.tolist() == [[0, 1, 2], [3, 4, 5]] and ids.tolist() == [7, 8, 9]  # the same views, refilled
+    with pytest.raises(ValueError, match="not laid out as the"):
+        copy_into([np.zeros((2, 3), dtype=np.int32), [1, 2, 3, 4]], buffer)
