@@ -50,6 +50,7 @@ GPUS=${GPUS:-1}
 # disaggregated runs over each of TRANSPORTS (2 GPUs: ipc over NVLink, whole steps as graphs, then nccl, whose
 # rounds run eagerly and so have their GPU busy time metered); 1 GPU: ipc under MPS. ipc-sm: ipc with the SM send kernel
 TRANSPORTS=${TRANSPORTS:-$([ "$GPUS" = 1 ] && echo ipc || echo "ipc nccl")}
+[ "${DISAGG:-1}" = 1 ] || TRANSPORTS=""  # DISAGG=0: the serve part's colocated rows alone
 [ "$GPUS" = 1 ] && nvidia-cuda-mps-control -d && echo "MPS on"
 # Output goes to files, never through a pipe: a node process left behind by a timed-out command would hold a pipe
 # open, and the script with it, to the end of the device call. Leftover nodes are killed after every command.

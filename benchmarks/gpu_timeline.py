@@ -12,9 +12,10 @@ For each, beside the expert node's spans that fall within it:
     the attention segment that uses it (combine), matched in order (microbatch by microbatch, layer by layer).
 Medians over the replays. The two processes' clocks agree to within a few microseconds (GpuMeter.timeline).
 
-    python benchmarks/gpu_timeline.py serve.trace.json
+    python benchmarks/gpu_timeline.py serve.trace.json       (or a .json.gz)
 """
 import argparse
+import gzip
 import json
 import statistics
 from dataclasses import dataclass
@@ -100,6 +101,18 @@ def pooled(steps: list[dict], key: str) -> list[float]:
     return [x for s in steps for x in s[key]]
 
 
+def launch_intervals(trace: dict, node: str, parts: int = 10) -> list[float]:
+    """The median interval (µs) between the node's step launches (host "attention" phases) in each tenth of its
+    steps: the served step time as it went, where the GPU rows hold one replay per graph. With every request
+    started at once, the first tenths are prefill steps and the middle ones the decode steps at full batch."""
+    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
+    starts = sorted(e["ts"] for e in trace["traceEvents"]
+                    if e["ph"] == "X" and names[e["pid"]] == node and e["name"] == "attention")
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    return [statistics.median(gaps[len(gaps) * i // parts:len(gaps) * (i + 1) // parts]) for i in range(parts)
+            if len(gaps) >= parts]
+
+
 def report(trace: dict) -> list[str]:
     rows = gpu_rows(trace)
     experts = [s for n, spans in rows.items() if n.startswith("expert node") for s in spans]
@@ -110,6 +123,10 @@ def report(trace: dict) -> list[str]:
             continue
         med = statistics.median
         lines.append(f"{node}: {len(shaped)} whole-step replays (each graph's last)")
+        intervals = launch_intervals(trace, node)
+        if intervals:
+            lines.append("  step launches, median interval in each tenth of the run (ms): "
+                         + " ".join(f"{us / 1e3:.2f}" for us in intervals))
         largest = largest_decode({shape for shape, _ in shaped})
         if largest is not None:  # the small graphs' replays would swamp the medians: the full batch's alone
             lines.append("  step us by graph: " + ", ".join(f"{shape} {s['step_us']:.0f}" for shape, s in shaped))
@@ -144,7 +161,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trace", type=Path)
     args = parser.parse_args()
-    print("\n".join(report(json.loads(args.trace.read_text()))))
+    text = gzip.decompress(args.trace.read_bytes()) if args.trace.suffix == ".gz" else args.trace.read_text()
+    print("\n".join(report(json.loads(text))))
 
 
 if __name__ == "__main__":

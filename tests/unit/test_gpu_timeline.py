@@ -42,6 +42,8 @@ def test_a_replay_gives_its_waits_and_crossings():
     assert "a layer at m = 2 (microbatch 0's segment to its next): 290.0 us; the spans and crossings allow 300.0 us" \
         in "\n".join(lines)
     assert lines[0] == "attention node 0: 2 whole-step replays (each graph's last)"
+    launches = chrome_trace({"attention node 0": [["attention", t, 100, 0] for t in range(0, 20_000, 1000)]})
+    assert gpu_timeline.launch_intervals(launches, "attention node 0") == [1000.0] * 10
     assert "attention GPU waits per layer for the experts: median 65.0 us" in "\n".join(lines)
 
 
