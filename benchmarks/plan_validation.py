@@ -363,6 +363,22 @@ GPU_ROWS = [
      False),
     ("Qwen3 long c=256 1+1 m=2, session 10", "../session10/long_c256/serve_qwen3_p8192_c256_disagg_ipc.json", "m=2",
      False),
+    # the eleventh session's (RESULTS.md, "Eleventh session"): the host's block tables mirrored; call 1 before that,
+    # call 2 after; the colocated rows split their tokens 71 : 29 (call 3) and 62 : 38 (call 4) between the GPUs
+    ("Qwen3 long c=256 1+1 m=2, session 11 call 1", "../session11/call1/serve_qwen3_p8192_c256_disagg_ipc.json", 0,
+     False),
+    ("Qwen3 long c=256 1+1 m=1, session 11 call 1", "../session11/call1/serve_qwen3_p8192_c256_disagg_ipc.json", 1,
+     False),
+    ("Qwen3 long c=256 1+1 m=2, session 11 call 2", "../session11/call2/serve_qwen3_p8192_c256_disagg_ipc.json", 0,
+     False),
+    ("Qwen3 long c=256 1+1 m=1, session 11 call 2", "../session11/call2/serve_qwen3_p8192_c256_disagg_ipc.json", 1,
+     False),
+    ("Qwen3 long c=256 1+1 m=3, session 11", "../session11/call3/serve_qwen3_p8192_c256_disagg_ipc_m3.json", 0,
+     False),
+    ("Qwen3 long c=256 colocated-2, session 11 call 3", "../session11/call3/serve_qwen3_p8192_c256_colocated.json",
+     0, False),
+    ("Qwen3 long c=256 colocated-2, session 11 call 4", "../session11/call4/serve_qwen3_p8192_c256_colocated.json",
+     0, False),
 ]
 GPU_SERVE = HERE / "gpu_multi/serve"
 # The served calibrations: the warm rows whose both GPU meters worked (run 1's zeroed its counters at each replay)
@@ -370,6 +386,11 @@ GPU_SERVED = {"/tmp/qwen3": ("../session9/short_cap512/serve_qwen3_c64_disagg_ip
               "/tmp/mixtral": ("../session9/short_cap512/serve_mixtral_c64_disagg_ipc.json", 0)}
 GPU_COLOCATED = ("../session9/short_cap512/serve_mixtral_c64_colocated.json", 0)
 LONG_CONTEXT_OF = {"/tmp/qwen3_p8192": "/tmp/qwen3"}  # the same model's served calibration
+# their prefill lines, measured at their prompt length (the shipped bench_layer_2.json has no prefill rows, so the
+# model's prefill was the decode line's efficiency, ~5x too fast for 3.5k-token prompts): `bench layer --shapes
+# /tmp/qwen3_p8192 --prefill-tokens 1024,2048 --prompt-len 3584` on an H200 (RESULTS.md, eleventh session)
+LONG_PREFILL = "../session11/call4/layer_qwen3_long.json"
+PREFILL_OF_LONG = "--no-long-prefill" not in sys.argv[1:]
 # the served parts as their excess over bench layer (the shipped GPU rule); `--served-factors`: as a ratio to it
 ADDITIVE = "--served-factors" not in sys.argv[1:]
 # host time per step per sequence on the GPU rows: served.GPU_STEP_HOST_PER_SEQUENCE_US (the CPU traces' Python parts);
@@ -429,6 +450,12 @@ def gpu_served_setups(cal: calibration.Calibration, device: GpuType) -> tuple[di
     return calibrations, colocated.step_host_us, phases
 
 
+def with_prefill_of(cal: calibration.Calibration, layer_json: Path) -> calibration.Calibration:
+    """cal with the prefill lines of a bench layer JSON's prefill rows (Triton fused MoE)."""
+    attention, experts = calibration.fit_prefill(json.loads(layer_json.read_text()), "triton")
+    return dataclasses.replace(cal, prefill_attention=attention, prefill_experts=experts)
+
+
 def gpu_main() -> int:
     """`--gpu-rows`: every 2 x H200 row, predicted from the bench calibration alone and with the served terms."""
     cal, device = gpu_bench_setup()
@@ -454,13 +481,19 @@ def gpu_main() -> int:
                           async_scheduling=bool(args.get("async_scheduling")))
         workers = args.get("gateway_workers") or 1
         waits = args.get("max_waiting_steps", 0)
-        bench = closed_loop(spec, plan, cal, jobs_of(args), in_flight(args, row), gateway_workers=workers,
-                            max_waiting_steps=waits, prefill_graph_tokens=prefill_graphs(args))
         model = LONG_CONTEXT_OF.get(args["model"], args["model"])
         served_cal = served_cals[model if not plan.colocated else "colocated"]
+        row_cal = cal
+        if args["model"] in LONG_CONTEXT_OF and PREFILL_OF_LONG:
+            row_cal, served_cal = (with_prefill_of(c, GPU_SERVE / LONG_PREFILL) for c in (cal, served_cal))
+        # the split the gateways made (rows that count each node's tokens; session 9 on): an input, not a speed
+        shares = [row["tokens_per_node"][f"a{i}"] for i in range(args["attention_nodes"])] \
+            if args["attention_nodes"] > 1 and row.get("tokens_per_node") else None
+        bench = closed_loop(spec, plan, row_cal, jobs_of(args), in_flight(args, row), gateway_workers=workers,
+                            max_waiting_steps=waits, prefill_graph_tokens=prefill_graphs(args), node_shares=shares)
         with_served = closed_loop(spec, plan, served_cal, jobs_of(args), in_flight(args, row),
                                   gateway_workers=workers, max_waiting_steps=waits,
-                                  prefill_graph_tokens=prefill_graphs(args))
+                                  prefill_graph_tokens=prefill_graphs(args), node_shares=shares)
         tok, tpot = row["output_tokens_per_s"], row["tpot_ms"]["p50"]
         fitted = (name, index) in (*GPU_SERVED.values(), GPU_COLOCATED)
         print(f"| {label}{' (cold)' if cold else ''}{' (served calibration row)' if fitted else ''} | {tok:.0f} | "

@@ -362,9 +362,11 @@ def predict(spec: ModelSpec, plan: Deployment, cal: Calibration, prompt_len: int
 
 def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[tuple[int, int]],
                 concurrency: int, max_batch_tokens: int = 2048, gateway_workers: int = 1,
-                max_waiting_steps: int = 0, prefill_graph_tokens: int = 0) -> dict:
+                max_waiting_steps: int = 0, prefill_graph_tokens: int = 0,
+                node_shares: list[float] | None = None) -> dict:
     """A finite closed-loop run as `bench serve` drives it (jobs of (prompt, output) tokens, `concurrency` in flight,
-    spread evenly over the attention nodes), stepped with the model's step times: what a short measured run sees,
+    spread evenly over the attention nodes, or by node_shares: each node's share of the jobs and of the requests
+    in flight, as a measured run's gateways routed them), stepped with the model's step times: what a short measured run sees,
     ramp-up and tail included. Scheduling is the attention node's (attention_node/scheduler.py): a token budget of
     max_batch_tokens a step, a token for each decoding sequence first, then chunks of the prompts being prefilled,
     oldest first, then new prompts while a batch slot and budget are free (beside decodes, after they have waited
@@ -380,12 +382,19 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
     difference before their first token (Little's law over `concurrency`)."""
     costs = ModelCosts(spec, plan.dtype_bytes)
     nodes = plan.attention_nodes
-    per_node = [jobs[i::nodes] for i in range(nodes)]
-    slots = max(1, concurrency // nodes)
+    if node_shares is None:
+        per_node, in_flight = [jobs[i::nodes] for i in range(nodes)], [max(1, concurrency // nodes)] * nodes
+    else:
+        if len(node_shares) != nodes or min(node_shares) < 0 or sum(node_shares) <= 0:
+            raise ValueError(f"node_shares {node_shares}: need {nodes} non-negative shares")
+        ends = [round(len(jobs) * sum(node_shares[:i + 1]) / sum(node_shares)) for i in range(nodes)]
+        per_node = [jobs[start:end] for start, end in zip([0] + ends, ends)]
+        in_flight = [max(1, round(concurrency * share / sum(node_shares))) for share in node_shares]
+    slots = max(in_flight)
     finish, tpots, ttfts, prefill_us, busy_us, steps, mixed = 0.0, [], [], 0.0, 0.0, 0, 0
-    for node_jobs in per_node:
+    for node_jobs, node_slots in zip(per_node, in_flight):
         queue = list(node_jobs)
-        freed = [0.0] * min(slots, plan.batch_per_attention_node)  # when each free slot was freed: arrivals
+        freed = [0.0] * min(node_slots, plan.batch_per_attention_node)  # when each free slot was freed: arrivals
         running: list[list] = []  # [prompt, prompt tokens fed, outputs left, outputs made, arrival, first token]
         now, held = 0.0, 0
         while queue or running:
@@ -415,6 +424,13 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
                 context = (sum(r[0] + r[3] for r in decoding) + sum(r[1] + n / 2 for r, n in chunks)) / width
                 step = step_parts(costs, plan, cal, len(decoding) + tokens, context,
                                   min(plan.microbatches, width), sequences=width)[3]
+                if cal.prefill_attention is not None:  # their attention runs at its prefill efficiency (a long
+                    # prompt's chunk is compute-bound: 6x its floor on an H200 where a decode is 1.05x; RESULTS.md,
+                    # eleventh session), added to the attention GPU's step in full (an upper bound under ping-pong)
+                    span = sum(r[1] + n / 2 for r, n in chunks) / len(chunks)
+                    step += costs.spec.num_layers * max(0.0, attention_us(
+                        costs, plan.attention_gpu, cal, tokens, span, sequences=len(chunks), prefill=True)
+                        - attention_us(costs, plan.attention_gpu, cal, tokens, span, sequences=len(chunks)))
                 prefill_us += step * tokens / (len(decoding) + tokens)
                 mixed += bool(decoding)
             elif decoding:

@@ -152,3 +152,29 @@ def test_a_graphed_step_reads_the_expert_weights_once_for_its_prompts_and_decode
     # a step past the cap runs eagerly again
     capped = closed_loop(SPEC, plan, cal, jobs, concurrency=3, prefill_graph_tokens=8)
     assert capped["tokens_per_s"] == pytest.approx(eager["tokens_per_s"])
+
+
+def test_a_graphed_steps_prompt_tokens_take_the_prefill_attention_line():
+    """Inside a graph a prompt chunk's attention is compute-bound, where the decode line is memory-bound: with a
+    prefill attention line, each layer adds what that line gives beyond the decode line's cost of the same tokens.
+    One 8-token prompt, its own graphed step: 1 µs per chunk token a layer over a free decode line."""
+    cal = dataclasses.replace(CAL, step_overhead_us=0.0, prefill_attention=calibration.Linear(0.0, 0.0, 1.0))
+    plan = Deployment(INSTANT, None, 1, 0, 1, 8, 256)
+    free = closed_loop(SPEC, plan, dataclasses.replace(cal, prefill_attention=None), [(8, 2)], concurrency=1,
+                       prefill_graph_tokens=512)
+    timed = closed_loop(SPEC, plan, cal, [(8, 2)], concurrency=1, prefill_graph_tokens=512)
+    assert free["ttft_ms_p50"] == pytest.approx(0.0, abs=1e-6)
+    assert timed["ttft_ms_p50"] == pytest.approx(SPEC.num_layers * 8 / 1e3, rel=1e-3)
+    assert timed["tpot_ms_p50"] == pytest.approx(free["tpot_ms_p50"], abs=1e-6)  # decode steps as before
+
+
+def test_node_shares_split_the_jobs_and_requests_as_the_gateways_did():
+    """Two colocated nodes, 1 ms steps: 8 one-token jobs split 6 : 2 take the busier node's 6 steps (1 slot each:
+    2 in flight, one a node), where an even split takes 4; shares that do not fit the nodes are refused."""
+    plan = Deployment(INSTANT, None, 2, 0, 1, 1, 256)
+    jobs = [(1, 1)] * 8
+    even = closed_loop(SPEC, plan, CAL, jobs, concurrency=2)
+    skewed = closed_loop(SPEC, plan, CAL, jobs, concurrency=2, node_shares=[6, 2])
+    assert even["tokens_per_s"] == pytest.approx(8 / 4e-3) and skewed["tokens_per_s"] == pytest.approx(8 / 6e-3)
+    with pytest.raises(ValueError, match="need 2 non-negative shares"):
+        closed_loop(SPEC, plan, CAL, jobs, concurrency=2, node_shares=[1.0])
