@@ -229,8 +229,10 @@ def create_app(served: ServedModel) -> FastAPI:
             for params in samples:
                 index = len(drawn)
                 drawn.append(Choice(index, prompt, options, served.codec))
-                streams.append(generate(node, request_id if index == 0 else f"{request_id}-{index}", prompt.ids,
-                                        params, options.node_prompt_logprobs, body.stop_list(), arrived, deadline))
+                rid = request_id if index == 0 else f"{request_id}-{index}"
+                node.claim(rid, len(prompt.ids) + params.max_tokens)  # in its load now: the stream submits later
+                streams.append(generate(node, rid, prompt.ids, params, options.node_prompt_logprobs,
+                                        body.stop_list(), arrived, deadline))
         if body.stream:  # count == n here (check_request)
             return StreamingResponse(sse(request_id, prompts, drawn, streams, body.stream_options, chat),
                                      media_type="text/event-stream")

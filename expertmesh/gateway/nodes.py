@@ -125,17 +125,33 @@ class AttentionNodeClient(NodeLink):
         self.index = index
         self.streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self.inflight_tokens: dict[str, int] = {}  # prompt + max tokens of each request, for routing
+        # requests routed here whose stream has not submitted them yet: (tokens, when). A streaming response submits
+        # when its body is first read, after the handler returns, so a burst routed meanwhile would see none of
+        # them and go to the same node (one GPU got 181 of 256 requests, the other 75: RESULTS.md, eleventh session)
+        self.claims: dict[str, tuple[int, float]] = {}
         self.requests_routed = 0
+
+    CLAIM_TTL_S = 10.0  # a claim whose stream never started (its client left first) stops counting after this
 
     @property
     def load_tokens(self) -> int:
-        return sum(self.inflight_tokens.values())
+        now = time.monotonic()
+        return sum(self.inflight_tokens.values()) + sum(tokens for tokens, at in self.claims.values()
+                                                        if now - at < self.CLAIM_TTL_S)
+
+    def claim(self, request_id: str, tokens: int) -> None:
+        """Counts a request in this node's load from the moment it is routed here, before submit."""
+        now = time.monotonic()
+        self.claims = {rid: c for rid, c in self.claims.items() if now - c[1] < self.CLAIM_TTL_S}
+        self.claims[request_id] = (tokens, now)
+        self.requests_routed += 1
 
     async def submit(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
                      prompt_logprobs: int | None = None) -> asyncio.Queue[TokenEvent]:
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.streams[request_id] = queue
-        self.requests_routed += 1
+        if self.claims.pop(request_id, None) is None:
+            self.requests_routed += 1
         self.inflight_tokens[request_id] = len(prompt_ids) + sampling.max_tokens
         await self.send(AddRequest(request_id, prompt_ids, sampling.to_list(), prompt_logprobs))
         return queue
@@ -146,6 +162,7 @@ class AttentionNodeClient(NodeLink):
 
     def forget(self, request_id: str) -> bool:
         self.inflight_tokens.pop(request_id, None)
+        self.claims.pop(request_id, None)
         return self.streams.pop(request_id, None) is not None
 
     def on_message(self, message: Message) -> None:

@@ -366,8 +366,8 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
                 node_shares: list[float] | None = None) -> dict:
     """A finite closed-loop run as `bench serve` drives it (jobs of (prompt, output) tokens, `concurrency` in flight,
     spread evenly over the attention nodes, or by node_shares: each node's share of the jobs and of the requests
-    in flight, as a measured run's gateways routed them), stepped with the model's step times: what a short measured run sees,
-    ramp-up and tail included. Scheduling is the attention node's (attention_node/scheduler.py): a token budget of
+    in flight, as a measured run's gateways routed them), stepped with the model's step times: what a short
+    measured run sees, ramp-up and tail included. Scheduling is the attention node's (attention_node/scheduler.py): a token budget of
     max_batch_tokens a step, a token for each decoding sequence first, then chunks of the prompts being prefilled,
     oldest first, then new prompts while a batch slot and budget are free (beside decodes, after they have waited
     max_waiting_steps steps or would fill the budget); a step's prompt tokens run beside its decodes as one more
