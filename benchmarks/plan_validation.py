@@ -379,6 +379,11 @@ GPU_ROWS = [
      0, False),
     ("Qwen3 long c=256 colocated-2, session 11 call 4", "../session11/call4/serve_qwen3_p8192_c256_colocated.json",
      0, False),
+    # call 5, after the gateway's routing fix (claims): the colocated split even
+    ("Qwen3 long c=256 colocated-2, session 11 call 5", "../session11/call5/serve_qwen3_p8192_c256_colocated.json",
+     0, False),
+    ("Qwen3 c=256 1+1 m=1, session 11", "../session11/call5/serve_qwen3_c256_disagg_ipc.json", 0, False),
+    ("Qwen3 c=256 1+1 m=2, session 11", "../session11/call5/serve_qwen3_c256_disagg_ipc.json", 1, False),
 ]
 GPU_SERVE = HERE / "gpu_multi/serve"
 # The served calibrations: the warm rows whose both GPU meters worked (run 1's zeroed its counters at each replay)
