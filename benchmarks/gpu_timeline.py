@@ -113,6 +113,18 @@ def launch_intervals(trace: dict, node: str, parts: int = 10) -> list[float]:
             if len(gaps) >= parts]
 
 
+def outside_graph_us(trace: dict, node: str = "attention node 0") -> float | None:
+    """A served decode step's time outside its graph: the median launch interval of the run's middle tenths (4th to
+    8th: with every request started at once, decode steps at full batch) less the largest decode graph's replay."""
+    shaped = [(shape_of(step), step) for step in replays(gpu_rows(trace).get(node, [])) if len(step) > 1]
+    largest = largest_decode({shape for shape, _ in shaped})
+    intervals = launch_intervals(trace, node)
+    if largest is None or not intervals:
+        return None
+    step = next(s for shape, s in shaped if shape == largest)
+    return statistics.median(intervals[3:8]) - (max(s.end for s in step) - step[0].start)
+
+
 def report(trace: dict) -> list[str]:
     rows = gpu_rows(trace)
     experts = [s for n, spans in rows.items() if n.startswith("expert node") for s in spans]
@@ -130,6 +142,10 @@ def report(trace: dict) -> list[str]:
         largest = largest_decode({shape for shape, _ in shaped})
         if largest is not None:  # the small graphs' replays would swamp the medians: the full batch's alone
             lines.append("  step us by graph: " + ", ".join(f"{shape} {s['step_us']:.0f}" for shape, s in shaped))
+            outside = outside_graph_us(trace, node)
+            if outside is not None:
+                lines.append(f"  a served decode step outside its graph: {outside:.0f} us (the middle tenths' "
+                             f"launch interval less the largest decode graph's replay)")
             lines.append(f"  below: the largest decode graph ({largest})")
         steps = [s for shape, s in shaped if largest is None or shape == largest]
         flat = lambda key: pooled(steps, key)  # noqa: E731

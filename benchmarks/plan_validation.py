@@ -396,6 +396,30 @@ LONG_CONTEXT_OF = {"/tmp/qwen3_p8192": "/tmp/qwen3"}  # the same model's served 
 # /tmp/qwen3_p8192 --prefill-tokens 1024,2048 --prompt-len 3584` on an H200 (RESULTS.md, eleventh session)
 LONG_PREFILL = "../session11/call4/layer_qwen3_long.json"
 PREFILL_OF_LONG = "--no-long-prefill" not in sys.argv[1:]
+# what a served disaggregated decode step spends outside its graph (sampling over the vocabulary, copies): measured
+# on the eleventh session's traced m = 1 and m = 2 pair (gpu_timeline.outside_graph_us: 397 and 308 us), applied
+# to that session's disaggregated rows, the code those traces ran (`--no-outside-graph`: left out)
+OUTSIDE_GRAPH_TRACES = ["../session11/call2/serve_qwen3_p8192_c256_disagg_ipc.trace.m1.json.gz",
+                        "../session11/call2/serve_qwen3_p8192_c256_disagg_ipc.trace.m2.json.gz"]
+OUTSIDE_GRAPH_ROWS = "../session11/"
+OUTSIDE_GRAPH = "--no-outside-graph" not in sys.argv[1:]
+
+
+def outside_graph_us() -> float:
+    """The mean of OUTSIDE_GRAPH_TRACES' outside-graph times."""
+    import gzip
+    timeline = load_benchmark_module("gpu_timeline")
+    values = [timeline.outside_graph_us(json.loads(gzip.decompress((GPU_SERVE / t).read_bytes())))
+              for t in OUTSIDE_GRAPH_TRACES]
+    return sum(values) / len(values)
+
+
+def load_benchmark_module(name: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 # the served parts as their excess over bench layer (the shipped GPU rule); `--served-factors`: as a ratio to it
 ADDITIVE = "--served-factors" not in sys.argv[1:]
 # host time per step per sequence on the GPU rows: served.GPU_STEP_HOST_PER_SEQUENCE_US (the CPU traces' Python parts);
@@ -465,6 +489,9 @@ def gpu_main() -> int:
     """`--gpu-rows`: every 2 x H200 row, predicted from the bench calibration alone and with the served terms."""
     cal, device = gpu_bench_setup()
     served_cals, colocated_host_us, phases = gpu_served_setups(cal, device)
+    outside = outside_graph_us()
+    print(f"disaggregated decode step outside its graph: {outside:.0f} us ({', '.join(OUTSIDE_GRAPH_TRACES)})",
+          file=sys.stderr)
     for model, p in phases.items():
         print(f"{model}: served T_a {p.attention_segment_us:.0f} us, T_e {p.expert_compute_us:.0f} us, host between "
               f"steps {p.step_host_us:.0f} us ({GPU_SERVED[model][0]} row {GPU_SERVED[model][1]})", file=sys.stderr)
@@ -491,6 +518,8 @@ def gpu_main() -> int:
         row_cal = cal
         if args["model"] in LONG_CONTEXT_OF and PREFILL_OF_LONG:
             row_cal, served_cal = (with_prefill_of(c, GPU_SERVE / LONG_PREFILL) for c in (cal, served_cal))
+        if name.startswith(OUTSIDE_GRAPH_ROWS) and not plan.colocated and OUTSIDE_GRAPH:
+            row_cal, served_cal = (dataclasses.replace(c, step_outside_graph_us=outside) for c in (row_cal, served_cal))
         # the split the gateways made (rows that count each node's tokens; session 9 on): an input, not a speed
         shares = [row["tokens_per_node"][f"a{i}"] for i in range(args["attention_nodes"])] \
             if args["attention_nodes"] > 1 and row.get("tokens_per_node") else None

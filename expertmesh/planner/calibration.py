@@ -71,6 +71,10 @@ class Calibration:
     # step message it takes, from a served run's /proc CPU seconds (served.gateway_costs); 0: not measured, no limit
     gateway_us_per_token: float = 0.0
     gateway_us_per_message: float = 0.0
+    # device time per step outside its layers' CUDA graph (the logits gathered and sampled over the vocabulary, the
+    # token copied back, the next inputs copied in): a served step's launch interval less its graph's replay, from
+    # a GPU timeline (benchmarks/gpu_timeline.py); 0: not measured
+    step_outside_graph_us: float = 0.0
 
     def step_host_us(self, sequences: float) -> float:
         """Host work of a step of `sequences` sequences outside its layers."""

@@ -328,7 +328,8 @@ def step_parts(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: fl
                         2 * (sequences or tokens) * costs.spec.vocab_size * costs.spec.hidden_size,
                         plan.attention_gpu, cal)
     layers = moe_layers_us(t_a, t_e, t_c, m, costs.moe_layers, plan, background)
-    device, host = layers + dense + lm_head, cal.step_host_us(sequences or tokens)
+    outside = 0.0 if prefill else cal.step_outside_graph_us  # (prefill: an eager microbatch within a step)
+    device, host = layers + dense + lm_head + outside, cal.step_host_us(sequences or tokens)
     step = max(device, host) if plan.async_scheduling and not prefill else device + host
     return t_a, t_e, t_c, step
 

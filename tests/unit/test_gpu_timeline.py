@@ -64,6 +64,16 @@ def test_the_report_is_of_the_largest_decode_graph_when_the_labels_name_the_grap
     assert "spans: attention 100.0 us" in text  # the big graph's median (100 x 4, 50 x 2); all three pooled: 50
 
 
+def test_outside_graph_is_the_served_launch_interval_less_the_graph():
+    """Launches every 1000 µs (host "attention" phases) against a decode graph whose replay takes 780 µs."""
+    attention, experts = step(0.0)
+    named = [[f"{n}, decode 128", *rest] for n, *rest in attention]
+    trace = chrome_trace({"attention node 0": [["attention", t, 100, 0] for t in range(0, 20_000, 1000)]},
+                         {"attention node 0": named, "expert node 0": experts})
+    assert gpu_timeline.outside_graph_us(trace) == 220.0
+    assert gpu_timeline.outside_graph_us(chrome_trace({"attention node 0": []})) is None
+
+
 def test_a_trace_without_gpu_rows_says_so():
     trace = chrome_trace({"attention node 0": [["attention", 0, 1, 0]]})
     assert gpu_timeline.report(trace)[0].startswith("no whole-step GPU spans")

@@ -178,3 +178,14 @@ def test_node_shares_split_the_jobs_and_requests_as_the_gateways_did():
     assert even["tokens_per_s"] == pytest.approx(8 / 4e-3) and skewed["tokens_per_s"] == pytest.approx(8 / 6e-3)
     with pytest.raises(ValueError, match="need 2 non-negative shares"):
         closed_loop(SPEC, plan, CAL, jobs, concurrency=2, node_shares=[1.0])
+
+
+def test_a_steps_device_time_outside_its_graph_adds_to_every_decode_step():
+    """step_outside_graph_us (sampling, copies: measured from a GPU timeline) is device time: a decode step of 1 ms
+    of layers becomes 1.25 ms, whatever the host's share under async scheduling."""
+    cal = dataclasses.replace(CAL, step_overhead_us=0.0, experts=calibration.Linear(1000.0 / SPEC.num_layers, 0, 0))
+    plan = Deployment(INSTANT, None, 1, 0, 1, 8, 256, async_scheduling=True)
+    base = closed_loop(SPEC, plan, cal, [(1, 6)], concurrency=1)["tpot_ms_p50"]
+    outside = closed_loop(SPEC, plan, dataclasses.replace(cal, step_outside_graph_us=250.0), [(1, 6)],
+                          concurrency=1)["tpot_ms_p50"]
+    assert outside - base == pytest.approx(0.25, rel=1e-3)
