@@ -173,12 +173,16 @@ def report(trace: dict) -> list[str]:
     return lines or ["no whole-step GPU spans in the trace (GPU rows come from whole-step graphs: ipc links)"]
 
 
+def read_trace(path: Path) -> dict:
+    """A trace's JSON, gzipped (.gz) or not."""
+    return json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trace", type=Path)
     args = parser.parse_args()
-    text = gzip.decompress(args.trace.read_bytes()) if args.trace.suffix == ".gz" else args.trace.read_text()
-    print("\n".join(report(json.loads(text))))
+    print("\n".join(report(read_trace(args.trace))))
 
 
 if __name__ == "__main__":

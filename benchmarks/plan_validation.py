@@ -407,19 +407,9 @@ OUTSIDE_GRAPH = "--no-outside-graph" not in sys.argv[1:]
 
 def outside_graph_us() -> float:
     """The mean of OUTSIDE_GRAPH_TRACES' outside-graph times."""
-    import gzip
-    timeline = load_benchmark_module("gpu_timeline")
-    values = [timeline.outside_graph_us(json.loads(gzip.decompress((GPU_SERVE / t).read_bytes())))
-              for t in OUTSIDE_GRAPH_TRACES]
+    import gpu_timeline  # benchmarks/, this script's folder
+    values = [gpu_timeline.outside_graph_us(gpu_timeline.read_trace(GPU_SERVE / t)) for t in OUTSIDE_GRAPH_TRACES]
     return sum(values) / len(values)
-
-
-def load_benchmark_module(name: str):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 # the served parts as their excess over bench layer (the shipped GPU rule); `--served-factors`: as a ratio to it
 ADDITIVE = "--served-factors" not in sys.argv[1:]
 # host time per step per sequence on the GPU rows: served.GPU_STEP_HOST_PER_SEQUENCE_US (the CPU traces' Python parts);
