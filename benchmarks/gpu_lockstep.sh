@@ -19,6 +19,7 @@
 #            async scheduling is the default on GPUs; ASYNC=0 turns it off (--no-async-scheduling; JSON and logs
 #            named *_sync), ASYNC=1 names it (*_async); GATEWAY_WORKERS=N:
 #            N gateway processes (one streams ~10k tok/s at most: the colocated rows' ceiling so far);
+#            CLIENT_PROCESSES=N: bench serve's client in N processes (one tops out near 45-55k tok/s);
 #            INPUT_LEN / OUTPUT_LEN ("lo hi", default "64 128") and MAX_POS (the random model's positions, default
 #            1024): long contexts, where the planner predicts ping-pong pays (RESULTS.md, seventh session);
 #            MICROBATCHES="1 1 1": the same row three times, each on a fresh cluster (plan_validation.row_of
@@ -130,7 +131,7 @@ for part in ${PARTS:-tests bench serve}; do
         waits=${MAX_WAITING_STEPS:+_w$MAX_WAITING_STEPS}${PREFILL_GRAPH_TOKENS:+_g$PREFILL_GRAPH_TOKENS}
         common="--model $model --device cuda --dtype bfloat16 --concurrency $c
                 $(case "${ASYNC:-}" in 1) echo --async-scheduling;; 0) echo --no-async-scheduling;; esac)
-                --gateway-workers ${GATEWAY_WORKERS:-1}
+                --gateway-workers ${GATEWAY_WORKERS:-1} ${CLIENT_PROCESSES:+--client-processes $CLIENT_PROCESSES}
                 --num-requests $((${REQUESTS_PER_SLOT:-8} * c))
                 --max-num-seqs $c --input-len ${INPUT_LEN:-64 128} --output-len ${OUTPUT_LEN:-64 128}
                 --max-waiting-steps ${MAX_WAITING_STEPS:-0}

@@ -43,6 +43,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--input-len", type=int, nargs=2, default=[32, 64])
     p.add_argument("--output-len", type=int, nargs=2, default=[32, 64])
+    p.add_argument("--client-processes", type=int, default=1,
+                   help="processes sending the requests (bench serve --client-processes; one tops out near 50k tok/s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--transport", choices=["zmq", "ucx", "nccl", "ipc", "gloo"], default="zmq")
     p.add_argument("--ipc-copy", choices=IPC_COPIES, default="engine",
@@ -64,6 +66,10 @@ def main() -> int:
     p.add_argument("--trace", help="write each measured run's phase trace (Chrome JSON) here, m=N before the suffix "
                    "when several")
     args = p.parse_args()
+    try:
+        Workload(concurrency=args.concurrency, client_processes=args.client_processes).check()
+    except ValueError as exc:
+        p.error(f"--client-processes: {exc}")
     args.async_scheduling = EngineConfig(async_scheduling=args.async_scheduling).async_scheduling_on(args.device)
 
     base = Config.load(args.config) if args.config else Config()
@@ -87,7 +93,8 @@ def main() -> int:
         config.transport.emulated_bandwidth_gbps = args.emulated_bandwidth_gbps
         config.gateway.port = free_port()
         with LocalCluster(config) as cluster:
-            workload = Workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), args.concurrency)
+            workload = Workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), args.concurrency,
+                                client_processes=args.client_processes)
             # warm-up; on a GPU one full batch, so that the measured run starts with every batch size's kernels
             # loaded (8 requests left the first configuration of a fresh GPU machine cold: 0.5-1.2 s TTFT, RESULTS.md)
             warm = max(8, min(args.concurrency, args.num_requests)) if args.device == "cuda" else 8
@@ -106,7 +113,8 @@ def main() -> int:
         print(f"m={m}: {report.output_tokens_per_s:8.1f} tok/s  TPOT p50 {report.tpot_ms['p50']:7.2f} p99 "
               f"{report.tpot_ms['p99']:7.2f} ms  TTFT p50 {report.ttft_ms['p50']:7.1f} ms  failed {report.failed}  "
               f"host idle: {idle}" + (f"  GPU busy: {busy}" if busy else "")
-              + f"  client CPU {report.client_cpu_s / max(report.duration_s, 1e-9):.0%}"
+              + f"  client CPU {report.client_cpu_s / max(report.duration_s, 1e-9) / report.client_processes:.0%}"
+              + (f" per process ({report.client_processes})" if report.client_processes > 1 else "")
               + (f"  tokens per attention node: {split}" if len(report.tokens_per_node) > 1 else "")
               + "  eager steps: " + ", ".join(f"{node} {eager / max(1, steps):.0%} of {steps:.0f}"
                                              for node, (steps, eager) in sorted(report.steps_per_node.items())),

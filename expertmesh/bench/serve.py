@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import wait as wait_any
 
 from . import prometheus
 from .http import HTTPError, fetch, request
@@ -22,6 +24,15 @@ class Workload:
     rate: float | None = None  # ... or requests per second (open loop, Poisson arrivals)
     seed: int = 0
     vocab_size: int = 256  # prompt token ids are drawn from [10, vocab_size)
+    # client processes sending the requests: one tops out near 50k streamed tokens/s (15-28 us of CPU per token)
+    client_processes: int = 1
+
+    def check(self) -> None:
+        if self.client_processes < 1:
+            raise ValueError(f"client processes must be at least 1, not {self.client_processes}")
+        if not self.rate and self.client_processes > self.concurrency:
+            raise ValueError(f"{self.client_processes} client processes above a concurrency of {self.concurrency}: "
+                             "each process keeps at least one request in flight")
 
 
 @dataclass
@@ -53,9 +64,10 @@ class Report:
     idle_fraction: dict[str, float] = field(default_factory=dict)  # host: 1 - timed phases / wall
     gpu_busy: dict[str, float] = field(default_factory=dict)  # device: compute spans' time / duration (CUDA events)
     gpu_span_ms: dict[str, float] = field(default_factory=dict)  # mean span: T_a per segment, T_e per round
-    client_cpu_s: float = 0.0  # this client's own CPU time: near the duration, the client sets the pace
+    client_cpu_s: float = 0.0  # the client's own CPU time (all its processes): near the duration, it sets the pace
     tokens_per_node: dict[str, float] = field(default_factory=dict)  # attention node "a0" -> the tokens it generated
     steps_per_node: dict[str, list[float]] = field(default_factory=dict)  # "a0" -> [steps, those run eagerly]
+    client_processes: int = 1  # processes the client ran in (client_cpu_s adds theirs up)
 
     def table(self) -> str:
         rows = [("requests (failed)", f"{self.requests} ({self.failed})"), ("duration", f"{self.duration_s:.2f} s"),
@@ -71,9 +83,10 @@ class Report:
         rows += [(f"steps {node}", f"{steps:.0f} ({eager / max(1, steps):.0%} eager)")
                  for node, (steps, eager) in sorted(self.steps_per_node.items())]
         if self.duration_s > 0:
-            rows.append(("client CPU", f"{self.client_cpu_s / self.duration_s:.0%} of the run"
-                         + (" (near 100%: the client, not the cluster, may set the pace)"
-                            if self.client_cpu_s > 0.8 * self.duration_s else "")))
+            share = self.client_cpu_s / self.duration_s / self.client_processes  # each process: one core at most
+            rows.append(("client CPU", f"{share:.0%} of the run"
+                         + (f" per process ({self.client_processes})" if self.client_processes > 1 else "")
+                         + (" (near 100%: the client, not the cluster, may set the pace)" if share > 0.8 else "")))
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -118,6 +131,7 @@ async def one_request(url: str, prompt: list[int], max_tokens: int) -> RequestRe
 
 
 async def run(url: str, workload: Workload, trace_path: str | None = None, progress=sys.stderr) -> Report:
+    workload.check()
     rng = random.Random(workload.seed)
     jobs = [([rng.randrange(10, workload.vocab_size) for _ in range(rng.randint(*workload.input_len))],
              rng.randint(*workload.output_len)) for _ in range(workload.num_requests)]
@@ -131,26 +145,16 @@ async def run(url: str, workload: Workload, trace_path: str | None = None, progr
     before = prometheus.parse((await fetch(url, "GET", "/metrics"))[1].decode())
     if trace_path:
         await fetch(url, "POST", "/admin/trace/start")
-    # a connection per request in flight, none pooled: httpx, used before, pooled at most 100, and the rest waited
-    # in the client, uncounted in flight and counted in their TTFT (seen at 256 in flight: TTFT 1.2 s with the
-    # nodes mostly idle)
-    semaphore = asyncio.Semaphore(workload.concurrency if not workload.rate else len(jobs))
-    done = 0
-    start, cpu_start = time.perf_counter(), time.process_time()
-
-    async def job(i: int) -> RequestResult:
-        nonlocal done
-        await asyncio.sleep(max(0.0, arrivals[i] - (time.perf_counter() - start)))
-        async with semaphore:
-            result = await one_request(url, *jobs[i])
-        done += 1
-        if progress is not None and (done % max(1, len(jobs) // 10) == 0 or done == len(jobs)):
-            print(f"bench serve: {done}/{len(jobs)} requests done", file=progress, flush=True)
-        return result
-
-    results = await asyncio.gather(*(job(i) for i in range(len(jobs))))
-    duration = time.perf_counter() - start
-    client_cpu_s = time.process_time() - cpu_start
+    processes = min(workload.client_processes, len(jobs))
+    if processes > 1:
+        results, duration, client_cpu_s = await _send_in_processes(url, workload, jobs, arrivals, processes, progress)
+    else:
+        shown = _Progress(len(jobs), progress)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        results = await _send(url, jobs, arrivals, workload.concurrency if not workload.rate else len(jobs),
+                              shown.update)
+        duration = time.perf_counter() - start
+        client_cpu_s = time.process_time() - cpu_start
     if trace_path:
         trace = json.loads((await fetch(url, "POST", "/admin/trace/stop"))[1])
         with open(trace_path, "w") as handle:
@@ -170,7 +174,119 @@ async def run(url: str, workload: Workload, trace_path: str | None = None, progr
                   client_cpu_s=client_cpu_s,
                   tokens_per_node={f"a{a}": value for (a,), value in prometheus.by_label(
                       moved, "expertmesh_node_generation_tokens_total", "attention_node").items()},
-                  steps_per_node=steps_per_node(moved))
+                  steps_per_node=steps_per_node(moved), client_processes=max(1, processes))
+
+
+async def _send(url: str, jobs: list, arrivals: list[float], concurrency: int, on_done) -> list[RequestResult]:
+    """Sends each job at its arrival time (s from now), at most `concurrency` in flight; on_done(requests done)."""
+    # a connection per request in flight, none pooled: httpx, used before, pooled at most 100, and the rest waited
+    # in the client, uncounted in flight and counted in their TTFT (seen at 256 in flight: TTFT 1.2 s with the
+    # nodes mostly idle)
+    semaphore = asyncio.Semaphore(concurrency)
+    done = 0
+    start = time.perf_counter()
+
+    async def job(i: int) -> RequestResult:
+        nonlocal done
+        await asyncio.sleep(max(0.0, arrivals[i] - (time.perf_counter() - start)))
+        async with semaphore:
+            result = await one_request(url, *jobs[i])
+        done += 1
+        on_done(done)
+        return result
+
+    return await asyncio.gather(*(job(i) for i in range(len(jobs))))
+
+
+class _Progress:
+    """Prints "k/n requests done" about every tenth of the requests."""
+
+    def __init__(self, total: int, out) -> None:
+        self.total, self.out, self.shown = total, out, 0
+        self.step = max(1, total // 10)
+
+    def update(self, done: int) -> None:
+        if self.out is not None and done > self.shown and (done // self.step > self.shown // self.step
+                                                           or done == self.total):
+            print(f"bench serve: {done}/{self.total} requests done", file=self.out, flush=True)
+            self.shown = done
+
+
+def _client_process(url: str, jobs: list, arrivals: list[float], concurrency: int, conn, done) -> None:
+    """One of several client processes: says it is ready, waits for the go, sends its share of the jobs and sends
+    back (results, its CPU seconds). The go comes over the pipe, not an Event: a parent that died ends the wait."""
+    def count(_: int) -> None:
+        with done.get_lock():
+            done.value += 1
+
+    conn.send("ready")
+    conn.recv()
+    cpu_start = time.process_time()
+    results = asyncio.run(_send(url, jobs, arrivals, concurrency, count))
+    conn.send((results, time.process_time() - cpu_start))
+
+
+def _receive(conns: list, processes: list, waiting: set[int], timeout: float) -> dict[int, object]:
+    """The next message of each worker in `waiting` that has one within `timeout` s. A worker that ended without
+    sending it (it crashed) raises, rather than leaving the parent waiting forever."""
+    wait_any([conns[k] for k in waiting] + [processes[k].sentinel for k in waiting], timeout)
+    messages = {}
+    for k in sorted(waiting):
+        alive = processes[k].is_alive()  # before the poll: a worker that sent and then ended has its message read
+        try:
+            if conns[k].poll():
+                messages[k] = conns[k].recv()
+                continue
+        except EOFError:  # its end of the pipe closed: it ended
+            alive = False
+        if not alive:
+            processes[k].join()
+            raise RuntimeError(f"bench serve: client process {k} ended with exit code {processes[k].exitcode} "
+                               "before sending its results")
+    return messages
+
+
+async def _send_in_processes(url: str, workload: Workload, jobs: list, arrivals: list[float], n: int,
+                             progress) -> tuple[list[RequestResult], float, float]:
+    """The jobs over `n` client processes: job i to process i % n (arrival time kept), the concurrency split as
+    evenly as possible. Returns (results in the order of `jobs`, duration, client CPU seconds of all processes)."""
+    context = multiprocessing.get_context("spawn")  # no fork of a parent that runs an event loop (and its threads)
+    done = context.Value("q", 0)  # requests done in all the processes, for the progress lines
+    conns, processes = [], []
+    try:
+        for k in range(n):
+            concurrency = len(jobs) if workload.rate else workload.concurrency // n + (k < workload.concurrency % n)
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_client_process, name=f"bench-serve-client-{k}", daemon=True,
+                                      args=(url, jobs[k::n], arrivals[k::n], concurrency, theirs, done))
+            process.start()
+            theirs.close()  # its end only in the worker: the end closing tells that the worker ended
+            conns.append(ours)
+            processes.append(process)
+        # the clock starts once every worker has started (imports done) and waits: none of that counts in the run
+        waiting = set(range(n))
+        while waiting:
+            waiting -= set(await asyncio.to_thread(_receive, conns, processes, waiting, 1.0))
+        shown = _Progress(len(jobs), progress)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for conn in conns:
+            conn.send("go")
+        shares, waiting = {}, set(range(n))
+        while waiting:  # the event loop stays free (a caller may serve on it); progress polled meanwhile
+            received = await asyncio.to_thread(_receive, conns, processes, waiting, 0.25)
+            shares.update(received)
+            waiting -= set(received)
+            shown.update(done.value)
+        duration = time.perf_counter() - start
+        client_cpu_s = time.process_time() - cpu_start + sum(cpu for _, cpu in shares.values())
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+            process.join()
+        for conn in conns:
+            conn.close()
+    return [shares[i % n][0][i // n] for i in range(len(jobs))], duration, client_cpu_s
 
 
 def steps_per_node(moved: dict) -> dict[str, list[float]]:

@@ -4,6 +4,7 @@ stream is cut."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -104,3 +105,96 @@ def test_tokens_are_counted_across_cut_events_and_an_error_event_fails_the_reque
     assert done.error is None and done.output_tokens == 5 and 0 < done.ttft_s <= done.latency_s
     failed = asyncio.run(fetch(failing))
     assert failed.error == "step failed: gone" and failed.output_tokens == 2
+
+
+def _recording_server(body_of_token: bytes = _event({"choices": [{"text": "x"}]})):
+    """A server that answers /metrics at once and each completion with max_tokens events (then closes), recording
+    the prompts it saw and the most completions it had open at once."""
+    seen, open_now, peak = [], [0], [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length")), 0)
+        body = await reader.readexactly(length)
+        if head.startswith(b"POST /v1/completions"):
+            request = json.loads(body)
+            seen.append(tuple(request["prompt"]))
+            open_now[0] += 1
+            peak[0] = max(peak[0], open_now[0])
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+            for _ in range(request["max_tokens"]):
+                writer.write(body_of_token)
+                await writer.drain()
+                await asyncio.sleep(0.001)  # requests overlap, as a real server's streams do
+            writer.write(b"data: [DONE]\n\n")
+            await writer.drain()
+            open_now[0] -= 1
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    return asyncio.start_server(handle, "127.0.0.1", 0), seen, peak
+
+
+def _run_against(workload: Workload, server_and_records) -> tuple:
+    starting, seen, peak = server_and_records
+
+    async def main():
+        server = await starting
+        async with server:
+            url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            return await asyncio.wait_for(run(url, workload, progress=None), 30)
+
+    return asyncio.run(main()), sorted(seen), peak[0]
+
+
+@pytest.fixture
+def no_settle(monkeypatch):
+    from expertmesh.bench import serve
+    monkeypatch.setattr(serve, "STATUS_SETTLE_S", 0.0)  # no gateway here whose counters would need to settle
+
+
+@pytest.mark.parametrize("processes, rate", [(3, None), (2, 500.0)])
+def test_client_processes_send_the_same_workload_once(no_settle, processes, rate):
+    """The same seeded requests as one process sends, each exactly once, at most `concurrency` in flight in all."""
+    workload = Workload(num_requests=40, input_len=(1, 6), output_len=(1, 4), concurrency=5, rate=rate, seed=3)
+    one, seen_one, _ = _run_against(workload, _recording_server())
+    several, seen, peak = _run_against(dataclasses.replace(workload, client_processes=processes), _recording_server())
+    assert len(seen_one) == 40 and seen == seen_one
+    assert several.requests == 40 and several.failed == 0 and several.output_tokens == one.output_tokens
+    assert several.client_cpu_s > 0 and several.duration_s > 0
+    if rate is None:
+        assert peak <= workload.concurrency
+
+
+def test_client_processes_keep_the_whole_concurrency_in_flight(no_settle):
+    """Their shares of the concurrency add up to it: 3 processes hold 12 in flight together."""
+    async def main():
+        server, peak = await _serve_once_all_are_open(12)
+        async with server:
+            workload = Workload(num_requests=12, input_len=(2, 4), output_len=(1, 1), concurrency=12,
+                                client_processes=3)
+            report = await asyncio.wait_for(run(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", workload,
+                                                progress=None), 30)
+        return report, peak[0]
+
+    report, peak = asyncio.run(main())
+    assert peak == 12 and report.failed == 0 and report.output_tokens == 12
+
+
+def test_a_client_process_that_crashes_raises_rather_than_hangs(no_settle):
+    """A malformed error event makes the client code raise (a bug in it, or a server's): in a worker process, the
+    parent names that worker and its exit code instead of waiting for its results."""
+    workload = Workload(num_requests=6, input_len=(1, 2), output_len=(2, 2), concurrency=2, client_processes=2)
+    with pytest.raises(RuntimeError, match=r"client process \d ended with exit code 1"):
+        _run_against(workload, _recording_server(b'data: {"error": not json}\n\n'))
+
+
+def test_client_processes_are_checked():
+    with pytest.raises(ValueError, match="at least 1"):
+        asyncio.run(run("http://127.0.0.1:1", Workload(client_processes=0)))
+    with pytest.raises(ValueError, match="above a concurrency of 2"):
+        asyncio.run(run("http://127.0.0.1:1", Workload(concurrency=2, client_processes=3)))
+    Workload(concurrency=2, rate=10.0, client_processes=3).check()  # open loop: no concurrency to share
