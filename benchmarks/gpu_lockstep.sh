@@ -40,7 +40,8 @@
 # The device tool brings back at most 8 files from $OUT (no deeper than 2 folders): a call that runs several parts
 # should give each its own OUT folder and end with `rm -f $OUT/*/*.log $OUT/*/topo.txt`, keeping the JSON.
 # PYTEST_ADDOPTS=-s shows the node processes' output live (a node that dies while the test blocks in C, e.g. in
-# NCCL, otherwise leaves nothing on screen). Logs and JSON in $OUT. Needs .whl/site312.txz (benchmarks/gpu_wheels.sh) carried.
+# NCCL, otherwise leaves nothing on screen). Logs and JSON in $OUT. Needs .whl/site312.txz (benchmarks/gpu_wheels.sh) carried,
+# and models/ in the tree it runs in (the bf16 agreement test reads models/expertmesh-mini's tokenizer).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p /tmp/site "$OUT" && tar xf .whl/site312.txz -C /tmp/site

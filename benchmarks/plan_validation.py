@@ -5,6 +5,7 @@ same seeded workload replayed through perf.closed_loop with that row's cluster, 
     python benchmarks/plan_validation.py --gpu-rows # the 2 x H200 rows (benchmarks/gpu_multi/serve), no GPU needed
     python benchmarks/plan_validation.py --gpu-rows --host-per-sequence-us 0   # GPU host time per step constant
     python benchmarks/plan_validation.py --eager-cost   # one-GPU rows: steps with prompts at their traced host time
+    python benchmarks/plan_validation.py --gpu-rows --own-gateway-cpu   # each row's own gateway CPU per token
 
 Calibrations: GPU rows use the shipped H200 parts (bench layer) with the one-GPU lockstep round (both nodes shared
 one H200 under MPS); CPU rows use `bench layer --device cpu` and `bench transport` (zmq) from this machine. Each
@@ -36,7 +37,8 @@ CPU_CORES = 1  # cores the nodes effectively had: 2 cores, load average 5-9 from
 SERVED_CPU_CORES = 2
 PAIRED = {"planner/paired": CPU_CORES, "planner/served": SERVED_CPU_CORES,  # plan_validation_cpu.sh's runs
           "planner/served_2": SERVED_CPU_CORES, "planner/prefill": SERVED_CPU_CORES,
-          "planner/prefill_2": SERVED_CPU_CORES, "planner/prefill_3": SERVED_CPU_CORES}
+          "planner/prefill_2": SERVED_CPU_CORES, "planner/prefill_3": SERVED_CPU_CORES,
+          "planner/session12": SERVED_CPU_CORES}
 
 QWEN3_8_LAYERS = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048, num_hidden_layers=8,
                       num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
@@ -139,10 +141,11 @@ ROWS = [
 SHARE_LAYERS = HERE / "gpu_multi/session8/one_gpu/run2"
 
 
-def share_type(gpu: GpuType, cal: calibration.Calibration, percent: int) -> GpuType:
+def share_type(gpu: GpuType, cal: calibration.Calibration, percent: int, layers: Path = SHARE_LAYERS) -> GpuType:
     """The GPU type `percent`% of gpu's SMs stands for (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE): its memory bandwidth
-    and bf16 rate scaled by what bench layer measured under that share against the full GPU's (cal's)."""
-    layer = json.loads((SHARE_LAYERS / f"layer_qwen3_sm{percent}.json").read_text())
+    and bf16 rate scaled by what bench layer measured under that share (layer_qwen3_sm<percent>.json in `layers`)
+    against the full GPU's (cal's)."""
+    layer = json.loads((layers / f"layer_qwen3_sm{percent}.json").read_text())
     return dataclasses.replace(gpu, name=f"{gpu.name} at {percent}% of its SMs",
                                hbm_tb_s=gpu.hbm_tb_s * layer["copy_bytes_per_s"] / cal.copy_bytes_per_s,
                                bf16_tflops=gpu.bf16_tflops * layer["matmul_flops_per_s"] / cal.matmul_flops_per_s)
@@ -384,6 +387,31 @@ GPU_ROWS = [
      0, False),
     ("Qwen3 c=256 1+1 m=1, session 11", "../session11/call5/serve_qwen3_c256_disagg_ipc.json", 0, False),
     ("Qwen3 c=256 1+1 m=2, session 11", "../session11/call5/serve_qwen3_c256_disagg_ipc.json", 1, False),
+    # the twelfth session's: the same row, twice the requests, bench serve's client in 2 processes (58% busy each)
+    ("Qwen3 c=256 1+1 m=1, 2 clients, session 12", "../session12/call5/serve_qwen3_c256_disagg_ipc.json", 0, False),
+]
+# the twelfth session's, on one H200 (RESULTS.md, "Twelfth session"): both nodes on the GPU under CUDA MPS, or
+# colocated; the code of the eleventh session's rows (block tables mirrored, routing claims). Call 1: one client
+# process (88% busy); call 2: four, which took CPU from the gateways (98% busy each); "long": 3.5k-token prompts,
+# 1024 output tokens; "70/30": the attention node on 70% of the SMs, the expert node on 30% (types: share_type)
+S12 = "../session12/"
+ONE_GPU_ROWS = [
+    ("one H200: Qwen3 c=256 1+1 m=1, session 12 call 1", S12 + "call1/serve_qwen3_c256_disagg_ipc.json", 0, False),
+    ("one H200: Qwen3 c=256 1+1 m=2, session 12 call 1", S12 + "call1/serve_qwen3_c256_disagg_ipc.json", 1, False),
+    ("one H200: Qwen3 c=256 colocated, session 12 call 1", S12 + "call1/serve_qwen3_c256_colocated.json", 0, False),
+    ("one H200: Qwen3 c=256 1+1 m=1, 4 clients, session 12 call 2", S12 + "call2/serve_qwen3_c256_disagg_ipc.json",
+     0, False),
+    ("one H200: Qwen3 c=256 colocated, 4 clients, session 12 call 2", S12 + "call2/serve_qwen3_c256_colocated.json",
+     0, False),
+    ("one H200: Mixtral c=256 1+1 m=1, 4 clients, session 12 call 2",
+     S12 + "call2/serve_mixtral_c256_disagg_ipc.json", 0, False),
+    ("one H200: Qwen3 long c=256 1+1 m=1, session 12", S12 + "call3/l/serve_qwen3_p8192_c256_disagg_ipc.json", 0,
+     False),
+    ("one H200: Qwen3 long c=256 colocated, session 12", S12 + "call3/l/serve_qwen3_p8192_c256_colocated.json", 0,
+     False),
+    ("one H200: Qwen3 long c=256 1+1 m=2, session 12", S12 + "call4/l/m2.json", 0, False),
+    ("one H200: Qwen3 long c=256 1+1 m=1 70/30, session 12",
+     S12 + "call4/l/serve_qwen3_p8192_c256_disagg_ipc_sm70_30.json", 0, False),
 ]
 GPU_SERVE = HERE / "gpu_multi/serve"
 # The served calibrations: the warm rows whose both GPU meters worked (run 1's zeroed its counters at each replay)
@@ -401,8 +429,11 @@ PREFILL_OF_LONG = "--no-long-prefill" not in sys.argv[1:]
 # to that session's disaggregated rows, the code those traces ran (`--no-outside-graph`: left out)
 OUTSIDE_GRAPH_TRACES = ["../session11/call2/serve_qwen3_p8192_c256_disagg_ipc.trace.m1.json.gz",
                         "../session11/call2/serve_qwen3_p8192_c256_disagg_ipc.trace.m2.json.gz"]
-OUTSIDE_GRAPH_ROWS = "../session11/"
+OUTSIDE_GRAPH_ROWS = ("../session11/", "../session12/")  # the code those traces ran, and after
 OUTSIDE_GRAPH = "--no-outside-graph" not in sys.argv[1:]
+# the rows served by the code the model describes now (the host's block tables mirrored, the gateway's routing
+# claims: eleventh session on); older rows ran host paths since replaced (eager prefill, the httpx client, ...)
+CURRENT_ROWS = OUTSIDE_GRAPH_ROWS
 
 
 def outside_graph_us() -> float:
@@ -410,6 +441,10 @@ def outside_graph_us() -> float:
     import gpu_timeline  # benchmarks/, this script's folder
     values = [gpu_timeline.outside_graph_us(gpu_timeline.read_trace(GPU_SERVE / t)) for t in OUTSIDE_GRAPH_TRACES]
     return sum(values) / len(values)
+# `--own-gateway-cpu`: each row's served terms with the gateway CPU per token that row measured (its cpu_s), not
+# the served calibration's: what is left once the host's CPU contention (a load generator beside the gateways, on the
+# same cores) is given
+OWN_GATEWAY_CPU = "--own-gateway-cpu" in sys.argv[1:]
 # the served parts as their excess over bench layer (the shipped GPU rule); `--served-factors`: as a ratio to it
 ADDITIVE = "--served-factors" not in sys.argv[1:]
 # host time per step per sequence on the GPU rows: served.GPU_STEP_HOST_PER_SEQUENCE_US (the CPU traces' Python parts);
@@ -494,13 +529,20 @@ def gpu_main() -> int:
           "measured TPOT p50 ms | predicted, bench / served | error (served) | TTFT p50 ms measured / served | "
           "mixed steps (model) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for label, name, index, cold in GPU_ROWS:
+    one_gpu_round = calibration.fit_round(json.loads((HERE / "gpu_lockstep/graphs/bench_transport.json").read_text()),
+                                          "lockstep-ipc")
+    current = []  # (label, error) of the rows served by the code the model describes now
+    for label, name, index, cold in GPU_ROWS + ONE_GPU_ROWS:
         run = json.loads((GPU_SERVE / name).read_text())
         args, row = run["args"], row_of(run, index)
         spec = gpu_spec_of(args["model"])
-        plan = Deployment(device, None if args["expert_nodes"] == 0 else device, args["attention_nodes"],
+        one_gpu = (label, name, index, cold) in ONE_GPU_ROWS
+        # SM shares: each role a GPU type of its own, from bench layer under its share in the same device call
+        attention_gpu, expert_gpu = (share_type(device, cal, p, (GPU_SERVE / name).parent)
+                                     for p in args["sm_percent"]) if args.get("sm_percent") else (device, device)
+        plan = Deployment(attention_gpu, None if args["expert_nodes"] == 0 else expert_gpu, args["attention_nodes"],
                           args["expert_nodes"], row["microbatches"], args["max_num_seqs"], 0,
-                          async_scheduling=bool(args.get("async_scheduling")))
+                          shared_devices=1 if one_gpu else 0, async_scheduling=bool(args.get("async_scheduling")))
         workers = args.get("gateway_workers") or 1
         waits = args.get("max_waiting_steps", 0)
         model = LONG_CONTEXT_OF.get(args["model"], args["model"])
@@ -510,6 +552,13 @@ def gpu_main() -> int:
             row_cal, served_cal = (with_prefill_of(c, GPU_SERVE / LONG_PREFILL) for c in (cal, served_cal))
         if name.startswith(OUTSIDE_GRAPH_ROWS) and not plan.colocated and OUTSIDE_GRAPH:
             row_cal, served_cal = (dataclasses.replace(c, step_outside_graph_us=outside) for c in (row_cal, served_cal))
+        if one_gpu:  # both nodes on one GPU: the round between two processes on it (one-GPU lockstep bench)
+            row_cal, served_cal = (dataclasses.replace(c, round=one_gpu_round, round_link_bytes_per_s=None)
+                                   for c in (row_cal, served_cal))
+        if OWN_GATEWAY_CPU and row.get("cpu_s"):  # the CPU the row's gateways took per token, as an input
+            per_token, per_message = served.gateway_costs(args, row)
+            served_cal = dataclasses.replace(served_cal, gateway_us_per_token=per_token,
+                                             gateway_us_per_message=per_message)
         # the split the gateways made (rows that count each node's tokens; session 9 on): an input, not a speed
         shares = [row["tokens_per_node"][f"a{i}"] for i in range(args["attention_nodes"])] \
             if args["attention_nodes"] > 1 and row.get("tokens_per_node") else None
@@ -526,6 +575,12 @@ def gpu_main() -> int:
               f"{bench['tpot_ms_p50']:.2f} / {with_served['tpot_ms_p50']:.2f} | "
               f"{with_served['tpot_ms_p50'] / tpot - 1:+.0%} | {row['ttft_ms']['p50']:.0f} / "
               f"{with_served['ttft_ms_p50']:.0f} | {with_served['mixed_step_share']:.0%} |")
+        if name.startswith(CURRENT_ROWS):
+            current.append((label, with_served["tokens_per_s"] / tok - 1))
+    within = [label for label, error in current if abs(error) <= 0.15]
+    print(f"\nrows served by the current code ({', '.join(CURRENT_ROWS)}): {len(within)} of {len(current)} within 15% "
+          "on tok/s (served terms); beyond it: " + "; ".join(f"{label} {error:+.0%}" for label, error in current
+                                                              if label not in within))
     return 0
 
 
