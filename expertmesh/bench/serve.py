@@ -212,17 +212,47 @@ class _Progress:
             self.shown = done
 
 
-def _client_process(url: str, jobs: list, arrivals: list[float], concurrency: int, conn, done) -> None:
-    """One of several client processes: says it is ready, waits for the go, sends its share of the jobs and sends
-    back (results, its CPU seconds). The go comes over the pipe, not an Event: a parent that died ends the wait."""
-    def count(_: int) -> None:
+async def _pull(url: str, jobs: list, concurrency: int, take, on_done) -> list[tuple[int, RequestResult]]:
+    """A closed loop over jobs shared with other processes: each of `concurrency` slots sends the next job that
+    take() hands out (its index, None once none is left), so every slot stays busy until the jobs run out, as one
+    process's loop does. Returns (index, result) of the jobs this process sent."""
+    results = []
+
+    async def slot() -> None:
+        while (i := take()) is not None:
+            results.append((i, await one_request(url, *jobs[i])))
+            on_done()
+
+    await asyncio.gather(*(slot() for _ in range(concurrency)))
+    return results
+
+
+def _client_process(url: str, jobs: list, arrivals: list[float], concurrency: int, conn, done, next_job,
+                    share: tuple[int, int]) -> None:
+    """One of several client processes: says it is ready, waits for the go, sends jobs and sends back ([(index,
+    result)], its CPU seconds). Closed loop: jobs taken in order from next_job, shared by all the processes; open
+    loop (next_job None): the jobs share=(k, n) names, i = k, k + n, ..., each at its arrival time. The go comes
+    over the pipe, not an Event: a parent that died ends the wait."""
+    def count(*_) -> None:
         with done.get_lock():
             done.value += 1
+
+    def take() -> int | None:
+        with next_job.get_lock():
+            i = next_job.value
+            next_job.value = i + 1
+        return i if i < len(jobs) else None
 
     conn.send("ready")
     conn.recv()
     cpu_start = time.process_time()
-    results = asyncio.run(_send(url, jobs, arrivals, concurrency, count))
+    if next_job is not None:
+        results = asyncio.run(_pull(url, jobs, concurrency, take, count))
+    else:
+        k, n = share
+        ours = list(range(k, len(jobs), n))
+        sent = asyncio.run(_send(url, [jobs[i] for i in ours], [arrivals[i] for i in ours], len(ours), count))
+        results = list(zip(ours, sent))
     conn.send((results, time.process_time() - cpu_start))
 
 
@@ -248,17 +278,20 @@ def _receive(conns: list, processes: list, waiting: set[int], timeout: float) ->
 
 async def _send_in_processes(url: str, workload: Workload, jobs: list, arrivals: list[float], n: int,
                              progress) -> tuple[list[RequestResult], float, float]:
-    """The jobs over `n` client processes: job i to process i % n (arrival time kept), the concurrency split as
-    evenly as possible. Returns (results in the order of `jobs`, duration, client CPU seconds of all processes)."""
+    """The jobs over `n` client processes. Closed loop: the concurrency split as evenly as possible, every process
+    taking the next job from one shared counter (a fixed share each left slots idle at the end while another
+    process still had jobs); open loop: job i to process i % n, at its arrival time. Returns (results in the order
+    of `jobs`, duration, client CPU seconds of all processes)."""
     context = multiprocessing.get_context("spawn")  # no fork of a parent that runs an event loop (and its threads)
     done = context.Value("q", 0)  # requests done in all the processes, for the progress lines
+    next_job = None if workload.rate else context.Value("q", 0)
     conns, processes = [], []
     try:
         for k in range(n):
-            concurrency = len(jobs) if workload.rate else workload.concurrency // n + (k < workload.concurrency % n)
+            concurrency = workload.concurrency // n + (k < workload.concurrency % n)
             ours, theirs = context.Pipe()
             process = context.Process(target=_client_process, name=f"bench-serve-client-{k}", daemon=True,
-                                      args=(url, jobs[k::n], arrivals[k::n], concurrency, theirs, done))
+                                      args=(url, jobs, arrivals, concurrency, theirs, done, next_job, (k, n)))
             process.start()
             theirs.close()  # its end only in the worker: the end closing tells that the worker ended
             conns.append(ours)
@@ -286,7 +319,8 @@ async def _send_in_processes(url: str, workload: Workload, jobs: list, arrivals:
             process.join()
         for conn in conns:
             conn.close()
-    return [shares[i % n][0][i // n] for i in range(len(jobs))], duration, client_cpu_s
+    results = dict(pair for share, _ in shares.values() for pair in share)
+    return [results[i] for i in range(len(jobs))], duration, client_cpu_s
 
 
 def steps_per_node(moved: dict) -> dict[str, list[float]]:

@@ -184,6 +184,49 @@ def test_client_processes_keep_the_whole_concurrency_in_flight(no_settle):
     assert peak == 12 and report.failed == 0 and report.output_tokens == 12
 
 
+def test_client_processes_share_one_queue_of_jobs(no_settle):
+    """A slow request holds only its own slot: the other process's slot sends every other job meanwhile (with a
+    fixed share of the jobs each, the jobs queued behind the slow one would wait for it, and this server never
+    ends the slow one until the rest are done)."""
+    total = 10
+    async def main():
+        done, first, order = [0], [None], []
+        rest_done = asyncio.Event()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length")), 0)
+            body = await reader.readexactly(length)
+            if head.startswith(b"POST /v1/completions"):
+                prompt = tuple(json.loads(body)["prompt"])
+                if first[0] is None:
+                    first[0] = prompt
+                    await rest_done.wait()
+                order.append(prompt)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+                             b'data: {"choices": [{"text": "x"}]}\n\ndata: [DONE]\n\n')
+                if prompt != first[0]:
+                    done[0] += 1
+                    if done[0] == total - 1:
+                        rest_done.set()
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        async with server:
+            workload = Workload(num_requests=total, input_len=(3, 3), output_len=(1, 1), concurrency=2,
+                                client_processes=2)
+            report = await asyncio.wait_for(run(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", workload,
+                                                progress=None), 30)
+        return report, order, first[0]
+
+    report, order, slow = asyncio.run(main())
+    assert report.failed == 0 and report.requests == total and order[-1] == slow
+
+
 def test_a_client_process_that_crashes_raises_rather_than_hangs(no_settle):
     """A malformed error event makes the client code raise (a bug in it, or a server's): in a worker process, the
     parent names that worker and its exit code instead of waiting for its results."""
