@@ -107,16 +107,21 @@ def test_tokens_are_counted_across_cut_events_and_an_error_event_fails_the_reque
     assert failed.error == "step failed: gone" and failed.output_tokens == 2
 
 
+async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """(head, body) of the next HTTP request on the connection."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length")), 0)
+    return head, await reader.readexactly(length)
+
+
 def _recording_server(body_of_token: bytes = _event({"choices": [{"text": "x"}]})):
     """A server that answers /metrics at once and each completion with max_tokens events (then closes), recording
     the prompts it saw and the most completions it had open at once."""
     seen, open_now, peak = [], [0], [0]
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length")), 0)
-        body = await reader.readexactly(length)
+        head, body = await _read_request(reader)
         if head.startswith(b"POST /v1/completions"):
             request = json.loads(body)
             seen.append(tuple(request["prompt"]))
@@ -194,10 +199,7 @@ def test_client_processes_share_one_queue_of_jobs(no_settle):
         rest_done = asyncio.Event()
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length")), 0)
-            body = await reader.readexactly(length)
+            head, body = await _read_request(reader)
             if head.startswith(b"POST /v1/completions"):
                 prompt = tuple(json.loads(body)["prompt"])
                 if first[0] is None:
