@@ -37,3 +37,21 @@ def test_bench_layer_times_prefill_chunks_and_the_planner_fits_them(tmp_path):
     assert params[24] == params[40] > 0
     attention, experts = fit_prefill(json.loads(out.read_text()), "reference")
     assert attention is not None and experts is not None
+
+
+def test_experts_are_timed_over_copies_past_the_cache_as_served_layers_are(monkeypatch):
+    """A served step's layers each have weights of their own, so a small layer's experts are not hot in the cache
+    when it runs: on CPU too, bench layer cycles over copies of them (one copy timed the mini model's experts a
+    quarter under what they take served) and over one for a layer larger than the cache."""
+    import torch
+
+    from pathlib import Path
+
+    from expertmesh.bench import layer
+    from expertmesh.model.spec import ModelSpec
+    used = []
+    monkeypatch.setattr(layer, "fused_moe", lambda x, ids, weights, stacked, backend: used.append(id(stacked)))
+    mini = ModelSpec.from_dir(Path(__file__).resolve().parents[2] / "models" / "expertmesh-mini")  # 1.2 MB a layer
+    layer.bench_experts(mini, "mini", 2, "cpu", torch.float32, 1e10, 1e11, ("reference",), reps=8)
+    assert len(set(used)) > 1
+    assert layer._copies(64 * 2**20, "cpu") == 1
