@@ -38,7 +38,8 @@ SERVED_CPU_CORES = 2
 PAIRED = {"planner/paired": CPU_CORES, "planner/served": SERVED_CPU_CORES,  # plan_validation_cpu.sh's runs
           "planner/served_2": SERVED_CPU_CORES, "planner/prefill": SERVED_CPU_CORES,
           "planner/prefill_2": SERVED_CPU_CORES, "planner/prefill_3": SERVED_CPU_CORES,
-          "planner/session12": SERVED_CPU_CORES, "planner/session12_2": SERVED_CPU_CORES}
+          "planner/session12": SERVED_CPU_CORES, "planner/session12_2": SERVED_CPU_CORES,
+          "planner/session12_3": SERVED_CPU_CORES, "planner/session12_4": SERVED_CPU_CORES}
 
 QWEN3_8_LAYERS = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048, num_hidden_layers=8,
                       num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
