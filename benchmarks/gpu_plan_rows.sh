@@ -12,6 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
 GPUS=${GPUS:-1}
 export GPUS GATEWAY_WORKERS=4 CONCURRENCY=256 SHAPES=qwen3 PARTS=serve
 export CLIENT_PROCESSES=${CLIENT_PROCESSES:-$([ "$GPUS" = 1 ] && echo 1 || echo 2)}
@@ -27,4 +28,4 @@ for part in ${PLAN_PARTS:-short long split}; do
            bash benchmarks/gpu_lockstep.sh ;;
   esac
 done
-(cd "$OUT" && tar czf plan_rows.tgz $(ls -d short long split 2>/dev/null) && rm -rf short long split)
+cd "$OUT" && parts=$(ls -d short long split 2>/dev/null) && [ -n "$parts" ] && tar czf plan_rows.tgz $parts && rm -rf $parts
