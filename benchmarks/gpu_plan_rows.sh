@@ -28,4 +28,6 @@ for part in ${PLAN_PARTS:-short long split}; do
            bash benchmarks/gpu_lockstep.sh ;;
   esac
 done
-cd "$OUT" && parts=$(ls -d short long split 2>/dev/null) && [ -n "$parts" ] && tar czf plan_rows.tgz $parts && rm -rf $parts
+cd "$OUT" || exit 1
+parts=$(ls -d short long split 2>/dev/null)
+[ -z "$parts" ] || { tar czf plan_rows.tgz $parts && rm -rf $parts; }
