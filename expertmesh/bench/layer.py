@@ -83,15 +83,18 @@ def time_fn(fn, device: str, reps: int = 50, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def time_graphed(fns: list, device: str, reps: int) -> float:
-    """Median seconds of one call, cycling over fns (one per copy of the data); on CUDA each is a CUDA graph."""
-    if not device.startswith("cuda"):
-        calls = iter(range(10 ** 9))
-        return time_fn(lambda: fns[next(calls) % len(fns)](), device, reps)
-    pool = torch.cuda.graph_pool_handle()
-    graphs = [capture(fn, pool)[0] for fn in fns]
+def time_cycled(fns: list, device: str, reps: int, warmup: int = 3) -> float:
+    """Median seconds of one call, each call the next of fns (one per copy of the data)."""
     calls = iter(range(10 ** 9))
-    return time_fn(lambda: graphs[next(calls) % len(graphs)].replay(), device, reps)
+    return time_fn(lambda: fns[next(calls) % len(fns)](), device, reps, warmup)
+
+
+def time_graphed(fns: list, device: str, reps: int) -> float:
+    """time_cycled over fns; on CUDA each is a CUDA graph."""
+    if not device.startswith("cuda"):
+        return time_cycled(fns, device, reps)
+    pool = torch.cuda.graph_pool_handle()
+    return time_cycled([capture(fn, pool)[0].replay for fn in fns], device, reps)
 
 
 def _copies(bytes_per_copy: int, device: str) -> int:
@@ -260,8 +263,7 @@ def bench_experts(spec: ModelSpec, name: str, tokens: int, device: str, dtype: t
     for backend in backends:
         calls = [lambda stacked=stacked: fused_moe(x, ids, weights, stacked, backend=backend) for stacked in sets]
         if backend == "reference" or prefill:  # the reference's per-expert loop syncs the host: not captured
-            turn = iter(range(10 ** 9))
-            seconds = time_fn(lambda: calls[next(turn) % len(calls)](), device, min(reps, 10), 1)
+            seconds = time_cycled(calls, device, min(reps, 10), warmup=1)
         else:
             seconds = time_graphed(calls, device, reps)
         rows.append(Row(name, "prefill_experts" if prefill else "experts", backend, tokens, 0, seconds * 1e6,
