@@ -125,8 +125,9 @@ def main() -> int:
                 chosen = choose_config(tokens, top_k, num_experts, hidden, inter)
                 timed = {chosen: measure(chosen)}
                 if timed[chosen] is not None:
-                    alt = with_block_m(chosen, {16: 32, 32: 64, 64: 128, 128: 64}[chosen.block_m])
-                    timed[alt] = measure(alt)
+                    for other in {16: (32,), 32: (64,), 64: (128,), 128: (64, 256)}[chosen.block_m]:
+                        alt = with_block_m(chosen, other)
+                        timed[alt] = measure(alt)
                     best_tile = {"gate_up": (chosen.gate_up, timed[chosen]), "down": (chosen.down, timed[chosen])}
                     for launch, weight_tiles in (("gate_up", 2), ("down", 1)):
                         for tile in tile_variants(getattr(chosen, launch), chosen.block_m, weight_tiles):
