@@ -7,11 +7,12 @@ seeded `bench serve` workload against each; prints one row per setting.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import os
 import sys
+
+import uvloop
 
 from expertmesh.bench.serve import Workload, run
 from expertmesh.config import IPC_COPIES, Config, EngineConfig
@@ -98,11 +99,11 @@ def main() -> int:
             # warm-up; on a GPU one full batch, so that the measured run starts with every batch size's kernels
             # loaded (8 requests left the first configuration of a fresh GPU machine cold: 0.5-1.2 s TTFT, RESULTS.md)
             warm = max(8, min(args.concurrency, args.num_requests)) if args.device == "cuda" else 8
-            asyncio.run(run(cluster.url, dataclasses.replace(workload, num_requests=warm), progress=None))
+            uvloop.run(run(cluster.url, dataclasses.replace(workload, num_requests=warm), progress=None))
             trace = args.trace if not args.trace or len(args.microbatches) == 1 else \
                 args.trace.replace(".json", f".m={m}.json")
             cpu_before = cpu_seconds(cluster)
-            report = asyncio.run(run(cluster.url, workload, trace_path=trace, progress=None))
+            report = uvloop.run(run(cluster.url, workload, trace_path=trace, progress=None))  # as bench serve
             cpu_s = {name: seconds - cpu_before.get(name, 0.0) for name, seconds in cpu_seconds(cluster).items()}
         rows.append({"microbatches": m, **dataclasses.asdict(report), "cpu_s": cpu_s})
         idle = ", ".join(f"{node} {value:.0%}" for node, value in sorted(report.idle_fraction.items()))

@@ -30,6 +30,7 @@ from ..model.shapes import shape as named_shape
 from ..model.spec import ModelSpec
 from ..model.weights import GQAWeights, LayerWeights, MLAWeights
 from ..ops.fused_moe import StackedExperts, fused_moe
+from ..ops.fused_moe_triton import block_rows
 from ..ops.norm import add_rms_norm, rms_norm
 
 
@@ -44,6 +45,9 @@ class Row:
     floor_us: float
     bytes: int
     flops: int
+    # the flops the kernel computes: the Triton fused MoE computes whole blocks of an expert's rows, padding included
+    # (fused_moe_triton.block_rows); elsewhere the flops
+    kernel_flops: int = 0
 
     @property
     def ratio(self) -> float:
@@ -259,6 +263,8 @@ def bench_experts(spec: ModelSpec, name: str, tokens: int, device: str, dtype: t
     n_bytes = distinct * 3 * hidden * inter * elt + 2 * tokens * hidden * elt
     flops = 2 * tokens * top_k * 3 * hidden * inter
     floor = max(n_bytes / bw, flops / peak)
+    block = block_rows(tokens, top_k, experts)
+    padded = int((torch.bincount(ids.flatten().long(), minlength=experts).add(block - 1) // block).sum()) * block
     rows = []
     for backend in backends:
         calls = [lambda stacked=stacked: fused_moe(x, ids, weights, stacked, backend=backend) for stacked in sets]
@@ -267,7 +273,8 @@ def bench_experts(spec: ModelSpec, name: str, tokens: int, device: str, dtype: t
         else:
             seconds = time_graphed(calls, device, reps)
         rows.append(Row(name, "prefill_experts" if prefill else "experts", backend, tokens, 0, seconds * 1e6,
-                        floor * 1e6, n_bytes, flops))
+                        floor * 1e6, n_bytes, flops,
+                        kernel_flops=2 * padded * 3 * hidden * inter if backend == "triton" else flops))
     return rows
 
 

@@ -11,6 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import wait as wait_any
 
+import uvloop
+
 from . import prometheus
 from .http import HTTPError, fetch, request
 
@@ -247,11 +249,11 @@ def _client_process(url: str, jobs: list, arrivals: list[float], concurrency: in
     conn.recv()
     cpu_start = time.process_time()
     if next_job is not None:
-        results = asyncio.run(_pull(url, jobs, concurrency, take, count))
+        results = uvloop.run(_pull(url, jobs, concurrency, take, count))
     else:
         k, n = share
         ours = list(range(k, len(jobs), n))
-        sent = asyncio.run(_send(url, [jobs[i] for i in ours], [arrivals[i] for i in ours], len(ours), count))
+        sent = uvloop.run(_send(url, [jobs[i] for i in ours], [arrivals[i] for i in ours], len(ours), count))
         results = list(zip(ours, sent))
     conn.send((results, time.process_time() - cpu_start))
 
@@ -331,7 +333,10 @@ def steps_per_node(moved: dict) -> dict[str, list[float]]:
 
 
 def main(url: str, workload: Workload, trace_path: str | None, json_path: str | None) -> int:
-    report = asyncio.run(run(url, workload, trace_path))
+    # uvloop, as the gateway's uvicorn: a client on asyncio's own loop took 28 us of CPU per streamed token against
+    # a stand-in server, 12-14 on uvloop (RESULTS.md, thirteenth session); at 43k tok/s one asyncio client was 93%
+    # busy on an H200's host, the bound of its row
+    report = uvloop.run(run(url, workload, trace_path))
     print(report.table())
     if json_path:
         with open(json_path, "w") as handle:

@@ -39,6 +39,14 @@ _SHARED_BYTES_TWO_PER_SM = 112 * 1024  # below 64 rows: two blocks per SM, one r
 _PAIRS_PER_STEP = 4096  # pairs the layout kernel holds at once: every decode batch in one step
 
 
+def block_rows(tokens: int, top_k: int, num_experts: int) -> int:
+    """choose_config's block_m: rows of one block, covering an expert's expected rows with half again for routing
+    imbalance. Every block is computed whole, padding rows included, so an expert past a multiple of it costs a
+    block's math more (the planner's experts floor counts these rows: planner/perf.py)."""
+    per_expert = -(-tokens * top_k // max(num_experts, 1))
+    return next((m for m in (16, 32, 64) if 3 * per_expert <= 2 * m), 128)
+
+
 @functools.cache  # pure, and asked once per layer and step
 def choose_config(tokens: int, top_k: int, num_experts: int, hidden: int, inter: int,
                   dtype: torch.dtype = torch.bfloat16) -> TritonMoeConfig:
@@ -53,7 +61,7 @@ def choose_config(tokens: int, top_k: int, num_experts: int, hidden: int, inter:
     down tiles)."""
     pairs = tokens * top_k
     per_expert = -(-pairs // max(num_experts, 1))
-    block_m = next((m for m in (16, 32, 64) if 3 * per_expert <= 2 * m), 128)
+    block_m = block_rows(tokens, top_k, num_experts)
     busy_blocks = min(pairs, num_experts) * -(-per_expert // block_m)
     element = torch.empty((), dtype=dtype).element_size()
     return TritonMoeConfig(block_m,

@@ -243,3 +243,21 @@ def test_client_processes_are_checked():
     with pytest.raises(ValueError, match="above a concurrency of 2"):
         asyncio.run(run("http://127.0.0.1:1", Workload(concurrency=2, client_processes=3)))
     Workload(concurrency=2, rate=10.0, client_processes=3).check()  # open loop: no concurrency to share
+
+
+def test_the_client_runs_on_uvloop(monkeypatch):
+    """bench serve's client streams every token through its event loop: on asyncio's own loop it took twice the
+    CPU per token and bounded a one-H200 row (RESULTS.md, thirteenth session)."""
+    import uvloop
+
+    from expertmesh.bench import serve
+    loops = []
+
+    async def fake_run(url, workload, trace_path=None):
+        loops.append(type(asyncio.get_running_loop()))
+        raise KeyboardInterrupt  # no cluster: the loop it ran on is all this test wants
+
+    monkeypatch.setattr(serve, "run", fake_run)
+    with pytest.raises(KeyboardInterrupt):
+        serve.main("http://127.0.0.1:1", Workload(), None, None)
+    assert loops == [uvloop.Loop]
