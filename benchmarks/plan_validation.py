@@ -388,6 +388,16 @@ GPU_ROWS = [
      0, False),
     ("Qwen3 c=256 1+1 m=1, session 11", "../session11/call5/serve_qwen3_c256_disagg_ipc.json", 0, False),
     ("Qwen3 c=256 1+1 m=2, session 11", "../session11/call5/serve_qwen3_c256_disagg_ipc.json", 1, False),
+    ("Mixtral long c=256 1+1 m=1, session 13", "../session13/call4/x/serve_mixtral_p8192_c256_disagg_ipc.json", 0,
+     False),
+    ("Mixtral long c=256 1+1 m=2, session 13", "../session13/call4/x/serve_mixtral_p8192_c256_disagg_ipc.json", 1,
+     False),
+    ("Mixtral long c=256 1+1 m=3, session 13", "../session13/call5/y/serve_mixtral_p8192_c256_disagg_ipc.json", 0,
+     False),
+    ("Mixtral long c=256 1+1 m=4, session 13", "../session13/call5/y/serve_mixtral_p8192_c256_disagg_ipc.json", 1,
+     False),
+    ("Mixtral long c=256 colocated-2, session 13", "../session13/call4/x/serve_mixtral_p8192_c256_colocated.json",
+     0, False),
     # the twelfth session's: the same row, twice the requests, bench serve's client in 2 processes (58% busy each)
     ("Qwen3 c=256 1+1 m=1, 2 clients, session 12", "../session12/call5/serve_qwen3_c256_disagg_ipc.json", 0, False),
 ]
@@ -395,7 +405,7 @@ GPU_ROWS = [
 # colocated; the code of the eleventh session's rows (block tables mirrored, routing claims). Call 1: one client
 # process (88% busy); call 2: four, which took CPU from the gateways (98% busy each); "long": 3.5k-token prompts,
 # 1024 output tokens; "70/30": the attention node on 70% of the SMs, the expert node on 30% (types: share_type)
-S12 = "../session12/"
+S12, S13 = "../session12/", "../session13/"
 ONE_GPU_ROWS = [
     ("one H200: Qwen3 c=256 1+1 m=1, session 12 call 1", S12 + "call1/serve_qwen3_c256_disagg_ipc.json", 0, False),
     ("one H200: Qwen3 c=256 1+1 m=2, session 12 call 1", S12 + "call1/serve_qwen3_c256_disagg_ipc.json", 1, False),
@@ -413,13 +423,23 @@ ONE_GPU_ROWS = [
     ("one H200: Qwen3 long c=256 1+1 m=2, session 12", S12 + "call4/l/m2.json", 0, False),
     ("one H200: Qwen3 long c=256 1+1 m=1 70/30, session 12",
      S12 + "call4/l/serve_qwen3_p8192_c256_disagg_ipc_sm70_30.json", 0, False),
+    ("one H200: Mixtral c=256 1+1 m=1, session 13 call 1", S13 + "call1/serve/serve_mixtral_c256_disagg_ipc.json", 0, False),
+    ("one H200: Mixtral c=256 colocated, session 13 call 1", S13 + "call1/serve/serve_mixtral_c256_colocated.json", 0, False),
+    ("one H200: Qwen3 c=256 1+1 m=1, session 13 call 3", S13 + "call3/serve/serve_qwen3_c256_disagg_ipc.json", 0,
+     False),
+    ("one H200: Qwen3 c=256 colocated, session 13 call 3", S13 + "call3/serve/serve_qwen3_c256_colocated.json", 0,
+     False),
+    ("one H200: Mixtral c=256 1+1 m=1, session 13 call 3", S13 + "call3/serve/serve_mixtral_c256_disagg_ipc.json", 0,
+     False),
+    ("one H200: Mixtral c=256 colocated, session 13 call 3", S13 + "call3/serve/serve_mixtral_c256_colocated.json", 0,
+     False),
 ]
 GPU_SERVE = HERE / "gpu_multi/serve"
 # The served calibrations: the warm rows whose both GPU meters worked (run 1's zeroed its counters at each replay)
 GPU_SERVED = {"/tmp/qwen3": ("../session9/short_cap512/serve_qwen3_c64_disagg_ipc.json", 0),
               "/tmp/mixtral": ("../session9/short_cap512/serve_mixtral_c64_disagg_ipc.json", 0)}
 GPU_COLOCATED = ("../session9/short_cap512/serve_mixtral_c64_colocated.json", 0)
-LONG_CONTEXT_OF = {"/tmp/qwen3_p8192": "/tmp/qwen3"}  # the same model's served calibration
+LONG_CONTEXT_OF = {"/tmp/qwen3_p8192": "/tmp/qwen3", "/tmp/mixtral_p8192": "/tmp/mixtral"}  # its served calibration
 # their prefill lines, measured at their prompt length (the shipped bench_layer_2.json has no prefill rows, so the
 # model's prefill was the decode line's efficiency, ~5x too fast for 3.5k-token prompts): `bench layer --shapes
 # /tmp/qwen3_p8192 --prefill-tokens 1024,2048 --prompt-len 3584` on an H200 (RESULTS.md, eleventh session)
@@ -430,7 +450,7 @@ PREFILL_OF_LONG = "--no-long-prefill" not in sys.argv[1:]
 # to that session's disaggregated rows, the code those traces ran (`--no-outside-graph`: left out)
 OUTSIDE_GRAPH_TRACES = ["../session11/call2/serve_qwen3_p8192_c256_disagg_ipc.trace.m1.json.gz",
                         "../session11/call2/serve_qwen3_p8192_c256_disagg_ipc.trace.m2.json.gz"]
-OUTSIDE_GRAPH_ROWS = ("../session11/", "../session12/")  # the code those traces ran, and after
+OUTSIDE_GRAPH_ROWS = ("../session11/", "../session12/", "../session13/")  # the code those traces ran, and after
 OUTSIDE_GRAPH = "--no-outside-graph" not in sys.argv[1:]
 # the rows served by the code the model describes now (the host's block tables mirrored, the gateway's routing
 # claims: eleventh session on); older rows ran host paths since replaced (eager prefill, the httpx client, ...)
@@ -462,15 +482,22 @@ def in_flight(args: dict, row: dict) -> int:
 
 def gpu_spec_of(model: str) -> ModelSpec:
     from expertmesh.model.make_model import RandomModelShape, hf_config
-    if model == "/tmp/mixtral":
-        return ModelSpec.from_hf_config(hf_config(RandomModelShape(**MIXTRAL_4_LAYERS), 1, 2))
+    if model in ("/tmp/mixtral", "/tmp/mixtral_p8192"):  # MAX_POS=8192: room for long contexts
+        positions = 8192 if model.endswith("_p8192") else 1024
+        return ModelSpec.from_hf_config(hf_config(RandomModelShape(
+            **{**MIXTRAL_4_LAYERS, "max_position_embeddings": positions}), 1, 2))
     return spec_of(model)
+
+
+# the experts alone from 1 to 2048 tokens, across Mixtral's ridge, with the flops their kernel computes (`TESTS=none
+# POLL=0 bash benchmarks/gpu_expert_line.sh` on one H200, thirteenth session): their rows join the experts' fit
+EXPERTS_LINE = str(HERE / "gpu_multi/session13/call3/experts_alone.json")
 
 
 def gpu_bench_setup() -> tuple[calibration.Calibration, GpuType]:
     """The H200 bench calibration: bench layer (gpu_dataplane/bench_layer_2.json, Triton fused MoE) and the ipc M2N
     round between the two GPUs (gpu_multi/bench_ipc.json): the shipped calibration.H200's inputs, step overhead 0."""
-    cal = calibration.from_benchmarks("H200", str(HERE / "gpu_dataplane/bench_layer_2.json"),
+    cal = calibration.from_benchmarks("H200", [str(HERE / "gpu_dataplane/bench_layer_2.json"), EXPERTS_LINE],
                                       str(HERE / "gpu_multi/bench_ipc.json"), "triton", "lockstep-ipc",
                                       4.8e12, 9.89e14, 4.5e11)
     return cal, BUILTIN["H200"]

@@ -75,6 +75,10 @@ class Calibration:
     # token copied back, the next inputs copied in): a served step's launch interval less its graph's replay, from
     # a GPU timeline (benchmarks/gpu_timeline.py); 0: not measured
     step_outside_graph_us: float = 0.0
+    # the experts' kernel computes whole blocks of each expert's rows (the Triton fused MoE): their floor counts the
+    # padding rows' flops (perf.padded_rows), as the line was fitted (fit_layer on bench layer's kernel_flops)
+    experts_in_blocks: bool = False
+    experts_math_rate: float = 1.0  # the experts kernel's math over the matmul ceiling (fit_experts)
 
     def step_host_us(self, sequences: float) -> float:
         """Host work of a step of `sequences` sequences outside its layers."""
@@ -124,15 +128,42 @@ def fit_line(points: list[tuple[float, float, float]]) -> Linear:
     return Linear(*(float(f"{x:.6g}") for x in best[1]))
 
 
-def fit_layer(bench_layer: dict, moe_backend: str) -> tuple[Linear, Linear]:
-    """(attention, experts) fits from `bench layer --json` rows: time against floor, all shapes and sizes together."""
-    rows = bench_layer["rows"]
-    attention = [(r["floor_us"], r["tokens"], r["us"]) for r in rows if r["part"] == "attention"]
-    experts = [(r["floor_us"], r["tokens"], r["us"]) for r in rows
-               if r["part"] == "experts" and r["backend"] == moe_backend]
-    if not attention or not experts:
-        raise ConfigError(f"bench layer JSON needs attention rows and experts rows of backend {moe_backend!r}")
-    return fit_line(attention), fit_line(experts)
+def kernel_floor_us(row: dict, bench_layer: dict, math_rate: float = 1.0) -> float:
+    """A bench layer row's floor over the flops its kernel computes (kernel_flops: the Triton fused MoE's padding
+    rows included; rows from before bench layer recorded them: their flops) at math_rate x the matmul ceiling."""
+    flops = row.get("kernel_flops") or row["flops"]
+    return max(row["bytes"] / bench_layer["copy_bytes_per_s"],
+               flops / (bench_layer["matmul_flops_per_s"] * math_rate)) * 1e6
+
+
+def fit_experts(layers: tuple[dict, ...], moe_backend: str) -> tuple[Linear, float]:
+    """The experts' line over every experts row of `layers` (bench layer JSONs), and the rate of their kernel's math
+    over the dense matmul ceiling: the one whose floors the line fits best. Mixtral's experts past its ridge run
+    their math at about 0.77 of a dense 8192^3 matmul's rate (RESULTS.md, thirteenth session); where no row is bound
+    by its math, every rate fits alike and 1 is kept."""
+    rows = [(r, layer) for layer in layers for r in layer["rows"]
+            if r["part"] == "experts" and r["backend"] == moe_backend]
+    if not rows:
+        raise ConfigError(f"bench layer JSON needs experts rows of backend {moe_backend!r}")
+    best = None
+    for rate in (1 - i / 100 for i in range(51)):
+        points = [(kernel_floor_us(r, layer, rate), r["tokens"], r["us"]) for r, layer in rows]
+        line = fit_line(points)
+        error = sum((line(x, tokens) / y - 1) ** 2 for x, tokens, y in points)
+        if best is None or error < best[0] * (1 - 1e-6):
+            best = (error, line, round(rate, 2))
+    return best[1], best[2]
+
+
+def fit_layer(bench_layer: dict, moe_backend: str,
+              more_experts: tuple[dict, ...] = ()) -> tuple[Linear, Linear, float]:
+    """(attention, experts, the experts' math rate) from `bench layer --json` rows: time against floor, all shapes
+    and sizes together (fit_experts). more_experts: other bench layer JSONs whose experts rows join the experts' fit
+    (the experts timed on their own across more sizes)."""
+    attention = [(r["floor_us"], r["tokens"], r["us"]) for r in bench_layer["rows"] if r["part"] == "attention"]
+    if not attention:
+        raise ConfigError("bench layer JSON needs attention rows")
+    return (fit_line(attention), *fit_experts((bench_layer, *more_experts), moe_backend))
 
 
 def fit_prefill(bench_layer: dict, moe_backend: str) -> tuple[Linear | None, Linear | None]:
@@ -155,18 +186,23 @@ def fit_round(bench_transport: dict, backend: str) -> Linear:
     return fit_line(rows)
 
 
-def from_benchmarks(device: str, layer_json: str, transport_json: str, moe_backend: str, round_backend: str,
-                    datasheet_bytes_per_s: float | None = None, datasheet_flops_per_s: float | None = None,
-                    round_link_bytes_per_s: float | None = None, step_overhead_us: float = 0.0) -> Calibration:
-    layer = json.loads(open(layer_json).read())
-    attention, experts = fit_layer(layer, moe_backend)
+def from_benchmarks(device: str, layer_json: str | list[str], transport_json: str, moe_backend: str,
+                    round_backend: str, datasheet_bytes_per_s: float | None = None,
+                    datasheet_flops_per_s: float | None = None, round_link_bytes_per_s: float | None = None,
+                    step_overhead_us: float = 0.0) -> Calibration:
+    """layer_json: one bench layer JSON, or several: the first gives the ceilings, attention and prefill lines, and
+    every one's experts rows join the experts' fit."""
+    layer, *others = [json.loads(open(path).read()) for path in ([layer_json] if isinstance(layer_json, str)
+                                                                  else layer_json)]
+    attention, experts, math_rate = fit_layer(layer, moe_backend, tuple(others))
     prefill_attention, prefill_experts = fit_prefill(layer, moe_backend)
     return Calibration(device, layer["copy_bytes_per_s"], layer["matmul_flops_per_s"], datasheet_bytes_per_s,
                        datasheet_flops_per_s, attention, experts,
                        fit_round(json.loads(open(transport_json).read()), round_backend),
                        round_per_destination=not round_backend.startswith("lockstep"),
                        round_link_bytes_per_s=round_link_bytes_per_s, step_overhead_us=step_overhead_us,
-                       prefill_attention=prefill_attention, prefill_experts=prefill_experts)
+                       prefill_attention=prefill_attention, prefill_experts=prefill_experts,
+                       experts_in_blocks=moe_backend == "triton", experts_math_rate=math_rate)
 
 
 def load(path: str) -> Calibration:
@@ -181,9 +217,11 @@ def load(path: str) -> Calibration:
     row has it; [eager_trace: a `bench serve --trace` of a GPU run: the host time per layer of its eager steps,
     eager_layer_us]}. A bench layer JSON with prefill rows (--prefill-tokens) gives the prefill lines."""
     data = read_structured(path)
-    if "bench_layer" in data:
+    if "bench_layer" in data:  # a file, or a list of them (from_benchmarks)
         here = Path(path).parent
-        cal = from_benchmarks(data["device"], str(here / data["bench_layer"]), str(here / data["bench_transport"]),
+        layers = data["bench_layer"]
+        cal = from_benchmarks(data["device"], [str(here / p) for p in layers] if isinstance(layers, list)
+                              else str(here / layers), str(here / data["bench_transport"]),
                               data.get("moe_backend", "triton"), data.get("round_backend", "lockstep-ipc"),
                               data.get("datasheet_bytes_per_s"), data.get("datasheet_flops_per_s"),
                               data.get("round_link_bytes_per_s"), data.get("step_overhead_us", 0.0))
@@ -231,13 +269,16 @@ def with_served(cal: Calibration, served_run: dict, here: Path) -> Calibration:
 
 
 # Shipped: one H200 (benchmarks/RESULTS.md). Parts: `bench layer` second run (benchmarks/gpu_dataplane/
-# bench_layer_2.json, Triton fused MoE): every row within 9% of these lines. Round: the lockstep M2N over CUDA IPC
-# between two H200s over NVLink (benchmarks/gpu_multi/bench_ipc.json, 41-55 us at 1-256 tokens). Step overhead: the
-# colocated Qwen3-30B-A3B-shape row served on one H200 (benchmarks/gpu_lockstep/precapture), its TPOT p50 less what
-# the parts predict for it (benchmarks/plan_validation.py; the only figure fitted to a served run).
+# bench_layer_2.json, Triton fused MoE), its experts joined by the experts alone from 1 to 2048 tokens (benchmarks/
+# gpu_multi/session13/call3/experts_alone.json): attention rows within 9% of their line, experts within 16% (the
+# worst at Mixtral's 512 tokens, where half its experts spill into a second block), their math at 0.82 of the
+# matmul ceiling. Round: the lockstep M2N over CUDA IPC between two H200s over NVLink (benchmarks/gpu_multi/
+# bench_ipc.json, 41-55 us at 1-256 tokens). Step overhead: the colocated Qwen3-30B-A3B-shape row served on one H200
+# (benchmarks/gpu_lockstep/precapture), its TPOT p50 less what the parts predict for it (benchmarks/
+# plan_validation.py; the only figure fitted to a served run).
 H200 = Calibration(
     device="H200", copy_bytes_per_s=4.0869e12, matmul_flops_per_s=7.47503e14, datasheet_bytes_per_s=4.8e12,
     datasheet_flops_per_s=9.89e14, attention=Linear(61.5547, 0.937344, 0.0107483),
-    experts=Linear(17.4279, 0.946111, 0.0938792),
+    experts=Linear(16.501, 0.978335, 0.087514), experts_in_blocks=True, experts_math_rate=0.82,
     round=Linear(40.2539, 6.83384e-06, 8.34209e-10), round_per_destination=False, round_link_bytes_per_s=4.5e11,
     step_overhead_us=0.0)

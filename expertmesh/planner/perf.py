@@ -180,9 +180,30 @@ def experts_us(costs: ModelCosts, gpu: GpuType, cal: Calibration, tokens: float,
     choices = tokens * spec.top_k * experts_on_node / spec.num_experts
     touched = experts_on_node * (1 - (1 - spec.top_k / spec.num_experts) ** tokens)
     bytes_ = costs.elt * (touched * costs.expert_params + 2 * choices * spec.hidden_size)
-    floor = _floor_us(bytes_, 2 * choices * costs.expert_params, gpu, cal)
+    rows = experts_on_node * padded_rows(round(tokens), spec.top_k, spec.num_experts) if cal.experts_in_blocks \
+        else choices
+    floor = _floor_us(bytes_, 2 * rows * costs.expert_params / cal.experts_math_rate, gpu, cal)
     line = cal.prefill_experts if prefill and cal.prefill_experts is not None else cal.experts
     return line(floor, choices / spec.top_k)
+
+
+@functools.lru_cache(maxsize=4096)
+def padded_rows(tokens: int, top_k: int, num_experts: int) -> float:
+    """Expected rows one expert's blocks hold in the Triton fused MoE (its rows rounded up to whole blocks of
+    fused_moe_triton.block_rows, each computed whole), routing uniform: an expert's rows are Binomial(tokens,
+    top_k / experts). Mixtral's experts at 512 tokens average 128 rows, one block; half of them spill into a second,
+    and the layer takes 1.5x its time at 384 tokens (RESULTS.md, thirteenth session)."""
+    from ..ops.fused_moe_triton import block_rows
+    if tokens <= 0:
+        return 0.0
+    block, p = block_rows(tokens, top_k, num_experts), min(1.0, top_k / num_experts)
+    if p >= 1.0:
+        return float(-(-tokens // block) * block)
+    mean, spread = tokens * p, math.sqrt(tokens * p * (1 - p))
+    low, high = max(0, int(mean - 10 * spread) - 1), min(tokens, int(mean + 10 * spread) + 2)
+    log_pmf = [math.lgamma(tokens + 1) - math.lgamma(n + 1) - math.lgamma(tokens - n + 1) + n * math.log(p)
+               + (tokens - n) * math.log1p(-p) for n in range(low, high + 1)]
+    return sum(math.exp(lp) * -(-n // block) * block for n, lp in zip(range(low, high + 1), log_pmf))
 
 
 def fanout(spec: ModelSpec, expert_nodes: int) -> float:
@@ -474,4 +495,5 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
             "ttft_ms_p50": (ttfts[len(ttfts) // 2] + waiting_us) / 1e3 if ttfts else 0.0,
             "tpot_ms_p50": tpots[len(tpots) // 2] / 1e3 if tpots else 0.0,
             "prefill_share": prefill_us / busy_us if busy_us else 0.0,
-            "mixed_step_share": mixed / steps if steps else 0.0, "gateway_bound": gateway_us >= finish > 0}
+            "mixed_step_share": mixed / steps if steps else 0.0, "gateway_bound": gateway_us >= finish > 0,
+            "steps": steps}

@@ -55,3 +55,25 @@ def test_experts_are_timed_over_copies_past_the_cache_as_served_layers_are(monke
     layer.bench_experts(mini, "mini", 2, "cpu", torch.float32, 1e10, 1e11, ("reference",), reps=8)
     assert len(set(used)) > 1
     assert layer._copies(64 * 2**20, "cpu") == 1
+
+
+def test_experts_rows_record_the_flops_the_triton_kernel_computes(monkeypatch):
+    """The Triton fused MoE computes every block of an expert's rows whole, padding included: bench layer records
+    those flops beside the routed ones (the planner's experts line is fitted over them), and the routed flops for
+    a backend without blocks."""
+    import torch
+
+    from expertmesh.bench import layer
+    from expertmesh.model.shapes import shape
+    from expertmesh.ops.fused_moe_triton import block_rows
+    seen = []
+    monkeypatch.setattr(layer, "fused_moe", lambda x, ids, weights, stacked, backend: seen.append(ids))
+    name, spec = shape("tiny")
+    rows = layer.bench_experts(spec, name, 40, "cpu", torch.float32, 1e10, 1e11, ("triton", "reference"), reps=2)
+    block = block_rows(40, spec.top_k, spec.num_experts)
+    counts = torch.bincount(seen[0].flatten().long(), minlength=spec.num_experts)
+    padded = int(((counts + block - 1) // block * block).sum())
+    per_row = 2 * 3 * spec.hidden_size * spec.expert_intermediate_size
+    triton, reference = rows
+    assert triton.kernel_flops == padded * per_row > triton.flops == 40 * spec.top_k * per_row
+    assert reference.kernel_flops == reference.flops
