@@ -333,9 +333,8 @@ def steps_per_node(moved: dict) -> dict[str, list[float]]:
 
 
 def main(url: str, workload: Workload, trace_path: str | None, json_path: str | None) -> int:
-    # uvloop, as the gateway's uvicorn: a client on asyncio's own loop took 28 us of CPU per streamed token against
-    # a stand-in server, 12-14 on uvloop (RESULTS.md, thirteenth session); at 43k tok/s one asyncio client was 93%
-    # busy on an H200's host, the bound of its row
+    # uvloop, as the gateway's uvicorn: a client on asyncio's own loop took 25-28 us of CPU per streamed token
+    # against a stand-in server, 13-14 on uvloop (benchmarks/client_cpu.py; RESULTS.md, thirteenth session)
     report = uvloop.run(run(url, workload, trace_path))
     print(report.table())
     if json_path:

@@ -247,7 +247,7 @@ def test_client_processes_are_checked():
 
 def test_the_client_runs_on_uvloop(monkeypatch):
     """bench serve's client streams every token through its event loop: on asyncio's own loop it took twice the
-    CPU per token and bounded a one-H200 row (RESULTS.md, thirteenth session)."""
+    CPU per token against a stand-in server (benchmarks/client_cpu.py)."""
     import uvloop
 
     from expertmesh.bench import serve
