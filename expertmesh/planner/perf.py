@@ -91,6 +91,7 @@ class Prediction:
     attention_memory: Memory
     expert_memory: Memory | None
     lanes: int = 1  # attention nodes each expert node serves apart: its busy time per microbatch is lanes x T_e
+    gateway_workers: int = 1  # gateway processes that stream tokens_per_s each below GATEWAY_BUSY (gateway_workers)
 
     @property
     def bound(self) -> str:
@@ -355,6 +356,25 @@ def step_parts(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: fl
     return t_a, t_e, t_c, step
 
 
+# The busiest a gateway process should run. In served rows on one H200 the TTFT p50 grew with the 4 gateways' load,
+# 25-35 ms at 75-90% busy and 50-57 ms at 91-99%, which the model, counting a gateway only as a bound, does not see
+# (RESULTS.md, thirteenth session): 70% leaves headroom.
+GATEWAY_BUSY = 0.7
+
+
+def gateway_workers(cal: Calibration, tokens_per_s: float, steps_per_s: float, attention_nodes: int) -> int:
+    """Gateway processes that stream tokens_per_s at most GATEWAY_BUSY busy each: cal's CPU per token, and per step
+    message (every attention node sends one to each gateway process each step). 1 where cal has not measured it."""
+    per_worker = GATEWAY_BUSY - steps_per_s * attention_nodes * cal.gateway_us_per_message / 1e6
+    need = tokens_per_s * cal.gateway_us_per_token / 1e6
+    if need <= 0:
+        return 1
+    if per_worker <= 0:
+        raise ValueError(f"a gateway process spends {cal.gateway_us_per_message:.0f} us on each of "
+                         f"{steps_per_s * attention_nodes:.0f} step messages a second: more than it has")
+    return max(1, math.ceil(need / per_worker))
+
+
 def predict(spec: ModelSpec, plan: Deployment, cal: Calibration, prompt_len: int, output_len: int,
             utilization: float = 0.9, max_batch_tokens: int = 2048) -> Prediction:
     """Steady state with every attention node holding batch_per_attention_node sequences at mid-output context; each
@@ -379,7 +399,8 @@ def predict(spec: ModelSpec, plan: Deployment, cal: Calibration, prompt_len: int
     background = served_host_us(costs, plan, cal, batch / m)[2:]
     return Prediction(t_a, t_e, t_c, layer_us(t_a, t_e, t_c, m, plan, background), step, prefill, tokens_per_s,
                       step + in_p99 * prefill, holds, attention_mem, expert_mem,
-                      1 if plan.colocated else plan.attention_nodes)
+                      1 if plan.colocated else plan.attention_nodes,
+                      gateway_workers(cal, tokens_per_s, 1e6 / step_with_prefills, plan.attention_nodes))
 
 
 def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[tuple[int, int]],

@@ -11,7 +11,7 @@ from ..kv.cache import CUDA_ACTIVATION_MARGIN
 from ..model.spec import ModelSpec
 from .calibration import Calibration
 from .gpus import GpuType
-from .perf import Deployment, ModelCosts, Prediction, predict
+from .perf import GATEWAY_BUSY, Deployment, ModelCosts, Prediction, predict
 
 MICROBATCHES = (1, 2, 3, 4)
 NODE_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
@@ -200,6 +200,8 @@ def format_plans(plans: list[Plan]) -> str:
             mem = p.expert_memory
             lines.append(f"   expert GPU: weights {mem.weights / gib:.1f} + buffers {mem.buffers / gib:.1f} = "
                          f"{mem.total / gib:.1f} of {mem.capacity / gib:.1f} GiB")
+        if p.gateway_workers > 1:
+            lines.append(f"   gateway: {p.gateway_workers} processes (at most {GATEWAY_BUSY:.0%} busy each)")
         lines.append(f"   why: {plan.why}")
     return "\n".join(lines)
 
@@ -223,6 +225,7 @@ def to_config(plan: Plan, model_path: str, gpus_per_host: int = 8, prompt_len: i
     config.cluster.expert_gpu_type = None if d.colocated else d.expert_gpu.name
     config.engine.microbatches, config.engine.max_num_seqs = d.microbatches, d.batch_per_attention_node
     config.engine.max_model_len = d.context_len
+    config.gateway.workers = plan.prediction.gateway_workers
     # a step holds the whole decode batch and the prompts joining it
     config.engine.max_batch_tokens = max(config.engine.max_batch_tokens, d.batch_per_attention_node + prompt_len)
     if not d.colocated:

@@ -195,6 +195,9 @@ def test_plan_out_writes_a_config_that_loads(tmp_path, capsys):
     assert config.model.path == "/models/qwen3" and config.model.device == "cuda"
     assert config.cluster.attention_gpu_type in ("H200", "H20") and config.engine.max_num_seqs >= 1
     assert config.engine.max_model_len == 768
+    best = printed.split("#2 ")[0]  # the plan written
+    workers = int(best.split("gateway: ")[1].split()[0]) if "gateway: " in best else 1
+    assert config.gateway.workers == workers > 1  # tens of thousands of tok/s: more than one gateway process
     mini = tmp_path / "mini.json"  # the default model's own path is written too
     assert main(["plan", "--model", "models/expertmesh-mini", "--gpu-offer", "L40S:1", "--tpot-p99-ms", "50",
                  "--prompt-len", "64", "--output-len", "64", "--out", str(mini)]) == 0
@@ -258,3 +261,19 @@ def test_launch_refuses_a_planned_gpu_type_before_starting_anything(tmp_path):
         cluster.start()
     assert cluster.children == []
 
+
+
+def test_gateway_processes_are_sized_for_the_predicted_stream():
+    """Enough gateway processes that none is over GATEWAY_BUSY: CPU per token and per step message (one from each
+    attention node each step) from the calibration; one where it measured none; a clear error where the step
+    messages alone would fill a process."""
+    from expertmesh.planner.perf import GATEWAY_BUSY, gateway_workers
+    cal = dataclasses.replace(calibration.H200, gateway_us_per_token=100.0, gateway_us_per_message=0.0)
+    assert gateway_workers(cal, GATEWAY_BUSY * 1e4, 40, 1) == 1
+    assert gateway_workers(cal, GATEWAY_BUSY * 1e4 + 1, 40, 1) == 2
+    assert gateway_workers(cal, 58594, 40, 8) == math.ceil(5.8594 / GATEWAY_BUSY)
+    with_messages = dataclasses.replace(cal, gateway_us_per_message=250.0)  # 8 nodes x 40 steps: 8% of a process
+    assert gateway_workers(with_messages, 58594, 40, 8) == math.ceil(5.8594 / (GATEWAY_BUSY - 0.08))
+    assert gateway_workers(dataclasses.replace(cal, gateway_us_per_token=0.0), 1e6, 40, 1) == 1
+    with pytest.raises(ValueError, match="step messages"):
+        gateway_workers(with_messages, 1e4, 400, 8)
