@@ -422,7 +422,9 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
     eagerly whole: attention_node/model_runner.py). Where the calibration measured the gateway's CPU per streamed
     token (and per step message: each step sends one to each gateway process with requests in it), the gateway is
     a serial stage: the run lasts at least that CPU over its gateway_workers processes, and the requests wait the
-    difference before their first token (Little's law over `concurrency`)."""
+    difference before their first token (Little's law over `concurrency`). With async scheduling a step is
+    scheduled while the one before it runs (attention_node/node.py's _engine), so a request joins the step after
+    next: a finished request's slot stays empty for a step more, and a first token comes a step later."""
     costs = ModelCosts(spec, plan.dtype_bytes)
     nodes = plan.attention_nodes
     if node_shares is None:
@@ -439,7 +441,7 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
         queue = list(node_jobs)
         freed = [0.0] * min(node_slots, plan.batch_per_attention_node)  # when each free slot was freed: arrivals
         running: list[list] = []  # [prompt, prompt tokens fed, outputs left, outputs made, arrival, first token]
-        now, held = 0.0, 0
+        now, held, last_step = 0.0, 0, 0.0
         while queue or running:
             decoding = [r for r in running if r[1] == r[0]]
             budget, chunks = max_batch_tokens - len(decoding), []  # chunks: (sequence, tokens fed this step)
@@ -453,7 +455,11 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
                 held += 1  # as the scheduler's _hold_admissions
             else:
                 held = 0
-            while queue and freed and budget > 0 and not held:
+            # the requests that had arrived when this step was scheduled (async: as the step before it started)
+            scheduled = now - last_step if plan.async_scheduling else now
+            if not running and queue and freed and freed[0] > scheduled:
+                now = scheduled = max(now, freed[0])  # an idle node schedules as a request arrives
+            while queue and freed and freed[0] <= scheduled and budget > 0 and not held:
                 prompt, out = queue.pop(0)
                 running.append([prompt, 0, out, 0, freed.pop(0), 0.0])
                 chunks.append((running[-1], min(prompt, budget)))
@@ -490,6 +496,7 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
                 if not plan.colocated:  # at least its layers' launches, one by one
                     step = max(step, costs.moe_layers * cal.eager_layer_us)
             now += step
+            last_step = step
             steps += 1
             busy_us += step
             for r, n in chunks:

@@ -236,6 +236,20 @@ def test_closed_loop_steps_a_finite_run_as_counted_by_hand():
     assert result["tpot_ms_p50"] == pytest.approx(1.0, rel=1e-6) and result["ttft_ms_p50"] == pytest.approx(1.0)
 
 
+def test_async_scheduling_admits_a_request_the_step_after_next():
+    """1 ms steps, 2 in flight, outputs of 2, 5 and 4 tokens. Synchronously, the third request takes the slot the
+    first freed at 2 ms in the next step: 6 steps. With async scheduling that step was scheduled while the one
+    before it ran, so it joins a step later: 7 steps, for the same 11 tokens."""
+    free = calibration.Linear(0.0, 0.0, 0.0)
+    cal = calibration.Calibration("test", 1.0, 1.0, None, None, free, free, free, False, None, step_overhead_us=1000.0)
+    instant = dataclasses.replace(H200, hbm_tb_s=1e12, bf16_tflops=1e12)
+    jobs = [(10, 2), (10, 5), (10, 4)]
+    for async_scheduling, steps in ((False, 6), (True, 7)):
+        plan = Deployment(instant, None, 1, 0, 1, 8, 64, async_scheduling=async_scheduling)
+        result = closed_loop(shape("mixtral")[1], plan, cal, jobs, concurrency=2)
+        assert result["steps"] == steps and result["tokens_per_s"] == pytest.approx(11 / steps * 1e3, rel=1e-6)
+
+
 @pytest.mark.parametrize("name, expert_nodes", [("qwen3", 4), ("mixtral", 2), ("deepseek_v3", 8)])
 def test_fanout_is_the_simulators_on_a_uniform_trace(name, expert_nodes):
     """The planner's messages per token are what `simulate` replays (contiguous placement, routing without skew)."""
