@@ -1,13 +1,21 @@
 """The gateway's /metrics, through prometheus-client: its own counters and the latency histograms a vLLM user looks
 for (time to first token, time per output token, end to end, queue time), and every node's status as of its last
-poll."""
+poll. Several gateway processes on one port (gateway.workers) share their counters and histograms through
+prometheus-client's multiprocess mode: the launcher gives them one PROMETHEUS_MULTIPROC_DIR, and whichever process
+answers a scrape reports the sums of all (each process alone reported its own share, a different one at each
+scrape). The semantic router's decision counters stay per process."""
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's: where each process keeps its values
 
 from .nodes import AttentionNodeClient, NodeLink
 
@@ -18,7 +26,21 @@ _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.7
                  40.0, 80.0)
 _TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
                  80.0)
+_REQUESTS_HELP, _PROMPT_HELP = "Requests by outcome", "Prompt tokens admitted"
+_GENERATION_HELP, _IN_FLIGHT_HELP = "Tokens generated", "Requests admitted, not finished"
 _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0)
+
+
+class _SharedCounts(Counter):
+    """requests by outcome that also adds each increment to a prometheus-client counter shared between processes."""
+
+    def __init__(self, shared: PromCounter) -> None:
+        super().__init__()
+        self.shared = shared
+
+    def __setitem__(self, key, value) -> None:
+        self.shared.labels(key).inc(value - self[key])
+        super().__setitem__(key, value)
 
 
 @dataclass
@@ -30,20 +52,43 @@ class GatewayMetrics:
     in_flight_tokens: int = 0  # prompt tokens of the requests in flight
 
     def __post_init__(self) -> None:
-        self.registry = CollectorRegistry()  # one per gateway (tests run several in a process)
+        # one registry per gateway (tests run several in a process); with several processes, their shared values
+        # (one file per process in MULTIPROCESS_DIR), summed at each scrape
+        self.multiprocess_dir = os.environ.get(MULTIPROCESS_DIR)
+        self.registry = CollectorRegistry()
+        own = None if self.multiprocess_dir else self.registry  # shared values are collected from their files
         self.ttft = Histogram("expertmesh_time_to_first_token_seconds", "Time from arrival to the first token",
-                              buckets=_TTFT_BUCKETS, registry=self.registry)
+                              buckets=_TTFT_BUCKETS, registry=own)
         self.tpot = Histogram("expertmesh_time_per_output_token_seconds", "Time between output tokens after the first",
-                              buckets=_TPOT_BUCKETS, registry=self.registry)
+                              buckets=_TPOT_BUCKETS, registry=own)
         self.e2e = Histogram("expertmesh_e2e_request_latency_seconds", "Time from arrival to the last token",
-                             buckets=_E2E_BUCKETS, registry=self.registry)
+                             buckets=_E2E_BUCKETS, registry=own)
         # vLLM's request_queue_time: measured by the attention node, the part of TTFT spent waiting for a batch
         # slot, token budget or KV blocks (so TTFT's buckets)
         self.queue_time = Histogram("expertmesh_request_queue_time_seconds", "Time a request waited at its "
                                     "attention node, from its arrival there to its first step",
-                                    buckets=_TTFT_BUCKETS, registry=self.registry)
+                                    buckets=_TTFT_BUCKETS, registry=own)
+        self._shared = None
+        if self.multiprocess_dir:
+            self.requests = _SharedCounts(PromCounter("expertmesh_requests", _REQUESTS_HELP, ["outcome"],
+                                                      registry=None))
+            self._shared = {"prompt_tokens": PromCounter("expertmesh_prompt_tokens", _PROMPT_HELP, registry=None),
+                            "generation_tokens": PromCounter("expertmesh_generation_tokens", _GENERATION_HELP,
+                                                             registry=None),
+                            "in_flight": Gauge("expertmesh_requests_in_flight", _IN_FLIGHT_HELP, registry=None,
+                                               multiprocess_mode="livesum")}
+            MultiProcessCollector(self.registry, path=self.multiprocess_dir)
         self._sources: tuple = ([], [], None)
         self.registry.register(_Snapshot(self))
+
+    def __setattr__(self, name: str, value) -> None:
+        shared = self.__dict__.get("_shared")
+        if shared and name in shared:  # mirrored into the value shared between the gateway processes
+            if name == "in_flight":
+                shared[name].set(value)
+            else:
+                shared[name].inc(value - self.__dict__[name])
+        super().__setattr__(name, value)
 
     def observe(self, first_token_s: float | None, done_s: float, output_tokens: int) -> None:
         """A finished request's latencies, in seconds since it arrived."""
@@ -68,13 +113,14 @@ class _Snapshot:
     def collect(self):
         m = self.metrics
         nodes, expert_nodes, routing = m._sources
-        requests = CounterMetricFamily("expertmesh_requests", "Requests by outcome", labels=["outcome"])
-        for outcome in ("completed", "failed", "rejected", "aborted", "timed_out"):
-            requests.add_metric([outcome], m.requests[outcome])
-        yield requests
-        yield CounterMetricFamily("expertmesh_prompt_tokens", "Prompt tokens admitted", value=m.prompt_tokens)
-        yield CounterMetricFamily("expertmesh_generation_tokens", "Tokens generated", value=m.generation_tokens)
-        yield GaugeMetricFamily("expertmesh_requests_in_flight", "Requests admitted, not finished", value=m.in_flight)
+        if not m.multiprocess_dir:  # else the processes' shared values (MultiProcessCollector)
+            requests = CounterMetricFamily("expertmesh_requests", _REQUESTS_HELP, labels=["outcome"])
+            for outcome in ("completed", "failed", "rejected", "aborted", "timed_out"):
+                requests.add_metric([outcome], m.requests[outcome])
+            yield requests
+            yield CounterMetricFamily("expertmesh_prompt_tokens", _PROMPT_HELP, value=m.prompt_tokens)
+            yield CounterMetricFamily("expertmesh_generation_tokens", _GENERATION_HELP, value=m.generation_tokens)
+            yield GaugeMetricFamily("expertmesh_requests_in_flight", _IN_FLIGHT_HELP, value=m.in_flight)
         per_node = [  # (name, kind, help, value of a status)
             ("expertmesh_node_ready", GaugeMetricFamily, "Whether the node answers and is ready", None),
             ("expertmesh_queue_depth", GaugeMetricFamily, "Sequences waiting", lambda s: s.waiting),

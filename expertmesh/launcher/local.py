@@ -5,8 +5,10 @@ dies is restarted (same role, index, ports) by the policy of launcher/supervisio
 with a non-zero exit that names the child when it cannot mend it."""
 from __future__ import annotations
 
-import secrets
 import dataclasses
+import os
+import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,7 @@ class Child:
     command: list[str]
     deaths: list[float] = dataclasses.field(default_factory=list)  # monotonic times, the recent ones
     restart_at: float | None = None  # when a restart is due
+    env: dict[str, str] | None = None  # its environment, where it differs from the launcher's
 
     def exit_code(self) -> int | None:
         return self.process.poll()
@@ -40,7 +43,11 @@ class Child:
         return f"pid {self.process.pid}"
 
     def restart(self) -> None:
-        self.process = subprocess.Popen(self.command, preexec_fn=die_with_parent)
+        shared = (self.env or {}).get("PROMETHEUS_MULTIPROC_DIR")
+        if shared:  # a dead gateway's in-flight requests no longer count (its counters still do)
+            from prometheus_client.multiprocess import mark_process_dead
+            mark_process_dead(self.process.pid, shared)
+        self.process = subprocess.Popen(self.command, preexec_fn=die_with_parent, env=self.env)
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -84,12 +91,19 @@ class LocalCluster:
         roles = [("expert node", "expertmesh.expert_node", cluster.expert_nodes),
                  ("attention node", "expertmesh.attention_node", cluster.attention_nodes),
                  ("gateway", "expertmesh.gateway", self.config.gateway.workers)]
+        gateway_env = None
+        if self.config.gateway.workers > 1:  # their counters and histograms shared (gateway/metrics.py), from zero
+            shared = self.run_dir / "gateway_metrics"
+            shutil.rmtree(shared, ignore_errors=True)
+            shared.mkdir()
+            gateway_env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(shared)}  # prometheus-client's
         for name, module, count in roles:
             for index in range(count):
                 command = [sys.executable, "-m", module, "--config", str(config_path), "--index", str(index)]
-                process = subprocess.Popen(command, preexec_fn=die_with_parent)
+                env = gateway_env if module == "expertmesh.gateway" else None
+                process = subprocess.Popen(command, preexec_fn=die_with_parent, env=env)
                 self.children.append(Child(f"{name} {index}" if index or name != "gateway" else name, process,
-                                           command))
+                                           command, env=env))
 
     def notes(self) -> list[str]:
         """What the operator should know about this layout before it runs."""

@@ -146,7 +146,8 @@ def cpu_seconds(pid: int) -> float:
 
 def test_gateway_workers_share_the_port_and_each_serves(mixtral_dir):
     """--gateway-workers 2: two gateway processes on one port (SO_REUSEPORT). Requests on new connections spread
-    over both (each spends a fair share of the gateways' CPU on them), and every one gets the same greedy text."""
+    over both (each spends a fair share of the gateways' CPU on them), and every one gets the same greedy text.
+    /metrics counts every request whichever process answers it: each process alone counted its own share."""
     cluster = Cluster(mixtral_dir, attention_nodes=1, expert_nodes=0, extra=["--gateway-workers", "2"]).wait_ready()
     try:
         gateways = [role_pid(cluster.process.pid, "expertmesh.gateway", index) for index in range(2)]
@@ -158,5 +159,11 @@ def test_gateway_workers_share_the_port_and_each_serves(mixtral_dir):
         spent = [cpu_seconds(pid) - start for pid, start in zip(gateways, before)]
         assert len(set(texts)) == 1 and texts[0]
         assert min(spent) >= 0.2 * sum(spent), spent
+        for _ in range(6):  # scrapes on new connections: both processes answer some
+            text = httpx.get(f"{cluster.url}/metrics", timeout=10).text
+            assert prometheus.value(text, "expertmesh_requests_total", outcome="completed") == 32
+            assert prometheus.value(text, "expertmesh_time_to_first_token_seconds_count") == 32
+            assert prometheus.value(text, "expertmesh_generation_tokens_total") == 32 * 8
+            assert prometheus.value(text, "expertmesh_requests_in_flight") == 0
     finally:
         cluster.stop()
