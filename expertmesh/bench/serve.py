@@ -70,6 +70,11 @@ class Report:
     tokens_per_node: dict[str, float] = field(default_factory=dict)  # attention node "a0" -> the tokens it generated
     steps_per_node: dict[str, list[float]] = field(default_factory=dict)  # "a0" -> [steps, those run eagerly]
     client_processes: int = 1  # processes the client ran in (client_cpu_s adds theirs up)
+    # where the client's TTFT went, means over the run from the gateways' histograms (all gateway processes): from
+    # a request's arrival at a gateway to its first token there, and the part it waited at its attention node
+    # before its first step (the rest of TTFT: the client, the gateway and the steps until the first token)
+    gateway_ttft_ms: float | None = None
+    node_queue_ms: float | None = None
 
     def table(self) -> str:
         rows = [("requests (failed)", f"{self.requests} ({self.failed})"), ("duration", f"{self.duration_s:.2f} s"),
@@ -84,6 +89,9 @@ class Report:
                  for node, value in sorted(self.tokens_per_node.items())]
         rows += [(f"steps {node}", f"{steps:.0f} ({eager / max(1, steps):.0%} eager)")
                  for node, (steps, eager) in sorted(self.steps_per_node.items())]
+        if self.gateway_ttft_ms is not None:
+            rows.append(("TTFT mean: client / gateway / node queue", f"{self.ttft_ms['mean']:.1f} / "
+                         f"{self.gateway_ttft_ms:.1f} / {self.node_queue_ms or 0.0:.1f} ms"))
         if self.duration_s > 0:
             share = self.client_cpu_s / self.duration_s / self.client_processes  # each process: one core at most
             rows.append(("client CPU", f"{share:.0%} of the run"
@@ -176,7 +184,9 @@ async def run(url: str, workload: Workload, trace_path: str | None = None, progr
                   client_cpu_s=client_cpu_s,
                   tokens_per_node={f"a{a}": value for (a,), value in prometheus.by_label(
                       moved, "expertmesh_node_generation_tokens_total", "attention_node").items()},
-                  steps_per_node=steps_per_node(moved), client_processes=max(1, processes))
+                  steps_per_node=steps_per_node(moved), client_processes=max(1, processes),
+                  gateway_ttft_ms=histogram_mean_ms(moved, "expertmesh_time_to_first_token_seconds"),
+                  node_queue_ms=histogram_mean_ms(moved, "expertmesh_request_queue_time_seconds"))
 
 
 async def _send(url: str, jobs: list, arrivals: list[float], concurrency: int, on_done) -> list[RequestResult]:
@@ -323,6 +333,12 @@ async def _send_in_processes(url: str, workload: Workload, jobs: list, arrivals:
             conn.close()
     results = dict(pair for share, _ in shares.values() for pair in share)
     return [results[i] for i in range(len(jobs))], duration, client_cpu_s
+
+
+def histogram_mean_ms(moved: dict, name: str) -> float | None:
+    """The mean of a histogram's observations in the run (its _sum and _count moved), in ms; None without any."""
+    count = moved.get((f"{name}_count", ()), 0.0)
+    return moved.get((f"{name}_sum", ()), 0.0) / count * 1e3 if count > 0 else None
 
 
 def steps_per_node(moved: dict) -> dict[str, list[float]]:

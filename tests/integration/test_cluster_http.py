@@ -244,3 +244,5 @@ def test_bench_serve_counts_every_streamed_token_of_a_real_gateway(served):
     # each attention node's share, from its own counter: every token, both nodes used
     assert sum(report.tokens_per_node.values()) == 24 * 7 and set(report.tokens_per_node) == {"a0", "a1"}
     assert min(report.tokens_per_node.values()) > 0
+    # TTFT split: the gateway's part of the client's, and the nodes' queue within the gateway's
+    assert 0 <= report.node_queue_ms <= report.gateway_ttft_ms <= report.ttft_ms["mean"]

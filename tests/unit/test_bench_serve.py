@@ -261,3 +261,18 @@ def test_the_client_runs_on_uvloop(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         serve.main("http://127.0.0.1:1", Workload(), None, None)
     assert loops == [uvloop.Loop]
+
+
+def test_ttft_is_split_by_the_gateways_histograms():
+    """The mean TTFT at the gateways and the mean wait at the nodes over the run, from the histograms' sums and
+    counts moved between the scrapes before and after it; none where nothing was observed."""
+    from expertmesh.bench import prometheus
+    from expertmesh.bench.serve import histogram_mean_ms
+    before = prometheus.parse("expertmesh_time_to_first_token_seconds_sum 1.0\n"
+                              "expertmesh_time_to_first_token_seconds_count 10\n")
+    after = prometheus.parse("expertmesh_time_to_first_token_seconds_sum 1.6\n"
+                             "expertmesh_time_to_first_token_seconds_count 30\n"
+                             "expertmesh_request_queue_time_seconds_count 0\n")
+    moved = prometheus.delta(after, before)
+    assert histogram_mean_ms(moved, "expertmesh_time_to_first_token_seconds") == pytest.approx(30.0)
+    assert histogram_mean_ms(moved, "expertmesh_request_queue_time_seconds") is None
