@@ -112,7 +112,10 @@ def main() -> int:
         total = max(1.0, sum(report.tokens_per_node.values()))
         split = ", ".join(f"{node} {value / total:.0%}" for node, value in sorted(report.tokens_per_node.items()))
         print(f"m={m}: {report.output_tokens_per_s:8.1f} tok/s  TPOT p50 {report.tpot_ms['p50']:7.2f} p99 "
-              f"{report.tpot_ms['p99']:7.2f} ms  TTFT p50 {report.ttft_ms['p50']:7.1f} ms  failed {report.failed}  "
+              f"{report.tpot_ms['p99']:7.2f} ms  TTFT p50 {report.ttft_ms['p50']:7.1f} ms"
+              + (f" (mean {report.ttft_ms['mean']:.1f}: gateways {report.gateway_ttft_ms:.1f}, node queue "
+                 f"{report.node_queue_ms or 0.0:.1f})" if report.gateway_ttft_ms is not None else "")
+              + f"  failed {report.failed}  "
               f"host idle: {idle}" + (f"  GPU busy: {busy}" if busy else "")
               + f"  client CPU {report.client_cpu_s / max(report.duration_s, 1e-9) / report.client_processes:.0%}"
               + (f" per process ({report.client_processes})" if report.client_processes > 1 else "")
