@@ -68,7 +68,6 @@ class GatewayMetrics:
         self.queue_time = Histogram("expertmesh_request_queue_time_seconds", "Time a request waited at its "
                                     "attention node, from its arrival there to its first step",
                                     buckets=_TTFT_BUCKETS, registry=own)
-        self._shared = None
         if self.multiprocess_dir:
             self.requests = _SharedCounts(PromCounter("expertmesh_requests", _REQUESTS_HELP, ["outcome"],
                                                       registry=None))
@@ -78,17 +77,9 @@ class GatewayMetrics:
                             "in_flight": Gauge("expertmesh_requests_in_flight", _IN_FLIGHT_HELP, registry=None,
                                                multiprocess_mode="livesum")}
             MultiProcessCollector(self.registry, path=self.multiprocess_dir)
+            self.__class__ = _SharedGatewayMetrics  # one process alone keeps plain attributes on its token path
         self._sources: tuple = ([], [], None)
         self.registry.register(_Snapshot(self))
-
-    def __setattr__(self, name: str, value) -> None:
-        shared = self.__dict__.get("_shared")
-        if shared and name in shared:  # mirrored into the value shared between the gateway processes
-            if name == "in_flight":
-                shared[name].set(value)
-            else:
-                shared[name].inc(value - self.__dict__[name])
-        super().__setattr__(name, value)
 
     def observe(self, first_token_s: float | None, done_s: float, output_tokens: int) -> None:
         """A finished request's latencies, in seconds since it arrived."""
@@ -102,6 +93,19 @@ class GatewayMetrics:
     def render(self, nodes: list[AttentionNodeClient], expert_nodes: list[NodeLink], routing=None) -> bytes:
         self._sources = (nodes, expert_nodes, routing)
         return generate_latest(self.registry)
+
+
+class _SharedGatewayMetrics(GatewayMetrics):
+    """GatewayMetrics whose counts and in-flight gauge are mirrored into the values the gateway processes share."""
+
+    def __setattr__(self, name: str, value) -> None:
+        shared = self._shared
+        if name in shared:
+            if name == "in_flight":
+                shared[name].set(value)
+            else:
+                shared[name].inc(value - self.__dict__[name])
+        super().__setattr__(name, value)
 
 
 class _Snapshot:

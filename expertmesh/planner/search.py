@@ -225,7 +225,8 @@ def to_config(plan: Plan, model_path: str, gpus_per_host: int = 8, prompt_len: i
     config.cluster.expert_gpu_type = None if d.colocated else d.expert_gpu.name
     config.engine.microbatches, config.engine.max_num_seqs = d.microbatches, d.batch_per_attention_node
     config.engine.max_model_len = d.context_len
-    config.gateway.workers = plan.prediction.gateway_workers
+    if d.gpus <= gpus_per_host:  # across hosts the Ray launcher runs one gateway process (format_plans says the need)
+        config.gateway.workers = plan.prediction.gateway_workers
     # a step holds the whole decode batch and the prompts joining it
     config.engine.max_batch_tokens = max(config.engine.max_batch_tokens, d.batch_per_attention_node + prompt_len)
     if not d.colocated:
