@@ -113,8 +113,10 @@ REQUEST_TIMEOUT_S = 600.0
 
 
 async def one_request(url: str, prompt: list[int], max_tokens: int) -> RequestResult:
+    # include_usage: a chunk may carry several tokens (a gateway behind its nodes merges what queued up), so the
+    # count is the last event's usage, not the events
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-                       "stream": True}).encode()
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
     start = time.perf_counter()
     first, tokens = None, 0
     try:
@@ -129,10 +131,13 @@ async def one_request(url: str, prompt: list[int], max_tokens: int) -> RequestRe
                 for event in events:
                     if event.startswith(b'data: {"error"'):
                         return RequestResult(len(prompt), tokens, 0.0, 0.0, json.loads(event[6:])["error"]["message"])
-                    if event.startswith(b"data: {"):  # one event per generated token; not [DONE]
-                        tokens += 1
-                        if first is None:
-                            first = time.perf_counter() - start
+                    if event.startswith(b"data: {"):  # not [DONE]
+                        if b'"choices": []' in event or b'"choices":[]' in event:  # the usage, last
+                            tokens = json.loads(event[6:])["usage"]["completion_tokens"]
+                        else:
+                            tokens += 1  # at least one token: what a stream that ends without usage reports
+                            if first is None:
+                                first = time.perf_counter() - start
     except HTTPError as exc:
         return RequestResult(len(prompt), tokens, 0.0, 0.0, str(exc))
     except TimeoutError:

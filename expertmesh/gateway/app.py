@@ -359,31 +359,48 @@ def create_app(served: ServedModel) -> FastAPI:
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(queue.get(), deadline.left() if deadline is not None else None)
+                    events = [await (queue.get() if deadline is None else
+                                     asyncio.wait_for(queue.get(), deadline.left()))]
                 except TimeoutError:  # the finally aborts the sequence at its node
                     outcome = "timed_out"
                     raise DeadlineExceeded(deadline.message(f"after {generated} generated tokens")) from None
-                if event.finish_reason == "error":
-                    outcome = "failed"
-                    raise RuntimeError(f"generation failed: {event.error}")
-                tokens = [event.token_id] if event.token_id >= 0 else []
+                # Tokens that came while this stream waited for the event loop go out in one chunk: one write to the
+                # client, not one a token, so a gateway behind its nodes catches up instead of falling further
+                # behind (RESULTS.md, fourteenth session; vLLM's output collector merges the same way).
+                while events[-1].finish_reason is None and not queue.empty():
+                    events.append(queue.get_nowait())
+                text, tokens, logprobs, reason, failure = [], [], [], None, None
+                for event in events:  # one by one through the text stream: a stop string ends it where it would
+                    if event.finish_reason == "error":
+                        failure = event.error
+                        break
+                    token = [event.token_id] if event.token_id >= 0 else []
+                    if token and first_token_s is None:
+                        first_token_s = time.monotonic() - arrived
+                    if event.queue_s is not None:
+                        served.metrics.queue_time.observe(event.queue_s)
+                    # an EOS or stop_token_ids token that ended it at the node keeps its id and logprob but adds no
+                    # text (vLLM)
+                    delta = stream.push([] if event.finish_reason == "stop" else token,
+                                        final=event.finish_reason is not None)
+                    text.append(delta.text)
+                    tokens += token
+                    if token and event.logprobs:
+                        logprobs.append(event.logprobs)
+                    reason = "stop" if delta.stopped else event.finish_reason
+                    if reason is not None:
+                        break
                 served.metrics.generation_tokens += len(tokens)
                 generated += len(tokens)
-                if tokens and first_token_s is None:
-                    first_token_s = time.monotonic() - arrived
-                if event.queue_s is not None:
-                    served.metrics.queue_time.observe(event.queue_s)
-                # an EOS or stop_token_ids token that ended it at the node keeps its id and logprob but adds no text (vLLM)
-                delta = stream.push([] if event.finish_reason == "stop" else tokens, final=event.finish_reason is not None)
-                logprobs = [event.logprobs] if tokens and event.logprobs else None
-                if delta.stopped:
+                if failure is not None:
+                    if tokens:  # what came before the error, as it came
+                        yield Chunk("".join(text), tokens, None, logprobs or None, events[0].prompt_logprobs)
+                    outcome = "failed"
+                    raise RuntimeError(f"generation failed: {failure}")
+                if reason is not None:
                     outcome = "completed"
-                    yield Chunk(delta.text, tokens, "stop", logprobs, event.prompt_logprobs)
-                    return
-                if event.finish_reason is not None:
-                    outcome = "completed"
-                yield Chunk(delta.text, tokens, event.finish_reason, logprobs, event.prompt_logprobs)
-                if event.finish_reason is not None:
+                yield Chunk("".join(text), tokens, reason, logprobs or None, events[0].prompt_logprobs)
+                if reason is not None:
                     return
         finally:
             served.metrics.in_flight -= 1
@@ -397,16 +414,18 @@ def create_app(served: ServedModel) -> FastAPI:
                   options: StreamOptions | None, chat: bool) -> AsyncIterator[str]:
         head = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": served.name}
+        opening = "data: " + json.dumps(head)[:-1] + ', "choices": ['  # each chunk's, encoded once
         # OpenAI's stream_options.include_usage: a null usage on every chunk, the total on a last one with no choices
         include_usage = options is not None and options.include_usage
         continuous = include_usage and options.continuous_usage_stats  # vLLM's: each chunk its choice's so far
         try:
             async for index, chunk in choices.interleave(streams):
                 choice = drawn[index]
-                payload = {**head, "choices": [choice.stream_delta(chunk)]}
+                delta = json.dumps(choice.stream_delta(chunk))
                 if include_usage:
-                    payload["usage"] = choice.usage() if continuous else None
-                yield f"data: {json.dumps(payload)}\n\n"
+                    yield f'{opening}{delta}], "usage": {json.dumps(choice.usage() if continuous else None)}}}\n\n'
+                else:
+                    yield f"{opening}{delta}]}}\n\n"
             if include_usage:
                 yield f"data: {json.dumps({**head, 'choices': [], 'usage': total_usage(prompts, drawn)})}\n\n"
         except RuntimeError as exc:

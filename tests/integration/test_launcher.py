@@ -27,6 +27,13 @@ def role_pid(launcher_pid: int, module: str, index: int) -> int:
     raise LookupError(f"no {module} {index} under {launcher_pid}")
 
 
+def pid_of(launcher_pid: int, module: str, index: int) -> int | None:
+    try:
+        return role_pid(launcher_pid, module, index)
+    except (LookupError, OSError):  # not (yet) there, or gone while read
+        return None
+
+
 def test_sigterm_stops_every_child(mixtral_dir):
     cluster = Cluster(mixtral_dir, attention_nodes=2, expert_nodes=2).wait_ready()
     children = child_pids(cluster.process.pid)
@@ -145,9 +152,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 def test_gateway_workers_share_the_port_and_each_serves(mixtral_dir):
-    """--gateway-workers 2: two gateway processes on one port (SO_REUSEPORT). Requests on new connections spread
-    over both (each spends a fair share of the gateways' CPU on them), and every one gets the same greedy text.
-    /metrics counts every request whichever process answers it: each process alone counted its own share."""
+    """--gateway-workers 2: two gateway processes accepting from the launcher's one listening socket. Requests on
+    new connections spread over both (each spends a fair share of the gateways' CPU on them), and every one gets the
+    same greedy text. /metrics counts every request whichever process answers it: each process alone counted its
+    own share. A gateway process killed is restarted on the same socket and answers again."""
     cluster = Cluster(mixtral_dir, attention_nodes=1, expert_nodes=0, extra=["--gateway-workers", "2"]).wait_ready()
     try:
         gateways = [role_pid(cluster.process.pid, "expertmesh.gateway", index) for index in range(2)]
@@ -172,5 +180,14 @@ def test_gateway_workers_share_the_port_and_each_serves(mixtral_dir):
             assert prometheus.value(text, "expertmesh_time_to_first_token_seconds_count") == 136
             assert prometheus.value(text, "expertmesh_generation_tokens_total") == 136 * 8
             assert prometheus.value(text, "expertmesh_requests_in_flight") == 0
+        os.kill(gateways[1], signal.SIGKILL)
+        wait_for(lambda: pid_of(cluster.process.pid, "expertmesh.gateway", 1) not in (None, gateways[1]), 30,
+                 "gateway 1's restart")
+
+        def worker_1_answers() -> bool:  # a new connection each time: the kernel hands it to one of the two
+            response = httpx.get(f"{cluster.url}/health", timeout=10)
+            return response.status_code == 200 and response.json().get("worker") == 1
+        wait_for(worker_1_answers, 30, "the restarted gateway 1 to accept from the inherited socket")
+        assert send(8) == texts[:8]
     finally:
         cluster.stop()
