@@ -125,6 +125,26 @@ def outside_graph_us(trace: dict, node: str = "attention node 0") -> float | Non
     return statistics.median(intervals[3:8]) - (max(s.end for s in step) - step[0].start)
 
 
+def mixed_attention_extra_us(trace: dict, node: str = "attention node 0") -> float | None:
+    """What a graphed step carrying prompts adds to each layer's attention segment: the median segment of the
+    one-microbatch graphs above the full decode batch's tokens, up to twice them (its decodes and a few prompt
+    chunks), less the full decode batch's median segment. Each graph's last replay; the last segment (final norm,
+    lm_head) left out."""
+    by_shape = {shape_of(step): step for step in replays(gpu_rows(trace).get(node, [])) if len(step) > 1}
+    decode = largest_decode(set(by_shape))
+    if decode is None or " + " in decode:
+        return None
+    tokens = int(decode.split()[1])
+
+    def segment_us(step: list[Span]) -> float:
+        last = max(segment_of(s) for s in step)
+        return statistics.median(s.duration for s in step if segment_of(s) < last)
+
+    mixed = [segment_us(step) for shape, step in by_shape.items()
+             if shape.startswith("prefill ") and " + " not in shape and tokens < int(shape.split()[1]) <= 2 * tokens]
+    return statistics.median(mixed) - segment_us(by_shape[decode]) if mixed else None
+
+
 def report(trace: dict) -> list[str]:
     rows = gpu_rows(trace)
     experts = [s for n, spans in rows.items() if n.startswith("expert node") for s in spans]
@@ -146,6 +166,10 @@ def report(trace: dict) -> list[str]:
             if outside is not None:
                 lines.append(f"  a served decode step outside its graph: {outside:.0f} us (the middle tenths' "
                              f"launch interval less the largest decode graph's replay)")
+            mixed = mixed_attention_extra_us(trace, node)
+            if mixed is not None:  # (then the launch interval above holds these steps too: they are most of them)
+                lines.append(f"  a graphed step with prompts: {mixed:+.0f} us a layer in its attention segments "
+                             f"over the largest decode graph's")
             lines.append(f"  below: the largest decode graph ({largest})")
         steps = [s for shape, s in shaped if largest is None or shape == largest]
         flat = lambda key: pooled(steps, key)  # noqa: E731

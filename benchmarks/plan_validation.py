@@ -405,7 +405,7 @@ GPU_ROWS = [
 # colocated; the code of the eleventh session's rows (block tables mirrored, routing claims). Call 1: one client
 # process (88% busy); call 2: four, which took CPU from the gateways (98% busy each); "long": 3.5k-token prompts,
 # 1024 output tokens; "70/30": the attention node on 70% of the SMs, the expert node on 30% (types: share_type)
-S12, S13 = "../session12/", "../session13/"
+S12, S13, S14 = "../session12/", "../session13/", "../session14/"
 ONE_GPU_ROWS = [
     ("one H200: Qwen3 c=256 1+1 m=1, session 12 call 1", S12 + "call1/serve_qwen3_c256_disagg_ipc.json", 0, False),
     ("one H200: Qwen3 c=256 1+1 m=2, session 12 call 1", S12 + "call1/serve_qwen3_c256_disagg_ipc.json", 1, False),
@@ -433,6 +433,20 @@ ONE_GPU_ROWS = [
      False),
     ("one H200: Mixtral c=256 colocated, session 13 call 3", S13 + "call3/serve/serve_mixtral_c256_colocated.json", 0,
      False),
+    # the fourteenth session's gateway: queued tokens merged into one chunk, one listening socket for all
+    ("one H200: Qwen3 c=256 1+1 m=1, session 14 call 1", S14 + "call1/serve/serve_qwen3_c256_disagg_ipc.json", 0,
+     False),
+    ("one H200: Qwen3 c=256 colocated, session 14 call 1", S14 + "call1/serve/serve_qwen3_c256_colocated.json", 0,
+     False),
+    ("one H200: Mixtral c=256 1+1 m=1, session 14 call 1", S14 + "call1/serve/serve_mixtral_c256_disagg_ipc.json", 0,
+     False),
+    ("one H200: Mixtral c=256 colocated, session 14 call 1", S14 + "call1/serve/serve_mixtral_c256_colocated.json", 0,
+     False),
+    # the same at 7 gateway processes (what `expertmesh plan` asks for 70% busy at most), one client process
+    ("one H200: Qwen3 c=256 1+1 m=1, 7 gateways, session 14 call 3", S14 + "call3/serve/serve_qwen3_c256_disagg_ipc.json",
+     0, False),
+    ("one H200: Qwen3 c=256 colocated, 7 gateways, session 14 call 3", S14 + "call3/serve/serve_qwen3_c256_colocated.json",
+     0, False),
 ]
 GPU_SERVE = HERE / "gpu_multi/serve"
 # The served calibrations: the warm rows whose both GPU meters worked (run 1's zeroed its counters at each replay)
@@ -450,11 +464,24 @@ PREFILL_OF_LONG = "--no-long-prefill" not in sys.argv[1:]
 # to that session's disaggregated rows, the code those traces ran (`--no-outside-graph`: left out)
 OUTSIDE_GRAPH_TRACES = ["../session11/call2/serve_qwen3_p8192_c256_disagg_ipc.trace.m1.json.gz",
                         "../session11/call2/serve_qwen3_p8192_c256_disagg_ipc.trace.m2.json.gz"]
-OUTSIDE_GRAPH_ROWS = ("../session11/", "../session12/", "../session13/")  # the code those traces ran, and after
+OUTSIDE_GRAPH_ROWS = ("../session11/", "../session12/", "../session13/", "../session14/")  # the code those traces ran, and after
 OUTSIDE_GRAPH = "--no-outside-graph" not in sys.argv[1:]
+# what a graphed step with short prompts adds to each layer's attention (gpu_timeline.mixed_attention_extra_us), per
+# model, from a traced 1+1 short row of the fourteenth session (not a row of the table): applied to every current
+# row (their steps with prompts replay graphs; the long rows' prompts take the prefill line instead, perf.closed_loop)
+MIXED_TRACES = {"/tmp/qwen3": "../session14/call4/tr/serve_qwen3_c256_disagg_ipc.trace.json.gz",
+                "/tmp/mixtral": "../session14/call4/tr/serve_mixtral_c256_disagg_ipc.trace.json.gz"}
+MIXED = "--no-mixed-attention" not in sys.argv[1:]
 # the rows served by the code the model describes now (the host's block tables mirrored, the gateway's routing
 # claims: eleventh session on); older rows ran host paths since replaced (eager prefill, the httpx client, ...)
 CURRENT_ROWS = OUTSIDE_GRAPH_ROWS
+
+
+def mixed_attention_extra_us() -> dict[str, float]:
+    """Per model, MIXED_TRACES' extra attention per layer of a graphed step with prompts."""
+    import gpu_timeline  # benchmarks/, this script's folder
+    return {model: gpu_timeline.mixed_attention_extra_us(gpu_timeline.read_trace(GPU_SERVE / trace))
+            for model, trace in MIXED_TRACES.items()}
 
 
 def outside_graph_us() -> float:
@@ -545,6 +572,9 @@ def gpu_main() -> int:
     outside = outside_graph_us()
     print(f"disaggregated decode step outside its graph: {outside:.0f} us ({', '.join(OUTSIDE_GRAPH_TRACES)})",
           file=sys.stderr)
+    mixed_extra = mixed_attention_extra_us()
+    print("a graphed step with prompts, attention per layer beyond its tokens as decodes: " + ", ".join(
+        f"{model} {us:+.0f} us" for model, us in mixed_extra.items()), file=sys.stderr)
     for model, p in phases.items():
         print(f"{model}: served T_a {p.attention_segment_us:.0f} us, T_e {p.expert_compute_us:.0f} us, host between "
               f"steps {p.step_host_us:.0f} us ({GPU_SERVED[model][0]} row {GPU_SERVED[model][1]})", file=sys.stderr)
@@ -578,8 +608,11 @@ def gpu_main() -> int:
         row_cal = cal
         if args["model"] in LONG_CONTEXT_OF and PREFILL_OF_LONG:
             row_cal, served_cal = (with_prefill_of(c, GPU_SERVE / LONG_PREFILL) for c in (cal, served_cal))
-        if name.startswith(OUTSIDE_GRAPH_ROWS) and not plan.colocated and OUTSIDE_GRAPH:
+        if name.startswith(OUTSIDE_GRAPH_ROWS) and OUTSIDE_GRAPH:
             row_cal, served_cal = (dataclasses.replace(c, step_outside_graph_us=outside) for c in (row_cal, served_cal))
+        if name.startswith(CURRENT_ROWS) and MIXED:
+            row_cal, served_cal = (dataclasses.replace(c, mixed_attention_extra_us=mixed_extra[model])
+                                   for c in (row_cal, served_cal))
         if one_gpu:  # both nodes on one GPU: the round between two processes on it (one-GPU lockstep bench)
             row_cal, served_cal = (dataclasses.replace(c, round=one_gpu_round, round_link_bytes_per_s=None)
                                    for c in (row_cal, served_cal))

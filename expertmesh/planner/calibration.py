@@ -75,6 +75,11 @@ class Calibration:
     # token copied back, the next inputs copied in): a served step's launch interval less its graph's replay, from
     # a GPU timeline (benchmarks/gpu_timeline.py); 0: not measured
     step_outside_graph_us: float = 0.0
+    # device time per MoE layer that a graphed step carrying prompt chunks adds to its attention part, over the same
+    # tokens as decodes: the prompts' causal attention, whose kernel time follows each prompt's length more than the
+    # step's tokens (64-128-token prompts beside 256 decodes: +45 us a layer for Qwen3-30B-A3B's shape, +112 for
+    # Mixtral's; gpu_timeline.mixed_attention_extra_us of a served trace); 0: not measured
+    mixed_attention_extra_us: float = 0.0
     # the experts' kernel computes whole blocks of each expert's rows (the Triton fused MoE): their floor counts the
     # padding rows' flops (perf.padded_rows), as the line was fitted (fit_layer on bench layer's kernel_flops)
     experts_in_blocks: bool = False

@@ -473,9 +473,14 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
                 context = (sum(r[0] + r[3] for r in decoding) + sum(r[1] + n / 2 for r, n in chunks)) / width
                 step = step_parts(costs, plan, cal, len(decoding) + tokens, context,
                                   min(plan.microbatches, width), sequences=width)[3]
-                if cal.prefill_attention is not None:  # their attention runs at its prefill efficiency (a long
-                    # prompt's chunk is compute-bound: 6x its floor on an H200 where a decode is 1.05x; RESULTS.md,
-                    # eleventh session), added to the attention GPU's step in full (an upper bound under ping-pong)
+                if cal.prefill_attention is None:
+                    # the prompts' attention beyond what their tokens cost as decodes, as served graphs with short
+                    # prompts measured it, on the attention GPU in full
+                    step += costs.spec.num_layers * cal.mixed_attention_extra_us
+                else:
+                    # their attention runs at its prefill efficiency (a long prompt's chunk is compute-bound: 6x its
+                    # floor on an H200 where a decode is 1.05x; RESULTS.md, eleventh session), added to the
+                    # attention GPU's step in full (an upper bound under ping-pong)
                     span = sum(r[1] + n / 2 for r, n in chunks) / len(chunks)
                     step += costs.spec.num_layers * max(0.0, attention_us(
                         costs, plan.attention_gpu, cal, tokens, span, sequences=len(chunks), prefill=True)

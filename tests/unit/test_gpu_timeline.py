@@ -74,6 +74,19 @@ def test_outside_graph_is_the_served_launch_interval_less_the_graph():
     assert gpu_timeline.outside_graph_us(chrome_trace({"attention node 0": []})) is None
 
 
+def test_the_mixed_attention_extra_is_the_prompt_graphs_segments_over_the_decode_graphs():
+    """One-microbatch graphs: decode 256 with layer segments of 100 µs, prefill 384 of 150 and prefill 512 of 170
+    (the last segment, lm_head, 50 in each, left out); prefill 768, past twice the decodes' tokens, does not count:
+    the median of 50 and 70 over the decode graph, 60. No decode graph: None."""
+    def graph(t0: float, shape: str, segment_us: float) -> list:
+        return [[f"segment {j}, {shape}", t0 + 200 * j, segment_us, 0] for j in range(3)] + \
+            [[f"segment 3, {shape}", t0 + 600, 50, 0]]
+    rows = graph(0, "decode 256", 100) + graph(1000, "prefill 384", 150) + graph(2000, "prefill 512", 170) + \
+        graph(3000, "prefill 768", 400)
+    assert gpu_timeline.mixed_attention_extra_us(chrome_trace({}, {"attention node 0": rows})) == 60.0
+    assert gpu_timeline.mixed_attention_extra_us(chrome_trace({}, {"attention node 0": rows[4:]})) is None
+
+
 def test_a_trace_without_gpu_rows_says_so():
     trace = chrome_trace({"attention node 0": [["attention", 0, 1, 0]]})
     assert gpu_timeline.report(trace)[0].startswith("no whole-step GPU spans")

@@ -168,6 +168,26 @@ def test_a_graphed_steps_prompt_tokens_take_the_prefill_attention_line():
     assert timed["tpot_ms_p50"] == pytest.approx(free["tpot_ms_p50"], abs=1e-6)  # decode steps as before
 
 
+def test_a_graphed_step_with_prompts_adds_the_measured_attention_extra_per_layer():
+    """mixed_attention_extra_us (short prompts' attention in a served graph, from a GPU timeline): 100 µs a layer on
+    the graphed prompt step, the TTFT, and nothing on decode steps, nor on a prompt step run eagerly; with a prefill
+    attention line the prompts' attention is that line's, not this term's."""
+    cal = dataclasses.replace(CAL, step_overhead_us=0.0)
+    plan = Deployment(INSTANT, None, 1, 0, 1, 8, 256)
+    extra = dataclasses.replace(cal, mixed_attention_extra_us=100.0)
+    free = closed_loop(SPEC, plan, cal, [(8, 3)], concurrency=1, prefill_graph_tokens=512)
+    timed = closed_loop(SPEC, plan, extra, [(8, 3)], concurrency=1, prefill_graph_tokens=512)
+    assert timed["ttft_ms_p50"] - free["ttft_ms_p50"] == pytest.approx(SPEC.num_layers * 0.1, rel=1e-3)
+    assert timed["tpot_ms_p50"] == pytest.approx(free["tpot_ms_p50"], abs=1e-6)
+    eager = closed_loop(SPEC, plan, extra, [(8, 3)], concurrency=1, prefill_graph_tokens=0)
+    assert eager["ttft_ms_p50"] == pytest.approx(
+        closed_loop(SPEC, plan, cal, [(8, 3)], concurrency=1, prefill_graph_tokens=0)["ttft_ms_p50"], abs=1e-6)
+    line = dataclasses.replace(cal, prefill_attention=calibration.Linear(0.0, 0.0, 1.0))
+    assert closed_loop(SPEC, plan, dataclasses.replace(line, mixed_attention_extra_us=100.0), [(8, 3)], concurrency=1,
+                       prefill_graph_tokens=512)["ttft_ms_p50"] == pytest.approx(
+        closed_loop(SPEC, plan, line, [(8, 3)], concurrency=1, prefill_graph_tokens=512)["ttft_ms_p50"], abs=1e-6)
+
+
 def test_node_shares_split_the_jobs_and_requests_as_the_gateways_did():
     """Two colocated nodes, 1 ms steps: 8 one-token jobs split 6 : 2 take the busier node's 6 steps (1 slot each:
     2 in flight, one a node), where an even split takes 4; shares that do not fit the nodes are refused."""
