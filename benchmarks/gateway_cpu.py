@@ -80,16 +80,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def reuseport_socket(port: int) -> socket.socket:
-    """A socket of its own for one gateway, bound with SO_REUSEPORT: how the gateways shared the port before the
-    fourteenth session (the kernel hashes each connection to one of them)."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(4096)
-    return sock
-
-
 def cpu_seconds(pids: list[int]) -> float:
     total = 0.0
     for pid in pids:
@@ -119,9 +109,6 @@ def main() -> int:
     p.add_argument("--step-ms", type=float, default=5.0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--accept", choices=["shared", "reuseport", "own"], default="shared",
-                   help="several gateways: one listening socket they all accept from (the launcher's), one each "
-                        "with SO_REUSEPORT, or (own) as a tree from before the fourteenth session binds them")
     p.add_argument("--profile", help="py-spy the (first) gateway process over the last repeat, raw, into this file")
     args = p.parse_args()
     address = f"tcp://127.0.0.1:{free_port()}"
@@ -136,21 +123,8 @@ def main() -> int:
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml.safe_dump(config))
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=tmp) if args.workers > 1 else dict(os.environ)
-        gateways, shared = [], None
-        if args.accept == "shared":
-            from expertmesh.config import Config
-            from expertmesh.gateway.port import listening_socket
-            shared = listening_socket(Config.load(path))
-        for i in range(args.workers):
-            command = [sys.executable, "-m", "expertmesh.gateway", "--config", str(path), "--index", str(i)]
-            if args.accept == "own":  # a tree from before the fourteenth session binds the port in each gateway
-                gateways.append(subprocess.Popen(command, env=env))
-                continue
-            sock = shared or reuseport_socket(port)
-            gateways.append(subprocess.Popen(command, env=dict(env, EXPERTMESH_GATEWAY_FD=str(sock.fileno())),
-                                             pass_fds=[sock.fileno()]))
-            if sock is not shared:
-                sock.close()
+        gateways = [subprocess.Popen([sys.executable, "-m", "expertmesh.gateway", "--config", str(path),
+                                      "--index", str(i)], env=env) for i in range(args.workers)]
         url = f"http://127.0.0.1:{port}"
         # the client and the stand-in on the first core, each gateway on one of its own where there are enough: what
         # one gateway costs, not what it costs while sharing its core with the client

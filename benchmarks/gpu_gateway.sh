@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # The gateway on the GPU host's cores (issue 14, fourteenth session): benchmarks/gateway_cpu.py, the real gateway
-# processes between bench serve's client and a stand-in attention node that paces one token per running request
-# every STEP_MS (default 4.5, the one-H200 short rows' step), 256 in flight, 96 tokens each: the host path of those
-# rows without their GPU work. Rows, each a fresh set of processes:
-#   before - the tree in OLD (default build/snap_old: `git archive` of a commit from before the fourteenth session),
-#            each gateway binding the port with SO_REUSEPORT, one chunk per token
-#   reuseport - this tree, SO_REUSEPORT sockets handed to the gateways (what the accept alone changes)
-#   shared - this tree: one listening socket for all, the launcher's way
-# at 4 gateways, then `shared` at WORKERS_MORE (default 7: what `expertmesh plan` asks for the README's plan).
+# processes between bench serve's closed-loop client and a stand-in attention node that paces one token per running
+# request every STEP_MS (default 4.5, the one-H200 short rows' step), 256 in flight, 96 tokens each: the host path of
+# those rows without their GPU work. Rows, each a fresh set of processes:
+#   before - the tree in OLD (default build/snap_old: `git archive` of a commit from before the fourteenth session:
+#            one chunk per token)
+#   after  - this tree (tokens that queued up while a stream waited go out in one chunk)
+# at 4 gateways, then `after` at WORKERS_MORE (default 7: what `expertmesh plan` asks for the README's plan).
 # CPU only: no GPU is touched. Needs .whl/site312.txz (benchmarks/gpu_wheels.sh) and models/ (the tokenizer).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,11 +22,6 @@ run() {  # name, tree, extra arguments
     "${@:3}" 2>&1 | grep -E "gateway\(s\)|failed|Error|Traceback" | tee -a "$OUT/gateway_cpu.txt")
   pkill -9 -f "m expertmesh[.]gateway --config" 2>/dev/null; true
 }
-for row in ${ROWS:-before reuseport shared}; do
-  case $row in
-  before)    [ -d "$old" ] && run before "$old" --workers 4 --accept own ;;
-  reuseport) run reuseport "$here" --workers 4 --accept reuseport ;;
-  shared)    run shared "$here" --workers 4 --accept shared ;;
-  esac
-done
-run "shared, ${WORKERS_MORE:-7} gateways" "$here" --workers ${WORKERS_MORE:-7} --accept shared
+[ -d "$old" ] && run before "$old" --workers 4
+run after "$here" --workers 4
+run "after, ${WORKERS_MORE:-7} gateways" "$here" --workers ${WORKERS_MORE:-7}

@@ -163,11 +163,12 @@ def report(trace: dict) -> list[str]:
         if largest is not None:  # the small graphs' replays would swamp the medians: the full batch's alone
             lines.append("  step us by graph: " + ", ".join(f"{shape} {s['step_us']:.0f}" for shape, s in shaped))
             outside = outside_graph_us(trace, node)
+            mixed = mixed_attention_extra_us(trace, node)
             if outside is not None:
                 lines.append(f"  a served decode step outside its graph: {outside:.0f} us (the middle tenths' "
-                             f"launch interval less the largest decode graph's replay)")
-            mixed = mixed_attention_extra_us(trace, node)
-            if mixed is not None:  # (then the launch interval above holds these steps too: they are most of them)
+                             f"launch interval less the largest decode graph's replay"
+                             + ("; steps with prompts among them count too" if mixed is not None else "") + ")")
+            if mixed is not None:
                 lines.append(f"  a graphed step with prompts: {mixed:+.0f} us a layer in its attention segments "
                              f"over the largest decode graph's")
             lines.append(f"  below: the largest decode graph ({largest})")

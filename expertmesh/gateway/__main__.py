@@ -5,6 +5,7 @@ import asyncio
 import importlib.util
 import logging
 import os
+import socket
 from pathlib import Path
 
 import uvicorn
@@ -16,7 +17,6 @@ from ..process import run_node
 from ..transport.zmq import ZmqTransport
 from .app import ServedModel, create_app
 from .nodes import AttentionNodeClient, NodeLink
-from .port import LISTEN_FD_ENV, inherited_socket
 from .router import RoutingPolicy
 from .text import TextCodec
 
@@ -59,12 +59,18 @@ def server_config(app, config: Config) -> "uvicorn.Config":
                           lifespan="on")
 
 
+def shared_socket(config: Config) -> socket.socket:
+    """The HTTP port, bound with SO_REUSEPORT so that every gateway worker listens on it and the kernel spreads the
+    connections over them."""
+    sock = socket.socket(socket.AF_INET6 if ":" in config.gateway.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((config.gateway.host, config.gateway.port))
+    return sock
+
+
 async def main(config: Config, index: int) -> None:
     workers = config.gateway.workers  # gateway processes on the one port, this one of them `index`
-    inherited = inherited_socket()
-    if workers > 1 and inherited is None:
-        raise ConfigError(f"gateway.workers = {workers}: the processes share the launcher's listening socket "
-                          f"({LISTEN_FD_ENV}); start them with `expertmesh launch`")
     spec = ModelSpec.from_dir(config.model.path)
     transport = ZmqTransport()
     secret = config.cluster.secret
@@ -84,7 +90,7 @@ async def main(config: Config, index: int) -> None:
                          worker=index)
     server = uvicorn.Server(server_config(create_app(served), config))
     server.install_signal_handlers = lambda: None  # run_node owns SIGTERM/SIGINT
-    serving = asyncio.ensure_future(server.serve(sockets=[inherited] if inherited is not None else None))
+    serving = asyncio.ensure_future(server.serve(sockets=[shared_socket(config)] if workers > 1 else None))
     try:
         await asyncio.shield(serving)
     except asyncio.CancelledError:  # SIGTERM: let uvicorn shut down itself (a cancelled lifespan logs a traceback)

@@ -9,7 +9,6 @@ import dataclasses
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
-from ..gateway.port import LISTEN_FD_ENV, listening_socket
 from ..m2n.link_plan import data_path, settle_backend, uses_dist
 from ..planner.gpus import check_cluster_gpus
 from ..transport.base import resolve_backend
@@ -37,7 +35,6 @@ class Child:
     deaths: list[float] = dataclasses.field(default_factory=list)  # monotonic times, the recent ones
     restart_at: float | None = None  # when a restart is due
     env: dict[str, str] | None = None  # its environment, where it differs from the launcher's
-    pass_fds: tuple[int, ...] = ()  # descriptors it inherits (the gateways' listening socket)
 
     def exit_code(self) -> int | None:
         return self.process.poll()
@@ -50,8 +47,7 @@ class Child:
         if shared:  # a dead gateway's in-flight requests no longer count (its counters still do)
             from prometheus_client.multiprocess import mark_process_dead
             mark_process_dead(self.process.pid, shared)
-        self.process = subprocess.Popen(self.command, preexec_fn=die_with_parent, env=self.env,
-                                        pass_fds=self.pass_fds)
+        self.process = subprocess.Popen(self.command, preexec_fn=die_with_parent, env=self.env)
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -65,7 +61,6 @@ class LocalCluster:
                                           transport=dataclasses.replace(config.transport))
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="expertmesh-"))
         self.children: list[Child] = []
-        self.listener: socket.socket | None = None  # the HTTP port, held for several gateway processes
 
     @property
     def url(self) -> str:
@@ -96,24 +91,19 @@ class LocalCluster:
         roles = [("expert node", "expertmesh.expert_node", cluster.expert_nodes),
                  ("attention node", "expertmesh.attention_node", cluster.attention_nodes),
                  ("gateway", "expertmesh.gateway", self.config.gateway.workers)]
-        gateway_env, gateway_fds = None, ()
-        if self.config.gateway.workers > 1:
-            # their counters and histograms shared (gateway/metrics.py), from zero
+        gateway_env = None
+        if self.config.gateway.workers > 1:  # their counters and histograms shared (gateway/metrics.py), from zero
             shared = self.run_dir / "gateway_metrics"
             shutil.rmtree(shared, ignore_errors=True)
             shared.mkdir()
-            # one listening socket that every gateway process accepts from, held here for the ones restarted
-            self.listener = listening_socket(self.config)
-            gateway_fds = (self.listener.fileno(),)
-            gateway_env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(shared),  # prometheus-client's
-                           LISTEN_FD_ENV: str(self.listener.fileno())}
+            gateway_env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(shared)}  # prometheus-client's
         for name, module, count in roles:
             for index in range(count):
                 command = [sys.executable, "-m", module, "--config", str(config_path), "--index", str(index)]
-                env, fds = (gateway_env, gateway_fds) if module == "expertmesh.gateway" else (None, ())
-                process = subprocess.Popen(command, preexec_fn=die_with_parent, env=env, pass_fds=fds)
+                env = gateway_env if module == "expertmesh.gateway" else None
+                process = subprocess.Popen(command, preexec_fn=die_with_parent, env=env)
                 self.children.append(Child(f"{name} {index}" if index or name != "gateway" else name, process,
-                                           command, env=env, pass_fds=fds))
+                                           command, env=env))
 
     def notes(self) -> list[str]:
         """What the operator should know about this layout before it runs."""
@@ -168,9 +158,6 @@ class LocalCluster:
                 except subprocess.TimeoutExpired:
                     child.process.kill()
                     child.process.wait()
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
 
 
 def launch(config: Config, ready_timeout_s: float = 300.0) -> int:

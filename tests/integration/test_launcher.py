@@ -152,10 +152,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 def test_gateway_workers_share_the_port_and_each_serves(mixtral_dir):
-    """--gateway-workers 2: two gateway processes accepting from the launcher's one listening socket. Requests on
-    new connections spread over both (each spends a fair share of the gateways' CPU on them), and every one gets the
-    same greedy text. /metrics counts every request whichever process answers it: each process alone counted its
-    own share. A gateway process killed is restarted on the same socket and answers again."""
+    """--gateway-workers 2: two gateway processes on one port (SO_REUSEPORT). Requests on new connections spread
+    over both (each spends a fair share of the gateways' CPU on them), and every one gets the same greedy text.
+    /metrics counts every request whichever process answers it: each process alone counted its own share. A gateway
+    process killed is restarted on the port and answers again."""
     cluster = Cluster(mixtral_dir, attention_nodes=1, expert_nodes=0, extra=["--gateway-workers", "2"]).wait_ready()
     try:
         gateways = [role_pid(cluster.process.pid, "expertmesh.gateway", index) for index in range(2)]
@@ -187,7 +187,7 @@ def test_gateway_workers_share_the_port_and_each_serves(mixtral_dir):
         def worker_1_answers() -> bool:  # a new connection each time: the kernel hands it to one of the two
             response = httpx.get(f"{cluster.url}/health", timeout=10)
             return response.status_code == 200 and response.json().get("worker") == 1
-        wait_for(worker_1_answers, 30, "the restarted gateway 1 to accept from the inherited socket")
+        wait_for(worker_1_answers, 30, "the restarted gateway 1 to answer on the port")
         assert send(8) == texts[:8]
     finally:
         cluster.stop()
