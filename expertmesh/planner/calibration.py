@@ -75,9 +75,9 @@ class Calibration:
     # token copied back, the next inputs copied in): a served step's launch interval less its graph's replay, from
     # a GPU timeline (benchmarks/gpu_timeline.py); 0: not measured
     step_outside_graph_us: float = 0.0
-    # device time per MoE layer that a graphed step carrying prompt chunks adds to its attention part, over the same
+    # device time per layer that a graphed step carrying prompt chunks adds to its attention part, over the same
     # tokens as decodes: the prompts' causal attention, whose kernel time follows each prompt's length more than the
-    # step's tokens (64-128-token prompts beside 256 decodes: +45 us a layer for Qwen3-30B-A3B's shape, +112 for
+    # step's tokens (64-128-token prompts beside 256 decodes: +45 us a layer for Qwen3-30B-A3B's shape, +111 for
     # Mixtral's; gpu_timeline.mixed_attention_extra_us of a served trace); 0: not measured. Shipped calibrations
     # leave it at 0, as it differs by model shape: their plans for short prompts are 5-10% optimistic.
     mixed_attention_extra_us: float = 0.0
