@@ -4,7 +4,7 @@ and emits one token to every running request each step, as a GPU node at 45k tok
 session). Without a model to run, the host path is all there is to measure.
 
     python benchmarks/gateway_cpu.py [--requests 1536] [--tokens 100] [--concurrency 256] [--step-ms 5]
-        [--workers 1] [--repeats 2] [--profile OUT.txt]"""
+        [--workers 1] [--stream-interval 1] [--repeats 2] [--profile OUT.txt]"""
 from __future__ import annotations
 
 import argparse
@@ -109,6 +109,7 @@ def main() -> int:
     p.add_argument("--step-ms", type=float, default=5.0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--stream-interval", type=int, default=1, help="gateway.stream_interval: tokens a chunk")
     p.add_argument("--profile", help="py-spy the (first) gateway process over the last repeat, raw, into this file")
     args = p.parse_args()
     address = f"tcp://127.0.0.1:{free_port()}"
@@ -119,7 +120,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         config = {"model": {"path": str(ROOT / "models/expertmesh-mini")},
                   "cluster": {"attention_nodes": 1, "expert_nodes": 0, "attention_addresses": [address]},
-                  "gateway": {"host": "127.0.0.1", "port": port, "workers": args.workers}}
+                  "gateway": {"host": "127.0.0.1", "port": port, "workers": args.workers,
+                              "stream_interval": args.stream_interval}}
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml.safe_dump(config))
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=tmp) if args.workers > 1 else dict(os.environ)

@@ -55,6 +55,9 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
                    help="seconds an expert node may take to answer a step's rounds before the step fails (default 30)")
     p.add_argument("--gateway-workers", type=int,
                    help="gateway processes sharing the HTTP port (default 1; one streams about 10k tokens/s at most)")
+    p.add_argument("--stream-interval", type=int,
+                   help="tokens a streamed chunk gathers before it is written; the first and last go at once "
+                        "(default 1: every token; more: less gateway CPU per token, coarser streams)")
     p.add_argument("--max-pending-requests", type=int,
                    help="requests in flight past which /v1/* answers 429 with Retry-After (default 1024)")
     p.add_argument("--max-pending-tokens", type=int, help="prompt tokens in flight past which /v1/* answers 429")
@@ -98,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  ("engine", "async_scheduling", getattr(args, "async_scheduling", None)),
                  ("transport", "ipc_copy", getattr(args, "ipc_copy", None)),
                  ("gateway", "workers", getattr(args, "gateway_workers", None)),
+                 ("gateway", "stream_interval", getattr(args, "stream_interval", None)),
                  ("cluster", "ray_address", getattr(args, "ray", None)),
                  ("cluster", "attention_sm_percent", getattr(args, "attention_sm_percent", None)),
                  ("cluster", "expert_sm_percent", getattr(args, "expert_sm_percent", None))]

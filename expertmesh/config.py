@@ -135,6 +135,10 @@ class GatewayConfig:
     # share of the admission bounds and its own /metrics. One process's CPU per streamed token (67-113 us measured,
     # RESULTS.md) caps what it can stream near 10k tokens/s (vLLM's --api-server-count).
     workers: int = 1
+    # Tokens a stream's chunk waits to gather before it is written (SGLang's and vLLM's --stream-interval); the first
+    # token and the last go at once. Each chunk costs the gateway a write and an event's JSON, most of its CPU per
+    # streamed token (RESULTS.md): 4 streams a quarter of the chunks, smoother streams at 1.
+    stream_interval: int = 1
 
 
 @dataclass
@@ -228,6 +232,8 @@ class Config:
                               f"max_pending_tokens={self.gateway.max_pending_tokens} must be >= 1")
         if self.gateway.workers < 1:
             raise ConfigError(f"gateway.workers={self.gateway.workers}; must be >= 1")
+        if self.gateway.stream_interval < 1:
+            raise ConfigError(f"gateway.stream_interval={self.gateway.stream_interval}; must be >= 1 (tokens a chunk)")
         if self.engine.microbatches < 1:
             raise ConfigError(f"engine.microbatches={self.engine.microbatches}; must be >= 1")
         for role in ("attention", "expert"):

@@ -87,7 +87,7 @@ async def main(config: Config, index: int) -> None:
                          max_pending_requests=-(-config.gateway.max_pending_requests // workers),
                          max_pending_tokens=-(-config.gateway.max_pending_tokens // workers),
                          node_wait_s=config.gateway.node_wait_s, request_timeout_s=config.gateway.request_timeout_s,
-                         worker=index)
+                         worker=index, stream_interval=config.gateway.stream_interval)
     server = uvicorn.Server(server_config(create_app(served), config))
     server.install_signal_handlers = lambda: None  # run_node owns SIGTERM/SIGINT
     serving = asyncio.ensure_future(server.serve(sockets=[shared_socket(config)] if workers > 1 else None))

@@ -55,6 +55,7 @@ class ServedModel:
     request_timeout_s: float | None = None  # a request's longest life, from arrival (GatewayConfig); None: none
     aliases: tuple[str, ...] = ()  # other ids a request's `model` may be (the name is the one reported)
     worker: int = 0  # this gateway process's index among those sharing the port
+    stream_interval: int = 1  # tokens a streamed chunk gathers before it is written (GatewayConfig)
 
     @property
     def all_nodes(self) -> list[NodeLink]:
@@ -356,6 +357,8 @@ def create_app(served: ServedModel) -> FastAPI:
         queue = await node.submit(request_id, prompt_ids, sampling, prompt_logprobs)
         stream = TextStream(served.codec, stop, sampling.min_tokens)
         outcome, first_token_s, generated = "aborted", None, 0
+        # what the stream has gathered and not yet written: text, token ids, their logprobs, and the chunks written
+        text, tokens, logprobs, written = [], [], [], 0
         try:
             while True:
                 try:
@@ -369,7 +372,7 @@ def create_app(served: ServedModel) -> FastAPI:
                 # behind (RESULTS.md, fourteenth session; vLLM's output collector merges the same way).
                 while events[-1].finish_reason is None and not queue.empty():
                     events.append(queue.get_nowait())
-                text, tokens, logprobs, reason, failure = [], [], [], None, None
+                reason, failure = None, None
                 for event in events:  # one by one through the text stream: a stop string ends it where it would
                     if event.finish_reason == "error":
                         failure = event.error
@@ -385,21 +388,26 @@ def create_app(served: ServedModel) -> FastAPI:
                                         final=event.finish_reason is not None)
                     text.append(delta.text)
                     tokens += token
+                    served.metrics.generation_tokens += len(token)
+                    generated += len(token)
                     if token and event.logprobs:
                         logprobs.append(event.logprobs)
                     reason = "stop" if delta.stopped else event.finish_reason
                     if reason is not None:
                         break
-                served.metrics.generation_tokens += len(tokens)
-                generated += len(tokens)
                 if failure is not None:
                     if tokens:  # what came before the error, as it came
-                        yield Chunk("".join(text), tokens, None, logprobs or None, events[0].prompt_logprobs)
+                        yield Chunk("".join(text), tokens, None, logprobs or None,
+                                    None if written else events[0].prompt_logprobs)
                     outcome = "failed"
                     raise RuntimeError(f"generation failed: {failure}")
+                if reason is None and written and len(tokens) < served.stream_interval:
+                    continue  # gathering (stream_interval): the first chunk and the last go at once
                 if reason is not None:
                     outcome = "completed"
+                # the prompt's logprobs come with the first token, so with the first chunk
                 yield Chunk("".join(text), tokens, reason, logprobs or None, events[0].prompt_logprobs)
+                text, tokens, logprobs, written = [], [], [], written + 1
                 if reason is not None:
                     return
         finally:

@@ -51,6 +51,10 @@ def test_the_ipc_copy_and_gateway_workers_are_flags_and_checked():
     assert config_from_args(parser.parse_args(["launch", "--gateway-workers", "3"])).gateway.workers == 3
     with pytest.raises(ConfigError, match="gateway.workers=0"):
         Config.from_dict({"gateway": {"workers": 0}})
+    assert config_from_args(parser.parse_args(["launch", "--stream-interval", "4"])).gateway.stream_interval == 4
+    assert config_from_args(parser.parse_args(["launch"])).gateway.stream_interval == 1
+    with pytest.raises(ConfigError, match="gateway.stream_interval=0"):
+        Config.from_dict({"gateway": {"stream_interval": 0}})
 
 
 def test_make_model_command(tmp_path, capsys):

@@ -21,21 +21,29 @@ WORDS = CODEC.encode(" the cat sat on the mat and ran", add_special_tokens=False
 
 class ScriptedNode(Connection):
     """An attention node that answers each request with all of its steps at once: every token is queued before the
-    stream's task runs again, as when the gateway's event loop is behind its nodes."""
+    stream's task runs again, as when the gateway's event loop is behind its nodes. paced: each step once the stream
+    has taken the one before, as when the gateway keeps up."""
 
-    def __init__(self, tokens: list[int], error_after: int | None = None) -> None:
-        self.tokens, self.error_after, self.client = tokens, error_after, None
+    def __init__(self, tokens: list[int], error_after: int | None = None, paced: bool = False) -> None:
+        self.tokens, self.error_after, self.paced, self.client = tokens, error_after, paced, None
 
     async def send(self, message) -> None:
         if isinstance(message, AddRequest):
             asyncio.get_running_loop().call_soon(self.answer, message.request_id)
 
-    def answer(self, rid: str) -> None:
-        for i, token in enumerate(self.tokens):
+    def answer(self, rid: str, start: int = 0) -> None:
+        queue = self.client.streams.get(rid)
+        if self.paced and queue is not None and not queue.empty():  # the stream has not taken the last step yet
+            asyncio.get_running_loop().call_soon(self.answer, rid, start)
+            return
+        for i, token in enumerate(self.tokens[start:], start):
             if i == self.error_after:
                 self.client.on_message(StepOutputs([rid], [-1], ["error"], ["the expert node died"]))
                 return
             self.client.on_message(StepOutputs([rid], [token], ["length" if i == len(self.tokens) - 1 else None]))
+            if self.paced and i + 1 < len(self.tokens):  # the next step once the stream has taken this one
+                asyncio.get_running_loop().call_soon(self.answer, rid, i + 1)
+                return
 
     async def recv(self, timeout_s=None):
         await asyncio.Event().wait()
@@ -44,13 +52,15 @@ class ScriptedNode(Connection):
         pass
 
 
-def serve(tokens: list[int], error_after: int | None = None) -> TestClient:
-    connection = ScriptedNode(tokens, error_after)
+def serve(tokens: list[int], error_after: int | None = None, paced: bool = False,
+          stream_interval: int = 1) -> TestClient:
+    connection = ScriptedNode(tokens, error_after, paced)
     node = AttentionNodeClient(0, connection, node_timeout_s=3600)
     connection.client = node
     node.status = Status(0, True, 0, 0, 0, 0, 0, 0, [], [], [])
     node.last_heard = time.monotonic() + 3600
-    served = ServedModel("mini", ModelSpec.from_dir(MODEL).vocab_size, 256, CODEC, nodes=[node], node_wait_s=1.0)
+    served = ServedModel("mini", ModelSpec.from_dir(MODEL).vocab_size, 256, CODEC, nodes=[node], node_wait_s=1.0,
+                         stream_interval=stream_interval)
     return TestClient(create_app(served))
 
 
@@ -73,6 +83,21 @@ def test_queued_tokens_go_out_in_one_chunk_with_the_same_text_and_count():
     assert "".join(c["choices"][0]["text"] for c in chunks) == CODEC.decode(WORDS) == whole["choices"][0]["text"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert events[-1]["usage"]["completion_tokens"] == len(WORDS) == whole["usage"]["completion_tokens"]
+
+
+def test_a_gateway_that_keeps_up_writes_a_chunk_a_token_and_stream_interval_gathers_them():
+    """Steps a turn of the event loop apart: one chunk a token; with stream_interval 3, the first token alone, then
+    three a chunk, the rest last; the same text and count either way."""
+    sizes = {}
+    for interval in (1, 3):
+        with serve(WORDS, paced=True, stream_interval=interval) as client:
+            events = stream(client)
+        chunks = [e for e in events if e["choices"]]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == CODEC.decode(WORDS)
+        assert events[-1]["usage"]["completion_tokens"] == len(WORDS)
+        sizes[interval] = len(chunks)
+    assert sizes[1] == len(WORDS)
+    assert sizes[3] == 1 + -(-(len(WORDS) - 1) // 3)
 
 
 def test_a_stop_string_inside_a_merged_chunk_ends_it_at_its_token():
