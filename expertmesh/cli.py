@@ -54,7 +54,7 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recv-timeout", type=float,
                    help="seconds an expert node may take to answer a step's rounds before the step fails (default 30)")
     p.add_argument("--gateway-workers", type=int,
-                   help="gateway processes sharing the HTTP port (default 1; one streams about 10k tokens/s at most)")
+                   help="gateway processes sharing the HTTP port (default 1; one streams about 20k tokens/s at most)")
     p.add_argument("--stream-interval", type=int,
                    help="tokens a streamed chunk gathers before it is written; the first and last go at once "
                         "(default 1: every token; more: less gateway CPU per token, coarser streams)")

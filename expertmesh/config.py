@@ -132,8 +132,9 @@ class GatewayConfig:
     # on a stream); a request's own `timeout` field may only shorten it. None: no deadline.
     request_timeout_s: float | None = None
     # Gateway processes sharing the HTTP port (SO_REUSEPORT: the kernel spreads connections over them), each with its
-    # share of the admission bounds and its own /metrics. One process's CPU per streamed token (67-113 us measured,
-    # RESULTS.md) caps what it can stream near 10k tokens/s (vLLM's --api-server-count).
+    # share of the admission bounds; /metrics sums them all. One process's CPU per streamed token (50-70 us on our
+    # hosts since the fourteenth session, RESULTS.md) caps what it can stream near 20k tokens/s (vLLM's
+    # --api-server-count).
     workers: int = 1
     # Tokens a stream's chunk waits to gather before it is written (SGLang's and vLLM's --stream-interval); the first
     # token and the last go at once. Each chunk costs the gateway a write and an event's JSON, most of its CPU per
