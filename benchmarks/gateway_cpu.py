@@ -128,11 +128,11 @@ def main() -> int:
         gateways = [subprocess.Popen([sys.executable, "-m", "expertmesh.gateway", "--config", str(path),
                                       "--index", str(i)], env=env) for i in range(args.workers)]
         url = f"http://127.0.0.1:{port}"
-        # the client and the stand-in on the first core, each gateway on one of its own where there are enough: what
-        # one gateway costs, not what it costs while sharing its core with the client
+        # the client on the first core, the stand-in on the next (beside the client where cores are short), each
+        # gateway on one of its own: what a gateway costs, not what it costs while sharing its core with the client
         cores = sorted(os.sched_getaffinity(0))
         if len(cores) > args.workers:
-            own = 2 if len(cores) >= args.workers + 2 else 1  # the stand-in beside the client, or a core of its own
+            own = 2 if len(cores) >= args.workers + 2 else 1  # cores the client and the stand-in take
             os.sched_setaffinity(0, cores[:1])
             os.sched_setaffinity(node.pid, cores[own - 1:own])
             for i, g in enumerate(gateways):
