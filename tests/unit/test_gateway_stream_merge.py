@@ -5,6 +5,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from expertmesh.gateway.app import ServedModel, create_app
@@ -40,7 +41,8 @@ class ScriptedNode(Connection):
             if i == self.error_after:
                 self.client.on_message(StepOutputs([rid], [-1], ["error"], ["the expert node died"]))
                 return
-            self.client.on_message(StepOutputs([rid], [token], ["length" if i == len(self.tokens) - 1 else None]))
+            self.client.on_message(StepOutputs([rid], [token], ["length" if i == len(self.tokens) - 1 else None],
+                                               logprobs=[[-0.1 * (i + 1), [[token, -0.1 * (i + 1)], [5, -3.0]]]]))
             if self.paced and i + 1 < len(self.tokens):  # the next step once the stream has taken this one
                 asyncio.get_running_loop().call_soon(self.answer, rid, i + 1)
                 return
@@ -98,6 +100,31 @@ def test_a_gateway_that_keeps_up_writes_a_chunk_a_token_and_stream_interval_gath
         sizes[interval] = len(chunks)
     assert sizes[1] == len(WORDS)
     assert sizes[3] == 1 + -(-(len(WORDS) - 1) // 3)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_logprobs_of_merged_chunks_equal_those_of_a_chunk_a_token(path):
+    """The same steps, all queued at once or each taken before the next: the streamed logprobs, concatenated, are
+    the same (completions' tokens, logprobs, alternatives and text offsets; chat's content entries)."""
+    prompt = {"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    body = {**prompt, "max_tokens": len(WORDS), "stream": True, "logprobs": 2 if path == "/v1/completions" else True,
+            **({} if path == "/v1/completions" else {"top_logprobs": 2})}
+    seen = []
+    for paced in (False, True):
+        with serve(WORDS, paced=paced) as client:
+            with client.stream("POST", path, json=body) as response:
+                events = [json.loads(line[6:]) for line in response.iter_lines()
+                          if line.startswith("data: {")]
+        logprobs = [e["choices"][0]["logprobs"] for e in events if e["choices"]]
+        if path == "/v1/completions":
+            seen.append({key: [x for lp in logprobs for x in lp[key]]
+                         for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")})
+        else:
+            seen.append([x for lp in logprobs if lp for x in lp["content"]])
+        seen.append(len(events))
+    merged, merged_events, paced, paced_events = seen
+    assert merged == paced and merged_events < paced_events
+    assert len(merged["tokens"] if path == "/v1/completions" else merged) == len(WORDS)
 
 
 def test_a_stop_string_inside_a_merged_chunk_ends_it_at_its_token():
