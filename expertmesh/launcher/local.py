@@ -155,7 +155,9 @@ class LocalCluster:
             for child in group:
                 try:
                     child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
+                except subprocess.TimeoutExpired:  # said, so that a node slow to stop is seen, not just waited for
+                    print(f"expertmesh: {child.name} ({child.where()}) had not stopped {grace_s:g} s after SIGTERM; "
+                          f"killing it", file=sys.stderr, flush=True)
                     child.process.kill()
                     child.process.wait()
 
