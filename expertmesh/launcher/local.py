@@ -21,7 +21,7 @@ from ..m2n.link_plan import data_path, settle_backend, uses_dist
 from ..planner.gpus import check_cluster_gpus
 from ..transport.base import resolve_backend
 from . import ClusterError, supervision  # noqa: F401 (local.ClusterError, as callers import it)
-from .node_host import die_with_parent, free_port
+from .node_host import die_with_parent, free_port, reap
 
 
 MPS_PIPE = "/tmp/nvidia-mps"  # where a CUDA MPS daemon started with default settings listens
@@ -153,13 +153,7 @@ class LocalCluster:
                 if child.process.poll() is None:
                     child.process.terminate()
             for child in group:
-                try:
-                    child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:  # said, so that a node slow to stop is seen, not just waited for
-                    print(f"expertmesh: {child.name} ({child.where()}) had not stopped {grace_s:g} s after SIGTERM; "
-                          f"killing it", file=sys.stderr, flush=True)
-                    child.process.kill()
-                    child.process.wait()
+                reap(child.process, child.name, deadline - time.monotonic(), grace_s)
 
 
 def launch(config: Config, ready_timeout_s: float = 300.0) -> int:

@@ -43,6 +43,18 @@ def die_with_parent() -> None:
         pass
 
 
+def reap(process: subprocess.Popen, name: str, wait_s: float, grace_s: float) -> None:
+    """Waits up to wait_s for a process told to stop (SIGTERM); one still running then is named on stderr and
+    killed, so that a node slow to stop is seen rather than silently waited for."""
+    try:
+        process.wait(timeout=max(0.0, wait_s))
+    except subprocess.TimeoutExpired:
+        print(f"expertmesh: {name} (pid {process.pid}) had not stopped {grace_s:g} s after SIGTERM; killing it",
+              file=sys.stderr, flush=True)
+        process.kill()
+        process.wait()
+
+
 class NodeHost:
     """One node's process on the host Ray placed it on. A Ray actor (RayCluster applies ray.remote), so its
     methods run on that host."""
@@ -86,9 +98,5 @@ class NodeHost:
     def stop(self, grace_s: float) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
-            try:
-                self.process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            reap(self.process, self.name, grace_s, grace_s)
         shutil.rmtree(self.run_dir, ignore_errors=True)

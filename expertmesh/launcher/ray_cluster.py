@@ -26,7 +26,7 @@ from ..m2n.link_plan import DIST_BACKENDS, PER_LINK, data_path, plan_links, sett
 from ..transport.base import resolve_backend
 from . import ClusterError, supervision
 from .local import Child
-from .node_host import NodeHost, die_with_parent
+from .node_host import NodeHost, die_with_parent, reap
 
 PLACEMENT_TIMEOUT_S = 60.0  # for Ray to find every bundle a host, after the resources were checked to exist
 CALL_TIMEOUT_S = 60.0  # for an actor to answer: past it, its host is taken as lost
@@ -312,11 +312,7 @@ class RayCluster:
         the placement group."""
         if self.gateway is not None and self.gateway.process.poll() is None:
             self.gateway.process.terminate()
-            try:
-                self.gateway.process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                self.gateway.process.kill()
-                self.gateway.process.wait()
+            reap(self.gateway.process, self.gateway.name, grace_s, grace_s)
         ray = sys.modules.get("ray")
         if ray is None or not ray.is_initialized():
             return
