@@ -78,8 +78,8 @@ class Calibration:
     # device time per layer that a graphed step carrying prompt chunks adds to its attention part, over the same
     # tokens as decodes: the prompts' causal attention, whose kernel time follows each prompt's length more than the
     # step's tokens (64-128-token prompts beside 256 decodes: +45 us a layer for Qwen3-30B-A3B's shape, +111 for
-    # Mixtral's; gpu_timeline.mixed_attention_extra_us of a served trace); 0: not measured. Shipped calibrations
-    # leave it at 0, as it differs by model shape: their plans for short prompts are 5-10% optimistic.
+    # Mixtral's; gpu_timeline.mixed_attention_extra_us of a served trace); 0: not measured (shipped calibrations: it
+    # differs by model shape). perf.closed_loop uses it; perf.predict costs prompts as an eager microbatch instead.
     mixed_attention_extra_us: float = 0.0
     # the experts' kernel computes whole blocks of each expert's rows (the Triton fused MoE): their floor counts the
     # padding rows' flops (perf.padded_rows), as the line was fitted (fit_layer on bench layer's kernel_flops)
