@@ -393,7 +393,8 @@ def create_app(served: ServedModel) -> FastAPI:
                     reason = "stop" if delta.stopped else event.finish_reason
                     if reason is not None:
                         break
-                # counted once a wake-up, not once a token: a counter shared by gateway processes costs 1.5 us an increment
+                # counted once a wake-up, not once a token: an increment of a counter the gateway processes share
+                # costs 1.5 us (benchmarks/gateway_counter_cost.py)
                 served.metrics.generation_tokens += len(tokens) - gathered
                 generated += len(tokens) - gathered
                 if failure is not None:
