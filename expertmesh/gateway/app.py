@@ -394,7 +394,7 @@ def create_app(served: ServedModel) -> FastAPI:
                     if reason is not None:
                         break
                 # counted once a wake-up, not once a token: an increment of a counter the gateway processes share
-                # costs 1.5 us (benchmarks/gateway_counter_cost.py)
+                # costs 1.6-1.7 us (benchmarks/gateway_counter_cost.py)
                 served.metrics.generation_tokens += len(tokens) - gathered
                 generated += len(tokens) - gathered
                 if failure is not None:
