@@ -6,7 +6,7 @@
 #   before - the tree in OLD (default build/snap_old: `git archive` of a commit from before the fourteenth session:
 #            one chunk per token)
 #   after  - this tree (tokens that queued up while a stream waited go out in one chunk)
-# at 4 gateways, then `after` at WORKERS_MORE (default 7: what `expertmesh plan` asks for the README's plan).
+# at 4 gateways, then `after` at WORKERS_MORE (default 7: what `expertmesh plan` asks for the README's plan; 0: none).
 # CPU only: no GPU is touched. Needs .whl/site312.txz (benchmarks/gpu_wheels.sh) and models/ (the tokenizer).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,4 +24,4 @@ run() {  # name, tree, extra arguments
 }
 [ -d "$old" ] && run before "$old" --workers 4
 run after "$here" --workers 4
-run "after, ${WORKERS_MORE:-7} gateways" "$here" --workers ${WORKERS_MORE:-7}
+[ "${WORKERS_MORE:-7}" = 0 ] || run "after, ${WORKERS_MORE:-7} gateways" "$here" --workers ${WORKERS_MORE:-7}

@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 GPUS=${GPUS:-1}
-export GPUS GATEWAY_WORKERS=4 CONCURRENCY=256 SHAPES=qwen3 PARTS=serve
+SHAPES=${SHAPES:-qwen3}  # SHAPES="qwen3 mixtral": both shapes' rows
+export GPUS GATEWAY_WORKERS=4 CONCURRENCY=256 SHAPES PARTS=serve
 export CLIENT_PROCESSES=${CLIENT_PROCESSES:-$([ "$GPUS" = 1 ] && echo 1 || echo 2)}
 export TRANSPORTS=ipc
 for part in ${PLAN_PARTS:-short long split}; do
