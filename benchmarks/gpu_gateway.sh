@@ -6,7 +6,8 @@
 #   before - the tree in OLD (default build/snap_old: `git archive` of a commit from before the fourteenth session:
 #            one chunk per token)
 #   after  - this tree (tokens that queued up while a stream waited go out in one chunk)
-# at 4 gateways, then `after` at WORKERS_MORE (default 7: what `expertmesh plan` asks for the README's plan; 0: none).
+# at 4 gateways, then `after` at WORKERS_MORE (default 7: what `expertmesh plan` asked for the README's plan in the
+# fourteenth session; 0: none).
 # CPU only: no GPU is touched. Needs .whl/site312.txz (benchmarks/gpu_wheels.sh) and models/ (the tokenizer).
 set -uo pipefail
 cd "$(dirname "$0")/.."

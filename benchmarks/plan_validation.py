@@ -284,6 +284,7 @@ MIXTRAL_4_LAYERS = dict(hidden_size=4096, num_layers=4, num_heads=32, num_kv_hea
                         max_position_embeddings=1024)  # benchmarks/gpu_lockstep.sh's mixtral (random weights)
 # 2 x H200 (RESULTS.md, "Ping-pong and disaggregated against colocated on 2 x H200"): (label, JSON, row, cold). Each
 # sweep's first row ran cold (Triton variants compiled during its timed requests).
+S15 = "../session15/"
 GPU_ROWS = [
     ("Qwen3 c=64 1+1 m=1, run 1", "run1_serve_qwen3_c64_disagg_ipc.json", 0, True),
     ("Qwen3 c=64 1+1 m=2, run 1", "run1_serve_qwen3_c64_disagg_ipc.json", 1, False),
@@ -400,6 +401,15 @@ GPU_ROWS = [
      0, False),
     # the twelfth session's: the same row, twice the requests, bench serve's client in 2 processes (58% busy each)
     ("Qwen3 c=256 1+1 m=1, 2 clients, session 12", "../session12/call5/serve_qwen3_c256_disagg_ipc.json", 0, False),
+    # the fifteenth session's (the fourteenth's gateway), 2 client processes: `GPUS=2 PLAN_PARTS=short|long
+    # bash benchmarks/gpu_plan_rows.sh`
+    *[(f"{shape} c=256 {what}, session 15", f"{S15}call{call}/short/serve_{shape.lower()}_c256_{name}.json", index,
+       False) for shape, call in (("Qwen3", 1), ("Mixtral", 2))
+      for what, name, index in (("1+1 m=1", "disagg_ipc", 0), ("1+1 m=2", "disagg_ipc", 1),
+                                ("colocated-2", "colocated", 0))],
+    ("Qwen3 long c=256 1+1 m=1, session 15", S15 + "call2/long/serve_qwen3_p8192_c256_disagg_ipc.json", 0, False),
+    ("Qwen3 long c=256 1+1 m=2, session 15", S15 + "call2/long/serve_qwen3_p8192_c256_disagg_ipc.json", 1, False),
+    ("Qwen3 long c=256 colocated-2, session 15", S15 + "call2/long/serve_qwen3_p8192_c256_colocated.json", 0, False),
 ]
 # the twelfth session's, on one H200 (RESULTS.md, "Twelfth session"): both nodes on the GPU under CUDA MPS, or
 # colocated; the code of the eleventh session's rows (block tables mirrored, routing claims). Call 1: one client
@@ -447,6 +457,12 @@ ONE_GPU_ROWS = [
      0, False),
     ("one H200: Qwen3 c=256 colocated, 7 gateways, session 14 call 3", S14 + "call3/serve/serve_qwen3_c256_colocated.json",
      0, False),
+    # the twelfth session's call 2 again, four client processes, the fourteenth session's gateway (its Qwen3 1+1 row's
+    # JSON did not come back: 36776 tok/s in call4/a.log)
+    *[(f"one H200: {shape} c=256 {what}, 4 clients, session 15 call 4",
+       f"{S15}call4/serve_{shape.lower()}_c256_{name}.json", 0, False)
+      for shape, what, name in (("Qwen3", "colocated", "colocated"), ("Mixtral", "1+1 m=1", "disagg_ipc"),
+                                ("Mixtral", "colocated", "colocated"))],
 ]
 GPU_SERVE = HERE / "gpu_multi/serve"
 # The served calibrations: the warm rows whose both GPU meters worked (run 1's zeroed its counters at each replay)
@@ -464,7 +480,7 @@ PREFILL_OF_LONG = "--no-long-prefill" not in sys.argv[1:]
 # to that session's disaggregated rows, the code those traces ran (`--no-outside-graph`: left out)
 OUTSIDE_GRAPH_TRACES = ["../session11/call2/serve_qwen3_p8192_c256_disagg_ipc.trace.m1.json.gz",
                         "../session11/call2/serve_qwen3_p8192_c256_disagg_ipc.trace.m2.json.gz"]
-OUTSIDE_GRAPH_ROWS = ("../session11/", "../session12/", "../session13/", "../session14/")  # the code those traces ran, and after
+OUTSIDE_GRAPH_ROWS = ("../session11/", "../session12/", "../session13/", "../session14/", S15)  # the code those traces ran, and after
 OUTSIDE_GRAPH = "--no-outside-graph" not in sys.argv[1:]
 # what a graphed step with short prompts adds to each layer's attention (gpu_timeline.mixed_attention_extra_us), per
 # model, from a traced 1+1 short row of the fourteenth session (not a row of the table): applied to every current
@@ -530,11 +546,26 @@ def gpu_bench_setup() -> tuple[calibration.Calibration, GpuType]:
     return cal, BUILTIN["H200"]
 
 
+# The gateway's CPU per token and per step message: the fourteenth session's call 1 rows, the first served by the
+# gateway of today (queued tokens merged into one chunk); the median over its four rows. The ninth session's served
+# calibration rows ran an older gateway at 64 in flight, which took more per token (68-78 us against 53-68 us).
+GATEWAY_ROWS = [f"../session14/call1/serve/serve_{shape}_c256_{kind}.json" for shape in ("qwen3", "mixtral")
+                for kind in ("disagg_ipc", "colocated")]
+
+
+def gateway_costs() -> tuple[float, float]:
+    """(CPU µs per output token, per step message) of the gateway: GATEWAY_ROWS' median per token."""
+    costs = [served.gateway_costs(run["args"], run["rows"][0])
+             for run in (json.loads((GPU_SERVE / name).read_text()) for name in GATEWAY_ROWS)]
+    return statistics.median(token for token, _ in costs), costs[0][1]
+
+
 def gpu_served_setups(cal: calibration.Calibration, device: GpuType) -> tuple[dict, float, dict]:
     """Per model, the bench calibration with what a served 1+1 row of it measured (served.gpu_phases_of: the parts'
     device time per span, the host time between steps); and the host time between a colocated node's steps."""
     from expertmesh.planner.perf import ModelCosts, comm_us
     calibrations, phases = {}, {}
+    per_token, per_message = gateway_costs()
     for model, (name, index) in GPU_SERVED.items():
         run, spec = json.loads((GPU_SERVE / name).read_text()), gpu_spec_of(model)
         m = run["rows"][index]["microbatches"]
@@ -545,7 +576,6 @@ def gpu_served_setups(cal: calibration.Calibration, device: GpuType) -> tuple[di
         fitted = served.served_calibration(cal, phases[model], spec, device, tokens, context, 2,
                                            additive=ADDITIVE)
         fitted = served.with_host_per_sequence(fitted, tokens * m, HOST_PER_SEQUENCE_US)
-        per_token, per_message = served.gateway_costs(run["args"], run["rows"][index])
         calibrations[model] = dataclasses.replace(fitted, gateway_us_per_token=per_token,
                                                   gateway_us_per_message=per_message)
     name, index = GPU_COLOCATED
@@ -553,7 +583,6 @@ def gpu_served_setups(cal: calibration.Calibration, device: GpuType) -> tuple[di
     colocated, sequences = served.gpu_phases_of(run, index, gpu_spec_of(run["args"]["model"]), 0.0)
     fitted = dataclasses.replace(cal, step_overhead_us=colocated.step_host_us)
     fitted = served.with_host_per_sequence(fitted, sequences, HOST_PER_SEQUENCE_US)
-    per_token, per_message = served.gateway_costs(run["args"], run["rows"][index])
     calibrations["colocated"] = dataclasses.replace(fitted, gateway_us_per_token=per_token,
                                                     gateway_us_per_message=per_message)
     return calibrations, colocated.step_host_us, phases
@@ -637,12 +666,50 @@ def gpu_main() -> int:
               f"{with_served['tpot_ms_p50'] / tpot - 1:+.0%} | {row['ttft_ms']['p50']:.0f} / "
               f"{with_served['ttft_ms_p50']:.0f} | {with_served['mixed_step_share']:.0%} |")
         if name.startswith(CURRENT_ROWS):
-            current.append((label, with_served["tokens_per_s"] / tok - 1))
-    within = [label for label, error in current if abs(error) <= 0.15]
+            current.append((label, configuration(args, row, one_gpu), tok, with_served["tokens_per_s"]))
+    within = [label for label, _, tok, predicted in current if abs(predicted / tok - 1) <= 0.15]
     print(f"\nrows served by the current code ({', '.join(CURRENT_ROWS)}): {len(within)} of {len(current)} within 15% "
-          "on tok/s (served terms); beyond it: " + "; ".join(f"{label} {error:+.0%}" for label, error in current
-                                                              if label not in within))
+          "on tok/s (served terms); beyond it: " + "; ".join(f"{label} {predicted / tok - 1:+.0%}" for label, _, tok,
+                                                              predicted in current if label not in within))
+    print_configurations(current)
     return 0
+
+
+def configuration(args: dict, row: dict, one_gpu: bool) -> tuple:
+    """What the runs of one served configuration share: everything but where the JSON went and the host it ran on."""
+    same = ("model", "attention_nodes", "expert_nodes", "transport", "gateway_workers", "client_processes",
+            "concurrency", "num_requests", "input_len", "output_len", "max_num_seqs", "max_waiting_steps",
+            "prefill_graph_tokens", "async_scheduling", "sm_percent")
+    return (one_gpu, row["microbatches"], *(json.dumps(args.get(key)) for key in same))
+
+
+def load_generator_bound(key: tuple) -> bool:
+    """bench serve's client in 4 processes on the one-H200 host (16 CPUs), beside 4 gateways and both nodes: 7 of 8
+    such runs served 2-23% fewer tok/s than the same configuration's one-client runs, their gateways at 76-95 us of
+    CPU a token and 93-98% busy (53-68 us with one client; RESULTS.md, fifteenth session). The load generator took
+    the host the served system runs on; the model has no term for it."""
+    one_gpu, client_processes = key[0], json.loads(key[7])
+    return one_gpu and (client_processes or 1) >= 4
+
+
+def print_configurations(current: list[tuple[str, tuple, float, float]]) -> None:
+    """The count per configuration: the median of its runs against its prediction. A configuration served on
+    different days (each device call is another machine) varied by up to 17% (Qwen3 1+1 m=1 on one H200: 41.6k on
+    the thirteenth session's call 3, 48.0k and 48.7k on the twelfth's and fourteenth's)."""
+    runs: dict[tuple, list] = {}
+    for label, key, tok, predicted in current:
+        runs.setdefault(key, []).append((label, tok, predicted))
+    beyond, apart = [], []
+    for key, rows in runs.items():
+        measured = statistics.median(tok for _, tok, _ in rows)
+        error = statistics.median(predicted for *_, predicted in rows) / measured - 1
+        if abs(error) > 0.15:
+            line = (f"{rows[0][0].split(', session')[0]} ({len(rows)} run{'s' if len(rows) > 1 else ''}, "
+                    f"{min(tok for _, tok, _ in rows):.0f}-{max(tok for _, tok, _ in rows):.0f} tok/s) {error:+.0%}")
+            (apart if load_generator_bound(key) else beyond).append(line)
+    print(f"configurations served by the current code: {len(runs) - len(beyond) - len(apart)} of {len(runs)} within "
+          f"15% (the median of their runs); beyond it: {'; '.join(beyond) or 'none'}; beyond it with the load "
+          f"generator on the served host (load_generator_bound): {'; '.join(apart) or 'none'}")
 
 
 if __name__ == "__main__":
