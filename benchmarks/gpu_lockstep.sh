@@ -18,7 +18,7 @@
 #            (each whole-step graph's last replay), which gpu_timeline.py reads: waits per layer, crossings
 #            async scheduling is the default on GPUs; ASYNC=0 turns it off (--no-async-scheduling; JSON and logs
 #            named *_sync), ASYNC=1 names it (*_async); GATEWAY_WORKERS=N:
-#            N gateway processes (one streams ~20k tok/s at most: benchmarks/gateway_cpu.py);
+#            N gateway processes (one streams ~20k tok/s at most: `expertmesh bench gateway`);
 #            CLIENT_PROCESSES=N: bench serve's client in N processes (one tops out near 45-55k tok/s);
 #            INPUT_LEN / OUTPUT_LEN ("lo hi", default "64 128") and MAX_POS (the random model's positions, default
 #            1024): long contexts, where the planner predicts ping-pong pays (RESULTS.md, seventh session);

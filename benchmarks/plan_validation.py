@@ -14,7 +14,9 @@ only figure taken from a served run; every other row is a prediction. The paired
 fit nothing: each row's own bench layer and bench transport and, in planner/served*, a traced 1x1 run of its model
 (planner/served.py: the served round, the disaggregated parts' served time, the host work per step; in
 planner/prefill* also bench layer's eager prefill lines, and the host work per step as a line in the sequences from
-traced runs at 4, 16 and 32). The GPU rows' served terms add the gateway's CPU per output token (its cpu_s)."""
+traced runs at 4, 16 and 32). The GPU rows' served terms add the gateway's CPU per output token: the fourteenth
+session's rows' (gateway_costs), or the row's own device call's `expertmesh bench gateway` run where it has one
+(host_probe)."""
 from __future__ import annotations
 
 import dataclasses
@@ -553,6 +555,18 @@ GATEWAY_ROWS = [f"../session14/call1/serve/serve_{shape}_c256_{kind}.json" for s
                 for kind in ("disagg_ipc", "colocated")]
 
 
+def host_probe(row_json: Path, workers: int, client_processes: int) -> Path | None:
+    """The `bench gateway` JSON of the row's device call, at its gateways and client processes, where the call ran
+    one first (gpu_gateway.sh into <call>/gw/; from the fifteenth session's scripts on): None where it did not."""
+    for call in row_json.parents:
+        probe = call / "gw" / f"gateway_w{workers}_c{client_processes}.json"
+        if probe.exists():
+            return probe
+        if call.name.startswith("call") or call == GPU_SERVE:
+            return None
+    return None
+
+
 def gateway_costs() -> tuple[float, float]:
     """(CPU µs per output token, per step message) of the gateway: GATEWAY_ROWS' median per token."""
     costs = [served.gateway_costs(run["args"], run["rows"][0])
@@ -645,6 +659,11 @@ def gpu_main() -> int:
         if one_gpu:  # both nodes on one GPU: the round between two processes on it (one-GPU lockstep bench)
             row_cal, served_cal = (dataclasses.replace(c, round=one_gpu_round, round_link_bytes_per_s=None)
                                    for c in (row_cal, served_cal))
+        probe = host_probe(GPU_SERVE / name, workers, args.get("client_processes") or 1)
+        if probe:  # its device call's `bench gateway` run: this host's gateway, measured apart from the row
+            per_token, per_message = calibration.gateway_costs(json.loads(probe.read_text())["runs"])
+            served_cal = dataclasses.replace(served_cal, gateway_us_per_token=per_token,
+                                             gateway_us_per_message=per_message)
         if OWN_GATEWAY_CPU and row.get("cpu_s"):  # the CPU the row's gateways took per token, as an input
             per_token, per_message = served.gateway_costs(args, row)
             served_cal = dataclasses.replace(served_cal, gateway_us_per_token=per_token,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import IPC_COPIES, Config
+from .config import IPC_COPIES, Config, ModelConfig
 
 
 def _launch_parser(sub: argparse._SubParsersAction) -> None:
@@ -169,6 +169,20 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--no-raw-ucxx", dest="raw_ucxx", action="store_false",
                    help="leave out the raw ucxx point-to-point baseline (run whenever ucx is among the backends)")
     t.add_argument("--json", help="write every row here as JSON")
+    g = bench.add_parser("gateway", help="the gateway's CPU per streamed token on this host (no model, no GPU): "
+                         "what the planner sizes the gateway by")
+    g.add_argument("--model", default=ModelConfig.path, help="a checkpoint directory (its tokenizer)")
+    g.add_argument("--workers", type=int, default=4, help="gateway processes")
+    g.add_argument("--requests", type=int, default=2048)
+    g.add_argument("--tokens", type=int, default=96, help="output tokens per request")
+    g.add_argument("--concurrency", type=int, default=256, help="requests in flight")
+    g.add_argument("--step-ms", type=float, default=4.5,
+                   help="the stand-in node's step: concurrency tokens each (4.5: an H200's short rows, 57k tok/s)")
+    g.add_argument("--stream-interval", type=int, default=1, help="gateway.stream_interval: tokens a chunk")
+    g.add_argument("--client-processes", type=int, default=1, help="processes of bench serve's client")
+    g.add_argument("--repeats", type=int, default=2)
+    g.add_argument("--profile", help="py-spy the first gateway process over the last run, raw, into this file")
+    g.add_argument("--json", help="write the runs here (a calibration file's bench_gateway entry reads it)")
     lay = bench.add_parser("layer", help="one MoE layer's attention and expert parts at decode, against the floor")
     lay.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     lay.add_argument("--shapes", help="comma-separated of mixtral,qwen3,deepseek_v3,tiny,tiny_mla or checkpoint "
@@ -349,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(f"--client-processes: {exc}")
         return bench_serve(args.url, workload, args.trace, args.json)
+    if args.command == "bench" and args.bench == "gateway":
+        from .bench.gateway import main as bench_gateway
+        return bench_gateway(args)
     if args.command == "bench" and args.bench == "layer":
         from .bench.layer import main as bench_layer
         return bench_layer(args)

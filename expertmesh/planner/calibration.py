@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -221,8 +222,10 @@ def load(path: str) -> Calibration:
     sweep: a served GPU row's microbatch_sweep JSON with GPU busy figures, [row: its index, default 0]: its host
     time per step gets served.GPU_STEP_HOST_PER_SEQUENCE_US a sequence, and its gateway CPU per token where the
     row has it; [eager_trace: a `bench serve --trace` of a GPU run: the host time per layer of its eager steps,
-    eager_layer_us]}. A bench layer JSON with prefill rows (--prefill-tokens) gives the prefill lines."""
+    eager_layer_us]}. A bench layer JSON with prefill rows (--prefill-tokens) gives the prefill lines. Either kind may
+    add bench_gateway: a `bench gateway --json` file, the gateway's CPU per token and per message on this host."""
     data = read_structured(path)
+    gateway = data.pop("bench_gateway", None)
     if "bench_layer" in data:  # a file, or a list of them (from_benchmarks)
         here = Path(path).parent
         layers = data["bench_layer"]
@@ -231,8 +234,20 @@ def load(path: str) -> Calibration:
                               data.get("moe_backend", "triton"), data.get("round_backend", "lockstep-ipc"),
                               data.get("datasheet_bytes_per_s"), data.get("datasheet_flops_per_s"),
                               data.get("round_link_bytes_per_s"), data.get("step_overhead_us", 0.0))
-        return with_served(cal, data["served"], here) if data.get("served") else cal
-    return Calibration.from_dict(data)
+        cal = with_served(cal, data["served"], here) if data.get("served") else cal
+    else:
+        cal = Calibration.from_dict(data)
+    if gateway:
+        per_token, per_message = gateway_costs(json.loads((Path(path).parent / gateway).read_text())["runs"])
+        cal = dataclasses.replace(cal, gateway_us_per_token=per_token, gateway_us_per_message=per_message)
+    return cal
+
+
+def gateway_costs(runs: list[dict]) -> tuple[float, float]:
+    """(CPU µs a token, a step message) of the gateway from `bench gateway --json`'s runs: their median."""
+    if not runs:
+        raise ConfigError("a bench gateway JSON without runs")
+    return statistics.median(r["us_per_token"] for r in runs), statistics.median(r["us_per_message"] for r in runs)
 
 
 def with_served(cal: Calibration, served_run: dict, here: Path) -> Calibration:
