@@ -84,7 +84,7 @@ class Prediction:
     comm_us: float  # T_c: one way of the M2N for one microbatch (0 colocated)
     layer_us: float  # one MoE layer, all microbatches, ping-pong overlapped
     step_us: float  # one decode step (= TPOT at steady state)
-    prefill_us: float  # one prompt's prefill, as an extra microbatch of a step
+    prefill_us: float  # one prompt's cost in a step: its tokens inside the step's graph, or an eager microbatch
     tokens_per_s: float  # output tokens per second, whole cluster, steady state with the workload's prefills
     tpot_p99_us: float  # the p99 step: with the prompts a step carries when 1% or more of steps carry any
     pingpong_holds: bool  # MegaScale-Infer's m·T_f >= T_a + T_e + 2·T_c: the pipeline hides T_c
@@ -375,30 +375,60 @@ def gateway_workers(cal: Calibration, tokens_per_s: float, steps_per_s: float, a
     return max(1, math.ceil(need / per_worker))
 
 
+def graphed_step_us(costs: ModelCosts, plan: Deployment, cal: Calibration, decodes: int, decode_context: float,
+                    prompt_tokens: float, prompts: float, span: float) -> float:
+    """A step that replays a CUDA graph of the whole step with prompt tokens beside its decodes (attention_node/
+    model_runner.py): the prompt tokens share the decodes' microbatches, so the experts read their weights once for
+    both (each prompt token costed as a decode token at its context; span: the prompts' mean causal span, the tokens
+    fed before this chunk and half of it). Their attention beyond that is added on the attention GPU in full: as
+    served graphs with short prompts measured it (cal.mixed_attention_extra_us a layer), or, where cal has a prefill
+    line, at the prefill efficiency (a long prompt's chunk is compute-bound: 6x its floor on an H200 where a decode
+    is 1.05x; RESULTS.md, eleventh session), an upper bound under ping-pong."""
+    width = decodes + prompts
+    context = (decodes * decode_context + prompts * span) / width
+    step = step_parts(costs, plan, cal, decodes + prompt_tokens, context, min(plan.microbatches, math.ceil(width)),
+                      sequences=width)[3]
+    if cal.prefill_attention is None:
+        return step + costs.spec.num_layers * cal.mixed_attention_extra_us
+    return step + costs.spec.num_layers * max(0.0, attention_us(
+        costs, plan.attention_gpu, cal, prompt_tokens, span, sequences=prompts, prefill=True)
+        - attention_us(costs, plan.attention_gpu, cal, prompt_tokens, span, sequences=prompts))
+
+
 def predict(spec: ModelSpec, plan: Deployment, cal: Calibration, prompt_len: int, output_len: int,
-            utilization: float = 0.9, max_batch_tokens: int = 2048) -> Prediction:
-    """Steady state with every attention node holding batch_per_attention_node sequences at mid-output context; each
-    step also prefills the prompts that replace finished sequences (batch / output_len of them)."""
+            utilization: float = 0.9, max_batch_tokens: int = 2048,
+            prefill_graph_tokens: int | None = None) -> Prediction:
+    """Steady state with every attention node holding batch_per_attention_node sequences at mid-output context; the
+    prompts that replace finished sequences (batch / output_len of them a step) ride in steps as closed_loop costs
+    them: steps of at most prefill_graph_tokens tokens (None: max_batch_tokens, the engine's default) replay a CUDA
+    graph with the prompt tokens inside (graphed_step_us), longer ones run the prompts as one more eager microbatch."""
     costs = ModelCosts(spec, plan.dtype_bytes)
     batch = plan.batch_per_attention_node
     context = prompt_len + output_len / 2
     t_a, t_e, t_c, step = step_parts(costs, plan, cal, batch, context, plan.microbatches)
-    prefill = step_parts(costs, plan, cal, prompt_len, prompt_len / 2, 1, sequences=1, prefill=True)[3] - \
-        cal.step_overhead_us
-    step_with_prefills = step + batch / output_len * prefill
+    # a step that carries prompts: as many as finish a step (at least one), within the step's token budget
+    prompts_per_step = batch / output_len
+    fed = min(math.ceil(prompts_per_step) * prompt_len, max(1, max_batch_tokens - batch))
+    limit = max_batch_tokens if prefill_graph_tokens is None else min(prefill_graph_tokens, max_batch_tokens)
+    prompts, span = max(1.0, fed / prompt_len), min(prompt_len, fed) / 2
+    if batch + fed <= limit:
+        carrying = graphed_step_us(costs, plan, cal, batch, context, fed, prompts, span)
+    else:  # the prompts as one more microbatch, eager (a disaggregated one: at least its layers' launches)
+        carrying = step + step_parts(costs, plan, cal, fed, span, 1, sequences=prompts, prefill=True)[3] - \
+            cal.step_overhead_us
+        if not plan.colocated:
+            carrying = max(carrying, costs.moe_layers * cal.eager_layer_us)
+    prefill = (carrying - step) * prompt_len / fed  # one prompt's share of the step that carries it
+    step_with_prefills = step + prompts_per_step * prefill
     tokens_per_s = plan.attention_nodes * batch / step_with_prefills * 1e6
     attention_mem, expert_mem = memory(costs, plan, utilization)
     m = plan.microbatches
     holds = plan.colocated or m * max(t_a, plan.attention_nodes * t_e) >= t_a + t_e + 2 * t_c
-    # Prompts are prefilled inside decode steps (as one more microbatch), in chunks of the token budget, so the p99
-    # step carries them once at least 1% of steps do: ceil(batch / output_len) prompts, at most max_batch_tokens
-    # of their tokens.
-    prompts_per_step = batch / output_len
-    in_p99 = 0.0 if prompts_per_step < 0.01 else min(math.ceil(prompts_per_step) * prompt_len,
-                                                      max_batch_tokens) / max(1, prompt_len)
+    # the p99 step carries prompts once at least 1% of steps do
+    p99 = step if prompts_per_step * prompt_len / fed < 0.01 else carrying
     background = served_host_us(costs, plan, cal, batch / m)[2:]
     return Prediction(t_a, t_e, t_c, layer_us(t_a, t_e, t_c, m, plan, background), step, prefill, tokens_per_s,
-                      step + in_p99 * prefill, holds, attention_mem, expert_mem,
+                      p99, holds, attention_mem, expert_mem,
                       1 if plan.colocated else plan.attention_nodes,
                       gateway_workers(cal, tokens_per_s, 1e6 / step_with_prefills, plan.attention_nodes))
 
@@ -467,24 +497,9 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
             step = 0.0
             tokens = sum(n for _, n in chunks)
             if chunks and tokens + len(decoding) <= prefill_graph_tokens:
-                # a CUDA graph of the whole step: its prompt tokens share the decodes' microbatches, so the experts
-                # read their weights once for both (each prompt token costed as a decode token at its context)
-                width = len(decoding) + len(chunks)
-                context = (sum(r[0] + r[3] for r in decoding) + sum(r[1] + n / 2 for r, n in chunks)) / width
-                step = step_parts(costs, plan, cal, len(decoding) + tokens, context,
-                                  min(plan.microbatches, width), sequences=width)[3]
-                if cal.prefill_attention is None:
-                    # the prompts' attention beyond what their tokens cost as decodes, as served graphs with short
-                    # prompts measured it, on the attention GPU in full
-                    step += costs.spec.num_layers * cal.mixed_attention_extra_us
-                else:
-                    # their attention runs at its prefill efficiency (a long prompt's chunk is compute-bound: 6x its
-                    # floor on an H200 where a decode is 1.05x; RESULTS.md, eleventh session), added to the
-                    # attention GPU's step in full (an upper bound under ping-pong)
-                    span = sum(r[1] + n / 2 for r, n in chunks) / len(chunks)
-                    step += costs.spec.num_layers * max(0.0, attention_us(
-                        costs, plan.attention_gpu, cal, tokens, span, sequences=len(chunks), prefill=True)
-                        - attention_us(costs, plan.attention_gpu, cal, tokens, span, sequences=len(chunks)))
+                step = graphed_step_us(costs, plan, cal, len(decoding),
+                                       sum(r[0] + r[3] for r in decoding) / max(1, len(decoding)), tokens,
+                                       len(chunks), sum(r[1] + n / 2 for r, n in chunks) / len(chunks))
                 prefill_us += step * tokens / (len(decoding) + tokens)
                 mixed += bool(decoding)
             elif decoding:
