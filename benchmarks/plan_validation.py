@@ -41,7 +41,8 @@ PAIRED = {"planner/paired": CPU_CORES, "planner/served": SERVED_CPU_CORES,  # pl
           "planner/served_2": SERVED_CPU_CORES, "planner/prefill": SERVED_CPU_CORES,
           "planner/prefill_2": SERVED_CPU_CORES, "planner/prefill_3": SERVED_CPU_CORES,
           "planner/session12": SERVED_CPU_CORES, "planner/session12_2": SERVED_CPU_CORES,
-          "planner/session12_3": SERVED_CPU_CORES, "planner/session12_4": SERVED_CPU_CORES}
+          "planner/session12_3": SERVED_CPU_CORES, "planner/session12_4": SERVED_CPU_CORES,
+          "planner/session15": SERVED_CPU_CORES}
 
 QWEN3_8_LAYERS = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048, num_hidden_layers=8,
                       num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
@@ -228,9 +229,26 @@ def main() -> int:
               f"{predicted['tokens_per_s'] / tok - 1:+.0%} | {tpot:.2f} | {predicted['tpot_ms_p50']:.2f} | "
               f"{predicted['tpot_ms_p50'] / tpot - 1:+.0%} | {row['ttft_ms']['p50']:.0f} / "
               f"{predicted['ttft_ms_p50']:.0f} |")
+    current = []
     for folder, cores in PAIRED.items():
-        paired_table(folder, cores)
+        rows_of = paired_table(folder, cores)
+        if folder in CURRENT_CPU_RUNS:
+            current += rows_of
+    within = [1 for _, tok, predicted in current if abs(predicted / tok - 1) <= 0.15]
+    runs: dict[str, list] = {}
+    for label, tok, predicted in current:
+        runs.setdefault(label, []).append((tok, predicted))
+    errors = {label: statistics.median(p for _, p in r) / statistics.median(t for t, _ in r) - 1
+              for label, r in runs.items()}
+    print(f"\nCPU rows of the current code ({', '.join(CURRENT_CPU_RUNS)}): {len(within)} of {len(current)} within "
+          f"15% on tok/s; per configuration (the median of its runs): "
+          f"{sum(abs(e) <= 0.15 for e in errors.values())} of {len(errors)}; beyond it: " + (
+              "; ".join(f"{label} {e:+.0%}" for label, e in errors.items() if abs(e) > 0.15) or "none"))
     return 0
+
+
+# the CPU runs since bench layer's CPU rows were corrected (twelfth session): each a paired run of every row
+CURRENT_CPU_RUNS = ("planner/session12_3", "planner/session12_4", "planner/session15")
 
 
 SERVED_CALIBRATION = dict(tokens=16, context=32 + 32 / 2)  # plan_validation_cpu.sh's traced run: 16 x (32 in, 32 out)
@@ -257,13 +275,15 @@ def paired_cpu_setup(path: Path) -> tuple[calibration.Calibration, GpuType]:
     return cal, cpu
 
 
-def paired_table(folder: str, cores: int) -> None:
-    """CPU rows served right after their own calibration (benchmarks/plan_validation_cpu.sh): nothing fitted."""
+def paired_table(folder: str, cores: int) -> list[tuple[str, float, float]]:
+    """CPU rows served right after their own calibration (benchmarks/plan_validation_cpu.sh): nothing fitted.
+    Returns (configuration, measured tok/s, predicted) per row."""
     paired = sorted((HERE / folder).glob("*.json"))
     runs = [path for path in paired if not path.stem.endswith(("_layer", "_transport", ".trace"))
             and "_served" not in path.stem]
     if not runs:
-        return
+        return []
+    found = []
     print(f"\n{folder}:\n\n| configuration (calibrated just before) | load average before / after | measured tok/s "
           "| predicted tok/s | error | measured TPOT p50 ms | predicted | error | TTFT p50 ms measured / predicted | "
           "prefill share (model) |")
@@ -279,6 +299,8 @@ def paired_table(folder: str, cores: int) -> None:
                   f"{predicted['tokens_per_s']:.0f} | {predicted['tokens_per_s'] / tok - 1:+.0%} | {tpot:.2f} | "
                   f"{predicted['tpot_ms_p50']:.2f} | {predicted['tpot_ms_p50'] / tpot - 1:+.0%} | "
                   f"{row['ttft_ms']['p50']:.0f} / {predicted['ttft_ms_p50']:.0f} | {predicted['prefill_share']:.0%} |")
+            found.append((f"{path.stem.replace('_', ' ')} m={row['microbatches']}", tok, predicted["tokens_per_s"]))
+    return found
 
 
 MIXTRAL_4_LAYERS = dict(hidden_size=4096, num_layers=4, num_heads=32, num_kv_heads=8, head_dim=128,
