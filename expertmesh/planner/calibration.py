@@ -42,6 +42,9 @@ class Served:
     # scaled the long contexts' KV reads too: RESULTS.md, eighth session)
     attention_extra_us: float = 0.0
     experts_extra_us: float = 0.0
+    # a round that waits for the slower of two expert nodes, over the median round: the mean of the larger of two
+    # draws from the traced rounds, less their median (served.slower_of_two_us); 0: not measured (GPU meters)
+    slower_of_two_us: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ class Calibration:
     # tokens as decodes: the prompts' causal attention, whose kernel time follows each prompt's length more than the
     # step's tokens (64-128-token prompts beside 256 decodes: +45 us a layer for Qwen3-30B-A3B's shape, +111 for
     # Mixtral's; gpu_timeline.mixed_attention_extra_us of a served trace); 0: not measured (shipped calibrations: it
-    # differs by model shape). perf.closed_loop uses it; perf.predict costs prompts as an eager microbatch instead.
+    # differs by model shape). perf.graphed_step_us adds it, for closed_loop and predict alike.
     mixed_attention_extra_us: float = 0.0
     # the experts' kernel computes whole blocks of each expert's rows (the Triton fused MoE): their floor counts the
     # padding rows' flops (perf.padded_rows), as the line was fitted (fit_layer on bench layer's kernel_flops)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 from dataclasses import dataclass
 
 from ..kv.cache import CUDA_ACTIVATION_MARGIN, entry_layout
@@ -238,8 +239,9 @@ def comm_us(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: float
     every attention node."""
     if plan.colocated or tokens <= 0:
         return 0.0
-    if cal.served is not None:  # its host work is the nodes' (served_host_us); what remains is latency
-        return cal.served.crossing_us
+    if cal.served is not None:  # its host work is the nodes' (served_host_us); what remains is latency ...
+        # ... and the wait for the slowest of the expert nodes a microbatch reaches, half of it each way
+        return cal.served.crossing_us + cal.served.slower_of_two_us * slowest_of(reached(costs, plan, tokens)) / 2
     spec, reach = costs.spec, fanout(costs.spec, plan.expert_nodes)
     per_token = costs.message.bytes_per_message + ROUTING_BYTES_PER_CHOICE * spec.top_k
     sent = tokens * reach * per_token  # from one attention node, one way
@@ -252,6 +254,22 @@ def comm_us(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: float
     return (overhead + slope * max(sent, received) + cal.round.per_token_us * tokens) / 2
 
 
+def reached(costs: ModelCosts, plan: Deployment, tokens: float) -> float:
+    """Expert nodes a microbatch of `tokens` sends anything to, on average (each token reaches fanout of them)."""
+    share = fanout(costs.spec, plan.expert_nodes) / plan.expert_nodes  # of a token's messages, one node's
+    return plan.expert_nodes * (1 - (1 - share) ** tokens)
+
+
+def slowest_of(k: float) -> float:
+    """What waiting for the slowest of k nodes adds over the median, in units of the slower of two: the mean of the
+    largest of k normal draws by Blom's formula, Φ⁻¹((k - 0.375) / (k + 0.25)), over that of two (0 for one node;
+    within 4% of the exact means for k = 2..8; k need not be whole: the nodes a microbatch reaches on average)."""
+    if k <= 1:
+        return 0.0
+    largest = lambda n: statistics.NormalDist().inv_cdf((n - 0.375) / (n + 0.25))  # noqa: E731
+    return largest(k) / largest(2)
+
+
 def served_host_us(costs: ModelCosts, plan: Deployment, cal: Calibration,
                    tokens: float) -> tuple[float, float, float, float]:
     """Host work of one served M2N round of a microbatch of `tokens`, µs: (attention node, expert node) in their
@@ -259,8 +277,7 @@ def served_host_us(costs: ModelCosts, plan: Deployment, cal: Calibration,
     two nodes' background CPU for those messages (calibration.Served)."""
     if plan.colocated or cal.served is None or tokens <= 0:
         return 0.0, 0.0, 0.0, 0.0
-    share = fanout(costs.spec, plan.expert_nodes) / plan.expert_nodes  # of a token's messages, one node's
-    messages = plan.expert_nodes * (1 - (1 - share) ** tokens)  # expert nodes a microbatch sends anything
+    messages = reached(costs, plan, tokens)  # expert nodes a microbatch sends anything
     served = cal.served
     return (served.dispatch_us * messages, served.answer_us * messages / plan.expert_nodes,
             served.attention_background_us * messages, served.expert_background_us * messages / plan.expert_nodes)

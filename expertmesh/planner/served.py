@@ -28,6 +28,7 @@ class ServedPhases:
     step_host_us: float  # per step outside the layers: step inputs, final norm and lm_head, sampling, between steps
     attention_background_us: float = 0.0  # per round, the node's CPU outside its phases (its transport's threads,
     expert_background_us: float = 0.0  # the event loop); 0 without CPU seconds
+    slower_of_two_us: float = 0.0  # a round that waits for the slower of two, over the median (slower_of_two_us)
 
 
 # An attention node's host work between steps, traced as phases of their own since the tenth session: here, as
@@ -102,7 +103,16 @@ def phases_of(trace: dict, cpu_s: dict[str, float] | None = None) -> ServedPhase
     background = [max(0.0, (cpu_s[node] * 1e6 - sum(e[1] for e in nodes[node])) / len(rounds)) if cpu_s else 0.0
                   for node in ("attention node 0", "expert node 0")]
     return ServedPhases(med(segments), med(c[1] for c in compute), *work, max(0.0, (med(rounds) - sum(work)) / 2),
-                        med(step_host), *background)
+                        med(step_host), *background, slower_of_two_us(rounds))
+
+
+def slower_of_two_us(rounds: list[float]) -> float:
+    """The mean of the larger of two rounds drawn from `rounds`, less their median: what a round that waits for two
+    expert nodes adds over one, where each node's share of the round varies as a whole round did (the 1+1 traces
+    of the CPU rows: 0.40-0.50 ms over a 2.4-2.6 ms median; RESULTS.md, fifteenth session). Exact over the
+    empirical distribution: the i-th smallest of n is the larger of two with chance (i² - (i-1)²) / n²."""
+    ordered, n = sorted(rounds), len(rounds)
+    return sum(x * (2 * i - 1) for i, x in enumerate(ordered, 1)) / n ** 2 - statistics.median(ordered)
 
 
 def _next_after(sends: list, receives: list) -> list[tuple]:
@@ -157,7 +167,8 @@ def served_calibration(cal: Calibration, phases: ServedPhases, spec: ModelSpec, 
              phases.expert_compute_us - bench_experts) if additive else \
         (phases.attention_segment_us / bench_attention, phases.expert_compute_us / bench_experts, 0.0, 0.0)
     served = Served(phases.dispatch_us + phases.combine_us, phases.answer_us, phases.crossing_us,
-                    phases.attention_background_us, phases.expert_background_us, *parts)
+                    phases.attention_background_us, phases.expert_background_us, *parts,
+                    slower_of_two_us=phases.slower_of_two_us)
     if not other_batches:
         return dataclasses.replace(cal, served=served, step_overhead_us=max(0.0, phases.step_host_us - lm_head))
     points = [(n, p.step_host_us - _floor_us(costs.elt * spec.vocab_size * spec.hidden_size,

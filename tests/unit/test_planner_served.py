@@ -278,3 +278,28 @@ def test_the_host_time_of_eager_steps_bounds_them_in_disaggregated_plans():
         graphed = closed_loop(spec, plan, dataclasses.replace(cal, eager_layer_us=5000.0), jobs, concurrency=2,
                               prefill_graph_tokens=512)
         assert graphed["tokens_per_s"] == pytest.approx(untimed["tokens_per_s"])
+
+
+def test_a_round_to_several_expert_nodes_waits_for_the_slowest():
+    """The traced rounds' larger of two draws, over their median, is what a second expert node adds to a round
+    (half each way in T_c); more nodes add more, by the normal's order statistics; one node adds nothing."""
+    import statistics
+
+    from expertmesh.planner.perf import slowest_of
+    from expertmesh.planner.served import slower_of_two_us
+    rounds = [2000.0, 2100.0, 2500.0, 3900.0, 2050.0]
+    larger = [max(a, b) for a in rounds for b in rounds]  # every ordered pair, with replacement
+    assert slower_of_two_us(rounds) == pytest.approx(statistics.mean(larger) - statistics.median(rounds))
+    assert slower_of_two_us([2500.0] * 4) == 0
+    assert slowest_of(1) == 0 and slowest_of(2) == pytest.approx(1.0)
+    assert 1.0 < slowest_of(3) < slowest_of(4) < slowest_of(8) < 2.6  # exact: 1.50, 1.82, 2.52
+
+    spec = shape("tiny")[1]
+    costs = ModelCosts(spec, 4)
+    phases = dataclasses.replace(phases_of(served_trace()), slower_of_two_us=400.0)
+    cal = served_calibration(CAL, phases, spec, CPU, tokens=16, context=48, dtype_bytes=4)
+    assert cal.served.slower_of_two_us == 400.0 and calibration.Calibration.from_dict(cal.to_dict()) == cal
+    one, two = (Deployment(CPU, CPU, 1, n, 1, 32, 128) for n in (1, 2))
+    assert comm_us(costs, one, cal, 16) == 250
+    reached = 2 * (1 - (1 - fanout(spec, 2) / 2) ** 16)  # expert nodes a microbatch of 16 reaches, on average
+    assert comm_us(costs, two, cal, 16) == pytest.approx(250 + 400 * slowest_of(reached) / 2)
