@@ -3,7 +3,10 @@
 median, which the model takes, and the mean of the slower of two draws, which a round to two expert nodes waits for.
 
     python benchmarks/cpu_concurrency.py /tmp/cpu_concurrency
-    python benchmarks/cpu_concurrency.py --rounds benchmarks/planner/session15/mini_*_served.trace.json"""
+    python benchmarks/cpu_concurrency.py --rounds benchmarks/planner/session15/mini_*_served.trace.json
+    python benchmarks/cpu_concurrency.py --cores benchmarks/planner/session1{2_3,2_4,5}/mini_{1x1,1x2,2x2}.json
+
+--cores: each served row's processes' CPU seconds (/proc) over its wall time: the cores they kept busy."""
 from __future__ import annotations
 
 import json
@@ -42,6 +45,15 @@ def main() -> int:
             slower = statistics.mean(max(rng.choice(times), rng.choice(times)) for _ in range(20000))
             print(f"| {path.name} | {len(times)} | {statistics.median(times):.0f} | {statistics.mean(times):.0f} | "
                   f"{slower:.0f} |")
+        return 0
+    if sys.argv[1] == "--cores":
+        print("| row | cores busy in all | each process |\n|---|---|---|")
+        for path in map(Path, sys.argv[2:]):
+            row = json.loads(path.read_text())["rows"][0]
+            share = {name: cpu / row["duration_s"] for name, cpu in (row.get("cpu_s") or {}).items()}
+            share["client"] = row.get("client_cpu_s", 0.0) / row["duration_s"]
+            print(f"| {path.parent.name}/{path.stem} | {sum(share.values()):.2f} | "
+                  + ", ".join(f"{name} {value:.2f}" for name, value in share.items()) + " |")
         return 0
     folder = Path(sys.argv[1])
     alone, together = times(sorted(folder.glob("alone_*.json"))), times(sorted(folder.glob("together_*.json")))
