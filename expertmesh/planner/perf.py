@@ -290,13 +290,19 @@ def layer_us(t_a: float, t_e: float, t_c: float, m: int, plan: Deployment,
     each: a lane per attention node in lockstep rounds, expert_node/lockstep.py; the message path computes what has
     arrived: one attention node's dispatch in 2037 of 2088 rounds served 2x2, benchmarks/RESULTS.md), so a layer takes
     the longest of the attention node's m·T_a, the expert node's A·m·T_e (A attention nodes) and one microbatch's
-    round trip T_a + T_e + 2·T_c. Nodes sharing devices also wait for every node's work to pass through them.
+    round trip T_a + T_e + 2·T_c. Nodes sharing devices also wait for every node's work to pass through them, and
+    where several attention nodes share them, their parts do not overlap the expert nodes' lanes: a layer is the
+    attention nodes' work, then the expert nodes' A lanes, then the crossings. (The CPU rows of 2 attention and 2
+    expert nodes on 2 cores kept only 1.66-1.70 of the cores busy; with this the 10 runs that have a traced
+    calibration went from +3..+33% to -16..+8%: RESULTS.md, fifteenth session.)
     `background`: each node's CPU per microbatch beside T_a, T_e (served.py): busy, but off the round trip."""
     attention_node = m * (t_a + background[0])
     expert_node = plan.attention_nodes * m * (t_e + background[1])
     critical = m * (t_a + t_e) if plan.colocated else max(attention_node, expert_node, t_a + t_e + 2 * t_c)
     if not plan.shared_devices:
         return critical
+    if not plan.colocated and plan.attention_nodes > 1:
+        critical = max(critical, attention_node + expert_node + 2 * t_c)
     work = plan.attention_nodes * (attention_node if not plan.colocated else m * (t_a + t_e)) + \
         plan.expert_nodes * expert_node
     return max(critical, work / min(plan.shared_devices, plan.gpus))
