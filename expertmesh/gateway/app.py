@@ -410,6 +410,7 @@ def create_app(served: ServedModel) -> FastAPI:
                 # the prompt's logprobs come with the first token, so with the first chunk
                 yield Chunk("".join(text), tokens, reason, logprobs or None, events[0].prompt_logprobs)
                 text, tokens, logprobs, written = [], [], [], written + 1
+                queue.wake_at = served.stream_interval  # after the first chunk: wake once a chunk's tokens wait
                 if reason is not None:
                     return
         finally:

@@ -4,6 +4,7 @@ instead of hanging them."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -23,6 +24,46 @@ class TokenEvent:
     logprobs: list | None = None  # [logprob, [[token, logprob], ...]] when asked for
     queue_s: float | None = None  # with the first token: seconds the request waited at the node for its first step
     prompt_logprobs: list | None = None  # with the first token, when asked: StepOutputs.prompt_logprobs' entries
+
+
+class TokenQueue:
+    """One stream's events, for the one task that reads them: get() returns once `wake_at` events wait, or one that
+    ends the stream does. A stream that gathers K tokens a chunk (gateway.stream_interval) sets wake_at = K after its
+    first chunk, so its task wakes once a chunk, not once a token: a wake-up and the event loop's turn cost about
+    as much as the rest of a token's path."""
+
+    def __init__(self) -> None:
+        self._events: collections.deque[TokenEvent] = collections.deque()
+        self._waiter: asyncio.Future | None = None
+        self.wake_at = 1
+
+    def put_nowait(self, event: TokenEvent) -> None:
+        self._events.append(event)
+        if self._waiter is not None and not self._waiter.done() and self._ready():
+            self._waiter.set_result(None)
+
+    def _ready(self) -> bool:
+        return len(self._events) >= self.wake_at or (bool(self._events) and self._events[-1].finish_reason is not None)
+
+    async def get(self) -> TokenEvent:
+        while not self._ready():
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._events.popleft()
+
+    def get_nowait(self) -> TokenEvent:
+        return self._events.popleft()  # IndexError when empty
+
+    def empty(self) -> bool:
+        return not self._events
+
+    @property
+    def waiting(self) -> bool:
+        """Its reader waits for more events than have come."""
+        return self._waiter is not None and not self._waiter.done()
 
 
 class NodeLink:
@@ -123,7 +164,7 @@ class AttentionNodeClient(NodeLink):
     def __init__(self, index: int, connection: Connection, node_timeout_s: float, secret: str | None = None) -> None:
         super().__init__(f"attention node {index}", connection, node_timeout_s, secret)
         self.index = index
-        self.streams: dict[str, asyncio.Queue[TokenEvent]] = {}
+        self.streams: dict[str, TokenQueue] = {}
         self.inflight_tokens: dict[str, int] = {}  # prompt + max tokens of each request, for routing
         # requests routed here whose stream has not submitted them yet: (tokens, when). A streaming response submits
         # when its body is first read, after the handler returns, so a burst routed meanwhile would see none of
@@ -147,8 +188,8 @@ class AttentionNodeClient(NodeLink):
         self.requests_routed += 1
 
     async def submit(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
-                     prompt_logprobs: int | None = None) -> asyncio.Queue[TokenEvent]:
-        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+                     prompt_logprobs: int | None = None) -> TokenQueue:
+        queue = TokenQueue()
         self.streams[request_id] = queue
         if self.claims.pop(request_id, None) is None:
             self.requests_routed += 1

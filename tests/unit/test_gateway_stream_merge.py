@@ -23,7 +23,7 @@ WORDS = CODEC.encode(" the cat sat on the mat and ran", add_special_tokens=False
 class ScriptedNode(Connection):
     """An attention node that answers each request with all of its steps at once: every token is queued before the
     stream's task runs again, as when the gateway's event loop is behind its nodes. paced: each step once the stream
-    has taken the one before, as when the gateway keeps up."""
+    has taken the one before or waits for more, as when the gateway keeps up."""
 
     def __init__(self, tokens: list[int], error_after: int | None = None, paced: bool = False) -> None:
         self.tokens, self.error_after, self.paced, self.client = tokens, error_after, paced, None
@@ -34,7 +34,8 @@ class ScriptedNode(Connection):
 
     def answer(self, rid: str, start: int = 0) -> None:
         queue = self.client.streams.get(rid)
-        if self.paced and queue is not None and not queue.empty():  # the stream has not taken the last step yet
+        # the stream has not taken the last step yet (nor waits, gathering, for more than have come)
+        if self.paced and queue is not None and not queue.empty() and not queue.waiting:
             asyncio.get_running_loop().call_soon(self.answer, rid, start)
             return
         for i, token in enumerate(self.tokens[start:], start):
@@ -176,3 +177,32 @@ def test_bench_serve_counts_a_streams_tokens_from_its_usage_not_its_events():
 
     result = asyncio.run(main())
     assert result.error is None and result.output_tokens == 5 and result.ttft_s > 0
+
+
+def test_a_token_queue_wakes_its_reader_once_wake_at_events_wait_or_one_ends_the_stream():
+    from expertmesh.gateway.nodes import TokenEvent, TokenQueue
+
+    async def main() -> list:
+        queue, woken = TokenQueue(), []
+        queue.wake_at = 3
+
+        async def reader() -> None:
+            woken.append(await queue.get())
+            while not queue.empty():
+                woken.append(queue.get_nowait())
+
+        task = asyncio.ensure_future(reader())
+        for token in (1, 2):
+            queue.put_nowait(TokenEvent(token, None))
+            await asyncio.sleep(0)
+        seen_after_two = (len(woken), queue.waiting)
+        queue.put_nowait(TokenEvent(3, None))
+        await task
+        first = [e.token_id for e in woken]
+        woken.clear()
+        task = asyncio.ensure_future(reader())  # one event, but it ends the stream: no waiting for three
+        queue.put_nowait(TokenEvent(4, "length"))
+        await asyncio.wait_for(task, 1)
+        return [seen_after_two, first, [e.token_id for e in woken]]
+
+    assert asyncio.run(main()) == [(0, True), [1, 2, 3], [4]]
