@@ -207,7 +207,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     per_token, per_message = gateway_costs([asdict(r) for r in runs])
     print(f"gateway CPU: {per_token:.1f} us a token and {per_message:.0f} a step message (median of {len(runs)} "
-          f"runs; a calibration file's bench_gateway entry takes them)")
+          f"run{'s' if len(runs) != 1 else ''}; a calibration file's bench_gateway entry takes them)")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "func"},
                                                "cpus": len(os.sched_getaffinity(0)),
