@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 
 import uvloop
@@ -17,18 +16,13 @@ import uvloop
 from expertmesh.bench.serve import Workload, run
 from expertmesh.config import IPC_COPIES, Config, EngineConfig
 from expertmesh.launcher.local import LocalCluster, free_port
+from expertmesh.launcher.node_host import cpu_seconds as node_cpu_seconds
 
 
 def cpu_seconds(cluster: LocalCluster) -> dict[str, float]:
     """CPU seconds (user + system, every thread) each process of the cluster has used so far, from /proc: what its
     phase clock does not see too (transport threads, the event loop)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    used = {}
-    for child in cluster.children:
-        with open(f"/proc/{child.process.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        used[child.name] = (int(fields[11]) + int(fields[12])) / ticks
-    return used
+    return {child.name: node_cpu_seconds(child.process.pid) for child in cluster.children}
 
 
 def main() -> int:

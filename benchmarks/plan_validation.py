@@ -235,11 +235,8 @@ def main() -> int:
         if folder in CURRENT_CPU_RUNS:
             current += rows_of
     within = [1 for _, tok, predicted in current if abs(predicted / tok - 1) <= 0.15]
-    runs: dict[str, list] = {}
-    for label, tok, predicted in current:
-        runs.setdefault(label, []).append((tok, predicted))
-    errors = {label: statistics.median(p for _, p in r) / statistics.median(t for t, _ in r) - 1
-              for label, r in runs.items()}
+    errors = {label: error for label, (error, _) in by_configuration(
+        [(label, label, tok, predicted) for label, tok, predicted in current]).items()}
     print(f"\nCPU rows of the current code ({', '.join(CURRENT_CPU_RUNS)}): {len(within)} of {len(current)} within "
           f"15% on tok/s; per configuration (the median of its runs): "
           f"{sum(abs(e) <= 0.15 for e in errors.values())} of {len(errors)}; beyond it: " + (
@@ -721,7 +718,8 @@ def configuration(args: dict, row: dict, one_gpu: bool) -> tuple:
     same = ("model", "attention_nodes", "expert_nodes", "transport", "gateway_workers", "client_processes",
             "concurrency", "num_requests", "input_len", "output_len", "max_num_seqs", "max_waiting_steps",
             "prefill_graph_tokens", "async_scheduling", "sm_percent")
-    return (one_gpu, row["microbatches"], *(json.dumps(args.get(key)) for key in same))
+    return (("one_gpu", one_gpu), ("microbatches", row["microbatches"]),
+            *((key, json.dumps(args.get(key))) for key in same))
 
 
 def load_generator_bound(key: tuple) -> bool:
@@ -729,21 +727,27 @@ def load_generator_bound(key: tuple) -> bool:
     such runs served 2-23% fewer tok/s than the same configuration's one-client runs, their gateways at 76-95 us of
     CPU a token and 93-98% busy (53-68 us with one client; RESULTS.md, fifteenth session). The load generator took
     the host the served system runs on; the model has no term for it."""
-    one_gpu, client_processes = key[0], json.loads(key[7])
-    return one_gpu and (client_processes or 1) >= 4
+    fields = dict(key)
+    return fields["one_gpu"] and (json.loads(fields["client_processes"]) or 1) >= 4
+
+
+def by_configuration(current: list[tuple[str, object, float, float]]) -> dict:
+    """(label, configuration, measured tok/s, predicted) rows grouped by configuration: for each, the error of the
+    median prediction over the median measured, and its (label, measured, predicted) runs."""
+    runs: dict[object, list] = {}
+    for label, key, tok, predicted in current:
+        runs.setdefault(key, []).append((label, tok, predicted))
+    return {key: (statistics.median(p for *_, p in rows) / statistics.median(t for _, t, _ in rows) - 1, rows)
+            for key, rows in runs.items()}
 
 
 def print_configurations(current: list[tuple[str, tuple, float, float]]) -> None:
     """The count per configuration: the median of its runs against its prediction. A configuration served on
     different days (each device call is another machine) varied by up to 17% (Qwen3 1+1 m=1 on one H200: 41.6k on
     the thirteenth session's call 3, 48.0k and 48.7k on the twelfth's and fourteenth's)."""
-    runs: dict[tuple, list] = {}
-    for label, key, tok, predicted in current:
-        runs.setdefault(key, []).append((label, tok, predicted))
+    runs = by_configuration(current)
     beyond, apart = [], []
-    for key, rows in runs.items():
-        measured = statistics.median(tok for _, tok, _ in rows)
-        error = statistics.median(predicted for *_, predicted in rows) / measured - 1
+    for key, (error, rows) in runs.items():
         if abs(error) > 0.15:
             line = (f"{rows[0][0].split(', session')[0]} ({len(rows)} run{'s' if len(rows) > 1 else ''}, "
                     f"{min(tok for _, tok, _ in rows):.0f}-{max(tok for _, tok, _ in rows):.0f} tok/s) {error:+.0%}")

@@ -15,22 +15,24 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
+from ..launcher import ClusterError
+from ..launcher.local import Child
+from ..launcher.node_host import cpu_seconds, free_port, reap
+from ..launcher.supervision import wait_healthy
 from ..planner.calibration import gateway_costs
 from ..planner.served import GATEWAY_US_PER_MESSAGE
 from . import serve
 
 READY_S = 60.0
+STOP_S = 10.0
 
 
 @dataclass
@@ -105,32 +107,6 @@ def stand_in(address: str, step_s: float, messages) -> None:
     uvloop.run(main())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _wait_healthy(url: str, gateways: list[subprocess.Popen]) -> None:
-    deadline = time.monotonic() + READY_S
-    while True:  # /health answers 200 once the gateway has heard the node
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            dead = [g.args[-1] for g in gateways if g.poll() is not None]
-            if dead or time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway did not become healthy within {READY_S:.0f} s"
-                                   + (f" (process {', '.join(dead)} exited)" if dead else ""))
-            time.sleep(0.2)
-
-
 def measure(model: str, workers: int = 4, requests: int = 2048, tokens: int = 96, concurrency: int = 256,
             step_ms: float = 4.5, stream_interval: int = 1, client_processes: int = 1, repeats: int = 2,
             profile: str | None = None, progress=sys.stderr) -> list[GatewayRun]:
@@ -144,10 +120,10 @@ def measure(model: str, workers: int = 4, requests: int = 2048, tokens: int = 96
         raise ValueError(f"the step must be longer than 0 ms, not {step_ms}")
     context = multiprocessing.get_context("spawn")
     messages = context.Value("q", 0)
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     node = context.Process(target=stand_in, args=(address, step_ms / 1e3, messages), daemon=True)
     node.start()
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,10 +134,12 @@ def measure(model: str, workers: int = 4, requests: int = 2048, tokens: int = 96
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml.safe_dump(config))
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=tmp) if workers > 1 else dict(os.environ)
-        gateways = [subprocess.Popen([sys.executable, "-m", "expertmesh.gateway", "--config", str(path),
-                                      "--index", str(i)], env=env) for i in range(workers)]
+        commands = [[sys.executable, "-m", "expertmesh.gateway", "--config", str(path), "--index", str(i)]
+                    for i in range(workers)]
+        gateways = [Child(f"gateway {i}", subprocess.Popen(command, env=env), command, env=env)
+                    for i, command in enumerate(commands)]
         try:
-            _wait_healthy(url, gateways)
+            wait_healthy(url, gateways, READY_S, workers)  # every process serving, so none takes the first burst alone
             warm = serve.Workload(min(64, requests), (64, 64), (8, 8), min(64, concurrency))
             with open(os.devnull, "w") as quiet:  # connections, imports, first-request paths
                 asyncio.run(serve.run(url, warm, progress=quiet))
@@ -169,13 +147,13 @@ def measure(model: str, workers: int = 4, requests: int = 2048, tokens: int = 96
                 profiler = None
                 if profile and repeat == repeats - 1:
                     profiler = subprocess.Popen(["py-spy", "record", "--format", "raw", "-o", profile,
-                                                 "-p", str(gateways[0].pid), "-r", "200"], stderr=subprocess.DEVNULL)
-                cpu_before = [_cpu_seconds(g.pid) for g in gateways]
+                                                 "-p", str(gateways[0].process.pid), "-r", "200"], stderr=subprocess.DEVNULL)
+                cpu_before = [cpu_seconds(g.process.pid) for g in gateways]
                 sent_before = messages.value
                 workload = serve.Workload(requests, (64, 64), (tokens, tokens), concurrency,
                                           client_processes=client_processes)
                 report = asyncio.run(serve.run(url, workload, progress=progress))
-                cpu = [_cpu_seconds(g.pid) - before for g, before in zip(gateways, cpu_before)]
+                cpu = [cpu_seconds(g.process.pid) - before for g, before in zip(gateways, cpu_before)]
                 sent = messages.value - sent_before
                 if profiler is not None:
                     profiler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
@@ -188,12 +166,9 @@ def measure(model: str, workers: int = 4, requests: int = 2048, tokens: int = 96
                 print(runs[-1].line(), file=progress, flush=True)
         finally:
             for g in gateways:
-                g.terminate()
+                g.process.terminate()
             for g in gateways:
-                try:
-                    g.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    g.kill()
+                reap(g.process, g.name, STOP_S, STOP_S)
             node.kill()
     return runs
 
@@ -202,7 +177,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         runs = measure(args.model, args.workers, args.requests, args.tokens, args.concurrency, args.step_ms,
                        args.stream_interval, args.client_processes, args.repeats, args.profile)
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, ClusterError) as exc:
         print(f"expertmesh bench gateway: {exc}", file=sys.stderr)
         return 1
     per_token, per_message = gateway_costs([asdict(r) for r in runs])

@@ -43,6 +43,12 @@ def die_with_parent() -> None:
         pass
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def reap(process: subprocess.Popen, name: str, wait_s: float, grace_s: float) -> None:
     """Waits up to wait_s for a process told to stop (SIGTERM); one still running then is named on stderr and
     killed, so that a node slow to stop is seen rather than silently waited for."""

@@ -241,7 +241,8 @@ def comm_us(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: float
         return 0.0
     if cal.served is not None:  # its host work is the nodes' (served_host_us); what remains is latency ...
         # ... and the wait for the slowest of the expert nodes a microbatch reaches, half of it each way
-        return cal.served.crossing_us + cal.served.slower_of_two_us * slowest_of(reached(costs, plan, tokens)) / 2
+        slower = cal.served.slower_of_two_us
+        return cal.served.crossing_us + (slower * slowest_of(reached(costs, plan, tokens)) / 2 if slower else 0.0)
     spec, reach = costs.spec, fanout(costs.spec, plan.expert_nodes)
     per_token = costs.message.bytes_per_message + ROUTING_BYTES_PER_CHOICE * spec.top_k
     sent = tokens * reach * per_token  # from one attention node, one way
@@ -264,10 +265,14 @@ def slowest_of(k: float) -> float:
     """What waiting for the slowest of k nodes adds over the median, in units of the slower of two: the mean of the
     largest of k normal draws by Blom's formula, Φ⁻¹((k - 0.375) / (k + 0.25)), over that of two (0 for one node;
     within 4% of the exact means for k = 2..8; k need not be whole: the nodes a microbatch reaches on average)."""
-    if k <= 1:
-        return 0.0
-    largest = lambda n: statistics.NormalDist().inv_cdf((n - 0.375) / (n + 0.25))  # noqa: E731
-    return largest(k) / largest(2)
+    return _largest_of(k) / _largest_of(2) if k > 1 else 0.0
+
+
+def _largest_of(k: float) -> float:
+    return _NORMAL.inv_cdf((k - 0.375) / (k + 0.25))
+
+
+_NORMAL = statistics.NormalDist()
 
 
 def served_host_us(costs: ModelCosts, plan: Deployment, cal: Calibration,
