@@ -34,7 +34,7 @@ def rounded_per_add(x, expert_ids, expert_weights, experts):
 
 
 def main() -> None:
-    prompts, forced = teacher_forcing_case(MODEL, (ROOT / "README.md").read_text())
+    prompts, forced = teacher_forcing_case(MODEL)
 
     def argmaxes(dtype):
         return asyncio.run(teacher_forced_argmaxes(MODEL, prompts, forced, "cpu", dtype))

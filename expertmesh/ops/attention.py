@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from .backend import pick_backend, tl, triton
 
 _LOG2_E = 1.4426950408889634
+P_PARTS = 3  # 16-bit parts of the softmax weights in a bf16/fp16 P.V product (the kernel's docstring says why;
+# softmax_parts where a decode tile keeps fewer)
 
 
 # ---------------------------------------------------------------------------------------------- KV-cache write
@@ -237,16 +239,17 @@ def _paged_attention_kernel(
         stride_v_block, stride_v_offset, stride_v_head, stride_out_token, stride_out_head, stride_table,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_P: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, DOT_PRECISION: tl.constexpr, P_PARTS: tl.constexpr,
         COPIES: tl.constexpr):
     """One program: BLOCK_Q new tokens of one sequence x the GROUP query heads of one kv head (BLOCK_M rows, so
     each key tile is loaded once for the whole group), over the split-th share of the keys those tokens see.
 
-    SPLIT_P (bf16/fp16): the softmax weights enter the P.V product as two 16-bit parts, high and low, so that 16 of
-    their bits count, where FlashAttention keeps 8: the torch reference (SDPA) computes attention in float32, and
-    rounding the weights alone set 2% of the shipped model's bf16 argmaxes apart from it. COPIES 2 (decode, whose
-    few rows leave most of the 16-row MMA tile empty): the group's rows appear twice, the second copy carrying the
-    low parts, and one product serves both; otherwise a second product takes the low parts."""
+    P_PARTS (bf16/fp16: softmax_parts): the softmax weights enter the P.V product as that many 16-bit parts, each
+    what rounding left out of the ones before; 3 keep 24 of their bits (float32's all), where FlashAttention keeps 8.
+    The torch reference (SDPA) computes attention in float32: rounding the weights to 8 bits set 2% of the shipped
+    model's bf16 argmaxes apart from it, to 16 bits 1.1%, to 24 bits 0.7% (RESULTS.md, sixteenth session). COPIES
+    (decode, whose few rows leave most of the 16-row MMA tile empty): the group's rows appear once per part, copy c
+    carrying part c, and one product serves them all; otherwise a product per part."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -297,21 +300,30 @@ def _paged_attention_kernel(
         v = tl.load(v_cache_ptr + block[:, None] * stride_v_block + offset[:, None] * stride_v_offset
                     + kv_head * stride_v_head + dims[None, :], mask=kv_mask, other=0.0)
         p_high = p.to(v.dtype)
-        if COPIES == 2:  # the second copy's rows take what rounding left out of the first's
-            low = (rows // GROUP_PAD == 1)[:, None]
-            pv = tl.dot(tl.where(low, (p - p_high.to(tl.float32)).to(v.dtype), p_high), v,
-                        input_precision=DOT_PRECISION)
+        if P_PARTS > 1:
+            rest = p - p_high.to(tl.float32)
+            p_mid = rest.to(v.dtype)
+            p_low = (rest - p_mid.to(tl.float32)).to(v.dtype)
+        if COPIES > 1:  # copy c's rows take part c: what rounding left out of the copies before it
+            copy_of_row = (rows // GROUP_PAD)[:, None]
+            parts = tl.where(copy_of_row == 0, p_high, p_mid)
+            if COPIES == 3:
+                parts = tl.where(copy_of_row == 2, p_low, parts)
+            pv = tl.dot(parts, v, input_precision=DOT_PRECISION)
         else:
             pv = tl.dot(p_high, v, input_precision=DOT_PRECISION)
-            if SPLIT_P:
-                pv = tl.dot((p - p_high.to(tl.float32)).to(v.dtype), v, pv, input_precision=DOT_PRECISION)
+            if P_PARTS > 1:
+                pv = tl.dot(p_mid, v, pv, input_precision=DOT_PRECISION)
+            if P_PARTS > 2:
+                pv = tl.dot(p_low, v, pv, input_precision=DOT_PRECISION)
         acc = acc * alpha[:, None] + pv
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
-    if COPIES == 2:  # fold the copies: [copies, GROUP_PAD] rows, the high and low parts summed, the rest dropped
+    if COPIES > 1:  # fold the copies: [copies, GROUP_PAD] rows, the parts summed, the rest dropped
         copy = rows // GROUP_PAD
-        acc = tl.sum(tl.reshape(tl.where((copy < 2)[:, None], acc, 0.0), (BLOCK_M // GROUP_PAD, GROUP_PAD, DIM_PAD)), 0)
+        acc = tl.sum(tl.reshape(tl.where((copy < COPIES)[:, None], acc, 0.0), (BLOCK_M // GROUP_PAD, GROUP_PAD,
+                                                                                DIM_PAD)), 0)
         m_i = tl.max(tl.reshape(tl.where(copy == 0, m_i, float("-inf")), (BLOCK_M // GROUP_PAD, GROUP_PAD)), 0)
         l_i = tl.sum(tl.reshape(tl.where(copy == 0, l_i, 0.0), (BLOCK_M // GROUP_PAD, GROUP_PAD)), 0)
         head = kv_head * GROUP + tl.arange(0, GROUP_PAD)
@@ -351,6 +363,19 @@ def _combine_splits_kernel(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, nu
              mask=dims < HEAD_DIM)
 
 
+def softmax_parts(element_size: int, decode: bool, group_pad: int, block_m: int,
+                  fixed: int | None = None) -> tuple[int, int]:
+    """(parts, copies) of the kernel's P.V product: the softmax weights as P_PARTS 16-bit parts for 16-bit inputs
+    (float32: one), each part a copy of the group's rows in a decode tile where the copies fit in its block_m rows.
+    A decode tile too small for P_PARTS copies keeps as many as fit, at least 2: a product per part there cost
+    Qwen3's groups of 8 16-19% of their decode time (RESULTS.md, sixteenth session). `fixed`: that many parts
+    wherever, to measure them (benchmarks/attention_p_parts.py)."""
+    if element_size != 2:
+        return 1, 1
+    parts = fixed or (P_PARTS if not decode or P_PARTS * group_pad <= block_m else max(2, block_m // group_pad))
+    return parts, parts if decode and parts * group_pad <= block_m else 1
+
+
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                            seq_lens: torch.Tensor, query_start: torch.Tensor, max_query_len: int, scale: float,
                            launch: AttentionLaunch | None = None) -> torch.Tensor:
@@ -381,8 +406,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = num_q_heads // num_kv_heads
     group_pad, dim_pad = triton.next_power_of_2(group), triton.next_power_of_2(head_dim)
     block_m = max(16, launch.block_q * group_pad)  # tl.dot needs at least 16 rows
-    halves = q.element_size() == 2  # the softmax weights as two 16-bit parts (see the kernel)
-    copies = 2 if halves and decode and 2 * group_pad <= block_m else 1
+    parts, copies = softmax_parts(q.element_size(), decode, group_pad, block_m)
     num_tiles = num_seqs if decode else num_tokens // launch.block_q + num_seqs
     splits = launch.num_splits
     if splits == 1:
@@ -400,7 +424,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_SIZE=block_size,
         BLOCK_Q=launch.block_q, BLOCK_M=block_m, BLOCK_N=launch.block_n, NUM_SPLITS=splits, DECODE=decode,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        SPLIT_P=halves, COPIES=copies,
+        P_PARTS=parts, COPIES=copies,
         num_warps=launch.num_warps, num_stages=launch.num_stages)
     if splits > 1:
         _combine_splits_kernel[(num_tokens, num_q_heads)](

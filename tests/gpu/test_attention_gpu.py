@@ -74,9 +74,9 @@ def test_mixed_prefill_and_decode_match_the_reference(shape, dtype):
                                            ([300, 17, 1, 1, 1, 1], (32, 4))])
 def test_bf16_output_is_exact_attention_rounded_once(q_lens, heads):
     """bf16 in, each output the float32 attention of those bf16 values rounded once, as the torch reference (SDPA)
-    gives it: the softmax weights reach the P.V product with 16 bits (two parts), so rounding them is rarely what
-    decides an output's last bit. Groups of 4 and 8 take the decode kernel's row copies, 16 its second product,
-    the prefill rows its second product too."""
+    gives it: the softmax weights reach the P.V product with 16 or 24 bits (2 or 3 parts, softmax_parts), so
+    rounding them is rarely what decides an output's last bit. Groups of 4 take the decode kernel's three row
+    copies, 8 two, 16 a second product; the prefill rows a product per part (3)."""
     rng = random.Random(3)
     seq_lens = [max(q, rng.randint(1, 4096)) for q in q_lens]
     step = make_step(q_lens, seq_lens, *heads, 128, block_size=16, dtype=torch.bfloat16, device="cuda", seed=4)

@@ -10,7 +10,7 @@ import torch
 
 from expertmesh.attention_node.scheduler import Sequence
 from expertmesh.transport.protocol import SamplingParams
-from tests.inproc_cluster import InprocCluster, teacher_forced_argmaxes, teacher_forcing_case
+from tests.inproc_cluster import InprocCluster, kernel_ops, teacher_forced_argmaxes, teacher_forcing_case
 
 pytestmark = pytest.mark.gpu
 
@@ -107,29 +107,17 @@ def test_colocated_decode_steps_never_wait_on_the_device_and_graphs_equal_eager(
 
 
 def test_bf16_kernels_agree_with_the_reference_ops_under_teacher_forcing(monkeypatch):
-    """The shipped model in bf16, 16 prompts x 64 forced tokens: next-token argmax of the Triton path against
-    the plain-torch ops on the same GPU (the issue's bar: >= 99%)."""
-    import expertmesh.attention_node.model_runner as model_runner
-    import expertmesh.model.layers as layers
-    from expertmesh.ops import attention as attention_ops
-    from expertmesh.ops import fused_moe as moe_ops
+    """The shipped model in bf16, 64 prompts x 64 forced tokens of a frozen text: next-token argmax of the Triton
+    path against the plain-torch ops on the same GPU (issue 9's bar: >= 99%, set over 16 prompts; 0.9932 over these
+    64 and 0.9922 over their first 16 on an H200, benchmarks/bf16_agreement_gpu.py)."""
     model_dir = Path(__file__).resolve().parents[2] / "models" / "expertmesh-mini"
-    prompts, forced = teacher_forcing_case(model_dir, (Path(__file__).resolve().parents[2] / "README.md").read_text())
+    prompts, forced = teacher_forcing_case(model_dir)
 
     def argmaxes():
         return asyncio.run(teacher_forced_argmaxes(model_dir, prompts, forced, "cuda", torch.bfloat16))
 
     kernels = argmaxes()
-    from expertmesh.ops import norm as norm_ops
-    from expertmesh.ops import rotary as rotary_ops
-    from expertmesh.ops import router as router_ops
-    ops = [(layers, "paged_attention", attention_ops.paged_attention),
-           (layers, "rotate_and_write_kv", rotary_ops.rotate_and_write_kv),
-           (model_runner, "fused_moe", moe_ops.fused_moe),
-           (model_runner, "rms_norm", norm_ops.rms_norm),
-           (model_runner, "add_rms_norm", norm_ops.add_rms_norm),
-           (layers, "rms_norm", norm_ops.rms_norm),
-           (layers, "route", router_ops.route)]
+    ops = kernel_ops()
     alone = {}  # each op's reference in place of its kernel, the other kernels kept: where the disagreement arises
     for module, name, op in ops:
         with monkeypatch.context() as one:

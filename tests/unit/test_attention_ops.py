@@ -113,3 +113,21 @@ else:
     raise AssertionError("the triton backend ran without triton")
 """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("element_size,decode,group_pad,block_m,expected", [
+    (4, True, 2, 16, (1, 1)),    # float32: the weights enter P.V as they are
+    (2, True, 2, 16, (3, 3)),    # the shipped model's groups of 2: three copies in the 16-row decode tile
+    (2, True, 4, 16, (3, 3)),    # Mixtral's groups of 4: still one product
+    (2, True, 8, 16, (2, 2)),    # Qwen3's groups of 8: two copies fit, a third product would cost 16-19%
+    (2, True, 16, 16, (2, 1)),   # a group filling the tile: two products
+    (2, False, 8, 64, (3, 1)),   # prompts: a product per part
+])
+def test_softmax_parts_keep_float32s_bits_where_the_decode_tile_has_room(element_size, decode, group_pad, block_m,
+                                                                         expected):
+    """(parts, copies) of the kernel's P.V product: 3 parts (float32's 24 bits) unless a decode tile has no room
+    for 3 copies of its group's rows; `fixed` sets the parts on every path (the measurement's two arms)."""
+    from expertmesh.ops.attention import softmax_parts
+    assert softmax_parts(element_size, decode, group_pad, block_m) == expected
+    assert softmax_parts(2, True, 8, 16, fixed=3) == (3, 1)
+    assert softmax_parts(2, True, 4, 16, fixed=2) == (2, 2)
