@@ -6,6 +6,7 @@ same seeded workload replayed through perf.closed_loop with that row's cluster, 
     python benchmarks/plan_validation.py --gpu-rows --host-per-sequence-us 0   # GPU host time per step constant
     python benchmarks/plan_validation.py --eager-cost   # one-GPU rows: steps with prompts at their traced host time
     python benchmarks/plan_validation.py --gpu-rows --own-gateway-cpu   # each row's own gateway CPU per token
+    python benchmarks/plan_validation.py --gpu-rows --no-host-latency   # no host path latency (before session 16)
 
 Calibrations: GPU rows use the shipped H200 parts (bench layer) with the one-GPU lockstep round (both nodes shared
 one H200 under MPS); CPU rows use `bench layer --device cpu` and `bench transport` (zmq) from this machine. Each
@@ -16,7 +17,8 @@ fit nothing: each row's own bench layer and bench transport and, in planner/serv
 planner/prefill* also bench layer's eager prefill lines, and the host work per step as a line in the sequences from
 traced runs at 4, 16 and 32). The GPU rows' served terms add the gateway's CPU per output token: the fourteenth
 session's rows' (gateway_costs), or the row's own device call's `expertmesh bench gateway` run where it has one
-(host_probe)."""
+(host_probe); and the host path's latency per request, client to node and back (host_latency_us, fitted to the same
+rows' TTFT), which a closed loop's slots wait empty between requests."""
 from __future__ import annotations
 
 import dataclasses
@@ -537,6 +539,7 @@ def outside_graph_us() -> float:
 # `--own-gateway-cpu`: each row's served terms with the gateway CPU per token that row measured (its cpu_s), not
 # the served calibration's: what is left once the host's CPU contention (a load generator beside the gateways, on the
 # same cores) is given
+HOST_LATENCY = "--no-host-latency" not in sys.argv[1:]
 OWN_GATEWAY_CPU = "--own-gateway-cpu" in sys.argv[1:]
 # the served parts as their excess over bench layer (the shipped GPU rule); `--served-factors`: as a ratio to it
 ADDITIVE = "--served-factors" not in sys.argv[1:]
@@ -635,36 +638,18 @@ def with_prefill_of(cal: calibration.Calibration, layer_json: Path) -> calibrati
     return dataclasses.replace(cal, prefill_attention=attention, prefill_experts=experts)
 
 
-def gpu_main() -> int:
-    """`--gpu-rows`: every 2 x H200 row, predicted from the bench calibration alone and with the served terms."""
-    cal, device = gpu_bench_setup()
-    served_cals, colocated_host_us, phases = gpu_served_setups(cal, device)
-    outside = outside_graph_us()
-    print(f"disaggregated decode step outside its graph: {outside:.0f} us ({', '.join(OUTSIDE_GRAPH_TRACES)})",
-          file=sys.stderr)
-    mixed_extra = mixed_attention_extra_us()
-    print("a graphed step with prompts, attention per layer beyond its tokens as decodes: " + ", ".join(
-        f"{model} {us:+.0f} us" for model, us in mixed_extra.items()), file=sys.stderr)
-    for model, p in phases.items():
-        print(f"{model}: served T_a {p.attention_segment_us:.0f} us, T_e {p.expert_compute_us:.0f} us, host between "
-              f"steps {p.step_host_us:.0f} us ({GPU_SERVED[model][0]} row {GPU_SERVED[model][1]})", file=sys.stderr)
-    print(f"colocated: host between steps {colocated_host_us:.0f} us ({GPU_COLOCATED[0]})", file=sys.stderr)
-    for model, c in served_cals.items():
-        print(f"{model}: gateway CPU {c.gateway_us_per_token:.0f} us per output token and "
-              f"{c.gateway_us_per_message:.0f} per step message; host per step "
-              f"{c.step_overhead_us:.0f} us + {c.step_overhead_per_sequence_us:.0f} us per sequence", file=sys.stderr)
-    print("| configuration | measured tok/s | predicted, bench only | error | predicted, served terms | error | "
-          "measured TPOT p50 ms | predicted, bench / served | error (served) | TTFT p50 ms measured / served | "
-          "mixed steps (model) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+def row_predictor(cal: calibration.Calibration, device: GpuType, served_cals: dict, outside: float,
+                  mixed_extra: dict):
+    """predict(JSON name, row index, one GPU, host latency µs) -> (args, row, bench-only closed loop, served-terms
+    closed loop) of a served GPU row: its cluster and workload replayed with the bench calibration alone and with
+    the served terms (and the row's device call's gateway probe, where it made one)."""
     one_gpu_round = calibration.fit_round(json.loads((HERE / "gpu_lockstep/graphs/bench_transport.json").read_text()),
                                           "lockstep-ipc")
-    current = []  # (label, error) of the rows served by the code the model describes now
-    for label, name, index, cold in GPU_ROWS + ONE_GPU_ROWS:
+
+    def predict(name: str, index: int, one_gpu: bool, latency: float) -> tuple[dict, dict, dict, dict]:
         run = json.loads((GPU_SERVE / name).read_text())
         args, row = run["args"], row_of(run, index)
         spec = gpu_spec_of(args["model"])
-        one_gpu = (label, name, index, cold) in ONE_GPU_ROWS
         # SM shares: each role a GPU type of its own, from bench layer under its share in the same device call
         attention_gpu, expert_gpu = (share_type(device, cal, p, (GPU_SERVE / name).parent)
                                      for p in args["sm_percent"]) if args.get("sm_percent") else (device, device)
@@ -695,6 +680,7 @@ def gpu_main() -> int:
             per_token, per_message = served.gateway_costs(args, row)
             served_cal = dataclasses.replace(served_cal, gateway_us_per_token=per_token,
                                              gateway_us_per_message=per_message)
+        served_cal = dataclasses.replace(served_cal, host_latency_us=latency)
         # the split the gateways made (rows that count each node's tokens; session 9 on): an input, not a speed
         shares = [row["tokens_per_node"][f"a{i}"] for i in range(args["attention_nodes"])] \
             if args["attention_nodes"] > 1 and row.get("tokens_per_node") else None
@@ -703,6 +689,48 @@ def gpu_main() -> int:
         with_served = closed_loop(spec, plan, served_cal, jobs_of(args), in_flight(args, row),
                                   gateway_workers=workers, max_waiting_steps=waits,
                                   prefill_graph_tokens=prefill_graphs(args), node_shares=shares)
+        return args, row, bench, with_served
+
+    return predict
+
+
+def host_latency_us(predict) -> float:
+    """The host path's latency (client to node and back, beyond the gateway's CPU): the median over GATEWAY_ROWS,
+    one-H200 rows of the gateway of today, of their TTFT p50 beyond the model's without it."""
+    return statistics.median(row["ttft_ms"]["p50"] * 1e3 - served["ttft_ms_p50"] * 1e3
+                             for row, served in (predict(name, 0, True, 0.0)[1::2] for name in GATEWAY_ROWS))
+
+
+def gpu_main() -> int:
+    """`--gpu-rows`: every 2 x H200 row, predicted from the bench calibration alone and with the served terms."""
+    cal, device = gpu_bench_setup()
+    served_cals, colocated_host_us, phases = gpu_served_setups(cal, device)
+    outside = outside_graph_us()
+    print(f"disaggregated decode step outside its graph: {outside:.0f} us ({', '.join(OUTSIDE_GRAPH_TRACES)})",
+          file=sys.stderr)
+    mixed_extra = mixed_attention_extra_us()
+    print("a graphed step with prompts, attention per layer beyond its tokens as decodes: " + ", ".join(
+        f"{model} {us:+.0f} us" for model, us in mixed_extra.items()), file=sys.stderr)
+    for model, p in phases.items():
+        print(f"{model}: served T_a {p.attention_segment_us:.0f} us, T_e {p.expert_compute_us:.0f} us, host between "
+              f"steps {p.step_host_us:.0f} us ({GPU_SERVED[model][0]} row {GPU_SERVED[model][1]})", file=sys.stderr)
+    print(f"colocated: host between steps {colocated_host_us:.0f} us ({GPU_COLOCATED[0]})", file=sys.stderr)
+    for model, c in served_cals.items():
+        print(f"{model}: gateway CPU {c.gateway_us_per_token:.0f} us per output token and "
+              f"{c.gateway_us_per_message:.0f} per step message; host per step "
+              f"{c.step_overhead_us:.0f} us + {c.step_overhead_per_sequence_us:.0f} us per sequence", file=sys.stderr)
+    print("| configuration | measured tok/s | predicted, bench only | error | predicted, served terms | error | "
+          "measured TPOT p50 ms | predicted, bench / served | error (served) | TTFT p50 ms measured / served | "
+          "mixed steps (model) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    predict = row_predictor(cal, device, served_cals, outside, mixed_extra)
+    latency = host_latency_us(predict) if HOST_LATENCY else 0.0
+    print(f"host path latency: {latency / 1e3:.1f} ms (the TTFT p50 of the rows of GATEWAY_ROWS beyond the model's)",
+          file=sys.stderr)
+    current = []  # (label, error) of the rows served by the code the model describes now
+    for label, name, index, cold in GPU_ROWS + ONE_GPU_ROWS:
+        one_gpu = (label, name, index, cold) in ONE_GPU_ROWS
+        args, row, bench, with_served = predict(name, index, one_gpu, latency)
         tok, tpot = row["output_tokens_per_s"], row["tpot_ms"]["p50"]
         fitted = (name, index) in (*GPU_SERVED.values(), GPU_COLOCATED)
         print(f"| {label}{' (cold)' if cold else ''}{' (served calibration row)' if fitted else ''} | {tok:.0f} | "

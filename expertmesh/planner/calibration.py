@@ -75,6 +75,10 @@ class Calibration:
     # step message it takes, from a served run's /proc CPU seconds (served.gateway_costs); 0: not measured, no limit
     gateway_us_per_token: float = 0.0
     gateway_us_per_message: float = 0.0
+    # the host path's latency per request, client to attention node and back (HTTP, the gateway, its socket to the
+    # node), beyond its CPU: what a client's TTFT adds to the node's, and what a closed-loop run's batch slot stays
+    # empty between a request's last token and its successor's arrival (perf.closed_loop); 0: not measured
+    host_latency_us: float = 0.0
     # device time per step outside its layers' CUDA graph (the logits gathered and sampled over the vocabulary, the
     # token copied back, the next inputs copied in): a served step's launch interval less its graph's replay, from
     # a GPU timeline (benchmarks/gpu_timeline.py); 0: not measured

@@ -480,7 +480,9 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
     eagerly whole: attention_node/model_runner.py). Where the calibration measured the gateway's CPU per streamed
     token (and per step message: each step sends one to each gateway process with requests in it), the gateway is
     a serial stage: the run lasts at least that CPU over its gateway_workers processes, and the requests wait the
-    difference before their first token (Little's law over `concurrency`). With async scheduling a step is
+    difference before their first token (Little's law over `concurrency`). The host path's latency
+    (cal.host_latency_us) delays each request's arrival after the one before it in its slot finished, and adds to
+    the TTFT the client sees. With async scheduling a step is
     scheduled while the one before it runs (attention_node/node.py's _engine), so a request joins the step after
     next: a finished request's slot stays empty for a step more, and a first token comes a step later."""
     costs = ModelCosts(spec, plan.dtype_bytes)
@@ -497,7 +499,8 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
     finish, tpots, ttfts, prefill_us, busy_us, steps, mixed = 0.0, [], [], 0.0, 0.0, 0, 0
     for node_jobs, node_slots in zip(per_node, in_flight):
         queue = list(node_jobs)
-        freed = [0.0] * min(node_slots, plan.batch_per_attention_node)  # when each free slot was freed: arrivals
+        # when each free slot's next request reaches the node: its predecessor's last token, plus the host path
+        freed = [cal.host_latency_us] * min(node_slots, plan.batch_per_attention_node)
         running: list[list] = []  # [prompt, prompt tokens fed, outputs left, outputs made, arrival, first token]
         now, held, last_step = 0.0, 0, 0.0
         while queue or running:
@@ -555,7 +558,7 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
             for r in decoding + [r for r, _ in chunks if r[1] == r[0]]:
                 r[2], r[3] = r[2] - 1, r[3] + 1
                 if r[2] == 0:
-                    freed.append(now)
+                    freed.append(now + cal.host_latency_us)
                     if r[3] > 1:
                         tpots.append((now - r[5]) / (r[3] - 1))
             running = [r for r in running if r[2] > 0]
@@ -568,7 +571,7 @@ def closed_loop(spec: ModelSpec, plan: Deployment, cal: Calibration, jobs: list[
     waiting_us = max(0.0, gateway_us - finish) * min(concurrency, len(jobs)) / max(1, len(jobs))
     finish = max(finish, gateway_us)
     return {"tokens_per_s": tokens / finish * 1e6,
-            "ttft_ms_p50": (ttfts[len(ttfts) // 2] + waiting_us) / 1e3 if ttfts else 0.0,
+            "ttft_ms_p50": (ttfts[len(ttfts) // 2] + waiting_us + cal.host_latency_us) / 1e3 if ttfts else 0.0,
             "tpot_ms_p50": tpots[len(tpots) // 2] / 1e3 if tpots else 0.0,
             "prefill_share": prefill_us / busy_us if busy_us else 0.0,
             "mixed_step_share": mixed / steps if steps else 0.0, "gateway_bound": gateway_us >= finish > 0,

@@ -95,6 +95,19 @@ def test_a_gateway_slower_than_the_nodes_sets_the_pace_and_the_wait():
     assert four["tokens_per_s"] == pytest.approx(2000.0)
 
 
+def test_the_host_paths_latency_leaves_a_closed_loops_slots_empty_and_adds_to_the_ttft():
+    """4 requests of 10 tokens, 2 in flight, 1 ms steps, 5 ms from client to node and back: each wave's requests
+    reach the node 5 ms after the slots freed (the first at 5 ms), so the two waves end at 15 and 30 ms, not 10 and
+    20, and each first token reaches its client 5 ms after the node's 1 ms."""
+    plan = Deployment(INSTANT, None, 1, 0, 1, 8, 256)
+    cal = dataclasses.replace(CAL, host_latency_us=5000.0)
+    result = closed_loop(SPEC, plan, cal, [(10, 10)] * 4, concurrency=2)
+    assert result["tokens_per_s"] == pytest.approx(40 / 30e-3)
+    assert result["ttft_ms_p50"] == pytest.approx(6.0)
+    assert result["tpot_ms_p50"] == pytest.approx(1.0)
+    assert closed_loop(SPEC, plan, CAL, [(10, 10)] * 4, concurrency=2)["tokens_per_s"] == pytest.approx(2000.0)
+
+
 def test_async_scheduling_overlaps_the_host_with_the_device():
     """Decode steps of 1 ms host time and 0.6 ms of device time (the prefill lines make a step's device part
     here): in order, 1.6 ms; with the next step prepared while the device runs, 1 ms, the longer part."""
