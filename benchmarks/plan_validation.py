@@ -585,13 +585,17 @@ GATEWAY_ROWS = [f"../session14/call1/serve/serve_{shape}_c256_{kind}.json" for s
                 for kind in ("disagg_ipc", "colocated")]
 
 
-def host_probe(row_json: Path, workers: int, client_processes: int) -> Path | None:
+def host_probe(row_json: Path, workers: int, client_processes: int, model: str) -> Path | None:
     """The `bench gateway` JSON of the row's device call, at its gateways and client processes, where the call ran
-    one first (gpu_gateway.sh into <call>/gw/; from the fifteenth session's scripts on): None where it did not."""
+    one first (gpu_gateway.sh into <call>/gw/): with the tokenizer of the row's model shape where there is one
+    (gateway_<shape>_w<W>_c<C>.json), else with the shipped model's (gateway_w<W>_c<C>.json, the sixteenth
+    session's calls 1 and 2); None where the call ran none."""
+    shape = Path(model).name.split("_")[0]  # /tmp/qwen3_p8192: qwen3
     for call in row_json.parents:
-        probe = call / "gw" / f"gateway_w{workers}_c{client_processes}.json"
-        if probe.exists():
-            return probe
+        for name in (f"gateway_{shape}_w{workers}_c{client_processes}.json",
+                     f"gateway_w{workers}_c{client_processes}.json"):
+            if (call / "gw" / name).exists():
+                return call / "gw" / name
         if call.name.startswith("call") or call == GPU_SERVE:
             return None
     return None
@@ -671,7 +675,7 @@ def row_predictor(cal: calibration.Calibration, device: GpuType, served_cals: di
         if one_gpu:  # both nodes on one GPU: the round between two processes on it (one-GPU lockstep bench)
             row_cal, served_cal = (dataclasses.replace(c, round=one_gpu_round, round_link_bytes_per_s=None)
                                    for c in (row_cal, served_cal))
-        probe = host_probe(GPU_SERVE / name, workers, args.get("client_processes") or 1)
+        probe = host_probe(GPU_SERVE / name, workers, args.get("client_processes") or 1, args["model"])
         if probe:  # its device call's `bench gateway` run: this host's gateway, measured apart from the row
             per_token, per_message = calibration.gateway_costs(json.loads(probe.read_text())["runs"])
             served_cal = dataclasses.replace(served_cal, gateway_us_per_token=per_token,

@@ -2,7 +2,9 @@
 
 The real gateway processes (`python -m expertmesh.gateway`, --workers of them) sit between `bench serve`'s closed-loop
 client and a stand-in attention node, which answers the gateway's control protocol and sends one token to every
-running request each --step-ms, as a GPU node does. The gateways' CPU seconds (/proc) over the tokens they streamed
+running request each --step-ms, as a GPU node does, drawn from the --model's vocabulary (its tokenizer decides what
+a token costs the gateway: a random-weight model's ids over a 152k vocabulary cost half as much again as the
+shipped model's, benchmarks/RESULTS.md, sixteenth session). The gateways' CPU seconds (/proc) over the tokens they streamed
 is what the planner sizes the gateway by (Calibration.gateway_us_per_token, perf.gateway_workers): measured on the
 host at hand, as `bench layer` measures the GPU. The served rows' split applies: GATEWAY_US_PER_MESSAGE a step
 message, the rest by token. Each call of the device tool lands on another machine, whose host may take 20% more CPU
@@ -60,8 +62,11 @@ class GatewayRun:
                 + (f"; {self.failed} requests failed" if self.failed else ""))
 
 
-def stand_in(address: str, step_s: float, messages) -> None:
-    """An attention node's control side, without a model: each step, a token to every running request."""
+def stand_in(address: str, step_s: float, messages, vocab_size: int) -> None:
+    """An attention node's control side, without a model: each step, a token to every running request, drawn at
+    random from the vocabulary (a random-weight model's picks spread over it; the gateway detokenizes each)."""
+    import random
+
     import uvloop
 
     from ..transport.protocol import AbortRequest, AddRequest, SamplingParams, Status, StatusRequest, StepOutputs
@@ -71,6 +76,7 @@ def stand_in(address: str, step_s: float, messages) -> None:
         listener = await ZmqTransport().listen(address)
         running: dict[bytes, dict[str, int]] = {}  # per gateway peer: request id -> tokens left
         steps = 0
+        pick = random.Random(0)
 
         async def step() -> None:
             nonlocal steps
@@ -85,8 +91,7 @@ def stand_in(address: str, step_s: float, messages) -> None:
                     for rid in ids:
                         requests[rid] -= 1
                         reasons.append("length" if requests[rid] == 0 else None)
-                    await listener.send(peer, StepOutputs(ids, [(steps + i) % 5000 + 300 for i in range(len(ids))],
-                                                          reasons))
+                    await listener.send(peer, StepOutputs(ids, [pick.randrange(2, vocab_size) for _ in ids], reasons))
                     messages.value += 1
                     for rid, reason in zip(ids, reasons):
                         if reason:
@@ -107,6 +112,14 @@ def stand_in(address: str, step_s: float, messages) -> None:
     uvloop.run(main())
 
 
+def vocab_size(model: str) -> int:
+    """The checkpoint's vocabulary (config.json), which the stand-in draws its tokens from."""
+    try:
+        return int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"{model!r} has no config.json with a vocab_size: {exc}") from exc
+
+
 def measure(model: str, workers: int = 4, requests: int = 2048, tokens: int = 96, concurrency: int = 256,
             step_ms: float = 4.5, stream_interval: int = 1, client_processes: int = 1, repeats: int = 2,
             profile: str | None = None, progress=sys.stderr) -> list[GatewayRun]:
@@ -121,7 +134,7 @@ def measure(model: str, workers: int = 4, requests: int = 2048, tokens: int = 96
     context = multiprocessing.get_context("spawn")
     messages = context.Value("q", 0)
     address = f"tcp://127.0.0.1:{free_port()}"
-    node = context.Process(target=stand_in, args=(address, step_ms / 1e3, messages), daemon=True)
+    node = context.Process(target=stand_in, args=(address, step_ms / 1e3, messages, vocab_size(model)), daemon=True)
     node.start()
     port = free_port()
     url = f"http://127.0.0.1:{port}"

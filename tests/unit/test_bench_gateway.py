@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from expertmesh.bench.gateway import measure
+from expertmesh.bench.gateway import measure, vocab_size
 from expertmesh.config import ConfigError
 from expertmesh.planner import calibration
 from expertmesh.planner.served import GATEWAY_US_PER_MESSAGE
@@ -27,11 +27,14 @@ def test_every_token_the_stand_in_paced_is_streamed_and_the_gateways_cpu_is_coun
     assert run.tokens_per_s == pytest.approx(run.tokens / run.seconds)
 
 
-def test_bad_arguments_are_refused_before_anything_starts():
+def test_bad_arguments_are_refused_before_anything_starts(tmp_path):
     with pytest.raises(ValueError, match="workers must be at least 1"):
         measure(MODEL, workers=0)
     with pytest.raises(ValueError, match="longer than 0 ms"):
         measure(MODEL, step_ms=0)
+    with pytest.raises(ValueError, match="no config.json with a vocab_size"):  # the stand-in's tokens come from it
+        measure(str(tmp_path))
+    assert vocab_size(MODEL) == 6144
 
 
 def test_a_calibration_files_bench_gateway_entry_sets_the_gateway_costs(tmp_path):
