@@ -511,7 +511,8 @@ PREFILL_OF_LONG = "--no-long-prefill" not in sys.argv[1:]
 # to that session's disaggregated rows, the code those traces ran (`--no-outside-graph`: left out)
 OUTSIDE_GRAPH_TRACES = ["../session11/call2/serve_qwen3_p8192_c256_disagg_ipc.trace.m1.json.gz",
                         "../session11/call2/serve_qwen3_p8192_c256_disagg_ipc.trace.m2.json.gz"]
-OUTSIDE_GRAPH_ROWS = ("../session11/", "../session12/", "../session13/", "../session14/", S15, S16)  # the code those traces ran, and after
+# the code those traces ran, and after
+OUTSIDE_GRAPH_ROWS = ("../session11/", "../session12/", "../session13/", "../session14/", S15, S16)
 OUTSIDE_GRAPH = "--no-outside-graph" not in sys.argv[1:]
 # what a graphed step with short prompts adds to each layer's attention (gpu_timeline.mixed_attention_extra_us), per
 # model, from a traced 1+1 short row of the fourteenth session (not a row of the table): applied to every current
