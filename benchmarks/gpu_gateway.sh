@@ -7,8 +7,9 @@
 # processes each: WORKERS (default 4) gateways, then WORKERS_MORE (default 0: none). About 40 s a row.
 # SHAPES (default "qwen3 mixtral"): each with the tokenizer of gpu_lockstep.sh's random model of that shape (its
 # vocabulary, the same seed), into gateway_<shape>_w<W>_c<C>.json, which plan_validation.host_probe gives that
-# shape's rows: the stand-in's tokens, drawn from the vocabulary, detokenize as a random-weight model's do, and
-# cost the gateway more than the shipped model's (RESULTS.md, sixteenth session). SHAPES=mini: models/expertmesh-mini,
+# shape's rows: the stand-in's tokens, drawn from the vocabulary, detokenize as a random-weight model's do (mostly
+# special ids, which cost the gateway more than the shipped model's until the sixteenth session mended TextStream:
+# RESULTS.md). SHAPES=mini: models/expertmesh-mini,
 # into gateway_w<W>_c<C>.json (the sixteenth session's calls 1 and 2).
 # CPU only: no GPU is touched. Needs .whl/site312.txz (benchmarks/gpu_wheels.sh) and models/ (the tokenizer).
 # (The fourteenth session's before/after rows ran benchmarks/gateway_cpu.py, which became `bench gateway`, at 824855e

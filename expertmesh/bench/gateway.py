@@ -2,13 +2,12 @@
 
 The real gateway processes (`python -m expertmesh.gateway`, --workers of them) sit between `bench serve`'s closed-loop
 client and a stand-in attention node, which answers the gateway's control protocol and sends one token to every
-running request each --step-ms, as a GPU node does, drawn from the --model's vocabulary. Its tokenizer decides what a
-token costs the gateway: a random-weight model's ids over a 152k vocabulary cost half as much again as the shipped
-model's (benchmarks/RESULTS.md, sixteenth session). The gateways' CPU seconds (/proc) over the tokens they streamed
-is what the planner sizes the gateway by (Calibration.gateway_us_per_token, perf.gateway_workers): measured on the
-host at hand, as `bench layer` measures the GPU. The served rows' split applies: GATEWAY_US_PER_MESSAGE a step
-message, the rest by token. Each call of the device tool lands on another machine, whose host may take 20% more CPU
-a token (benchmarks/RESULTS.md, fourteenth session)."""
+running request each --step-ms, as a GPU node does, drawn from the --model's vocabulary: its tokenizer is part of
+what a token costs the gateway (benchmarks/RESULTS.md, sixteenth session). The gateways' CPU seconds (/proc) over the
+tokens they streamed is what the planner sizes the gateway by (Calibration.gateway_us_per_token,
+perf.gateway_workers): measured on the host at hand, as `bench layer` measures the GPU. The served rows' split
+applies: GATEWAY_US_PER_MESSAGE a step message, the rest by token. Each call of the device tool lands on another
+machine, whose host may take 20% more CPU a token (benchmarks/RESULTS.md, fourteenth session)."""
 from __future__ import annotations
 
 import argparse

@@ -23,6 +23,9 @@ class TextCodec:
         self.bos_token: str = config.get("bos_token") or ""
         self.eos_token: str = config.get("eos_token") or ""
         self.vocab_size = self.tokenizer.get_vocab_size()
+        # the special ids, which decode skips: they add no text wherever they stand
+        self.skipped_ids = frozenset(i for i, token in self.tokenizer.get_added_tokens_decoder().items()
+                                     if token.special)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """add_special_tokens: the tokenizer's own (its BOS, say), as transformers' tokenizers add by default."""
@@ -71,13 +74,18 @@ class TextDelta:
     stopped: bool  # a stop string was found: the text ends before it and generation must end
 
 
+HOLD_BACK_IDS = 8  # ids held back past which TextStream takes the text that can no longer change
+
+
 class TextStream:
     """Turns a growing list of generated ids into text deltas, holding back what may still change:
     an incomplete UTF-8 character, or a tail that could be the start of a stop string.
 
     Each push decodes only the ids since the last complete piece, with the piece before them as context, and
     keeps the difference (vLLM's incremental detokenization): decoding every id again at each token made a
-    token's cost grow with the output, 17% of the gateway's CPU at 64-128 tokens (py-spy)."""
+    token's cost grow with the output, 17% of the gateway's CPU at 64-128 tokens (py-spy). The special ids, which
+    decode skips, stay out of the window (a random-weight model's picks are mostly such ids, and held back, they
+    made the window grow with the output again: benchmarks/RESULTS.md, sixteenth session)."""
 
     def __init__(self, codec: TextCodec, stop: list[str], min_tokens: int = 0) -> None:
         self.codec = codec
@@ -86,29 +94,49 @@ class TextStream:
         # still begin there and end after)
         self.min_tokens = min_tokens
         self._searched_from = 0
-        self.token_ids: list[int] = []
+        self.tokens = 0  # ids pushed, special ones included
         self.emitted = ""
-        self.text = ""  # the text of token_ids[:self._read], which ends on a whole character
-        self._prefix = self._read = 0  # token_ids[_prefix:_read]: the context decoded again with the new ids
+        self._ids: list[int] = []  # the ids pushed that decode keeps
+        self.text = ""  # the text of _ids[:self._read], which ends on a whole character
+        self._prefix = self._read = 0  # _ids[_prefix:_read]: the context decoded again with the new ids
 
     def push(self, token_ids: list[int], final: bool) -> TextDelta:
-        self.token_ids += token_ids
-        context = self.codec.decode(self.token_ids[self._prefix:self._read])
-        window = self.codec.decode(self.token_ids[self._prefix:])
-        # a multi-byte character not complete yet decodes to U+FFFD: wait for its next ids (unless this is the end)
-        if len(window) > len(context) and (final or not window.endswith("\ufffd")):
-            self.text += window[len(context):]
-            self._prefix, self._read = self._read, len(self.token_ids)
+        self.tokens += len(token_ids)
+        skipped = self.codec.skipped_ids
+        self._ids += [t for t in token_ids if t not in skipped] if skipped else token_ids
+        if len(self._ids) > self._read or final:
+            context = self.codec.decode(self._ids[self._prefix:self._read])
+            window = self.codec.decode(self._ids[self._prefix:])
+            # a multi-byte character not complete yet decodes to U+FFFD: wait for its next ids (unless this is the
+            # end)
+            if len(window) > len(context) and (final or not window.endswith("\ufffd")):
+                self.text += window[len(context):]
+                self._prefix, self._read = self._read, len(self._ids)
+            elif len(self._ids) - self._read > HOLD_BACK_IDS:
+                self._settle(context, window)
         text = self.text
-        if len(self.token_ids) <= self.min_tokens:
+        if self.tokens <= self.min_tokens:
             self._searched_from = len(text)
-        for stop in self.stop if len(self.token_ids) > self.min_tokens else ():
+        for stop in self.stop if self.tokens > self.min_tokens else ():
             at = text.find(stop, max(0, max(len(self.emitted), self._searched_from) - len(stop) + 1))
             if at >= 0:
                 return self._emit(text[:at], stopped=True)
         if not final and self.stop:
             text = text[:max(len(self.emitted), len(text) - max(len(s) for s in self.stop) + 1)]
         return self._emit(text, stopped=False)
+
+    def _settle(self, context: str, window: str) -> None:
+        """Bytes that no character completes (a logit_bias forcing stray byte tokens, say) would keep the window
+        growing, each push decoding all of it again: quadratic, 0.8 s of a gateway's CPU over 4096 such ids. A
+        character is at most 4 bytes, and an id decode keeps at least one, so the text before the last 4 ids is
+        final: take it, at a cut no character spans (the window begins with the cut's text)."""
+        end = len(self._ids)
+        for cut in range(end - 4, max(self._read, end - 8), -1):
+            head = self.codec.decode(self._ids[self._prefix:cut])
+            if head.startswith(context) and window.startswith(head):
+                self.text += head[len(context):]
+                self._prefix, self._read = self._read, cut
+                return
 
     def _emit(self, text: str, stopped: bool) -> TextDelta:
         delta = text[len(self.emitted):] if text.startswith(self.emitted) else ""

@@ -73,3 +73,37 @@ def test_a_sentencepiece_style_tokenizer_keeps_its_spaces_when_streamed(tmp_path
     assert codec.decode(ids[1:2]) == codec.decode(ids[1:2]).lstrip()  # alone, a word loses its space
     streamed, _ = stream_all(codec, ids, [])
     assert streamed == codec.decode(ids) == "the quick brown fox jumps over a stream of words"
+
+
+def held_back(stream):
+    return len(stream._ids) - stream._read
+
+
+def test_ids_that_add_no_text_are_not_decoded_again_and_again(codec):
+    """A random model's picks are mostly special ids (decode skips them), and a logit_bias can force byte pieces
+    that never make a character: the window the stream decodes at each push stays bounded (it grew with the
+    output, a push's cost with it), and the text still adds up to decoding every id."""
+    import random
+
+    from expertmesh.gateway.text import HOLD_BACK_IDS
+    pick = random.Random(0)
+    specials = sorted(codec.skipped_ids)  # <s>, </s> here; a 152k-id random model's tokenizer is 97% special ids
+    lead_byte = codec.tokenizer.get_vocab()["ã"]  # 0xE3 in the byte-level alphabet: a 3-byte character's start
+    pieces = [i for i in range(codec.vocab_size) if i not in codec.skipped_ids and "\ufffd" in codec.decode([i])]
+    words = codec.encode(" déjà vu — 日本語 def self return")
+    for ids in ([pick.choice(specials) if pick.random() < 0.97 else pick.randrange(2, codec.vocab_size)
+                 for _ in range(2000)],                                      # mostly special ids
+                [lead_byte] * 2000,                                          # a character begun, never finished
+                [pick.choice(pieces) for _ in range(2000)],                  # stray bytes
+                [pick.choice([*words, *pieces, *specials * 20]) for _ in range(2000)]):
+        stream, pieces_out, most = TextStream(codec, []), [], 0
+        for i, token in enumerate(ids):
+            pieces_out.append(stream.push([token], final=i == len(ids) - 1).text)
+            most = max(most, held_back(stream))
+        assert "".join(pieces_out) == codec.decode(ids)
+        assert most <= HOLD_BACK_IDS
+    # a character split over its bytes with special ids between them is still whole
+    one = codec.encode("日")
+    stream = TextStream(codec, [])
+    text = "".join(stream.push([t, *specials * 10], final=False).text for t in one)
+    assert text == "日"
