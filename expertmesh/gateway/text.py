@@ -102,13 +102,11 @@ class TextStream:
 
     def push(self, token_ids: list[int], final: bool) -> TextDelta:
         self.tokens += len(token_ids)
-        skipped = self.codec.skipped_ids
-        self._ids += [t for t in token_ids if t not in skipped] if skipped else token_ids
-        if len(self._ids) > self._read or final:
+        self._ids += [t for t in token_ids if t not in self.codec.skipped_ids]
+        if len(self._ids) > self._read or final:  # else only special ids came: no text changes
             context = self.codec.decode(self._ids[self._prefix:self._read])
             window = self.codec.decode(self._ids[self._prefix:])
-            # a multi-byte character not complete yet decodes to U+FFFD: wait for its next ids (unless this is the
-            # end)
+            # a multi-byte character not complete yet decodes to U+FFFD: wait for its next ids (unless it is the end)
             if len(window) > len(context) and (final or not window.endswith("\ufffd")):
                 self.text += window[len(context):]
                 self._prefix, self._read = self._read, len(self._ids)
