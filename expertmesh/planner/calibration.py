@@ -304,12 +304,12 @@ def with_served(cal: Calibration, served_run: dict, here: Path) -> Calibration:
 # bench_ipc.json, 41-55 us at 1-256 tokens). Step overhead: the colocated Qwen3-30B-A3B-shape row served on one H200
 # (benchmarks/gpu_lockstep/precapture), its TPOT p50 less what the parts predict for it (benchmarks/
 # plan_validation.py; the only figure fitted to a served run). Gateway: the CPU per streamed token and per step
-# message of the gateway processes of served rows on an H200's host (served.gateway_costs over the fourteenth
-# session's call 1 rows, the median per token; `python benchmarks/plan_validation.py --gpu-rows` prints them), for
-# sizing the gateway (perf.gateway_workers).
+# message of the gateway processes of served rows on an H200's host (served.gateway_costs over the seventeenth
+# session's one-client rows, plan_validation.GATEWAY_ROWS, the median per token; `python benchmarks/plan_validation.py
+# --gpu-rows` prints it), for sizing the gateway (perf.gateway_workers).
 H200 = Calibration(
     device="H200", copy_bytes_per_s=4.0869e12, matmul_flops_per_s=7.47503e14, datasheet_bytes_per_s=4.8e12,
     datasheet_flops_per_s=9.89e14, attention=Linear(61.5547, 0.937344, 0.0107483),
     experts=Linear(16.501, 0.978335, 0.087514), experts_in_blocks=True, experts_math_rate=0.82,
     round=Linear(40.2539, 6.83384e-06, 8.34209e-10), round_per_destination=False, round_link_bytes_per_s=4.5e11,
-    step_overhead_us=0.0, gateway_us_per_token=58.0, gateway_us_per_message=235.0)
+    step_overhead_us=0.0, gateway_us_per_token=44.5, gateway_us_per_message=235.0)
