@@ -15,7 +15,7 @@ only figure taken from a served run; every other row is a prediction. The paired
 fit nothing: each row's own bench layer and bench transport and, in planner/served*, a traced 1x1 run of its model
 (planner/served.py: the served round, the disaggregated parts' served time, the host work per step; in
 planner/prefill* also bench layer's eager prefill lines, and the host work per step as a line in the sequences from
-traced runs at 4, 16 and 32). The GPU rows' served terms add the gateway's CPU per output token: the seventeenth
+traced runs at 4, 16 and 32, which give the parts' served factors at each of those sizes too). The GPU rows' served terms add the gateway's CPU per output token: the seventeenth
 session's one-client rows' (GATEWAY_ROWS), or the row's own device call's `expertmesh bench gateway` run where it has one
 (host_probe); and the host path's latency per request, client to node and back (host_latency_us, fitted to the same
 rows' TTFT), which a closed loop's slots wait empty between requests."""
@@ -44,7 +44,7 @@ PAIRED = {"planner/paired": CPU_CORES, "planner/served": SERVED_CPU_CORES,  # pl
           "planner/prefill_2": SERVED_CPU_CORES, "planner/prefill_3": SERVED_CPU_CORES,
           "planner/session12": SERVED_CPU_CORES, "planner/session12_2": SERVED_CPU_CORES,
           "planner/session12_3": SERVED_CPU_CORES, "planner/session12_4": SERVED_CPU_CORES,
-          "planner/session15": SERVED_CPU_CORES}
+          "planner/session15": SERVED_CPU_CORES, "planner/session17": SERVED_CPU_CORES}
 
 QWEN3_8_LAYERS = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048, num_hidden_layers=8,
                       num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
@@ -247,7 +247,7 @@ def main() -> int:
 
 
 # the CPU runs since bench layer's CPU rows were corrected (twelfth session): each a paired run of every row
-CURRENT_CPU_RUNS = ("planner/session12_3", "planner/session12_4", "planner/session15")
+CURRENT_CPU_RUNS = ("planner/session12_3", "planner/session12_4", "planner/session15", "planner/session17")
 
 
 SERVED_CALIBRATION = dict(tokens=16, context=32 + 32 / 2)  # plan_validation_cpu.sh's traced run: 16 x (32 in, 32 out)

@@ -45,6 +45,25 @@ class Served:
     # a round that waits for the slower of two expert nodes, over the median round: the mean of the larger of two
     # draws from the traced rounds, less their median (served.slower_of_two_us); 0: not measured (GPU meters)
     slower_of_two_us: float = 0.0
+    # the factors measured at several batch sizes, (tokens a part computes, attention factor, experts factor) in
+    # increasing tokens: a part's served time does not grow with its tokens as bench layer's line does (the CPU
+    # rows' experts took 1.35x bench at 16 tokens and 0.87x at 32: RESULTS.md, seventeenth session); empty: the
+    # factors above at any size
+    factor_points: tuple[tuple[float, float, float], ...] = ()
+
+    def factors_at(self, tokens: float) -> tuple[float, float]:
+        """(attention, experts) factor for a part of `tokens` tokens: linear between the measured points, the
+        nearest one's beyond them."""
+        points = self.factor_points
+        if not points:
+            return self.attention_factor, self.experts_factor
+        if tokens <= points[0][0]:
+            return points[0][1], points[0][2]
+        for (n0, a0, e0), (n1, a1, e1) in zip(points, points[1:]):
+            if tokens <= n1:
+                w = (tokens - n0) / (n1 - n0)
+                return a0 + w * (a1 - a0), e0 + w * (e1 - e0)
+        return points[-1][1], points[-1][2]
 
 
 @dataclass(frozen=True)
@@ -114,7 +133,9 @@ class Calibration:
         served = data.get("served")
         lines = {k: Linear(**data[k]) if data.get(k) else None
                  for k in ("attention", "experts", "round", "prefill_attention", "prefill_experts")}
-        return cls(**{**data, **lines, "served": Served(**served) if served else None})
+        if served:
+            served = Served(**{**served, "factor_points": tuple(map(tuple, served.get("factor_points", ())))})
+        return cls(**{**data, **lines, "served": served or None})
 
 
 def fit_line(points: list[tuple[float, float, float]]) -> Linear:
@@ -225,7 +246,8 @@ def load(path: str) -> Calibration:
     served]} naming the two JSONs (paths relative to the file). `served` adds what a served 1x1 run of a model
     measured (planner/served.py): {model: checkpoint dir, and either trace: `bench serve --trace` Chrome trace,
     [sweep: its microbatch_sweep JSON, for each node's CPU seconds], tokens, context (what it decoded),
-    [host_traces: {sequences: trace} of the same run at other batch sizes: the host time per step as a line], or
+    [host_traces: {sequences: trace} of the same run at other batch sizes: the host time per step as a line, and
+    the parts' served factors at each size], or
     sweep: a served GPU row's microbatch_sweep JSON with GPU busy figures, [row: its index, default 0]: its host
     time per step gets served.GPU_STEP_HOST_PER_SEQUENCE_US a sequence, and its gateway CPU per token where the
     row has it; [eager_trace: a `bench serve --trace` of a GPU run: the host time per layer of its eager steps,

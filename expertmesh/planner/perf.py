@@ -371,7 +371,7 @@ def step_parts(costs: ModelCosts, plan: Deployment, cal: Calibration, tokens: fl
     if cal.served is not None and not plan.colocated:  # parts as served, and the round's host work beside them
         served = cal.served
         attention_factor, experts_factor, attention_extra, experts_extra = (1.0, 1.0, 0.0, 0.0) if prefill else (
-            served.attention_factor, served.experts_factor, served.attention_extra_us, served.experts_extra_us)
+            *served.factors_at(per_mb), served.attention_extra_us, served.experts_extra_us)
         t_a, dense = t_a * attention_factor + attention_extra + host_a, dense * attention_factor
         t_e = t_e * experts_factor + experts_extra + host_e
     lm_head = _floor_us(costs.elt * costs.spec.vocab_size * costs.spec.hidden_size,

@@ -155,20 +155,27 @@ def served_calibration(cal: Calibration, phases: ServedPhases, spec: ModelSpec, 
                        other_batches: dict[int, ServedPhases] | None = None, additive: bool = False) -> Calibration:
     """`cal` with what serving adds (phases measured at `tokens` sequences decoding at `context`): the served round,
     the parts' served time over their bench time (additive: their time beyond it, as a GPU's served spans are), and
-    the host work per step; with the host work of traced runs at other batch sizes (other_batches: sequences ->
-    their phases), that work as a line in the sequences of a step."""
+    the host work per step; with traced runs at other batch sizes (other_batches: sequences -> their phases), the
+    factors at each (Served.factor_points) and the host work as a line in the sequences of a step."""
     costs = ModelCosts(spec, dtype_bytes)
     layers_per_segment = spec.num_layers / costs.moe_layers
+
+    def factors(n: int, p: ServedPhases) -> tuple[float, float]:
+        """The parts' served time over their bench time at n tokens."""
+        return (p.attention_segment_us / (layers_per_segment * attention_us(costs, device, cal, n, context)),
+                p.expert_compute_us / experts_us(costs, device, cal, n, spec.num_experts))
+
     bench_attention = layers_per_segment * attention_us(costs, device, cal, tokens, context)
     bench_experts = experts_us(costs, device, cal, tokens, spec.num_experts)
     lm_head = _floor_us(costs.elt * spec.vocab_size * spec.hidden_size, 2 * tokens * spec.vocab_size *
                         spec.hidden_size, device, cal)  # the model adds it on its own
     parts = (1.0, 1.0, (phases.attention_segment_us - bench_attention) / layers_per_segment,
-             phases.expert_compute_us - bench_experts) if additive else \
-        (phases.attention_segment_us / bench_attention, phases.expert_compute_us / bench_experts, 0.0, 0.0)
+             phases.expert_compute_us - bench_experts) if additive else (*factors(tokens, phases), 0.0, 0.0)
+    points = () if additive or not other_batches else tuple(
+        (n, *factors(n, p)) for n, p in sorted({**other_batches, tokens: phases}.items()))
     served = Served(phases.dispatch_us + phases.combine_us, phases.answer_us, phases.crossing_us,
                     phases.attention_background_us, phases.expert_background_us, *parts,
-                    slower_of_two_us=phases.slower_of_two_us)
+                    slower_of_two_us=phases.slower_of_two_us, factor_points=points)
     if not other_batches:
         return dataclasses.replace(cal, served=served, step_overhead_us=max(0.0, phases.step_host_us - lm_head))
     points = [(n, p.step_host_us - _floor_us(costs.elt * spec.vocab_size * spec.hidden_size,

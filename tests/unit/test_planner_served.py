@@ -124,6 +124,35 @@ def test_the_model_runs_disaggregated_parts_and_rounds_as_served():
     assert step == pytest.approx(pipeline + lm_head_32 + cal.step_overhead_us)
 
 
+def test_parts_traced_at_several_batch_sizes_are_served_as_traced_at_each():
+    """The CPU rows' experts took 1.35x bench layer at 16 tokens and 0.87x at 32: one factor from 16 scaled the
+    32-token rows' experts a third too high (RESULTS.md, seventeenth session). With traces at 4, 16 and 32 tokens
+    each size gets its own factor, and the sizes between them a factor between theirs."""
+    spec = shape("tiny")[1]  # every layer MoE: a segment is one layer's attention part
+    costs = ModelCosts(spec, 4)
+    traced = {4: (600.0, 1500.0), 16: (1000.0, 2000.0), 32: (1400.0, 1800.0)}  # tokens: (segment, expert compute)
+    phases = {n: dataclasses.replace(phases_of(served_trace()), attention_segment_us=a, expert_compute_us=e)
+              for n, (a, e) in traced.items()}
+    cal = served_calibration(CAL, phases[16], spec, CPU, tokens=16, context=48, dtype_bytes=4,
+                             other_batches={4: phases[4], 32: phases[32]})
+    served = cal.served
+    assert [n for n, *_ in served.factor_points] == [4, 16, 32]
+    plan = Deployment(CPU, CPU, 1, 1, 1, 64, 0)
+    for n, (segment, compute) in traced.items():
+        t_a, t_e, _, _ = step_parts(costs, plan, cal, n, 48, 1)
+        reached = 1 - (1 - fanout(spec, 1)) ** n
+        assert t_a - reached * served.dispatch_us == pytest.approx(segment)
+        assert t_e - reached * served.answer_us == pytest.approx(compute)
+    # between two traced sizes, between their factors; beyond them, the nearest one's
+    (_, a16, e16), (_, a32, e32) = served.factor_points[1:]
+    assert served.factors_at(24) == pytest.approx(((a16 + a32) / 2, (e16 + e32) / 2))
+    assert served.factors_at(64) == (a32, e32) and served.factors_at(1) == served.factor_points[0][1:]
+    # one traced size: its factor at every size, as before
+    single = served_calibration(CAL, phases[16], spec, CPU, tokens=16, context=48, dtype_bytes=4).served
+    assert single.factor_points == () and single.factors_at(32) == (single.attention_factor, single.experts_factor)
+    assert calibration.Calibration.from_dict(cal.to_dict()) == cal
+
+
 def test_colocated_nodes_keep_their_bench_parts():
     spec = shape("tiny")[1]
     costs = ModelCosts(spec, 4)
