@@ -2,8 +2,8 @@
 where the launcher and the gateway run, a host for attention nodes and one for expert nodes, told apart by custom
 resources that stand for their GPU types. Greedy output equals transformers'; an expert node killed on its host is
 restarted there and the cluster serves again, as on one host; a node's actor killed on a live host is replaced there,
-a lost host stops the cluster; what Ray cannot hold is refused with its resource named. Skipped without ray
-(pip install 'expertmesh[ray]')."""
+a lost host stops the cluster; what Ray cannot hold is refused with its resource named. Ray is in the test extra;
+skipped where it is not installed (pip install 'expertmesh[ray]')."""
 from __future__ import annotations
 
 import json
