@@ -171,11 +171,11 @@ def served_calibration(cal: Calibration, phases: ServedPhases, spec: ModelSpec, 
                         spec.hidden_size, device, cal)  # the model adds it on its own
     parts = (1.0, 1.0, (phases.attention_segment_us - bench_attention) / layers_per_segment,
              phases.expert_compute_us - bench_experts) if additive else (*factors(tokens, phases), 0.0, 0.0)
-    points = () if additive or not other_batches else tuple(
+    factor_points = () if additive or not other_batches else tuple(
         (n, *factors(n, p)) for n, p in sorted({**other_batches, tokens: phases}.items()))
     served = Served(phases.dispatch_us + phases.combine_us, phases.answer_us, phases.crossing_us,
                     phases.attention_background_us, phases.expert_background_us, *parts,
-                    slower_of_two_us=phases.slower_of_two_us, factor_points=points)
+                    slower_of_two_us=phases.slower_of_two_us, factor_points=factor_points)
     if not other_batches:
         return dataclasses.replace(cal, served=served, step_overhead_us=max(0.0, phases.step_host_us - lm_head))
     points = [(n, p.step_host_us - _floor_us(costs.elt * spec.vocab_size * spec.hidden_size,
