@@ -617,7 +617,7 @@ def host_probe(row_json: Path, workers: int, client_processes: int, model: str) 
     return None
 
 
-def gateway_costs() -> tuple[float, float]:
+def gateway_rows_costs() -> tuple[float, float]:
     """(CPU µs per output token, per step message) of the gateway: GATEWAY_ROWS' median per token."""
     costs = [served.gateway_costs(run["args"], run["rows"][0])
              for run in (json.loads((GPU_SERVE / name).read_text()) for name in GATEWAY_ROWS)]
@@ -629,7 +629,7 @@ def gpu_served_setups(cal: calibration.Calibration, device: GpuType) -> tuple[di
     device time per span, the host time between steps); and the host time between a colocated node's steps."""
     from expertmesh.planner.perf import ModelCosts, comm_us
     calibrations, phases = {}, {}
-    per_token, per_message = gateway_costs()
+    per_token, per_message = gateway_rows_costs()
     for model, (name, index) in GPU_SERVED.items():
         run, spec = json.loads((GPU_SERVE / name).read_text()), gpu_spec_of(model)
         m = run["rows"][index]["microbatches"]
@@ -693,7 +693,7 @@ def row_predictor(cal: calibration.Calibration, device: GpuType, served_cals: di
                                    for c in (row_cal, served_cal))
         probe = host_probe(GPU_SERVE / name, workers, args.get("client_processes") or 1, args["model"])
         if probe:  # its device call's `bench gateway` run: this host's gateway, measured apart from the row
-            per_token, per_message = calibration.gateway_costs(json.loads(probe.read_text())["runs"])
+            per_token, per_message = calibration.bench_gateway_costs(json.loads(probe.read_text())["runs"])
             served_cal = dataclasses.replace(served_cal, gateway_us_per_token=per_token,
                                              gateway_us_per_message=per_message)
         if OWN_GATEWAY_CPU and row.get("cpu_s"):  # the CPU the row's gateways took per token, as an input

@@ -28,7 +28,7 @@ from ..launcher import ClusterError
 from ..launcher.local import Child
 from ..launcher.node_host import cpu_seconds, free_port, reap
 from ..launcher.supervision import wait_healthy
-from ..planner.calibration import gateway_costs
+from ..planner.calibration import bench_gateway_costs
 from ..planner.served import GATEWAY_US_PER_MESSAGE
 from . import serve
 
@@ -192,7 +192,7 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, ClusterError) as exc:
         print(f"expertmesh bench gateway: {exc}", file=sys.stderr)
         return 1
-    per_token, per_message = gateway_costs([asdict(r) for r in runs])
+    per_token, per_message = bench_gateway_costs([asdict(r) for r in runs])
     print(f"gateway CPU: {per_token:.1f} us a token and {per_message:.0f} a step message (median of {len(runs)} "
           f"run{'s' if len(runs) != 1 else ''}; a calibration file's bench_gateway entry takes them)")
     if args.json:

@@ -267,12 +267,12 @@ def load(path: str) -> Calibration:
     else:
         cal = Calibration.from_dict(data)
     if gateway:
-        per_token, per_message = gateway_costs(json.loads((Path(path).parent / gateway).read_text())["runs"])
+        per_token, per_message = bench_gateway_costs(json.loads((Path(path).parent / gateway).read_text())["runs"])
         cal = dataclasses.replace(cal, gateway_us_per_token=per_token, gateway_us_per_message=per_message)
     return cal
 
 
-def gateway_costs(runs: list[dict]) -> tuple[float, float]:
+def bench_gateway_costs(runs: list[dict]) -> tuple[float, float]:
     """(CPU µs a token, a step message) of the gateway from `bench gateway --json`'s runs: their median."""
     if not runs:
         raise ConfigError("a bench gateway JSON without runs")
