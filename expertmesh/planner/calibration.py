@@ -54,16 +54,11 @@ class Served:
     def factors_at(self, tokens: float) -> tuple[float, float]:
         """(attention, experts) factor for a part of `tokens` tokens: linear between the measured points, the
         nearest one's beyond them."""
-        points = self.factor_points
-        if not points:
+        if not self.factor_points:
             return self.attention_factor, self.experts_factor
-        if tokens <= points[0][0]:
-            return points[0][1], points[0][2]
-        for (n0, a0, e0), (n1, a1, e1) in zip(points, points[1:]):
-            if tokens <= n1:
-                w = (tokens - n0) / (n1 - n0)
-                return a0 + w * (a1 - a0), e0 + w * (e1 - e0)
-        return points[-1][1], points[-1][2]
+        import numpy as np
+        sizes, attention, experts = zip(*self.factor_points)
+        return float(np.interp(tokens, sizes, attention)), float(np.interp(tokens, sizes, experts))
 
 
 @dataclass(frozen=True)

@@ -160,17 +160,24 @@ def served_calibration(cal: Calibration, phases: ServedPhases, spec: ModelSpec, 
     costs = ModelCosts(spec, dtype_bytes)
     layers_per_segment = spec.num_layers / costs.moe_layers
 
+    def bench(n: int) -> tuple[float, float]:
+        """bench layer's attention segment and experts at n tokens."""
+        return (layers_per_segment * attention_us(costs, device, cal, n, context),
+                experts_us(costs, device, cal, n, spec.num_experts))
+
     def factors(n: int, p: ServedPhases) -> tuple[float, float]:
         """The parts' served time over their bench time at n tokens."""
-        return (p.attention_segment_us / (layers_per_segment * attention_us(costs, device, cal, n, context)),
-                p.expert_compute_us / experts_us(costs, device, cal, n, spec.num_experts))
+        attention, experts = bench(n)
+        return p.attention_segment_us / attention, p.expert_compute_us / experts
 
-    bench_attention = layers_per_segment * attention_us(costs, device, cal, tokens, context)
-    bench_experts = experts_us(costs, device, cal, tokens, spec.num_experts)
     lm_head = _floor_us(costs.elt * spec.vocab_size * spec.hidden_size, 2 * tokens * spec.vocab_size *
                         spec.hidden_size, device, cal)  # the model adds it on its own
-    parts = (1.0, 1.0, (phases.attention_segment_us - bench_attention) / layers_per_segment,
-             phases.expert_compute_us - bench_experts) if additive else (*factors(tokens, phases), 0.0, 0.0)
+    if additive:
+        bench_attention, bench_experts = bench(tokens)
+        parts = (1.0, 1.0, (phases.attention_segment_us - bench_attention) / layers_per_segment,
+                 phases.expert_compute_us - bench_experts)
+    else:
+        parts = (*factors(tokens, phases), 0.0, 0.0)
     factor_points = () if additive or not other_batches else tuple(
         (n, *factors(n, p)) for n, p in sorted({**other_batches, tokens: phases}.items()))
     served = Served(phases.dispatch_us + phases.combine_us, phases.answer_us, phases.crossing_us,
